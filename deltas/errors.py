@@ -1,0 +1,13 @@
+"""Typed errors of the artifact layer; the gateway maps them to HTTP codes."""
+
+
+class DeltaError(Exception):
+    """Base class of every error deltas/ raises on purpose."""
+
+
+class InvalidArtifactError(DeltaError):
+    """A file is not a valid delta artifact (corrupt, truncated, wrong format, NaN/Inf)."""
+
+
+class IncompatibleError(DeltaError):
+    """Two models, or a delta and a base, do not fit together (architecture, names, shapes)."""

@@ -1,0 +1,91 @@
+"""The delta artifact's manifest: what a delta is, where it came from, how it is encoded.
+
+The manifest travels inside the artifact's safetensors metadata as JSON under one key
+(safetensors metadata is ``dict[str, str]``), so a single file is self-describing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "deltagate.manifest"
+FILE_KEY_PREFIX = "deltagate.file/"
+
+
+class ModelIdentity(BaseModel):
+    """Who a checkpoint is: enough to tell whether a delta belongs to a base."""
+
+    source: str = Field(description="where the checkpoint was read from (informational)")
+    architecture: str
+    config_fingerprint: str = Field(description="sha256 of the structural config fields")
+    content_hash: str = Field(description="sha256 over every tensor's name, dtype, shape, bytes")
+
+
+class TensorEntry(BaseModel):
+    """One delta tensor: its encoding and the statistics `inspect` shows."""
+
+    name: str
+    shape: list[int]
+    dtype: str = Field(description="the model's dtype for this tensor")
+    encoding: Literal["dense"] = "dense"
+    storage_dtype: str
+    corrections: int = Field(ge=0, description="elements stored exactly beside the dense part")
+    sha256: str = Field(description="sha256 of the stored payload tensors, in key order")
+    delta_l2: float
+    delta_max_abs: float
+    base_l2: float
+
+    @field_validator("delta_l2", "delta_max_abs", "base_l2")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("delta statistics must be finite; the delta holds NaN or Inf")
+        return value
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class DeltaManifest(BaseModel):
+    """Everything an artifact says about itself besides its tensor bytes."""
+
+    format_version: int
+    tool_version: str
+    created_at: str
+    base: ModelIdentity
+    post: ModelIdentity
+    tensors: list[TensorEntry]
+    files: list[str] = Field(
+        default_factory=list,
+        description="post-model side files carried in metadata (tokenizer, chat template, ...)",
+    )
+    chat_template: str | None = None
+    generation_config: dict = Field(default_factory=dict)
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != FORMAT_VERSION:
+            raise ValueError(
+                f"artifact format version {value} is not supported by this deltagate "
+                f"(supports {FORMAT_VERSION}); re-extract the delta or upgrade deltagate"
+            )
+        return value
+
+    def tensor(self, name: str) -> TensorEntry:
+        """The entry for `name`; KeyError naming the tensor if absent."""
+        for entry in self.tensors:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"tensor {name!r} is not in this delta")
+
+    @property
+    def total_corrections(self) -> int:
+        return sum(t.corrections for t in self.tensors)

@@ -1,0 +1,1 @@
+"""Checkpoint access and the vLLM engine side: worker extension, engine processes."""
