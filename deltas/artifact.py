@@ -78,8 +78,7 @@ class DeltaArtifact:
             payload = self._payload(entry)
             if payload_sha256(payload) != entry.sha256:
                 raise InvalidArtifactError(
-                    f"{self.path}: tensor {entry.name!r} does not match its checksum; "
-                    "the file is corrupt"
+                    f"{self.path}: tensor {entry.name!r} does not match its checksum; the file is corrupt"
                 )
             for key, tensor in payload.items():
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():

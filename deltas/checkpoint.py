@@ -111,11 +111,7 @@ class Checkpoint:
 
     def side_files(self) -> dict[str, str]:
         """Tokenizer, chat template and generation config files present, as text."""
-        return {
-            name: (self.path / name).read_text()
-            for name in SIDE_FILES
-            if (self.path / name).is_file()
-        }
+        return {name: (self.path / name).read_text() for name in SIDE_FILES if (self.path / name).is_file()}
 
     def chat_template(self) -> str | None:
         """The chat template, from chat_template.jinja or tokenizer_config.json."""
@@ -170,12 +166,8 @@ def check_compatible(base: Checkpoint, post: Checkpoint) -> None:
     if base_names != post_names:
         only_base = sorted(base_names - post_names)[:3]
         only_post = sorted(post_names - base_names)[:3]
-        raise IncompatibleError(
-            f"tensor names differ: only in base {only_base}, only in post {only_post}"
-        )
+        raise IncompatibleError(f"tensor names differ: only in base {only_base}, only in post {only_post}")
     for name in sorted(base_names):
         b, p = base.shape_and_dtype(name), post.shape_and_dtype(name)
         if b != p:
-            raise IncompatibleError(
-                f"tensor {name!r} differs: base is {b[0]} {b[1]}, post is {p[0]} {p[1]}"
-            )
+            raise IncompatibleError(f"tensor {name!r} differs: base is {b[0]} {b[1]}, post is {p[0]} {p[1]}")

@@ -109,9 +109,7 @@ def verify_reconstruction(path: str | Path, base: Checkpoint, post: Checkpoint) 
         rebuilt = merge_tensor(b, [(artifact.delta(name), 1.0)], p.dtype)
         if not torch.equal(rebuilt, p):
             Path(path).unlink(missing_ok=True)
-            raise InvalidArtifactError(
-                f"verification failed: base + Δ differs from post at tensor {name!r}"
-            )
+            raise InvalidArtifactError(f"verification failed: base + Δ differs from post at tensor {name!r}")
 
 
 def _require_finite(name: str, tensor: torch.Tensor, which: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from deltas.checkpoint import Checkpoint
 from deltas.errors import IncompatibleError
 from deltas.mix import merge_tensor
 from deltas.recipe import Recipe
+from deltas.stream_writer import StreamingSafetensorsWriter
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -22,8 +24,7 @@ def check_recipe(recipe: Recipe) -> None:
         artifact = DeltaArtifact(term.path)
         if artifact.manifest.base.architecture != base.architecture:
             raise IncompatibleError(
-                f"delta {term.path} is for {artifact.manifest.base.architecture}, "
-                f"base is {base.architecture}"
+                f"delta {term.path} is for {artifact.manifest.base.architecture}, base is {base.architecture}"
             )
         for entry in artifact.manifest.tensors:
             if entry.name not in names:
@@ -47,15 +48,14 @@ def merged_tensors(recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
 
 def write_merged_checkpoint(recipe: Recipe, out: str | Path) -> Path:
     """Write the recipe's weights as a standalone checkpoint (config/tokenizer from base)."""
-    from deltas.stream_writer import StreamingSafetensorsWriter
-
-    import shutil
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in Path(recipe.base).iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
             shutil.copy(f, out / f.name)
+    for term in recipe.deltas[:1]:  # a variant speaks with its (first) post model's tokenizer
+        for fname, text in DeltaArtifact(term.path).side_files().items():
+            (out / fname).write_text(text)
     writer = StreamingSafetensorsWriter(out / "model.safetensors")
     try:
         for name, tensor in merged_tensors(recipe):

@@ -1,0 +1,182 @@
+"""vLLM engines: start a stock vLLM OpenAI server with our worker extension, and talk to it.
+
+The engine's dev-mode routes (/pause, /collective_rpc, /reset_prefix_cache, /resume) are
+open to anyone who reaches its port, so managed engines bind to loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from deltas.recipe import Recipe
+
+EXTENSION_CLS = "loaders.worker_extension.DeltaWorkerExtension"
+
+
+class EngineError(Exception):
+    """An engine did not start, died, or refused an operation."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to start one engine for one base checkpoint."""
+
+    model: str
+    served_name: str
+    port: int | None = None
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0
+    extra_args: tuple[str, ...] = ()
+    log_path: Path | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> list[str]:
+    """The command line of a stock vLLM OpenAI server for `spec`."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", spec.model,
+        "--served-model-name", spec.served_name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--max-model-len", str(spec.max_model_len),
+        "--disable-log-stats",
+        # The gateway sends each variant's chat template (from its artifact) and refuses
+        # templates from clients, so the engine may trust the ones it receives.
+        "--trust-request-chat-template",
+    ]  # fmt: skip
+    if with_extension:
+        cmd += ["--worker-extension-cls", EXTENSION_CLS]
+    return cmd + list(spec.extra_args)
+
+
+@dataclass
+class EngineProcess:
+    """One managed engine process on loopback."""
+
+    spec: EngineSpec
+    with_extension: bool = True
+    port: int = 0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Launch the process (returns at once; use wait_ready)."""
+        self.port = self.spec.port or free_port()
+        env = dict(os.environ)
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.spec.kv_cache_gib))))
+        log = open(self.spec.log_path, "ab") if self.spec.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            engine_command(self.spec, self.port, self.with_extension),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Block until /health answers; raise EngineError if the process dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise EngineError(
+                    f"engine for {self.spec.model} exited with code {self.proc.returncode}; "
+                    f"see {self.spec.log_path or 'its output'}"
+                )
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise EngineError(f"engine for {self.spec.model} not ready after {timeout:.0f}s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Terminate the engine and its workers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one in-place swap did on the engine."""
+
+    tensors: int
+    seconds: float
+    repaired: list[str]
+
+
+class EngineClient:
+    """Async HTTP client for one engine: swap control routes and OpenAI proxying."""
+
+    def __init__(self, url: str, served_name: str):
+        self.url = url.rstrip("/")
+        self.served_name = served_name
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def _post(self, path: str, **kwargs) -> httpx.Response:
+        try:
+            resp = await self.http.post(path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"engine {self.url} unreachable: {exc}") from exc
+        if resp.status_code >= 400:
+            raise EngineError(f"engine {self.url}{path} answered {resp.status_code}: {resp.text}")
+        return resp
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self.http.get("/health", timeout=5)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def collective_rpc(self, method: str, *args: str) -> list:
+        resp = await self._post("/collective_rpc", json={"method": method, "args": list(args)})
+        return resp.json()["results"]
+
+    async def apply(self, recipe: Recipe) -> ApplyResult:
+        """Pause (draining), rewrite weights, reset prefix cache, resume — always resuming."""
+        await self._post("/pause", params={"mode": "wait"})
+        try:
+            results = await self.collective_rpc("deltagate_apply", recipe.model_dump_json())
+            await self._post("/reset_prefix_cache")
+        finally:
+            await self._post("/resume")
+        first = results[0]
+        return ApplyResult(first["tensors"], first["seconds"], first["repaired"])
+
+    async def current_recipe(self) -> str | None:
+        """The recipe the engine's workers last applied (None: as started)."""
+        return (await self.collective_rpc("deltagate_recipe"))[0]

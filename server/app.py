@@ -1,0 +1,54 @@
+"""create_app(settings): the FastAPI gateway, with engines started in its lifespan."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from deltas import __version__
+from server.errors import install_error_handlers
+from server.gateway import Gateway
+from server.metrics import Metrics
+from server.routes import deltas, openai, ops, variants
+from server.settings import GatewaySettings
+
+
+def ensure_admin_token(settings: GatewaySettings) -> str:
+    """Use the configured admin token, else a persisted generated one (state_dir/admin_token)."""
+    if settings.admin_token:
+        return settings.admin_token
+    path = settings.state_dir / "admin_token"
+    if path.is_file():
+        settings.admin_token = path.read_text().strip()
+    else:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        settings.admin_token = secrets.token_urlsafe(24)
+        path.write_text(settings.admin_token + "\n")
+        path.chmod(0o600)
+    return settings.admin_token
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """Build the gateway app; engines start when the app starts and stop when it stops."""
+    ensure_admin_token(settings)
+    metrics = Metrics()
+    gateway = Gateway(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await gateway.start()
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="deltagate", version=__version__, lifespan=lifespan)
+    app.state.gateway = gateway
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    for module in (openai, deltas, variants, ops):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,81 @@
+"""Typed gateway errors and the one error envelope every failure is returned in."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from deltas.errors import IncompatibleError, InvalidArtifactError
+from loaders.engine import EngineError
+
+
+class GatewayError(Exception):
+    """Base of errors the gateway raises on purpose; carries its HTTP status."""
+
+    status = 500
+    kind = "internal_error"
+
+
+class NotFoundError(GatewayError):
+    status, kind = 404, "not_found"
+
+
+class ConflictError(GatewayError):
+    status, kind = 409, "conflict"
+
+
+class BadRequestError(GatewayError):
+    status, kind = 400, "invalid_request_error"
+
+
+class UnauthorizedError(GatewayError):
+    status, kind = 401, "authentication_error"
+
+
+class SwapError(GatewayError):
+    status, kind = 502, "swap_failed"
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI-style error envelope: {"error": {"message", "type", "code"}}."""
+
+    error: ErrorBody
+
+
+def error_response(status: int, kind: str, message: str) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status))
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map typed exceptions to HTTP codes, all in the ErrorResponse envelope."""
+
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+        return error_response(exc.status, exc.kind, str(exc))
+
+    @app.exception_handler(InvalidArtifactError)
+    async def _artifact(_: Request, exc: InvalidArtifactError) -> JSONResponse:
+        return error_response(422, "invalid_artifact", str(exc))
+
+    @app.exception_handler(IncompatibleError)
+    async def _incompatible(_: Request, exc: IncompatibleError) -> JSONResponse:
+        return error_response(422, "incompatible_delta", str(exc))
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return error_response(502, "engine_error", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return error_response(422, "invalid_request_error", "; ".join(parts))

@@ -1,0 +1,242 @@
+"""The gateway service: registry + engines + swap slots. Routes call only this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltas.artifact import open_artifact
+from deltas.recipe import DeltaTerm, Recipe
+from loaders.engine import EngineClient, EngineProcess, EngineSpec
+from loaders.merge import check_recipe
+from server.errors import BadRequestError, ConflictError, NotFoundError
+from server.metrics import Metrics
+from server.registry import (
+    BaseRecord,
+    DeltaRecord,
+    Registry,
+    VariantRecord,
+    VariantTerm,
+    check_name,
+    file_identity,
+)
+from server.settings import GatewaySettings, StartupVariant
+from server.swap import WeightSlot
+
+log = logging.getLogger("deltagate")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where and how to serve one request for a model name."""
+
+    variant: VariantRecord
+    recipe: Recipe
+    slot: WeightSlot
+    chat_template: str | None
+    stop_token_ids: list[int]
+
+
+class Gateway:
+    """Owns the registry, the engines (one per base) and their weight slots."""
+
+    def __init__(self, settings: GatewaySettings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = Registry(settings.registry_path)
+        self.processes: dict[str, EngineProcess] = {}
+        self.slots: dict[str, WeightSlot] = {}
+
+    # lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        """Register configured bases, start or attach their engines, wait until ready."""
+        for spec in self.settings.bases:
+            _require_name(spec.name)
+            if not (Path(spec.path) / "config.json").is_file():
+                raise BadRequestError(f"base {spec.name!r}: {spec.path} is not a checkpoint dir")
+            path = str(Path(spec.path).resolve())
+            self.registry.put_base(BaseRecord(name=spec.name, path=path, engine_url=spec.engine_url))
+        bases = list(self.registry.state.bases.values())
+        if not bases:
+            raise BadRequestError("no base model configured; pass --base DIR")
+        for base in bases:
+            if base.engine_url is None:
+                self.processes[base.name] = self._launch(base)
+        await asyncio.gather(
+            *(asyncio.to_thread(p.wait_ready, self.settings.engine_start_timeout)
+              for p in self.processes.values())
+        )  # fmt: skip
+        for base in bases:
+            await self._attach(base)
+        for spec in self.settings.variants:
+            await self.ensure_variant(spec)
+
+    def _launch(self, base: BaseRecord) -> EngineProcess:
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        spec = EngineSpec(
+            model=base.path,
+            served_name=base.name,
+            max_model_len=self.settings.max_model_len,
+            kv_cache_gib=self.settings.kv_cache_gib,
+            extra_args=tuple(self.settings.engine_args),
+            log_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.log",
+        )
+        proc = EngineProcess(spec)
+        proc.start()
+        log.info("starting engine for base %s on port %d (log: %s)", base.name, proc.port, spec.log_path)
+        return proc
+
+    async def _attach(self, base: BaseRecord) -> None:
+        url = base.engine_url or self.processes[base.name].url
+        client = EngineClient(url, served_name=base.name)
+        resident = Recipe(base=base.path)
+        current = await client.current_recipe()
+        if current is not None:
+            resident = Recipe.model_validate_json(current)
+        self.slots[base.name] = WeightSlot(client, resident, on_swap=self.metrics.observe_swap)
+
+    async def stop(self) -> None:
+        for slot in self.slots.values():
+            await slot.client.close()
+        for proc in self.processes.values():
+            await asyncio.to_thread(proc.stop)
+
+    # resolving ---------------------------------------------------------
+    def resolve(self, model: str) -> Resolved:
+        """The variant, recipe and engine slot serving `model`."""
+        variant = self.registry.variant(model)
+        base = self.registry.base(variant.base)
+        terms, template, eos = [], None, []
+        for term in variant.deltas:
+            record = self.registry.delta(term.delta)
+            if file_identity(record.path) != (record.size_bytes, record.mtime_ns):
+                raise ConflictError(
+                    f"delta {record.name!r}: {record.path} changed since it was registered; register it again"
+                )
+            terms.append(DeltaTerm(path=record.path, alpha=term.alpha))
+            template = template or record.chat_template
+            eos += [e for e in record.eos_token_ids if e not in eos]
+        slot = self.slots.get(base.name)
+        if slot is None:
+            raise NotFoundError(f"base {base.name!r} has no running engine")
+        return Resolved(variant, Recipe(base=base.path, deltas=terms), slot, template, eos)
+
+    def model_names(self) -> list[str]:
+        return self.registry.model_names()
+
+    # deltas ------------------------------------------------------------
+    async def register_delta_path(self, name: str, path: str) -> DeltaRecord:
+        """Register an artifact already on disk, after verifying it fully."""
+        _require_name(name)
+        if name in self.registry.state.deltas:
+            raise ConflictError(f"delta {name!r} exists; delete it first")
+        resolved = Path(path).expanduser().resolve()
+        record = await asyncio.to_thread(_describe_delta, name, resolved, False)
+        self.registry.add_delta(record)
+        return record
+
+    async def register_delta_upload(self, name: str, chunks: AsyncIterator[bytes]) -> DeltaRecord:
+        """Store an uploaded artifact in the store dir (atomically), verify, register."""
+        _require_name(name)
+        if name in self.registry.state.deltas:
+            raise ConflictError(f"delta {name!r} exists; delete it first")
+        store = self.settings.store_dir
+        store.mkdir(parents=True, exist_ok=True)
+        final = store / f"{name.replace('/', '__')}.safetensors"
+        tmp = store / f".upload-{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in chunks:
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            record = await asyncio.to_thread(_describe_delta, name, tmp, True)
+            os.replace(tmp, final)  # only a verified artifact ever lands in the store
+        finally:
+            tmp.unlink(missing_ok=True)
+        record = record.model_copy(update={"path": str(final)})
+        self.registry.add_delta(record)
+        return record
+
+    def delete_delta(self, name: str) -> None:
+        record = self.registry.remove_delta(name)
+        if record.uploaded:
+            Path(record.path).unlink(missing_ok=True)
+
+    # variants ----------------------------------------------------------
+    async def define_variant(self, name: str, base: str, terms: list[VariantTerm]) -> VariantRecord:
+        """Validate that the deltas fit the base, then register the variant."""
+        record = VariantRecord(name=name, base=base, deltas=terms)
+        base_record = self.registry.base(base)
+        if name in self.registry.state.variants or name in self.registry.state.bases:
+            raise ConflictError(f"model name {name!r} is taken")
+        recipe = Recipe(
+            base=base_record.path,
+            deltas=[DeltaTerm(path=self.registry.delta(t.delta).path, alpha=t.alpha) for t in terms],
+        )
+        await asyncio.to_thread(check_recipe, recipe)
+        self.registry.add_variant(record)
+        return record
+
+    async def ensure_variant(self, spec: StartupVariant) -> VariantRecord:
+        """Define a command-line variant, registering artifact paths as deltas on the way."""
+        terms = []
+        for term in spec.terms:
+            terms.append(VariantTerm(delta=await self._delta_for_ref(term.ref), alpha=term.alpha))
+        base = spec.base or next(iter(self.registry.state.bases))
+        existing = self.registry.state.variants.get(spec.name)
+        if existing is not None:
+            if existing.base == base and existing.deltas == terms:
+                return existing
+            self.registry.remove_variant(spec.name)  # the command line wins
+        return await self.define_variant(spec.name, base, terms)
+
+    async def _delta_for_ref(self, ref: str) -> str:
+        if ref in self.registry.state.deltas:
+            return ref
+        path = Path(ref).expanduser().resolve()
+        for record in self.registry.state.deltas.values():
+            if Path(record.path) == path:
+                if file_identity(path) != (record.size_bytes, record.mtime_ns):
+                    self.registry.remove_delta(record.name)  # re-extracted since: re-verify
+                    break
+                return record.name
+        name = path.stem
+        while name in self.registry.state.deltas:
+            name += "-1"
+        return (await self.register_delta_path(name, str(path))).name
+
+    def delete_variant(self, name: str) -> None:
+        self.registry.remove_variant(name)
+
+
+def _require_name(name: str) -> None:
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise BadRequestError(f"invalid name {name!r}: {exc}") from None
+
+
+def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
+    artifact = open_artifact(path, verify=True)
+    m = artifact.manifest
+    eos = m.generation_config.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
+    size, mtime = file_identity(path)
+    return DeltaRecord(
+        name=name,
+        path=str(path),
+        size_bytes=size,
+        mtime_ns=mtime,
+        base_architecture=m.base.architecture,
+        base_content_hash=m.base.content_hash,
+        tensors=len(m.tensors),
+        chat_template=m.chat_template,
+        eos_token_ids=eos_ids,
+        uploaded=uploaded,
+    )

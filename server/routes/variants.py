@@ -1,0 +1,41 @@
+"""Admin: define, list and delete variants (base + Σ alpha·delta)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+
+from server.deps import GatewayDep, require_admin
+from server.gateway import Gateway
+from server.schemas import VariantCreate, VariantPublic, VariantsPublic
+
+router = APIRouter(prefix="/v1/variants", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+def _public(gateway: Gateway, name: str) -> VariantPublic:
+    record = gateway.registry.variant(name)
+    slot = gateway.slots.get(record.base)
+    resident = bool(slot and slot.resident_variant == name)
+    return VariantPublic(**record.model_dump(), resident=resident)
+
+
+@router.post("", status_code=201)
+async def create_variant(body: VariantCreate, gateway: GatewayDep) -> VariantPublic:
+    """Check the deltas fit the base (names, shapes, architecture), then register."""
+    await gateway.define_variant(body.name, body.base, body.deltas)
+    return _public(gateway, body.name)
+
+
+@router.get("")
+async def list_variants(gateway: GatewayDep) -> VariantsPublic:
+    return VariantsPublic(data=[_public(gateway, n) for n in gateway.registry.state.variants])
+
+
+@router.get("/{name:path}")
+async def get_variant(name: str, gateway: GatewayDep) -> VariantPublic:
+    return _public(gateway, name)
+
+
+@router.delete("/{name:path}", status_code=204)
+async def delete_variant(name: str, gateway: GatewayDep) -> Response:
+    gateway.delete_variant(name)
+    return Response(status_code=204)

@@ -1,0 +1,84 @@
+"""Request and response bodies of the gateway's own (non-OpenAI) API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.registry import DeltaRecord, VariantRecord, VariantTerm, check_name
+
+
+class InferenceBody(BaseModel):
+    """The part of an OpenAI request the gateway reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    stream: bool = False
+
+
+class DeltaCreate(BaseModel):
+    """Register an artifact that is already on the gateway's disk."""
+
+    name: str
+    path: str
+
+    _check = field_validator("name")(check_name)
+
+
+class DeltaPublic(BaseModel):
+    name: str
+    path: str
+    size_bytes: int
+    tensors: int
+    base_architecture: str
+    base_content_hash: str
+    uploaded: bool
+
+    @classmethod
+    def of(cls, record: DeltaRecord) -> DeltaPublic:
+        return cls.model_validate(record.model_dump())
+
+
+class DeltasPublic(BaseModel):
+    data: list[DeltaPublic]
+
+
+class VariantCreate(BaseModel):
+    """{name, base, deltas: [{delta, alpha}]}: θ = base + Σ alpha·delta."""
+
+    name: str
+    base: str
+    deltas: list[VariantTerm] = Field(min_length=1)
+
+    _check = field_validator("name")(check_name)
+
+    @field_validator("deltas")
+    @classmethod
+    def _finite_alphas(cls, terms: list[VariantTerm]) -> list[VariantTerm]:
+        import math
+
+        for term in terms:
+            if not math.isfinite(term.alpha):
+                raise ValueError(f"alpha of {term.delta!r} must be a finite number")
+        return terms
+
+
+class VariantPublic(VariantRecord):
+    resident: bool = False
+
+
+class VariantsPublic(BaseModel):
+    data: list[VariantPublic]
+
+
+class BasePublic(BaseModel):
+    name: str
+    path: str
+    engine_url: str
+    resident_variant: str | None
+    inflight: int
+    last_swap_seconds: float | None
+
+
+class BasesPublic(BaseModel):
+    data: list[BasePublic]

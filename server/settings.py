@@ -1,0 +1,59 @@
+"""Gateway settings: CLI flags or DELTAGATE_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BaseSpec(BaseModel):
+    """A base model the gateway serves: a checkpoint dir, and optionally an engine to attach."""
+
+    name: str
+    path: str
+    engine_url: str | None = None
+
+
+class StartupTerm(BaseModel):
+    """One delta of a --variant flag: a registered delta name or an artifact path."""
+
+    ref: str
+    alpha: float = 1.0
+
+
+class StartupVariant(BaseModel):
+    """A variant given on the command line; defined (or redefined) at start-up."""
+
+    name: str
+    terms: list[StartupTerm]
+    base: str | None = None
+
+
+class GatewaySettings(BaseSettings):
+    """Everything `create_app` needs; no import-time globals."""
+
+    model_config = SettingsConfigDict(env_prefix="DELTAGATE_")
+
+    state_dir: Path = Path(".deltagate")
+    admin_token: str | None = None
+    api_keys: list[str] = Field(default_factory=list)
+    bases: list[BaseSpec] = Field(default_factory=list)
+    variants: list[StartupVariant] = Field(default_factory=list)
+    max_model_len: int = 2048
+    kv_cache_gib: float = 1.0
+    engine_start_timeout: float = 900.0
+    engine_args: list[str] = Field(default_factory=list)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.json"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.state_dir / "deltas"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"

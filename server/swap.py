@@ -1,0 +1,106 @@
+"""Swap orchestration for one engine: admit requests only onto the weights they asked for.
+
+Invariant: a request is admitted only while the engine's resident weights are its
+variant's, and a swap starts only when no admitted request is in flight. So no
+generation ever continues on new weights, and none is dropped. A pending swap stops
+new admissions of the current variant (no starvation): traffic alternating between
+variants is served in batches, one swap per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from deltas.recipe import Recipe
+from loaders.engine import ApplyResult, EngineClient, EngineError
+from server.errors import SwapError
+
+log = logging.getLogger("deltagate.swap")
+
+SwapHook = Callable[[str, float, bool], None]  # (variant, seconds, ok)
+
+
+@dataclass
+class SwapRecord:
+    variant: str
+    seconds: float
+    tensors: int
+
+
+class WeightSlot:
+    """The resident weights of one engine and the requests running on them."""
+
+    def __init__(self, client: EngineClient, resident: Recipe, on_swap: SwapHook | None = None):
+        self.client = client
+        self.resident = resident
+        self.resident_variant: str | None = None
+        self.inflight = 0
+        self.last_swap: SwapRecord | None = None
+        self._on_swap = on_swap
+        self._pending: str | None = None
+        self._waiting: dict[str, int] = {}
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, variant: str, recipe: Recipe) -> None:
+        """Wait until `recipe` is resident (swapping if needed), then count one request in."""
+        key = recipe.key()
+        async with self._cond:
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            try:
+                while not self._admissible(key):
+                    if self._pending is None and not self._waiting.get(self.resident.key()):
+                        self._pending = key  # claim the next swap; blocks new admissions
+                    if self._pending == key and self.inflight == 0:
+                        # Holding the lock is fine: nothing is in flight to release it.
+                        try:
+                            await self._swap(variant, recipe)
+                        finally:
+                            self._pending = None
+                            self._cond.notify_all()
+                        continue
+                    await self._cond.wait()
+                self.inflight += 1
+                self.resident_variant = variant
+            finally:
+                self._waiting[key] -= 1
+
+    def _admissible(self, key: str) -> bool:
+        return self.resident.key() == key and self._pending in (None, key)
+
+    async def release(self) -> None:
+        """Count one request out."""
+        async with self._cond:
+            self.inflight -= 1
+            self._cond.notify_all()
+
+    async def _swap(self, variant: str, recipe: Recipe) -> None:
+        previous = self.resident
+        start = time.perf_counter()
+        try:
+            result = await self.client.apply(recipe)
+        except EngineError as exc:
+            self._report(variant, time.perf_counter() - start, ok=False)
+            await self._restore(previous)
+            raise SwapError(f"swap to {variant!r} failed, still serving the previous weights: {exc}") from exc
+        self.resident = recipe
+        seconds = time.perf_counter() - start
+        self.last_swap = SwapRecord(variant, seconds, result.tensors)
+        self._report(variant, seconds, ok=True)
+        log.info("swapped to %s in %.2fs (%d tensors)", variant, seconds, result.tensors)
+
+    async def _restore(self, previous: Recipe) -> ApplyResult | None:
+        """After a failed swap, put the previous weights back (a failed apply may be partial)."""
+        try:
+            return await self.client.apply(previous)
+        except EngineError:
+            log.exception("could not restore previous weights; engine state unknown")
+            self.resident = Recipe(base="<unknown>")
+            return None
+
+    def _report(self, variant: str, seconds: float, ok: bool) -> None:
+        if self._on_swap:
+            self._on_swap(variant, seconds, ok)
