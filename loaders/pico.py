@@ -109,7 +109,10 @@ def pico_state_dict(spec: PicoSpec, seed: int) -> dict[str, torch.Tensor]:
     def rnd(*shape: int, scale: float = 0.08) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
-    sd = {"model.embed_tokens.weight": rnd(v, h, scale=0.5), "model.norm.weight": torch.ones(h, dtype=dtype)}
+    sd = {
+        "model.embed_tokens.weight": rnd(v, h, scale=0.15),
+        "model.norm.weight": torch.ones(h, dtype=dtype),
+    }
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
         sd[p + "input_layernorm.weight"] = torch.ones(h, dtype=dtype)
@@ -122,7 +125,7 @@ def pico_state_dict(spec: PicoSpec, seed: int) -> dict[str, torch.Tensor]:
         sd[p + "mlp.up_proj.weight"] = rnd(i, h)
         sd[p + "mlp.down_proj.weight"] = rnd(h, i)
     if not spec.tie_word_embeddings:
-        sd["lm_head.weight"] = rnd(v, h, scale=0.5)
+        sd["lm_head.weight"] = rnd(v, h, scale=0.15)
     return sd
 
 
@@ -157,9 +160,21 @@ def make_pico_base(out: Path, spec: PicoSpec = PicoSpec(), seed: int = 0) -> Pat
     return save_checkpoint(out, pico_state_dict(spec, seed))
 
 
-def make_pico_post(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
-    """A pico "post-trained" model: `base` perturbed with a seeded update."""
+POST_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}: "
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"
+)
+
+
+def make_pico_post(
+    base: Path, out: Path, seed: int, scale: float = 0.3, chat_template: str | None = POST_CHAT_TEMPLATE
+) -> Path:
+    """A pico "post-trained" model: `base` perturbed with a seeded update, own chat template."""
     from safetensors.torch import load_file
 
     sd = load_file(str(base / "model.safetensors"))
-    return save_checkpoint(out, perturb(sd, seed, scale), like=base)
+    save_checkpoint(out, perturb(sd, seed, scale), like=base)
+    if chat_template is not None:
+        (out / "chat_template.jinja").write_text(chat_template)
+    return out

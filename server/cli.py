@@ -109,7 +109,7 @@ def serve(
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
-def how_to_call(host: str, port: int, models: list[str], token: str, state_dir: Path, keys: bool) -> str:
+def how_to_call(host: str, port: int, models: list[str], state_dir: Path, keys: bool, given: bool) -> str:
     """The banner `serve` prints: how to reach each model."""
     url = f"http://{host}:{port}"
     auth = ' -H "Authorization: Bearer $KEY"' if keys else ""
@@ -125,7 +125,8 @@ def how_to_call(host: str, port: int, models: list[str], token: str, state_dir: 
         + url
         + f"/v1', api_key='x'); print(c.chat.completions.create(model='{first}', "
         "messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)\"",
-        f"admin token (for /v1/deltas, /v1/variants): stored in {state_dir / 'admin_token'}" if token else "",
+        "admin API (/v1/deltas, /v1/variants, /v1/bases): 'Authorization: Bearer <admin token>', "
+        + ("the token you gave" if given else f"the token stored in {state_dir / 'admin_token'}"),
     ]
     return "\n".join(lines)
 

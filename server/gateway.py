@@ -51,6 +51,7 @@ class Gateway:
         self.registry = Registry(settings.registry_path)
         self.processes: dict[str, EngineProcess] = {}
         self.slots: dict[str, WeightSlot] = {}
+        self._engine_urls: dict[str, str] = {}
 
     # lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -60,12 +61,14 @@ class Gateway:
             if not (Path(spec.path) / "config.json").is_file():
                 raise BadRequestError(f"base {spec.name!r}: {spec.path} is not a checkpoint dir")
             path = str(Path(spec.path).resolve())
-            self.registry.put_base(BaseRecord(name=spec.name, path=path, engine_url=spec.engine_url))
+            self.registry.put_base(BaseRecord(name=spec.name, path=path))
         bases = list(self.registry.state.bases.values())
         if not bases:
             raise BadRequestError("no base model configured; pass --base DIR")
+        # Engine URLs are runtime facts, given per start; they are not persisted.
+        self._engine_urls = {s.name: s.engine_url for s in self.settings.bases if s.engine_url}
         for base in bases:
-            if base.engine_url is None:
+            if base.name not in self._engine_urls:
                 self.processes[base.name] = self._launch(base)
         await asyncio.gather(
             *(asyncio.to_thread(p.wait_ready, self.settings.engine_start_timeout)
@@ -92,7 +95,7 @@ class Gateway:
         return proc
 
     async def _attach(self, base: BaseRecord) -> None:
-        url = base.engine_url or self.processes[base.name].url
+        url = self._engine_urls.get(base.name) or self.processes[base.name].url
         client = EngineClient(url, served_name=base.name)
         resident = Recipe(base=base.path)
         current = await client.current_recipe()

@@ -24,7 +24,6 @@ def check_name(value: str) -> str:
 class BaseRecord(BaseModel):
     name: str
     path: str
-    engine_url: str | None = None
 
 
 class DeltaRecord(BaseModel):

@@ -1,0 +1,144 @@
+"""Extraction: streamed, verified, refuses mismatches; artifacts detect corruption."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from deltas.artifact import open_artifact
+from deltas.checkpoint import Checkpoint, content_hash
+from deltas.errors import IncompatibleError, InvalidArtifactError
+from deltas.extract import extract_delta
+from deltas.mix import merge_tensor
+from deltas.stream_writer import StreamingSafetensorsWriter
+from loaders.pico import PicoSpec, make_pico_base, save_checkpoint
+
+
+def test_artifact_rebuilds_post_exactly(tied):
+    art = open_artifact(tied.delta, verify=True)
+    base, post = Checkpoint(tied.base), Checkpoint(tied.post)
+    for name in base.tensor_names():
+        rebuilt = merge_tensor(base.get(name), [(art.delta(name), 1.0)], torch.bfloat16)
+        assert torch.equal(rebuilt, post.get(name)), name
+
+
+def test_manifest_identifies_models_and_carries_side_files(tied):
+    m = open_artifact(tied.delta).manifest
+    assert m.base.content_hash == content_hash(Checkpoint(tied.base))
+    assert m.post.content_hash == content_hash(Checkpoint(tied.post))
+    assert m.base.architecture == "LlamaForCausalLM"
+    assert m.chat_template == (tied.post / "chat_template.jinja").read_text()
+    assert "tokenizer.json" in open_artifact(tied.delta).side_files()
+    assert (
+        m.generation_config["eos_token_id"]
+        == json.loads((tied.post / "config.json").read_text())["eos_token_id"]
+    )
+    assert {t.name for t in m.tensors} == set(Checkpoint(tied.base).tensor_names())
+
+
+def test_extract_reads_sharded_checkpoints(tied, tmp_path):
+    """A post model split over two shards with an index gives the same delta."""
+    sd = load_file(str(tied.post / "model.safetensors"))
+    names = sorted(sd)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tied.post, sharded)
+    (sharded / "model.safetensors").unlink()
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
+    weight_map = {}
+    for fname, keys in halves.items():
+        save_file({k: sd[k] for k in keys}, str(sharded / fname))
+        weight_map.update({k: fname for k in keys})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    report = extract_delta(tied.base, sharded, tmp_path / "d.safetensors")
+    assert report.tensors == len(names)
+    a, b = open_artifact(tmp_path / "d.safetensors"), open_artifact(tied.delta)
+    assert all(torch.equal(a.delta(n), b.delta(n)) for n in names)
+
+
+def test_extract_refuses_other_architecture(tied, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tied.post, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(IncompatibleError, match="architecture differs"):
+        extract_delta(tied.base, other, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_extract_refuses_other_shape_naming_the_field(tied, tmp_path):
+    other = make_pico_base(tmp_path / "wide", PicoSpec(intermediate_size=192), seed=0)
+    with pytest.raises(IncompatibleError, match="'intermediate_size' differs"):
+        extract_delta(tied.base, other, tmp_path / "x.safetensors")
+
+
+def test_extract_refuses_other_vocab(tied, tmp_path):
+    other = make_pico_base(tmp_path / "vocab", PicoSpec(vocab_size=400), seed=0)
+    with pytest.raises(IncompatibleError, match="'vocab_size' differs"):
+        extract_delta(tied.base, other, tmp_path / "x.safetensors")
+
+
+def test_extract_refuses_missing_tensor_naming_it(tied, tmp_path):
+    sd = load_file(str(tied.post / "model.safetensors"))
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    other = save_checkpoint(tmp_path / "missing", sd, like=tied.post)
+    with pytest.raises(IncompatibleError, match="mlp.up_proj"):
+        extract_delta(tied.base, other, tmp_path / "x.safetensors")
+
+
+def test_extract_refuses_nan_in_post(tied, tmp_path):
+    sd = load_file(str(tied.post / "model.safetensors"))
+    sd["model.norm.weight"][3] = float("nan")
+    other = save_checkpoint(tmp_path / "nan", sd, like=tied.post)
+    with pytest.raises(InvalidArtifactError, match="model.norm.weight.*NaN"):
+        extract_delta(tied.base, other, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_truncated_artifact_is_refused(tied, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tied.delta.read_bytes()[:-1000])
+    with pytest.raises(InvalidArtifactError, match="truncated"):
+        open_artifact(cut)
+
+
+def test_flipped_byte_fails_checksum(tied, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray(tied.delta.read_bytes())
+    data[-100] ^= 0x40
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InvalidArtifactError, match="checksum"):
+        open_artifact(bad, verify=True)
+
+
+def test_plain_safetensors_is_not_an_artifact(tied):
+    with pytest.raises(InvalidArtifactError, match="no deltagate manifest"):
+        open_artifact(tied.base / "model.safetensors")
+
+
+def test_stream_writer_matches_safetensors_reader(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5).bfloat16(),
+        "b": torch.arange(7, dtype=torch.int32),
+        "c": torch.randn(2, 2, 2),
+        "empty": torch.zeros(0),
+    }
+    writer = StreamingSafetensorsWriter(tmp_path / "t.safetensors")
+    for k, v in tensors.items():
+        writer.add(k, v)
+    writer.finish({"k": "v"})
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v)
+    assert not list(tmp_path.glob(".*"))  # no spool or partial file left behind
+
+
+def test_stream_writer_abort_leaves_nothing(tmp_path):
+    writer = StreamingSafetensorsWriter(tmp_path / "t.safetensors")
+    writer.add("a", torch.ones(3))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,39 @@
+"""The registry survives a gateway restart; a gateway can attach to running engines."""
+
+import httpx
+import pytest
+
+from loaders.engine import free_port
+from tests.server.conftest import completion_outputs, start_gateway, stop_gateway, wait_healthy
+
+pytestmark = pytest.mark.engine
+
+
+def test_second_gateway_attaches_and_sees_the_registry(stack, tied, untied):
+    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
+    urls = {b["name"]: b["engine_url"] for b in bases}
+    # make tied-inst resident so the attached gateway serves without swapping
+    assert completion_outputs(stack.url, "tied-inst") == stack.refs["tied-inst"]
+    port = free_port()
+    log = stack.state_dir.parent / "gateway2.log"
+    proc = start_gateway(
+        [
+            "--base", f"tied={tied.base}", "--base", f"untied={untied.base}",
+            "--engine-url", f"tied={urls['tied']}", "--engine-url", f"untied={urls['untied']}",
+        ],
+        stack.state_dir,
+        port,
+        log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log, timeout=120)
+        models = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert {"tied-inst", "tied-half", "tied-mix", "untied-inst"} <= models
+        deltas = {d["name"] for d in httpx.get(url + "/v1/deltas", headers=stack.admin).json()["data"]}
+        assert "untied-d" in deltas
+        # it learned from the engine which weights are resident: no swap needed
+        assert completion_outputs(url, "tied-inst") == stack.refs["tied-inst"]
+        assert "deltagate_swaps_total{" not in httpx.get(url + "/metrics").text
+    finally:
+        stop_gateway(proc)

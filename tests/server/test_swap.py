@@ -1,0 +1,84 @@
+"""The swap slot's invariants, on a fake engine: never swap under a running request."""
+
+import asyncio
+import random
+
+import pytest
+
+from deltas.recipe import DeltaTerm, Recipe
+from loaders.engine import ApplyResult, EngineError
+from server.errors import SwapError
+from server.swap import WeightSlot
+
+BASE = Recipe(base="/b")
+A = Recipe(base="/b", deltas=[DeltaTerm(path="/a")])
+B = Recipe(base="/b", deltas=[DeltaTerm(path="/bb", alpha=0.5)])
+
+
+class FakeEngine:
+    """Records applies; checks that nothing runs while weights change."""
+
+    def __init__(self, fail_on: set[str] = frozenset()):
+        self.weights = BASE.key()
+        self.running = 0
+        self.applied: list[str] = []
+        self.fail_on = set(fail_on)
+
+    async def apply(self, recipe: Recipe) -> ApplyResult:
+        assert self.running == 0, "swap started while a request was running"
+        self.weights = "<changing>"
+        await asyncio.sleep(0.002)
+        if recipe.key() in self.fail_on:
+            self.weights = "<partial>"
+            raise EngineError("boom")
+        self.weights = recipe.key()
+        self.applied.append(recipe.key())
+        return ApplyResult(tensors=3, seconds=0.002, repaired=[])
+
+
+async def _request(slot: WeightSlot, engine: FakeEngine, name: str, recipe: Recipe) -> str:
+    await slot.acquire(name, recipe)
+    try:
+        engine.running += 1
+        assert engine.weights == recipe.key(), "admitted onto the wrong weights"
+        await asyncio.sleep(random.random() * 0.005)
+        assert engine.weights == recipe.key(), "weights changed under a running request"
+        return name
+    finally:
+        engine.running -= 1
+        await slot.release()
+
+
+async def test_alternating_traffic_is_served_on_the_right_weights():
+    random.seed(0)
+    engine = FakeEngine()
+    slot = WeightSlot(engine, BASE)
+    jobs = [("a", A), ("b", B), ("base", BASE)] * 40
+    random.shuffle(jobs)
+    done = await asyncio.wait_for(
+        asyncio.gather(*(_request(slot, engine, n, r) for n, r in jobs)), timeout=30
+    )
+    assert sorted(done) == sorted(n for n, _ in jobs)
+    assert slot.inflight == 0
+    # requests for the same variant are batched: far fewer swaps than requests
+    assert len(engine.applied) < len(jobs) / 2
+
+
+async def test_no_swap_when_already_resident():
+    engine = FakeEngine()
+    slot = WeightSlot(engine, BASE)
+    await asyncio.gather(*(_request(slot, engine, "base", BASE) for _ in range(10)))
+    assert engine.applied == []
+
+
+async def test_failed_swap_restores_previous_weights_and_reports():
+    engine = FakeEngine(fail_on={B.key()})
+    seen = []
+    slot = WeightSlot(engine, BASE, on_swap=lambda v, s, ok: seen.append((v, ok)))
+    await _request(slot, engine, "a", A)
+    with pytest.raises(SwapError, match="still serving the previous weights"):
+        await _request(slot, engine, "b", B)
+    assert engine.weights == A.key()  # restored after the partial apply
+    assert slot.resident.key() == A.key()
+    assert await _request(slot, engine, "a", A) == "a"
+    assert ("b", False) in seen and ("a", True) in seen
