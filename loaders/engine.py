@@ -32,7 +32,7 @@ class EngineSpec:
     model: str
     served_name: str
     port: int | None = None
-    max_model_len: int = 2048
+    max_model_len: int | None = None  # None: vLLM derives it from the model config
     kv_cache_gib: float = 1.0
     extra_args: tuple[str, ...] = ()
     log_path: Path | None = None
@@ -52,12 +52,13 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
         "--served-model-name", spec.served_name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--max-model-len", str(spec.max_model_len),
         "--disable-log-stats",
         # The gateway sends each variant's chat template (from its artifact) and refuses
         # templates from clients, so the engine may trust the ones it receives.
         "--trust-request-chat-template",
     ]  # fmt: skip
+    if spec.max_model_len:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
     if with_extension:
         cmd += ["--worker-extension-cls", EXTENSION_CLS]
     return cmd + list(spec.extra_args)

@@ -77,7 +77,7 @@ def serve(
     api_key: Annotated[
         list[str] | None, typer.Option(envvar="DELTAGATE_API_KEYS", help="Inference key (repeatable)")
     ] = None,
-    max_model_len: int = 2048,
+    max_model_len: Annotated[int | None, typer.Option(help="Default: from the model config")] = None,
     kv_cache_gib: float = 1.0,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
@@ -107,6 +107,33 @@ def serve(
     models = [b.name for b in bases] + [v.name for v in settings.variants]
     print(how_to_call(host, port, models, state_dir, bool(settings.api_keys), given=bool(admin_token)))
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command()
+def demo(
+    cache_dir: Annotated[Path, typer.Option(help="Where generated demo models are cached")] = Path(
+        ".cache/demo"
+    ),
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    state_dir: Path = Path(".deltagate"),
+) -> None:
+    """Serve a generated tiny model and a delta variant of it (no downloads needed)."""
+    from loaders.demo import prepare_demo
+
+    models = prepare_demo(cache_dir, log=console.print)
+    serve(
+        base=[f"pico={models.base}"],
+        variant=[f"pico-inst={models.delta}"],
+        engine_url=None,
+        host=host,
+        port=port,
+        state_dir=state_dir,
+        admin_token=None,
+        api_key=None,
+        max_model_len=None,
+        kv_cache_gib=1.0,
+    )
 
 
 def how_to_call(host: str, port: int, models: list[str], state_dir: Path, keys: bool, given: bool) -> str:
@@ -177,7 +204,7 @@ def inspect(
     if as_json:
         print(json.dumps(m.model_dump(), indent=2))
         return
-    out = Console()
+    out = Console(width=max(Console().width, 160))  # tensor names must not wrap
     summary = art.summary()
     out.print(
         f"[bold]{artifact}[/bold]  format v{m.format_version}, deltagate {m.tool_version}, {m.created_at}"

@@ -41,7 +41,7 @@ class GatewaySettings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list)
     bases: list[BaseSpec] = Field(default_factory=list)
     variants: list[StartupVariant] = Field(default_factory=list)
-    max_model_len: int = 2048
+    max_model_len: int | None = None
     kv_cache_gib: float = 1.0
     engine_start_timeout: float = 900.0
     engine_args: list[str] = Field(default_factory=list)
