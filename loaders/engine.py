@@ -79,7 +79,7 @@ class EngineProcess:
 
     def start(self) -> None:
         """Launch the process (returns at once; use wait_ready)."""
-        self.port = self.spec.port or free_port()
+        self.port = self.port or self.spec.port or free_port()  # a restart keeps its port
         env = dict(os.environ)
         env["VLLM_SERVER_DEV_MODE"] = "1"
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.spec.kv_cache_gib))))

@@ -52,6 +52,7 @@ class Gateway:
         self.processes: dict[str, EngineProcess] = {}
         self.slots: dict[str, WeightSlot] = {}
         self._engine_urls: dict[str, str] = {}
+        self._supervisor: asyncio.Task | None = None
 
     # lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -78,6 +79,8 @@ class Gateway:
             await self._attach(base)
         for spec in self.settings.variants:
             await self.ensure_variant(spec)
+        if self.processes:
+            self._supervisor = asyncio.create_task(self._supervise())
 
     def _launch(self, base: BaseRecord) -> EngineProcess:
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,30 @@ class Gateway:
             resident = Recipe.model_validate_json(current)
         self.slots[base.name] = WeightSlot(client, resident, on_swap=self.metrics.observe_swap)
 
+    async def _supervise(self) -> None:
+        """Restart managed engines that exit; a restarted engine holds its plain base again."""
+        while True:
+            await asyncio.sleep(self.settings.supervise_seconds)
+            for name, proc in self.processes.items():
+                if proc.alive():
+                    continue
+                log.error("engine for base %s exited (code %s); restarting it", name, proc.proc.returncode)
+                self.metrics.engine_restarts.inc()
+
+                async def restart(proc: EngineProcess = proc) -> None:
+                    proc.start()
+                    await asyncio.to_thread(proc.wait_ready, self.settings.engine_start_timeout)
+
+                try:
+                    await self.slots[name].replace_engine(restart, Recipe(base=self.registry.base(name).path))
+                except Exception:
+                    log.exception("restarting the engine for base %s failed; will retry", name)
+                    continue
+                log.info("engine for base %s is back on %s", name, proc.url)
+
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         for slot in self.slots.values():
             await slot.client.close()
         for proc in self.processes.values():

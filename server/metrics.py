@@ -31,6 +31,11 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
 
+        self.engine_restarts = Counter(
+            "deltagate_engine_restarts_total", "Managed engines restarted after exiting",
+            registry=self.registry,
+        )  # fmt: skip
+
     def observe_swap(self, variant: str, seconds: float, ok: bool) -> None:
         self.swaps.labels(variant=variant, result="ok" if ok else "error").inc()
         if ok:

@@ -44,6 +44,7 @@ class GatewaySettings(BaseSettings):
     max_model_len: int | None = None
     kv_cache_gib: float = 1.0
     engine_start_timeout: float = 900.0
+    supervise_seconds: float = 2.0
     engine_args: list[str] = Field(default_factory=list)
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from deltas.recipe import Recipe
@@ -70,6 +70,21 @@ class WeightSlot:
 
     def _admissible(self, key: str) -> bool:
         return self.resident.key() == key and self._pending in (None, key)
+
+    async def replace_engine(self, restart: Callable[[], Awaitable[None]], resident: Recipe) -> None:
+        """Run `restart` with admissions and swaps blocked, then record its fresh weights.
+
+        Held for the whole restart so that no request is admitted, and no swap applied,
+        against an engine whose weights the slot does not know.
+        """
+        async with self._cond:
+            self.resident = Recipe(base="<restarting>")
+            self.resident_variant = None
+            try:
+                await restart()
+                self.resident = resident
+            finally:
+                self._cond.notify_all()
 
     async def release(self) -> None:
         """Count one request out."""

@@ -37,3 +37,31 @@ def test_second_gateway_attaches_and_sees_the_registry(stack, tied, untied):
         assert "deltagate_swaps_total{" not in httpx.get(url + "/metrics").text
     finally:
         stop_gateway(proc)
+
+
+def test_gateway_restarts_an_engine_that_died(stack):
+    """Kill the untied base's engine: the gateway restarts it, and it serves exactly again."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
+    port = next(b["engine_url"] for b in bases if b["name"] == "untied").rsplit(":", 1)[1]
+    leader = next(
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and f"--port {port}" in " ".join(p.info["cmdline"])
+    )
+    os.killpg(os.getpgid(leader.pid), signal.SIGKILL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        if "deltagate_engine_restarts_total 1.0" in httpx.get(stack.url + "/metrics").text:
+            if httpx.get(stack.url + "/health").json()["engines"]["untied"]:
+                break
+    else:
+        raise AssertionError("engine was not restarted")
+    assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
+    assert completion_outputs(stack.url, "untied-inst") == stack.refs["untied-inst"]
