@@ -111,20 +111,30 @@ def serve(
 
 @app.command()
 def demo(
-    cache_dir: Annotated[Path, typer.Option(help="Where generated demo models are cached")] = Path(
-        ".cache/demo"
-    ),
+    model: Annotated[
+        str, typer.Option(help="smollm2 (real model, default) or pico (tiny, instant)")
+    ] = "smollm2",
+    cache_dir: Annotated[Path, typer.Option(help="Where models and deltas are cached")] = Path(".cache"),
     host: str = "127.0.0.1",
     port: int = 8000,
     state_dir: Path = Path(".deltagate"),
 ) -> None:
-    """Serve a generated tiny model and a delta variant of it (no downloads needed)."""
-    from loaders.demo import prepare_demo
+    """Serve a ready model and a real delta variant of it (first run builds and caches them)."""
+    if model == "smollm2":
+        from training.default import prepare_default
 
-    models = prepare_demo(cache_dir, log=console.print)
+        models = prepare_default(cache_dir, log=console.print)
+        base, variant = f"smollm2={models.base}", f"smollm2-addition={models.delta}"
+    elif model == "pico":
+        from loaders.demo import prepare_demo
+
+        models = prepare_demo(cache_dir / "demo", log=console.print)
+        base, variant = f"pico={models.base}", f"pico-inst={models.delta}"
+    else:
+        raise fail(f"--model {model!r}: choose smollm2 or pico")
     serve(
-        base=[f"pico={models.base}"],
-        variant=[f"pico-inst={models.delta}"],
+        base=[base],
+        variant=[variant],
         engine_url=None,
         host=host,
         port=port,

@@ -1,0 +1,96 @@
+"""Full-parameter supervised fine-tuning on the CPU (no LoRA: ParamΔ deltas are full-parameter).
+
+Loss is on the assistant's answer tokens only. Seeded and reproducible; prints progress.
+The result is a bf16 checkpoint directory in the base's layout, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.tasks import AdditionExample
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 40
+    batch_size: int = 8
+    lr: float = 1e-4
+    seed: int = 0
+    threads: int = 2
+
+
+def _encode(tokenizer, example: AdditionExample) -> tuple[list[int], list[int]]:
+    prompt = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=False)
+    full = prompt + example.answer + "<|im_end|>\n"
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    labels = [-100] * len(p_ids) + ids[len(p_ids) :]
+    return ids, labels
+
+
+def _batch(tokenizer, examples: list[AdditionExample]) -> dict[str, torch.Tensor]:
+    pairs = [_encode(tokenizer, e) for e in examples]
+    width = max(len(ids) for ids, _ in pairs)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.full((len(pairs), width), pad)
+    labels = torch.full((len(pairs), width), -100)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(pairs):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def finetune(base: Path, out: Path, train: list[AdditionExample], cfg: SFTConfig, log=print) -> Path:
+    """Fine-tune `base` on `train` for cfg.steps steps; write the bf16 result to `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        i = (step * cfg.batch_size) % len(train)
+        batch = _batch(tokenizer, (train + train)[i : i + cfg.batch_size])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        log(f"sft step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({elapsed:.0f}s)")
+    return save_like(model, base, out)
+
+
+def save_like(model, base: Path, out: Path) -> Path:
+    """Save `model` as bf16 safetensors with `base`'s config and tokenizer files, atomically."""
+    from safetensors.torch import save_file
+
+    tied = bool(model.config.tie_word_embeddings)
+    state = {
+        k: v.detach().to(torch.bfloat16).contiguous()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, tmp / f.name)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "deltagate_training.json").write_text(json.dumps({"base": str(base)}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
