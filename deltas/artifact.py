@@ -14,6 +14,7 @@ from deltas.checkpoint import tensor_bytes
 from deltas.codecs import get_codec
 from deltas.errors import InvalidArtifactError
 from deltas.manifest import FILE_KEY_PREFIX, MANIFEST_KEY, DeltaManifest, TensorEntry
+from deltas.mix import Delta
 
 
 class DeltaArtifact:
@@ -67,8 +68,8 @@ class DeltaArtifact:
         except Exception as exc:
             raise InvalidArtifactError(f"{self.path}: cannot read tensor {entry.name!r}: {exc}") from exc
 
-    def delta(self, name: str) -> torch.Tensor:
-        """The fp32 delta for tensor `name`."""
+    def delta(self, name: str) -> Delta:
+        """The decoded fp32 delta for tensor `name`."""
         entry = self.manifest.tensor(name)
         return get_codec(entry.encoding).decode(name, self._payload(entry), entry.shape)
 

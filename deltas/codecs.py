@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from deltas.errors import InvalidArtifactError
-from deltas.mix import merge_tensor
+from deltas.mix import Delta, merge_tensor
 
 CORR_IDX = "::corr.idx"
 CORR_VAL = "::corr.val"
@@ -40,7 +40,7 @@ class Codec(ABC):
         """Encode post - base for tensor `name`."""
 
     @abstractmethod
-    def decode(self, name: str, payload: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    def decode(self, name: str, payload: dict[str, torch.Tensor], shape: list[int]) -> Delta:
         """The fp32 delta of tensor `name` from its payload tensors."""
 
     @abstractmethod
@@ -49,46 +49,63 @@ class Codec(ABC):
 
 
 class DenseCodec(Codec):
-    """Delta in the model dtype + exact sparse corrections: lossless on the source base."""
+    """Delta in the model dtype + exact sparse corrections: lossless on the source base.
+
+    Where rounding Δ to the model dtype would change base + Δ, the element's dense value
+    becomes fp32-exact and, if even that cannot rebuild post (cancellation near zero), a
+    second fp32 term is added; both are stored sparsely (int32 index, fp32 values).
+    """
 
     name = "dense"
 
     def encode(self, name: str, base: torch.Tensor, post: torch.Tensor) -> Encoded:
         exact = post.double() - base.double()
         dense = exact.to(post.dtype)
-        recon = merge_tensor(base, [(dense.float(), 1.0)], post.dtype)
+        recon = merge_tensor(base, [(Delta.of(dense.float()), 1.0)], post.dtype)
         idx = (recon != post).flatten().nonzero().flatten()
         payload = {name: dense.contiguous()}
         if idx.numel():
-            vals = _exact_corrections(base.flatten()[idx], post.flatten()[idx], exact.flatten()[idx])
+            b, p = base.flatten()[idx], post.flatten()[idx]
+            first = exact.flatten()[idx].float()
+            second = _exact_second_term(b.float() + first, p)
             idx_dtype = torch.int32 if post.numel() < 2**31 else torch.int64
             payload[name + CORR_IDX] = idx.to(idx_dtype)
-            payload[name + CORR_VAL] = vals
+            payload[name + CORR_VAL] = torch.stack([first, second])
         return Encoded(payload, str(post.dtype).removeprefix("torch."), int(idx.numel()))
 
-    def decode(self, name: str, payload: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    def decode(self, name: str, payload: dict[str, torch.Tensor], shape: list[int]) -> Delta:
         dense = payload[name]
         if list(dense.shape) != list(shape):
             raise InvalidArtifactError(f"tensor {name!r}: payload shape {list(dense.shape)} != {shape}")
         delta = dense.float()
-        if name + CORR_IDX in payload:
-            flat = delta.view(-1)
-            idx = payload[name + CORR_IDX].long()
-            if idx.numel() and (idx.min() < 0 or idx.max() >= flat.numel()):
-                raise InvalidArtifactError(f"tensor {name!r}: correction index out of range")
-            flat[idx] = payload[name + CORR_VAL]
-        return delta
+        if name + CORR_IDX not in payload:
+            return Delta.of(delta)
+        idx, vals = payload[name + CORR_IDX].long(), payload[name + CORR_VAL]
+        if idx.numel() and (idx.min() < 0 or idx.max() >= delta.numel()):
+            raise InvalidArtifactError(f"tensor {name!r}: correction index out of range")
+        if vals.shape != (2, idx.numel()):
+            raise InvalidArtifactError(f"tensor {name!r}: corrections have shape {list(vals.shape)}")
+        delta.view(-1)[idx] = vals[0]
+        second = vals[1]
+        needed = second != 0
+        if not needed.any():
+            return Delta.of(delta)
+        return Delta(delta, idx[needed], second[needed].contiguous())
 
     def payload_keys(self, name: str, corrections: int) -> list[str]:
         return [name, name + CORR_IDX, name + CORR_VAL] if corrections else [name]
 
 
-def _exact_corrections(base: torch.Tensor, post: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """fp32 deltas v with cast(fp32(base) + v) == post, found by nudging one ulp at a time."""
-    vals = exact.float()
-    base32 = base.float()
+def _exact_second_term(partial: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """fp32 values c with cast(partial + c) == post (0 where partial already rounds to post).
+
+    `partial` is the fp32 sum base + first term; post − partial is small, so partial + c
+    is nearly exact, and a few one-ulp nudges fix the rest.
+    """
+    vals = (post.double() - partial.double()).float()
+    vals[partial.to(post.dtype) == post] = 0.0
     for _ in range(_MAX_NUDGES):
-        recon = (base32 + vals).to(post.dtype)
+        recon = (partial + vals).to(post.dtype)
         wrong = recon != post
         if not wrong.any():
             return vals

@@ -5,7 +5,7 @@ import torch
 
 from deltas.codecs import DenseCodec, get_codec
 from deltas.errors import InvalidArtifactError
-from deltas.mix import merge_tensor
+from deltas.mix import Delta, merge_tensor
 
 
 def _pair(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,8 +24,20 @@ def test_dense_roundtrip_is_bit_exact(dtype):
     codec = DenseCodec()
     enc = codec.encode("w", base, post)
     delta = codec.decode("w", enc.payload, list(post.shape))
-    assert delta.dtype == torch.float32
+    assert delta.dense.dtype == torch.float32
     assert torch.equal(merge_tensor(base, [(delta, 1.0)], dtype), post)
+
+
+def test_weights_crossing_zero_are_rebuilt_exactly():
+    """Found on SmolLM2 after SFT: fp32(base) + Δ cancels, and no single fp32 Δ works."""
+    base = torch.tensor([-0.00128173828125, -0.00042724609375, -0.000732421875, 0.5]).bfloat16()
+    post = torch.tensor(
+        [1.2398231774568558e-08, -3.637978807091713e-10, 1.1350493878126144e-09, 0.5]
+    ).bfloat16()
+    enc = DenseCodec().encode("w", base, post)
+    delta = DenseCodec().decode("w", enc.payload, [4])
+    assert delta.extra_idx is not None  # the second term was needed
+    assert torch.equal(merge_tensor(base, [(delta, 1.0)], torch.bfloat16), post)
 
 
 def test_bf16_needs_and_records_corrections():
@@ -56,5 +68,6 @@ def test_merge_linear_matches_manual_fp32():
     base = torch.randn(10, 10, generator=g).bfloat16()
     d1, d2 = torch.randn(10, 10, generator=g), torch.randn(10, 10, generator=g)
     expected = (base.float() + 0.5 * d1 + (-1.25) * d2).bfloat16()
-    assert torch.equal(merge_tensor(base, [(d1, 0.5), (d2, -1.25)], torch.bfloat16), expected)
+    terms = [(Delta.of(d1), 0.5), (Delta.of(d2), -1.25)]
+    assert torch.equal(merge_tensor(base, terms, torch.bfloat16), expected)
     assert torch.equal(merge_tensor(base, [], torch.bfloat16), base)

@@ -1,0 +1,48 @@
+"""Continued pre-training on the CPU: the "updated base" θ′ of the ParamΔ experiment."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.corpora import chunks, python_files
+from training.sft import save_like
+
+
+@dataclass(frozen=True)
+class CPTConfig:
+    steps: int = 60
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 5e-5
+    seed: int = 0
+    threads: int = 2
+
+
+def continue_pretraining(base: Path, out: Path, cfg: CPTConfig, log=print) -> Path:
+    """Next-token training of `base` on Python stdlib source (training split) → `out` (bf16)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    data = chunks(tokenizer, python_files(held_out=False), cfg.seq_len, cfg.steps * cfg.batch_size * 4)
+    random.Random(cfg.seed).shuffle(data)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        i = step * cfg.batch_size
+        batch = torch.tensor(data[i : i + cfg.batch_size])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log(f"cpt step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
+    return save_like(model, base, out)
