@@ -25,6 +25,23 @@ class EngineError(Exception):
     """An engine did not start, died, or refused an operation."""
 
 
+def wait_healthy(
+    url: str, proc: subprocess.Popen | None, timeout: float, what: str, log: Path | None = None
+) -> None:
+    """Poll `url`/health until 200; EngineError if `proc` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise EngineError(f"{what} exited with code {proc.returncode}; see {log or 'its output'}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise EngineError(f"{what} not ready after {timeout:.0f}s; see {log or 'its output'}")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """How to start one engine for one base checkpoint."""
@@ -94,20 +111,7 @@ class EngineProcess:
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         """Block until /health answers; raise EngineError if the process dies or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise EngineError(
-                    f"engine for {self.spec.model} exited with code {self.proc.returncode}; "
-                    f"see {self.spec.log_path or 'its output'}"
-                )
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise EngineError(f"engine for {self.spec.model} not ready after {timeout:.0f}s")
+        wait_healthy(self.url, self.proc, timeout, f"engine for {self.spec.model}", self.spec.log_path)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -147,21 +147,22 @@ def demo(
 
 
 def how_to_call(host: str, port: int, models: list[str], state_dir: Path, keys: bool, given: bool) -> str:
-    """The banner `serve` prints: how to reach each model."""
+    """The banner `serve` prints: how to reach each model, with curl and with the openai client."""
     url = f"http://{host}:{port}"
     auth = ' -H "Authorization: Bearer $KEY"' if keys else ""
-    lines = [f"deltagate starting on {url} (each engine takes about a minute to start)", "models:"]
-    lines += [f"  {m}" for m in models]
-    first = models[-1]
+    lines = [f"deltagate starting on {url} (each engine takes about a minute to start)"]
+    for model in models:
+        lines += [
+            f"model {model}:",
+            f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d "
+            f'\'{{"model": "{model}", "messages": [{{"role": "user", "content": '
+            '"What is the capital of France?"}]}\'',
+        ]
     lines += [
-        "call it:",
-        f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\",
-        f'    -d \'{{"model": "{first}", "messages": [{{"role": "user", '
-        '"content": "What is the capital of France?"}]}\'',
-        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='"
-        + url
-        + f"/v1', api_key='x'); print(c.chat.completions.create(model='{first}', "
-        "messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)\"",
+        "with the openai client:",
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='x'); "
+        f"print(c.chat.completions.create(model='{models[-1]}', messages=[{{'role': 'user', "
+        "'content': 'What is 12 + 30?'}]).choices[0].message.content)\"",
         "admin API (/v1/deltas, /v1/variants, /v1/bases): 'Authorization: Bearer <admin token>', "
         + ("the token you gave" if given else f"the token stored in {state_dir / 'admin_token'}"),
     ]

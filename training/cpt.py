@@ -46,3 +46,20 @@ def continue_pretraining(base: Path, out: Path, cfg: CPTConfig, log=print) -> Pa
         opt.zero_grad(set_to_none=True)
         log(f"cpt step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     return save_like(model, base, out)
+
+
+def main() -> None:
+    """`python -m training.cpt --base DIR -o DIR [--steps N]`: continue pre-training on Python."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Continued pre-training on Python stdlib source (CPU).")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=CPTConfig.steps)
+    parser.add_argument("--seed", type=int, default=CPTConfig.seed)
+    a = parser.parse_args()
+    continue_pretraining(a.base, a.output, CPTConfig(steps=a.steps, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()

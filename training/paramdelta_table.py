@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from deltas.extract import extract_delta
-from loaders.engine import free_port
+from loaders.engine import free_port, wait_healthy
 from training.corpora import chunks, general_files, python_files
 from training.cpt import CPTConfig, continue_pretraining
 from training.default import DEFAULT_SFT, prepare_default
@@ -62,14 +62,7 @@ def serve(paths: dict[str, Path], work: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited; see {work / 'gateway.log'}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
+    wait_healthy(url, proc, 1800, "gateway", work / "gateway.log")
     auth = {"Authorization": f"Bearer {ADMIN}"}
     for name, path in (("sft-delta", paths["delta"]), ("py-sft-delta", paths["updated_delta"])):
         httpx.post(f"{url}/v1/deltas", json={"name": name, "path": str(path)}, headers=auth)

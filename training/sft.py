@@ -94,3 +94,25 @@ def save_like(model, base: Path, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
+
+
+def main() -> None:
+    """`python -m training.sft --base DIR -o DIR [--steps N]`: fine-tune on addition."""
+    import argparse
+
+    from training.tasks import addition_split
+
+    parser = argparse.ArgumentParser(description="Full-parameter SFT on two-digit addition (CPU).")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=SFTConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=SFTConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=SFTConfig.lr)
+    parser.add_argument("--seed", type=int, default=SFTConfig.seed)
+    a = parser.parse_args()
+    cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+    finetune(a.base, a.output, addition_split(2000, seed=a.seed), cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
+from loaders import engine
 from loaders.engine import EngineProcess, EngineSpec, free_port
 
 PROMPTS = ["The capital of France", "def add(a, b):", "Numbers: 1 2 3"]
@@ -122,17 +122,10 @@ def start_gateway(args: list[str], state_dir: Path, port: int, log: Path) -> sub
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"gateway not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
+    try:
+        engine.wait_healthy(url, proc, timeout, "gateway", log)
+    except engine.EngineError as exc:
+        raise RuntimeError(f"{exc}\n{log.read_text()[-4000:]}") from exc
 
 
 def stop_gateway(proc: subprocess.Popen) -> None:
