@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltas.artifact import open_artifact
+from deltas.checkpoint import Checkpoint
 from deltas.recipe import DeltaTerm, Recipe
 from loaders.engine import EngineClient, EngineProcess, EngineSpec
 from loaders.merge import check_recipe
@@ -53,6 +54,7 @@ class Gateway:
         self.slots: dict[str, WeightSlot] = {}
         self._engine_urls: dict[str, str] = {}
         self._supervisor: asyncio.Task | None = None
+        self._base_eos: dict[str, set[int]] = {}
 
     # lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -105,6 +107,7 @@ class Gateway:
         if current is not None:
             resident = Recipe.model_validate_json(current)
         self.slots[base.name] = WeightSlot(client, resident, on_swap=self.metrics.observe_swap)
+        self._base_eos[base.name] = set(_eos_ids(Checkpoint(base.path).generation_config()))
 
     async def _supervise(self) -> None:
         """Restart managed engines that exit; a restarted engine holds its plain base again."""
@@ -143,13 +146,15 @@ class Gateway:
         terms, template, eos = [], None, []
         for term in variant.deltas:
             record = self.registry.delta(term.delta)
-            if file_identity(record.path) != (record.size_bytes, record.mtime_ns):
+            if _identity_or_none(record.path) != (record.size_bytes, record.mtime_ns):
                 raise ConflictError(
-                    f"delta {record.name!r}: {record.path} changed since it was registered; register it again"
+                    f"delta {record.name!r}: {record.path} is missing or changed since it was registered; "
+                    "register it again"
                 )
             terms.append(DeltaTerm(path=record.path, alpha=term.alpha))
             template = template or record.chat_template
-            eos += [e for e in record.eos_token_ids if e not in eos]
+            # the post model's end-of-turn tokens, where the base would not stop on them
+            eos += [e for e in record.eos_token_ids if e not in eos and e not in self._base_eos[base.name]]
         slot = self.slots.get(base.name)
         if slot is None:
             raise NotFoundError(f"base {base.name!r} has no running engine")
@@ -251,11 +256,22 @@ def _require_name(name: str) -> None:
         raise BadRequestError(f"invalid name {name!r}: {exc}") from None
 
 
+def _eos_ids(generation_config: dict) -> list[int]:
+    eos = generation_config.get("eos_token_id")
+    return [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
+
+
+def _identity_or_none(path: str) -> tuple[int, int] | None:
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
+
+
 def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
     artifact = open_artifact(path, verify=True)
     m = artifact.manifest
-    eos = m.generation_config.get("eos_token_id")
-    eos_ids = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
+    eos_ids = _eos_ids(m.generation_config)
     size, mtime = file_identity(path)
     return DeltaRecord(
         name=name,

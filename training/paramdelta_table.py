@@ -84,13 +84,15 @@ ROWS = [
 ]
 
 
-def measure(url: str, tokenizer_dir: Path, n_task: int, n_windows: int, log=print) -> list[tuple]:
+def measure(
+    url: str, tokenizer_dir: Path, n_task: int, n_windows: int, window: int, log=print
+) -> list[tuple]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     held = addition_split(n_task, seed=1234, held_out=True)
-    code = chunks(tok, python_files(held_out=True), 256, n_windows)
-    general = chunks(tok, general_files(), 256, n_windows)
+    code = chunks(tok, python_files(held_out=True), window, n_windows)
+    general = chunks(tok, general_files(), window, n_windows)
     rows = []
     for label, model in ROWS:
         start = time.perf_counter()
@@ -102,10 +104,10 @@ def measure(url: str, tokenizer_dir: Path, n_task: int, n_windows: int, log=prin
     return rows
 
 
-def to_markdown(rows: list[tuple], n_task: int, n_windows: int) -> str:
+def to_markdown(rows: list[tuple], n_task: int, n_windows: int, window: int) -> str:
     lines = [
         f"| model | served as | addition exact match (n={n_task}) | Python ppl (held-out, "
-        f"{n_windows}×256 tok) | general ppl (licenses, {n_windows}×256 tok) |",
+        f"{n_windows}×{window} tok) | general ppl (licenses, {n_windows}×{window} tok) |",
         "|---|---|---|---|---|",
     ]
     for label, model, acc, pc, pg in rows:
@@ -118,19 +120,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    parser.add_argument("--tasks", type=int, default=200)
-    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--tasks", type=int, default=60, help="held-out addition problems")
+    parser.add_argument("--windows", type=int, default=10, help="held-out text windows per corpus")
+    parser.add_argument("--window-len", type=int, default=128, help="tokens per window")
     args = parser.parse_args()
     paths = build(args.cache)
     work = args.cache / "paramdelta-gateway"
     work.mkdir(parents=True, exist_ok=True)
     proc, url = serve(paths, work)
     try:
-        rows = measure(url, paths["base"], args.tasks, args.windows)
+        rows = measure(url, paths["base"], args.tasks, args.windows, args.window_len)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
-    print(to_markdown(rows, args.tasks, args.windows))
+    print(to_markdown(rows, args.tasks, args.windows, args.window_len))
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def test_artifact_changed_after_registration_is_refused(stack, resident, tied, t
     shutil.copy(tied.delta2, path)
     os.utime(path, ns=(0, 0))
     r = httpx.post(f"{stack.url}/v1/completions", json={"model": "moving-v", "prompt": "x", "max_tokens": 2})
-    assert "changed since it was registered" in _error(r, 409)
+    assert "missing or changed since it was registered" in _error(r, 409)
 
 
 def test_failed_swap_in_engine_keeps_previous_weights(stack, resident, tied, tmp_path):
