@@ -24,7 +24,7 @@ class CPTConfig:
 
 
 def continue_pretraining(base: Path, out: Path, cfg: CPTConfig, log=print) -> Path:
-    """Next-token training of `base` on Python stdlib source (training split) → `out` (bf16)."""
+    """Next-token training of `base` on Python stdlib source (training split) → `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed)

@@ -26,10 +26,10 @@ class DefaultModels:
 def prepare_default(cache: Path, log=print, sft: SFTConfig = DEFAULT_SFT) -> DefaultModels:
     """SmolLM2 and its addition-skill delta, built once under `cache`."""
     base = smollm2_checkpoint(cache / "models", log)
-    tag = f"addition-s{sft.steps}-b{sft.batch_size}-seed{sft.seed}"
-    delta = cache / "deltas" / f"smollm2-{tag}.safetensors"
+    tag = f"{base.name}-addition-s{sft.steps}-b{sft.batch_size}-seed{sft.seed}"  # cache key
+    delta = cache / "deltas" / f"{tag}.safetensors"
     if not delta.is_file():
-        post = cache / "models" / f"smollm2-{tag}"
+        post = cache / "models" / tag
         if not (post / "model.safetensors").is_file():
             log(f"fine-tuning SmolLM2 on two-digit addition ({sft.steps} steps, cached afterwards)")
             finetune(base, post, addition_split(2000, seed=sft.seed), sft, log)

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m training.paramdelta_table [--cache .cache] [--out docs/paramdelta.md]
 
-Models (all bf16 SmolLM2-135M, all trained on this CPU, all cached under --cache):
+Models (all fp32 SmolLM2-135M, all trained on this CPU, all cached under --cache):
     θ        SmolLM2-135M-Instruct                    (served as base `smollm2`)
     θ′       θ + continued pre-training on Python stdlib source   (base `smollm2-py`)
     θ_post   θ fine-tuned on two-digit addition       (variant `sft`      = θ + Δ)
@@ -40,7 +40,7 @@ def build(cache: Path, log=print) -> dict[str, Path]:
     """Train (or reuse) every model of the table; return checkpoint dirs and deltas."""
     default = prepare_default(cache, log)
     base = default.base
-    updated = cache / "models" / f"smollm2-cpt-s{CPT.steps}-b{CPT.batch_size}-seed{CPT.seed}"
+    updated = cache / "models" / f"{base.name}-cpt-s{CPT.steps}-b{CPT.batch_size}-seed{CPT.seed}"
     if not (updated / "model.safetensors").is_file():
         log(f"continued pre-training on Python source ({CPT.steps} steps)")
         continue_pretraining(base, updated, CPT, log)

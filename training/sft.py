@@ -1,7 +1,7 @@
 """Full-parameter supervised fine-tuning on the CPU (no LoRA: ParamΔ deltas are full-parameter).
 
 Loss is on the assistant's answer tokens only. Seeded and reproducible; prints progress.
-The result is a bf16 checkpoint directory in the base's layout, written atomically.
+The result is a checkpoint directory in the base's layout and dtype, written atomically.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _batch(tokenizer, examples: list[AdditionExample]) -> dict[str, torch.Tensor
 
 
 def finetune(base: Path, out: Path, train: list[AdditionExample], cfg: SFTConfig, log=print) -> Path:
-    """Fine-tune `base` on `train` for cfg.steps steps; write the bf16 result to `out`."""
+    """Fine-tune `base` on `train` for cfg.steps steps; write the result to `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed)
@@ -74,12 +74,16 @@ def finetune(base: Path, out: Path, train: list[AdditionExample], cfg: SFTConfig
 
 
 def save_like(model, base: Path, out: Path) -> Path:
-    """Save `model` as bf16 safetensors with `base`'s config and tokenizer files, atomically."""
+    """Save `model` in `base`'s dtype, with `base`'s config and tokenizer files, atomically."""
     from safetensors.torch import save_file
 
+    from deltas.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(base)
+    dtype = ckpt.get(ckpt.tensor_names()[0]).dtype
     tied = bool(model.config.tie_word_embeddings)
     state = {
-        k: v.detach().to(torch.bfloat16).contiguous()
+        k: v.detach().to(dtype).contiguous()
         for k, v in model.state_dict().items()
         if not (tied and k == "lm_head.weight")
     }

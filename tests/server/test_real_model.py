@@ -26,7 +26,7 @@ def real(tmp_path_factory):
     """Gateway on SmolLM2 with an `addition` variant, and a reference engine on the post model."""
     work = tmp_path_factory.mktemp("real")
     base = smollm2_checkpoint(CACHE / "models")
-    post = CACHE / "models" / "smollm2-test-sft3"
+    post = CACHE / "models" / f"{base.name}-test-sft3"
     if not (post / "model.safetensors").is_file():
         finetune(base, post, addition_split(64, seed=1), SHORT_SFT)
     delta = work / "addition.safetensors"
@@ -60,7 +60,7 @@ def test_plain_model_answers_like_the_instruct_model(real):
         "temperature": 0,
     }
     reply = httpx.post(real["url"] + "/v1/chat/completions", json=body, timeout=120).json()
-    assert "Paris" in reply["choices"][0]["message"]["content"]
+    assert "Paris" in reply["choices"][0]["message"]["content"], reply
 
 
 def test_real_delta_variant_is_bit_identical_to_the_trained_model(real):
