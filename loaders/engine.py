@@ -6,6 +6,7 @@ open to anyone who reaches its port, so managed engines bind to loopback only.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -61,6 +62,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def checkpoint_dtype(model_dir: str) -> str | None:
+    """The dtype a checkpoint was saved in, from its config (None if not stated)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
 def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> list[str]:
     """The command line of a stock vLLM OpenAI server for `spec`."""
     cmd = [
@@ -76,6 +87,11 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
     ]  # fmt: skip
     if spec.max_model_len:
         cmd += ["--max-model-len", str(spec.max_model_len)]
+    # vLLM's "auto" dtype downcasts fp32 checkpoints to 16 bits; serve the weights as stored
+    # (measured: SmolLM2 fp32 downcast answers "L'Étoile…" instead of "Paris").
+    dtype = checkpoint_dtype(spec.model)
+    if dtype and "--dtype" not in spec.extra_args:
+        cmd += ["--dtype", dtype]
     if with_extension:
         cmd += ["--worker-extension-cls", EXTENSION_CLS]
     return cmd + list(spec.extra_args)
