@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from training.corpora import chunks, python_files
-from training.sft import save_like
+from training.sft import save_like, train_steps
 
 
 @dataclass(frozen=True)
@@ -33,18 +32,14 @@ def continue_pretraining(base: Path, out: Path, cfg: CPTConfig, log=print) -> Pa
     data = chunks(tokenizer, python_files(held_out=False), cfg.seq_len, cfg.steps * cfg.batch_size * 4)
     random.Random(cfg.seed).shuffle(data)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        i = step * cfg.batch_size
-        batch = torch.tensor(data[i : i + cfg.batch_size])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log(f"cpt step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
+    batches = (
+        {"input_ids": t, "labels": t}
+        for t in (
+            torch.tensor(data[i : i + cfg.batch_size])
+            for i in range(0, cfg.steps * cfg.batch_size, cfg.batch_size)
+        )
+    )
+    train_steps(model, batches, cfg.steps, cfg.lr, "cpt", log)
     return save_like(model, base, out)
 
 

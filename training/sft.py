@@ -57,20 +57,26 @@ def finetune(base: Path, out: Path, train: list[AdditionExample], cfg: SFTConfig
     torch.set_num_threads(cfg.threads)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    batches = (
+        _batch(tokenizer, (train + train)[i : i + cfg.batch_size])
+        for i in ((step * cfg.batch_size) % len(train) for step in range(cfg.steps))
+    )
+    train_steps(model, batches, cfg.steps, cfg.lr, "sft", log)
+    return save_like(model, base, out)
+
+
+def train_steps(model, batches, steps: int, lr: float, tag: str, log=print) -> None:
+    """AdamW on `model` over `steps` batches (dicts of model kwargs with labels), clipping at 1.0."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     start = time.perf_counter()
-    for step in range(cfg.steps):
-        i = (step * cfg.batch_size) % len(train)
-        batch = _batch(tokenizer, (train + train)[i : i + cfg.batch_size])
+    for step, batch in zip(range(steps), batches, strict=False):
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        log(f"sft step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({elapsed:.0f}s)")
-    return save_like(model, base, out)
+        log(f"{tag} step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
 
 
 def save_like(model, base: Path, out: Path) -> Path:
