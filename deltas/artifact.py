@@ -40,6 +40,7 @@ class DeltaArtifact:
         except ValidationError as exc:
             raise InvalidArtifactError(f"{self.path}: invalid manifest: {exc}") from exc
         self._metadata = metadata
+        self._entries = {t.name: t for t in self.manifest.tensors}  # swaps look up every tensor
         self._check_keys()
 
     def _check_keys(self) -> None:
@@ -51,7 +52,10 @@ class DeltaArtifact:
 
     @property
     def tensor_names(self) -> list[str]:
-        return [t.name for t in self.manifest.tensors]
+        return list(self._entries)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._entries
 
     def side_files(self) -> dict[str, str]:
         """Post-model side files (tokenizer, generation config, ...) by file name."""
@@ -70,7 +74,10 @@ class DeltaArtifact:
 
     def delta(self, name: str) -> Delta:
         """The decoded fp32 delta for tensor `name`."""
-        entry = self.manifest.tensor(name)
+        try:
+            entry = self._entries[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in this delta") from None
         return get_codec(entry.encoding).decode(name, self._payload(entry), entry.shape)
 
     def verify(self) -> None:

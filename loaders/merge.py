@@ -42,7 +42,7 @@ def merged_tensors(recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
     artifacts = [(DeltaArtifact(t.path), t.alpha) for t in recipe.deltas]
     for name in base.tensor_names():
         tensor = base.get(name)
-        terms = [(a.delta(name), alpha) for a, alpha in artifacts if name in a.tensor_names]
+        terms = [(a.delta(name), alpha) for a, alpha in artifacts if a.has_tensor(name)]
         yield name, merge_tensor(tensor, terms, tensor.dtype) if terms else tensor
 
 
