@@ -11,8 +11,9 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from deltas.checkpoint import tensor_bytes
-from deltas.codecs import get_codec
-from deltas.errors import InvalidArtifactError
+from deltas.codecs import Codec, get_codec
+from deltas.codecs import zstd as zstd_layer
+from deltas.errors import CodecError, InvalidArtifactError
 from deltas.manifest import FILE_KEY_PREFIX, MANIFEST_KEY, DeltaManifest, TensorEntry
 from deltas.mix import Delta
 
@@ -41,12 +42,24 @@ class DeltaArtifact:
             raise InvalidArtifactError(f"{self.path}: invalid manifest: {exc}") from exc
         self._metadata = metadata
         self._entries = {t.name: t for t in self.manifest.tensors}  # swaps look up every tensor
+        self._codecs = {t.name: self._codec_of(t) for t in self.manifest.tensors}
         self._check_keys()
+
+    def _codec_of(self, entry: TensorEntry) -> Codec:
+        try:
+            return get_codec(entry.encoding, entry.params)
+        except CodecError as exc:
+            raise InvalidArtifactError(f"{self.path}: tensor {entry.name!r}: {exc}") from None
+
+    def _stored_keys(self, entry: TensorEntry) -> list[str]:
+        if entry.compression == "zstd":
+            return [entry.name + zstd_layer.SUFFIX]
+        return [entry.name + s for s in self._codecs[entry.name].suffixes(entry.corrections)]
 
     def _check_keys(self) -> None:
         keys = set(self._handle.keys())
         for entry in self.manifest.tensors:
-            for key in get_codec(entry.encoding).payload_keys(entry.name, entry.corrections):
+            for key in self._stored_keys(entry):
                 if key not in keys:
                     raise InvalidArtifactError(f"{self.path}: payload {key!r} missing")
 
@@ -65,25 +78,43 @@ class DeltaArtifact:
             if key.startswith(FILE_KEY_PREFIX)
         }
 
-    def _payload(self, entry: TensorEntry) -> dict[str, torch.Tensor]:
-        keys = get_codec(entry.encoding).payload_keys(entry.name, entry.corrections)
+    def _stored(self, entry: TensorEntry) -> dict[str, torch.Tensor]:
         try:
-            return {k: self._handle.get_tensor(k) for k in keys}
+            return {k: self._handle.get_tensor(k) for k in self._stored_keys(entry)}
         except Exception as exc:
             raise InvalidArtifactError(f"{self.path}: cannot read tensor {entry.name!r}: {exc}") from exc
 
-    def delta(self, name: str) -> Delta:
-        """The decoded fp32 delta for tensor `name`."""
+    def entry(self, name: str) -> TensorEntry:
+        """The manifest entry of tensor `name`."""
         try:
-            entry = self._entries[name]
+            return self._entries[name]
         except KeyError:
             raise KeyError(f"tensor {name!r} is not in this delta") from None
-        return get_codec(entry.encoding).decode(name, self._payload(entry), entry.shape)
+
+    def payload(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensor `name`'s codec payload keyed by suffix (zstd already undone)."""
+        entry = self.entry(name)
+        stored = self._stored(entry)
+        try:
+            if entry.compression == "zstd":
+                suffixes = self._codecs[name].suffixes(entry.corrections)
+                return zstd_layer.decompress_payload(stored[name + zstd_layer.SUFFIX], suffixes)
+            return {key.removeprefix(name): tensor for key, tensor in stored.items()}
+        except InvalidArtifactError as exc:
+            raise InvalidArtifactError(f"{self.path}: tensor {name!r}: {exc}") from None
+
+    def delta(self, name: str) -> Delta:
+        """The decoded fp32 delta for tensor `name`."""
+        entry = self.entry(name)
+        try:
+            return self._codecs[name].decode(self.payload(name), entry.shape)
+        except InvalidArtifactError as exc:
+            raise InvalidArtifactError(f"{self.path}: tensor {name!r} ({entry.encoding}): {exc}") from None
 
     def verify(self) -> None:
         """Check every payload against its recorded hash and for NaN/Inf; raise if not."""
         for entry in self.manifest.tensors:
-            payload = self._payload(entry)
+            payload = self._stored(entry)
             if payload_sha256(payload) != entry.sha256:
                 raise InvalidArtifactError(
                     f"{self.path}: tensor {entry.name!r} does not match its checksum; the file is corrupt"
@@ -91,6 +122,7 @@ class DeltaArtifact:
             for key, tensor in payload.items():
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise InvalidArtifactError(f"{self.path}: tensor {key!r} holds NaN or Inf")
+            self.delta(entry.name)  # decodes: payload sizes agree with the manifest
 
     def summary(self) -> dict:
         """Manifest as JSON-able dict (without per-tensor entries) for listings."""
@@ -102,6 +134,8 @@ class DeltaArtifact:
             "post": m.post.model_dump(),
             "tensors": len(m.tensors),
             "corrections": m.total_corrections,
+            "encodings": sorted({t.encoding for t in m.tensors}),
+            "lossless": m.lossless,
             "tool_version": m.tool_version,
             "created_at": m.created_at,
         }

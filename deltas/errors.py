@@ -11,3 +11,7 @@ class InvalidArtifactError(DeltaError):
 
 class IncompatibleError(DeltaError):
     """Two models, or a delta and a base, do not fit together (architecture, names, shapes)."""
+
+
+class CodecError(DeltaError):
+    """An unknown codec or bad codec parameters (in a CLI spec, a recipe or a manifest)."""

@@ -30,15 +30,20 @@ class TensorEntry(BaseModel):
     name: str
     shape: list[int]
     dtype: str = Field(description="the model's dtype for this tensor")
-    encoding: Literal["dense"] = "dense"
+    encoding: str = Field("dense", description="codec name (deltas.codecs)")
+    params: dict[str, int | float | str] = Field(default_factory=dict, description="codec parameters")
+    compression: Literal["none", "zstd"] = "none"
     storage_dtype: str
     corrections: int = Field(ge=0, description="elements stored exactly beside the dense part")
     sha256: str = Field(description="sha256 of the stored payload tensors, in key order")
+    rel_error: float = Field(
+        0.0, ge=0, description="‖decoded − exact Δ‖ / ‖exact Δ‖ (0: lossless on its base)"
+    )
     delta_l2: float
     delta_max_abs: float
     base_l2: float
 
-    @field_validator("delta_l2", "delta_max_abs", "base_l2")
+    @field_validator("delta_l2", "delta_max_abs", "base_l2", "rel_error")
     @classmethod
     def _finite(cls, value: float) -> float:
         if value != value or value in (float("inf"), float("-inf")):
@@ -85,6 +90,11 @@ class DeltaManifest(BaseModel):
             if entry.name == name:
                 return entry
         raise KeyError(f"tensor {name!r} is not in this delta")
+
+    @property
+    def lossless(self) -> bool:
+        """Every tensor rebuilds its post-trained weights exactly on the source base."""
+        return all(t.encoding == "dense" for t in self.tensors)
 
     @property
     def total_corrections(self) -> int:

@@ -29,6 +29,14 @@ class Delta:
     def of(cls, dense: torch.Tensor) -> Delta:
         return cls(dense)
 
+    def full(self) -> torch.Tensor:
+        """One fp32 tensor (the sparse term folded in; exact to fp32 rounding, not to the bit)."""
+        if self.extra_idx is None:
+            return self.dense
+        out = self.dense.clone()
+        out.view(-1)[self.extra_idx] += self.extra_val
+        return out
+
 
 def merge_tensor(
     base: torch.Tensor, deltas: Sequence[tuple[Delta, float]], out_dtype: torch.dtype

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from deltas.codecs import DenseCodec, get_codec
-from deltas.errors import InvalidArtifactError
+from deltas.codecs import DenseCodec, TensorSource, get_codec
+from deltas.errors import CodecError, InvalidArtifactError
 from deltas.mix import Delta, merge_tensor
 
 
@@ -18,12 +18,16 @@ def _pair(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return base.to(dtype), post.to(dtype)
 
 
+def _src(base: torch.Tensor, post: torch.Tensor) -> TensorSource:
+    return TensorSource("w", (post.double() - base.double()).float(), base, post)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dense_roundtrip_is_bit_exact(dtype):
     base, post = _pair(dtype)
     codec = DenseCodec()
-    enc = codec.encode("w", base, post)
-    delta = codec.decode("w", enc.payload, list(post.shape))
+    enc = codec.encode(_src(base, post))
+    delta = codec.decode(enc.payload, list(post.shape))
     assert delta.dense.dtype == torch.float32
     assert torch.equal(merge_tensor(base, [(delta, 1.0)], dtype), post)
 
@@ -34,32 +38,32 @@ def test_weights_crossing_zero_are_rebuilt_exactly():
     post = torch.tensor(
         [1.2398231774568558e-08, -3.637978807091713e-10, 1.1350493878126144e-09, 0.5]
     ).bfloat16()
-    enc = DenseCodec().encode("w", base, post)
-    delta = DenseCodec().decode("w", enc.payload, [4])
+    enc = DenseCodec().encode(_src(base, post))
+    delta = DenseCodec().decode(enc.payload, [4])
     assert delta.extra_idx is not None  # the second term was needed
     assert torch.equal(merge_tensor(base, [(delta, 1.0)], torch.bfloat16), post)
 
 
 def test_bf16_needs_and_records_corrections():
     base, post = _pair(torch.bfloat16, seed=3)
-    enc = DenseCodec().encode("w", base, post)
+    enc = DenseCodec().encode(_src(base, post))
     assert enc.corrections > 0  # bf16(post - base) alone cannot rebuild post here
-    assert enc.payload["w::corr.idx"].numel() == enc.corrections
+    assert enc.payload["::corr.idx"].numel() == enc.corrections
     assert enc.storage_dtype == "bfloat16"
 
 
 def test_decode_rejects_out_of_range_correction():
     base, post = _pair(torch.bfloat16, seed=3)
-    enc = DenseCodec().encode("w", base, post)
+    enc = DenseCodec().encode(_src(base, post))
     payload = dict(enc.payload)
-    payload["w::corr.idx"] = payload["w::corr.idx"].clone()
-    payload["w::corr.idx"][0] = post.numel() + 5
+    payload["::corr.idx"] = payload["::corr.idx"].clone()
+    payload["::corr.idx"][0] = post.numel() + 5
     with pytest.raises(InvalidArtifactError, match="out of range"):
-        DenseCodec().decode("w", payload, list(post.shape))
+        DenseCodec().decode(payload, list(post.shape))
 
 
 def test_unknown_codec_is_named():
-    with pytest.raises(InvalidArtifactError, match="unknown codec 'zip'"):
+    with pytest.raises(CodecError, match="unknown codec 'zip'"):
         get_codec("zip")
 
 
