@@ -1,32 +1,122 @@
-"""A variant recipe: which base, which deltas with which coefficients."""
+"""A variant recipe: which base, which deltas with which coefficients, merged how.
+
+`RecipeFile` is the YAML form, in the spirit of mergekit's merge configs:
+
+    merge_method: ties            # linear (default) | ties | dare_linear | dare_ties
+    base_model: /models/base      # a directory (or, for the gateway, a base name)
+    parameters: {normalize: true} # optional, method-wide
+    seed: 0                       # dare_* only
+    deltas:
+      - delta: math.safetensors   # a path (or, for the gateway, a registered delta name)
+        parameters: {weight: 0.7, density: 0.5}
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deltas.errors import DeltaError
+from deltas.merge_methods import MergeMethod, get_method
+
+MethodName = Literal["linear", "ties", "dare_linear", "dare_ties"]
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("alpha must be a finite number")
+    return value
 
 
 class DeltaTerm(BaseModel):
-    """One αᵢ·Δᵢ term: an artifact path and its coefficient."""
+    """One αᵢ·Δᵢ term: an artifact path, its coefficient and (TIES/DARE) density."""
 
     path: str
     alpha: float = 1.0
+    density: float = Field(1.0, gt=0, le=1, description="fraction of entries kept by ties/dare_*")
 
-    @field_validator("alpha")
-    @classmethod
-    def _finite_alpha(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("alpha must be a finite number")
-        return value
+    _finite_alpha = field_validator("alpha")(_finite)
 
 
 class Recipe(BaseModel):
-    """θ = base + Σ αᵢ·Δᵢ, with paths the engine's workers can read."""
+    """θ = base + merge(Δ₁..Δₙ), with paths the engine's workers can read."""
 
     base: str
     deltas: list[DeltaTerm] = Field(default_factory=list)
+    method: MethodName = "linear"
+    normalize: bool | None = Field(None, description="None: the method's default (ties: true)")
+    seed: int = Field(0, ge=0, description="seed of dare_* random drops")
 
     def key(self) -> str:
         """A stable identity of the weights this recipe produces."""
         return self.model_dump_json()
+
+    def merge_method(self) -> MergeMethod:
+        return get_method(self.method, normalize=self.normalize, seed=self.seed)
+
+
+class TermParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = 1.0
+    density: float = Field(1.0, gt=0, le=1)
+
+    _finite_weight = field_validator("weight")(_finite)
+
+
+class FileTerm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    delta: str
+    parameters: TermParameters = Field(default_factory=TermParameters)
+
+
+class MethodParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    normalize: bool | None = None
+
+
+class RecipeFile(BaseModel):
+    """The YAML recipe (see the module docstring). `name` names the variant when served."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    merge_method: MethodName = "linear"
+    base_model: str | None = None
+    parameters: MethodParameters = Field(default_factory=MethodParameters)
+    seed: int = Field(0, ge=0)
+    deltas: list[FileTerm] = Field(min_length=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RecipeFile:
+        """Parse and validate a YAML recipe; DeltaError naming the file and field otherwise."""
+        try:
+            return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        except (OSError, yaml.YAMLError) as exc:
+            raise DeltaError(f"recipe {path}: {exc}") from None
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise DeltaError(f"recipe {path}: {problems}") from None
+
+    def to_recipe(self, base: str | None = None, relative_to: Path | None = None) -> Recipe:
+        """The Recipe with delta paths resolved against `relative_to` (the YAML's folder)."""
+        base = base or self.base_model
+        if base is None:
+            raise DeltaError("recipe has no base_model and none was given")
+
+        def resolve(p: str) -> str:
+            path = Path(p).expanduser()
+            return str(path if path.is_absolute() or relative_to is None else relative_to / path)
+
+        return Recipe(
+            base=resolve(base),
+            deltas=[
+                DeltaTerm(path=resolve(t.delta), alpha=t.parameters.weight, density=t.parameters.density)
+                for t in self.deltas
+            ],
+            method=self.merge_method,
+            normalize=self.parameters.normalize,
+            seed=self.seed,
+        )

@@ -11,6 +11,7 @@ import torch
 from deltas.artifact import DeltaArtifact
 from deltas.checkpoint import Checkpoint
 from deltas.errors import IncompatibleError
+from deltas.merge_methods import MergeTerm
 from deltas.mix import merge_tensor
 from deltas.recipe import Recipe
 from deltas.stream_writer import StreamingSafetensorsWriter
@@ -37,13 +38,17 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def merged_tensors(recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, base + Σ α·Δ) for every base tensor, sorted so layers stay together."""
+    """Yield (name, base + merge(Δ…)) for every base tensor, sorted so layers stay together."""
     base = Checkpoint(recipe.base)
-    artifacts = [(DeltaArtifact(t.path), t.alpha) for t in recipe.deltas]
+    method = recipe.merge_method()
+    artifacts = [(DeltaArtifact(t.path), t) for t in recipe.deltas]
     for name in base.tensor_names():
         tensor = base.get(name)
-        terms = [(a.delta(name), alpha) for a, alpha in artifacts if a.has_tensor(name)]
-        yield name, merge_tensor(tensor, terms, tensor.dtype) if terms else tensor
+        terms = [MergeTerm(a.delta(name), t.alpha, t.density) for a, t in artifacts if a.has_tensor(name)]
+        if not terms:
+            yield name, tensor
+            continue
+        yield name, merge_tensor(tensor, method.combine(name, terms), tensor.dtype)
 
 
 def write_merged_checkpoint(recipe: Recipe, out: str | Path) -> Path:
