@@ -12,7 +12,7 @@ from deltas.build import ArtifactBuilder
 from deltas.codecs import Encoded, TensorSource
 from deltas.codecs.plan import CodecPlan
 from deltas.errors import CodecError
-from deltas.extract import ExtractReport, Importance, Progress, report_for
+from deltas.extract import ExtractReport, Gradients, Progress, report_for
 
 
 def compress_artifact(
@@ -20,7 +20,7 @@ def compress_artifact(
     out: str | Path,
     plan: CodecPlan,
     *,
-    importance: Importance | None = None,
+    gradients: Gradients | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Write `source`'s delta re-encoded per `plan`; exact tensors the plan keeps exact are copied."""
@@ -30,12 +30,13 @@ def compress_artifact(
     m = src_art.manifest
     builder = ArtifactBuilder(out, plan)
     try:
-        for i, entry in enumerate(m.tensors):
+        entries = [e for e in m.tensors if not plan.excludes(e.name)]
+        for i, entry in enumerate(entries):
             if progress:
-                progress(entry.name, i, len(m.tensors))
+                progress(entry.name, i, len(entries))
             codec = plan.codec_for(entry.name, entry.shape)
             delta = src_art.delta(entry.name).full().reshape(entry.shape)
-            src = TensorSource(entry.name, delta, importance=importance(entry.name) if importance else None)
+            src = TensorSource(entry.name, delta, gradient=gradients(entry.name) if gradients else None)
             if codec.lossless:
                 if entry.encoding != codec.name:
                     raise CodecError(

@@ -21,7 +21,7 @@ from deltas.manifest import ModelIdentity
 from deltas.mix import merge_tensor
 
 Progress = Callable[[str, int, int], None]  # (tensor name, index, total)
-Importance = Callable[[str], torch.Tensor | None]  # tensor name -> per-element scores
+Gradients = Callable[[str], torch.Tensor | None]  # tensor name -> ∇L on calibration data
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def extract_delta(
     out: str | Path,
     *,
     plan: CodecPlan | None = None,
-    importance: Importance | None = None,
+    gradients: Gradients | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Write post − base to `out` atomically, encoded per `plan` (default: exact), and verify it."""
@@ -62,9 +62,11 @@ def extract_delta(
             _require_finite(name, b, "base")
             _require_finite(name, p, "post")
             tensor_digest(base_hash, name, b)
-            tensor_digest(post_hash, name, p)
+            tensor_digest(post_hash, name, p)  # over every tensor: the identity of the whole model
+            if builder.plan.excludes(name):
+                continue
             delta = (p.double() - b.double()).float()
-            src = TensorSource(name, delta, b, p, importance(name) if importance else None)
+            src = TensorSource(name, delta, b, p, gradients(name) if gradients else None)
             builder.add(src, dtype=p.dtype, base_l2=float(b.double().norm()))
         size = builder.finish(
             base=_identity(base, base_hash.hexdigest()),

@@ -151,14 +151,14 @@ class Gateway:
                     f"delta {record.name!r}: {record.path} is missing or changed since it was registered; "
                     "register it again"
                 )
-            terms.append(DeltaTerm(path=record.path, alpha=term.alpha))
+            terms.append(DeltaTerm(path=record.path, alpha=term.alpha, density=term.density))
             template = template or record.chat_template
             # the post model's end-of-turn tokens, where the base would not stop on them
             eos += [e for e in record.eos_token_ids if e not in eos and e not in self._base_eos[base.name]]
         slot = self.slots.get(base.name)
         if slot is None:
             raise NotFoundError(f"base {base.name!r} has no running engine")
-        return Resolved(variant, Recipe(base=base.path, deltas=terms), slot, template, eos)
+        return Resolved(variant, _recipe(variant, base.path, terms), slot, template, eos)
 
     def model_names(self) -> list[str]:
         return self.registry.model_names()
@@ -203,17 +203,16 @@ class Gateway:
             Path(record.path).unlink(missing_ok=True)
 
     # variants ----------------------------------------------------------
-    async def define_variant(self, name: str, base: str, terms: list[VariantTerm]) -> VariantRecord:
+    async def define_variant(self, record: VariantRecord) -> VariantRecord:
         """Validate that the deltas fit the base, then register the variant."""
-        record = VariantRecord(name=name, base=base, deltas=terms)
-        base_record = self.registry.base(base)
-        if name in self.registry.state.variants or name in self.registry.state.bases:
-            raise ConflictError(f"model name {name!r} is taken")
-        recipe = Recipe(
-            base=base_record.path,
-            deltas=[DeltaTerm(path=self.registry.delta(t.delta).path, alpha=t.alpha) for t in terms],
-        )
-        await asyncio.to_thread(check_recipe, recipe)
+        base_record = self.registry.base(record.base)
+        if record.name in self.registry.state.variants or record.name in self.registry.state.bases:
+            raise ConflictError(f"model name {record.name!r} is taken")
+        terms = [
+            DeltaTerm(path=self.registry.delta(t.delta).path, alpha=t.alpha, density=t.density)
+            for t in record.deltas
+        ]
+        await asyncio.to_thread(check_recipe, _recipe(record, base_record.path, terms))
         self.registry.add_variant(record)
         return record
 
@@ -221,14 +220,22 @@ class Gateway:
         """Define a command-line variant, registering artifact paths as deltas on the way."""
         terms = []
         for term in spec.terms:
-            terms.append(VariantTerm(delta=await self._delta_for_ref(term.ref), alpha=term.alpha))
-        base = spec.base or next(iter(self.registry.state.bases))
+            ref = await self._delta_for_ref(term.ref)
+            terms.append(VariantTerm(delta=ref, alpha=term.alpha, density=term.density))
+        record = VariantRecord(
+            name=spec.name,
+            base=spec.base or next(iter(self.registry.state.bases)),
+            deltas=terms,
+            method=spec.method,
+            normalize=spec.normalize,
+            seed=spec.seed,
+        )
         existing = self.registry.state.variants.get(spec.name)
         if existing is not None:
-            if existing.base == base and existing.deltas == terms:
+            if existing == record:
                 return existing
             self.registry.remove_variant(spec.name)  # the command line wins
-        return await self.define_variant(spec.name, base, terms)
+        return await self.define_variant(record)
 
     async def _delta_for_ref(self, ref: str) -> str:
         if ref in self.registry.state.deltas:
@@ -247,6 +254,12 @@ class Gateway:
 
     def delete_variant(self, name: str) -> None:
         self.registry.remove_variant(name)
+
+
+def _recipe(variant: VariantRecord, base_path: str, terms: list[DeltaTerm]) -> Recipe:
+    return Recipe(
+        base=base_path, deltas=terms, method=variant.method, normalize=variant.normalize, seed=variant.seed
+    )
 
 
 def _require_name(name: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from deltas.recipe import MethodName
 from server.errors import ConflictError, NotFoundError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -44,12 +45,16 @@ class DeltaRecord(BaseModel):
 class VariantTerm(BaseModel):
     delta: str
     alpha: float = 1.0
+    density: float = Field(1.0, gt=0, le=1, description="fraction kept by ties/dare_* (1: all)")
 
 
 class VariantRecord(BaseModel):
     name: str
     base: str
     deltas: list[VariantTerm] = Field(default_factory=list)
+    method: MethodName = "linear"
+    normalize: bool | None = None
+    seed: int = Field(0, ge=0)
 
     _check = field_validator("name")(check_name)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deltas.recipe import MethodName
 from server.registry import DeltaRecord, VariantRecord, VariantTerm, check_name
 
 
@@ -44,11 +45,16 @@ class DeltasPublic(BaseModel):
 
 
 class VariantCreate(BaseModel):
-    """{name, base, deltas: [{delta, alpha}]}: θ = base + Σ alpha·delta."""
+    """{name, base, deltas: [{delta, alpha, density}], method}: θ = base + merge(alpha·delta, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     base: str
     deltas: list[VariantTerm] = Field(min_length=1)
+    method: MethodName = "linear"
+    normalize: bool | None = None
+    seed: int = Field(0, ge=0)
 
     _check = field_validator("name")(check_name)
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from deltas.recipe import MethodName
+
 
 class BaseSpec(BaseModel):
     """A base model the gateway serves: a checkpoint dir, and optionally an engine to attach."""
@@ -21,14 +23,18 @@ class StartupTerm(BaseModel):
 
     ref: str
     alpha: float = 1.0
+    density: float = 1.0
 
 
 class StartupVariant(BaseModel):
-    """A variant given on the command line; defined (or redefined) at start-up."""
+    """A variant given on the command line (or in a YAML recipe); defined (or redefined) at start-up."""
 
     name: str
     terms: list[StartupTerm]
     base: str | None = None
+    method: MethodName = "linear"
+    normalize: bool | None = None
+    seed: int = 0
 
 
 class GatewaySettings(BaseSettings):

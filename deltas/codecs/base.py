@@ -28,14 +28,14 @@ class TensorSource:
     """What a codec may look at for one tensor.
 
     `delta` is always there (fp32). Extraction also passes `base` and `post`, which the
-    lossless codec needs; `importance` holds per-element scores for gradient selection.
+    lossless codec needs; `gradient` is ∇L on calibration data, for gradient-informed selection.
     """
 
     name: str
     delta: torch.Tensor
     base: torch.Tensor | None = None
     post: torch.Tensor | None = None
-    importance: torch.Tensor | None = None
+    gradient: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

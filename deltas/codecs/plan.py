@@ -34,6 +34,7 @@ class CodecPlan(BaseModel):
     default: str = "dense"
     vectors: str = "dense"
     rules: list[CodecRule] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list, description="globs of tensors left out (Δ = 0)")
     zstd: bool = Field(False, description="compress every tensor's payload with zstd (lossless)")
 
     _valid = field_validator("default", "vectors")(lambda v: parse_codec(v) and v)
@@ -45,7 +46,7 @@ class CodecPlan(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> CodecPlan:
-        """Load a YAML codec recipe (keys: default, vectors, rules: [{match, codec}], zstd)."""
+        """Load a YAML codec recipe (keys: default, vectors, rules: [{match, codec}], exclude, zstd)."""
         try:
             return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
         except (OSError, yaml.YAMLError, ValidationError) as exc:
@@ -55,6 +56,10 @@ class CodecPlan(BaseModel):
     def _codecs(self) -> dict[str, Codec]:
         specs = {self.default, self.vectors, *(r.codec for r in self.rules)}
         return {s: parse_codec(s) for s in specs}
+
+    def excludes(self, name: str) -> bool:
+        """Whether tensor `name` is left out of the artifact (its base weights are kept)."""
+        return any(fnmatchcase(name, pattern) for pattern in self.exclude)
 
     def codec_for(self, name: str, shape: list[int]) -> Codec:
         """The codec tensor `name` of `shape` is encoded with."""

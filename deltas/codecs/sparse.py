@@ -34,11 +34,12 @@ class SparseCodec(Codec):
     def keep(self, src: TensorSource) -> tuple[torch.Tensor, float]:
         """(mask of kept entries, factor applied to the kept values)."""
         if self.params.select == "gradient":
-            if src.importance is None:
+            if src.gradient is None:
                 raise DeltaError(
-                    f"tensor {src.name!r}: select=gradient needs importance scores; pass --calib FILE.jsonl"
+                    f"tensor {src.name!r}: select=gradient needs gradients; pass --calib FILE.jsonl"
                 )
-            return topk_mask(src.importance, self.params.density), 1.0
+            # first-order estimate of how much the loss moves if the entry is dropped (GMT)
+            return topk_mask((src.delta * src.gradient).abs(), self.params.density), 1.0
         return topk_mask(src.delta.abs(), self.params.density), 1.0
 
     def encode(self, src: TensorSource) -> Encoded:

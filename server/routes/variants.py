@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Response
 
 from server.deps import GatewayDep, require_admin
 from server.gateway import Gateway
+from server.registry import VariantRecord
 from server.schemas import VariantCreate, VariantPublic, VariantsPublic
 
 router = APIRouter(prefix="/v1/variants", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -21,7 +22,7 @@ def _public(gateway: Gateway, name: str) -> VariantPublic:
 @router.post("", status_code=201)
 async def create_variant(body: VariantCreate, gateway: GatewayDep) -> VariantPublic:
     """Check the deltas fit the base (names, shapes, architecture), then register."""
-    await gateway.define_variant(body.name, body.base, body.deltas)
+    await gateway.define_variant(VariantRecord(**body.model_dump()))
     return _public(gateway, body.name)
 
 

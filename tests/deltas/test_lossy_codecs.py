@@ -14,9 +14,9 @@ def _delta(shape=(96, 200), seed=0) -> torch.Tensor:
     return torch.randn(*shape, generator=g) * 1e-3
 
 
-def _roundtrip(spec: str, delta: torch.Tensor, importance=None):
+def _roundtrip(spec: str, delta: torch.Tensor, gradient=None):
     codec = parse_codec(spec)
-    enc = codec.encode(TensorSource("layer.w", delta, importance=importance))
+    enc = codec.encode(TensorSource("layer.w", delta, gradient=gradient))
     out = codec.decode(enc.payload, list(delta.shape)).full()
     return enc, out, float((out - delta).norm() / delta.norm())
 
@@ -65,11 +65,11 @@ def test_sparse_keeps_the_largest_entries_in_a_bitmask():
     assert torch.allclose(out[kept], d[kept], rtol=1e-2)
 
 
-def test_sparse_gradient_selection_follows_importance_not_magnitude():
+def test_sparse_gradient_selection_scores_delta_times_gradient():
     d = _delta()
-    importance = torch.zeros_like(d)
-    importance[:, :10] = 1.0  # the "gradient" says the first 10 columns matter
-    _, out, _ = _roundtrip("sparse:density=0.05,select=gradient", d, importance=importance)
+    gradient = torch.zeros_like(d)
+    gradient[:, :10] = 1.0  # the loss only depends on the first 10 columns
+    _, out, _ = _roundtrip("sparse:density=0.05,select=gradient", d, gradient=gradient)
     assert int((out[:, :10] != 0).sum()) == round(0.05 * d.numel()) and not out[:, 10:].any()
     with pytest.raises(DeltaError, match="--calib"):
         _roundtrip("sparse:select=gradient", d)

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from deltas.artifact import open_artifact
-from server.cli import app, parse_variant
+from server.cli import app
+from server.cli.serve import parse_variant
 
 runner = CliRunner()
 

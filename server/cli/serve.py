@@ -1,31 +1,17 @@
-"""The `deltagate` command: serve, extract, inspect, merge."""
+"""`deltagate serve` and `deltagate demo`: start engines and the gateway."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from deltas.errors import DeltaError
+from deltas.recipe import RecipeFile
+from server.cli.app import app, console, fail
 from server.settings import BaseSpec, StartupTerm, StartupVariant
-
-app = typer.Typer(
-    help="deltagate: serve base + Σ α·Δ weight-delta variants through vLLM.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-console = Console(stderr=True)
-
-
-def fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
 
 
 def parse_base(value: str) -> BaseSpec:
@@ -52,6 +38,29 @@ def parse_variant(value: str) -> StartupVariant:
     return StartupVariant(name=name, terms=terms)
 
 
+def parse_recipe_file(path: Path) -> StartupVariant:
+    """A YAML recipe (deltas.recipe.RecipeFile) as a start-up variant named by `name:` or the file."""
+    try:
+        spec = RecipeFile.load(path)
+    except DeltaError as exc:
+        raise fail(str(exc)) from None
+
+    def ref(delta: str) -> str:  # a registered name, or a path relative to the YAML file
+        candidate = path.parent / delta
+        return str(candidate) if candidate.exists() else delta
+
+    terms = [StartupTerm(ref=ref(t.delta), alpha=t.parameters.weight, density=t.parameters.density)
+             for t in spec.deltas]  # fmt: skip
+    return StartupVariant(
+        name=spec.name or path.stem,
+        terms=terms,
+        base=spec.base_model,
+        method=spec.merge_method,
+        normalize=spec.parameters.normalize,
+        seed=spec.seed,
+    )
+
+
 def parse_engine_url(value: str) -> tuple[str, str]:
     name, sep, url = value.partition("=")
     if not sep:
@@ -65,6 +74,10 @@ def serve(
     variant: Annotated[
         list[str] | None,
         typer.Option(help="NAME=DELTA[:ALPHA][,DELTA[:ALPHA]...] (repeatable); DELTA: path or name"),
+    ] = None,
+    recipe: Annotated[
+        list[Path] | None,
+        typer.Option(help="Variant from a YAML recipe (merge method, weights, densities; repeatable)"),
     ] = None,
     engine_url: Annotated[
         list[str] | None,
@@ -99,7 +112,7 @@ def serve(
         admin_token=admin_token,
         api_keys=api_key or [],
         bases=bases,
-        variants=[parse_variant(v) for v in variant or []],
+        variants=[parse_variant(v) for v in variant or []] + [parse_recipe_file(r) for r in recipe or []],
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
     )
@@ -135,6 +148,7 @@ def demo(
     serve(
         base=[base],
         variant=[variant],
+        recipe=None,
         engine_url=None,
         host=host,
         port=port,
@@ -167,97 +181,3 @@ def how_to_call(host: str, port: int, models: list[str], state_dir: Path, keys: 
         + ("the token you gave" if given else f"the token stored in {state_dir / 'admin_token'}"),
     ]
     return "\n".join(lines)
-
-
-@app.command()
-def extract(
-    base: Annotated[Path, typer.Option(help="Base checkpoint directory")],
-    post: Annotated[Path, typer.Option(help="Post-trained checkpoint directory")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Artifact file to write")],
-) -> None:
-    """Extract Δ = post − base into a verified artifact."""
-    from deltas.extract import describe, extract_delta
-
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())  # fmt: skip
-    try:
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("extracting", total=None)
-
-            def progress(name: str, i: int, total: int) -> None:
-                bar.update(task, total=total, completed=i, description=f"extracting {name}")
-
-            report = extract_delta(base, post, output, progress=progress)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
-    console.print(
-        f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, {report.tensors} tensors) in "
-        f"{report.seconds:.1f}s; verified base + Δ == post exactly; "
-        f"{report.corrections} of {report.elements} elements needed an exact correction"
-    )
-    print(describe(report))
-
-
-@app.command()
-def inspect(
-    artifact: Annotated[Path, typer.Argument(help="Delta artifact file")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
-    verify: Annotated[bool, typer.Option(help="Check every checksum and NaN/Inf")] = True,
-) -> None:
-    """Print an artifact's manifest and per-tensor statistics."""
-    from deltas.artifact import open_artifact
-
-    try:
-        art = open_artifact(artifact, verify=verify)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
-    m = art.manifest
-    if as_json:
-        print(json.dumps(m.model_dump(), indent=2))
-        return
-    out = Console(width=max(Console().width, 160))  # tensor names must not wrap
-    summary = art.summary()
-    out.print(
-        f"[bold]{artifact}[/bold]  format v{m.format_version}, deltagate {m.tool_version}, {m.created_at}"
-    )
-    out.print(f"size {summary['size_bytes'] / 1e6:.2f} MB, {len(m.tensors)} tensors, "
-              f"{m.total_corrections} exact corrections, verified: {verify}")  # fmt: skip
-    for role, ident in (("base", m.base), ("post", m.post)):
-        out.print(f"{role}: {ident.architecture} {ident.source}\n  content {ident.content_hash[:16]}… "
-                  f"config {ident.config_fingerprint[:16]}…")  # fmt: skip
-    out.print(
-        f"side files: {', '.join(m.files) or 'none'}; chat template: {'yes' if m.chat_template else 'no'}"
-    )
-    table = Table("tensor", "shape", "dtype", "enc", "‖Δ‖₂", "max|Δ|", "‖Δ‖/‖θ‖", "corr")
-    for t in m.tensors:
-        rel = t.delta_l2 / t.base_l2 if t.base_l2 else float("nan")
-        table.add_row(t.name, "×".join(map(str, t.shape)), t.dtype, t.encoding, f"{t.delta_l2:.4g}",
-                      f"{t.delta_max_abs:.3g}", f"{rel:.3g}", str(t.corrections))  # fmt: skip
-    out.print(table)
-
-
-@app.command()
-def merge(
-    base: Annotated[Path, typer.Option(help="Base checkpoint directory")],
-    delta: Annotated[list[str], typer.Option(help="DELTA_FILE[:ALPHA] (repeatable)")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write")],
-) -> None:
-    """Write base + Σ α·Δ as a standalone checkpoint (the offline reference of a variant)."""
-    from deltas.recipe import DeltaTerm, Recipe
-    from loaders.merge import check_recipe, write_merged_checkpoint
-
-    terms = []
-    for item in delta:
-        path, colon, alpha = item.rpartition(":")
-        terms.append(DeltaTerm(path=path, alpha=float(alpha)) if colon else DeltaTerm(path=item))
-    recipe = Recipe(base=str(base.resolve()), deltas=terms)
-    try:
-        check_recipe(recipe)
-        write_merged_checkpoint(recipe, output)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
-    console.print(f"wrote {output}")
-
-
-def main() -> None:
-    app()

@@ -1,0 +1,10 @@
+"""The `deltagate` command: serve, demo, extract, compress, inspect, merge, export-lora, fidelity."""
+
+from __future__ import annotations
+
+from server.cli import artifacts, fidelity, serve  # noqa: F401  (registers the commands)
+from server.cli.app import app
+
+
+def main() -> None:
+    app()

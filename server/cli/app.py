@@ -1,0 +1,37 @@
+"""The typer app every `deltagate` command registers on, and the helpers they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(
+    help="deltagate: serve base + Σ α·Δ weight-delta variants through vLLM.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print `message` as an error; raise the returned Exit (code 2)."""
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+@contextmanager
+def tensor_progress(verb: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient progress bar fed with (tensor name, index, total) callbacks."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(verb, total=None)
+
+        def progress(name: str, i: int, total: int) -> None:
+            bar.update(task, total=total, completed=i, description=f"{verb} {name}")
+
+        yield progress

@@ -1,0 +1,206 @@
+"""What a compressed delta costs: per-tensor error, and on a served model token agreement, KL, task score.
+
+Served measures are teacher-forced on the exact variant's own greedy continuations: both
+variants score the same token sequences (vLLM prompt logprobs), so every position is
+compared in the same context. Agreement: the compressed variant's top-1 token equals the
+exact variant's. KL(exact ‖ compressed) is estimated from the top-K logprobs the engine
+returns: tokens one side did not return get that side's smallest returned probability (an
+upper bound), and the remaining mass is one tail bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from deltas.artifact import DeltaArtifact
+from deltas.build import relative_error
+from deltas.errors import IncompatibleError
+from deltas.recipe import DeltaTerm, Recipe
+from loaders.engine import EngineClient, EngineProcess, EngineSpec
+
+TOP_K = 20
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "import numpy as np\n\ndef normalize(x):",
+    "The largest planet in the solar system is",
+    "Photosynthesis is the process by which",
+    "A haiku about the sea:\n",
+    "The French word for 'thank you' is",
+    "In 1969, humans first",
+    "SELECT name FROM users WHERE",
+    "The main causes of the First World War were",
+    "What is 27 + 48? The answer is",
+    "Here is a list of healthy breakfast ideas:\n1.",
+)
+
+
+@dataclass(frozen=True)
+class TensorError:
+    name: str
+    encoding: str
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A teacher-forced sequence: prompt ids + the exact variant's greedy continuation."""
+
+    ids: list[int]
+    start: int  # positions start..len(ids)-1 are compared
+
+
+@dataclass
+class ServedFidelity:
+    positions: int
+    agreement: float
+    mean_kl: float
+    task_score: float | None = None
+    reference_task_score: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_same_delta(compressed: DeltaArtifact, reference: DeltaArtifact) -> None:
+    """Refuse to compare artifacts of different deltas (base, post or tensors differ)."""
+    a, b = compressed.manifest, reference.manifest
+    for role in ("base", "post"):
+        if getattr(a, role).content_hash != getattr(b, role).content_hash:
+            raise IncompatibleError(
+                f"{compressed.path} and {reference.path} are deltas of different {role} models "
+                f"({getattr(a, role).content_hash[:12]}… vs {getattr(b, role).content_hash[:12]}…)"
+            )
+    if [(t.name, t.shape) for t in a.tensors] != [(t.name, t.shape) for t in b.tensors]:
+        raise IncompatibleError(f"{compressed.path} and {reference.path} hold different tensors")
+
+
+def tensor_errors(compressed: DeltaArtifact, reference: DeltaArtifact) -> list[TensorError]:
+    """‖Δ_compressed − Δ_reference‖ / ‖Δ_reference‖ per tensor, decoded from both files."""
+    check_same_delta(compressed, reference)
+    return [
+        TensorError(
+            entry.name,
+            entry.encoding,
+            relative_error(compressed.delta(entry.name).full(), reference.delta(entry.name).full()),
+        )
+        for entry in compressed.manifest.tensors
+    ]
+
+
+def top_logprobs(entry: dict) -> dict[int, float]:
+    """A vLLM prompt-logprobs entry ({"id": {"logprob", "rank", ...}}) as {id: logprob}."""
+    return {int(k): v["logprob"] for k, v in entry.items()}
+
+
+def top1(dist: dict[int, float]) -> int:
+    return max(dist, key=dist.__getitem__)
+
+
+def kl_topk(p: dict[int, float], q: dict[int, float]) -> float:
+    """KL(p ‖ q) over the union of both top-K supports plus one tail bucket (see module doc)."""
+    support = set(p) | set(q)
+    floor_p, floor_q = min(p.values()), min(q.values())
+    pp = {t: math.exp(p.get(t, floor_p)) for t in support}
+    qq = {t: math.exp(q.get(t, floor_q)) for t in support}
+    tail_p, tail_q = max(0.0, 1 - sum(pp.values())), max(0.0, 1 - sum(qq.values()))
+    kl = sum(pv * math.log(pv / max(qq[t], 1e-30)) for t, pv in pp.items() if pv > 0)
+    if tail_p > 0:
+        kl += tail_p * math.log(tail_p / max(tail_q, 1e-30))
+    return max(kl, 0.0)
+
+
+def compare(reference: list[list[dict[int, float]]], other: list[list[dict[int, float]]]) -> ServedFidelity:
+    """Agreement and mean KL over all compared positions."""
+    agree, kls = 0, []
+    for ref_seq, seq in zip(reference, other, strict=True):
+        for p, q in zip(ref_seq, seq, strict=True):
+            agree += top1(p) == top1(q)
+            kls.append(kl_topk(p, q))
+    n = len(kls)
+    return ServedFidelity(positions=n, agreement=agree / n if n else 1.0, mean_kl=sum(kls) / n if n else 0.0)
+
+
+class Prober:
+    """Greedy probes and teacher-forced distributions from one engine's OpenAI API."""
+
+    def __init__(self, url: str, model: str, concurrency: int = 8):
+        self.http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=httpx.Timeout(None, connect=10))
+        self.model = model
+        self._gate = asyncio.Semaphore(concurrency)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def _complete(self, body: dict) -> dict:
+        async with self._gate:
+            resp = await self.http.post("/v1/completions", json={"model": self.model, **body})
+        resp.raise_for_status()
+        return resp.json()["choices"][0]
+
+    async def probe(self, prompt: str, max_tokens: int) -> Probe:
+        """The current weights' greedy continuation of `prompt`, as token ids."""
+        choice = await self._complete(
+            {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
+        )
+        prompt_ids = list(choice["prompt_token_ids"])
+        return Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
+
+    async def distributions(self, probe: Probe) -> list[dict[int, float]]:
+        """Top-K next-token logprobs at every compared position of `probe`."""
+        choice = await self._complete(
+            {"prompt": probe.ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": TOP_K}
+        )
+        return [top_logprobs(e) for e in choice["prompt_logprobs"][probe.start :]]
+
+    async def all_distributions(self, probes: list[Probe]) -> list[list[dict[int, float]]]:
+        return list(await asyncio.gather(*(self.distributions(p) for p in probes)))
+
+
+async def measure_served(
+    url: str,
+    model: str,
+    base: str,
+    reference: Path,
+    compressed: Path,
+    prompts: list[str],
+    max_tokens: int = 32,
+    task=None,
+) -> ServedFidelity:
+    """Apply the exact then the compressed variant on a running deltagate engine and compare them.
+
+    `task`, if given, is called as task(url, model) -> score under each variant's weights.
+    """
+    client, prober = EngineClient(url, model), Prober(url, model)
+    try:
+        await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(reference))]))
+        probes = list(await asyncio.gather(*(prober.probe(p, max_tokens) for p in prompts)))
+        ref = await prober.all_distributions(probes)
+        ref_task = await asyncio.to_thread(task, url, model) if task else None
+        await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(compressed))]))
+        result = compare(ref, await prober.all_distributions(probes))
+        if task:
+            result.task_score = await asyncio.to_thread(task, url, model)
+            result.reference_task_score = ref_task
+        return result
+    finally:
+        await client.close()
+        await prober.close()
+
+
+def start_engine(base: str, log_dir: Path, max_model_len: int | None = 2048) -> EngineProcess:
+    """A deltagate-enabled engine on `base` (blocking until healthy)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    spec = EngineSpec(model=base, served_name="fidelity", max_model_len=max_model_len,
+                      log_path=log_dir / "fidelity-engine.log")  # fmt: skip
+    proc = EngineProcess(spec)
+    proc.start()
+    proc.wait_ready(timeout=1800)
+    return proc
