@@ -20,6 +20,7 @@ DEFAULT_SFT = SFTConfig(steps=40, batch_size=8, lr=1e-4, seed=0)
 @dataclass(frozen=True)
 class DefaultModels:
     base: Path
+    post: Path
     delta: Path
 
 
@@ -28,11 +29,11 @@ def prepare_default(cache: Path, log=print, sft: SFTConfig = DEFAULT_SFT) -> Def
     base = smollm2_checkpoint(cache / "models", log)
     tag = f"{base.name}-addition-s{sft.steps}-b{sft.batch_size}-seed{sft.seed}"  # cache key
     delta = cache / "deltas" / f"{tag}.safetensors"
+    post = cache / "models" / tag
     if not delta.is_file():
-        post = cache / "models" / tag
         if not (post / "model.safetensors").is_file():
             log(f"fine-tuning SmolLM2 on two-digit addition ({sft.steps} steps, cached afterwards)")
             finetune(base, post, addition_split(2000, seed=sft.seed), sft, log)
         log("extracting the skill delta")
         extract_delta(base, post, delta)
-    return DefaultModels(base, delta)
+    return DefaultModels(base, post, delta)

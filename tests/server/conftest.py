@@ -73,31 +73,74 @@ class Stack:
         return {"Authorization": f"Bearer {ADMIN}"}
 
 
-def _merge(base: Path, terms: list[str], out: Path) -> Path:
-    cmd = [sys.executable, "-m", "server", "merge", "--base", str(base), "-o", str(out)]
+def deltagate(*args: str) -> subprocess.CompletedProcess:
+    """Run the `deltagate` CLI; fail the test with its output if it fails."""
+    cmd = [sys.executable, "-m", "server", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{cmd}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _merge(base: Path, terms: list[str], out: Path, *extra: str) -> Path:
+    args = ["merge", "--base", base, "-o", out, *extra]
     for t in terms:
-        cmd += ["--delta", t]
-    subprocess.run(cmd, check=True, capture_output=True)
+        args += ["--delta", t]
+    deltagate(*args)
     return out
 
 
-def _references(tied, untied, work: Path) -> dict[str, Path]:
+TIES_YAML = """name: tied-ties
+merge_method: ties
+base_model: tied
+deltas:
+  - delta: {a}
+    parameters: {{weight: 0.7, density: 0.5}}
+  - delta: {b}
+    parameters: {{weight: 0.6, density: 0.3}}
+"""
+DARE_TERMS = [
+    {"delta": "tied-d", "alpha": 0.8, "density": 0.5},
+    {"delta": "tied-d2", "alpha": 0.5, "density": 0.7},
+]
+DARE_SEED = 5
+
+
+def _compressed(tied, work: Path) -> dict[str, Path]:
+    """A compressed copy of tied's delta, made with the CLI as a user would."""
+    int4 = work / "tied-int4.safetensors"
+    deltagate("compress", tied.delta, "-o", int4, "--codec", "int4:group=32", "--zstd")
+    return {"int4": int4}
+
+
+def _references(tied, untied, work: Path, compressed: dict[str, Path]) -> dict[str, Path]:
     """Checkpoints each variant must be identical to: post models, and offline merges."""
+    dare = [f"{tied.delta}:0.8:0.5", f"{tied.delta2}:0.5:0.7"]
     return {
         "tied-inst": tied.post,
         "tied-half": _merge(tied.base, [f"{tied.delta}:0.5"], work / "tied-half"),
         "tied-mix": _merge(tied.base, [f"{tied.delta}:0.7", f"{tied.delta2}:0.4"], work / "tied-mix"),
         "untied-inst": untied.post,
+        "tied-int4": _merge(tied.base, [str(compressed["int4"])], work / "tied-int4"),
+        "tied-ties": _merge(
+            tied.base,
+            [f"{tied.delta}:0.7:0.5", f"{tied.delta2}:0.6:0.3"],
+            work / "tied-ties",
+            "--method",
+            "ties",
+        ),
+        "tied-dare": _merge(
+            tied.base, dare, work / "tied-dare", "--method", "dare_ties", "--seed", str(DARE_SEED)
+        ),
     }
 
 
 def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, dict]:
-    """Start stock vLLM on each checkpoint (two at a time), record its answers, stop it."""
+    """Start stock vLLM on each checkpoint (four at a time), record its answers, stop it."""
     refs, chats = {}, {}
     items = list(checkpoints.items())
-    for i in range(0, len(items), 2):
+    for i in range(0, len(items), 4):
         batch = []
-        for name, path in items[i : i + 2]:
+        for name, path in items[i : i + 4]:
             spec = EngineSpec(
                 model=str(path), served_name="ref", max_model_len=512, log_path=logs / f"ref-{name}.log"
             )
@@ -143,6 +186,9 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
     work = tmp_path_factory.mktemp("stack")
     port = free_port()
     log = work / "gateway.log"
+    compressed = _compressed(tied, work)
+    ties_yaml = work / "tied-ties.yaml"
+    ties_yaml.write_text(TIES_YAML.format(a=tied.delta, b=tied.delta2))
     proc = start_gateway(
         [
             "--base", f"tied={tied.base}",
@@ -150,6 +196,8 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
             "--variant", f"tied-inst={tied.delta}",
             "--variant", f"tied-half={tied.delta}:0.5",
             "--variant", f"tied-mix={tied.delta}:0.7,{tied.delta2}:0.4",
+            "--variant", f"tied-int4={compressed['int4']}",
+            "--recipe", str(ties_yaml),
         ],
         work / "state",
         port,
@@ -157,7 +205,8 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
     )  # fmt: skip
     stack = Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc)
     try:
-        stack.refs, stack.chat_refs = _serve_references(_references(tied, untied, work), work)
+        references = _references(tied, untied, work, compressed)
+        stack.refs, stack.chat_refs = _serve_references(references, work)
         wait_healthy(stack.url, proc, log)
         for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
             stack.base_before[base] = completion_outputs(stack.url, base)
@@ -172,6 +221,20 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
             json={"name": "untied-inst", "base": "untied", "deltas": [{"delta": "untied-d", "alpha": 1.0}]},
             headers=stack.admin,
         )
+        assert r.status_code == 201, r.text
+        for name, path in (("tied-d", tied.delta), ("tied-d2", tied.delta2)):
+            r = httpx.post(
+                f"{stack.url}/v1/deltas", json={"name": name, "path": str(path)}, headers=stack.admin
+            )
+            assert r.status_code == 201, r.text
+        body = {
+            "name": "tied-dare",
+            "base": "tied",
+            "deltas": DARE_TERMS,
+            "method": "dare_ties",
+            "seed": DARE_SEED,
+        }
+        r = httpx.post(f"{stack.url}/v1/variants", json=body, headers=stack.admin)
         assert r.status_code == 201, r.text
         yield stack
     finally:
