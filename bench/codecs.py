@@ -85,8 +85,8 @@ def build_rows(specs: list[str], base: Path, post: Path, work: Path) -> dict[str
             if spec != "dense" else None  # fmt: skip
         zsize = zstd.size_bytes if zstd else _zstd_of_dense(out, work)
         rows[spec] = (out, Row(spec, report.size_bytes, zsize, seconds))
-        print(f"{spec}: {report.size_bytes / 1e6:.1f} MB (zstd {zsize / 1e6:.1f} MB), extract {seconds:.1f} s",
-              flush=True)  # fmt: skip
+        mb = report.size_bytes / 1e6
+        print(f"{spec}: {mb:.1f} MB (zstd {zsize / 1e6:.1f} MB), extract {seconds:.1f} s", flush=True)
     return rows
 
 
@@ -120,8 +120,9 @@ async def serve_rows(base: Path, rows: dict[str, tuple[Path, Row]], exact: Path,
 
 def print_table(rows: list[Row], bf16_bytes: int) -> None:
     print(f"\nbf16 delta reference size: {bf16_bytes / 1e6:.1f} MB (2 bytes x {bf16_bytes // 2} elements)")
-    head = "| codec | size MB | % of bf16 | + zstd MB (% of bf16) | extract s | swap s | token agreement | KL (nats) | task |"
-    print(head)
+    columns = ["codec", "size MB", "% of bf16", "+ zstd MB (% of bf16)", "extract s", "swap s",
+               "token agreement", "KL (nats)", "task"]  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| `{r.spec}` | {r.size / 1e6:.1f} | {100 * r.size / bf16_bytes:.1f}% | "

@@ -11,6 +11,7 @@ upper bound), and the remaining mass is one tail bucket.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,9 +196,12 @@ async def measure_served(
         await prober.close()
 
 
-def start_engine(base: str, log_dir: Path, max_model_len: int | None = 2048) -> EngineProcess:
-    """A deltagate-enabled engine on `base` (blocking until healthy)."""
+def start_engine(base: str, log_dir: Path, max_model_len: int | None = None) -> EngineProcess:
+    """A deltagate-enabled engine on `base` (blocking until healthy); context ≤ 2048 by default."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    if max_model_len is None:
+        config = json.loads((Path(base) / "config.json").read_text())
+        max_model_len = min(2048, int(config.get("max_position_embeddings", 2048)))
     spec = EngineSpec(model=base, served_name="fidelity", max_model_len=max_model_len,
                       log_path=log_dir / "fidelity-engine.log")  # fmt: skip
     proc = EngineProcess(spec)

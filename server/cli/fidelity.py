@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from deltas.errors import DeltaError
+from loaders.engine import EngineError
 from server.cli.app import app, console, fail
 
 
@@ -68,7 +69,10 @@ def fidelity(
         scorer = _task_scorer(task_examples) if task == "addition" else None
         logs = Path(tempfile.mkdtemp(prefix="deltagate-fidelity-"))
         console.print(f"starting a vLLM engine on {base_dir} (log: {logs}) ...")
-        engine = fid.start_engine(str(base_dir.resolve()), logs)
+        try:
+            engine = fid.start_engine(str(base_dir.resolve()), logs)
+        except EngineError as exc:
+            raise fail(f"{exc} (log: {logs / 'fidelity-engine.log'})") from None
         try:
             measured = asyncio.run(
                 fid.measure_served(
