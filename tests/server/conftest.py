@@ -105,29 +105,27 @@ DARE_TERMS = [
 DARE_SEED = 5
 
 
-def _compressed(tied, work: Path) -> dict[str, Path]:
-    """A compressed copy of tied's delta, made with the CLI as a user would."""
+def _compressed(tied, work: Path) -> Path:
+    """An int4+zstd copy of tied's delta, made with the CLI as a user would."""
     int4 = work / "tied-int4.safetensors"
     deltagate("compress", tied.delta, "-o", int4, "--codec", "int4:group=32", "--zstd")
-    return {"int4": int4}
+    return int4
 
 
-def _references(tied, untied, work: Path, compressed: dict[str, Path]) -> dict[str, Path]:
-    """Checkpoints each variant must be identical to: post models, and offline merges."""
+def _references(tied, untied, work: Path, int4: Path) -> dict[str, Path]:
+    """Checkpoints each variant must be identical to: post models, and offline merges.
+
+    tied-ties covers three things with one engine: a YAML recipe, TIES, and a compressed
+    (int4+zstd) artifact decoded in the worker.
+    """
+    ties = [f"{int4}:0.7:0.5", f"{tied.delta2}:0.6:0.3"]
     dare = [f"{tied.delta}:0.8:0.5", f"{tied.delta2}:0.5:0.7"]
     return {
         "tied-inst": tied.post,
         "tied-half": _merge(tied.base, [f"{tied.delta}:0.5"], work / "tied-half"),
         "tied-mix": _merge(tied.base, [f"{tied.delta}:0.7", f"{tied.delta2}:0.4"], work / "tied-mix"),
         "untied-inst": untied.post,
-        "tied-int4": _merge(tied.base, [str(compressed["int4"])], work / "tied-int4"),
-        "tied-ties": _merge(
-            tied.base,
-            [f"{tied.delta}:0.7:0.5", f"{tied.delta2}:0.6:0.3"],
-            work / "tied-ties",
-            "--method",
-            "ties",
-        ),
+        "tied-ties": _merge(tied.base, ties, work / "tied-ties", "--method", "ties"),
         "tied-dare": _merge(
             tied.base, dare, work / "tied-dare", "--method", "dare_ties", "--seed", str(DARE_SEED)
         ),
@@ -135,12 +133,12 @@ def _references(tied, untied, work: Path, compressed: dict[str, Path]) -> dict[s
 
 
 def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, dict]:
-    """Start stock vLLM on each checkpoint (four at a time), record its answers, stop it."""
+    """Start stock vLLM on each checkpoint (three at a time), record its answers, stop it."""
     refs, chats = {}, {}
     items = list(checkpoints.items())
-    for i in range(0, len(items), 4):
+    for i in range(0, len(items), 3):
         batch = []
-        for name, path in items[i : i + 4]:
+        for name, path in items[i : i + 3]:
             spec = EngineSpec(
                 model=str(path), served_name="ref", max_model_len=512, log_path=logs / f"ref-{name}.log"
             )
@@ -186,9 +184,9 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
     work = tmp_path_factory.mktemp("stack")
     port = free_port()
     log = work / "gateway.log"
-    compressed = _compressed(tied, work)
+    int4 = _compressed(tied, work)
     ties_yaml = work / "tied-ties.yaml"
-    ties_yaml.write_text(TIES_YAML.format(a=tied.delta, b=tied.delta2))
+    ties_yaml.write_text(TIES_YAML.format(a=int4, b=tied.delta2))
     proc = start_gateway(
         [
             "--base", f"tied={tied.base}",
@@ -196,7 +194,6 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
             "--variant", f"tied-inst={tied.delta}",
             "--variant", f"tied-half={tied.delta}:0.5",
             "--variant", f"tied-mix={tied.delta}:0.7,{tied.delta2}:0.4",
-            "--variant", f"tied-int4={compressed['int4']}",
             "--recipe", str(ties_yaml),
         ],
         work / "state",
@@ -205,7 +202,7 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
     )  # fmt: skip
     stack = Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc)
     try:
-        references = _references(tied, untied, work, compressed)
+        references = _references(tied, untied, work, int4)
         stack.refs, stack.chat_refs = _serve_references(references, work)
         wait_healthy(stack.url, proc, log)
         for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
