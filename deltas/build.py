@@ -18,7 +18,6 @@ from deltas.codecs import zstd as zstd_layer
 from deltas.codecs.plan import CodecPlan
 from deltas.manifest import (
     FILE_KEY_PREFIX,
-    FORMAT_VERSION,
     MANIFEST_KEY,
     DeltaManifest,
     ModelIdentity,
@@ -85,7 +84,7 @@ class ArtifactBuilder:
     ) -> int:
         """Write the manifest and move the file into place; returns its size in bytes."""
         manifest = DeltaManifest(
-            format_version=FORMAT_VERSION,
+            format_version=DeltaManifest.version_for(self.entries),
             tool_version=__version__,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             base=base,

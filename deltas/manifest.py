@@ -10,7 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-FORMAT_VERSION = 1
+# v1: dense tensors only. v2: any codec, optional zstd. Exact, uncompressed artifacts are still
+# written as v1 so older deltagate releases keep reading them.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST_KEY = "deltagate.manifest"
 FILE_KEY_PREFIX = "deltagate.file/"
 
@@ -77,12 +80,18 @@ class DeltaManifest(BaseModel):
     @field_validator("format_version")
     @classmethod
     def _known_version(cls, value: int) -> int:
-        if value != FORMAT_VERSION:
+        if value not in SUPPORTED_VERSIONS:
             raise ValueError(
                 f"artifact format version {value} is not supported by this deltagate "
-                f"(supports {FORMAT_VERSION}); re-extract the delta or upgrade deltagate"
+                f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade deltagate"
             )
         return value
+
+    @staticmethod
+    def version_for(tensors: list[TensorEntry]) -> int:
+        """The oldest format version that can describe these tensors."""
+        plain = all(t.encoding == "dense" and t.compression == "none" for t in tensors)
+        return 1 if plain else FORMAT_VERSION
 
     def tensor(self, name: str) -> TensorEntry:
         """The entry for `name`; KeyError naming the tensor if absent."""

@@ -128,3 +128,16 @@ def test_corrupt_zstd_payload_is_refused(tied, tmp_path):
     last = art.manifest.tensors[-1].name
     with pytest.raises(InvalidArtifactError, match="corrupt"):
         art.delta(last)
+
+
+def test_format_version_is_1_for_exact_and_2_for_compressed(tied, tmp_path):
+    assert DeltaArtifact(tied.delta).manifest.format_version == 1  # older releases still read it
+    compress_artifact(tied.delta, tmp_path / "q.safetensors", CodecPlan.uniform("int8"))
+    assert DeltaArtifact(tmp_path / "q.safetensors").manifest.format_version == 2
+
+    def future(m):
+        m["format_version"] = 3
+
+    _rewrite_manifest(tmp_path / "q.safetensors", tmp_path / "f.safetensors", future)
+    with pytest.raises(InvalidArtifactError, match="format version 3 is not supported"):
+        DeltaArtifact(tmp_path / "f.safetensors")
