@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deltas.artifact import DeltaArtifact  # noqa: E402
 from deltas.codecs.plan import CodecPlan  # noqa: E402
-from deltas.compress import compress_artifact  # noqa: E402
 from deltas.extract import extract_delta  # noqa: E402
 from deltas.recipe import DeltaTerm, Recipe  # noqa: E402
 from loaders.engine import EngineClient  # noqa: E402
@@ -77,21 +76,17 @@ def build_rows(specs: list[str], base: Path, post: Path, work: Path) -> dict[str
             start = time.perf_counter()
             gradients = gradient_importance(post, calib)
             print(f"gradients on {calib}: {time.perf_counter() - start:.1f} s", flush=True)
+        grads = gradients if "select=gradient" in spec else None
         start = time.perf_counter()
-        report = extract_delta(base, post, out, plan=CodecPlan.uniform(spec),
-                               gradients=gradients if "select=gradient" in spec else None)  # fmt: skip
+        report = extract_delta(base, post, out, plan=CodecPlan.uniform(spec), gradients=grads)
         seconds = time.perf_counter() - start
-        zstd = compress_artifact(out, work / ("z-" + out.name), CodecPlan(default=spec, zstd=True)) \
-            if spec != "dense" else None  # fmt: skip
-        zsize = zstd.size_bytes if zstd else _zstd_of_dense(out, work)
-        rows[spec] = (out, Row(spec, report.size_bytes, zsize, seconds))
-        mb = report.size_bytes / 1e6
-        print(f"{spec}: {mb:.1f} MB (zstd {zsize / 1e6:.1f} MB), extract {seconds:.1f} s", flush=True)
+        # the same payloads under the lossless zstd layer
+        zstd = extract_delta(base, post, work / ("z-" + out.name), plan=CodecPlan.uniform(spec, zstd=True),
+                             gradients=grads)  # fmt: skip
+        rows[spec] = (out, Row(spec, report.size_bytes, zstd.size_bytes, seconds))
+        mb, zmb = report.size_bytes / 1e6, zstd.size_bytes / 1e6
+        print(f"{spec}: {mb:.1f} MB (zstd {zmb:.1f} MB), extract {seconds:.1f} s", flush=True)
     return rows
-
-
-def _zstd_of_dense(path: Path, work: Path) -> int:
-    return compress_artifact(path, work / "z-dense.safetensors", CodecPlan(zstd=True)).size_bytes
 
 
 async def serve_rows(base: Path, rows: dict[str, tuple[Path, Row]], exact: Path, work: Path, args) -> None:
