@@ -19,7 +19,7 @@ runner = CliRunner()
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("serve", "extract", "inspect", "merge", "demo"):
+    for cmd in ("serve", "extract", "compress", "inspect", "merge", "export-lora", "fidelity", "demo"):
         assert cmd in out.stdout
 
 
