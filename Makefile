@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BACKEND ?= cpu
 STAMP := $(VENV)/.installed-$(BACKEND)
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench bench-codecs clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test: install
 
 bench: install
 	$(PY) bench/swap.py
+
+bench-codecs: install
+	$(PY) bench/codecs.py
 
 clean:
 	rm -rf $(VENV) .cache .deltagate

@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from deltas.artifact import DeltaArtifact  # noqa: E402
 from deltas.codecs.plan import CodecPlan  # noqa: E402
 from deltas.extract import extract_delta  # noqa: E402
-from deltas.recipe import DeltaTerm, Recipe  # noqa: E402
 from loaders.engine import EngineClient  # noqa: E402
 from server import fidelity as fid  # noqa: E402
 from training.default import DEFAULT_SFT, prepare_default  # noqa: E402
@@ -93,17 +92,21 @@ async def serve_rows(base: Path, rows: dict[str, tuple[Path, Row]], exact: Path,
     engine = await asyncio.to_thread(fid.start_engine, str(base), work)
     client, prober = EngineClient(engine.url, "fidelity"), fid.Prober(engine.url, "fidelity")
     held = addition_split(args.task_examples, seed=1234, held_out=True)
+
+    def task(url: str, model: str) -> float:
+        return task_accuracy(url, model, held)
+
     try:
-        await client.apply(Recipe(base=str(base), deltas=[DeltaTerm(path=str(exact))]))
-        probes = list(await asyncio.gather(*(prober.probe(p, args.max_tokens) for p in fid.DEFAULT_PROMPTS)))
-        reference = await prober.all_distributions(probes)
+        reference = await fid.record_reference(client, prober, str(base), exact, list(fid.DEFAULT_PROMPTS),
+                                               args.max_tokens, task)  # fmt: skip
         for spec, (path, row) in rows.items():
-            start = time.perf_counter()
-            await client.apply(Recipe(base=str(base), deltas=[DeltaTerm(path=str(path))]))
-            row.swap_s = time.perf_counter() - start
-            measured = fid.compare(reference, await prober.all_distributions(probes))
-            row.agreement, row.kl = measured.agreement, measured.mean_kl
-            row.task = await asyncio.to_thread(task_accuracy, engine.url, "fidelity", held)
+            measured = await fid.score_variant(client, prober, str(base), path, reference, task)
+            row.swap_s, row.agreement, row.kl, row.task = (
+                measured.swap_seconds,
+                measured.agreement,
+                measured.mean_kl,
+                measured.task_score,
+            )
             print(f"{spec}: swap {row.swap_s:.2f} s, agreement {100 * row.agreement:.2f}%, "
                   f"KL {row.kl:.2e}, task {100 * row.task:.1f}%", flush=True)  # fmt: skip
         print(f"compared positions per row: {measured.positions}")

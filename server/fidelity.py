@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -67,7 +69,7 @@ class ServedFidelity:
     mean_kl: float
     task_score: float | None = None
     reference_task_score: float | None = None
-    extra: dict = field(default_factory=dict)
+    swap_seconds: float | None = None
 
 
 def check_same_delta(compressed: DeltaArtifact, reference: DeltaArtifact) -> None:
@@ -165,32 +167,55 @@ class Prober:
         return list(await asyncio.gather(*(self.distributions(p) for p in probes)))
 
 
-async def measure_served(
-    url: str,
-    model: str,
-    base: str,
-    reference: Path,
-    compressed: Path,
-    prompts: list[str],
-    max_tokens: int = 32,
-    task=None,
-) -> ServedFidelity:
-    """Apply the exact then the compressed variant on a running deltagate engine and compare them.
+TaskScore = Callable[[str, str], float]  # (engine url, model) -> score under the current weights
 
-    `task`, if given, is called as task(url, model) -> score under each variant's weights.
-    """
+
+@dataclass
+class Reference:
+    """The exact variant's greedy probes, its distributions along them, and its task score."""
+
+    probes: list[Probe]
+    distributions: list[list[dict[int, float]]]
+    task_score: float | None
+
+
+async def record_reference(
+    client: EngineClient, prober: Prober, base: str, exact: Path, prompts: list[str], max_tokens: int,
+    task: TaskScore | None = None,
+) -> Reference:  # fmt: skip
+    """Apply the exact delta and record what every compressed variant is compared with."""
+    await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(exact))]))
+    probes = list(await asyncio.gather(*(prober.probe(p, max_tokens) for p in prompts)))
+    distributions = await prober.all_distributions(probes)
+    score = await asyncio.to_thread(task, client.url, prober.model) if task else None
+    return Reference(probes, distributions, score)
+
+
+async def score_variant(
+    client: EngineClient, prober: Prober, base: str, artifact: Path, reference: Reference,
+    task: TaskScore | None = None,
+) -> ServedFidelity:  # fmt: skip
+    """Swap `artifact` in and compare it with `reference` on the same token sequences."""
+    start = time.perf_counter()
+    await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(artifact))]))
+    swap_seconds = time.perf_counter() - start
+    result = compare(reference.distributions, await prober.all_distributions(reference.probes))
+    result.swap_seconds = swap_seconds
+    result.reference_task_score = reference.task_score
+    if task:
+        result.task_score = await asyncio.to_thread(task, client.url, prober.model)
+    return result
+
+
+async def measure_served(
+    url: str, model: str, base: str, exact: Path, compressed: Path, prompts: list[str], max_tokens: int = 32,
+    task: TaskScore | None = None,
+) -> ServedFidelity:  # fmt: skip
+    """Exact then compressed variant on a running deltagate engine, compared."""
     client, prober = EngineClient(url, model), Prober(url, model)
     try:
-        await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(reference))]))
-        probes = list(await asyncio.gather(*(prober.probe(p, max_tokens) for p in prompts)))
-        ref = await prober.all_distributions(probes)
-        ref_task = await asyncio.to_thread(task, url, model) if task else None
-        await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(compressed))]))
-        result = compare(ref, await prober.all_distributions(probes))
-        if task:
-            result.task_score = await asyncio.to_thread(task, url, model)
-            result.reference_task_score = ref_task
-        return result
+        reference = await record_reference(client, prober, base, exact, prompts, max_tokens, task)
+        return await score_variant(client, prober, base, compressed, reference, task)
     finally:
         await client.close()
         await prober.close()
