@@ -294,6 +294,8 @@ def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
         base_architecture=m.base.architecture,
         base_content_hash=m.base.content_hash,
         tensors=len(m.tensors),
+        encodings=sorted({t.encoding for t in m.tensors}),
+        lossless=m.lossless,
         chat_template=m.chat_template,
         eos_token_ids=eos_ids,
         uploaded=uploaded,

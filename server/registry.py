@@ -37,6 +37,8 @@ class DeltaRecord(BaseModel):
     base_architecture: str
     base_content_hash: str
     tensors: int
+    encodings: list[str] = Field(default_factory=lambda: ["dense"], description="codecs its tensors use")
+    lossless: bool = Field(True, description="rebuilds the post-trained weights exactly on its base")
     chat_template: str | None = None
     eos_token_ids: list[int] = Field(default_factory=list)
     uploaded: bool = False

@@ -31,6 +31,8 @@ class DeltaPublic(BaseModel):
     path: str
     size_bytes: int
     tensors: int
+    encodings: list[str]
+    lossless: bool
     base_architecture: str
     base_content_hash: str
     uploaded: bool

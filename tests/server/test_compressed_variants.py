@@ -24,6 +24,16 @@ def test_methods_and_codecs_change_the_weights(stack):
     assert len(set(outputs.values())) == len(outputs)
 
 
+def test_delta_listing_shows_codecs(stack, tied, tmp_path):
+    q = tmp_path / "q.safetensors"
+    deltagate("compress", tied.delta, "-o", q, "--codec", "int8")
+    r = httpx.post(f"{stack.url}/v1/deltas", json={"name": "tied-q8", "path": str(q)}, headers=stack.admin)
+    assert r.status_code == 201, r.text
+    assert r.json()["encodings"] == ["dense", "int8"] and r.json()["lossless"] is False
+    exact = httpx.get(f"{stack.url}/v1/deltas/tied-d", headers=stack.admin).json()
+    assert exact["encodings"] == ["dense"] and exact["lossless"] is True
+
+
 def test_variant_listing_shows_the_method(stack):
     r = httpx.get(f"{stack.url}/v1/variants/tied-dare", headers=stack.admin)
     assert r.status_code == 200
