@@ -96,33 +96,41 @@ class DeltaArtifact:
         entry = self.entry(name)
         stored = self._stored(entry)
         try:
-            if entry.compression == "zstd":
-                suffixes = self._codecs[name].suffixes(entry.corrections)
-                return zstd_layer.decompress_payload(stored[name + zstd_layer.SUFFIX], suffixes)
-            return {key.removeprefix(name): tensor for key, tensor in stored.items()}
+            return self._unpack(entry, stored)
         except InvalidArtifactError as exc:
             raise InvalidArtifactError(f"{self.path}: tensor {name!r}: {exc}") from None
 
     def delta(self, name: str) -> Delta:
         """The decoded fp32 delta for tensor `name`."""
         entry = self.entry(name)
+        return self._decode(entry, self._stored(entry))
+
+    def _unpack(self, entry: TensorEntry, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if entry.compression == "zstd":
+            suffixes = self._codecs[entry.name].suffixes(entry.corrections)
+            return zstd_layer.decompress_payload(stored[entry.name + zstd_layer.SUFFIX], suffixes)
+        return {key.removeprefix(entry.name): tensor for key, tensor in stored.items()}
+
+    def _decode(self, entry: TensorEntry, stored: dict[str, torch.Tensor]) -> Delta:
         try:
-            return self._codecs[name].decode(self.payload(name), entry.shape)
+            return self._codecs[entry.name].decode(self._unpack(entry, stored), entry.shape)
         except InvalidArtifactError as exc:
-            raise InvalidArtifactError(f"{self.path}: tensor {name!r} ({entry.encoding}): {exc}") from None
+            raise InvalidArtifactError(
+                f"{self.path}: tensor {entry.name!r} ({entry.encoding}): {exc}"
+            ) from None
 
     def verify(self) -> None:
-        """Check every payload against its recorded hash and for NaN/Inf; raise if not."""
+        """Check every payload against its checksum, for NaN/Inf, and that it decodes; raise if not."""
         for entry in self.manifest.tensors:
-            payload = self._stored(entry)
-            if payload_sha256(payload) != entry.sha256:
+            stored = self._stored(entry)
+            if payload_sha256(stored) != entry.sha256:
                 raise InvalidArtifactError(
                     f"{self.path}: tensor {entry.name!r} does not match its checksum; the file is corrupt"
                 )
-            for key, tensor in payload.items():
+            for key, tensor in stored.items():
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise InvalidArtifactError(f"{self.path}: tensor {key!r} holds NaN or Inf")
-            self.delta(entry.name)  # decodes: payload sizes agree with the manifest
+            self._decode(entry, stored)  # the payload's sizes agree with the manifest
 
     def summary(self) -> dict:
         """Manifest as JSON-able dict (without per-tensor entries) for listings."""
