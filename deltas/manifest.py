@@ -6,9 +6,12 @@ The manifest travels inside the artifact's safetensors metadata as JSON under on
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
+
+from deltas.codecs import CODECS
 
 # v1: dense tensors only. v2: any codec, optional zstd. Exact, uncompressed artifacts are still
 # written as v1 so older deltagate releases keep reading them.
@@ -55,10 +58,13 @@ class TensorEntry(BaseModel):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
+
+    @property
+    def lossless(self) -> bool:
+        """Whether its codec rebuilds the post-trained tensor exactly on the source base."""
+        codec = CODECS.get(self.encoding)
+        return codec is not None and codec.lossless
 
 
 class DeltaManifest(BaseModel):
@@ -103,7 +109,7 @@ class DeltaManifest(BaseModel):
     @property
     def lossless(self) -> bool:
         """Every tensor rebuilds its post-trained weights exactly on the source base."""
-        return all(t.encoding == "dense" for t in self.tensors)
+        return all(t.lossless for t in self.tensors)
 
     @property
     def total_corrections(self) -> int:

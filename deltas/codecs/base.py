@@ -95,10 +95,3 @@ def require_shape(
         list(t.shape) == list(shape) and t.dtype == dtype,
         f"payload {suffix or 'values'!r} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}",
     )
-
-
-def numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from deltas.codecs.base import Codec, Encoded, TensorSource, numel, require_shape, rows_view
+from deltas.codecs.base import Codec, Encoded, TensorSource, require_shape, rows_view
 from deltas.codecs.bits import pack_bits, packed_bits_len, unpack_bits
 from deltas.mix import Delta
 
@@ -29,7 +30,7 @@ class BitDeltaCodec(Codec):
         return Encoded({"::signs": pack_bits(rows >= 0), "::scale": scale.contiguous()}, "1-bit")
 
     def decode(self, payload: dict[str, torch.Tensor], shape: list[int]) -> Delta:
-        n = numel(shape)
+        n = math.prod(shape)
         rows = rows_view(torch.empty(shape, device="meta")).shape
         require_shape(payload, "::signs", [packed_bits_len(n)], torch.uint8)
         require_shape(payload, "::scale", [rows[0] if self.params.scale == "row" else 1], torch.float32)

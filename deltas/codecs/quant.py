@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltas.codecs.base import Codec, Encoded, TensorSource, numel, require_shape, rows_view
+from deltas.codecs.base import Codec, Encoded, TensorSource, require_shape, rows_view
 from deltas.codecs.bits import pack_nibbles, unpack_nibbles
 from deltas.mix import Delta
 
@@ -50,7 +52,7 @@ class Int4Codec(Codec):
         return Encoded({"::q4": packed, "::scale": scale.contiguous()}, "int4")
 
     def decode(self, payload: dict[str, torch.Tensor], shape: list[int]) -> Delta:
-        n, g = numel(shape), self.params.group
+        n, g = math.prod(shape), self.params.group
         require_shape(payload, "::q4", [(n + 1) // 2], torch.uint8)
         require_shape(payload, "::scale", [(n + g - 1) // g], torch.float32)
         codes = unpack_nibbles(payload["::q4"], n).to(torch.float32) - 8.0

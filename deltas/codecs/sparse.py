@@ -5,12 +5,13 @@ Both store a bitmask (1 bit per element) and the kept values in bf16, in mask or
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltas.codecs.base import Codec, Encoded, TensorSource, numel, require, require_shape
+from deltas.codecs.base import Codec, Encoded, TensorSource, require, require_shape
 from deltas.codecs.bits import pack_bits, packed_bits_len, unpack_bits
 from deltas.errors import DeltaError
 from deltas.mix import Delta
@@ -48,7 +49,7 @@ class SparseCodec(Codec):
         return Encoded({"::mask": pack_bits(mask), "::values": values.contiguous()}, "bfloat16")
 
     def decode(self, payload: dict[str, torch.Tensor], shape: list[int]) -> Delta:
-        n = numel(shape)
+        n = math.prod(shape)
         require_shape(payload, "::mask", [packed_bits_len(n)], torch.uint8)
         mask = unpack_bits(payload["::mask"], n)
         kept = int(mask.sum())
