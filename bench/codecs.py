@@ -64,20 +64,21 @@ def write_calibration(post: Path, out: Path, n: int = 128) -> Path:
 
 
 def build_rows(specs: list[str], base: Path, post: Path, work: Path) -> dict[str, tuple[Path, Row]]:
-    from training.importance import gradient_importance
+    from training.importance import calibration_gradients
 
     gradients = None
     rows = {}
     for spec in specs:
         out = work / (spec.replace(":", "_").replace(",", "_").replace("=", "") + ".safetensors")
-        if "select=gradient" in spec and gradients is None:
+        plan = CodecPlan.uniform(spec)
+        if plan.needs_gradients and gradients is None:
             calib = write_calibration(post, work / "calib.jsonl")
             start = time.perf_counter()
-            gradients = gradient_importance(post, calib)
+            gradients = calibration_gradients(post, calib)
             print(f"gradients on {calib}: {time.perf_counter() - start:.1f} s", flush=True)
-        grads = gradients if "select=gradient" in spec else None
+        grads = gradients if plan.needs_gradients else None
         start = time.perf_counter()
-        report = extract_delta(base, post, out, plan=CodecPlan.uniform(spec), gradients=grads)
+        report = extract_delta(base, post, out, plan=plan, gradients=grads)
         seconds = time.perf_counter() - start
         # the same payloads under the lossless zstd layer
         zstd = extract_delta(base, post, work / ("z-" + out.name), plan=CodecPlan.uniform(spec, zstd=True),

@@ -37,7 +37,7 @@ def calibration_texts(path: str | Path, limit: int) -> list[str]:
     return texts
 
 
-def gradient_importance(
+def calibration_gradients(
     model_dir: str | Path,
     calib: str | Path,
     *,

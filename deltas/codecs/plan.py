@@ -57,6 +57,11 @@ class CodecPlan(BaseModel):
         specs = {self.default, self.vectors, *(r.codec for r in self.rules)}
         return {s: parse_codec(s) for s in specs}
 
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether some codec selects entries by |Δ ⊙ ∇L| (then calibration gradients are needed)."""
+        return any(getattr(c.params, "select", None) == "gradient" for c in self._codecs.values())
+
     def excludes(self, name: str) -> bool:
         """Whether tensor `name` is left out of the artifact (its base weights are kept)."""
         return any(fnmatchcase(name, pattern) for pattern in self.exclude)

@@ -24,6 +24,17 @@ def fail(message: str) -> typer.Exit:
 
 
 @contextmanager
+def cli_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Turn the library's expected errors (and `extra`) into a clean CLI error (exit 2)."""
+    from deltas.errors import DeltaError
+
+    try:
+        yield
+    except (DeltaError, OSError, *extra) as exc:
+        raise fail(str(exc)) from None
+
+
+@contextmanager
 def tensor_progress(verb: str) -> Iterator[Callable[[str, int, int], None]]:
     """A transient progress bar fed with (tensor name, index, total) callbacks."""
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

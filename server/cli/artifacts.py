@@ -10,8 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deltas.errors import DeltaError
-from server.cli.app import app, console, fail, tensor_progress
+from server.cli.app import app, cli_errors, console, fail, tensor_progress
 
 CodecOpt = Annotated[
     str | None,
@@ -52,21 +51,16 @@ def build_plan(codec: str | None, codec_recipe: Path | None, zstd: bool, select:
     return plan
 
 
-def needs_gradient(plan) -> bool:
-    specs = [plan.default, plan.vectors, *(r.codec for r in plan.rules)]
-    return any("select=gradient" in s.replace(" ", "") for s in specs)
-
-
-def importance_scores(plan, calib: Path | None, model_dir: Path | None, artifact: Path | None):
-    """|Δ ⊙ ∇L| scores if the plan selects by gradient (None otherwise)."""
-    if not needs_gradient(plan):
+def gradients_for(plan, calib: Path | None, model_dir: Path | None, artifact: Path | None):
+    """∇L on the calibration texts if the plan selects by |Δ ⊙ ∇L| (None otherwise)."""
+    if not plan.needs_gradients:
         return None
     if calib is None:
         raise fail("select=gradient needs --calib FILE.jsonl")
-    from training.importance import gradient_importance
+    from training.importance import calibration_gradients
 
     console.print(f"computing gradients on {calib} ...")
-    return gradient_importance(model_dir, calib, delta_artifact=artifact)
+    return calibration_gradients(model_dir, calib, delta_artifact=artifact)
 
 
 def report(report, verb: str) -> None:
@@ -93,13 +87,11 @@ def extract(
     """Extract Δ = post − base into a verified artifact (exact by default)."""
     from deltas.extract import extract_delta
 
-    try:
+    with cli_errors():
         plan = build_plan(codec, codec_recipe, zstd, select)
-        scores = importance_scores(plan, calib, post, None)
+        gradients = gradients_for(plan, calib, post, None)
         with tensor_progress("extracting") as progress:
-            result = extract_delta(base, post, output, plan=plan, gradients=scores, progress=progress)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
+            result = extract_delta(base, post, output, plan=plan, gradients=gradients, progress=progress)
     report(result, "wrote")
 
 
@@ -120,16 +112,13 @@ def compress(
     from deltas.artifact import DeltaArtifact
     from deltas.compress import compress_artifact
 
-    try:
+    with cli_errors():
         plan = build_plan(codec, codec_recipe, zstd, select)
-        base_dir = base or (
-            Path(DeltaArtifact(source).manifest.base.source) if needs_gradient(plan) else None
-        )
-        scores = importance_scores(plan, calib, base_dir, source)
+        if plan.needs_gradients and base is None:
+            base = Path(DeltaArtifact(source).manifest.base.source)
+        gradients = gradients_for(plan, calib, base, source)
         with tensor_progress("compressing") as progress:
-            result = compress_artifact(source, output, plan, gradients=scores, progress=progress)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
+            result = compress_artifact(source, output, plan, gradients=gradients, progress=progress)
     report(result, "wrote")
 
 
@@ -144,10 +133,8 @@ def inspect(
     """Print an artifact's manifest and per-tensor statistics."""
     from deltas.artifact import open_artifact
 
-    try:
+    with cli_errors():
         art = open_artifact(artifact, verify=verify)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
     m = art.manifest
     if as_json:
         print(json.dumps(m.model_dump(), indent=2))
@@ -197,7 +184,7 @@ def merge(
     from deltas.recipe import Recipe, RecipeFile
     from loaders.merge import check_recipe, write_merged_checkpoint
 
-    try:
+    with cli_errors(ValidationError):
         if recipe is not None:
             if delta:
                 raise fail("give --recipe or --delta, not both")
@@ -213,10 +200,6 @@ def merge(
         check_recipe(plan)
         with tensor_progress("merging"):
             write_merged_checkpoint(plan, output)
-    except ValidationError as exc:
-        raise fail(str(exc)) from None
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
     console.print(f"wrote {output} ({plan.method}, {len(plan.deltas)} deltas)")
 
 
@@ -243,10 +226,8 @@ def export_lora_cmd(
     """Write the delta's projections as a PEFT LoRA adapter for vLLM's multi-LoRA serving."""
     from deltas.lora import export_lora
 
-    try:
+    with cli_errors():
         result = export_lora(artifact, output, rank=rank)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
     console.print(f"wrote {result.path}: rank {result.rank}, {len(result.modules)} modules")
     if result.left_out:
         console.print(

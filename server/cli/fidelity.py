@@ -12,9 +12,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from deltas.errors import DeltaError
 from loaders.engine import EngineError
-from server.cli.app import app, console, fail
+from server.cli.app import app, cli_errors, console, fail
 
 
 def load_prompts(path: Path) -> list[str]:
@@ -55,11 +54,9 @@ def fidelity(
 
     if task not in ("addition", "none"):
         raise fail(f"--task {task!r}: choose addition or none")
-    try:
+    with cli_errors():
         comp, ref = open_artifact(compressed, verify=True), open_artifact(reference, verify=True)
         errors = fid.tensor_errors(comp, ref)
-    except (DeltaError, OSError) as exc:
-        raise fail(str(exc)) from None
     result = {"tensors": [asdict(e) for e in errors], "served": None}
     if served:
         base_dir = base or Path(ref.manifest.base.source)

@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
-from deltas.errors import DeltaError
 from deltas.recipe import RecipeFile
-from server.cli.app import app, console, fail
+from server.cli.app import app, cli_errors, console, fail
 from server.settings import BaseSpec, StartupTerm, StartupVariant
 
 
@@ -40,10 +39,8 @@ def parse_variant(value: str) -> StartupVariant:
 
 def parse_recipe_file(path: Path) -> StartupVariant:
     """A YAML recipe (deltas.recipe.RecipeFile) as a start-up variant named by `name:` or the file."""
-    try:
+    with cli_errors():
         spec = RecipeFile.load(path)
-    except DeltaError as exc:
-        raise fail(str(exc)) from None
 
     def ref(delta: str) -> str:  # a registered name, or a path relative to the YAML file
         candidate = path.parent / delta
