@@ -143,7 +143,7 @@ class Gateway:
         """The variant, recipe and engine slot serving `model`."""
         variant = self.registry.variant(model)
         base = self.registry.base(variant.base)
-        terms, template, eos = [], None, []
+        template, eos = None, []
         for term in variant.deltas:
             record = self.registry.delta(term.delta)
             if _identity_or_none(record.path) != (record.size_bytes, record.mtime_ns):
@@ -151,14 +151,13 @@ class Gateway:
                     f"delta {record.name!r}: {record.path} is missing or changed since it was registered; "
                     "register it again"
                 )
-            terms.append(DeltaTerm(path=record.path, alpha=term.alpha, density=term.density))
             template = template or record.chat_template
             # the post model's end-of-turn tokens, where the base would not stop on them
             eos += [e for e in record.eos_token_ids if e not in eos and e not in self._base_eos[base.name]]
         slot = self.slots.get(base.name)
         if slot is None:
             raise NotFoundError(f"base {base.name!r} has no running engine")
-        return Resolved(variant, _recipe(variant, base.path, terms), slot, template, eos)
+        return Resolved(variant, self._recipe(variant), slot, template, eos)
 
     def model_names(self) -> list[str]:
         return self.registry.model_names()
@@ -205,16 +204,27 @@ class Gateway:
     # variants ----------------------------------------------------------
     async def define_variant(self, record: VariantRecord) -> VariantRecord:
         """Validate that the deltas fit the base, then register the variant."""
-        base_record = self.registry.base(record.base)
+        self.registry.base(record.base)  # an unknown base is a 404 before anything else
         if record.name in self.registry.state.variants or record.name in self.registry.state.bases:
             raise ConflictError(f"model name {record.name!r} is taken")
-        terms = [
-            DeltaTerm(path=self.registry.delta(t.delta).path, alpha=t.alpha, density=t.density)
-            for t in record.deltas
-        ]
-        await asyncio.to_thread(check_recipe, _recipe(record, base_record.path, terms))
+        await asyncio.to_thread(check_recipe, self._recipe(record))
         self.registry.add_variant(record)
         return record
+
+    def _recipe(self, variant: VariantRecord) -> Recipe:
+        """The weights `variant` stands for, with its deltas' registered paths."""
+        terms = [
+            DeltaTerm(path=self.registry.delta(t.delta).path, alpha=t.alpha, density=t.density)
+            for t in variant.deltas
+        ]
+        base = self.registry.base(variant.base)
+        return Recipe(
+            base=base.path,
+            deltas=terms,
+            method=variant.method,
+            normalize=variant.normalize,
+            seed=variant.seed,
+        )
 
     async def ensure_variant(self, spec: StartupVariant) -> VariantRecord:
         """Define a command-line variant, registering artifact paths as deltas on the way."""
@@ -254,12 +264,6 @@ class Gateway:
 
     def delete_variant(self, name: str) -> None:
         self.registry.remove_variant(name)
-
-
-def _recipe(variant: VariantRecord, base_path: str, terms: list[DeltaTerm]) -> Recipe:
-    return Recipe(
-        base=base_path, deltas=terms, method=variant.method, normalize=variant.normalize, seed=variant.seed
-    )
 
 
 def _require_name(name: str) -> None:

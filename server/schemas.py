@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deltas.recipe import MethodName
 from server.registry import DeltaRecord, VariantRecord, VariantTerm, check_name
 
 
@@ -46,19 +45,12 @@ class DeltasPublic(BaseModel):
     data: list[DeltaPublic]
 
 
-class VariantCreate(BaseModel):
-    """{name, base, deltas: [{delta, alpha, density}], method}: θ = base + merge(alpha·delta, ...)."""
+class VariantCreate(VariantRecord):
+    """{name, base, deltas: [{delta, alpha, density}], method, normalize, seed}: a variant to define."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    base: str
     deltas: list[VariantTerm] = Field(min_length=1)
-    method: MethodName = "linear"
-    normalize: bool | None = None
-    seed: int = Field(0, ge=0)
-
-    _check = field_validator("name")(check_name)
 
     @field_validator("deltas")
     @classmethod
