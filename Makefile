@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BACKEND ?= cpu
 STAMP := $(VENV)/.installed-$(BACKEND)
 
-.PHONY: install serve test lint bench bench-codecs clean
+.PHONY: install serve test lint bench bench-codecs fresh-clone-test clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: install
 
 bench-codecs: install
 	$(PY) bench/codecs.py
+
+# What CI does, from a 100+ character directory and a 40-column terminal (issue 8): run before stopping.
+fresh-clone-test:
+	d=$$(mktemp -d)/$$(printf 'x%.0s' $$(seq 1 100)) && git clone -q . "$$d" && cd "$$d" && COLUMNS=40 $(MAKE) test
 
 clean:
 	rm -rf $(VENV) .cache .deltagate

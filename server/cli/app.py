@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 app = typer.Typer(
@@ -14,12 +15,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(stderr=True)
+# soft_wrap: a message keeps only the line breaks its author put there, whatever the terminal
+# width (or none, when stderr is a pipe), so logs and tests can match it. Tables still fit the width.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str) -> typer.Exit:
     """Print `message` as an error; raise the returned Exit (code 2)."""
-    console.print(f"[red]error:[/red] {message}")
+    console.print("[red]error:[/red] " + escape(message), highlight=False)
     return typer.Exit(code=2)
 
 

@@ -139,7 +139,7 @@ def inspect(
     if as_json:
         print(json.dumps(m.model_dump(), indent=2))
         return
-    out = Console(width=max(Console().width, 170))  # tensor names must not wrap
+    out = Console(width=max(Console().width, 170), soft_wrap=True)  # tensor names must not wrap
     summary = art.summary()
     out.print(
         f"[bold]{artifact}[/bold]  format v{m.format_version}, deltagate {m.tool_version}, {m.created_at}"

@@ -1,6 +1,7 @@
 """The deltagate CLI: extract, inspect, merge, and clear errors naming the problem."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,21 @@ def test_merge_with_yaml_recipe(tied, tmp_path):
     recipe.write_text("merge_method: slerp\ndeltas: [{delta: a}]\n")
     r = runner.invoke(app, ["merge", "--recipe", str(recipe), "-o", str(tmp_path / "m2")])
     assert r.exit_code == 2 and "merge_method" in r.output
+
+
+def test_errors_are_never_wrapped(tied, tmp_path):
+    """An error naming a long path stays one line on a 40-column terminal or a pipe (issue 8)."""
+    deep = tmp_path / ("x" * 120) / ("y" * 60)
+    deep.mkdir(parents=True)
+    bad = deep / "bad [v2].safetensors"  # brackets: no rich markup may eat them
+    bad.write_bytes(tied.delta.read_bytes()[:100])
+    env = {**os.environ, "COLUMNS": "40", "LINES": "10"}
+    for extra_env in ({}, {"TERM": "dumb"}):
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "inspect", str(bad)],
+            capture_output=True, text=True, env={**env, **extra_env},
+        )  # fmt: skip
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith("error: ") and str(bad) in lines[0] and "truncated" in lines[0]
