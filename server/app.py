@@ -34,8 +34,9 @@ def ensure_admin_token(settings: GatewaySettings) -> str:
 def create_app(settings: GatewaySettings) -> FastAPI:
     """Build the gateway app; engines start when the app starts and stop when it stops."""
     ensure_admin_token(settings)
-    metrics = Metrics()
+    metrics = Metrics(__version__)
     gateway = Gateway(settings, metrics)
+    metrics.watch_engines(gateway.engine_states)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,6 +50,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.gateway = gateway
     app.state.metrics = metrics
     install_error_handlers(app)
+    app.include_router(openai.inference)
     for module in (openai, deltas, variants, ops):
         app.include_router(module.router)
     return app

@@ -16,11 +16,13 @@ _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_gateway(request: Request) -> Gateway:
+# Every dependency is `async def`: FastAPI runs plain `def` dependencies in a thread pool, a
+# thread hop per request on the inference hot path.
+async def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -32,15 +34,23 @@ def _matches(token: str | None, allowed: list[str]) -> bool:
     return token is not None and any(secrets.compare_digest(token, a) for a in allowed)
 
 
-def require_admin(gateway: GatewayDep, creds: Credentials) -> None:
+async def require_admin(gateway: GatewayDep, creds: Credentials) -> None:
     """Admin routes need the admin bearer token (separate from inference keys)."""
     token = creds.credentials if creds else None
     if not _matches(token, [gateway.settings.admin_token or ""]):
         raise UnauthorizedError("admin token missing or wrong: send 'Authorization: Bearer <admin token>'")
 
 
-def require_api_key(gateway: GatewayDep, creds: Credentials) -> None:
+async def require_api_key(gateway: GatewayDep, creds: Credentials) -> None:
     """Inference routes need an API key only if the gateway was given some."""
+    check_api_key(gateway, f"Bearer {creds.credentials}" if creds else None)
+
+
+def check_api_key(gateway: Gateway, authorization: str | None) -> None:
+    """The API-key check on a raw `Authorization` header (for routes that skip dependencies)."""
     keys = gateway.settings.api_keys
-    if keys and not _matches(creds.credentials if creds else None, keys):
+    if not keys:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not _matches(token.strip() or None, keys):
         raise UnauthorizedError("API key missing or wrong: send 'Authorization: Bearer <key>'")

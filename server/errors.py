@@ -34,6 +34,10 @@ class UnauthorizedError(GatewayError):
     status, kind = 401, "authentication_error"
 
 
+class InvalidBodyError(GatewayError):
+    status, kind = 422, "invalid_request_error"
+
+
 class SwapError(GatewayError):
     status, kind = 502, "swap_failed"
 

@@ -16,7 +16,7 @@ from deltas.recipe import DeltaTerm, Recipe
 from loaders.engine import EngineClient, EngineProcess, EngineSpec
 from loaders.merge import check_recipe
 from server.errors import BadRequestError, ConflictError, NotFoundError
-from server.metrics import Metrics
+from server.metrics import EngineState, Metrics
 from server.registry import (
     BaseRecord,
     DeltaRecord,
@@ -106,7 +106,8 @@ class Gateway:
         current = await client.current_recipe()
         if current is not None:
             resident = Recipe.model_validate_json(current)
-        self.slots[base.name] = WeightSlot(client, resident, on_swap=self.metrics.observe_swap)
+        on_swap = lambda _variant, seconds, ok: self.metrics.observe_swap(base.name, seconds, ok)  # noqa: E731
+        self.slots[base.name] = WeightSlot(client, resident, on_swap=on_swap)
         self._base_eos[base.name] = set(_eos_ids(Checkpoint(base.path).generation_config()))
 
     async def _supervise(self) -> None:
@@ -117,7 +118,7 @@ class Gateway:
                 if proc.alive():
                     continue
                 log.error("engine for base %s exited (code %s); restarting it", name, proc.proc.returncode)
-                self.metrics.engine_restarts.inc()
+                self.metrics.engine_restarts.labels(name).inc()
 
                 async def restart(proc: EngineProcess = proc) -> None:
                     proc.start()
@@ -161,6 +162,17 @@ class Gateway:
 
     def model_names(self) -> list[str]:
         return self.registry.model_names()
+
+    def engine_states(self) -> list[EngineState]:
+        """Per engine: resident variant, every model name it serves, requests in flight (for /metrics)."""
+        served: dict[str, list[str]] = {name: [name] for name in self.slots}
+        for v in self.registry.state.variants.values():
+            served.setdefault(v.base, []).append(v.name)
+        return [
+            EngineState(name, slot.resident_variant or _base_if_plain(slot, name), tuple(served[name]),
+                        slot.inflight)  # fmt: skip
+            for name, slot in self.slots.items()
+        ]
 
     # deltas ------------------------------------------------------------
     async def register_delta_path(self, name: str, path: str) -> DeltaRecord:
@@ -264,6 +276,11 @@ class Gateway:
 
     def delete_variant(self, name: str) -> None:
         self.registry.remove_variant(name)
+
+
+def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
+    """Before any request, an engine holds its plain base (unless attached with other weights)."""
+    return base if not slot.resident.deltas and not slot.resident.base.startswith("<") else None
 
 
 def _require_name(name: str) -> None:

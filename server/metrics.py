@@ -1,45 +1,122 @@
-"""Prometheus metrics of the gateway, in a registry of its own (one per app)."""
+"""Prometheus metrics of the gateway, in a registry of its own (one per app).
+
+Naming follows Prometheus conventions: prefix `deltagate_`, base units (seconds), `_total`
+counters. Labels take bounded values only: `variant` is a registered model name (requests are
+counted after the name resolved), `engine` a base name, `endpoint` one of the two OpenAI routes,
+`status_class` 2xx/4xx/5xx. State that already lives in the swap slots (resident variant,
+in-flight requests) is read at scrape time by a collector instead of being mirrored per request.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SWAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the scrape reads from one engine's slot."""
+
+    engine: str
+    resident: str | None
+    variants: tuple[str, ...]  # every model name served by this engine (its base and variants)
+    inflight: int
+
+
+class _SlotCollector(Collector):
+    def __init__(self, states: Callable[[], Iterable[EngineState]]):
+        self._states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        resident = GaugeMetricFamily(
+            "deltagate_resident_variant", "1 for the variant whose weights an engine holds, 0 for its others",
+            labels=["engine", "variant"],
+        )  # fmt: skip
+        inflight = GaugeMetricFamily(
+            "deltagate_inflight_requests",
+            "Requests admitted on an engine and not finished",
+            labels=["engine"],
+        )
+        for s in self._states():
+            for variant in s.variants:
+                resident.add_metric([s.engine, variant], 1.0 if variant == s.resident else 0.0)
+            inflight.add_metric([s.engine], s.inflight)
+        yield resident
+        yield inflight
 
 
 class Metrics:
     """Counters and histograms the gateway updates; `render` is the /metrics body."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, version: str) -> None:
+        r = self.registry = CollectorRegistry()
+        Info("deltagate_build", "deltagate version", registry=r).info({"version": version})
         self.requests = Counter(
-            "deltagate_requests_total", "Inference requests by model, endpoint and status",
-            ["model", "endpoint", "status"], registry=self.registry,
+            "deltagate_requests_total", "Inference requests by variant, endpoint and status class",
+            ["variant", "endpoint", "status_class"], registry=r,
         )  # fmt: skip
         self.request_seconds = Histogram(
-            "deltagate_request_seconds", "Inference request latency including any swap wait",
-            ["endpoint"], registry=self.registry,
+            "deltagate_request_duration_seconds", "End-to-end inference latency, swap wait included",
+            ["variant"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft_seconds = Histogram(
+            "deltagate_time_to_first_token_seconds", "Arrival to the first streamed chunk",
+            ["variant"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "deltagate_prompt_tokens_total", "Prompt tokens, from the engine's usage", ["variant"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "deltagate_generation_tokens_total", "Generated tokens, from the engine's usage", ["variant"],
+            registry=r,
+        )  # fmt: skip
+        self.swap_wait_seconds = Histogram(
+            "deltagate_swap_wait_seconds", "Time a request waited for its variant's weights to be resident",
+            ["variant"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.swaps = Counter(
-            "deltagate_swaps_total", "Weight swaps by target variant and result",
-            ["variant", "result"], registry=self.registry,
-        )  # fmt: skip
+            "deltagate_swaps_total", "Weight swaps by engine and result", ["engine", "result"], registry=r
+        )
         self.swap_seconds = Histogram(
-            "deltagate_swap_seconds", "Duration of successful weight swaps",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=self.registry,
+            "deltagate_swap_duration_seconds", "Duration of successful weight swaps", ["engine"],
+            buckets=SWAP_BUCKETS, registry=r,
         )  # fmt: skip
-        self.inflight = Gauge(
-            "deltagate_inflight_requests", "Requests admitted and not finished",
-            registry=self.registry,
-        )  # fmt: skip
-
         self.engine_restarts = Counter(
-            "deltagate_engine_restarts_total", "Managed engines restarted after exiting",
-            registry=self.registry,
+            "deltagate_engine_restarts_total",
+            "Managed engines restarted after exiting",
+            ["engine"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "deltagate_upstream_errors_total",
+            "Engine failures seen by the relay: connect, status (engine 5xx), stream (broke mid-response)",
+            ["engine", "kind"], registry=r,
         )  # fmt: skip
 
-    def observe_swap(self, variant: str, seconds: float, ok: bool) -> None:
-        self.swaps.labels(variant=variant, result="ok" if ok else "error").inc()
+    def watch_engines(self, states: Callable[[], Iterable[EngineState]]) -> None:
+        """Report resident variant and in-flight requests per engine from `states()` at each scrape."""
+        self.registry.register(_SlotCollector(states))
+
+    def observe_swap(self, engine: str, seconds: float, ok: bool) -> None:
+        self.swaps.labels(engine=engine, result="ok" if ok else "error").inc()
         if ok:
-            self.swap_seconds.observe(seconds)
+            self.swap_seconds.labels(engine=engine).observe(seconds)
+
+    def observe_usage(self, variant: str, usage: dict) -> None:
+        """Count tokens from an OpenAI `usage` object."""
+        self.prompt_tokens.labels(variant).inc(usage.get("prompt_tokens") or 0)
+        self.generation_tokens.labels(variant).inc(usage.get("completion_tokens") or 0)
+
+    def observe_request(self, variant: str, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(variant, endpoint, f"{status // 100}xx").inc()
+        self.request_seconds.labels(variant).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

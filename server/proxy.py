@@ -1,24 +1,32 @@
 """Forward an OpenAI request to the engine holding its variant, streaming or not.
 
-The slot admission is held for the whole response (for streams: until the last chunk
-is sent or the client goes away), so a swap never starts under a running generation.
+The slot admission is held for the whole response (for streams: until the last chunk is sent
+or the client goes away), so a swap never starts under a running generation. The hot path is
+per chunk: bytes from the engine are rewritten at byte level (server/sse.py) and passed on
+without parsing JSON; per request, one JSON encode of the payload and, for non-streaming
+answers, one decode of the body.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
-import httpx
+import aiohttp
 from fastapi import Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from loaders.engine import EngineError
 from server.errors import BadRequestError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
 from server.schemas import InferenceBody
+from server.sse import StreamRewriter
+
+# W3C trace context: passed to the engine so its spans join the client's trace.
+TRACE_HEADERS = ("traceparent", "tracestate")
+CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-stream
 
 
 def engine_payload(body: InferenceBody, target: Resolved, chat: bool) -> dict:
@@ -35,60 +43,109 @@ def engine_payload(body: InferenceBody, target: Resolved, chat: bool) -> dict:
     return payload
 
 
-def _rename(obj: dict, model: str) -> dict:
-    if isinstance(obj, dict) and "model" in obj:
-        obj["model"] = model
-    return obj
+def _wants_usage(payload: dict) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 async def forward(
-    gateway: Gateway, metrics: Metrics, endpoint: str, body: InferenceBody, *, chat: bool
+    gateway: Gateway,
+    metrics: Metrics,
+    endpoint: str,
+    body: InferenceBody,
+    headers: Mapping[str, str],
+    *,
+    chat: bool,
 ) -> Response:
     """Admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
     start = time.perf_counter()
     target = gateway.resolve(body.model)
+    variant, engine = target.variant.name, target.slot.client.served_name
     payload = engine_payload(body, target, chat)
-    await target.slot.acquire(target.variant.name, target.recipe)
-    metrics.inflight.inc()
+    keep_usage = _wants_usage(payload)
+    if body.stream and not keep_usage:  # ask for usage anyway (token metrics); the client won't see it
+        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+    forwarded = {h: headers[h] for h in TRACE_HEADERS if h in headers}
+    forwarded["Content-Type"] = "application/json"
+
+    await target.slot.acquire(variant, target.recipe)
+    metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
     released = False
 
-    async def release(status: int) -> None:
+    def release(status: int, usage: dict | None) -> None:
         nonlocal released
         if not released:
             released = True
-            metrics.inflight.dec()
-            await target.slot.release()
-            metrics.requests.labels(body.model, endpoint, str(status)).inc()
-            metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+            target.slot.release()
+            metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
+            if usage:
+                metrics.observe_usage(variant, usage)
 
-    http = target.slot.client.http
     try:
-        request = http.build_request("POST", endpoint, json=payload)
-        upstream = await http.send(request, stream=body.stream)
-    except httpx.HTTPError as exc:
-        await release(502)
-        raise EngineError(f"engine unreachable: {exc}") from exc
+        upstream = await target.slot.client.relay.post(endpoint, data=json.dumps(payload), headers=forwarded)
+    except aiohttp.ClientError as exc:
+        metrics.upstream_errors.labels(engine, "connect").inc()
+        release(502, None)
+        raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
 
-    if not body.stream or upstream.status_code != 200:
+    if not body.stream or upstream.status != 200:
+        status = upstream.status  # read before release()
         try:
-            raw = await upstream.aread()
+            raw = await upstream.read()
+        except aiohttp.ClientError as exc:
+            metrics.upstream_errors.labels(engine, "stream").inc()
+            release(502, None)
+            raise EngineError(f"engine for {engine!r} broke off its answer: {exc}") from exc
         finally:
-            await upstream.aclose()
-            await release(upstream.status_code)
-        try:
-            content = _rename(json.loads(raw), body.model)
-        except json.JSONDecodeError:
-            return Response(raw, status_code=upstream.status_code)
-        return JSONResponse(content, status_code=upstream.status_code)
+            upstream.release()
+        if status >= 500:
+            metrics.upstream_errors.labels(engine, "status").inc()
+        raw, usage = _rename_body(raw, body.model)
+        release(status, usage)
+        return Response(raw, status_code=status, media_type=upstream.content_type)
 
-    async def relay() -> AsyncIterator[str]:
+    rewriter = StreamRewriter(engine, body.model, keep_usage=keep_usage)
+
+    async def relay() -> AsyncIterator[bytes]:
+        status, first = CLIENT_CLOSED, True
         try:
-            async for line in upstream.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    line = "data: " + json.dumps(_rename(json.loads(line[6:]), body.model))
-                yield line + "\n"
+            while data := await upstream.content.readany():
+                out = rewriter.feed(data)
+                if out:
+                    if first:
+                        first = False
+                        metrics.ttft_seconds.labels(variant).observe(time.perf_counter() - start)
+                    yield out
+            if tail := rewriter.flush():
+                yield tail
+            status = 200
+        except aiohttp.ClientError as exc:
+            status = 502
+            metrics.upstream_errors.labels(engine, "stream").inc()
+            yield _error_event(f"engine for {engine!r} broke off the stream: {exc}")
         finally:
-            await upstream.aclose()
-            await release(200)
+            if status == 200:
+                upstream.release()
+            else:
+                upstream.close()  # the client left (or the engine broke): drop the connection
+            release(status, rewriter.usage)
 
     return StreamingResponse(relay(), media_type="text/event-stream")
+
+
+def _rename_body(raw: bytes, model: str) -> tuple[bytes, dict | None]:
+    """A JSON answer with the client's model name, and its usage (unchanged if not JSON)."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return raw, None
+    if not isinstance(obj, dict):
+        return raw, None
+    if "model" in obj:
+        obj["model"] = model
+    return json.dumps(obj).encode(), obj.get("usage")
+
+
+def _error_event(message: str) -> bytes:
+    error = {"error": {"message": message, "type": "engine_error", "code": 502}}
+    return b"data: " + json.dumps(error).encode() + b"\n\n"

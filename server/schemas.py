@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from server.errors import InvalidBodyError
 from server.registry import DeltaRecord, VariantRecord, VariantTerm, check_name
 
 
@@ -14,6 +15,15 @@ class InferenceBody(BaseModel):
 
     model: str
     stream: bool = False
+
+
+def parse_inference_body(raw: bytes) -> InferenceBody:
+    """Validate a raw OpenAI request body; errors become the gateway's 422."""
+    try:
+        return InferenceBody.model_validate_json(raw)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
+        raise InvalidBodyError("; ".join(parts)) from None
 
 
 class DeltaCreate(BaseModel):
@@ -71,6 +81,16 @@ class VariantsPublic(BaseModel):
     data: list[VariantPublic]
 
 
+class SwapPublic(BaseModel):
+    """One swap attempt; `started_monotonic` is the host's CLOCK_MONOTONIC, for aligning timelines."""
+
+    variant: str
+    started_at: float
+    started_monotonic: float
+    seconds: float
+    ok: bool
+
+
 class BasePublic(BaseModel):
     name: str
     path: str
@@ -78,6 +98,7 @@ class BasePublic(BaseModel):
     resident_variant: str | None
     inflight: int
     last_swap_seconds: float | None
+    recent_swaps: list[SwapPublic] = []
 
 
 class BasesPublic(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -26,9 +27,14 @@ SwapHook = Callable[[str, float, bool], None]  # (variant, seconds, ok)
 
 @dataclass
 class SwapRecord:
+    """One swap attempt: when it started (unix and monotonic clocks), how long, whether it worked."""
+
     variant: str
+    started_at: float
+    started_monotonic: float
     seconds: float
     tensors: int
+    ok: bool
 
 
 class WeightSlot:
@@ -40,7 +46,9 @@ class WeightSlot:
         self.resident_variant: str | None = None
         self.inflight = 0
         self.last_swap: SwapRecord | None = None
+        self.recent_swaps: deque[SwapRecord] = deque(maxlen=256)
         self._on_swap = on_swap
+        self._notifiers: set[asyncio.Task] = set()
         self._pending: str | None = None
         self._waiting: dict[str, int] = {}
         self._cond = asyncio.Condition()
@@ -86,26 +94,37 @@ class WeightSlot:
             finally:
                 self._cond.notify_all()
 
-    async def release(self) -> None:
-        """Count one request out."""
+    def release(self) -> None:
+        """Count one request out.
+
+        Synchronous, so it also runs in the cleanup of a stream whose client went away (an
+        await there may be cancelled again). Only the last request out matters to waiters: a
+        swap waits for nothing in flight.
+        """
+        self.inflight -= 1
+        if self.inflight == 0 and any(self._waiting.values()):
+            task = asyncio.get_running_loop().create_task(self._notify())
+            self._notifiers.add(task)
+            task.add_done_callback(self._notifiers.discard)
+
+    async def _notify(self) -> None:
         async with self._cond:
-            self.inflight -= 1
             self._cond.notify_all()
 
     async def _swap(self, variant: str, recipe: Recipe) -> None:
         previous = self.resident
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         try:
             result = await self.client.apply(recipe)
         except EngineError as exc:
-            self._report(variant, time.perf_counter() - start, ok=False)
+            self._report(SwapRecord(variant, started_at, start, time.perf_counter() - start, 0, ok=False))
             await self._restore(previous)
             raise SwapError(f"swap to {variant!r} failed, still serving the previous weights: {exc}") from exc
         self.resident = recipe
-        seconds = time.perf_counter() - start
-        self.last_swap = SwapRecord(variant, seconds, result.tensors)
-        self._report(variant, seconds, ok=True)
-        log.info("swapped to %s in %.2fs (%d tensors)", variant, seconds, result.tensors)
+        record = SwapRecord(variant, started_at, start, time.perf_counter() - start, result.tensors, ok=True)
+        self.last_swap = record
+        self._report(record)
+        log.info("swapped to %s in %.2fs (%d tensors)", variant, record.seconds, result.tensors)
 
     async def _restore(self, previous: Recipe) -> ApplyResult | None:
         """After a failed swap, put the previous weights back (a failed apply may be partial)."""
@@ -116,6 +135,7 @@ class WeightSlot:
             self.resident = Recipe(base="<unknown>")
             return None
 
-    def _report(self, variant: str, seconds: float, ok: bool) -> None:
+    def _report(self, record: SwapRecord) -> None:
+        self.recent_swaps.append(record)
         if self._on_swap:
-            self._on_swap(variant, seconds, ok)
+            self._on_swap(record.variant, record.seconds, record.ok)

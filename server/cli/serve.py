@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -89,6 +90,9 @@ def serve(
     ] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Default: from the model config")] = None,
     kv_cache_gib: float = 1.0,
+    access_log: Annotated[
+        bool, typer.Option(help="Log every HTTP request (costs throughput under load; see bench/relay.py)")
+    ] = False,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -116,7 +120,10 @@ def serve(
     ensure_admin_token(settings)
     models = [b.name for b in bases] + [v.name for v in settings.variants]
     print(how_to_call(host, port, models, state_dir, bool(settings.api_keys), given=bool(admin_token)))
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # A busy relay allocates a few short-lived objects per streamed chunk; with the default
+    # threshold (700) the young generation is collected thousands of times a second.
+    gc.set_threshold(50_000, 50, 100)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)
 
 
 @app.command()
@@ -154,6 +161,7 @@ def demo(
         api_key=None,
         max_model_len=None,
         kv_cache_gib=1.0,
+        access_log=False,
     )
 
 

@@ -1,13 +1,15 @@
-"""Operations: health, Prometheus metrics, and the bases with their engines (admin)."""
+"""Operations: health, Prometheus metrics (the gateway's and each engine's), and the bases (admin)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
 from server.deps import GatewayDep, MetricsDep, require_admin
-from server.schemas import BasePublic, BasesPublic
+from server.errors import NotFoundError
+from server.schemas import BasePublic, BasesPublic, SwapPublic
 
 router = APIRouter(tags=["ops"])
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @router.get("/health")
@@ -19,14 +21,28 @@ async def health(gateway: GatewayDep) -> dict:
 
 @router.get("/metrics")
 async def metrics(m: MetricsDep) -> Response:
-    return Response(m.render(), media_type="text/plain; version=0.0.4")
+    """The gateway's own metrics (deltagate_*)."""
+    return Response(m.render(), media_type=PROMETHEUS_TEXT)
+
+
+@router.get("/metrics/engines/{base}")
+async def engine_metrics(base: str, gateway: GatewayDep) -> Response:
+    """The vLLM engine's own metrics (vllm:*), relayed: engines bind to loopback, unscrapable."""
+    slot = gateway.slots.get(base)
+    if slot is None:
+        raise NotFoundError(f"no engine for base {base!r}; bases: {sorted(gateway.slots)}")
+    return Response(await slot.client.metrics_text(), media_type=PROMETHEUS_TEXT)
 
 
 @router.get("/v1/bases", dependencies=[Depends(require_admin)], tags=["admin"])
 async def list_bases(gateway: GatewayDep) -> BasesPublic:
+    """Bases with their engine, resident variant, requests in flight and recent swaps."""
     data = []
     for record in gateway.registry.state.bases.values():
         slot = gateway.slots.get(record.name)
+        swaps = (
+            [SwapPublic.model_validate(s, from_attributes=True) for s in slot.recent_swaps] if slot else []
+        )
         data.append(
             BasePublic(
                 name=record.name,
@@ -35,6 +51,7 @@ async def list_bases(gateway: GatewayDep) -> BasesPublic:
                 resident_variant=slot.resident_variant if slot else None,
                 inflight=slot.inflight if slot else 0,
                 last_swap_seconds=slot.last_swap.seconds if slot and slot.last_swap else None,
+                recent_swaps=swaps,
             )
         )
     return BasesPublic(data=data)

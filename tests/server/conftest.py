@@ -236,3 +236,44 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
         yield stack
     finally:
         stop_gateway(proc)
+
+
+@dataclass
+class MockStack:
+    """`deltagate serve` attached to a mock engine (loaders/mock_engine.py): no vLLM, starts in seconds."""
+
+    url: str
+    engine_url: str
+    admin: dict
+
+
+MOCK_TOKENS_PER_SECOND = 50
+
+
+@pytest.fixture(scope="session")
+def mock_stack(tied, tmp_path_factory) -> MockStack:
+    """Base `mock` (tied's checkpoint) on a mock engine; variants mock-inst (Δ) and mock-half (0.5·Δ)."""
+    work = tmp_path_factory.mktemp("mock-stack")
+    engine_port, port = free_port(), free_port()
+    engine_log = work / "mock-engine.log"
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "mock",
+         "--tokens-per-second", str(MOCK_TOKENS_PER_SECOND), "--swap-seconds", "0.05"],
+        stdout=open(engine_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    log = work / "gateway.log"
+    proc = None
+    try:
+        wait_healthy(engine_url, mock, engine_log, timeout=60)
+        args = ["--base", f"mock={tied.base}", "--engine-url", f"mock={engine_url}",
+                "--variant", f"mock-inst={tied.delta}",
+                "--variant", f"mock-half={tied.delta}:0.5"]  # fmt: skip
+        proc = start_gateway(args, work / "state", port, log)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log, timeout=120)
+        yield MockStack(url, engine_url, {"Authorization": f"Bearer {ADMIN}"})
+    finally:
+        if proc is not None:
+            stop_gateway(proc)
+        stop_gateway(mock)

@@ -46,7 +46,7 @@ async def _request(slot: WeightSlot, engine: FakeEngine, name: str, recipe: Reci
         return name
     finally:
         engine.running -= 1
-        await slot.release()
+        slot.release()
 
 
 async def test_alternating_traffic_is_served_on_the_right_weights():

@@ -1,0 +1,77 @@
+"""Rewrite an engine's SSE stream for the client at byte level, without parsing every chunk.
+
+What changes on the way: the `model` field (the engine serves its base name; the client asked
+for a variant) and, when the gateway asked for usage the client did not, the usage-only chunk is
+taken out. The engine's chunks are compact JSON (pydantic `model_dump_json`), so `"model":"base"`
+appears once per event as a top-level key; inside a JSON string a quote is escaped, so the
+pattern cannot match generated text. Events are only ever cut at the blank line that ends them,
+so a pattern split across two network reads is never missed. An event that does not carry the
+compact pattern (another engine's formatting) falls back to a JSON rewrite of that event.
+"""
+
+from __future__ import annotations
+
+import json
+
+_EVENT_END = b"\n\n"
+_DATA = b"data: {"
+_USAGE = b'"usage":{'
+
+
+class StreamRewriter:
+    """Feed raw bytes from the engine, get the bytes to send to the client."""
+
+    def __init__(self, served: str, requested: str, *, keep_usage: bool):
+        self._old = b'"model":' + json.dumps(served).encode()
+        self._new = b'"model":' + json.dumps(requested).encode()
+        self._requested = requested
+        self._keep_usage = keep_usage
+        self._buffer = b""
+        self.usage: dict | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """The complete events in `buffer + data`, rewritten; an incomplete tail waits for more."""
+        buffer = self._buffer + data
+        cut = buffer.rfind(_EVENT_END)
+        if cut < 0:
+            self._buffer = buffer
+            return b""
+        ready, self._buffer = buffer[: cut + 2], buffer[cut + 2 :]
+        if _USAGE in ready:
+            ready = self._take_usage(ready)
+        if ready.count(self._old) == ready.count(_DATA):  # the common case: one pattern per event
+            return ready.replace(self._old, self._new)
+        return b"".join(self._rewrite_event(e) for e in ready.split(_EVENT_END) if e)
+
+    def flush(self) -> bytes:
+        """Whatever the engine sent after its last complete event (normally nothing)."""
+        rest, self._buffer = self._buffer, b""
+        return self._rewrite_event(rest) if rest.strip() else b""
+
+    def _take_usage(self, ready: bytes) -> bytes:
+        """Record the usage chunk's counts; drop that chunk if the client did not ask for usage."""
+        events = []
+        for event in ready.split(_EVENT_END):
+            if not event:
+                continue
+            if _USAGE in event and event.startswith(_DATA):
+                obj = json.loads(event[6:])
+                self.usage = obj.get("usage") or self.usage
+                if not self._keep_usage and not obj.get("choices"):
+                    continue
+            events.append(event + _EVENT_END)
+        return b"".join(events)
+
+    def _rewrite_event(self, event: bytes) -> bytes:
+        event = event.strip(b"\n")
+        if self._old in event:
+            return event.replace(self._old, self._new, 1) + _EVENT_END
+        if event.startswith(_DATA):
+            try:
+                obj = json.loads(event[6:])
+            except ValueError:
+                return event + _EVENT_END
+            if isinstance(obj, dict) and "model" in obj:
+                obj["model"] = self._requested
+            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + _EVENT_END
+        return event + _EVENT_END

@@ -1,0 +1,166 @@
+"""The relay through a real gateway (uvicorn subprocess) to a mock engine: fast, no vLLM.
+
+The mock generates one word per token derived from its resident recipe (`wbase` for the plain
+base), so every answer shows which weights produced it.
+"""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from loaders.mock_engine import weights_tag
+
+
+def _body(model: str, **extra) -> dict:
+    return {"model": model, "prompt": "one two three", "max_tokens": 4, "temperature": 0, **extra}
+
+
+def _events(text: str) -> list[str]:
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def _metric(stack, name: str, **labels) -> float:
+    """The value of one series in the gateway's /metrics (0 if absent)."""
+    text = httpx.get(stack.url + "/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else " ")):
+            series, value = line.rsplit(" ", 1)
+            got = series[len(name) + 1 : -1] if labels else ""
+            if ",".join(sorted(got.split(","))) == want:
+                return float(value)
+    return 0.0
+
+
+def _tag(stack, model: str) -> str:
+    """The word `model`'s weights generate (learned from one request on its own)."""
+    r = httpx.post(stack.url + "/v1/completions", json=_body(model, max_tokens=1), timeout=30)
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"].strip()
+
+
+def test_non_streaming_answer_has_the_variant_name_and_usage(mock_stack):
+    r = httpx.post(mock_stack.url + "/v1/completions", json=_body("mock-inst"), timeout=30)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["model"] == "mock-inst"
+    assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    words = data["choices"][0]["text"].split()
+    assert len(words) == 4 and len(set(words)) == 1 and words[0] != "wbase"
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_streaming_renames_every_chunk_and_passes_usage_only_when_asked(mock_stack, include_usage):
+    body = _body("mock-half", stream=True, max_tokens=6)
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    r = httpx.post(mock_stack.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["model"] == "mock-half" for c in chunks)
+    usage = [c for c in chunks if c.get("usage")]
+    if include_usage:
+        assert len(usage) == 1 and usage[0]["usage"]["completion_tokens"] == 6
+    else:
+        assert usage == []  # the gateway asked the engine for usage (metrics); the client did not
+    assert sum(len(c["choices"]) for c in chunks) == 6
+
+
+def test_chat_streaming_with_the_openai_client(mock_stack):
+    client = openai.OpenAI(base_url=mock_stack.url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="mock-inst", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+    )
+    chunks = list(stream)
+    assert chunks and all(c.model == "mock-inst" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() == [_tag(mock_stack, "mock-inst")] * 3
+
+
+async def test_mixed_streams_are_each_served_by_their_own_weights(mock_stack):
+    """Concurrent streams over three models: each answer is entirely its own variant's word."""
+    tags = {m: _tag(mock_stack, m) for m in ("mock", "mock-inst", "mock-half")}
+    assert len(set(tags.values())) == 3 and tags["mock"] == "wbase"
+    client = openai.AsyncOpenAI(base_url=mock_stack.url + "/v1", api_key="unused")
+
+    async def one(i: int) -> tuple[str, list[str]]:
+        model = ["mock", "mock-inst", "mock-half"][i % 3]
+        stream = await client.completions.create(model=model, prompt="x", max_tokens=5, stream=True)
+        return model, "".join([c.choices[0].text async for c in stream if c.choices]).split()
+
+    results = await asyncio.gather(*(one(i) for i in range(30)))
+    for model, words in results:
+        assert words == [tags[model]] * 5, model
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(mock_stack):
+    """A client that leaves mid-stream is counted out at once, so the next swap can start."""
+    before = _metric(mock_stack, "deltagate_requests_total", variant="mock-inst",
+                     endpoint="/v1/completions", status_class="4xx")  # fmt: skip
+    with httpx.stream(
+        "POST", mock_stack.url + "/v1/completions", json=_body("mock-inst", stream=True, max_tokens=1000),
+        timeout=30,
+    ) as r:  # fmt: skip
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the stream runs (1000 tokens would take 20 s)
+        assert _metric(mock_stack, "deltagate_inflight_requests", engine="mock") == 1
+    deadline = time.monotonic() + 5
+    while _metric(mock_stack, "deltagate_inflight_requests", engine="mock") != 0:
+        assert time.monotonic() < deadline, "slot still held after the client left"
+        time.sleep(0.05)
+    # a request for another variant is admitted (needs a swap, i.e. nothing in flight) promptly
+    start = time.monotonic()
+    assert _tag(mock_stack, "mock-half") != "wbase"
+    assert time.monotonic() - start < 5
+    after = _metric(mock_stack, "deltagate_requests_total", variant="mock-inst",
+                    endpoint="/v1/completions", status_class="4xx")  # fmt: skip
+    assert after == before + 1  # recorded as 499: client closed
+
+
+def test_engine_errors_are_relayed_in_the_envelope_and_counted(mock_stack):
+    r = httpx.post(mock_stack.url + "/v1/completions", json=_body("mock-inst", max_tokens=10**6), timeout=30)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    errors = _metric(mock_stack, "deltagate_upstream_errors_total", engine="mock", kind="status")
+    r = httpx.post(mock_stack.url + "/v1/completions", json=_body("mock-inst", prompt="mock:500"), timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["message"] == "mock engine failure"
+    assert _metric(mock_stack, "deltagate_upstream_errors_total", engine="mock", kind="status") == errors + 1
+
+
+def test_engine_breaking_off_a_stream_ends_it_with_an_error_event(mock_stack):
+    before = _metric(mock_stack, "deltagate_upstream_errors_total", engine="mock", kind="stream")
+    body = _body("mock-inst", prompt="mock:break", stream=True, max_tokens=10)
+    r = httpx.post(mock_stack.url + "/v1/completions", json=body, timeout=30)
+    events = _events(r.text)
+    assert len(events) == 3 and "[DONE]" not in events  # two tokens, then the error
+    assert "broke off the stream" in json.loads(events[-1])["error"]["message"]
+    assert _metric(mock_stack, "deltagate_upstream_errors_total", engine="mock", kind="stream") == before + 1
+    assert _metric(mock_stack, "deltagate_inflight_requests", engine="mock") == 0
+
+
+def test_unknown_model_is_a_404_in_the_envelope(mock_stack):
+    r = httpx.post(mock_stack.url + "/v1/completions", json=_body("nope"), timeout=30)
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+
+
+def test_trace_context_reaches_the_engine(mock_stack):
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    headers = {"traceparent": trace, "tracestate": "vendor=1"}
+    r = httpx.post(mock_stack.url + "/v1/completions", json=_body("mock", prompt="traced"), headers=headers)
+    assert r.status_code == 200
+    seen = [
+        s
+        for s in httpx.get(mock_stack.engine_url + "/mock/requests").json()
+        if s["body"].get("prompt") == "traced"
+    ]
+    assert seen[-1]["headers"]["traceparent"] == trace and seen[-1]["headers"]["tracestate"] == "vendor=1"
+
+
+def test_weights_tag_is_stable():
+    assert weights_tag(None) == "wbase" == weights_tag('{"base": "/x", "deltas": []}')
+    assert weights_tag('{"base": "/x", "deltas": [{"path": "d"}]}').startswith("w")
