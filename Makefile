@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BACKEND ?= cpu
 STAMP := $(VENV)/.installed-$(BACKEND)
 
-.PHONY: install serve test lint bench bench-codecs fresh-clone-test clean
+.PHONY: install system-deps serve test lint bench bench-codecs bench-relay bench-load fresh-clone-test clean
 
 install: $(STAMP)
 
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
+# Tools the tests use from Debian: promtool and a real Prometheus server (package prometheus).
+system-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+
 serve: install
 	$(VENV)/bin/deltagate demo
 
-test: install
+test: install system-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
@@ -31,6 +36,12 @@ bench: install
 
 bench-codecs: install
 	$(PY) bench/codecs.py
+
+bench-relay: install
+	$(PY) bench/relay.py
+
+bench-load: install
+	$(PY) bench/load.py
 
 # What CI does, from a 100+ character directory and a 40-column terminal (issue 8): run before stopping.
 fresh-clone-test:

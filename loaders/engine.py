@@ -81,7 +81,8 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
         "--served-model-name", spec.served_name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--disable-log-stats",
+        # No --disable-log-stats: it also turns off vLLM's Prometheus metrics, which the gateway
+        # relays at /metrics/engines/<base>.
         # The gateway sends each variant's chat template (from its artifact) and refuses
         # templates from clients, so the engine may trust the ones it receives.
         "--trust-request-chat-template",

@@ -141,7 +141,7 @@ class MockEngine:
                 return await self._stream(request, body, chat, n, word, usage)
             await asyncio.sleep(self.delay * n)
             self.generation_tokens += n
-            return web.json_response(_full_response(self.served_name, chat, word * n, usage))
+            return web.json_response(_full_response(self.served_name, chat, word * n, usage), dumps=_compact)
         finally:
             self.running -= 1
 
@@ -170,6 +170,11 @@ class MockEngine:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+def _compact(obj) -> str:
+    """JSON as vLLM writes it (pydantic's model_dump_json: no spaces)."""
+    return json.dumps(obj, separators=(",", ":"))
 
 
 def _count_prompt(prompt) -> int:

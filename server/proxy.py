@@ -2,9 +2,8 @@
 
 The slot admission is held for the whole response (for streams: until the last chunk is sent
 or the client goes away), so a swap never starts under a running generation. The hot path is
-per chunk: bytes from the engine are rewritten at byte level (server/sse.py) and passed on
-without parsing JSON; per request, one JSON encode of the payload and, for non-streaming
-answers, one decode of the body.
+per chunk: bytes from the engine are rewritten at byte level (server/rewrite.py) and passed on
+without parsing JSON; per request, one JSON encode of the payload.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from loaders.engine import EngineError
 from server.errors import BadRequestError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
+from server.rewrite import StreamRewriter, rewrite_body
 from server.schemas import InferenceBody
-from server.sse import StreamRewriter
 
 # W3C trace context: passed to the engine so its spans join the client's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
@@ -100,7 +99,7 @@ async def forward(
             upstream.release()
         if status >= 500:
             metrics.upstream_errors.labels(engine, "status").inc()
-        raw, usage = _rename_body(raw, body.model)
+        raw, usage = rewrite_body(raw, engine, body.model)
         release(status, usage)
         return Response(raw, status_code=status, media_type=upstream.content_type)
 
@@ -131,19 +130,6 @@ async def forward(
             release(status, rewriter.usage)
 
     return StreamingResponse(relay(), media_type="text/event-stream")
-
-
-def _rename_body(raw: bytes, model: str) -> tuple[bytes, dict | None]:
-    """A JSON answer with the client's model name, and its usage (unchanged if not JSON)."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return raw, None
-    if not isinstance(obj, dict):
-        return raw, None
-    if "model" in obj:
-        obj["model"] = model
-    return json.dumps(obj).encode(), obj.get("usage")
 
 
 def _error_event(message: str) -> bytes:

@@ -58,7 +58,7 @@ def test_gateway_restarts_an_engine_that_died(stack):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         time.sleep(2)
-        if "deltagate_engine_restarts_total 1.0" in httpx.get(stack.url + "/metrics").text:
+        if 'deltagate_engine_restarts_total{engine="untied"} 1.0' in httpx.get(stack.url + "/metrics").text:
             if httpx.get(stack.url + "/health").json()["engines"]["untied"]:
                 break
     else:

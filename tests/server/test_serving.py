@@ -117,3 +117,20 @@ def _swap_count(stack) -> float:
         for line in body.splitlines()
         if line.startswith("deltagate_swaps_total{") and 'result="ok"' in line
     )
+
+
+def test_engine_metrics_relayed_include_what_the_dashboard_reads(stack):
+    """The real vLLM engine's own metrics, through the gateway; every vllm:* dashboard query names one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.server.test_observability import dashboard_metric_names
+
+    completion_outputs(stack.url, "tied")
+    r = httpx.get(stack.url + "/metrics/engines/tied")
+    assert r.status_code == 200, r.text
+    exported = set()
+    for family in text_string_to_metric_families(r.text):
+        exported |= {family.name, f"{family.name}_total"}
+    used = {m for m in dashboard_metric_names() if m.startswith("vllm:")}
+    assert len(used) >= 4
+    assert used <= exported, used - exported

@@ -1,8 +1,10 @@
-"""Rewrite an engine's SSE stream for the client at byte level, without parsing every chunk.
+"""Rewrite an engine's answers for the client at byte level, without parsing JSON.
 
 What changes on the way: the `model` field (the engine serves its base name; the client asked
-for a variant) and, when the gateway asked for usage the client did not, the usage-only chunk is
-taken out. The engine's chunks are compact JSON (pydantic `model_dump_json`), so `"model":"base"`
+for a variant) and, in streams where the gateway asked for usage the client did not, the
+usage-only chunk is taken out; usage counts are read on the way for the metrics.
+
+The engine's chunks are compact JSON (pydantic `model_dump_json`), so `"model":"base"`
 appears once per event as a top-level key; inside a JSON string a quote is escaped, so the
 pattern cannot match generated text. Events are only ever cut at the blank line that ends them,
 so a pattern split across two network reads is never missed. An event that does not carry the
@@ -12,18 +14,42 @@ compact pattern (another engine's formatting) falls back to a JSON rewrite of th
 from __future__ import annotations
 
 import json
+import re
 
 _EVENT_END = b"\n\n"
 _DATA = b"data: {"
 _USAGE = b'"usage":{'
+# Keys, not text: inside a JSON string these quotes would be escaped.
+_USAGE_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens)":(\d+)')
+
+
+def _model_field(name: str) -> bytes:
+    return b'"model":' + json.dumps(name).encode()
+
+
+def rewrite_body(raw: bytes, served: str, requested: str) -> tuple[bytes, dict | None]:
+    """A complete JSON answer with the client's model name, and its usage counts if any."""
+    old = _model_field(served)
+    if raw.count(old) == 1:
+        usage = {k.decode(): int(v) for k, v in _USAGE_COUNTS.findall(raw)} or None
+        return raw.replace(old, _model_field(requested)), usage
+    try:  # not the engine's compact JSON (or not JSON at all, e.g. a proxy's error page)
+        obj = json.loads(raw)
+    except ValueError:
+        return raw, None
+    if not isinstance(obj, dict):
+        return raw, None
+    if "model" in obj:
+        obj["model"] = requested
+    return json.dumps(obj).encode(), obj.get("usage")
 
 
 class StreamRewriter:
     """Feed raw bytes from the engine, get the bytes to send to the client."""
 
     def __init__(self, served: str, requested: str, *, keep_usage: bool):
-        self._old = b'"model":' + json.dumps(served).encode()
-        self._new = b'"model":' + json.dumps(requested).encode()
+        self._old = _model_field(served)
+        self._new = _model_field(requested)
         self._requested = requested
         self._keep_usage = keep_usage
         self._buffer = b""
