@@ -84,31 +84,38 @@ def vllm_bench(
     *,
     num_prompts: int,
     concurrency: int | None,
-    input_len: int,
     output_len: int,
+    input_len: int = 32,
+    prompts: Path | None = None,
     request_rate: float = float("inf"),
     models: list[str] | None = None,
     seed: int = 0,
     warmups: int = 0,
-    extra: tuple[str, ...] = (),
 ) -> dict:
-    """Run `vllm bench serve` (random prompts, ignore_eos, greedy) and return its detailed result.
+    """Run `vllm bench serve` (ignore_eos, greedy) and return its detailed result.
 
-    `models`: the model name of each request in order (vLLM's `--lora-modules` with round-robin
-    assignment over a list as long as the run is exactly that schedule).
+    Prompts: random ones of `input_len` tokens, or the `prompts` JSONL file ({"prompt"} per line,
+    sent as written and in order). `models`: the model name of each request in order (vLLM's
+    `--lora-modules` with round-robin assignment over a list as long as the run is exactly that
+    schedule).
     """
     out.parent.mkdir(parents=True, exist_ok=True)
+    if prompts is None:
+        dataset = ["--dataset-name", "random", "--random-input-len", str(input_len),
+                   "--random-output-len", str(output_len)]  # fmt: skip
+    else:
+        dataset = ["--dataset-name", "custom", "--dataset-path", str(prompts), "--custom-output-len",
+                   str(output_len), "--skip-chat-template", "--disable-shuffle"]  # fmt: skip
     cmd = [PY, str(ROOT / "bench" / "vllm_bench.py"), "--backend", "openai", "--base-url", url,
-           "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
-           "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-           "--num-prompts", str(num_prompts), "--request-rate", str(request_rate), "--seed", str(seed),
-           "--ignore-eos", "--temperature", "0", "--disable-tqdm", "--num-warmups", str(warmups),
-           "--save-result", "--save-detailed", "--result-dir", str(out.parent),
-           "--result-filename", out.name, *extra]  # fmt: skip
+           "--model", model, "--tokenizer", tokenizer, *dataset, "--num-prompts", str(num_prompts),
+           "--request-rate", str(request_rate), "--seed", str(seed), "--ignore-eos", "--temperature", "0",
+           "--disable-tqdm", "--num-warmups", str(warmups), "--save-result", "--save-detailed",
+           "--result-dir", str(out.parent), "--result-filename", out.name]  # fmt: skip
     if concurrency:
         cmd += ["--max-concurrency", str(concurrency)]
     if models:
         cmd += ["--lora-modules", *models, "--lora-assignment", "round-robin"]
+    out.unlink(missing_ok=True)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0 or not out.exists():
         raise SystemExit(

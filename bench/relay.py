@@ -31,8 +31,9 @@ SERVED = "mock"
 def run_once(url: str, mode: str, concurrency: int, args, tokenizer: Path, out: Path) -> dict:
     num_prompts = args.requests_per_stream * concurrency
     if mode == "stream":
+        # warm-up requests open the client's connections on both sides before the timed part
         r = vllm_bench(url, SERVED, str(tokenizer), out, num_prompts=num_prompts, concurrency=concurrency,
-                       input_len=32, output_len=args.output_len)  # fmt: skip
+                       input_len=32, output_len=args.output_len, warmups=concurrency)  # fmt: skip
         return {
             "tok_s": r["output_throughput"],
             "ttft_p50": r["median_ttft_ms"],

@@ -1,0 +1,454 @@
+"""Load on a real engine: the gateway against the engine itself, and mixed-variant traffic.
+
+    .venv/bin/python bench/load.py                      # SmolLM2-135M + its addition delta
+    .venv/bin/python bench/load.py --model pico         # a tiny generated model, minutes
+    .venv/bin/python bench/load.py --scenarios overhead mixed --num-prompts 64
+
+One vLLM engine (with deltagate's worker extension) and `deltagate serve --engine-url` attached
+to it. Load is vLLM's own generator (`vllm bench serve`, greedy, ignore_eos) on a fixed prompt
+set; which model each request names is a schedule we write, passed as `--lora-modules` with
+round-robin assignment, so every answer can be checked against its variant's greedy reference.
+
+Scenarios:
+- overhead: the base model, engine directly vs through the gateway, alternating, --repeats each.
+- mixed: 1, 2 and 4 variants of the base (base, +Δ, +0.5Δ, +1.5Δ); round-robin, uniform random
+  and Zipf-skewed (s=1) schedules; closed loop at --concurrency.
+- poisson: open-loop Poisson arrivals at each --rates, one variant and two variants (random).
+- change: steady Poisson load that moves from one variant to another halfway.
+
+References: each variant's greedy answer to every prompt, one request at a time through the
+gateway. An answer is `exact` (its own variant's reference), `wrong-variant` (another variant's
+reference, not its own) or `diverged` (neither: numerics of a different batch).
+
+Outputs in --out-dir: runs/*.json (vLLM's detailed results), summary.json, summary.md (the table),
+throughput_vs_ttft.png, timeline.png (the 2-variant random run: per-request TTFT, in-flight
+requests, swaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+import httpx  # noqa: E402
+from loadgen import Service, start_gateway, vllm_bench  # noqa: E402
+
+from loaders.engine import EngineProcess, EngineSpec  # noqa: E402
+
+ADMIN = "bench-admin"
+GENERAL = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a weight delta is.",
+    "Give me three tips for sleeping well.",
+    "What is 7 times 8?",
+    "Name a famous painting.",
+    "Translate 'good morning' into Spanish.",
+    "What does a compiler do?",
+]
+
+
+@dataclass
+class Run:
+    """One `vllm bench serve` run and what it showed."""
+
+    name: str
+    scenario: str
+    target: str  # direct | gateway
+    models: list[str]
+    schedule: str
+    rate: float
+    tok_s: float = 0.0
+    req_s: float = 0.0
+    ttft_p50_ms: float = 0.0
+    ttft_p99_ms: float = 0.0
+    failed: int = 0
+    swaps: int = 0
+    exact: int = 0
+    wrong_variant: int = 0
+    diverged: int = 0
+    swap_events: list[dict] = field(default_factory=list, repr=False)
+
+
+class Bench:
+    """The engine, the gateway, the prompts and the references one invocation works with."""
+
+    def __init__(self, args, base: Path, delta: Path, work: Path):
+        self.args, self.work = args, work
+        self.name = args.model
+        self.base_dir = base
+        self.models = [self.name, f"{self.name}-add", f"{self.name}-half", f"{self.name}-strong"]
+        self.prompts = work / "prompts.jsonl"
+        self.refs: dict[str, list[str]] = {}
+        spec = EngineSpec(
+            model=str(base), served_name=self.name, max_model_len=1024, log_path=work / "engine.log"
+        )
+        self.engine = EngineProcess(spec)
+        self.engine.start()
+        say(f"starting the vLLM engine on {base} (log: {spec.log_path})")
+        self.engine.wait_ready(900)
+        self.gateway: Service = start_gateway(
+            [
+                "--base",
+                f"{self.name}={base}",
+                "--engine-url",
+                f"{self.name}={self.engine.url}",
+                "--variant",
+                f"{self.models[1]}={delta}",
+                "--variant",
+                f"{self.models[2]}={delta}:0.5",
+                "--variant",
+                f"{self.models[3]}={delta}:1.5",
+            ],
+            work,
+            ADMIN,
+        ).wait(300)
+        say(f"gateway on {self.gateway.url}, engine on {self.engine.url}; models {', '.join(self.models)}")
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.engine.stop()
+
+    def write_prompts(self) -> None:
+        """Addition questions (the delta's skill) and general ones, in the model's chat format."""
+        from transformers import AutoTokenizer
+
+        from training.tasks import addition_split
+
+        tok = AutoTokenizer.from_pretrained(self.base_dir)
+        questions = [e.messages()[-1]["content"] for e in addition_split(self.args.num_prompts, seed=7)]
+        lines = []
+        for i in range(self.args.num_prompts):
+            text = questions[i] if i % 2 == 0 else GENERAL[(i // 2) % len(GENERAL)]
+            messages = [{"role": "user", "content": text}]
+            prompt = (
+                tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                if tok.chat_template
+                else text
+            )
+            lines.append(json.dumps({"prompt": prompt}))
+        self.prompts.write_text("\n".join(lines) + "\n")
+
+    def run(
+        self,
+        name: str,
+        scenario: str,
+        schedule: list[str],
+        *,
+        target: str = "gateway",
+        rate: float = float("inf"),
+        concurrency: int | None = None,
+        kind: str = "",
+    ) -> Run:
+        """One bench run; answers checked against the references when they exist."""
+        url = self.engine.url if target == "direct" else self.gateway.url
+        before = self._swaps()
+        out = self.work / "runs" / f"{name}.json"
+        say(
+            f"  {name}: {target}, {len(set(schedule))} model(s), {kind or 'fixed'} schedule, "
+            f"rate {rate:g}/s, concurrency {concurrency or 'unbounded'} ..."
+        )
+        r = vllm_bench(
+            url,
+            self.name,
+            str(self.base_dir),
+            out,
+            num_prompts=len(schedule),
+            concurrency=concurrency,
+            output_len=self.args.output_len,
+            prompts=self.prompts,
+            request_rate=rate,
+            models=schedule if target == "gateway" else None,
+            seed=self.args.seed,
+        )
+        events = [s for s in self._swaps() if s not in before]
+        run = Run(
+            name,
+            scenario,
+            target,
+            sorted(set(schedule), key=self.models.index),
+            kind,
+            rate,
+            tok_s=r["output_throughput"],
+            req_s=r["request_throughput"],
+            ttft_p50_ms=r["median_ttft_ms"],
+            ttft_p99_ms=r["p99_ttft_ms"],
+            failed=r["failed"],
+            swaps=len(events),
+            swap_events=events,
+        )
+        if self.refs:
+            for i, (model, text) in enumerate(zip(schedule, r["generated_texts"], strict=True)):
+                if text == self.refs[model][i]:
+                    run.exact += 1
+                elif any(text == self.refs[m][i] for m in self.refs if m != model):
+                    run.wrong_variant += 1
+                else:
+                    run.diverged += 1
+        say(
+            f"    {run.tok_s:7.1f} tok/s, TTFT p50 {run.ttft_p50_ms:7.0f} ms p99 {run.ttft_p99_ms:7.0f} ms, "
+            f"{run.swaps} swaps, failed {run.failed}; answers exact {run.exact}, wrong variant "
+            f"{run.wrong_variant}, diverged {run.diverged}"
+        )
+        (self.work / "runs" / f"{name}.run.json").write_text(json.dumps(asdict(run), indent=2))
+        (self.work / "runs" / f"{name}.schedule.json").write_text(json.dumps(schedule))
+        return run
+
+    def references(self) -> None:
+        """Each model's greedy answers, one request at a time (before any timed run)."""
+        n = self.args.num_prompts
+        for model in self.models:
+            say(f"  reference answers of {model} ({n} prompts, one at a time) ...")
+            out = self.work / "runs" / f"reference-{model}.json"
+            r = vllm_bench(
+                self.gateway.url,
+                self.name,
+                str(self.base_dir),
+                out,
+                num_prompts=n,
+                concurrency=1,
+                output_len=self.args.output_len,
+                prompts=self.prompts,
+                models=[model] * n,
+            )
+            if r["failed"]:
+                raise SystemExit(f"reference run of {model} had {r['failed']} failed requests")
+            self.refs[model] = r["generated_texts"]
+        distinct = len({tuple(v) for v in self.refs.values()})
+        say(f"  {distinct} of {len(self.models)} models give distinct answer sets")
+
+    def _swaps(self) -> list[dict]:
+        bases = httpx.get(self.gateway.url + "/v1/bases", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        return [s for b in bases["data"] for s in b["recent_swaps"]]
+
+
+def schedule(models: list[str], n: int, kind: str, rng: random.Random) -> list[str]:
+    """Which model each of `n` requests names: round-robin, uniform random or Zipf (s=1)."""
+    if kind == "round-robin":
+        return [models[i % len(models)] for i in range(n)]
+    weights = [1.0] * len(models) if kind == "random" else [1.0 / (k + 1) for k in range(len(models))]
+    return rng.choices(models, weights=weights, k=n)
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "pico"], default="smollm2")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["overhead", "mixed", "poisson", "change"],
+        choices=["overhead", "mixed", "poisson", "change"],
+    )
+    parser.add_argument("--num-prompts", type=int, default=32, help="requests per run (one prompt each)")
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop runs")
+    parser.add_argument("--repeats", type=int, default=2, help="overhead runs per side")
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=None, help="Poisson req/s (default per model)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: CACHE_DIR/bench/load-MODEL")
+    args = parser.parse_args()
+    rates = args.rates or ([0.5, 1.0, 2.0] if args.model == "smollm2" else [2.0, 4.0, 8.0])
+    work = args.out_dir or args.cache_dir / "bench" / f"load-{args.model}"
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+
+    if args.model == "smollm2":
+        from training.default import prepare_default
+
+        models = prepare_default(args.cache_dir, log=say)
+        base, delta = models.base, models.delta
+    else:
+        from loaders.demo import prepare_demo
+
+        models = prepare_demo(args.cache_dir / "demo", log=say)
+        base, delta = models.base, models.delta
+    bench = Bench(args, base, delta, work)
+    rng = random.Random(args.seed)
+    runs: list[Run] = []
+    try:
+        bench.write_prompts()
+        bench.references()
+        n, c = args.num_prompts, args.concurrency
+        if "overhead" in args.scenarios:
+            say("overhead: the base model, engine directly vs through the gateway")
+            bench.run("warmup", "warmup", [bench.name] * n, concurrency=c)  # base resident, engine warm
+            for rep in range(args.repeats):
+                for target in ("direct", "gateway") if rep % 2 == 0 else ("gateway", "direct"):
+                    runs.append(
+                        bench.run(
+                            f"overhead-{target}-{rep}",
+                            "overhead",
+                            [bench.name] * n,
+                            target=target,
+                            concurrency=c,
+                        )
+                    )
+        if "mixed" in args.scenarios:
+            say("mixed traffic: 1, 2 and 4 variants, closed loop")
+            runs.append(bench.run("mixed-1", "mixed", [bench.models[1]] * n, concurrency=c, kind="single"))
+            for k in (2, 4):
+                for kind in ("round-robin", "random", "zipf"):
+                    plan = schedule(bench.models[:k], n, kind, rng)
+                    runs.append(bench.run(f"mixed-{k}-{kind}", "mixed", plan, concurrency=c, kind=kind))
+        if "poisson" in args.scenarios:
+            say(f"Poisson arrivals at {rates} req/s, one and two variants")
+            for rate in rates:
+                runs.append(
+                    bench.run(
+                        f"poisson-{rate:g}-1", "poisson", [bench.models[1]] * n, rate=rate, kind="single"
+                    )
+                )
+                plan = schedule(bench.models[:2], n, "random", rng)
+                runs.append(bench.run(f"poisson-{rate:g}-2", "poisson", plan, rate=rate, kind="random"))
+        if "change" in args.scenarios:
+            rate = statistics.median(rates)
+            say(
+                f"variant change under steady load ({rate:g} req/s): {bench.models[1]} then {bench.models[2]}"
+            )
+            plan = [bench.models[1]] * (n // 2) + [bench.models[2]] * (n - n // 2)
+            runs.append(bench.run("change", "change", plan, rate=rate, kind="change"))
+    finally:
+        bench.stop()
+    report(runs, work, args)
+
+
+def report(runs: list[Run], work: Path, args) -> None:
+    """summary.json, summary.md (printed), and the two plots."""
+    (work / "summary.json").write_text(json.dumps([asdict(r) for r in runs], indent=2))
+    lines = [
+        f"load on {args.model}: {args.num_prompts} requests per run, {args.output_len} output tokens, "
+        f"closed-loop concurrency {args.concurrency}",
+        "",
+        "| run | target | models | schedule | rate req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | swaps "
+        "| failed | exact | wrong variant | diverged |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        rate = "closed" if r.rate == float("inf") else f"{r.rate:g}"
+        lines.append(
+            f"| {r.name} | {r.target} | {len(r.models)} | {r.schedule or '-'} | {rate} | {r.tok_s:.1f} | "
+            f"{r.ttft_p50_ms:.0f} | {r.ttft_p99_ms:.0f} | {r.swaps} | {r.failed} | {r.exact} | "
+            f"{r.wrong_variant} | {r.diverged} |"
+        )
+    overhead = {
+        t: [r for r in runs if r.scenario == "overhead" and r.target == t] for t in ("direct", "gateway")
+    }
+    if overhead["direct"] and overhead["gateway"]:
+        med = {t: statistics.median(r.tok_s for r in rs) for t, rs in overhead.items()}
+        p50 = {t: statistics.median(r.ttft_p50_ms for r in rs) for t, rs in overhead.items()}
+        lines += [
+            "",
+            f"overhead: gateway/direct throughput {100 * med['gateway'] / med['direct']:.1f}% "
+            f"({med['gateway']:.1f} vs {med['direct']:.1f} tok/s), TTFT p50 {p50['gateway']:.0f} vs "
+            f"{p50['direct']:.0f} ms (medians of {len(overhead['direct'])} alternating runs each)",
+        ]
+    single = next((r for r in runs if r.name == "mixed-1"), None)
+    if single:
+        for r in runs:
+            if r.scenario == "mixed" and r is not single:
+                lines.append(
+                    f"{r.name}: {100 * r.tok_s / single.tok_s:.0f}% of single-variant throughput, "
+                    f"TTFT p99 x{r.ttft_p99_ms / single.ttft_p99_ms:.1f}"
+                )
+    checked = [r for r in runs if r.target == "gateway"]
+    lines.append(
+        f"answers checked: {sum(r.exact for r in checked)} exact, "
+        f"{sum(r.wrong_variant for r in checked)} wrong-variant, {sum(r.diverged for r in checked)} "
+        f"diverged; failed requests: {sum(r.failed for r in runs)}"
+    )
+    text = "\n".join(lines)
+    (work / "summary.md").write_text(text + "\n")
+    print("\n" + text, flush=True)
+    plot(runs, work)
+    say(f"results in {work}")
+
+
+def plot(runs: list[Run], work: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for scenario, marker in (("overhead", "o"), ("mixed", "s"), ("poisson", "^"), ("change", "D")):
+        rs = [r for r in runs if r.scenario == scenario]
+        if rs:
+            ax.scatter(
+                [r.tok_s for r in rs], [r.ttft_p99_ms / 1000 for r in rs], marker=marker, label=scenario
+            )
+            for r in rs:
+                ax.annotate(
+                    r.name.removeprefix(f"{scenario}-"),
+                    (r.tok_s, r.ttft_p99_ms / 1000),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.set(xlabel="output tokens/s", ylabel="TTFT p99 (s)", title="Throughput vs p99 TTFT per run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(work / "throughput_vs_ttft.png", dpi=120)
+    plt.close(fig)
+    timeline(next((r for r in runs if r.name == "mixed-2-random"), None), work, plt)
+
+
+def timeline(run: Run | None, work: Path, plt) -> None:
+    """Per-request TTFT, requests in flight and swaps over the run (monotonic clock, shared)."""
+    if run is None:
+        return
+    r = json.loads((work / "runs" / f"{run.name}.json").read_text())
+    t0 = min(r["start_times"])
+    starts = [s - t0 for s in r["start_times"]]
+    ends = [s + lat for s, lat in zip(starts, r["latencies"], strict=True)]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    models = sorted(set(run.models))
+    per_request = _schedule_of(work, run)
+    for m in models:
+        xs = [s for s, mm in zip(starts, per_request, strict=True) if mm == m]
+        ys = [t for t, mm in zip(r["ttfts"], per_request, strict=True) if mm == m]
+        top.scatter(xs, ys, s=14, label=m)
+    top.set(ylabel="TTFT (s)", title=f"{run.name}: {len(models)} variants, closed loop, swaps shaded")
+    points = sorted([(s, 1) for s in starts] + [(e, -1) for e in ends])
+    xs, ys, level = [0.0], [0], 0
+    for t, d in points:
+        level += d
+        xs.append(t)
+        ys.append(level)
+    bottom.step(xs, ys, where="post", color="black", linewidth=1)
+    bottom.set(xlabel="seconds since the first request", ylabel="requests in flight")
+    for i, swap in enumerate(run.swap_events):
+        for axis in (top, bottom):
+            axis.axvspan(
+                swap["started_monotonic"] - t0,
+                swap["started_monotonic"] - t0 + swap["seconds"],
+                color="tab:red",
+                alpha=0.25,
+                label="swap" if i == 0 and axis is top else None,
+            )
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(work / "timeline.png", dpi=120)
+    plt.close(fig)
+
+
+def _schedule_of(work: Path, run: Run) -> list[str]:
+    return json.loads((work / "runs" / f"{run.name}.schedule.json").read_text())
+
+
+if __name__ == "__main__":
+    main()
