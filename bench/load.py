@@ -124,15 +124,15 @@ class Bench:
         from training.tasks import addition_split
 
         tok = AutoTokenizer.from_pretrained(self.base_dir)
-        questions = [e.messages()[-1]["content"] for e in addition_split(self.args.num_prompts, seed=7)]
+        questions = addition_split(self.args.num_prompts, seed=7, held_out=True)
         lines = []
         for i in range(self.args.num_prompts):
-            text = questions[i] if i % 2 == 0 else GENERAL[(i // 2) % len(GENERAL)]
-            messages = [{"role": "user", "content": text}]
+            general = [{"role": "user", "content": GENERAL[(i // 2) % len(GENERAL)]}]
+            messages = questions[i].messages if i % 2 == 0 else general
             prompt = (
                 tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 if tok.chat_template
-                else text
+                else messages[0]["content"]
             )
             lines.append(json.dumps({"prompt": prompt}))
         self.prompts.write_text("\n".join(lines) + "\n")
@@ -150,6 +150,7 @@ class Bench:
     ) -> Run:
         """One bench run; answers checked against the references when they exist."""
         url = self.engine.url if target == "direct" else self.gateway.url
+        self._make_resident(schedule[0])  # a run starts on its first model's weights, as in steady state
         before = self._swaps()
         out = self.work / "runs" / f"{name}.json"
         say(
@@ -224,6 +225,10 @@ class Bench:
             self.refs[model] = r["generated_texts"]
         distinct = len({tuple(v) for v in self.refs.values()})
         say(f"  {distinct} of {len(self.models)} models give distinct answer sets")
+
+    def _make_resident(self, model: str) -> None:
+        body = {"model": model, "prompt": "warm", "max_tokens": 1}
+        httpx.post(self.gateway.url + "/v1/completions", json=body, timeout=600).raise_for_status()
 
     def _swaps(self) -> list[dict]:
         bases = httpx.get(self.gateway.url + "/v1/bases", headers={"Authorization": f"Bearer {ADMIN}"}).json()
@@ -430,7 +435,7 @@ def timeline(run: Run | None, work: Path, plt) -> None:
         xs.append(t)
         ys.append(level)
     bottom.step(xs, ys, where="post", color="black", linewidth=1)
-    bottom.set(xlabel="seconds since the first request", ylabel="requests in flight")
+    bottom.set(xlabel="seconds since the first request", ylabel="requests in flight (client)")
     for i, swap in enumerate(run.swap_events):
         for axis in (top, bottom):
             axis.axvspan(
