@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -120,9 +119,6 @@ def serve(
     ensure_admin_token(settings)
     models = [b.name for b in bases] + [v.name for v in settings.variants]
     print(how_to_call(host, port, models, state_dir, bool(settings.api_keys), given=bool(admin_token)))
-    # A busy relay allocates a few short-lived objects per streamed chunk; with the default
-    # threshold (700) the young generation is collected thousands of times a second.
-    gc.set_threshold(50_000, 50, 100)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)
 
 
