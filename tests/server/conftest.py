@@ -238,6 +238,23 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
         stop_gateway(proc)
 
 
+def metric_families(url: str) -> dict:
+    """The gateway's /metrics, parsed: {family name: family}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+
+
+def sample_value(families: dict, sample: str, **labels) -> float:
+    """Sum of the samples named `sample` whose labels include `labels` (0 if none)."""
+    return sum(
+        s.value
+        for f in families.values()
+        for s in f.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 @dataclass
 class MockStack:
     """`deltagate serve` attached to a mock engine (loaders/mock_engine.py): no vLLM, starts in seconds."""

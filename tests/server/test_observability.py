@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from loaders.engine import free_port
+from tests.server.conftest import metric_families, sample_value
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "deltagate.json"
@@ -27,18 +27,6 @@ def _binary(name: str) -> str:
     path = shutil.which(name)
     assert path, f"{name} not found: install Debian's prometheus package (make test does)"
     return path
-
-
-def _families(url: str) -> dict:
-    return {f.name: f for f in text_string_to_metric_families(httpx.get(url).text)}
-
-
-def _value(families: dict, family: str, sample: str, **labels) -> float:
-    return sum(
-        s.value
-        for s in families[family].samples
-        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def _traffic(stack, model: str, streams: int, plain: int) -> int:
@@ -53,31 +41,26 @@ def _traffic(stack, model: str, streams: int, plain: int) -> int:
 
 
 def test_metrics_count_real_requests_with_bounded_labels(mock_stack):
-    before = _families(mock_stack.url + "/metrics")
+    before = metric_families(mock_stack.url)
     tokens = _traffic(mock_stack, "mock-half", streams=3, plain=2)
-    after = _families(mock_stack.url + "/metrics")
+    after = metric_families(mock_stack.url)
 
-    def delta(family, sample, **labels):
-        return _value(after, family, sample, **labels) - _value(before, family, sample, **labels)
+    def delta(sample, **labels):
+        return sample_value(after, sample, **labels) - sample_value(before, sample, **labels)
 
     ok = {"variant": "mock-half", "endpoint": "/v1/completions", "status_class": "2xx"}
-    assert delta("deltagate_requests", "deltagate_requests_total", **ok) == 5
-    assert delta("deltagate_request_duration_seconds", "deltagate_request_duration_seconds_count",
-                 variant="mock-half") == 5  # fmt: skip
-    assert delta("deltagate_time_to_first_token_seconds", "deltagate_time_to_first_token_seconds_count",
-                 variant="mock-half") == 3  # streams only  # fmt: skip
-    assert delta("deltagate_swap_wait_seconds", "deltagate_swap_wait_seconds_count", variant="mock-half") == 5
-    assert (
-        delta("deltagate_generation_tokens", "deltagate_generation_tokens_total", variant="mock-half")
-        == tokens
-    )
-    assert delta("deltagate_prompt_tokens", "deltagate_prompt_tokens_total", variant="mock-half") == 5 * 4
+    assert delta("deltagate_requests_total", **ok) == 5
+    assert delta("deltagate_request_duration_seconds_count", variant="mock-half") == 5
+    assert delta("deltagate_time_to_first_token_seconds_count", variant="mock-half") == 3  # streams only
+    assert delta("deltagate_swap_wait_seconds_count", variant="mock-half") == 5
+    assert delta("deltagate_generation_tokens_total", variant="mock-half") == tokens
+    assert delta("deltagate_prompt_tokens_total", variant="mock-half") == 5 * 4
 
     resident = {s.labels["variant"]: s.value for s in after["deltagate_resident_variant"].samples}
     assert resident["mock-half"] == 1 and sum(resident.values()) == 1
     assert set(resident) >= {"mock", "mock-inst", "mock-half"}
-    assert _value(after, "deltagate_inflight_requests", "deltagate_inflight_requests", engine="mock") == 0
-    assert _value(after, "deltagate_swaps", "deltagate_swaps_total", engine="mock", result="ok") >= 1
+    assert sample_value(after, "deltagate_inflight_requests", engine="mock") == 0
+    assert sample_value(after, "deltagate_swaps_total", engine="mock", result="ok") >= 1
     assert after["deltagate_build_info"].samples[0].labels["version"]
 
     registered = {"mock", "mock-inst", "mock-half"}
@@ -123,7 +106,7 @@ def dashboard_metric_names() -> set[str]:
 
 def test_every_dashboard_query_names_a_metric_the_gateway_exports(mock_stack):
     _traffic(mock_stack, "mock", streams=1, plain=0)
-    exported = set(_families(mock_stack.url + "/metrics"))
+    exported = set(metric_families(mock_stack.url))
     exported |= {f"{name}_total" for name in exported} | {f"{name}_info" for name in exported}
     used = {m for m in dashboard_metric_names() if m.startswith("deltagate_")}
     assert len(used) >= 10
@@ -158,8 +141,8 @@ def _query(prometheus: str, expr: str) -> dict:
 
 def test_real_prometheus_scrapes_the_gateway_and_its_engines(mock_stack, prometheus):
     _traffic(mock_stack, "mock-inst", streams=2, plain=1)
-    want = _value(_families(mock_stack.url + "/metrics"), "deltagate_requests", "deltagate_requests_total",
-                  variant="mock-inst", status_class="2xx")  # fmt: skip
+    want = sample_value(metric_families(mock_stack.url), "deltagate_requests_total", variant="mock-inst",
+                        status_class="2xx")  # fmt: skip
     expr = 'sum(deltagate_requests_total{variant="mock-inst",status_class="2xx"})'
     engine_expr = 'vllm:num_requests_running{model_name="mock",job="deltagate-engine-mock"}'
     deadline = time.monotonic() + 60

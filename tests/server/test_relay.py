@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from loaders.mock_engine import weights_tag
+from tests.server.conftest import metric_families, sample_value
 
 
 def _body(model: str, **extra) -> dict:
@@ -24,16 +25,7 @@ def _events(text: str) -> list[str]:
 
 
 def _metric(stack, name: str, **labels) -> float:
-    """The value of one series in the gateway's /metrics (0 if absent)."""
-    text = httpx.get(stack.url + "/metrics").text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + ("{" if labels else " ")):
-            series, value = line.rsplit(" ", 1)
-            got = series[len(name) + 1 : -1] if labels else ""
-            if ",".join(sorted(got.split(","))) == want:
-                return float(value)
-    return 0.0
+    return sample_value(metric_families(stack.url), name, **labels)
 
 
 def _tag(stack, model: str) -> str:
