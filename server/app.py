@@ -10,9 +10,12 @@ from fastapi import FastAPI
 
 from deltas import __version__
 from server.errors import install_error_handlers
+from server.evals.service import EvalService
+from server.evals.store import EvalStore
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.routes import deltas, openai, ops, variants
+from server.routes import evals as evals_routes
 from server.settings import GatewaySettings
 
 
@@ -37,20 +40,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = Metrics(__version__)
     gateway = Gateway(settings, metrics)
     metrics.watch_engines(gateway.engine_states)
+    evals = EvalService(EvalStore(settings.state_dir / "evals.sqlite"), gateway, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await gateway.start()
+            await evals.start()
             yield
         finally:
+            await evals.stop()
             await gateway.stop()
 
     app = FastAPI(title="deltagate", version=__version__, lifespan=lifespan)
     app.state.gateway = gateway
     app.state.metrics = metrics
+    app.state.evals = evals
     install_error_handlers(app)
     app.include_router(openai.inference)
-    for module in (openai, deltas, variants, ops):
+    for module in (openai, deltas, variants, ops, evals_routes):
         app.include_router(module.router)
     return app

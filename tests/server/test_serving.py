@@ -134,3 +134,38 @@ def test_engine_metrics_relayed_include_what_the_dashboard_reads(stack):
     used = {m for m in dashboard_metric_names() if m.startswith("vllm:")}
     assert len(used) >= 4
     assert used <= exported, used - exported
+
+
+@pytest.mark.parametrize(
+    ("source", "criteria"),
+    [
+        ({"type": "builtin", "task": "addition"}, {"exact_match"}),
+        ({"type": "builtin", "task": "gsm8k", "shots": 0}, {"strict_match", "flexible_match"}),
+    ],
+)
+def test_builtin_eval_runs_through_real_engines(stack, source, criteria):
+    """A built-in task as a paired run on the base and a variant, through the evals API."""
+    import time
+
+    ev = httpx.post(
+        stack.url + "/v1/evals", json={"name": source["task"], "data_source": source}, headers=stack.admin
+    )
+    assert ev.status_code == 201, ev.text
+    eval_id = ev.json()["id"]
+    body = {"variants": ["tied", "tied-inst"], "limit": 3, "max_tokens": 8, "seed": 1}
+    run = httpx.post(f"{stack.url}/v1/evals/{eval_id}/runs", json=body, headers=stack.admin).json()
+    deadline = time.monotonic() + 300
+    while run["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, run
+        time.sleep(0.5)
+        run = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}", headers=stack.admin).json()
+    assert run["status"] == "completed", run
+    assert run["progress"] == {"done": 6, "total": 6}
+    for variant in ("tied", "tied-inst"):
+        result = run["per_variant"][variant]
+        assert set(result["criteria"]) == criteria
+        assert result["passed"] + result["failed"] + result["errored"] == 3
+    assert {c["criterion"] for c in run["comparisons"]} == criteria or run["result_counts"]["errored"]
+    assert run["measured"]["recipes"]["tied-inst"]["deltas"][0]["sha256"]
+    items = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}/output_items", headers=stack.admin)
+    assert all(i["output"] is not None or i["error"] for i in items.json()["data"])

@@ -1,0 +1,102 @@
+"""Graders: OpenAI-Evals-style `string_check` and numeric match, and the built-in task graders.
+
+Templates name fields with `{{item.FIELD}}` (the eval item) and `{{sample.output_text}}` (the
+model's answer). A template naming a missing field is refused when the eval is defined.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+_FIELD = re.compile(r"\{\{\s*(item|sample)\.([A-Za-z0-9_]+)\s*\}\}")
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def template_fields(template: str) -> list[tuple[str, str]]:
+    """The (namespace, field) pairs a template uses."""
+    return _FIELD.findall(template)
+
+
+def render(template: str, item: dict, sample: dict | None = None) -> str:
+    """Fill `{{item.x}}` / `{{sample.x}}` (KeyError names a missing field)."""
+
+    def value(m: re.Match) -> str:
+        scope = item if m[1] == "item" else (sample or {})
+        return str(scope[m[2]])
+
+    return _FIELD.sub(value, template)
+
+
+class StringCheck(BaseModel):
+    """Compare two rendered strings: eq, ne, like (substring), ilike (case-insensitive), regex."""
+
+    type: Literal["string_check"] = "string_check"
+    name: str
+    input: str = "{{sample.output_text}}"
+    reference: str
+    operation: Literal["eq", "ne", "like", "ilike", "regex"] = "eq"
+
+    def grade(self, item: dict, sample: dict) -> bool:
+        got, ref = render(self.input, item, sample).strip(), render(self.reference, item, sample).strip()
+        match self.operation:
+            case "eq":
+                return got == ref
+            case "ne":
+                return got != ref
+            case "like":
+                return ref in got
+            case "ilike":
+                return ref.lower() in got.lower()
+            case "regex":
+                return re.search(ref, got) is not None
+
+
+class NumericMatch(BaseModel):
+    """The first (or last) number in the input equals the reference number within `tolerance`."""
+
+    type: Literal["numeric_match"] = "numeric_match"
+    name: str
+    input: str = "{{sample.output_text}}"
+    reference: str
+    pick: Literal["first", "last"] = "first"
+    tolerance: float = Field(0.0, ge=0)
+
+    def grade(self, item: dict, sample: dict) -> bool:
+        numbers = [parse_number(n) for n in _NUMBER.findall(render(self.input, item, sample))]
+        numbers = [n for n in numbers if n is not None]
+        ref = parse_number(render(self.reference, item, sample))
+        if not numbers or ref is None:
+            return False
+        got = numbers[0] if self.pick == "first" else numbers[-1]
+        return abs(got - ref) <= self.tolerance
+
+
+class GSM8KMatch(BaseModel):
+    """GSM8K's final answer: `strict` reads "#### N" or "The answer is N", `flexible` the last number."""
+
+    type: Literal["gsm8k"] = "gsm8k"
+    name: str
+    mode: Literal["strict", "flexible"]
+
+    def grade(self, item: dict, sample: dict) -> bool:
+        text = sample["output_text"]
+        if self.mode == "strict":
+            m = re.search(r"(?:####|[Tt]he answer is)\s*\$?(-?[\d,]*\.?\d+)", text)
+            got = parse_number(m[1]) if m else None
+        else:
+            numbers = [parse_number(n) for n in _NUMBER.findall(text)]
+            got = next((n for n in reversed(numbers) if n is not None), None)
+        return got is not None and abs(got - float(item["answer"])) < 1e-6
+
+
+def parse_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+Grader = Annotated[StringCheck | NumericMatch | GSM8KMatch, Field(discriminator="type")]

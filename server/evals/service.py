@@ -1,0 +1,295 @@
+"""Eval runs: ask each variant about each item through the gateway's own relay, grade, store.
+
+A run goes variant by variant (all items of one before the next), so it costs at most one swap
+per variant however its items interleave; `concurrency` bounds its requests in flight, so online
+traffic on the same engine keeps being admitted between them. Runs persist: a run still queued or
+in progress when the gateway stops is resumed at the next start, skipping graded items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+from server.errors import ConflictError, NotFoundError
+from server.evals.graders import render
+from server.evals.schemas import (
+    Comparison,
+    CriterionResult,
+    EvalCreate,
+    OutputItem,
+    OutputItems,
+    RunCreate,
+    RunPublic,
+    VariantResult,
+)
+from server.evals.stats import paired_difference, wilson
+from server.evals.store import EvalStore
+from server.evals.tasks import BuiltinSource, TaskSpec, builtin_task, jsonl_task
+from server.gateway import Gateway
+from server.metrics import Metrics
+from server.schemas import InferenceBody
+
+log = logging.getLogger("deltagate.evals")
+ACTIVE = ("queued", "in_progress")
+
+
+class EvalService:
+    """Owns the eval store and the runs executing in this process."""
+
+    def __init__(self, store: EvalStore, gateway: Gateway, metrics: Metrics):
+        self.store, self.gateway, self.metrics = store, gateway, metrics
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._cancel: set[str] = set()
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    async def start(self) -> None:
+        """Resume the runs a previous process left queued or in progress."""
+        for run in self.store.runs(statuses=ACTIVE):
+            log.info("resuming eval run %s", run["id"])
+            self._launch(run["id"])
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self.store.close()
+
+    # evals
+    def create_eval(self, body: EvalCreate) -> dict:
+        self.task_of(body)  # a built-in task's data must load
+        return self.store.eval(self.store.add_eval(body.model_dump()))
+
+    def get_eval(self, eval_id: str) -> dict:
+        row = self.store.eval(eval_id)
+        if row is None:
+            raise NotFoundError(f"eval {eval_id!r} not found")
+        return row
+
+    def delete_eval(self, eval_id: str) -> None:
+        self.get_eval(eval_id)
+        if self.store.runs(eval_id, ACTIVE):
+            raise ConflictError(f"eval {eval_id!r} has runs in progress; cancel them first")
+        self.store.delete_eval(eval_id)
+
+    @staticmethod
+    def task_of(body: EvalCreate) -> TaskSpec:
+        if isinstance(body.data_source, BuiltinSource):
+            task = builtin_task(body.data_source)
+            return TaskSpec(**{**task.__dict__, "graders": task.graders + list(body.testing_criteria)})
+        return jsonl_task(body.data_source, body.prompt or "", body.endpoint, list(body.testing_criteria))
+
+    # runs
+    async def create_run(self, eval_id: str, body: RunCreate) -> dict:
+        """Check the variants, record what will be measured, queue the run."""
+        spec = EvalCreate.model_validate(self.get_eval(eval_id)["body"])
+        task = self.task_of(spec)
+        recipes = {v: await self._recipe_record(v) for v in body.variants}  # 404 for unknown names
+        indices = list(range(len(task.items)))
+        if body.limit and body.limit < len(indices):
+            indices = sorted(random.Random(body.seed).sample(indices, body.limit))
+        measured = {
+            "task": task.name,
+            "task_version": task.version,
+            "endpoint": task.endpoint,
+            "prompt_template": task.prompt,
+            "stop": task.stop,
+            "graders": [g.model_dump() for g in task.graders],
+            "sampling": {"max_tokens": body.max_tokens, "temperature": body.temperature, "seed": body.seed},
+            "seed": body.seed,
+            "item_count": len(indices),
+            "item_indices": indices,
+            "recipes": recipes,
+        }
+        run_id = self.store.add_run(eval_id, body.model_dump(), len(indices) * len(body.variants), measured)
+        self._launch(run_id)
+        return self.store.run(run_id)
+
+    def get_run(self, eval_id: str, run_id: str) -> dict:
+        run = self.store.run(run_id)
+        if run is None or run["eval_id"] != eval_id:
+            raise NotFoundError(f"run {run_id!r} of eval {eval_id!r} not found")
+        return run
+
+    def cancel(self, eval_id: str, run_id: str) -> dict:
+        run = self.get_run(eval_id, run_id)
+        if run["status"] in ACTIVE:
+            self._cancel.add(run_id)
+            if run_id not in self._tasks:
+                self.store.set_status(run_id, "canceled")
+        return self.store.run(run_id)
+
+    def _launch(self, run_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(run_id))
+        self._tasks[run_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(run_id, None))
+
+    async def _execute(self, run_id: str) -> None:
+        run = self.store.run(run_id)
+        body = RunCreate.model_validate(run["body"])
+        try:
+            task = self.task_of(EvalCreate.model_validate(self.get_eval(run["eval_id"])["body"]))
+            self.store.set_status(run_id, "in_progress")
+            gate = asyncio.Semaphore(body.concurrency)
+            for variant in body.variants:
+                done = self.store.done_indices(run_id, variant)
+
+                async def one(i: int, variant: str = variant) -> None:
+                    async with gate:
+                        if run_id not in self._cancel:
+                            row = await self._answer(task, variant, body, task.items[i])
+                            self.store.put_item(run_id, variant, i, row)
+
+                await asyncio.gather(*(one(i) for i in run["measured"]["item_indices"] if i not in done))
+            self.store.set_status(run_id, "canceled" if run_id in self._cancel else "completed")
+        except asyncio.CancelledError:
+            raise  # the gateway is stopping: the run stays in progress and resumes at the next start
+        except Exception as exc:
+            log.exception("eval run %s failed", run_id)
+            self.store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._cancel.discard(run_id)
+
+    async def _answer(self, task: TaskSpec, variant: str, body: RunCreate, item: dict) -> dict:
+        """One item on one variant, through the same relay as user traffic; errors are the item's."""
+        from server.proxy import forward
+
+        prompt = render(task.prompt, item)
+        payload: dict = {
+            "model": variant,
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "seed": body.seed,
+        }
+        if task.stop:
+            payload["stop"] = task.stop
+        chat = task.endpoint == "chat"
+        payload |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        row = {"input": prompt, "output": None, "grades": {}, "status": "error", "error": None}
+        try:
+            resp = await forward(
+                self.gateway, self.metrics, endpoint, InferenceBody.model_validate(payload), {}, chat=chat
+            )
+            data = json.loads(resp.body)
+            if resp.status_code != 200:
+                row["error"] = f"HTTP {resp.status_code}: {data.get('error', {}).get('message', data)}"
+                return row
+            choice = data["choices"][0]
+            row["output"] = choice["message"]["content"] if chat else choice["text"]
+        except Exception as exc:  # an item that errors is counted as errored; the run goes on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        sample = {"output_text": row["output"] or ""}
+        row["grades"] = {g.name: g.grade(item, sample) for g in task.graders}
+        row["status"] = "pass" if all(row["grades"].values()) else "fail"
+        return row
+
+    async def _recipe_record(self, variant: str) -> dict:
+        """What a variant's weights are: base, method, and each delta with its file's sha256."""
+        resolved = self.gateway.resolve(variant)
+        record, recipe = resolved.variant, resolved.recipe
+        deltas = []
+        for term, rterm in zip(record.deltas, recipe.deltas, strict=True):
+            sha = await asyncio.to_thread(self._sha256, Path(rterm.path))
+            deltas.append({"delta": term.delta, "sha256": sha, "alpha": term.alpha, "density": term.density})
+        return {"base": record.base, "base_path": recipe.base, "method": recipe.method, "deltas": deltas}
+
+    def _sha256(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+            self._hashes[key] = digest.hexdigest()
+        return self._hashes[key]
+
+    # results
+    def public_run(self, run: dict) -> RunPublic:
+        """Status, progress, counts, per-variant scores with intervals, paired differences."""
+        body = RunCreate.model_validate(run["body"])
+        graders = [g["name"] for g in run["measured"]["graders"]]
+        items = self.store.items(run["id"])
+        by_variant: dict[str, dict[int, dict]] = {v: {} for v in body.variants}
+        for it in items:
+            by_variant.setdefault(it["variant"], {})[it["idx"]] = it
+        per_variant = {}
+        for v, rows in by_variant.items():
+            ok = [r for r in rows.values() if r["status"] != "error"]
+            criteria = {}
+            for g in graders:
+                passed = sum(bool(r["grades"].get(g)) for r in ok)
+                criteria[g] = CriterionResult(
+                    passed=passed,
+                    n=len(ok),
+                    score=passed / len(ok) if ok else 0.0,
+                    ci95=wilson(passed, len(ok)),
+                )
+            per_variant[v] = VariantResult(
+                criteria=criteria,
+                passed=sum(r["status"] == "pass" for r in ok),
+                failed=sum(r["status"] == "fail" for r in ok),
+                errored=len(rows) - len(ok),
+            )
+        comparisons = []
+        base = body.variants[0]
+        for v in body.variants[1:]:
+            common = [
+                i
+                for i in by_variant[base]
+                if i in by_variant[v]
+                and by_variant[base][i]["status"] != "error"
+                and by_variant[v][i]["status"] != "error"
+            ]
+            for g in graders if common else []:
+                a = [bool(by_variant[base][i]["grades"].get(g)) for i in common]
+                b = [bool(by_variant[v][i]["grades"].get(g)) for i in common]
+                mean, lo, hi = paired_difference(a, b)
+                comparisons.append(
+                    Comparison(
+                        criterion=g, baseline=base, variant=v, n=len(common), difference=mean, ci95=(lo, hi)
+                    )
+                )
+        counts = {
+            "total": run["total"],
+            "passed": sum(r.passed for r in per_variant.values()),
+            "failed": sum(r.failed for r in per_variant.values()),
+            "errored": sum(r.errored for r in per_variant.values()),
+        }
+        measured = {k: v for k, v in run["measured"].items() if k != "item_indices"}
+        return RunPublic(
+            id=run["id"],
+            eval_id=run["eval_id"],
+            status=run["status"],
+            error=run["error"],
+            created_at=int(run["created_at"]),
+            progress={"done": len(items), "total": run["total"]},
+            result_counts=counts,
+            per_variant=per_variant,
+            comparisons=comparisons,
+            measured=measured,
+        )
+
+    def output_items(self, run_id: str, status: str | None, after: int, limit: int) -> OutputItems:
+        """A page of graded items (ids increase; pass the last id as `after` for the next page)."""
+        rows = self.store.items(run_id, status, after, limit + 1)
+        page = [
+            OutputItem(
+                id=r["rowid"],
+                variant=r["variant"],
+                index=r["idx"],
+                status=r["status"],
+                input=r["input"],
+                output=r["output"],
+                grades=r["grades"],
+                error=r["error"],
+            )
+            for r in rows[:limit]
+        ]
+        return OutputItems(data=page, has_more=len(rows) > limit)

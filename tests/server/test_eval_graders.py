@@ -1,0 +1,102 @@
+"""Graders, templates, intervals and eval definitions, without a server."""
+
+import pytest
+from pydantic import ValidationError
+
+from server.evals.graders import GSM8KMatch, NumericMatch, StringCheck, render
+from server.evals.schemas import EvalCreate
+from server.evals.stats import paired_difference, wilson
+from server.evals.tasks import BuiltinSource, builtin_task
+
+
+def test_templates_fill_item_and_sample_fields():
+    filled = render("Q: {{item.q}} A: {{ sample.output_text }}", {"q": "2+2"}, {"output_text": "4"})
+    assert filled == "Q: 2+2 A: 4"
+    with pytest.raises(KeyError):
+        render("{{item.missing}}", {})
+
+
+@pytest.mark.parametrize(
+    ("operation", "reference", "output", "expected"),
+    [
+        ("eq", "Paris", " Paris ", True),
+        ("ne", "Paris", "Rome", True),
+        ("like", "Par", "It is Paris.", True),
+        ("like", "par", "It is Paris.", False),
+        ("ilike", "par", "It is Paris.", True),
+        ("regex", r"^\d+$", "42", True),
+        ("regex", r"^\d+$", "42 apples", False),
+    ],
+)
+def test_string_check_operations(operation, reference, output, expected):
+    grader = StringCheck(name="s", reference=reference, operation=operation)
+    assert grader.grade({}, {"output_text": output}) is expected
+
+
+def test_numeric_match_reads_first_or_last_number():
+    item = {"answer": "1,234"}
+    first = NumericMatch(name="n", reference="{{item.answer}}")
+    last = NumericMatch(name="n", reference="{{item.answer}}", pick="last")
+    assert first.grade(item, {"output_text": "1234 because 12 + 22"})
+    assert not last.grade(item, {"output_text": "1234 because 12 + 22"})
+    assert not first.grade(item, {"output_text": "no number"})
+
+
+def test_gsm8k_strict_and_flexible():
+    item = {"answer": "18"}
+    strict, flexible = GSM8KMatch(name="s", mode="strict"), GSM8KMatch(name="f", mode="flexible")
+    assert strict.grade(item, {"output_text": "9 * 2 = 18. The answer is 18."})
+    assert strict.grade(item, {"output_text": "so #### 18"})
+    assert not strict.grade(item, {"output_text": "she makes 18 dollars"})
+    assert flexible.grade(item, {"output_text": "she makes $18."})
+    assert not flexible.grade(item, {"output_text": "18 eggs, 2 dollars"})
+
+
+def test_wilson_interval_is_sane_at_the_edges():
+    # reference values of the Wilson score interval (z = 1.96)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    lo, hi = wilson(50, 100)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.19, abs=0.01)
+
+
+def test_paired_difference():
+    assert paired_difference([True] * 4, [False] * 4) == (-1.0, -1.0, -1.0)
+    mean, lo, hi = paired_difference([True, False, True, False], [True, True, True, False])
+    assert mean == 0.25 and lo < 0 < hi
+    with pytest.raises(ValueError):
+        paired_difference([True], [True, False])
+
+
+def test_builtin_tasks_load_offline():
+    gsm8k = builtin_task(BuiltinSource(task="gsm8k", shots=5))
+    assert len(gsm8k.items) == 1319 - 5 and gsm8k.items[0]["answer"].lstrip("-").isdigit()
+    assert gsm8k.prompt.count("Question:") == 6 and "{{item.question}}" in gsm8k.prompt
+    addition = builtin_task(BuiltinSource(task="addition"))
+    assert len(addition.items) == 200 and addition.graders[0].name == "exact_match"
+
+
+def _jsonl(content: str, **extra) -> dict:
+    criteria = [{"type": "string_check", "name": "s", "reference": "x"}]
+    return {
+        "data_source": {"type": "jsonl", "content": content},
+        "prompt": "{{item.q}}",
+        "testing_criteria": criteria,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"data_source": {"type": "builtin", "task": "mmlu"}}, "gsm8k"),
+        (_jsonl('{"q": 1}\n{oops'), "line 2"),
+        (_jsonl('{"q": 1}\n{"r": 2}'), "item 2 has no field 'q'"),
+        (_jsonl('{"q": 1}', testing_criteria=[{"type": "rouge", "name": "s"}]), "rouge"),
+        (_jsonl('{"q": 1}', testing_criteria=[]), "testing criterion"),
+        (_jsonl('{"q": 1}', prompt=None), "prompt template"),
+    ],
+)
+def test_bad_definitions_name_the_problem(body, message):
+    with pytest.raises(ValidationError, match=message):
+        EvalCreate.model_validate({"name": "e", **body})
