@@ -1,8 +1,8 @@
-"""The `deltagate` command: serve, demo, extract, compress, inspect, merge, export-lora, fidelity."""
+"""The `deltagate` command: serve, demo, extract, compress, inspect, merge, export-lora, fidelity, eval."""
 
 from __future__ import annotations
 
-from server.cli import artifacts, fidelity, serve  # noqa: F401  (registers the commands)
+from server.cli import artifacts, evals, fidelity, serve  # noqa: F401  (registers the commands)
 from server.cli.app import app
 
 
