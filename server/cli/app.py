@@ -37,12 +37,17 @@ def cli_errors(*extra: type[Exception]) -> Iterator[None]:
         raise fail(str(exc)) from None
 
 
+def progress_bar() -> Progress:
+    """A transient bar: description, bar, done/total, elapsed time."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())  # fmt: skip
+    return Progress(*columns, console=console, transient=True)
+
+
 @contextmanager
 def tensor_progress(verb: str) -> Iterator[Callable[[str, int, int], None]]:
     """A transient progress bar fed with (tensor name, index, total) callbacks."""
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task(verb, total=None)
 
         def progress(name: str, i: int, total: int) -> None:

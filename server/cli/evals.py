@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.cli.app import app, console, fail
+from server.cli.app import app, console, fail, progress_bar
 
 
 @app.command("eval")
@@ -109,13 +108,7 @@ def _call(resp) -> dict:
 
 def _follow(client, eval_id: str, run: dict) -> dict:
     """Poll the run with a progress bar until it ends."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"eval run {run['id']}", total=run["progress"]["total"])
         while run["status"] in ("queued", "in_progress"):
             time.sleep(1)

@@ -206,56 +206,20 @@ def test_a_run_survives_a_gateway_restart(tied, tmp_path):
         stop_gateway(mock)
 
 
+def _cli(url: str, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "server", "eval", "--url", url, "--admin-token", ADMIN, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def test_eval_cli_runs_a_comparison_and_plots_it(mock_stack, tmp_path):
     (tmp_path / "items.jsonl").write_text(_items(4))
     (tmp_path / "criteria.json").write_text(json.dumps([IS_BASE]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "eval",
-        "--url",
-        mock_stack.url,
-        "--admin-token",
-        ADMIN,
-        "--jsonl",
-        tmp_path / "items.jsonl",
-        "--prompt",
-        "{{item.q}}",
-        "--criteria",
-        tmp_path / "criteria.json",
-        "--variant",
-        "mock",
-        "--variant",
-        "mock-inst",
-        "--max-tokens",
-        "2",
-        "--plot",
-        tmp_path / "cmp.png",
-        "--json",
-    ]
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120)
+    done = _cli(mock_stack.url, "--jsonl", tmp_path / "items.jsonl", "--prompt", "{{item.q}}",
+                "--criteria", tmp_path / "criteria.json", "--variant", "mock", "--variant", "mock-inst",
+                "--max-tokens", "2", "--plot", tmp_path / "cmp.png", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)
     assert run["status"] == "completed" and run["per_variant"]["mock"]["criteria"]["is_base"]["score"] == 1.0
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "eval",
-            "--url",
-            mock_stack.url,
-            "--admin-token",
-            ADMIN,
-            "--task",
-            "gsm8k",
-            "--variant",
-            "ghost",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _cli(mock_stack.url, "--task", "gsm8k", "--variant", "ghost")
     assert done.returncode == 2 and "ghost" in done.stderr
