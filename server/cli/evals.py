@@ -153,9 +153,9 @@ def plot_run(run: dict, path: Path) -> None:
         cs = [run["per_variant"][variant]["criteria"][c] for c in criteria]
         xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(criteria))]
         scores = [100 * c["score"] for c in cs]
-        errors = [
-            [100 * (c["score"] - c["ci95"][0]) for c in cs],
-            [100 * (c["ci95"][1] - c["score"]) for c in cs],
+        errors = [  # clipped at 0: a score on its interval's edge may sit a rounding error outside it
+            [max(0.0, 100 * (c["score"] - c["ci95"][0])) for c in cs],
+            [max(0.0, 100 * (c["ci95"][1] - c["score"])) for c in cs],
         ]
         ax.bar(xs, scores, width, yerr=errors, capsize=3, label=variant)
     ax.set_xticks(range(len(criteria)), criteria)
