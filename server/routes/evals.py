@@ -25,14 +25,15 @@ def _public(service: EvalService, row: dict) -> EvalPublic:
     source = row["body"]["data_source"]
     if source["type"] == "jsonl":
         source = {"type": "jsonl"}  # the items themselves are not echoed back
-    criteria = [g.model_dump() for g in service.task_of(spec).graders]
+    task = service.task_of(spec)
+    criteria = [g.model_dump() for g in task.graders]
     return EvalPublic(
         id=row["id"],
         name=spec.name,
         created_at=int(row["created_at"]),
         data_source=source,
         testing_criteria=criteria,
-        items=len(service.task_of(spec).items),
+        items=len(task.items),
     )
 
 
