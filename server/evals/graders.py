@@ -92,6 +92,32 @@ class GSM8KMatch(BaseModel):
         return got is not None and abs(got - float(item["answer"])) < 1e-6
 
 
+class ChoiceMatch(BaseModel):
+    """Multiple choice: right if the most likely choice (per character if `normalize`) is the label."""
+
+    type: Literal["choice"] = "choice"
+    name: str
+    normalize: bool = False
+
+    def grade(self, item: dict, sample: dict) -> bool:
+        scores = [
+            lp / max(1, len(c)) if self.normalize else lp
+            for lp, c in zip(sample["choice_logprobs"], item["choices"], strict=True)
+        ]
+        return max(range(len(scores)), key=scores.__getitem__) == item["label"]
+
+
+def continuation_logprob(logprobs: dict, start: int, end: int) -> float:
+    """Sum of the logprobs of the prompt tokens that start in [start, end) (vLLM `echo` logprobs)."""
+    total = 0.0
+    for offset, lp in zip(logprobs["text_offset"], logprobs["token_logprobs"], strict=True):
+        if start <= offset < end:
+            if lp is None:
+                raise ValueError("the continuation starts the prompt: no logprob for its first token")
+            total += lp
+    return total
+
+
 def parse_number(text: str) -> float | None:
     try:
         return float(text.replace(",", "").rstrip("."))

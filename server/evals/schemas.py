@@ -29,34 +29,40 @@ class EvalCreate(BaseModel):
 
     @model_validator(mode="after")
     def _templates_name_real_fields(self) -> EvalCreate:
-        if isinstance(self.data_source, JsonlSource):
-            if not self.prompt:
-                raise ValueError("a jsonl data source needs a prompt template, e.g. '{{item.question}}'")
-            if not self.testing_criteria:
-                raise ValueError("a jsonl data source needs at least one testing criterion")
-            items = parse_jsonl(self.data_source.content)
-            templates = [("prompt", self.prompt)]
-            for grader in self.testing_criteria:
-                templates += [
-                    (f"grader {grader.name!r}", getattr(grader, k))
-                    for k in ("input", "reference")
-                    if hasattr(grader, k)
-                ]
-            for where, template in templates:
-                for scope, name in template_fields(template):
-                    if scope == "sample" and name != "output_text":
-                        raise ValueError(
-                            f"{where}: {{{{sample.{name}}}}} is unknown; use {{{{sample.output_text}}}}"
-                        )
-                    missing = [i + 1 for i, item in enumerate(items) if scope == "item" and name not in item]
-                    if missing:
-                        raise ValueError(f"{where}: item {missing[0]} has no field {name!r}")
-        elif self.prompt:
-            raise ValueError("built-in tasks bring their own prompt; omit 'prompt'")
+        source = self.data_source
+        if isinstance(source, BuiltinSource):
+            if self.prompt:
+                raise ValueError("built-in tasks bring their own prompt; omit 'prompt'")
+        else:
+            if isinstance(source, JsonlSource):
+                if not self.prompt:
+                    raise ValueError("a jsonl data source needs a prompt template, e.g. '{{item.question}}'")
+                if not self.testing_criteria:
+                    raise ValueError("a jsonl data source needs at least one testing criterion")
+            _check_templates(parse_jsonl(source.content), self.prompt, self.testing_criteria)
         names = [g.name for g in self.testing_criteria]
         if len(set(names)) != len(names):
             raise ValueError("testing criteria need distinct names")
         return self
+
+
+def _check_templates(items: list[dict], prompt: str | None, graders: list) -> None:
+    """Every `{{item.x}}` names a field every item has; `{{sample.x}}` is `output_text`."""
+    templates = [("prompt", prompt or "")]
+    for grader in graders:
+        templates += [
+            (f"grader {grader.name!r}", getattr(grader, k))
+            for k in ("input", "reference")
+            if hasattr(grader, k)
+        ]
+    for where, template in templates:
+        for scope, name in template_fields(template):
+            if scope == "sample" and name != "output_text":
+                known = "{{sample.output_text}}"
+                raise ValueError(f"{where}: sample field {name!r} is unknown; use {known}")
+            missing = [i + 1 for i, item in enumerate(items) if scope == "item" and name not in item]
+            if missing:
+                raise ValueError(f"{where}: item {missing[0]} has no field {name!r}")
 
 
 class EvalPublic(BaseModel):

@@ -9,14 +9,16 @@ in progress when the gateway stops is resumed at the next start, skipping graded
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import random
 from pathlib import Path
 
+from loaders.engine import EngineError
 from server.errors import ConflictError, NotFoundError
-from server.evals.graders import render
+from server.evals.graders import continuation_logprob, render
 from server.evals.schemas import (
     Comparison,
     CriterionResult,
@@ -29,7 +31,14 @@ from server.evals.schemas import (
 )
 from server.evals.stats import paired_difference, wilson
 from server.evals.store import EvalStore
-from server.evals.tasks import BuiltinSource, TaskSpec, builtin_task, jsonl_task
+from server.evals.tasks import (
+    BuiltinSource,
+    JsonlSource,
+    TaskSpec,
+    builtin_task,
+    jsonl_task,
+    multiple_choice_task,
+)
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.schemas import InferenceBody
@@ -78,10 +87,15 @@ class EvalService:
 
     @staticmethod
     def task_of(body: EvalCreate) -> TaskSpec:
-        if isinstance(body.data_source, BuiltinSource):
-            task = builtin_task(body.data_source)
-            return TaskSpec(**{**task.__dict__, "graders": task.graders + list(body.testing_criteria)})
-        return jsonl_task(body.data_source, body.prompt or "", body.endpoint, list(body.testing_criteria))
+        source = body.data_source
+        if isinstance(source, JsonlSource):
+            return jsonl_task(source, body.prompt or "", body.endpoint, list(body.testing_criteria))
+        task = (
+            builtin_task(source)
+            if isinstance(source, BuiltinSource)
+            else multiple_choice_task(source, body.prompt)
+        )
+        return dataclasses.replace(task, graders=task.graders + list(body.testing_criteria))
 
     # runs
     async def create_run(self, eval_id: str, body: RunCreate) -> dict:
@@ -156,8 +170,8 @@ class EvalService:
 
     async def _answer(self, task: TaskSpec, variant: str, body: RunCreate, item: dict) -> dict:
         """One item on one variant, through the same relay as user traffic; errors are the item's."""
-        from server.proxy import forward
-
+        if task.kind == "loglikelihood":
+            return await self._choose(task, variant, item)
         prompt = render(task.prompt, item)
         payload: dict = {
             "model": variant,
@@ -172,22 +186,52 @@ class EvalService:
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         row = {"input": prompt, "output": None, "grades": {}, "status": "error", "error": None}
         try:
-            resp = await forward(
-                self.gateway, self.metrics, endpoint, InferenceBody.model_validate(payload), {}, chat=chat
-            )
-            data = json.loads(resp.body)
-            if resp.status_code != 200:
-                row["error"] = f"HTTP {resp.status_code}: {data.get('error', {}).get('message', data)}"
-                return row
+            data = await self._complete(endpoint, payload, chat=chat)
             choice = data["choices"][0]
             row["output"] = choice["message"]["content"] if chat else choice["text"]
         except Exception as exc:  # an item that errors is counted as errored; the run goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
             return row
-        sample = {"output_text": row["output"] or ""}
-        row["grades"] = {g.name: g.grade(item, sample) for g in task.graders}
-        row["status"] = "pass" if all(row["grades"].values()) else "fail"
-        return row
+        return _graded(row, task, item, {"output_text": row["output"] or ""})
+
+    async def _choose(self, task: TaskSpec, variant: str, item: dict) -> dict:
+        """Multiple choice: the loglikelihood of each choice as the prompt's continuation."""
+        context = render(task.prompt, item)
+        row = {"input": context, "output": None, "grades": {}, "status": "error", "error": None}
+        logprobs = []
+        try:
+            for choice in item["choices"]:
+                text = context + " " + choice
+                # echo + logprobs: the prompt's own token logprobs (and one generated token, ignored)
+                payload = {
+                    "model": variant,
+                    "prompt": text,
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "echo": True,
+                    "logprobs": 1,
+                }
+                data = await self._complete("/v1/completions", payload, chat=False)
+                logprobs.append(continuation_logprob(data["choices"][0]["logprobs"], len(context), len(text)))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        best = max(range(len(logprobs)), key=logprobs.__getitem__)
+        row["output"] = json.dumps({"choice": item["choices"][best], "logprobs": logprobs})
+        return _graded(row, task, item, {"output_text": item["choices"][best], "choice_logprobs": logprobs})
+
+    async def _complete(self, endpoint: str, payload: dict, *, chat: bool) -> dict:
+        """One request through the relay; EngineError with the engine's message if it is not a 200."""
+        from server.proxy import forward
+
+        resp = await forward(
+            self.gateway, self.metrics, endpoint, InferenceBody.model_validate(payload), {}, chat=chat
+        )
+        data = json.loads(resp.body)
+        if resp.status_code != 200:
+            message = data.get("error", {}).get("message", data) if isinstance(data, dict) else data
+            raise EngineError(f"HTTP {resp.status_code}: {message}")
+        return data
 
     async def _recipe_record(self, variant: str) -> dict:
         """What a variant's weights are: base, method, and each delta with its file's sha256."""
@@ -293,3 +337,9 @@ class EvalService:
             for r in rows[:limit]
         ]
         return OutputItems(data=page, has_more=len(rows) > limit)
+
+
+def _graded(row: dict, task: TaskSpec, item: dict, sample: dict) -> dict:
+    row["grades"] = {g.name: g.grade(item, sample) for g in task.graders}
+    row["status"] = "pass" if all(row["grades"].values()) else "fail"
+    return row

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from server.evals.graders import Grader, GSM8KMatch, NumericMatch
+from server.evals.graders import ChoiceMatch, Grader, GSM8KMatch, NumericMatch
 
 Endpoint = Literal["completions", "chat"]
 
@@ -30,6 +30,7 @@ class TaskSpec:
     prompt: str
     stop: list[str] = field(default_factory=list)
     graders: list = field(default_factory=list)
+    kind: Literal["generate", "loglikelihood"] = "generate"
 
 
 class BuiltinSource(BaseModel):
@@ -54,7 +55,31 @@ class JsonlSource(BaseModel):
         return content
 
 
-DataSource = Annotated[BuiltinSource | JsonlSource, Field(discriminator="type")]
+class MultipleChoiceSource(BaseModel):
+    """Multiple choice scored by loglikelihood: JSONL items {question, choices, label}. Each choice
+    is scored as the continuation " CHOICE" of the prompt (default `Question: …\nAnswer:`) from the
+    engine's prompt logprobs; `acc` takes the highest sum, `acc_norm` the highest sum per character."""
+
+    type: Literal["multiple_choice"] = "multiple_choice"
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _items(cls, content: str) -> str:
+        for number, item in enumerate(parse_jsonl(content), 1):
+            choices, label = item.get("choices"), item.get("label")
+            if not isinstance(item.get("question"), str):
+                raise ValueError(f"item {number}: 'question' must be a string")
+            if not (
+                isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)
+            ):
+                raise ValueError(f"item {number}: 'choices' must be a list of at least two strings")
+            if not (isinstance(label, int) and 0 <= label < len(choices)):
+                raise ValueError(f"item {number}: 'label' must be the index of the right choice")
+        return content
+
+
+DataSource = Annotated[BuiltinSource | JsonlSource | MultipleChoiceSource, Field(discriminator="type")]
 
 
 def parse_jsonl(content: str) -> list[dict]:
@@ -127,6 +152,20 @@ def gsm8k_rows() -> tuple[dict, ...]:
             }
         )
     return tuple(rows)
+
+
+def multiple_choice_task(source: MultipleChoiceSource, prompt: str | None) -> TaskSpec:
+    """Loglikelihood multiple choice: graders acc and acc_norm."""
+    graders = [ChoiceMatch(name="acc"), ChoiceMatch(name="acc_norm", normalize=True)]
+    return TaskSpec(
+        "multiple_choice",
+        "multiple-choice-v1",
+        parse_jsonl(source.content),
+        "completions",
+        prompt or "Question: {{item.question}}\nAnswer:",
+        graders=graders,
+        kind="loglikelihood",
+    )
 
 
 def jsonl_task(source: JsonlSource, prompt: str, endpoint: Endpoint, graders: list[Grader]) -> TaskSpec:

@@ -3,7 +3,14 @@
 import pytest
 from pydantic import ValidationError
 
-from server.evals.graders import GSM8KMatch, NumericMatch, StringCheck, render
+from server.evals.graders import (
+    ChoiceMatch,
+    GSM8KMatch,
+    NumericMatch,
+    StringCheck,
+    continuation_logprob,
+    render,
+)
 from server.evals.schemas import EvalCreate
 from server.evals.stats import paired_difference, wilson
 from server.evals.tasks import BuiltinSource, builtin_task
@@ -100,3 +107,36 @@ def _jsonl(content: str, **extra) -> dict:
 def test_bad_definitions_name_the_problem(body, message):
     with pytest.raises(ValidationError, match=message):
         EvalCreate.model_validate({"name": "e", **body})
+
+
+def test_continuation_logprob_sums_the_continuation_tokens_only():
+    # "Q: x\nA:" + " Paris" + one generated token; offsets as vLLM's echo returns them
+    logprobs = {"text_offset": [0, 2, 4, 6, 8, 14], "token_logprobs": [None, -1.0, -2.0, -0.5, -0.25, -9.0]}
+    context, text = "Q: x\nA:", "Q: x\nA: Paris"
+    assert len(context) == 7 and len(text) == 13
+    assert continuation_logprob(logprobs, 8, 14) == -0.25
+    assert continuation_logprob(logprobs, 6, 13) == -0.75
+    with pytest.raises(ValueError, match="first token"):
+        continuation_logprob(logprobs, 0, 3)
+
+
+def test_choice_match_plain_and_length_normalised():
+    item = {"choices": ["a", "much longer"], "label": 1}
+    sample = {"choice_logprobs": [-2.0, -5.0]}  # per character: -2.0 vs -0.45
+    assert not ChoiceMatch(name="acc").grade(item, sample)
+    assert ChoiceMatch(name="acc_norm", normalize=True).grade(item, sample)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"question": "q", "choices": ["a"], "label": 0}', "at least two"),
+        ('{"question": "q", "choices": ["a", "b"], "label": 2}', "index of the right choice"),
+        ('{"choices": ["a", "b"], "label": 0}', "'question'"),
+    ],
+)
+def test_bad_multiple_choice_items_are_named(content, message):
+    with pytest.raises(ValidationError, match=message):
+        EvalCreate.model_validate(
+            {"name": "mc", "data_source": {"type": "multiple_choice", "content": content}}
+        )

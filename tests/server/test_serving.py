@@ -169,3 +169,58 @@ def test_builtin_eval_runs_through_real_engines(stack, source, criteria):
     assert run["measured"]["recipes"]["tied-inst"]["deltas"][0]["sha256"]
     items = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}/output_items", headers=stack.admin)
     assert all(i["output"] is not None or i["error"] for i in items.json()["data"])
+
+
+def test_multiple_choice_eval_scores_by_loglikelihood_through_real_engines(stack):
+    """acc/acc_norm from echo logprobs relayed by the gateway; the sums match a direct request."""
+    import json
+    import time
+
+    items = [
+        {"question": "The capital of France", "choices": ["is Paris.", "is Rome.", "def add"], "label": 0},
+        {"question": "Numbers: 1 2 3", "choices": ["4 5 6", "a b c"], "label": 0},
+    ]
+    body = {
+        "name": "mc",
+        "data_source": {"type": "multiple_choice", "content": "\n".join(json.dumps(i) for i in items)},
+    }
+    ev = httpx.post(stack.url + "/v1/evals", json=body, headers=stack.admin)
+    assert ev.status_code == 201, ev.text
+    eval_id = ev.json()["id"]
+    run = httpx.post(
+        f"{stack.url}/v1/evals/{eval_id}/runs", json={"variants": ["tied", "tied-inst"]}, headers=stack.admin
+    ).json()
+    deadline = time.monotonic() + 300
+    while run["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, run
+        time.sleep(0.5)
+        run = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}", headers=stack.admin).json()
+    assert run["status"] == "completed" and run["result_counts"]["errored"] == 0, run
+    assert set(run["per_variant"]["tied-inst"]["criteria"]) == {"acc", "acc_norm"}
+    out = httpx.get(
+        f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}/output_items", headers=stack.admin
+    ).json()
+    first = next(i for i in out["data"] if i["variant"] == "tied-inst" and i["index"] == 0)
+    scored = json.loads(first["output"])["logprobs"]
+    context = "Question: The capital of France\nAnswer:"
+    for choice, got in zip(items[0]["choices"], scored, strict=True):
+        text = f"{context} {choice}"
+        r = httpx.post(
+            f"{stack.url}/v1/completions",
+            json={
+                "model": "tied-inst",
+                "prompt": text,
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": 1,
+            },
+        )
+        lp = r.json()["choices"][0]["logprobs"]
+        want = sum(
+            v
+            for o, v in zip(lp["text_offset"], lp["token_logprobs"], strict=True)
+            if len(context) <= o < len(text)
+        )
+        assert got == pytest.approx(want, abs=1e-6)
+    assert json.loads(first["output"])["choice"] == items[0]["choices"][scored.index(max(scored))]
