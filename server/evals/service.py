@@ -19,17 +19,13 @@ from pathlib import Path
 from loaders.engine import EngineError
 from server.errors import ConflictError, NotFoundError
 from server.evals.graders import continuation_logprob, render
+from server.evals.results import output_items, run_result
 from server.evals.schemas import (
-    Comparison,
-    CriterionResult,
     EvalCreate,
-    OutputItem,
     OutputItems,
     RunCreate,
     RunPublic,
-    VariantResult,
 )
-from server.evals.stats import paired_difference, wilson
 from server.evals.store import EvalStore
 from server.evals.tasks import (
     BuiltinSource,
@@ -122,6 +118,12 @@ class EvalService:
         run_id = self.store.add_run(eval_id, body.model_dump(), len(indices) * len(body.variants), measured)
         self._launch(run_id)
         return self.store.run(run_id)
+
+    def public_run(self, run: dict) -> RunPublic:
+        return run_result(self.store, run)
+
+    def output_items(self, run_id: str, status: str | None, after: int, limit: int) -> OutputItems:
+        return output_items(self.store, run_id, status, after, limit)
 
     def get_run(self, eval_id: str, run_id: str) -> dict:
         run = self.store.run(run_id)
@@ -253,90 +255,6 @@ class EvalService:
                     digest.update(block)
             self._hashes[key] = digest.hexdigest()
         return self._hashes[key]
-
-    # results
-    def public_run(self, run: dict) -> RunPublic:
-        """Status, progress, counts, per-variant scores with intervals, paired differences."""
-        body = RunCreate.model_validate(run["body"])
-        graders = [g["name"] for g in run["measured"]["graders"]]
-        items = self.store.items(run["id"])
-        by_variant: dict[str, dict[int, dict]] = {v: {} for v in body.variants}
-        for it in items:
-            by_variant.setdefault(it["variant"], {})[it["idx"]] = it
-        per_variant = {}
-        for v, rows in by_variant.items():
-            ok = [r for r in rows.values() if r["status"] != "error"]
-            criteria = {}
-            for g in graders:
-                passed = sum(bool(r["grades"].get(g)) for r in ok)
-                criteria[g] = CriterionResult(
-                    passed=passed,
-                    n=len(ok),
-                    score=passed / len(ok) if ok else 0.0,
-                    ci95=wilson(passed, len(ok)),
-                )
-            per_variant[v] = VariantResult(
-                criteria=criteria,
-                passed=sum(r["status"] == "pass" for r in ok),
-                failed=sum(r["status"] == "fail" for r in ok),
-                errored=len(rows) - len(ok),
-            )
-        comparisons = []
-        base = body.variants[0]
-        for v in body.variants[1:]:
-            common = [
-                i
-                for i in by_variant[base]
-                if i in by_variant[v]
-                and by_variant[base][i]["status"] != "error"
-                and by_variant[v][i]["status"] != "error"
-            ]
-            for g in graders if common else []:
-                a = [bool(by_variant[base][i]["grades"].get(g)) for i in common]
-                b = [bool(by_variant[v][i]["grades"].get(g)) for i in common]
-                mean, lo, hi = paired_difference(a, b)
-                comparisons.append(
-                    Comparison(
-                        criterion=g, baseline=base, variant=v, n=len(common), difference=mean, ci95=(lo, hi)
-                    )
-                )
-        counts = {
-            "total": run["total"],
-            "passed": sum(r.passed for r in per_variant.values()),
-            "failed": sum(r.failed for r in per_variant.values()),
-            "errored": sum(r.errored for r in per_variant.values()),
-        }
-        measured = {k: v for k, v in run["measured"].items() if k != "item_indices"}
-        return RunPublic(
-            id=run["id"],
-            eval_id=run["eval_id"],
-            status=run["status"],
-            error=run["error"],
-            created_at=int(run["created_at"]),
-            progress={"done": len(items), "total": run["total"]},
-            result_counts=counts,
-            per_variant=per_variant,
-            comparisons=comparisons,
-            measured=measured,
-        )
-
-    def output_items(self, run_id: str, status: str | None, after: int, limit: int) -> OutputItems:
-        """A page of graded items (ids increase; pass the last id as `after` for the next page)."""
-        rows = self.store.items(run_id, status, after, limit + 1)
-        page = [
-            OutputItem(
-                id=r["rowid"],
-                variant=r["variant"],
-                index=r["idx"],
-                status=r["status"],
-                input=r["input"],
-                output=r["output"],
-                grades=r["grades"],
-                error=r["error"],
-            )
-            for r in rows[:limit]
-        ]
-        return OutputItems(data=page, has_more=len(rows) > limit)
 
 
 def _graded(row: dict, task: TaskSpec, item: dict, sample: dict) -> dict:
