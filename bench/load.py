@@ -15,6 +15,8 @@ Scenarios:
   and Zipf-skewed (s=1) schedules; closed loop at --concurrency.
 - poisson: open-loop Poisson arrivals at each --rates, one variant and two variants (random).
 - change: steady Poisson load that moves from one variant to another halfway.
+- eval: the same closed-loop online load alone and beside an eval run (built-in addition task,
+  2 requests in flight) on the same variant, alternating.
 
 References: each variant's greedy answer to every prompt, one request at a time through the
 gateway. An answer is `exact` (its own variant's reference), `wrong-variant` (another variant's
@@ -226,6 +228,22 @@ class Bench:
         distinct = len({tuple(v) for v in self.refs.values()})
         say(f"  {distinct} of {len(self.models)} models give distinct answer sets")
 
+    def start_eval(self, variant: str) -> tuple[str, str]:
+        """Start an eval run (built-in addition task, 2 requests in flight) on `variant`."""
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        body = {"name": "beside online traffic", "data_source": {"type": "builtin", "task": "addition"}}
+        eval_id = httpx.post(self.gateway.url + "/v1/evals", json=body, headers=auth).json()["id"]
+        run = {"variants": [variant], "max_tokens": 8, "concurrency": 2}
+        r = httpx.post(f"{self.gateway.url}/v1/evals/{eval_id}/runs", json=run, headers=auth)
+        r.raise_for_status()
+        return eval_id, r.json()["id"]
+
+    def cancel_eval(self, ids: tuple[str, str]) -> None:
+        eval_id, run_id = ids
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        r = httpx.post(f"{self.gateway.url}/v1/evals/{eval_id}/runs/{run_id}/cancel", headers=auth)
+        say(f"    eval run beside it: {r.json()['progress']['done']} items graded, then canceled")
+
     def _make_resident(self, model: str) -> None:
         body = {"model": model, "prompt": "warm", "max_tokens": 1}
         httpx.post(self.gateway.url + "/v1/completions", json=body, timeout=600).raise_for_status()
@@ -253,8 +271,8 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         nargs="+",
-        default=["overhead", "mixed", "poisson", "change"],
-        choices=["overhead", "mixed", "poisson", "change"],
+        default=["overhead", "mixed", "poisson", "change", "eval"],
+        choices=["overhead", "mixed", "poisson", "change", "eval"],
     )
     parser.add_argument("--num-prompts", type=int, default=32, help="requests per run (one prompt each)")
     parser.add_argument("--output-len", type=int, default=32)
@@ -326,6 +344,23 @@ def main() -> None:
             )
             plan = [bench.models[1]] * (n // 2) + [bench.models[2]] * (n - n // 2)
             runs.append(bench.run("change", "change", plan, rate=rate, kind="change"))
+        if "eval" in args.scenarios:
+            say(f"online traffic with and without an eval run beside it (addition task on {bench.models[1]})")
+            for rep in range(args.repeats):
+                for with_eval in (False, True) if rep % 2 == 0 else (True, False):
+                    run_id = bench.start_eval(bench.models[1]) if with_eval else None
+                    name = f"eval-{'on' if with_eval else 'off'}-{rep}"
+                    runs.append(
+                        bench.run(
+                            name,
+                            "eval",
+                            [bench.models[1]] * n,
+                            concurrency=c,
+                            kind="with-eval" if with_eval else "alone",
+                        )
+                    )
+                    if run_id:
+                        bench.cancel_eval(run_id)
     finally:
         bench.stop()
     report(runs, work, args)
@@ -369,6 +404,16 @@ def report(runs: list[Run], work: Path, args) -> None:
                     f"{r.name}: {100 * r.tok_s / single.tok_s:.0f}% of single-variant throughput, "
                     f"TTFT p99 x{r.ttft_p99_ms / single.ttft_p99_ms:.1f}"
                 )
+    beside = {
+        k: [r for r in runs if r.scenario == "eval" and r.schedule == k] for k in ("with-eval", "alone")
+    }
+    if beside["with-eval"] and beside["alone"]:
+        p50 = {k: statistics.median(r.ttft_p50_ms for r in rs) for k, rs in beside.items()}
+        tok = {k: statistics.median(r.tok_s for r in rs) for k, rs in beside.items()}
+        lines.append(
+            f"online beside an eval run: TTFT p50 {p50['with-eval']:.0f} vs {p50['alone']:.0f} ms alone, "
+            f"{tok['with-eval']:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
+        )
     checked = [r for r in runs if r.target == "gateway"]
     lines.append(
         f"answers checked: {sum(r.exact for r in checked)} exact, "
@@ -389,7 +434,13 @@ def plot(runs: list[Run], work: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for scenario, marker in (("overhead", "o"), ("mixed", "s"), ("poisson", "^"), ("change", "D")):
+    for scenario, marker in (
+        ("overhead", "o"),
+        ("mixed", "s"),
+        ("poisson", "^"),
+        ("change", "D"),
+        ("eval", "x"),
+    ):
         rs = [r for r in runs if r.scenario == scenario]
         if rs:
             ax.scatter(
