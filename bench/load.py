@@ -15,7 +15,7 @@ Scenarios:
   and Zipf-skewed (s=1) schedules; closed loop at --concurrency.
 - poisson: open-loop Poisson arrivals at each --rates, one variant and two variants (random).
 - change: steady Poisson load that moves from one variant to another halfway.
-- eval: the same closed-loop online load alone and beside an eval run (built-in addition task,
+- eval: the same closed-loop online load alone and beside an eval run (GSM8K 5-shot, 64 tokens,
   2 requests in flight) on the same variant, alternating.
 
 References: each variant's greedy answer to every prompt, one request at a time through the
@@ -229,20 +229,37 @@ class Bench:
         say(f"  {distinct} of {len(self.models)} models give distinct answer sets")
 
     def start_eval(self, variant: str) -> tuple[str, str]:
-        """Start an eval run (built-in addition task, 2 requests in flight) on `variant`."""
+        """Start an eval run on `variant` (GSM8K 5-shot, 2 in flight); return once it has graded items."""
         auth = {"Authorization": f"Bearer {ADMIN}"}
-        body = {"name": "beside online traffic", "data_source": {"type": "builtin", "task": "addition"}}
+        body = {"name": "beside online traffic", "data_source": {"type": "builtin", "task": "gsm8k"}}
         eval_id = httpx.post(self.gateway.url + "/v1/evals", json=body, headers=auth).json()["id"]
-        run = {"variants": [variant], "max_tokens": 8, "concurrency": 2}
+        run = {"variants": [variant], "max_tokens": 64, "concurrency": 2}  # all 1314 items: outlasts the load
         r = httpx.post(f"{self.gateway.url}/v1/evals/{eval_id}/runs", json=run, headers=auth)
         r.raise_for_status()
-        return eval_id, r.json()["id"]
+        ids = eval_id, r.json()["id"]
+        while self._eval_progress(ids)["done"] < 2:  # the run is really going before the load starts
+            time.sleep(0.5)
+        return ids
 
     def cancel_eval(self, ids: tuple[str, str]) -> None:
+        """Cancel the run; say whether it was still going when the online run ended (it must be)."""
         eval_id, run_id = ids
-        auth = {"Authorization": f"Bearer {ADMIN}"}
-        r = httpx.post(f"{self.gateway.url}/v1/evals/{eval_id}/runs/{run_id}/cancel", headers=auth)
-        say(f"    eval run beside it: {r.json()['progress']['done']} items graded, then canceled")
+        progress = self._eval_progress(ids)
+        httpx.post(
+            f"{self.gateway.url}/v1/evals/{eval_id}/runs/{run_id}/cancel",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        overlap = "still running" if progress["done"] < progress["total"] else "FINISHED EARLY: no overlap"
+        say(
+            f"    eval beside it: {progress['done']}/{progress['total']} items graded, {overlap}; canceled"
+        )
+
+    def _eval_progress(self, ids: tuple[str, str]) -> dict:
+        r = httpx.get(
+            f"{self.gateway.url}/v1/evals/{ids[0]}/runs/{ids[1]}",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        return r.json()["progress"]
 
     def _make_resident(self, model: str) -> None:
         body = {"model": model, "prompt": "warm", "max_tokens": 1}
@@ -345,7 +362,7 @@ def main() -> None:
             plan = [bench.models[1]] * (n // 2) + [bench.models[2]] * (n - n // 2)
             runs.append(bench.run("change", "change", plan, rate=rate, kind="change"))
         if "eval" in args.scenarios:
-            say(f"online traffic with and without an eval run beside it (addition task on {bench.models[1]})")
+            say(f"online traffic with and without an eval run beside it (GSM8K on {bench.models[1]})")
             for rep in range(args.repeats):
                 for with_eval in (False, True) if rep % 2 == 0 else (True, False):
                     run_id = bench.start_eval(bench.models[1]) if with_eval else None
