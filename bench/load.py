@@ -250,9 +250,7 @@ class Bench:
             headers={"Authorization": f"Bearer {ADMIN}"},
         )
         overlap = "still running" if progress["done"] < progress["total"] else "FINISHED EARLY: no overlap"
-        say(
-            f"    eval beside it: {progress['done']}/{progress['total']} items graded, {overlap}; canceled"
-        )
+        say(f"    eval beside it: {progress['done']}/{progress['total']} items graded, {overlap}; canceled")
 
     def _eval_progress(self, ids: tuple[str, str]) -> dict:
         r = httpx.get(
@@ -405,8 +403,7 @@ def report(runs: list[Run], work: Path, args) -> None:
         t: [r for r in runs if r.scenario == "overhead" and r.target == t] for t in ("direct", "gateway")
     }
     if overhead["direct"] and overhead["gateway"]:
-        med = {t: statistics.median(r.tok_s for r in rs) for t, rs in overhead.items()}
-        p50 = {t: statistics.median(r.ttft_p50_ms for r in rs) for t, rs in overhead.items()}
+        med, p50 = _medians(overhead)
         lines += [
             "",
             f"overhead: gateway/direct throughput {100 * med['gateway'] / med['direct']:.1f}% "
@@ -425,8 +422,7 @@ def report(runs: list[Run], work: Path, args) -> None:
         k: [r for r in runs if r.scenario == "eval" and r.schedule == k] for k in ("with-eval", "alone")
     }
     if beside["with-eval"] and beside["alone"]:
-        p50 = {k: statistics.median(r.ttft_p50_ms for r in rs) for k, rs in beside.items()}
-        tok = {k: statistics.median(r.tok_s for r in rs) for k, rs in beside.items()}
+        tok, p50 = _medians(beside)
         lines.append(
             f"online beside an eval run: TTFT p50 {p50['with-eval']:.0f} vs {p50['alone']:.0f} ms alone, "
             f"{tok['with-eval']:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
@@ -442,6 +438,13 @@ def report(runs: list[Run], work: Path, args) -> None:
     print("\n" + text, flush=True)
     plot(runs, work)
     say(f"results in {work}")
+
+
+def _medians(groups: dict[str, list[Run]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per group: the median output tok/s and the median TTFT p50 of its runs."""
+    tok = {k: statistics.median(r.tok_s for r in rs) for k, rs in groups.items()}
+    p50 = {k: statistics.median(r.ttft_p50_ms for r in rs) for k, rs in groups.items()}
+    return tok, p50
 
 
 def plot(runs: list[Run], work: Path) -> None:
