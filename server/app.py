@@ -40,7 +40,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = Metrics(__version__)
     gateway = Gateway(settings, metrics)
     metrics.watch_engines(gateway.engine_states)
-    evals = EvalService(EvalStore(settings.state_dir / "evals.sqlite"), gateway, metrics)
+    evals = EvalService(
+        EvalStore(settings.state_dir / "evals.sqlite"),
+        gateway,
+        metrics,
+        allow_code_execution=settings.allow_code_execution,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -30,6 +30,10 @@ class BadRequestError(GatewayError):
     status, kind = 400, "invalid_request_error"
 
 
+class ForbiddenError(GatewayError):
+    status, kind = 403, "permission_error"
+
+
 class UnauthorizedError(GatewayError):
     status, kind = 401, "authentication_error"
 

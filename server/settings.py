@@ -52,6 +52,7 @@ class GatewaySettings(BaseSettings):
     engine_start_timeout: float = 900.0
     supervise_seconds: float = 2.0
     engine_args: list[str] = Field(default_factory=list)
+    allow_code_execution: bool = False  # HumanEval: run model-written programs (sandboxed)
 
     @property
     def registry_path(self) -> Path:

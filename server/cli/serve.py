@@ -92,6 +92,10 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log every HTTP request (costs throughput under load; see bench/relay.py)")
     ] = False,
+    allow_code_execution: Annotated[
+        bool,
+        typer.Option(help="Let evals run model-written code (HumanEval), each program sandboxed; see README"),
+    ] = False,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -107,6 +111,13 @@ def serve(
         spec.engine_url = urls.pop(spec.name, None)
     if urls:
         raise fail(f"--engine-url names unknown bases {sorted(urls)}")
+    if allow_code_execution:
+        from server.evals.sandbox import SandboxUnavailable, check_available
+
+        try:
+            check_available()
+        except SandboxUnavailable as exc:
+            raise fail(f"--allow-code-execution: cannot sandbox programs on this machine: {exc}") from None
     settings = GatewaySettings(
         state_dir=state_dir,
         admin_token=admin_token,
@@ -115,6 +126,7 @@ def serve(
         variants=[parse_variant(v) for v in variant or []] + [parse_recipe_file(r) for r in recipe or []],
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
+        allow_code_execution=allow_code_execution,
     )
     ensure_admin_token(settings)
     models = [b.name for b in bases] + [v.name for v in settings.variants]
@@ -158,6 +170,7 @@ def demo(
         max_model_len=None,
         kv_cache_gib=1.0,
         access_log=False,
+        allow_code_execution=False,
     )
 
 

@@ -107,6 +107,29 @@ class ChoiceMatch(BaseModel):
         return max(range(len(scores)), key=scores.__getitem__) == item["label"]
 
 
+class ProgramPasses(BaseModel):
+    """HumanEval pass@1: prompt + completion + the problem's tests, run in the sandbox; exit 0 passes.
+
+    Built in (not a user grader): it needs the server started with code execution allowed."""
+
+    type: Literal["code_execution"] = "code_execution"
+    name: str
+
+    def program(self, item: dict, sample: dict) -> str:
+        """The program HumanEval's own harness runs for a completion."""
+        return f"{item['prompt']}{sample['output_text']}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
+
+
+class GreedyMatch(BaseModel):
+    """Fidelity: the variant's top-1 token equals the reference's at every compared position."""
+
+    type: Literal["greedy_match"] = "greedy_match"
+    name: str = "greedy_match"
+
+    def grade(self, item: dict, sample: dict) -> bool:
+        return sample["agree"] == sample["positions"]
+
+
 def continuation_logprob(logprobs: dict, start: int, end: int) -> float:
     """Sum of the logprobs of the prompt tokens that start in [start, end) (vLLM `echo` logprobs)."""
     total = 0.0
@@ -116,6 +139,16 @@ def continuation_logprob(logprobs: dict, start: int, end: int) -> float:
                 raise ValueError("the continuation starts the prompt: no logprob for its first token")
             total += lp
     return total
+
+
+def prompt_nll(logprobs: dict, end: int) -> tuple[float, int]:
+    """Negative log-likelihood and token count of the prompt tokens starting before `end` (echo
+    logprobs); the first token has no logprob (nothing conditions it) and is not counted."""
+    nll, tokens = 0.0, 0
+    for offset, lp in zip(logprobs["text_offset"], logprobs["token_logprobs"], strict=True):
+        if offset < end and lp is not None:
+            nll, tokens = nll - lp, tokens + 1
+    return nll, tokens
 
 
 def parse_number(text: str) -> float | None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from server.evals.schemas import (
     Comparison,
     CriterionResult,
+    MetricResult,
     OutputItem,
     OutputItems,
     RunCreate,
     RunPublic,
     VariantResult,
 )
-from server.evals.stats import paired_difference, wilson
+from server.evals.stats import RatioMetric, bootstrap, paired_difference, wilson
 from server.evals.store import EvalStore
 
 
@@ -19,6 +20,7 @@ def run_result(store: EvalStore, run: dict) -> RunPublic:
     """Status, progress, counts, per-variant scores with intervals, paired differences."""
     body = RunCreate.model_validate(run["body"])
     graders = [g["name"] for g in run["measured"]["graders"]]
+    metrics = [RatioMetric(**m) for m in run["measured"].get("metrics", [])]
     items = store.items(run["id"])
     by_variant: dict[str, dict[int, dict]] = {v: {} for v in body.variants}
     for it in items:
@@ -35,8 +37,10 @@ def run_result(store: EvalStore, run: dict) -> RunPublic:
                 score=passed / len(ok) if ok else 0.0,
                 ci95=wilson(passed, len(ok)),
             )
+        scores = [r["scores"] for r in ok]
         per_variant[v] = VariantResult(
             criteria=criteria,
+            metrics={m.name: _metric(m, scores) for m in metrics},
             passed=sum(r["status"] == "pass" for r in ok),
             failed=sum(r["status"] == "fail" for r in ok),
             errored=len(rows) - len(ok),
@@ -60,6 +64,15 @@ def run_result(store: EvalStore, run: dict) -> RunPublic:
                     criterion=g, baseline=base, variant=v, n=len(common), difference=mean, ci95=(lo, hi)
                 )
             )
+        for m in metrics if common else []:
+            a = [by_variant[base][i]["scores"] for i in common]
+            b = [by_variant[v][i]["scores"] for i in common]
+            difference, ci = bootstrap(m, a, b)
+            comparisons.append(
+                Comparison(
+                    criterion=m.name, baseline=base, variant=v, n=len(common), difference=difference, ci95=ci
+                )
+            )
     counts = {
         "total": run["total"],
         "passed": sum(r.passed for r in per_variant.values()),
@@ -81,6 +94,11 @@ def run_result(store: EvalStore, run: dict) -> RunPublic:
     )
 
 
+def _metric(metric: RatioMetric, scores: list[dict]) -> MetricResult:
+    value, ci = bootstrap(metric, scores)
+    return MetricResult(value=value, n=len(scores), ci95=ci)
+
+
 def output_items(store: EvalStore, run_id: str, status: str | None, after: int, limit: int) -> OutputItems:
     """A page of graded items (ids increase; pass the last id as `after` for the next page)."""
     rows = store.items(run_id, status, after, limit + 1)
@@ -93,6 +111,7 @@ def output_items(store: EvalStore, run_id: str, status: str | None, after: int, 
             input=r["input"],
             output=r["output"],
             grades=r["grades"],
+            scores=r["scores"],
             error=r["error"],
         )
         for r in rows[:limit]

@@ -7,7 +7,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.evals.graders import Grader, template_fields
-from server.evals.tasks import BuiltinSource, DataSource, Endpoint, JsonlSource, parse_jsonl
+from server.evals.tasks import (
+    BuiltinSource,
+    DataSource,
+    Endpoint,
+    FidelitySource,
+    JsonlSource,
+    PerplexitySource,
+    parse_jsonl,
+)
 
 RunStatus = Literal["queued", "in_progress", "completed", "failed", "canceled"]
 
@@ -30,9 +38,11 @@ class EvalCreate(BaseModel):
     @model_validator(mode="after")
     def _templates_name_real_fields(self) -> EvalCreate:
         source = self.data_source
-        if isinstance(source, BuiltinSource):
+        if isinstance(source, BuiltinSource | PerplexitySource | FidelitySource):
             if self.prompt:
-                raise ValueError("built-in tasks bring their own prompt; omit 'prompt'")
+                raise ValueError(f"{source.type} data sources bring their own prompt; omit 'prompt'")
+            if self.testing_criteria and not isinstance(source, BuiltinSource):
+                raise ValueError(f"{source.type} evals report built-in metrics; omit 'testing_criteria'")
         else:
             if isinstance(source, JsonlSource):
                 if not self.prompt:
@@ -95,15 +105,25 @@ class CriterionResult(BaseModel):
     ci95: tuple[float, float]
 
 
+class MetricResult(BaseModel):
+    """A corpus-level metric (perplexity, token agreement, KL) with a bootstrap 95% interval."""
+
+    value: float
+    n: int
+    ci95: tuple[float, float]
+
+
 class VariantResult(BaseModel):
     criteria: dict[str, CriterionResult]
+    metrics: dict[str, MetricResult] = Field(default_factory=dict)
     passed: int
     failed: int
     errored: int
 
 
 class Comparison(BaseModel):
-    """variant − baseline on the items both answered without error; ci95 is paired."""
+    """variant − baseline on the items both answered without error; ci95 is paired (normal for pass
+    rates, bootstrap over the same items for metrics)."""
 
     criterion: str
     baseline: str
@@ -135,6 +155,7 @@ class OutputItem(BaseModel):
     input: str
     output: str | None
     grades: dict[str, bool]
+    scores: dict[str, float] = Field(default_factory=dict)
     error: str | None
 
 

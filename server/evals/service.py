@@ -13,13 +13,15 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
 from loaders.engine import EngineError
-from server.errors import ConflictError, NotFoundError
-from server.evals.graders import continuation_logprob, render
+from server.errors import ConflictError, ForbiddenError, NotFoundError
+from server.evals.graders import ProgramPasses, continuation_logprob, prompt_nll, render
 from server.evals.results import output_items, run_result
+from server.evals.sandbox import Limits, run_program
 from server.evals.schemas import (
     EvalCreate,
     OutputItems,
@@ -29,12 +31,18 @@ from server.evals.schemas import (
 from server.evals.store import EvalStore
 from server.evals.tasks import (
     BuiltinSource,
+    FidelitySource,
     JsonlSource,
+    MultipleChoiceSource,
+    PerplexitySource,
     TaskSpec,
     builtin_task,
+    fidelity_task,
     jsonl_task,
     multiple_choice_task,
+    perplexity_task,
 )
+from server.fidelity import TOP_K, Probe, kl_topk, top1, top_logprobs
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.schemas import InferenceBody
@@ -46,8 +54,17 @@ ACTIVE = ("queued", "in_progress")
 class EvalService:
     """Owns the eval store and the runs executing in this process."""
 
-    def __init__(self, store: EvalStore, gateway: Gateway, metrics: Metrics):
+    def __init__(
+        self,
+        store: EvalStore,
+        gateway: Gateway,
+        metrics: Metrics,
+        *,
+        allow_code_execution: bool = False,
+        limits: Limits = Limits(),
+    ):
         self.store, self.gateway, self.metrics = store, gateway, metrics
+        self.allow_code_execution, self.limits = allow_code_execution, limits
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel: set[str] = set()
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -66,7 +83,7 @@ class EvalService:
 
     # evals
     def create_eval(self, body: EvalCreate) -> dict:
-        self.task_of(body)  # a built-in task's data must load
+        self._check_execution(self.task_of(body))  # a built-in task's data must load
         return self.store.eval(self.store.add_eval(body.model_dump()))
 
     def get_eval(self, eval_id: str) -> dict:
@@ -83,21 +100,34 @@ class EvalService:
 
     @staticmethod
     def task_of(body: EvalCreate) -> TaskSpec:
+        """The items, prompt, graders and metrics an eval definition stands for."""
         source = body.data_source
-        if isinstance(source, JsonlSource):
-            return jsonl_task(source, body.prompt or "", body.endpoint, list(body.testing_criteria))
-        task = (
-            builtin_task(source)
-            if isinstance(source, BuiltinSource)
-            else multiple_choice_task(source, body.prompt)
-        )
+        match source:
+            case JsonlSource():
+                return jsonl_task(source, body.prompt or "", body.endpoint, list(body.testing_criteria))
+            case PerplexitySource():
+                return perplexity_task(source)
+            case FidelitySource():
+                return fidelity_task(source)
+            case BuiltinSource():
+                task = builtin_task(source)
+            case MultipleChoiceSource():
+                task = multiple_choice_task(source, body.prompt)
         return dataclasses.replace(task, graders=task.graders + list(body.testing_criteria))
+
+    def _check_execution(self, task: TaskSpec) -> None:
+        if task.executes_code and not self.allow_code_execution:
+            raise ForbiddenError(
+                f"{task.name} runs model-written code, and code execution is off on this server; "
+                "start it with --allow-code-execution (programs then run sandboxed, see the README)"
+            )
 
     # runs
     async def create_run(self, eval_id: str, body: RunCreate) -> dict:
         """Check the variants, record what will be measured, queue the run."""
         spec = EvalCreate.model_validate(self.get_eval(eval_id)["body"])
         task = self.task_of(spec)
+        self._check_execution(task)
         recipes = {v: await self._recipe_record(v) for v in body.variants}  # 404 for unknown names
         indices = list(range(len(task.items)))
         if body.limit and body.limit < len(indices):
@@ -109,12 +139,19 @@ class EvalService:
             "prompt_template": task.prompt,
             "stop": task.stop,
             "graders": [g.model_dump() for g in task.graders],
+            "metrics": [dataclasses.asdict(m) for m in task.metrics],
             "sampling": {"max_tokens": body.max_tokens, "temperature": body.temperature, "seed": body.seed},
             "seed": body.seed,
             "item_count": len(indices),
             "item_indices": indices,
             "recipes": recipes,
         }
+        if task.reference:
+            measured["reference"] = {
+                "variant": task.reference,
+                "recipe": await self._recipe_record(task.reference),
+            }
+            measured["sampling"]["reference_tokens"] = task.probe_tokens
         run_id = self.store.add_run(eval_id, body.model_dump(), len(indices) * len(body.variants), measured)
         self._launch(run_id)
         return self.store.run(run_id)
@@ -149,18 +186,27 @@ class EvalService:
         body = RunCreate.model_validate(run["body"])
         try:
             task = self.task_of(EvalCreate.model_validate(self.get_eval(run["eval_id"])["body"]))
+            self._check_execution(task)  # a resumed run on a server started without the flag fails
             self.store.set_status(run_id, "in_progress")
             gate = asyncio.Semaphore(body.concurrency)
+            indices = run["measured"]["item_indices"]
+            todo = {
+                v: [i for i in indices if i not in self.store.done_indices(run_id, v)] for v in body.variants
+            }
+            reference: dict[int, ReferenceProbe] = {}
+            if task.kind == "fidelity":  # the reference's continuations first (one swap), then the variants
+                needed = sorted(set().union(*todo.values()))
+                probes = await self._each(
+                    gate, run_id, lambda i: self._reference(task, task.items[i]), needed
+                )
+                reference = dict(zip(needed, probes, strict=True))
             for variant in body.variants:
-                done = self.store.done_indices(run_id, variant)
 
                 async def one(i: int, variant: str = variant) -> None:
-                    async with gate:
-                        if run_id not in self._cancel:
-                            row = await self._answer(task, variant, body, task.items[i])
-                            self.store.put_item(run_id, variant, i, row)
+                    row = await self._answer(task, variant, body, task.items[i], reference.get(i))
+                    self.store.put_item(run_id, variant, i, row)
 
-                await asyncio.gather(*(one(i) for i in run["measured"]["item_indices"] if i not in done))
+                await self._each(gate, run_id, one, todo[variant])
             self.store.set_status(run_id, "canceled" if run_id in self._cancel else "completed")
         except asyncio.CancelledError:
             raise  # the gateway is stopping: the run stays in progress and resumes at the next start
@@ -170,10 +216,25 @@ class EvalService:
         finally:
             self._cancel.discard(run_id)
 
-    async def _answer(self, task: TaskSpec, variant: str, body: RunCreate, item: dict) -> dict:
+    async def _each(self, gate: asyncio.Semaphore, run_id: str, fn, args: list) -> list:
+        """`fn(arg)` for every arg, at most the run's concurrency at once; skipped once canceled."""
+
+        async def bounded(arg):
+            async with gate:
+                return None if run_id in self._cancel else await fn(arg)
+
+        return await asyncio.gather(*(bounded(a) for a in args))
+
+    async def _answer(
+        self, task: TaskSpec, variant: str, body: RunCreate, item: dict, reference: ReferenceProbe | None
+    ) -> dict:
         """One item on one variant, through the same relay as user traffic; errors are the item's."""
         if task.kind == "loglikelihood":
             return await self._choose(task, variant, item)
+        if task.kind == "perplexity":
+            return await self._perplexity(task, variant, item)
+        if task.kind == "fidelity":
+            return await self._fidelity(task, variant, item, reference)
         prompt = render(task.prompt, item)
         payload: dict = {
             "model": variant,
@@ -194,7 +255,7 @@ class EvalService:
         except Exception as exc:  # an item that errors is counted as errored; the run goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
             return row
-        return _graded(row, task, item, {"output_text": row["output"] or ""})
+        return await self._graded(row, task, item, {"output_text": row["output"] or ""})
 
     async def _choose(self, task: TaskSpec, variant: str, item: dict) -> dict:
         """Multiple choice: the loglikelihood of each choice as the prompt's continuation."""
@@ -220,7 +281,86 @@ class EvalService:
             return row
         best = max(range(len(logprobs)), key=logprobs.__getitem__)
         row["output"] = json.dumps({"choice": item["choices"][best], "logprobs": logprobs})
-        return _graded(row, task, item, {"output_text": item["choices"][best], "choice_logprobs": logprobs})
+        sample = {"output_text": item["choices"][best], "choice_logprobs": logprobs}
+        return await self._graded(row, task, item, sample)
+
+    async def _perplexity(self, task: TaskSpec, variant: str, item: dict) -> dict:
+        """The item's text scored by the variant: NLL and token count from echoed prompt logprobs."""
+        text = render(task.prompt, item)
+        row = {"input": text, "output": None, "grades": {}, "status": "error", "error": None}
+        payload = {
+            "model": variant,
+            "prompt": text,
+            "max_tokens": 1,
+            "temperature": 0,
+            "echo": True,
+            "logprobs": 0,
+        }
+        try:
+            data = await self._complete("/v1/completions", payload, chat=False)
+            nll, tokens = prompt_nll(data["choices"][0]["logprobs"], len(text))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        row["scores"] = {"nll": nll, "tokens": tokens}
+        row["output"] = f"{tokens} tokens, perplexity {math.exp(nll / max(tokens, 1)):.4g}"
+        return await self._graded(row, task, item, {"output_text": row["output"]})
+
+    async def _reference(self, task: TaskSpec, item: dict) -> ReferenceProbe:
+        """The reference variant's greedy continuation of the item's prompt and its distributions."""
+        prompt = render(task.prompt, item)
+        try:
+            payload = {"prompt": prompt, "max_tokens": task.probe_tokens, "return_token_ids": True}
+            choice = (
+                await self._complete("/v1/completions", self._greedy(task.reference, payload), chat=False)
+            )["choices"][0]
+            prompt_ids = list(choice["prompt_token_ids"])
+            probe = Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
+            return ReferenceProbe(prompt, probe, await self._distributions(task.reference, probe))
+        except Exception as exc:
+            return ReferenceProbe(prompt, None, None, f"the reference failed: {type(exc).__name__}: {exc}")
+
+    async def _fidelity(self, task: TaskSpec, variant: str, item: dict, ref: ReferenceProbe | None) -> dict:
+        """Agreement and KL of the variant's distributions with the reference's, on the same tokens."""
+        row = {
+            "input": render(task.prompt, item),
+            "output": None,
+            "grades": {},
+            "status": "error",
+            "error": None,
+        }
+        try:
+            if ref is None or ref.probe is None:
+                raise EngineError(ref.error if ref else "no reference continuation")
+            mine = await self._distributions(variant, ref.probe)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        agree = sum(top1(p) == top1(q) for p, q in zip(ref.distributions, mine, strict=True))
+        kl = sum(kl_topk(p, q) for p, q in zip(ref.distributions, mine, strict=True))
+        row["scores"] = {"agree": agree, "positions": len(mine), "kl": kl}
+        row["output"] = f"{agree}/{len(mine)} top-1 tokens agree, mean KL {kl / max(len(mine), 1):.3g}"
+        return await self._graded(row, task, item, {"output_text": row["output"], **row["scores"]})
+
+    async def _distributions(self, variant: str, probe: Probe) -> list[dict[int, float]]:
+        """Top-K next-token logprobs of `variant` at every compared position of `probe`."""
+        payload = self._greedy(variant, {"prompt": probe.ids, "max_tokens": 1, "prompt_logprobs": TOP_K})
+        choice = (await self._complete("/v1/completions", payload, chat=False))["choices"][0]
+        return [top_logprobs(e) for e in choice["prompt_logprobs"][probe.start :]]
+
+    @staticmethod
+    def _greedy(variant: str, payload: dict) -> dict:
+        return {"model": variant, "temperature": 0, **payload}
+
+    async def _graded(self, row: dict, task: TaskSpec, item: dict, sample: dict) -> dict:
+        """Grade a sample on every criterion; programs (HumanEval) run in the sandbox."""
+        for g in task.graders:
+            if isinstance(g, ProgramPasses):
+                row["grades"][g.name] = (await run_program(g.program(item, sample), self.limits)).passed
+            else:
+                row["grades"][g.name] = g.grade(item, sample)
+        row["status"] = "pass" if all(row["grades"].values()) else "fail"
+        return row
 
     async def _complete(self, endpoint: str, payload: dict, *, chat: bool) -> dict:
         """One request through the relay; EngineError with the engine's message if it is not a 200."""
@@ -257,7 +397,11 @@ class EvalService:
         return self._hashes[key]
 
 
-def _graded(row: dict, task: TaskSpec, item: dict, sample: dict) -> dict:
-    row["grades"] = {g.name: g.grade(item, sample) for g in task.graders}
-    row["status"] = "pass" if all(row["grades"].values()) else "fail"
-    return row
+@dataclasses.dataclass(frozen=True)
+class ReferenceProbe:
+    """Fidelity: the reference variant's greedy continuation of one prompt and its distributions."""
+
+    prompt: str
+    probe: Probe | None
+    distributions: list[dict[int, float]] | None
+    error: str | None = None

@@ -1,8 +1,12 @@
-"""Intervals for pass rates: Wilson for one variant, paired normal for a difference on the same items."""
+"""Intervals: Wilson for a pass rate, paired normal for a difference of pass rates on the same items,
+and a seeded bootstrap over items for ratio metrics (perplexity, token agreement, KL)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 Z95 = 1.959963984540054
 
@@ -26,3 +30,46 @@ def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float, float
     var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
     half = Z95 * math.sqrt(var / n)
     return mean, mean - half, mean + half
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class RatioMetric:
+    """A corpus-level metric: Σ numerator / Σ denominator over items' scores (exp'd for perplexity)."""
+
+    name: str
+    numerator: str
+    denominator: str
+    exp: bool = False
+
+    def of(self, num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        """The metric of each row of resampled item scores (or of one 1-D set)."""
+        ratio = num.sum(-1) / np.maximum(den.sum(-1), 1e-12)
+        return np.exp(ratio) if self.exp else ratio
+
+
+def bootstrap(metric: RatioMetric, a: list[dict], b: list[dict] | None = None, seed: int = 0):
+    """The metric on items `a` with its 95% percentile interval; with `b` (the same items, paired),
+    the difference metric(b) − metric(a) and its interval, resampling the same items on both sides."""
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    if n == 0:
+        return 0.0, (0.0, 0.0)
+    idx = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
+
+    def arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            np.array([r[metric.numerator] for r in rows], dtype=float),
+            np.array([r[metric.denominator] for r in rows], dtype=float),
+        )
+
+    num_a, den_a = arrays(a)
+    value, samples = metric.of(num_a, den_a), metric.of(num_a[idx], den_a[idx])
+    if b is not None:
+        num_b, den_b = arrays(b)
+        value = metric.of(num_b, den_b) - value
+        samples = metric.of(num_b[idx], den_b[idx]) - samples
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return float(value), (float(lo), float(hi))

@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS evals (id TEXT PRIMARY KEY, created_at REAL, body TEX
 CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, eval_id TEXT, created_at REAL, body TEXT,
     status TEXT, error TEXT, total INTEGER, measured TEXT);
 CREATE TABLE IF NOT EXISTS items (run_id TEXT, variant TEXT, idx INTEGER, input TEXT, output TEXT,
-    grades TEXT, status TEXT, error TEXT, PRIMARY KEY (run_id, variant, idx));
+    grades TEXT, status TEXT, error TEXT, scores TEXT, PRIMARY KEY (run_id, variant, idx));
 """
 
 
@@ -29,6 +29,9 @@ class EvalStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(items)")}
+        if "scores" not in columns:  # a state dir written before metrics existed
+            self.db.execute("ALTER TABLE items ADD COLUMN scores TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -88,7 +91,7 @@ class EvalStore:
     # items
     def put_item(self, run_id: str, variant: str, idx: int, row: dict) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 variant,
@@ -98,6 +101,7 @@ class EvalStore:
                 json.dumps(row["grades"]),
                 row["status"],
                 row["error"],
+                json.dumps(row.get("scores") or {}),
             ),
         )
 
@@ -112,4 +116,7 @@ class EvalStore:
         if status:
             sql, args = sql + " AND status = ?", args + [status]
         sql += " ORDER BY rowid" + (f" LIMIT {int(limit)}" if limit else "")
-        return [{**dict(r), "grades": json.loads(r["grades"])} for r in self.db.execute(sql, args)]
+        return [
+            {**dict(r), "grades": json.loads(r["grades"]), "scores": json.loads(r["scores"] or "{}")}
+            for r in self.db.execute(sql, args)
+        ]

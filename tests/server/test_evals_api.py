@@ -3,6 +3,7 @@ a run that survives a gateway restart. The mock answers with a word naming its w
 base passes a check for `wbase` and every variant fails it.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -148,41 +149,43 @@ def test_cancel_stops_a_run(mock_stack):
     assert run["status"] == "canceled" and run["progress"]["done"] < 30
 
 
-def test_a_run_survives_a_gateway_restart(tied, tmp_path):
-    """kill -9 the gateway mid-run; the restarted gateway resumes the run from its graded items."""
+@contextlib.contextmanager
+def _mock_gateway(tied, tmp_path, *extra: str):
+    """A mock engine and a gateway on it (base mock, variant mock-inst); yields (url, restart)."""
     engine_port = free_port()
     mock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loaders.mock_engine",
-            "--port",
-            str(engine_port),
-            "--served-name",
-            "mock",
-            "--tokens-per-second",
-            "50",
-        ],
-        stdout=open(tmp_path / "mock.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+        [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "mock",
+         "--tokens-per-second", "50"],
+        stdout=open(tmp_path / "mock.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
     engine_url = f"http://127.0.0.1:{engine_port}"
-    args = [
-        "--base",
-        f"mock={tied.base}",
-        "--engine-url",
-        f"mock={engine_url}",
-        "--variant",
-        f"mock-inst={tied.delta}",
-    ]
+    args = ["--base", f"mock={tied.base}", "--engine-url", f"mock={engine_url}", "--variant",
+            f"mock-inst={tied.delta}", *extra]  # fmt: skip
     port, log = free_port(), tmp_path / "gateway.log"
     url = f"http://127.0.0.1:{port}"
     gateway = None
-    try:
-        wait_healthy(engine_url, mock, tmp_path / "mock.log", timeout=60)
+
+    def restart(*, kill: bool) -> None:
+        nonlocal gateway
+        if gateway is not None:
+            os.killpg(gateway.pid, signal.SIGKILL) if kill else stop_gateway(gateway)
+            gateway.wait()
         gateway = start_gateway(args, tmp_path / "state", port, log)
         wait_healthy(url, gateway, log, timeout=120)
+
+    try:
+        wait_healthy(engine_url, mock, tmp_path / "mock.log", timeout=60)
+        restart(kill=False)
+        yield url, restart, log
+    finally:
+        if gateway is not None:
+            stop_gateway(gateway)
+        stop_gateway(mock)
+
+
+def test_a_run_survives_a_gateway_restart(tied, tmp_path):
+    """kill -9 the gateway mid-run; the restarted gateway resumes the run from its graded items."""
+    with _mock_gateway(tied, tmp_path) as (url, restart, log):
         ev = _eval(url, _items(8))
         run = _run(
             url, ev["id"], variants=["mock", "mock-inst"], max_tokens=20, concurrency=1
@@ -191,19 +194,67 @@ def test_a_run_survives_a_gateway_restart(tied, tmp_path):
         while _get(url, f"/v1/evals/{ev['id']}/runs/{run['id']}")["progress"]["done"] < 3:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        os.killpg(gateway.pid, signal.SIGKILL)
-        gateway.wait()
-        gateway = start_gateway(args, tmp_path / "state", port, log)
-        wait_healthy(url, gateway, log, timeout=120)
+        restart(kill=True)
         run = _wait(url, ev["id"], run["id"], timeout=90)
         assert run["status"] == "completed" and run["progress"] == {"done": 16, "total": 16}
         assert run["per_variant"]["mock"]["criteria"]["is_base"]["score"] == 1.0
         assert run["per_variant"]["mock-inst"]["criteria"]["is_base"]["score"] == 0.0
         assert "resuming eval run" in log.read_text()
-    finally:
-        if gateway is not None:
-            stop_gateway(gateway)
-        stop_gateway(mock)
+
+
+HUMANEVAL = {"name": "he", "data_source": {"type": "builtin", "task": "humaneval"}}
+
+
+def test_humaneval_is_refused_while_code_execution_is_off(mock_stack):
+    r = httpx.post(mock_stack.url + "/v1/evals", json=HUMANEVAL, headers=mock_stack.admin)
+    assert r.status_code == 403, r.text
+    assert "--allow-code-execution" in r.json()["error"]["message"]
+
+
+def test_humaneval_runs_sandboxed_when_allowed(tied, tmp_path):
+    """With --allow-code-execution the programs run, sandboxed (the mock's words fail every test)."""
+    with _mock_gateway(tied, tmp_path, "--allow-code-execution") as (url, _, _log):
+        ev = httpx.post(url + "/v1/evals", json=HUMANEVAL, headers={"Authorization": f"Bearer {ADMIN}"})
+        assert ev.status_code == 201, ev.text
+        assert ev.json()["items"] == 164
+        run = _wait(
+            url, ev.json()["id"], _run(url, ev.json()["id"], variants=["mock"], limit=3, max_tokens=4)["id"]
+        )
+        assert run["status"] == "completed", run
+        assert run["result_counts"] == {"total": 3, "passed": 0, "failed": 3, "errored": 0}
+        assert set(run["per_variant"]["mock"]["criteria"]) == {"pass@1"}
+        items = _get(url, f"/v1/evals/{ev.json()['id']}/runs/{run['id']}/output_items")["data"]
+        assert all(i["input"].startswith(("def ", "from ", "import ", "\n")) and i["output"] for i in items)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"type": "perplexity"}, "give either 'content'"),
+        ({"type": "perplexity", "content": '{"txt": "a"}'}, "'text' must be a non-empty string"),
+        ({"type": "fidelity", "reference": "mock-inst", "content": '{"p": 1}'}, "'prompt' must be"),
+        ({"type": "builtin", "task": "mmlu"}, "data_source.builtin.task"),
+    ],
+)
+def test_bad_metric_sources_name_the_problem(mock_stack, source, message):
+    r = httpx.post(
+        mock_stack.url + "/v1/evals", json={"name": "x", "data_source": source}, headers=mock_stack.admin
+    )
+    assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+
+
+def test_fidelity_reference_must_be_a_variant(mock_stack):
+    source = {"type": "fidelity", "reference": "ghost"}
+    ev = httpx.post(
+        mock_stack.url + "/v1/evals", json={"name": "f", "data_source": source}, headers=mock_stack.admin
+    )
+    assert ev.status_code == 201, ev.text
+    r = httpx.post(
+        f"{mock_stack.url}/v1/evals/{ev.json()['id']}/runs",
+        json={"variants": ["mock"]},
+        headers=mock_stack.admin,
+    )
+    assert r.status_code == 404 and "ghost" in r.json()["error"]["message"]
 
 
 def _cli(url: str, *args) -> subprocess.CompletedProcess:
