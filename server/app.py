@@ -63,6 +63,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.evals = evals
     install_error_handlers(app)
     app.include_router(openai.inference)
+    app.include_router(openai.tokenizer)
     for module in (openai, deltas, variants, ops, evals_routes):
         app.include_router(module.router)
     return app

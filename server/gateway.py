@@ -163,6 +163,13 @@ class Gateway:
     def model_names(self) -> list[str]:
         return self.registry.model_names()
 
+    def default_model(self) -> str:
+        """The model a request that names none means: the base, when there is exactly one."""
+        if len(self.slots) != 1:
+            bases = ", ".join(self.slots)
+            raise BadRequestError(f"name a 'model': this gateway serves several bases ({bases})")
+        return next(iter(self.slots))
+
     def engine_states(self) -> list[EngineState]:
         """Per engine: resident variant, every model name it serves, requests in flight (for /metrics)."""
         served: dict[str, list[str]] = {name: [name] for name in self.slots}

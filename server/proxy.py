@@ -17,7 +17,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from loaders.engine import EngineError
-from server.errors import BadRequestError
+from server.errors import BadRequestError, InvalidBodyError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
 from server.rewrite import StreamRewriter, rewrite_body
@@ -26,6 +26,7 @@ from server.schemas import InferenceBody
 # W3C trace context: passed to the engine so its spans join the client's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-stream
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def engine_payload(body: InferenceBody, target: Resolved, chat: bool) -> dict:
@@ -130,6 +131,30 @@ async def forward(
             release(status, rewriter.usage)
 
     return StreamingResponse(relay(), media_type="text/event-stream")
+
+
+async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Response:
+    """/tokenize or /detokenize as the named variant speaks: its engine's tokenizer (a variant shares
+    its base's vocabulary) and, for chat messages, the variant's chat template. Needs no weights,
+    so it never waits for a swap. Without `model`, the only base is meant."""
+    try:
+        request = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidBodyError(f"body is not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise InvalidBodyError("body must be a JSON object")
+    body = InferenceBody.model_validate({**request, "model": request.get("model") or gateway.default_model()})
+    target = gateway.resolve(body.model)
+    payload = engine_payload(body, target, chat="messages" in request)
+    payload.pop("stop_token_ids", None)  # a generation parameter; the tokenizer endpoints refuse it
+    payload.pop("stream", None)
+    client = target.slot.client
+    try:
+        async with client.relay.post(endpoint, data=json.dumps(payload), headers=JSON_HEADERS) as upstream:
+            raw = await upstream.read()
+            return Response(raw, status_code=upstream.status, media_type=upstream.content_type)
+    except aiohttp.ClientError as exc:
+        raise EngineError(f"engine for {client.served_name!r} unreachable: {exc}") from exc
 
 
 def _error_event(message: str) -> bytes:

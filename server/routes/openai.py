@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.deps import GatewayDep, check_api_key, require_api_key
 from server.gateway import Gateway
-from server.proxy import forward
+from server.proxy import forward, tokenizer_call
 from server.schemas import InferenceBody, parse_inference_body
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -50,3 +50,31 @@ async def _forward(request: Request, endpoint: str, *, chat: bool) -> Response:
     check_api_key(gateway, request.headers.get("authorization"))
     body = parse_inference_body(await request.body())
     return await forward(gateway, request.app.state.metrics, endpoint, body, request.headers, chat=chat)
+
+
+# vLLM serves these at the root, and clients (lm-eval's remote tokenizer) call them there.
+tokenizer = APIRouter(tags=["tokenizer"])
+_TOKENIZE_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"model": {"type": "string"}, "prompt": {"type": "string"},
+    "messages": {"type": "array"}, "add_special_tokens": {"type": "boolean"}}}}}}}  # fmt: skip
+_DETOKENIZE_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["tokens"], "properties": {"model": {"type": "string"},
+    "tokens": {"type": "array", "items": {"type": "integer"}}}}}}}}  # fmt: skip
+
+
+@tokenizer.post("/tokenize", openapi_extra=_TOKENIZE_SCHEMA)
+async def tokenize(request: Request) -> Response:
+    """Token ids of a prompt (or chat messages, with the variant's template), as the variant sees it."""
+    return await _tokenizer(request, "/tokenize")
+
+
+@tokenizer.post("/detokenize", openapi_extra=_DETOKENIZE_SCHEMA)
+async def detokenize(request: Request) -> Response:
+    """Text of token ids, with the variant's tokenizer."""
+    return await _tokenizer(request, "/detokenize")
+
+
+async def _tokenizer(request: Request, endpoint: str) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    check_api_key(gateway, request.headers.get("authorization"))
+    return await tokenizer_call(gateway, endpoint, await request.body())

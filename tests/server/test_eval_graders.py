@@ -140,3 +140,26 @@ def test_bad_multiple_choice_items_are_named(content, message):
         EvalCreate.model_validate(
             {"name": "mc", "data_source": {"type": "multiple_choice", "content": content}}
         )
+
+
+def test_prompt_nll_skips_the_unconditioned_first_token_and_the_generated_one():
+    from server.evals.graders import prompt_nll
+
+    logprobs = {"text_offset": [0, 3, 7, 12], "token_logprobs": [None, -1.0, -0.5, -9.0]}
+    assert prompt_nll(logprobs, end=12) == (1.5, 2)
+
+
+def test_bootstrap_ratio_metric_and_paired_difference():
+    import math
+
+    from server.evals.stats import RatioMetric, bootstrap
+
+    ppl = RatioMetric("perplexity", "nll", "tokens", exp=True)
+    a = [{"nll": 10.0, "tokens": 5}, {"nll": 30.0, "tokens": 10}, {"nll": 4.0, "tokens": 4}]
+    value, (lo, hi) = bootstrap(ppl, a)
+    assert value == pytest.approx(math.exp(44 / 19)) and lo <= value <= hi
+    assert bootstrap(ppl, a, a) == (0.0, (0.0, 0.0))  # identical sides: no difference, no spread
+    b = [{"nll": r["nll"] * 1.1, "tokens": r["tokens"]} for r in a]
+    diff, (lo, hi) = bootstrap(ppl, a, b)
+    assert diff == pytest.approx(math.exp(44 * 1.1 / 19) - math.exp(44 / 19)) and 0 < lo <= diff <= hi
+    assert bootstrap(ppl, a) == bootstrap(ppl, a)  # seeded: the same answer every time

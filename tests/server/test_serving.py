@@ -224,3 +224,72 @@ def test_multiple_choice_eval_scores_by_loglikelihood_through_real_engines(stack
         )
         assert got == pytest.approx(want, abs=1e-6)
     assert json.loads(first["output"])["choice"] == items[0]["choices"][scored.index(max(scored))]
+
+
+def _finished_run(stack, eval_body: dict, run_body: dict) -> tuple[str, dict]:
+    """Define an eval, run it, wait for the end; (eval id, the finished run)."""
+    import time
+
+    ev = httpx.post(stack.url + "/v1/evals", json=eval_body, headers=stack.admin)
+    assert ev.status_code == 201, ev.text
+    eval_id = ev.json()["id"]
+    run = httpx.post(f"{stack.url}/v1/evals/{eval_id}/runs", json=run_body, headers=stack.admin).json()
+    deadline = time.monotonic() + 300
+    while run["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, run
+        time.sleep(0.5)
+        run = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}", headers=stack.admin).json()
+    return eval_id, run
+
+
+def test_perplexity_eval_matches_the_engines_own_logprobs(stack):
+    """Corpus perplexity per variant with an interval; an item's NLL equals a direct echo request's."""
+    import json
+    import math
+
+    texts = ["The capital of France is Paris.", "def add(a, b):\n    return a + b", "Numbers: 1 2 3 4 5 6"]
+    source = {"type": "perplexity", "content": "\n".join(json.dumps({"text": t}) for t in texts)}
+    eval_id, run = _finished_run(
+        stack, {"name": "ppl", "data_source": source}, {"variants": ["tied", "tied-inst"]}
+    )
+    assert run["status"] == "completed" and run["result_counts"]["errored"] == 0, run
+    for variant in ("tied", "tied-inst"):
+        ppl = run["per_variant"][variant]["metrics"]["perplexity"]
+        assert ppl["n"] == 3 and ppl["value"] > 1 and ppl["ci95"][0] <= ppl["value"] <= ppl["ci95"][1]
+    assert [c["criterion"] for c in run["comparisons"]] == ["perplexity"]
+    items = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}/output_items", headers=stack.admin)
+    first = next(i for i in items.json()["data"] if i["variant"] == "tied-inst" and i["index"] == 0)
+    body = {
+        "model": "tied-inst",
+        "prompt": texts[0],
+        "max_tokens": 1,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 0,
+    }
+    lp = httpx.post(stack.url + "/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    prompt_lps = [
+        v for o, v in zip(lp["text_offset"], lp["token_logprobs"], strict=True) if o < len(texts[0])
+    ]
+    assert first["scores"]["tokens"] == len(prompt_lps) - 1  # the first token has no logprob
+    assert first["scores"]["nll"] == pytest.approx(-sum(prompt_lps[1:]), abs=1e-6)
+    scores = [i["scores"] for i in items.json()["data"] if i["variant"] == "tied-inst"]
+    want = math.exp(sum(s["nll"] for s in scores) / sum(s["tokens"] for s in scores))
+    assert run["per_variant"]["tied-inst"]["metrics"]["perplexity"]["value"] == pytest.approx(want)
+
+
+def test_fidelity_eval_against_a_reference_variant(stack):
+    """The reference itself agrees everywhere with KL 0; the int4 TIES mix and the base do not."""
+    source = {"type": "fidelity", "reference": "tied-inst", "max_tokens": 8}
+    run_body = {"variants": ["tied-inst", "tied-ties", "tied"]}
+    _, run = _finished_run(stack, {"name": "fid", "data_source": source}, run_body)
+    assert run["status"] == "completed" and run["result_counts"]["errored"] == 0, run
+    metrics = {v: r["metrics"] for v, r in run["per_variant"].items()}
+    assert metrics["tied-inst"]["token_agreement"]["value"] == 1.0
+    assert metrics["tied-inst"]["mean_kl"]["value"] == pytest.approx(0.0, abs=1e-9)
+    assert run["per_variant"]["tied-inst"]["criteria"]["greedy_match"]["score"] == 1.0
+    assert metrics["tied"]["mean_kl"]["value"] > metrics["tied-inst"]["mean_kl"]["value"]
+    assert metrics["tied"]["token_agreement"]["value"] < 1.0
+    assert metrics["tied-ties"]["mean_kl"]["value"] > 0
+    assert run["measured"]["reference"]["variant"] == "tied-inst"
+    assert {c["criterion"] for c in run["comparisons"]} == {"greedy_match", "token_agreement", "mean_kl"}
