@@ -16,8 +16,21 @@ from server.cli.app import app, console, fail, progress_bar
 @app.command("eval")
 def eval_cmd(
     variant: Annotated[list[str], typer.Option(help="Variant to evaluate (repeat for a paired comparison)")],
-    task: Annotated[str | None, typer.Option(help="Built-in task: gsm8k or addition")] = None,
-    jsonl: Annotated[Path | None, typer.Option(help="Items as JSONL (with --prompt and --criteria)")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Built-in task: gsm8k, humaneval (server needs --allow-code-execution), addition"),
+    ] = None,
+    jsonl: Annotated[
+        Path | None,
+        typer.Option(help="Items as JSONL (with --prompt and --criteria; prompts for --reference)"),
+    ] = None,
+    perplexity: Annotated[
+        str | None, typer.Option(help="Perplexity of a corpus: gsm8k_test, or a JSONL file of {text}")
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Fidelity against this variant: token agreement and KL")
+    ] = None,
+    fidelity_tokens: Annotated[int, typer.Option(help="Fidelity: reference continuation length")] = 32,
     prompt: Annotated[str | None, typer.Option(help="Prompt template over {{item.*}} (JSONL items)")] = None,
     criteria: Annotated[Path | None, typer.Option(help="JSON file: a list of graders (JSONL items)")] = None,
     shots: Annotated[int, typer.Option(help="gsm8k: worked examples in the prompt")] = 5,
@@ -40,7 +53,7 @@ def eval_cmd(
 
     token = admin_token or _stored_token(state_dir)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    body = _eval_body(task, jsonl, prompt, criteria, shots)
+    body = _eval_body(task, jsonl, prompt, criteria, shots, perplexity, reference, fidelity_tokens)
     try:
         ev = _call(client.post("/v1/evals", json=body))
         run = _call(
@@ -76,24 +89,41 @@ def _stored_token(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _eval_body(task, jsonl, prompt, criteria, shots) -> dict:
-    if (task is None) == (jsonl is None):
-        raise fail("give exactly one of --task and --jsonl")
+def _eval_body(task, jsonl, prompt, criteria, shots, perplexity, reference, fidelity_tokens) -> dict:
+    """The eval definition the options describe."""
+    if sum(x is not None for x in (task, perplexity, reference or jsonl)) != 1:
+        raise fail("give exactly one of --task, --perplexity, --reference and --jsonl")
     if task:
         return {"name": task, "data_source": {"type": "builtin", "task": task, "shots": shots}}
+    if perplexity:
+        if perplexity == "gsm8k_test":
+            return {"name": "perplexity", "data_source": {"type": "perplexity", "corpus": perplexity}}
+        source = {"type": "perplexity", "content": _read(Path(perplexity))}
+        return {"name": f"perplexity-{Path(perplexity).stem}", "data_source": source}
+    if reference:
+        source = {"type": "fidelity", "reference": reference, "max_tokens": fidelity_tokens}
+        if jsonl:
+            source["content"] = _read(jsonl)
+        return {"name": f"fidelity-vs-{reference}", "data_source": source}
     if not prompt or not criteria:
         raise fail("--jsonl needs --prompt and --criteria")
     try:
-        graders = json.loads(criteria.read_text())
-        content = jsonl.read_text()
-    except (OSError, ValueError) as exc:
-        raise fail(str(exc)) from None
+        graders = json.loads(_read(criteria))
+    except ValueError as exc:
+        raise fail(f"{criteria}: {exc}") from None
     return {
         "name": jsonl.stem,
-        "data_source": {"type": "jsonl", "content": content},
+        "data_source": {"type": "jsonl", "content": _read(jsonl)},
         "prompt": prompt,
         "testing_criteria": graders,
     }
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _call(resp) -> dict:
@@ -130,11 +160,21 @@ def _print(run: dict) -> None:
                 str(result["errored"]),
             )
     console.print(table)
+    metrics = Table("variant", "metric", "value", "95% interval (bootstrap)", "n")
+    for variant, result in run["per_variant"].items():
+        for name, m in result.get("metrics", {}).items():
+            metrics.add_row(
+                variant, name, f"{m['value']:.4g}", f"{m['ci95'][0]:.4g}–{m['ci95'][1]:.4g}", str(m["n"])
+            )
+    if metrics.row_count:
+        console.print(metrics)
+    rates = set(next(iter(run["per_variant"].values()))["criteria"]) if run["per_variant"] else set()
     for c in run["comparisons"]:
+        scale, unit = (100, " points") if c["criterion"] in rates else (1, "")
         console.print(
             f"{c['variant']} − {c['baseline']} ({c['criterion']}, n={c['n']} paired): "
-            f"{100 * c['difference']:+.1f} points, 95% [{100 * c['ci95'][0]:+.1f}, "
-            f"{100 * c['ci95'][1]:+.1f}]"
+            f"{scale * c['difference']:+.4g}{unit}, 95% [{scale * c['ci95'][0]:+.4g}, "
+            f"{scale * c['ci95'][1]:+.4g}]"
         )
 
 
@@ -146,24 +186,28 @@ def plot_run(run: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = list(run["per_variant"])
-    criteria = sorted({c for r in run["per_variant"].values() for c in r["criteria"]})
+    # pass rates in %, or (perplexity, fidelity) the metrics in their own units
+    rates = sorted({c for r in run["per_variant"].values() for c in r["criteria"]})
+    key, scale = ("criteria", 100) if rates else ("metrics", 1)
+    names = rates or sorted({m for r in run["per_variant"].values() for m in r.get("metrics", {})})
     width = 0.8 / max(1, len(variants))
-    fig, ax = plt.subplots(figsize=(max(5, 2 + 1.6 * len(criteria) * len(variants) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 2 + 1.6 * len(names) * len(variants) / 2), 4))
     for k, variant in enumerate(variants):
-        cs = [run["per_variant"][variant]["criteria"][c] for c in criteria]
-        xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(criteria))]
-        scores = [100 * c["score"] for c in cs]
+        cs = [run["per_variant"][variant][key][c] for c in names]
+        xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(names))]
+        values = [scale * c.get("score", c.get("value")) for c in cs]
         errors = [  # clipped at 0: a score on its interval's edge may sit a rounding error outside it
-            [max(0.0, 100 * (c["score"] - c["ci95"][0])) for c in cs],
-            [max(0.0, 100 * (c["ci95"][1] - c["score"])) for c in cs],
+            [max(0.0, v - scale * c["ci95"][0]) for v, c in zip(values, cs, strict=True)],
+            [max(0.0, scale * c["ci95"][1] - v) for v, c in zip(values, cs, strict=True)],
         ]
-        ax.bar(xs, scores, width, yerr=errors, capsize=3, label=variant)
-    ax.set_xticks(range(len(criteria)), criteria)
+        ax.bar(xs, values, width, yerr=errors, capsize=3, label=variant)
+    ax.set_xticks(range(len(names)), names)
     ax.set(
-        ylabel="score (%) with 95% interval",
-        ylim=(0, 100),
+        ylabel="score (%) with 95% interval" if rates else "value with 95% interval",
         title=f"{run['measured']['task_version']}: n = {run['measured']['item_count']} items",
     )
+    if rates:
+        ax.set_ylim(0, 100)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

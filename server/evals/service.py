@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import logging
-import math
 import random
 from pathlib import Path
 
-from loaders.engine import EngineError
 from server.errors import ConflictError, ForbiddenError, NotFoundError
-from server.evals.graders import ProgramPasses, continuation_logprob, prompt_nll, render
+from server.evals.asking import Asker, ReferenceProbe
 from server.evals.results import output_items, run_result
-from server.evals.sandbox import Limits, run_program
+from server.evals.sandbox import Limits
 from server.evals.schemas import (
     EvalCreate,
     OutputItems,
@@ -42,10 +39,8 @@ from server.evals.tasks import (
     multiple_choice_task,
     perplexity_task,
 )
-from server.fidelity import TOP_K, Probe, kl_topk, top1, top_logprobs
 from server.gateway import Gateway
 from server.metrics import Metrics
-from server.schemas import InferenceBody
 
 log = logging.getLogger("deltagate.evals")
 ACTIVE = ("queued", "in_progress")
@@ -64,7 +59,8 @@ class EvalService:
         limits: Limits = Limits(),
     ):
         self.store, self.gateway, self.metrics = store, gateway, metrics
-        self.allow_code_execution, self.limits = allow_code_execution, limits
+        self.allow_code_execution = allow_code_execution
+        self.asker = Asker(gateway, metrics, limits)
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel: set[str] = set()
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -197,13 +193,13 @@ class EvalService:
             if task.kind == "fidelity":  # the reference's continuations first (one swap), then the variants
                 needed = sorted(set().union(*todo.values()))
                 probes = await self._each(
-                    gate, run_id, lambda i: self._reference(task, task.items[i]), needed
+                    gate, run_id, lambda i: self.asker.reference(task, task.items[i]), needed
                 )
                 reference = dict(zip(needed, probes, strict=True))
             for variant in body.variants:
 
                 async def one(i: int, variant: str = variant) -> None:
-                    row = await self._answer(task, variant, body, task.items[i], reference.get(i))
+                    row = await self.asker.answer(task, variant, body, task.items[i], reference.get(i))
                     self.store.put_item(run_id, variant, i, row)
 
                 await self._each(gate, run_id, one, todo[variant])
@@ -225,156 +221,6 @@ class EvalService:
 
         return await asyncio.gather(*(bounded(a) for a in args))
 
-    async def _answer(
-        self, task: TaskSpec, variant: str, body: RunCreate, item: dict, reference: ReferenceProbe | None
-    ) -> dict:
-        """One item on one variant, through the same relay as user traffic; errors are the item's."""
-        if task.kind == "loglikelihood":
-            return await self._choose(task, variant, item)
-        if task.kind == "perplexity":
-            return await self._perplexity(task, variant, item)
-        if task.kind == "fidelity":
-            return await self._fidelity(task, variant, item, reference)
-        prompt = render(task.prompt, item)
-        payload: dict = {
-            "model": variant,
-            "max_tokens": body.max_tokens,
-            "temperature": body.temperature,
-            "seed": body.seed,
-        }
-        if task.stop:
-            payload["stop"] = task.stop
-        chat = task.endpoint == "chat"
-        payload |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
-        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-        row = {"input": prompt, "output": None, "grades": {}, "status": "error", "error": None}
-        try:
-            data = await self._complete(endpoint, payload, chat=chat)
-            choice = data["choices"][0]
-            row["output"] = choice["message"]["content"] if chat else choice["text"]
-        except Exception as exc:  # an item that errors is counted as errored; the run goes on
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
-        return await self._graded(row, task, item, {"output_text": row["output"] or ""})
-
-    async def _choose(self, task: TaskSpec, variant: str, item: dict) -> dict:
-        """Multiple choice: the loglikelihood of each choice as the prompt's continuation."""
-        context = render(task.prompt, item)
-        row = {"input": context, "output": None, "grades": {}, "status": "error", "error": None}
-        logprobs = []
-        try:
-            for choice in item["choices"]:
-                text = context + " " + choice
-                # echo + logprobs: the prompt's own token logprobs (and one generated token, ignored)
-                payload = {
-                    "model": variant,
-                    "prompt": text,
-                    "max_tokens": 1,
-                    "temperature": 0,
-                    "echo": True,
-                    "logprobs": 1,
-                }
-                data = await self._complete("/v1/completions", payload, chat=False)
-                logprobs.append(continuation_logprob(data["choices"][0]["logprobs"], len(context), len(text)))
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
-        best = max(range(len(logprobs)), key=logprobs.__getitem__)
-        row["output"] = json.dumps({"choice": item["choices"][best], "logprobs": logprobs})
-        sample = {"output_text": item["choices"][best], "choice_logprobs": logprobs}
-        return await self._graded(row, task, item, sample)
-
-    async def _perplexity(self, task: TaskSpec, variant: str, item: dict) -> dict:
-        """The item's text scored by the variant: NLL and token count from echoed prompt logprobs."""
-        text = render(task.prompt, item)
-        row = {"input": text, "output": None, "grades": {}, "status": "error", "error": None}
-        payload = {
-            "model": variant,
-            "prompt": text,
-            "max_tokens": 1,
-            "temperature": 0,
-            "echo": True,
-            "logprobs": 0,
-        }
-        try:
-            data = await self._complete("/v1/completions", payload, chat=False)
-            nll, tokens = prompt_nll(data["choices"][0]["logprobs"], len(text))
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
-        row["scores"] = {"nll": nll, "tokens": tokens}
-        row["output"] = f"{tokens} tokens, perplexity {math.exp(nll / max(tokens, 1)):.4g}"
-        return await self._graded(row, task, item, {"output_text": row["output"]})
-
-    async def _reference(self, task: TaskSpec, item: dict) -> ReferenceProbe:
-        """The reference variant's greedy continuation of the item's prompt and its distributions."""
-        prompt = render(task.prompt, item)
-        try:
-            payload = {"prompt": prompt, "max_tokens": task.probe_tokens, "return_token_ids": True}
-            choice = (
-                await self._complete("/v1/completions", self._greedy(task.reference, payload), chat=False)
-            )["choices"][0]
-            prompt_ids = list(choice["prompt_token_ids"])
-            probe = Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
-            return ReferenceProbe(prompt, probe, await self._distributions(task.reference, probe))
-        except Exception as exc:
-            return ReferenceProbe(prompt, None, None, f"the reference failed: {type(exc).__name__}: {exc}")
-
-    async def _fidelity(self, task: TaskSpec, variant: str, item: dict, ref: ReferenceProbe | None) -> dict:
-        """Agreement and KL of the variant's distributions with the reference's, on the same tokens."""
-        row = {
-            "input": render(task.prompt, item),
-            "output": None,
-            "grades": {},
-            "status": "error",
-            "error": None,
-        }
-        try:
-            if ref is None or ref.probe is None:
-                raise EngineError(ref.error if ref else "no reference continuation")
-            mine = await self._distributions(variant, ref.probe)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
-        agree = sum(top1(p) == top1(q) for p, q in zip(ref.distributions, mine, strict=True))
-        kl = sum(kl_topk(p, q) for p, q in zip(ref.distributions, mine, strict=True))
-        row["scores"] = {"agree": agree, "positions": len(mine), "kl": kl}
-        row["output"] = f"{agree}/{len(mine)} top-1 tokens agree, mean KL {kl / max(len(mine), 1):.3g}"
-        return await self._graded(row, task, item, {"output_text": row["output"], **row["scores"]})
-
-    async def _distributions(self, variant: str, probe: Probe) -> list[dict[int, float]]:
-        """Top-K next-token logprobs of `variant` at every compared position of `probe`."""
-        payload = self._greedy(variant, {"prompt": probe.ids, "max_tokens": 1, "prompt_logprobs": TOP_K})
-        choice = (await self._complete("/v1/completions", payload, chat=False))["choices"][0]
-        return [top_logprobs(e) for e in choice["prompt_logprobs"][probe.start :]]
-
-    @staticmethod
-    def _greedy(variant: str, payload: dict) -> dict:
-        return {"model": variant, "temperature": 0, **payload}
-
-    async def _graded(self, row: dict, task: TaskSpec, item: dict, sample: dict) -> dict:
-        """Grade a sample on every criterion; programs (HumanEval) run in the sandbox."""
-        for g in task.graders:
-            if isinstance(g, ProgramPasses):
-                row["grades"][g.name] = (await run_program(g.program(item, sample), self.limits)).passed
-            else:
-                row["grades"][g.name] = g.grade(item, sample)
-        row["status"] = "pass" if all(row["grades"].values()) else "fail"
-        return row
-
-    async def _complete(self, endpoint: str, payload: dict, *, chat: bool) -> dict:
-        """One request through the relay; EngineError with the engine's message if it is not a 200."""
-        from server.proxy import forward
-
-        resp = await forward(
-            self.gateway, self.metrics, endpoint, InferenceBody.model_validate(payload), {}, chat=chat
-        )
-        data = json.loads(resp.body)
-        if resp.status_code != 200:
-            message = data.get("error", {}).get("message", data) if isinstance(data, dict) else data
-            raise EngineError(f"HTTP {resp.status_code}: {message}")
-        return data
-
     async def _recipe_record(self, variant: str) -> dict:
         """What a variant's weights are: base, method, and each delta with its file's sha256."""
         resolved = self.gateway.resolve(variant)
@@ -395,13 +241,3 @@ class EvalService:
                     digest.update(block)
             self._hashes[key] = digest.hexdigest()
         return self._hashes[key]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReferenceProbe:
-    """Fidelity: the reference variant's greedy continuation of one prompt and its distributions."""
-
-    prompt: str
-    probe: Probe | None
-    distributions: list[dict[int, float]] | None
-    error: str | None = None

@@ -1,0 +1,190 @@
+"""How an eval asks a variant about one item, per task kind, through the gateway's own relay.
+
+Generation (then graders; HumanEval programs in the sandbox), multiple choice by loglikelihood,
+perplexity from echoed prompt logprobs, and fidelity: the reference variant's greedy
+continuation, then each variant's top-K distributions along those same tokens. An engine error
+is the item's (it counts as errored), never the run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from loaders.engine import EngineError
+from server.evals.graders import ProgramPasses, continuation_logprob, prompt_nll, render
+from server.evals.sandbox import Limits, run_program
+from server.evals.schemas import RunCreate
+from server.evals.tasks import TaskSpec
+from server.fidelity import TOP_K, Probe, kl_topk, top1, top_logprobs
+from server.gateway import Gateway
+from server.metrics import Metrics
+from server.schemas import InferenceBody
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceProbe:
+    """Fidelity: the reference variant's greedy continuation of one prompt and its distributions."""
+
+    prompt: str
+    probe: Probe | None
+    distributions: list[dict[int, float]] | None
+    error: str | None = None
+
+
+class Asker:
+    """Asks variants about items and grades the answers."""
+
+    def __init__(self, gateway: Gateway, metrics: Metrics, limits: Limits):
+        self.gateway, self.metrics, self.limits = gateway, metrics, limits
+
+    async def answer(
+        self, task: TaskSpec, variant: str, body: RunCreate, item: dict, reference: ReferenceProbe | None
+    ) -> dict:
+        """One item on one variant, through the same relay as user traffic; errors are the item's."""
+        if task.kind == "loglikelihood":
+            return await self._choose(task, variant, item)
+        if task.kind == "perplexity":
+            return await self._perplexity(task, variant, item)
+        if task.kind == "fidelity":
+            return await self._fidelity(task, variant, item, reference)
+        prompt = render(task.prompt, item)
+        payload: dict = {
+            "model": variant,
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "seed": body.seed,
+        }
+        if task.stop:
+            payload["stop"] = task.stop
+        chat = task.endpoint == "chat"
+        payload |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        row = {"input": prompt, "output": None, "grades": {}, "status": "error", "error": None}
+        try:
+            data = await self._complete(endpoint, payload, chat=chat)
+            choice = data["choices"][0]
+            row["output"] = choice["message"]["content"] if chat else choice["text"]
+        except Exception as exc:  # an item that errors is counted as errored; the run goes on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        return await self._graded(row, task, item, {"output_text": row["output"] or ""})
+
+    async def _choose(self, task: TaskSpec, variant: str, item: dict) -> dict:
+        """Multiple choice: the loglikelihood of each choice as the prompt's continuation."""
+        context = render(task.prompt, item)
+        row = {"input": context, "output": None, "grades": {}, "status": "error", "error": None}
+        logprobs = []
+        try:
+            for choice in item["choices"]:
+                text = context + " " + choice
+                # echo + logprobs: the prompt's own token logprobs (and one generated token, ignored)
+                payload = {
+                    "model": variant,
+                    "prompt": text,
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "echo": True,
+                    "logprobs": 1,
+                }
+                data = await self._complete("/v1/completions", payload, chat=False)
+                logprobs.append(continuation_logprob(data["choices"][0]["logprobs"], len(context), len(text)))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        best = max(range(len(logprobs)), key=logprobs.__getitem__)
+        row["output"] = json.dumps({"choice": item["choices"][best], "logprobs": logprobs})
+        sample = {"output_text": item["choices"][best], "choice_logprobs": logprobs}
+        return await self._graded(row, task, item, sample)
+
+    async def _perplexity(self, task: TaskSpec, variant: str, item: dict) -> dict:
+        """The item's text scored by the variant: NLL and token count from echoed prompt logprobs."""
+        text = render(task.prompt, item)
+        row = {"input": text, "output": None, "grades": {}, "status": "error", "error": None}
+        payload = {
+            "model": variant,
+            "prompt": text,
+            "max_tokens": 1,
+            "temperature": 0,
+            "echo": True,
+            "logprobs": 0,
+        }
+        try:
+            data = await self._complete("/v1/completions", payload, chat=False)
+            nll, tokens = prompt_nll(data["choices"][0]["logprobs"], len(text))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        row["scores"] = {"nll": nll, "tokens": tokens}
+        row["output"] = f"{tokens} tokens, perplexity {math.exp(nll / max(tokens, 1)):.4g}"
+        return await self._graded(row, task, item, {"output_text": row["output"]})
+
+    async def reference(self, task: TaskSpec, item: dict) -> ReferenceProbe:
+        """The reference variant's greedy continuation of the item's prompt and its distributions."""
+        prompt = render(task.prompt, item)
+        try:
+            payload = {"prompt": prompt, "max_tokens": task.probe_tokens, "return_token_ids": True}
+            choice = (
+                await self._complete("/v1/completions", self._greedy(task.reference, payload), chat=False)
+            )["choices"][0]
+            prompt_ids = list(choice["prompt_token_ids"])
+            probe = Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
+            return ReferenceProbe(prompt, probe, await self._distributions(task.reference, probe))
+        except Exception as exc:
+            return ReferenceProbe(prompt, None, None, f"the reference failed: {type(exc).__name__}: {exc}")
+
+    async def _fidelity(self, task: TaskSpec, variant: str, item: dict, ref: ReferenceProbe | None) -> dict:
+        """Agreement and KL of the variant's distributions with the reference's, on the same tokens."""
+        row = {
+            "input": render(task.prompt, item),
+            "output": None,
+            "grades": {},
+            "status": "error",
+            "error": None,
+        }
+        try:
+            if ref is None or ref.probe is None:
+                raise EngineError(ref.error if ref else "no reference continuation")
+            mine = await self._distributions(variant, ref.probe)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        agree = sum(top1(p) == top1(q) for p, q in zip(ref.distributions, mine, strict=True))
+        kl = sum(kl_topk(p, q) for p, q in zip(ref.distributions, mine, strict=True))
+        row["scores"] = {"agree": agree, "positions": len(mine), "kl": kl}
+        row["output"] = f"{agree}/{len(mine)} top-1 tokens agree, mean KL {kl / max(len(mine), 1):.3g}"
+        return await self._graded(row, task, item, {"output_text": row["output"], **row["scores"]})
+
+    async def _distributions(self, variant: str, probe: Probe) -> list[dict[int, float]]:
+        """Top-K next-token logprobs of `variant` at every compared position of `probe`."""
+        payload = self._greedy(variant, {"prompt": probe.ids, "max_tokens": 1, "prompt_logprobs": TOP_K})
+        choice = (await self._complete("/v1/completions", payload, chat=False))["choices"][0]
+        return [top_logprobs(e) for e in choice["prompt_logprobs"][probe.start :]]
+
+    @staticmethod
+    def _greedy(variant: str, payload: dict) -> dict:
+        return {"model": variant, "temperature": 0, **payload}
+
+    async def _graded(self, row: dict, task: TaskSpec, item: dict, sample: dict) -> dict:
+        """Grade a sample on every criterion; programs (HumanEval) run in the sandbox."""
+        for g in task.graders:
+            if isinstance(g, ProgramPasses):
+                row["grades"][g.name] = (await run_program(g.program(item, sample), self.limits)).passed
+            else:
+                row["grades"][g.name] = g.grade(item, sample)
+        row["status"] = "pass" if all(row["grades"].values()) else "fail"
+        return row
+
+    async def _complete(self, endpoint: str, payload: dict, *, chat: bool) -> dict:
+        """One request through the relay; EngineError with the engine's message if it is not a 200."""
+        from server.proxy import forward
+
+        resp = await forward(
+            self.gateway, self.metrics, endpoint, InferenceBody.model_validate(payload), {}, chat=chat
+        )
+        data = json.loads(resp.body)
+        if resp.status_code != 200:
+            message = data.get("error", {}).get("message", data) if isinstance(data, dict) else data
+            raise EngineError(f"HTTP {resp.status_code}: {message}")
+        return data
