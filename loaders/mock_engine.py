@@ -127,6 +127,9 @@ class MockEngine:
             return _error(
                 400, f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {n}", "BadRequestError"
             )
+        stop = body.get("stop")
+        if isinstance(stop, list) and len(stop) > 4:  # vLLM (like OpenAI) takes at most 4 stop strings
+            return _error(400, f"stop: List should have at most 4 items, not {len(stop)}", "BadRequestError")
         if self.paused:
             return _error(503, "engine is paused", "ServiceUnavailableError")
         prompt = body.get("messages") if chat else body.get("prompt")

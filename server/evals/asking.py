@@ -33,6 +33,17 @@ class ReferenceProbe:
     error: str | None = None
 
 
+MAX_STOP = 4  # stop strings an OpenAI-style engine takes; a task's further ones are applied here
+
+
+def _cut(text: str | None, stops: list[str]) -> str | None:
+    """The text up to the first of `stops` (the ones the engine was not given)."""
+    if text is None:
+        return None
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
 class Asker:
     """Asks variants about items and grades the answers."""
 
@@ -57,7 +68,7 @@ class Asker:
             "seed": body.seed,
         }
         if task.stop:
-            payload["stop"] = task.stop
+            payload["stop"] = task.stop[:MAX_STOP]
         chat = task.endpoint == "chat"
         payload |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
@@ -65,7 +76,9 @@ class Asker:
         try:
             data = await self._complete(endpoint, payload, chat=chat)
             choice = data["choices"][0]
-            row["output"] = choice["message"]["content"] if chat else choice["text"]
+            row["output"] = _cut(
+                choice["message"]["content"] if chat else choice["text"], task.stop[MAX_STOP:]
+            )
         except Exception as exc:  # an item that errors is counted as errored; the run goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
             return row

@@ -163,3 +163,12 @@ def test_bootstrap_ratio_metric_and_paired_difference():
     diff, (lo, hi) = bootstrap(ppl, a, b)
     assert diff == pytest.approx(math.exp(44 * 1.1 / 19) - math.exp(44 / 19)) and 0 < lo <= diff <= hi
     assert bootstrap(ppl, a) == bootstrap(ppl, a)  # seeded: the same answer every time
+
+
+def test_stop_strings_beyond_the_engines_four_are_applied_to_the_text():
+    from server.evals.asking import MAX_STOP, _cut
+
+    stops = builtin_task(BuiltinSource(task="humaneval")).stop
+    assert len(stops) > MAX_STOP  # HumanEval's five: the fifth is applied by the gateway
+    assert _cut("    return x\nprint(f(1))\n", stops[MAX_STOP:]) == "    return x"
+    assert _cut("    return x\n", stops[MAX_STOP:]) == "    return x\n"
