@@ -34,6 +34,9 @@ def eval_cmd(
     prompt: Annotated[str | None, typer.Option(help="Prompt template over {{item.*}} (JSONL items)")] = None,
     criteria: Annotated[Path | None, typer.Option(help="JSON file: a list of graders (JSONL items)")] = None,
     shots: Annotated[int, typer.Option(help="gsm8k: worked examples in the prompt")] = 5,
+    style: Annotated[
+        str, typer.Option(help="humaneval: completion (continue the code) or instruct (ask in chat)")
+    ] = "completion",
     limit: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many items")] = None,
     max_tokens: int = 256,
     seed: int = 0,
@@ -54,6 +57,8 @@ def eval_cmd(
     token = admin_token or _stored_token(state_dir)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     body = _eval_body(task, jsonl, prompt, criteria, shots, perplexity, reference, fidelity_tokens)
+    if task == "humaneval":
+        body["data_source"]["style"] = style
     try:
         ev = _call(client.post("/v1/evals", json=body))
         run = _call(

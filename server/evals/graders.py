@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 _FIELD = re.compile(r"\{\{\s*(item|sample)\.([A-Za-z0-9_]+)\s*\}\}")
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def template_fields(template: str) -> list[tuple[str, str]]:
@@ -114,10 +115,16 @@ class ProgramPasses(BaseModel):
 
     type: Literal["code_execution"] = "code_execution"
     name: str
+    extract_code: bool = False  # instruct style: the answer's first code block is the program
 
     def program(self, item: dict, sample: dict) -> str:
-        """The program HumanEval's own harness runs for a completion."""
-        return f"{item['prompt']}{sample['output_text']}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
+        """The program HumanEval's own harness runs for a completion (or for an answer's code block,
+        placed after the prompt so the prompt's imports hold and the answer's function wins)."""
+        answer = sample["output_text"]
+        if self.extract_code:
+            block = _CODE_BLOCK.search(answer)
+            answer = "\n" + (block[1] if block else answer)
+        return f"{item['prompt']}{answer}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
 
 
 class GreedyMatch(BaseModel):

@@ -59,6 +59,11 @@ class BuiltinSource(BaseModel):
     type: Literal["builtin"] = "builtin"
     task: Literal["gsm8k", "humaneval", "addition"]
     shots: int = Field(5, ge=0, le=8, description="gsm8k: worked examples in the prompt")
+    style: Literal["completion", "instruct"] = Field(
+        "completion",
+        description="humaneval: continue the function (base models), or ask in chat for the function "
+        "in a code block (instruct models)",
+    )
 
 
 class JsonlSource(BaseModel):
@@ -178,6 +183,15 @@ def builtin_task(source: BuiltinSource) -> TaskSpec:
             "{{item.question}}",
             graders=[NumericMatch(name="exact_match", reference="{{item.answer}}")],
         )
+    if source.task == "humaneval" and source.style == "instruct":
+        return TaskSpec(
+            "humaneval",
+            "humaneval-1.0.3-instruct-v1",
+            humaneval_problems(),
+            "chat",
+            HUMANEVAL_INSTRUCT,
+            graders=[ProgramPasses(name="pass@1", extract_code=True)],
+        )
     if source.task == "humaneval":
         return TaskSpec(
             "humaneval",
@@ -223,6 +237,12 @@ def gsm8k_rows() -> tuple[dict, ...]:
             }
         )
     return tuple(rows)
+
+
+HUMANEVAL_INSTRUCT = (
+    "Complete the following Python function. Answer with the whole function in one ```python code "
+    "block.\n\n```python\n{{item.prompt}}```"
+)
 
 
 @cache

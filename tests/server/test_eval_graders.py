@@ -172,3 +172,18 @@ def test_stop_strings_beyond_the_engines_four_are_applied_to_the_text():
     assert len(stops) > MAX_STOP  # HumanEval's five: the fifth is applied by the gateway
     assert _cut("    return x\nprint(f(1))\n", stops[MAX_STOP:]) == "    return x"
     assert _cut("    return x\n", stops[MAX_STOP:]) == "    return x\n"
+
+
+def test_instruct_humaneval_runs_the_answers_code_block_after_the_prompt():
+    from server.evals.graders import ProgramPasses
+
+    item = {
+        "prompt": 'import math\n\ndef f(x):\n    """doc"""\n',
+        "test": "def check(c):\n    assert c(4) == 2\n",
+        "entry_point": "f",
+    }
+    answer = "Here it is:\n```python\ndef f(x):\n    return int(math.sqrt(x))\n```\nDone."
+    program = ProgramPasses(name="p", extract_code=True).program(item, {"output_text": answer})
+    namespace: dict = {}
+    exec(program, namespace)  # the check passes: the answer's f replaced the prompt's, math imported
+    assert "Done." not in program and "Here it is" not in program
