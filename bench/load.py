@@ -17,6 +17,8 @@ Scenarios:
 - change: steady Poisson load that moves from one variant to another halfway.
 - eval: the same closed-loop online load alone and beside an eval run (GSM8K 5-shot, 64 tokens,
   2 requests in flight) on the same variant, alternating.
+- policy: for each --quanta value (`serve --swap-quantum`, the gateway restarted on the same
+  engine), one variant and two variants (random), closed loop; settings alternate, --repeats each.
 
 References: each variant's greedy answer to every prompt, one request at a time through the
 gateway. An answer is `exact` (its own variant's reference), `wrong-variant` (another variant's
@@ -97,23 +99,22 @@ class Bench:
         self.engine.start()
         say(f"starting the vLLM engine on {base} (log: {spec.log_path})")
         self.engine.wait_ready(900)
-        self.gateway: Service = start_gateway(
-            [
-                "--base",
-                f"{self.name}={base}",
-                "--engine-url",
-                f"{self.name}={self.engine.url}",
-                "--variant",
-                f"{self.models[1]}={delta}",
-                "--variant",
-                f"{self.models[2]}={delta}:0.5",
-                "--variant",
-                f"{self.models[3]}={delta}:1.5",
-            ],
-            work,
-            ADMIN,
-        ).wait(300)
+        self.delta = delta
+        self.gateway: Service = self._start_gateway([])
         say(f"gateway on {self.gateway.url}, engine on {self.engine.url}; models {', '.join(self.models)}")
+
+    def _start_gateway(self, extra: list[str]) -> Service:
+        """`deltagate serve` attached to the bench's engine, with the bench's variants."""
+        d = self.delta
+        args = ["--base", f"{self.name}={self.base_dir}", "--engine-url", f"{self.name}={self.engine.url}",
+                "--variant", f"{self.models[1]}={d}", "--variant", f"{self.models[2]}={d}:0.5",
+                "--variant", f"{self.models[3]}={d}:1.5", *extra]  # fmt: skip
+        return start_gateway(args, self.work, ADMIN).wait(300)
+
+    def restart_gateway(self, extra: list[str]) -> None:
+        """A fresh gateway on the same engine (e.g. another swap policy); the engine keeps running."""
+        self.gateway.stop()
+        self.gateway = self._start_gateway(extra)
 
     def stop(self) -> None:
         self.gateway.stop()
@@ -287,8 +288,12 @@ def main() -> None:
         "--scenarios",
         nargs="+",
         default=["overhead", "mixed", "poisson", "change", "eval"],
-        choices=["overhead", "mixed", "poisson", "change", "eval"],
+        choices=["overhead", "mixed", "poisson", "change", "eval", "policy"],
     )
+    parser.add_argument(
+        "--quanta", type=float, nargs="+", default=[0.0, 2.0, 5.0], help="policy: --swap-quantum values"
+    )
+    parser.add_argument("--max-wait", type=float, default=30.0, help="policy: --swap-max-wait")
     parser.add_argument("--num-prompts", type=int, default=32, help="requests per run (one prompt each)")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop runs")
@@ -376,6 +381,19 @@ def main() -> None:
                     )
                     if run_id:
                         bench.cancel_eval(run_id)
+        if "policy" in args.scenarios:
+            say(f"swap policy: quanta {args.quanta} s (max wait {args.max_wait:g} s), 1 and 2 variants")
+            plan = schedule(bench.models[:2], n, "random", rng)
+            for rep in range(args.repeats):
+                for q in args.quanta if rep % 2 == 0 else list(reversed(args.quanta)):
+                    bench.restart_gateway(["--swap-quantum", str(q), "--swap-max-wait", str(args.max_wait)])
+                    single = [bench.models[1]] * n
+                    runs.append(
+                        bench.run(f"policy-q{q:g}-1-{rep}", "policy", single, concurrency=c, kind="single")
+                    )
+                    runs.append(
+                        bench.run(f"policy-q{q:g}-2-{rep}", "policy", plan, concurrency=c, kind="random")
+                    )
     finally:
         bench.stop()
     report(runs, work, args)
@@ -427,6 +445,7 @@ def report(runs: list[Run], work: Path, args) -> None:
             f"online beside an eval run: TTFT p50 {p50['with-eval']:.0f} vs {p50['alone']:.0f} ms alone, "
             f"{tok['with-eval']:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
         )
+    lines += _policy_lines(runs)
     checked = [r for r in runs if r.target == "gateway"]
     lines.append(
         f"answers checked: {sum(r.exact for r in checked)} exact, "
@@ -438,6 +457,26 @@ def report(runs: list[Run], work: Path, args) -> None:
     print("\n" + text, flush=True)
     plot(runs, work)
     say(f"results in {work}")
+
+
+def _policy_lines(runs: list[Run]) -> list[str]:
+    """Per swap quantum: two variants' throughput and TTFT against one variant's, medians of repeats."""
+    lines = []
+    quanta = sorted(
+        {r.name.split("-")[1] for r in runs if r.scenario == "policy"}, key=lambda q: float(q[1:])
+    )
+    for q in quanta:
+        groups = {k: [r for r in runs if r.name.startswith(f"policy-{q}-{k}-")] for k in ("1", "2")}
+        tok, p50 = _medians(groups)
+        p99 = {k: statistics.median(r.ttft_p99_ms for r in rs) for k, rs in groups.items()}
+        swaps = statistics.median(r.swaps for r in groups["2"])
+        lines.append(
+            f"policy quantum {q[1:]} s: 2 variants {100 * tok['2'] / tok['1']:.0f}% of 1-variant throughput "
+            f"({tok['2']:.1f} vs {tok['1']:.1f} tok/s), TTFT p50 {p50['2']:.0f} vs {p50['1']:.0f} ms, p99 "
+            f"{p99['2']:.0f} vs {p99['1']:.0f} ms (x{p99['2'] / p99['1']:.1f}), {swaps:g} swaps "
+            f"(medians of {len(groups['1'])} repeats)"
+        )
+    return lines
 
 
 def _medians(groups: dict[str, list[Run]]) -> tuple[dict[str, float], dict[str, float]]:

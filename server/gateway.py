@@ -17,6 +17,7 @@ from loaders.engine import EngineClient, EngineProcess, EngineSpec
 from loaders.merge import check_recipe
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.metrics import EngineState, Metrics
+from server.policy import SwapPolicy
 from server.registry import (
     BaseRecord,
     DeltaRecord,
@@ -107,7 +108,8 @@ class Gateway:
         if current is not None:
             resident = Recipe.model_validate_json(current)
         on_swap = lambda _variant, seconds, ok: self.metrics.observe_swap(base.name, seconds, ok)  # noqa: E731
-        self.slots[base.name] = WeightSlot(client, resident, on_swap=on_swap)
+        policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
+        self.slots[base.name] = WeightSlot(client, resident, on_swap=on_swap, policy=policy)
         self._base_eos[base.name] = set(_eos_ids(Checkpoint(base.path).generation_config()))
 
     async def _supervise(self) -> None:

@@ -2,8 +2,9 @@
 
 Invariant: a request is admitted only while the engine's resident weights are its
 variant's, and a swap starts only when no admitted request is in flight. So no
-generation ever continues on new weights, and none is dropped. A pending swap stops
-new admissions of the current variant (no starvation): traffic alternating between
+generation ever continues on new weights, and none is dropped. When to swap, and to
+which waiting variant, is the slot's SwapPolicy (server/policy.py); once a swap is
+pending it stops new admissions of the current variant, so traffic alternating between
 variants is served in batches, one swap per batch.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from deltas.recipe import Recipe
 from loaders.engine import ApplyResult, EngineClient, EngineError
 from server.errors import SwapError
+from server.policy import SwapPolicy
 
 log = logging.getLogger("deltagate.swap")
 
@@ -40,9 +42,17 @@ class SwapRecord:
 class WeightSlot:
     """The resident weights of one engine and the requests running on them."""
 
-    def __init__(self, client: EngineClient, resident: Recipe, on_swap: SwapHook | None = None):
+    def __init__(
+        self,
+        client: EngineClient,
+        resident: Recipe,
+        on_swap: SwapHook | None = None,
+        policy: SwapPolicy = SwapPolicy(),
+    ):
         self.client = client
         self.resident = resident
+        self.policy = policy
+        self.resident_since = time.monotonic()
         self.resident_variant: str | None = None
         self.inflight = 0
         self.last_swap: SwapRecord | None = None
@@ -50,18 +60,25 @@ class WeightSlot:
         self._on_swap = on_swap
         self._notifiers: set[asyncio.Task] = set()
         self._pending: str | None = None
-        self._waiting: dict[str, int] = {}
+        self._queued: dict[str, list[float]] = {}  # recipe key -> arrival times of waiting requests
         self._cond = asyncio.Condition()
 
     async def acquire(self, variant: str, recipe: Recipe) -> None:
         """Wait until `recipe` is resident (swapping if needed), then count one request in."""
         key = recipe.key()
         async with self._cond:
-            self._waiting[key] = self._waiting.get(key, 0) + 1
+            if self._admissible(key):
+                self.inflight += 1
+                self.resident_variant = variant
+                return
+            arrived = time.monotonic()
+            queue = self._queued.setdefault(key, [])
+            queue.append(arrived)
             try:
                 while not self._admissible(key):
-                    if self._pending is None and not self._waiting.get(self.resident.key()):
-                        self._pending = key  # claim the next swap; blocks new admissions
+                    recheck = None
+                    if self._pending is None:
+                        self._pending, recheck = self._decide()  # a pending swap blocks new admissions
                     if self._pending == key and self.inflight == 0:
                         # Holding the lock is fine: nothing is in flight to release it.
                         try:
@@ -70,14 +87,37 @@ class WeightSlot:
                             self._pending = None
                             self._cond.notify_all()
                         continue
-                    await self._cond.wait()
+                    await self._wait(recheck)
                 self.inflight += 1
                 self.resident_variant = variant
             finally:
-                self._waiting[key] -= 1
+                queue.remove(arrived)
+                if self._pending == key and not queue:  # its last waiter left (client gone): unblock
+                    self._pending = None
+                    self._cond.notify_all()
 
     def _admissible(self, key: str) -> bool:
         return self.resident.key() == key and self._pending in (None, key)
+
+    def _decide(self) -> tuple[str | None, float | None]:
+        resident = self.resident.key()
+        others = {k: q for k, q in self._queued.items() if k != resident}
+        mine = len(self._queued.get(resident, ()))
+        return self.policy.decide(time.monotonic(), self.resident_since, self.inflight, mine, others)
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Wait for a release or a swap; with a timeout, until the policy's next decision point."""
+        if timeout is None:
+            await self._cond.wait()
+            return
+        try:
+            await asyncio.wait_for(self._cond.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting per recipe key (for metrics and /v1/bases)."""
+        return {k: len(q) for k, q in self._queued.items() if q}
 
     async def replace_engine(self, restart: Callable[[], Awaitable[None]], resident: Recipe) -> None:
         """Run `restart` with admissions and swaps blocked, then record its fresh weights.
@@ -102,7 +142,7 @@ class WeightSlot:
         swap waits for nothing in flight.
         """
         self.inflight -= 1
-        if self.inflight == 0 and any(self._waiting.values()):
+        if self.inflight == 0 and any(self._queued.values()):
             task = asyncio.get_running_loop().create_task(self._notify())
             self._notifiers.add(task)
             task.add_done_callback(self._notifiers.discard)
@@ -121,6 +161,7 @@ class WeightSlot:
             await self._restore(previous)
             raise SwapError(f"swap to {variant!r} failed, still serving the previous weights: {exc}") from exc
         self.resident = recipe
+        self.resident_since = time.monotonic()
         record = SwapRecord(variant, started_at, start, time.perf_counter() - start, result.tensors, ok=True)
         self.last_swap = record
         self._report(record)

@@ -96,6 +96,12 @@ def serve(
         bool,
         typer.Option(help="Let evals run model-written code (HumanEval), each program sandboxed; see README"),
     ] = False,
+    swap_quantum: Annotated[
+        float, typer.Option(help="Seconds a busy variant stays resident while other variants wait", min=0)
+    ] = 0.0,
+    swap_max_wait: Annotated[
+        float, typer.Option(help="Seconds a request may wait for its variant before the quantum ends", min=0)
+    ] = 30.0,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -127,6 +133,8 @@ def serve(
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
         allow_code_execution=allow_code_execution,
+        swap_quantum=swap_quantum,
+        swap_max_wait=swap_max_wait,
     )
     ensure_admin_token(settings)
     models = [b.name for b in bases] + [v.name for v in settings.variants]
@@ -171,6 +179,8 @@ def demo(
         kv_cache_gib=1.0,
         access_log=False,
         allow_code_execution=False,
+        swap_quantum=0.0,
+        swap_max_wait=30.0,
     )
 
 

@@ -1,0 +1,97 @@
+"""The swap policy: a quantum of residency under contention, a bound on waiting, the next variant by
+queued work — as a pure decision, and on a weight slot over a fake engine."""
+
+import asyncio
+import time
+
+from server.policy import SwapPolicy
+from server.swap import WeightSlot
+from tests.server.test_swap import BASE, A, B, FakeEngine, _request
+
+
+def test_decide_holds_the_quantum_then_picks_the_most_queued():
+    policy = SwapPolicy(quantum_seconds=2.0, max_wait_seconds=10.0)
+    queued = {"a": [100.5], "b": [100.2, 100.6, 100.7]}
+    assert policy.decide(101.0, 100.0, inflight=3, resident_queued=0, queued=queued) == (None, 1.0)
+    assert policy.decide(102.0, 100.0, inflight=3, resident_queued=0, queued=queued) == ("b", None)
+    # nothing running on the resident variant: no reason to keep it
+    assert policy.decide(100.1, 100.0, inflight=0, resident_queued=0, queued=queued) == ("b", None)
+    # the resident's own woken requests go first
+    assert policy.decide(103.0, 100.0, inflight=0, resident_queued=2, queued=queued)[0] is None
+    assert policy.decide(103.0, 100.0, inflight=3, resident_queued=0, queued={}) == (None, None)
+
+
+def test_decide_ends_the_quantum_when_a_request_waited_too_long():
+    policy = SwapPolicy(quantum_seconds=60.0, max_wait_seconds=5.0)
+    queued = {"a": [100.0], "b": [103.0, 103.1]}
+    assert policy.decide(104.0, 99.0, inflight=8, resident_queued=0, queued=queued) == (None, 1.0)
+    # a's request has waited 5 s: the quantum ends; b has more queued, so b goes first (a next)
+    assert policy.decide(105.0, 99.0, inflight=8, resident_queued=4, queued=queued) == ("b", None)
+
+
+def test_ties_go_to_the_variant_waiting_longest():
+    policy = SwapPolicy()
+    assert policy.decide(10.0, 0.0, 1, 0, {"a": [5.0], "b": [4.0]}) == ("b", None)
+
+
+async def _steady(slot, engine, name, recipe, until: float, log: list) -> None:
+    """A closed-loop client: one request after another on `recipe` until `until`."""
+    while time.monotonic() < until:
+        await _request(slot, engine, name, recipe)
+        log.append((time.monotonic(), name))
+
+
+async def test_quantum_keeps_a_busy_variant_resident_and_max_wait_bounds_the_others():
+    """Two closed-loop clients on A keep it busy; B's requests wait at most about max_wait."""
+    engine = FakeEngine()
+    slot = WeightSlot(engine, A, policy=SwapPolicy(quantum_seconds=10.0, max_wait_seconds=0.3))
+    engine.weights = A.key()
+    until = time.monotonic() + 1.5
+    log: list = []
+    waits = []
+
+    async def b_client() -> None:
+        while time.monotonic() < until:
+            start = time.monotonic()
+            await _request(slot, engine, "b", B)
+            waits.append(time.monotonic() - start)
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(
+        _steady(slot, engine, "a", A, until, log), _steady(slot, engine, "a", A, until, log), b_client()
+    )
+    assert waits and max(waits) < 0.3 + 0.1, waits  # bounded by max_wait (+ a swap and a request)
+    assert any(n == "a" for _, n in log)
+
+
+async def test_a_quantum_batches_interleaved_traffic_into_fewer_swaps():
+    """Closed-loop clients of A and B: with a quantum the engine swaps a few times, not per request."""
+
+    async def swaps_with(quantum: float) -> int:
+        engine = FakeEngine()
+        slot = WeightSlot(engine, BASE, policy=SwapPolicy(quantum_seconds=quantum, max_wait_seconds=5.0))
+        until = time.monotonic() + 1.0
+        log: list = []
+        clients = [_steady(slot, engine, n, r, until, log) for n, r in (("a", A), ("b", B)) * 2]
+        await asyncio.gather(*clients)
+        assert {n for _, n in log} == {"a", "b"}
+        return len(engine.applied)
+
+    eager, batched = await swaps_with(0.0), await swaps_with(0.25)
+    assert batched <= 1.0 / 0.25 + 2 < eager, (batched, eager)
+
+
+async def test_a_waiter_that_leaves_does_not_block_the_slot():
+    """The last request for a pending variant is cancelled (its client left): others go on."""
+    engine = FakeEngine()
+    slot = WeightSlot(engine, A)
+    engine.weights = A.key()
+    await slot.acquire("a", A)  # A busy: B's request must wait
+    waiter = asyncio.create_task(slot.acquire("b", B))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    await asyncio.wait_for(slot.acquire("a", A), timeout=1)  # A admitted again: nothing pending
+    slot.release()
+    slot.release()
+    assert engine.applied == [] and slot.inflight == 0
