@@ -179,7 +179,7 @@ class Gateway:
             served.setdefault(v.base, []).append(v.name)
         return [
             EngineState(name, slot.resident_variant or _base_if_plain(slot, name), tuple(served[name]),
-                        slot.inflight)  # fmt: skip
+                        slot.inflight, sum(slot.queued().values()))  # fmt: skip
             for name, slot in self.slots.items()
         ]
 

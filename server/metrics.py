@@ -28,6 +28,7 @@ class EngineState:
     resident: str | None
     variants: tuple[str, ...]  # every model name served by this engine (its base and variants)
     inflight: int
+    queued: int = 0  # requests waiting for their variant's weights (a swap)
 
 
 class _SlotCollector(Collector):
@@ -44,12 +45,19 @@ class _SlotCollector(Collector):
             "Requests admitted on an engine and not finished",
             labels=["engine"],
         )
+        queued = GaugeMetricFamily(
+            "deltagate_queued_requests",
+            "Requests waiting on an engine for their variant's weights (a swap, see the swap policy)",
+            labels=["engine"],
+        )
         for s in self._states():
             for variant in s.variants:
                 resident.add_metric([s.engine, variant], 1.0 if variant == s.resident else 0.0)
             inflight.add_metric([s.engine], s.inflight)
+            queued.add_metric([s.engine], s.queued)
         yield resident
         yield inflight
+        yield queued
 
 
 class Metrics:

@@ -115,6 +115,25 @@ def test_client_disconnect_mid_stream_frees_the_slot(mock_stack):
     assert after == before + 1  # recorded as 499: client closed
 
 
+def test_requests_waiting_for_a_swap_are_counted_as_queued(mock_stack):
+    """While a stream holds one variant's weights, a request for another waits, and /metrics says so."""
+    import concurrent.futures
+
+    with httpx.stream(
+        "POST", mock_stack.url + "/v1/completions", json=_body("mock-inst", stream=True, max_tokens=1000),
+        timeout=30,
+    ) as r, concurrent.futures.ThreadPoolExecutor(1) as pool:  # fmt: skip
+        assert next(r.iter_lines()).startswith("data: ")
+        other = pool.submit(_tag, mock_stack, "mock-half")
+        deadline = time.monotonic() + 5
+        while _metric(mock_stack, "deltagate_queued_requests", engine="mock") != 1:
+            assert time.monotonic() < deadline, "the waiting request was not counted"
+            time.sleep(0.05)
+        assert not other.done()
+    assert other.result(timeout=10) != "wbase"  # admitted once the stream ended, after its swap
+    assert _metric(mock_stack, "deltagate_queued_requests", engine="mock") == 0
+
+
 def test_engine_errors_are_relayed_in_the_envelope_and_counted(mock_stack):
     r = httpx.post(mock_stack.url + "/v1/completions", json=_body("mock-inst", max_tokens=10**6), timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
