@@ -164,7 +164,8 @@ def _print(run: dict) -> None:
                 str(c["n"]),
                 str(result["errored"]),
             )
-    console.print(table)
+    if table.row_count:
+        console.print(table)
     metrics = Table("variant", "metric", "value", "95% interval (bootstrap)", "n")
     for variant, result in run["per_variant"].items():
         for name, m in result.get("metrics", {}).items():
@@ -175,11 +176,11 @@ def _print(run: dict) -> None:
         console.print(metrics)
     rates = set(next(iter(run["per_variant"].values()))["criteria"]) if run["per_variant"] else set()
     for c in run["comparisons"]:
-        scale, unit = (100, " points") if c["criterion"] in rates else (1, "")
+        fmt, scale, unit = ("+.1f", 100, " points") if c["criterion"] in rates else ("+.4g", 1, "")
+        lo, hi = (format(scale * x, fmt) for x in c["ci95"])
         console.print(
             f"{c['variant']} − {c['baseline']} ({c['criterion']}, n={c['n']} paired): "
-            f"{scale * c['difference']:+.4g}{unit}, 95% [{scale * c['ci95'][0]:+.4g}, "
-            f"{scale * c['ci95'][1]:+.4g}]"
+            f"{format(scale * c['difference'], fmt)}{unit}, 95% [{lo}, {hi}]"
         )
 
 
