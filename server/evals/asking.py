@@ -92,17 +92,9 @@ class Asker:
         try:
             for choice in item["choices"]:
                 text = context + " " + choice
-                # echo + logprobs: the prompt's own token logprobs (and one generated token, ignored)
-                payload = {
-                    "model": variant,
-                    "prompt": text,
-                    "max_tokens": 1,
-                    "temperature": 0,
-                    "echo": True,
-                    "logprobs": 1,
-                }
-                data = await self._complete("/v1/completions", payload, chat=False)
-                logprobs.append(continuation_logprob(data["choices"][0]["logprobs"], len(context), len(text)))
+                logprobs.append(
+                    continuation_logprob(await self._echo(variant, text), len(context), len(text))
+                )
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             return row
@@ -115,23 +107,20 @@ class Asker:
         """The item's text scored by the variant: NLL and token count from echoed prompt logprobs."""
         text = render(task.prompt, item)
         row = {"input": text, "output": None, "grades": {}, "status": "error", "error": None}
-        payload = {
-            "model": variant,
-            "prompt": text,
-            "max_tokens": 1,
-            "temperature": 0,
-            "echo": True,
-            "logprobs": 0,
-        }
         try:
-            data = await self._complete("/v1/completions", payload, chat=False)
-            nll, tokens = prompt_nll(data["choices"][0]["logprobs"], len(text))
+            nll, tokens = prompt_nll(await self._echo(variant, text), len(text))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             return row
         row["scores"] = {"nll": nll, "tokens": tokens}
         row["output"] = f"{tokens} tokens, perplexity {math.exp(nll / max(tokens, 1)):.4g}"
         return await self._graded(row, task, item, {"output_text": row["output"]})
+
+    async def _echo(self, variant: str, text: str) -> dict:
+        """`text`'s own token logprobs under `variant` (echo + logprobs; the one generated token is
+        ignored by the callers, which read only offsets inside the text)."""
+        payload = self._greedy(variant, {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1})
+        return (await self._complete("/v1/completions", payload, chat=False))["choices"][0]["logprobs"]
 
     async def reference(self, task: TaskSpec, item: dict) -> ReferenceProbe:
         """The reference variant's greedy continuation of the item's prompt and its distributions."""

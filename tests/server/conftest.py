@@ -195,6 +195,7 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
             "--variant", f"tied-half={tied.delta}:0.5",
             "--variant", f"tied-mix={tied.delta}:0.7,{tied.delta2}:0.4",
             "--recipe", str(ties_yaml),
+            "--allow-code-execution",  # HumanEval through real engines (sandboxed)
         ],
         work / "state",
         port,

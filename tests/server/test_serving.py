@@ -145,20 +145,8 @@ def test_engine_metrics_relayed_include_what_the_dashboard_reads(stack):
 )
 def test_builtin_eval_runs_through_real_engines(stack, source, criteria):
     """A built-in task as a paired run on the base and a variant, through the evals API."""
-    import time
-
-    ev = httpx.post(
-        stack.url + "/v1/evals", json={"name": source["task"], "data_source": source}, headers=stack.admin
-    )
-    assert ev.status_code == 201, ev.text
-    eval_id = ev.json()["id"]
     body = {"variants": ["tied", "tied-inst"], "limit": 3, "max_tokens": 8, "seed": 1}
-    run = httpx.post(f"{stack.url}/v1/evals/{eval_id}/runs", json=body, headers=stack.admin).json()
-    deadline = time.monotonic() + 300
-    while run["status"] in ("queued", "in_progress"):
-        assert time.monotonic() < deadline, run
-        time.sleep(0.5)
-        run = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}", headers=stack.admin).json()
+    eval_id, run = _finished_run(stack, {"name": source["task"], "data_source": source}, body)
     assert run["status"] == "completed", run
     assert run["progress"] == {"done": 6, "total": 6}
     for variant in ("tied", "tied-inst"):
@@ -174,7 +162,6 @@ def test_builtin_eval_runs_through_real_engines(stack, source, criteria):
 def test_multiple_choice_eval_scores_by_loglikelihood_through_real_engines(stack):
     """acc/acc_norm from echo logprobs relayed by the gateway; the sums match a direct request."""
     import json
-    import time
 
     items = [
         {"question": "The capital of France", "choices": ["is Paris.", "is Rome.", "def add"], "label": 0},
@@ -184,17 +171,7 @@ def test_multiple_choice_eval_scores_by_loglikelihood_through_real_engines(stack
         "name": "mc",
         "data_source": {"type": "multiple_choice", "content": "\n".join(json.dumps(i) for i in items)},
     }
-    ev = httpx.post(stack.url + "/v1/evals", json=body, headers=stack.admin)
-    assert ev.status_code == 201, ev.text
-    eval_id = ev.json()["id"]
-    run = httpx.post(
-        f"{stack.url}/v1/evals/{eval_id}/runs", json={"variants": ["tied", "tied-inst"]}, headers=stack.admin
-    ).json()
-    deadline = time.monotonic() + 300
-    while run["status"] in ("queued", "in_progress"):
-        assert time.monotonic() < deadline, run
-        time.sleep(0.5)
-        run = httpx.get(f"{stack.url}/v1/evals/{eval_id}/runs/{run['id']}", headers=stack.admin).json()
+    eval_id, run = _finished_run(stack, body, {"variants": ["tied", "tied-inst"]})
     assert run["status"] == "completed" and run["result_counts"]["errored"] == 0, run
     assert set(run["per_variant"]["tied-inst"]["criteria"]) == {"acc", "acc_norm"}
     out = httpx.get(
@@ -293,3 +270,30 @@ def test_fidelity_eval_against_a_reference_variant(stack):
     assert metrics["tied-ties"]["mean_kl"]["value"] > 0
     assert run["measured"]["reference"]["variant"] == "tied-inst"
     assert {c["criterion"] for c in run["comparisons"]} == {"greedy_match", "token_agreement", "mean_kl"}
+
+
+def test_humaneval_and_jsonl_evals_run_through_real_engines(stack):
+    """HumanEval (both styles, programs run in the sandbox) and user JSONL items with string_check."""
+    import json
+
+    for style in ("completion", "instruct"):
+        source = {"type": "builtin", "task": "humaneval", "style": style}
+        _, run = _finished_run(stack, {"name": f"he-{style}", "data_source": source},
+                               {"variants": ["tied-inst"], "limit": 2, "max_tokens": 16})  # fmt: skip
+        assert run["status"] == "completed" and run["result_counts"]["errored"] == 0, run
+        assert run["per_variant"]["tied-inst"]["criteria"]["pass@1"]["n"] == 2
+    want = completion_outputs(stack.url, "tied-inst")[0]["text"]  # a greedy answer the check must match
+    items = "\n".join(json.dumps({"q": p, "expected": want}) for p in PROMPTS[:1])
+    body = {
+        "name": "jsonl",
+        "data_source": {"type": "jsonl", "content": items},
+        "prompt": "{{item.q}}",
+        "endpoint": "completions",
+        "testing_criteria": [{"type": "string_check", "name": "same", "input": "{{sample.output_text}}",
+                              "reference": "{{item.expected}}", "operation": "eq"}],
+    }  # fmt: skip
+    run_body = {"variants": ["tied-inst", "tied"], "max_tokens": MAX_TOKENS}
+    _, run = _finished_run(stack, body, run_body)
+    assert run["status"] == "completed", run
+    assert run["per_variant"]["tied-inst"]["criteria"]["same"]["score"] == 1.0
+    assert run["per_variant"]["tied"]["criteria"]["same"]["score"] == 0.0
