@@ -499,6 +499,7 @@ def plot(runs: list[Run], work: Path) -> None:
         ("poisson", "^"),
         ("change", "D"),
         ("eval", "x"),
+        ("policy", "P"),
     ):
         rs = [r for r in runs if r.scenario == scenario]
         if rs:
@@ -519,7 +520,8 @@ def plot(runs: list[Run], work: Path) -> None:
     fig.tight_layout()
     fig.savefig(work / "throughput_vs_ttft.png", dpi=120)
     plt.close(fig)
-    timeline(next((r for r in runs if r.name == "mixed-2-random"), None), work, plt)
+    mixed = next((r for r in runs if r.name == "mixed-2-random"), None)
+    timeline(mixed or next((r for r in runs if r.name.startswith("policy-q2-2-")), None), work, plt)
 
 
 def timeline(run: Run | None, work: Path, plt) -> None:

@@ -53,7 +53,7 @@ class GatewaySettings(BaseSettings):
     supervise_seconds: float = 2.0
     engine_args: list[str] = Field(default_factory=list)
     allow_code_execution: bool = False  # HumanEval: run model-written programs (sandboxed)
-    swap_quantum: float = 0.0  # seconds a busy variant stays resident while others wait (server/policy.py)
+    swap_quantum: float = 2.0  # seconds a busy variant stays resident while others wait (server/policy.py)
     swap_max_wait: float = 30.0  # seconds any request may wait for its variant before the quantum ends
 
     @property

@@ -98,7 +98,7 @@ def serve(
     ] = False,
     swap_quantum: Annotated[
         float, typer.Option(help="Seconds a busy variant stays resident while other variants wait", min=0)
-    ] = 0.0,
+    ] = 2.0,
     swap_max_wait: Annotated[
         float, typer.Option(help="Seconds a request may wait for its variant before the quantum ends", min=0)
     ] = 30.0,
@@ -179,7 +179,7 @@ def demo(
         kv_cache_gib=1.0,
         access_log=False,
         allow_code_execution=False,
-        swap_quantum=0.0,
+        swap_quantum=2.0,
         swap_max_wait=30.0,
     )
 

@@ -123,7 +123,8 @@ def test_requests_waiting_for_a_swap_are_counted_as_queued(mock_stack):
         "POST", mock_stack.url + "/v1/completions", json=_body("mock-inst", stream=True, max_tokens=1000),
         timeout=30,
     ) as r, concurrent.futures.ThreadPoolExecutor(1) as pool:  # fmt: skip
-        assert next(r.iter_lines()).startswith("data: ")
+        lines = r.iter_lines()  # kept: a dropped iterator closes the stream (the client "leaves")
+        assert next(lines).startswith("data: ")
         other = pool.submit(_tag, mock_stack, "mock-half")
         deadline = time.monotonic() + 5
         while _metric(mock_stack, "deltagate_queued_requests", engine="mock") != 1:
