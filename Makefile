@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
-# Tools the tests use from Debian: promtool and a real Prometheus server (package prometheus).
+# Tools the tests use from Debian: promtool and a real Prometheus server (package prometheus); the
+# HumanEval sandbox's unshare/setpriv/prlimit (util-linux) and a system python3 user nobody can run.
 system-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  && command -v unshare >/dev/null && command -v setpriv >/dev/null && command -v prlimit >/dev/null \
+	  && test -x /usr/bin/python3 || { apt-get update && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y --no-install-recommends prometheus util-linux python3; }
 
 serve: install
 	$(VENV)/bin/deltagate demo
