@@ -278,8 +278,9 @@ def test_humaneval_and_jsonl_evals_run_through_real_engines(stack):
 
     for style in ("completion", "instruct"):
         source = {"type": "builtin", "task": "humaneval", "style": style}
-        _, run = _finished_run(stack, {"name": f"he-{style}", "data_source": source},
-                               {"variants": ["tied-inst"], "limit": 2, "max_tokens": 16})  # fmt: skip
+        # seed 2 samples two short problems: the stack's context is 512 tokens
+        run_body = {"variants": ["tied-inst"], "limit": 2, "seed": 2, "max_tokens": 16}
+        _, run = _finished_run(stack, {"name": f"he-{style}", "data_source": source}, run_body)
         assert run["status"] == "completed" and run["result_counts"]["errored"] == 0, run
         assert run["per_variant"]["tied-inst"]["criteria"]["pass@1"]["n"] == 2
     want = completion_outputs(stack.url, "tied-inst")[0]["text"]  # a greedy answer the check must match
