@@ -80,8 +80,8 @@ def _all_cpus() -> None:
     """In the load client before exec: every core, and a little more priority than the engine.
 
     Beside a busy CPU engine (bench/load.py --scenarios eval) the client was seen with the mask of
-    the one core vLLM's worker threads are bound to, runnable but starved for minutes (who set the
-    mask is not found). The instrument must not be what is measured."""
+    the one core vLLM's worker threads are bound to, runnable but starved for minutes. This rules
+    out the mask and the priority; the stall was seen again with both set (README, not solved)."""
     os.sched_setaffinity(0, range(os.cpu_count() or 1))
     try:
         os.nice(-5)
