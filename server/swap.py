@@ -116,7 +116,7 @@ class WeightSlot:
             pass
 
     def queued(self) -> dict[str, int]:
-        """Requests waiting per recipe key (for metrics and /v1/bases)."""
+        """Requests waiting per recipe key (the deltagate_queued_requests gauge)."""
         return {k: len(q) for k, q in self._queued.items() if q}
 
     async def replace_engine(self, restart: Callable[[], Awaitable[None]], resident: Recipe) -> None:
