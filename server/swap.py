@@ -61,6 +61,7 @@ class WeightSlot:
         self._notifiers: set[asyncio.Task] = set()
         self._pending: str | None = None
         self._queued: dict[str, list[float]] = {}  # recipe key -> arrival times of waiting requests
+        self._names: dict[str, str] = {}  # recipe key -> the variant name its waiters asked for
         self._cond = asyncio.Condition()
 
     async def acquire(self, variant: str, recipe: Recipe) -> None:
@@ -72,6 +73,7 @@ class WeightSlot:
                 self.resident_variant = variant
                 return
             arrived = time.monotonic()
+            self._names[key] = variant
             queue = self._queued.setdefault(key, [])
             queue.append(arrived)
             try:
@@ -116,8 +118,8 @@ class WeightSlot:
             pass
 
     def queued(self) -> dict[str, int]:
-        """Requests waiting per recipe key (the deltagate_queued_requests gauge)."""
-        return {k: len(q) for k, q in self._queued.items() if q}
+        """Requests waiting per variant (the deltagate_queued_requests gauge, vllm:lora_requests_info)."""
+        return {self._names[k]: len(q) for k, q in self._queued.items() if q}
 
     async def replace_engine(self, restart: Callable[[], Awaitable[None]], resident: Recipe) -> None:
         """Run `restart` with admissions and swaps blocked, then record its fresh weights.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends, Response
 
 from server.deps import GatewayDep, MetricsDep, require_admin
 from server.errors import NotFoundError
+from server.metrics import lora_requests_info
 from server.schemas import BasePublic, BasesPublic, SwapPublic
 
 router = APIRouter(tags=["ops"])
@@ -27,11 +30,16 @@ async def metrics(m: MetricsDep) -> Response:
 
 @router.get("/metrics/engines/{base}")
 async def engine_metrics(base: str, gateway: GatewayDep) -> Response:
-    """The vLLM engine's own metrics (vllm:*), relayed: engines bind to loopback, unscrapable."""
+    """The vLLM engine's own metrics (vllm:*), relayed: engines bind to loopback, unscrapable; plus
+    `vllm:lora_requests_info` with the resident variant as the running adapter."""
     slot = gateway.slots.get(base)
     if slot is None:
         raise NotFoundError(f"no engine for base {base!r}; bases: {sorted(gateway.slots)}")
-    return Response(await slot.client.metrics_text(), media_type=PROMETHEUS_TEXT)
+    text = await slot.client.metrics_text()
+    if "vllm:lora_requests_info" not in text:  # an engine without --enable-lora: say what the slot holds
+        resident = next(s.resident for s in gateway.engine_states() if s.engine == base)
+        text += lora_requests_info(resident, slot.queued(), time.time())
+    return Response(text, media_type=PROMETHEUS_TEXT)
 
 
 @router.get("/v1/bases", dependencies=[Depends(require_admin)], tags=["admin"])

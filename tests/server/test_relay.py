@@ -11,6 +11,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loaders.mock_engine import weights_tag
 from tests.server.conftest import metric_families, sample_value
@@ -131,6 +132,12 @@ def test_requests_waiting_for_a_swap_are_counted_as_queued(mock_stack):
             assert time.monotonic() < deadline, "the waiting request was not counted"
             time.sleep(0.05)
         assert not other.done()
+        # routers that place requests by adapter residency read vLLM's lora gauge; the gateway fills it in
+        engine_metrics = httpx.get(mock_stack.url + "/metrics/engines/mock").text
+        (info,) = [s for f in text_string_to_metric_families(engine_metrics) for s in f.samples
+                   if s.name == "vllm:lora_requests_info"]  # fmt: skip
+        assert info.labels == {"max_lora": "1", "running_lora_adapters": "mock-inst",
+                               "waiting_lora_adapters": "mock-half"}  # fmt: skip
     assert other.result(timeout=10) != "wbase"  # admitted once the stream ended, after its swap
     assert _metric(mock_stack, "deltagate_queued_requests", engine="mock") == 0
 

@@ -134,6 +134,7 @@ def test_engine_metrics_relayed_include_what_the_dashboard_reads(stack):
     used = {m for m in dashboard_metric_names() if m.startswith("vllm:")}
     assert len(used) >= 4
     assert used <= exported, used - exported
+    assert "vllm:lora_requests_info" in exported  # the variant residency, added by the gateway
 
 
 @pytest.mark.parametrize(
