@@ -134,9 +134,9 @@ async def forward(
 
 
 async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Response:
-    """/tokenize or /detokenize as the named variant speaks: its engine's tokenizer (a variant shares
-    its base's vocabulary) and, for chat messages, the variant's chat template. Needs no weights,
-    so it never waits for a swap. Without `model`, the only base is meant."""
+    """/tokenize or /detokenize for the named variant: its engine's tokenizer (the base's; that it
+    equals the artifact's own is not checked yet, see README) and, for chat messages, the variant's
+    chat template. Needs no weights, so it never waits for a swap. Without `model`, the only base."""
     try:
         request = json.loads(raw)
     except ValueError as exc:

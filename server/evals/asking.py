@@ -44,6 +44,17 @@ def _cut(text: str | None, stops: list[str]) -> str | None:
     return text[: min(ends)] if ends else text
 
 
+def _new_row(prompt: str) -> dict:
+    """A graded item as stored, errored until an answer is graded."""
+    return {"input": prompt, "output": None, "grades": {}, "status": "error", "error": None}
+
+
+def _errored(row: dict, exc: Exception) -> dict:
+    """The item failed (engine error, bad answer shape): counted as errored, the run goes on."""
+    row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
 class Asker:
     """Asks variants about items and grades the answers."""
 
@@ -72,22 +83,21 @@ class Asker:
         chat = task.endpoint == "chat"
         payload |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-        row = {"input": prompt, "output": None, "grades": {}, "status": "error", "error": None}
+        row = _new_row(prompt)
         try:
             data = await self._complete(endpoint, payload, chat=chat)
             choice = data["choices"][0]
             row["output"] = _cut(
                 choice["message"]["content"] if chat else choice["text"], task.stop[MAX_STOP:]
             )
-        except Exception as exc:  # an item that errors is counted as errored; the run goes on
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
+        except Exception as exc:
+            return _errored(row, exc)
         return await self._graded(row, task, item, {"output_text": row["output"] or ""})
 
     async def _choose(self, task: TaskSpec, variant: str, item: dict) -> dict:
         """Multiple choice: the loglikelihood of each choice as the prompt's continuation."""
         context = render(task.prompt, item)
-        row = {"input": context, "output": None, "grades": {}, "status": "error", "error": None}
+        row = _new_row(context)
         logprobs = []
         try:
             for choice in item["choices"]:
@@ -96,8 +106,7 @@ class Asker:
                     continuation_logprob(await self._echo(variant, text), len(context), len(text))
                 )
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
+            return _errored(row, exc)
         best = max(range(len(logprobs)), key=logprobs.__getitem__)
         row["output"] = json.dumps({"choice": item["choices"][best], "logprobs": logprobs})
         sample = {"output_text": item["choices"][best], "choice_logprobs": logprobs}
@@ -106,12 +115,11 @@ class Asker:
     async def _perplexity(self, task: TaskSpec, variant: str, item: dict) -> dict:
         """The item's text scored by the variant: NLL and token count from echoed prompt logprobs."""
         text = render(task.prompt, item)
-        row = {"input": text, "output": None, "grades": {}, "status": "error", "error": None}
+        row = _new_row(text)
         try:
             nll, tokens = prompt_nll(await self._echo(variant, text), len(text))
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
+            return _errored(row, exc)
         row["scores"] = {"nll": nll, "tokens": tokens}
         row["output"] = f"{tokens} tokens, perplexity {math.exp(nll / max(tokens, 1)):.4g}"
         return await self._graded(row, task, item, {"output_text": row["output"]})
@@ -138,20 +146,13 @@ class Asker:
 
     async def _fidelity(self, task: TaskSpec, variant: str, item: dict, ref: ReferenceProbe | None) -> dict:
         """Agreement and KL of the variant's distributions with the reference's, on the same tokens."""
-        row = {
-            "input": render(task.prompt, item),
-            "output": None,
-            "grades": {},
-            "status": "error",
-            "error": None,
-        }
+        row = _new_row(render(task.prompt, item))
         try:
             if ref is None or ref.probe is None:
                 raise EngineError(ref.error if ref else "no reference continuation")
             mine = await self._distributions(variant, ref.probe)
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            return row
+            return _errored(row, exc)
         agree = sum(top1(p) == top1(q) for p, q in zip(ref.distributions, mine, strict=True))
         kl = sum(kl_topk(p, q) for p, q in zip(ref.distributions, mine, strict=True))
         row["scores"] = {"agree": agree, "positions": len(mine), "kl": kl}
