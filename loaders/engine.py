@@ -118,6 +118,8 @@ class EngineProcess:
         env = dict(os.environ)
         env["VLLM_SERVER_DEV_MODE"] = "1"
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.spec.kv_cache_gib))))
+        if "--enable-lora" in self.spec.extra_args:  # the gateway loads adapters at runtime
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         log = open(self.spec.log_path, "ab") if self.spec.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             engine_command(self.spec, self.port, self.with_extension),
@@ -231,6 +233,22 @@ class EngineClient:
             await self._post("/resume")
         first = results[0]
         return ApplyResult(first["tensors"], first["seconds"], first["repaired"])
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make a LoRA adapter servable under `name` (vLLM's runtime LoRA loading; idempotent)."""
+        try:
+            await self._post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+        except EngineError as exc:
+            if "has already been loaded" not in str(exc):
+                raise
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget a LoRA adapter (a missing one is not an error)."""
+        try:
+            await self._post("/v1/unload_lora_adapter", json={"lora_name": name})
+        except EngineError as exc:
+            if "cannot be found" not in str(exc):
+                raise
 
     async def current_recipe(self) -> str | None:
         """The recipe the engine's workers last applied (None: as started)."""

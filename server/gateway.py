@@ -12,9 +12,12 @@ from pathlib import Path
 
 from deltas.artifact import open_artifact
 from deltas.checkpoint import Checkpoint
+from deltas.errors import DeltaError
+from deltas.lora import adapter_rank
 from deltas.recipe import DeltaTerm, Recipe
-from loaders.engine import EngineClient, EngineProcess, EngineSpec
+from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec
 from loaders.merge import check_recipe
+from server.adapters import Adapter, AdapterLane
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.metrics import EngineState, Metrics
 from server.policy import SwapPolicy
@@ -42,6 +45,12 @@ class Resolved:
     slot: WeightSlot
     chat_template: str | None
     stop_token_ids: list[int]
+    adapter: Adapter | None = None  # served as this LoRA adapter on the plain base, not by a swap
+
+    @property
+    def engine_model(self) -> str:
+        """The model name the engine serves this request under (and puts in its answers)."""
+        return self.adapter.name if self.adapter else self.slot.client.served_name
 
 
 class Gateway:
@@ -56,6 +65,8 @@ class Gateway:
         self._engine_urls: dict[str, str] = {}
         self._supervisor: asyncio.Task | None = None
         self._base_eos: dict[str, set[int]] = {}
+        lanes = settings.state_dir / "adapters"
+        self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
 
     # lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -92,13 +103,19 @@ class Gateway:
             served_name=base.name,
             max_model_len=self.settings.max_model_len,
             kv_cache_gib=self.settings.kv_cache_gib,
-            extra_args=tuple(self.settings.engine_args),
+            extra_args=tuple(self.settings.engine_args) + self._lora_args(),
             log_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.log",
         )
         proc = EngineProcess(spec)
         proc.start()
         log.info("starting engine for base %s on port %d (log: %s)", base.name, proc.port, spec.log_path)
         return proc
+
+    def _lora_args(self) -> tuple[str, ...]:
+        if not self.settings.lora_slots or "--enable-lora" in self.settings.engine_args:
+            return ()
+        return ("--enable-lora", "--max-loras", str(self.settings.lora_slots),
+                "--max-lora-rank", str(self.settings.max_lora_rank))  # fmt: skip
 
     async def _attach(self, base: BaseRecord) -> None:
         url = self._engine_urls.get(base.name) or self.processes[base.name].url
@@ -122,7 +139,8 @@ class Gateway:
                 log.error("engine for base %s exited (code %s); restarting it", name, proc.proc.returncode)
                 self.metrics.engine_restarts.labels(name).inc()
 
-                async def restart(proc: EngineProcess = proc) -> None:
+                async def restart(proc: EngineProcess = proc, name: str = name) -> None:
+                    self.adapters.forget(name)
                     proc.start()
                     await asyncio.to_thread(proc.wait_ready, self.settings.engine_start_timeout)
 
@@ -160,7 +178,40 @@ class Gateway:
         slot = self.slots.get(base.name)
         if slot is None:
             raise NotFoundError(f"base {base.name!r} has no running engine")
-        return Resolved(variant, self._recipe(variant), slot, template, eos)
+        recipe = self._recipe(variant)
+        return Resolved(variant, recipe, slot, template, eos, self._adapter(variant, recipe))
+
+    def _adapter(self, variant: VariantRecord, recipe: Recipe) -> Adapter | None:
+        """The adapter serving `variant`, if its lane is the adapter one."""
+        if variant.lane == "swap" or not variant.deltas:
+            return None
+        records = [self.registry.delta(t.delta) for t in variant.deltas]
+        if self.adapters.unfit(variant, records) is not None:
+            return None
+        return self.adapters.adapter(variant, recipe, records)
+
+    def lane(self, name: str) -> tuple[str, str | None]:
+        """How `name` is served ("swap" or "adapter") and, if not as an adapter, why."""
+        variant = self.registry.variant(name)
+        if variant.lane == "swap" or not variant.deltas:
+            return "swap", None
+        records = [self.registry.delta(t.delta) for t in variant.deltas]
+        unfit = self.adapters.unfit(variant, records)
+        return ("swap", unfit) if unfit else ("adapter", None)
+
+    async def admit(self, target: Resolved) -> None:
+        """Count a request in on its weights: its variant resident, or the plain base + its adapter."""
+        slot, adapter = target.slot, target.adapter
+        if adapter is None:
+            await slot.acquire(target.variant.name, target.recipe)
+            return
+        await self.adapters.prepare(adapter)
+        await slot.acquire(target.variant.base, Recipe(base=target.recipe.base))
+        try:
+            await self.adapters.load(target.variant.base, slot.client, adapter)
+        except BaseException:
+            slot.release()
+            raise
 
     def model_names(self) -> list[str]:
         return self.registry.model_names()
@@ -178,8 +229,13 @@ class Gateway:
         for v in self.registry.state.variants.values():
             served.setdefault(v.base, []).append(v.name)
         return [
-            EngineState(name, slot.resident_variant or _base_if_plain(slot, name), tuple(served[name]),
-                        slot.inflight, sum(slot.queued().values()))  # fmt: skip
+            EngineState(
+                name,
+                slot.resident_variant or _base_if_plain(slot, name),
+                tuple(served[name]),
+                slot.inflight,
+                sum(slot.queued().values()),
+            )  # fmt: skip
             for name, slot in self.slots.items()
         ]
 
@@ -229,6 +285,10 @@ class Gateway:
         if record.name in self.registry.state.variants or record.name in self.registry.state.bases:
             raise ConflictError(f"model name {record.name!r} is taken")
         await asyncio.to_thread(check_recipe, self._recipe(record))
+        if record.lane == "adapter":
+            unfit = self.adapters.unfit(record, [self.registry.delta(t.delta) for t in record.deltas])
+            if unfit:
+                raise BadRequestError(f"variant {record.name!r} cannot be served as an adapter: {unfit}")
         self.registry.add_variant(record)
         return record
 
@@ -283,8 +343,18 @@ class Gateway:
             name += "-1"
         return (await self.register_delta_path(name, str(path))).name
 
-    def delete_variant(self, name: str) -> None:
+    async def delete_variant(self, name: str) -> None:
+        """Forget a variant; an adapter it was served as is unloaded and its files deleted."""
+        try:
+            target = self.resolve(name) if name in self.registry.state.variants else None
+        except ConflictError:  # its delta file changed: no adapter of it can have been loaded since
+            target = None
         self.registry.remove_variant(name)
+        if target is not None and target.adapter is not None:
+            try:
+                await self.adapters.unload(target.variant.base, target.slot.client, target.adapter)
+            except EngineError:
+                log.warning("could not unload %s; the engine forgets it on restart", target.adapter.name)
 
 
 def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
@@ -316,6 +386,10 @@ def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
     m = artifact.manifest
     eos_ids = _eos_ids(m.generation_config)
     size, mtime = file_identity(path)
+    try:
+        rank, unfit = adapter_rank(m), None
+    except DeltaError as exc:
+        rank, unfit = None, str(exc)
     return DeltaRecord(
         name=name,
         path=str(path),
@@ -329,4 +403,6 @@ def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
         chat_template=m.chat_template,
         eos_token_ids=eos_ids,
         uploaded=uploaded,
+        adapter_rank=rank,
+        adapter_unfit=unfit,
     )

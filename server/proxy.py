@@ -34,7 +34,7 @@ def engine_payload(body: InferenceBody, target: Resolved, chat: bool) -> dict:
     payload = body.model_dump()
     if payload.pop("chat_template", None) is not None:
         raise BadRequestError("chat_template is set per variant by its artifact; omit it")
-    payload["model"] = target.slot.client.served_name
+    payload["model"] = target.engine_model
     if chat and target.chat_template:
         payload["chat_template"] = target.chat_template
     if target.stop_token_ids:
@@ -61,6 +61,7 @@ async def forward(
     start = time.perf_counter()
     target = gateway.resolve(body.model)
     variant, engine = target.variant.name, target.slot.client.served_name
+    answers_as = target.engine_model  # the model name in the engine's answers
     payload = engine_payload(body, target, chat)
     keep_usage = _wants_usage(payload)
     if body.stream and not keep_usage:  # ask for usage anyway (token metrics); the client won't see it
@@ -68,7 +69,7 @@ async def forward(
     forwarded = {h: headers[h] for h in TRACE_HEADERS if h in headers}
     forwarded["Content-Type"] = "application/json"
 
-    await target.slot.acquire(variant, target.recipe)
+    await gateway.admit(target)
     metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
     released = False
 
@@ -100,11 +101,11 @@ async def forward(
             upstream.release()
         if status >= 500:
             metrics.upstream_errors.labels(engine, "status").inc()
-        raw, usage = rewrite_body(raw, engine, body.model)
+        raw, usage = rewrite_body(raw, answers_as, body.model)
         release(status, usage)
         return Response(raw, status_code=status, media_type=upstream.content_type)
 
-    rewriter = StreamRewriter(engine, body.model, keep_usage=keep_usage)
+    rewriter = StreamRewriter(answers_as, body.model, keep_usage=keep_usage)
 
     async def relay() -> AsyncIterator[bytes]:
         status, first = CLIENT_CLOSED, True
@@ -146,6 +147,7 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
     body = InferenceBody.model_validate({**request, "model": request.get("model") or gateway.default_model()})
     target = gateway.resolve(body.model)
     payload = engine_payload(body, target, chat="messages" in request)
+    payload["model"] = target.slot.client.served_name  # an adapter has its base's tokenizer
     payload.pop("stop_token_ids", None)  # a generation parameter; the tokenizer endpoints refuse it
     payload.pop("stream", None)
     client = target.slot.client

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from deltas.recipe import MethodName
 from server.errors import ConflictError, NotFoundError
 
+Lane = Literal["auto", "swap", "adapter"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
@@ -42,6 +44,8 @@ class DeltaRecord(BaseModel):
     chat_template: str | None = None
     eos_token_ids: list[int] = Field(default_factory=list)
     uploaded: bool = False
+    adapter_rank: int | None = Field(None, description="LoRA rank that carries it exactly (None: cannot)")
+    adapter_unfit: str | None = Field(None, description="why it cannot be a LoRA adapter")
 
 
 class VariantTerm(BaseModel):
@@ -57,6 +61,11 @@ class VariantRecord(BaseModel):
     method: MethodName = "linear"
     normalize: bool | None = None
     seed: int = Field(0, ge=0)
+    lane: Lane = Field(
+        "auto",
+        description="swap: the engine's resident weights; adapter: a vLLM LoRA adapter on the resident "
+        "base; auto: adapter where the variant fits one and the engine has LoRA slots",
+    )
 
     _check = field_validator("name")(check_name)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.errors import InvalidBodyError
@@ -75,6 +77,8 @@ class VariantCreate(VariantRecord):
 
 class VariantPublic(VariantRecord):
     resident: bool = False
+    serving_lane: Literal["swap", "adapter"] = Field("swap", description="how requests for it are served now")
+    lane_note: str | None = Field(None, description="why it is not served as an adapter, where it asked")
 
 
 class VariantsPublic(BaseModel):

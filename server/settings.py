@@ -54,6 +54,8 @@ class GatewaySettings(BaseSettings):
     engine_args: list[str] = Field(default_factory=list)
     allow_code_execution: bool = False  # HumanEval: run model-written programs (sandboxed)
     swap_quantum: float = 2.0  # seconds a busy variant stays resident while others wait (server/policy.py)
+    lora_slots: int = 0  # >0: engines with vLLM multi-LoRA; low-rank variants served as adapters
+    max_lora_rank: int = 16  # the largest adapter rank engines accept (vLLM's --max-lora-rank)
     swap_max_wait: float = 30.0  # seconds any request may wait for its variant before the quantum ends
 
     @property

@@ -102,6 +102,18 @@ def serve(
     swap_max_wait: Annotated[
         float, typer.Option(help="Seconds a request may wait for its variant before the quantum ends", min=0)
     ] = 30.0,
+    lora_slots: Annotated[
+        int,
+        typer.Option(
+            help="Adapter lane: engines run vLLM multi-LoRA with this many adapters per batch, and variants "
+            "whose deltas are all lowrank projections are served as adapters beside the base, no swap "
+            "(0: off; attached engines must be started with --enable-lora)",
+            min=0,
+        ),
+    ] = 0,
+    max_lora_rank: Annotated[
+        int, typer.Option(help="Largest adapter rank (vLLM's --max-lora-rank: 1, 8, 16, 32, 64, ...)")
+    ] = 16,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -117,6 +129,10 @@ def serve(
         spec.engine_url = urls.pop(spec.name, None)
     if urls:
         raise fail(f"--engine-url names unknown bases {sorted(urls)}")
+    from server.adapters import VLLM_RANKS
+
+    if max_lora_rank not in VLLM_RANKS:
+        raise fail(f"--max-lora-rank must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM's choices)")
     if allow_code_execution:
         from server.evals.sandbox import SandboxUnavailable, check_available
 
@@ -135,6 +151,8 @@ def serve(
         allow_code_execution=allow_code_execution,
         swap_quantum=swap_quantum,
         swap_max_wait=swap_max_wait,
+        lora_slots=lora_slots,
+        max_lora_rank=max_lora_rank,
     )
     ensure_admin_token(settings)
     models = [b.name for b in bases] + [v.name for v in settings.variants]

@@ -15,8 +15,12 @@ router = APIRouter(prefix="/v1/variants", tags=["admin"], dependencies=[Depends(
 def _public(gateway: Gateway, name: str) -> VariantPublic:
     record = gateway.registry.variant(name)
     slot = gateway.slots.get(record.base)
-    resident = bool(slot and slot.resident_variant == name)
-    return VariantPublic(**record.model_dump(), resident=resident)
+    lane, note = gateway.lane(name)
+    if lane == "adapter":  # served beside the plain base: "resident" while the base is
+        resident = bool(slot and slot.resident_variant == record.base)
+    else:
+        resident = bool(slot and slot.resident_variant == name)
+    return VariantPublic(**record.model_dump(), resident=resident, serving_lane=lane, lane_note=note)
 
 
 @router.post("", status_code=201)
@@ -38,5 +42,5 @@ async def get_variant(name: str, gateway: GatewayDep) -> VariantPublic:
 
 @router.delete("/{name:path}", status_code=204)
 async def delete_variant(name: str, gateway: GatewayDep) -> Response:
-    gateway.delete_variant(name)
+    await gateway.delete_variant(name)
     return Response(status_code=204)

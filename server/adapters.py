@@ -1,0 +1,120 @@
+"""The adapter lane: low-rank variants served as vLLM LoRA adapters on the resident plain base.
+
+A variant whose deltas are all `lowrank` projection matrices (deltas.lora.adapter_rank), mixed
+linearly, is one LoRA adapter: B·A = Σ αᵢ·Bᵢ·Aᵢ. vLLM applies an adapter on top of whatever
+weights are resident, so adapter requests are admitted on the plain base — beside requests for
+the base and for other adapters, with no swap. Each adapter is written once per recipe, named
+by a hash of the recipe and its files' identity (a changed delta never reuses a stale adapter),
+and loaded into an engine on first use (vLLM's /v1/load_lora_adapter); after an engine restart,
+again.
+
+Numerics: LoRA adds x·Aᵀ·Bᵀ beside x·Wᵀ instead of computing x·(W + BA)ᵀ, so an adapter answer
+has the offline merge's greedy tokens with logprobs within LoRA's rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltas.lora import export_lora_mix
+from deltas.recipe import Recipe
+from loaders.engine import EngineClient
+from server.registry import DeltaRecord, VariantRecord
+
+log = logging.getLogger("deltagate.adapters")
+
+# vLLM's --max-lora-rank accepts only these (vllm/config/lora.py MaxLoRARanks).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One variant as a LoRA adapter: the name the engine knows it by, its files, what it holds."""
+
+    name: str
+    path: Path
+    terms: tuple[tuple[str, float], ...]  # (artifact path, effective alpha)
+
+
+class AdapterLane:
+    """Which variants are adapters, their files, and which adapters each engine has loaded."""
+
+    def __init__(self, root: Path, slots: int, max_rank: int):
+        self.root = root
+        self.slots = slots
+        self.max_rank = max_rank
+        self._loaded: dict[str, set[str]] = defaultdict(set)  # base -> adapter names in its engine
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def unfit(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
+        """Why `variant` cannot be served as an adapter here (None: it can)."""
+        if not self.slots:
+            return "this gateway has no LoRA slots (serve --lora-slots N)"
+        if not deltas:
+            return "the plain base needs no adapter"
+        if variant.method != "linear":
+            return f"method {variant.method!r} is not a linear mix of the deltas"
+        for record in deltas:
+            if record.adapter_rank is None:
+                why = record.adapter_unfit or "registered before adapters existed; register it again"
+                return f"delta {record.name!r}: {why}"
+        rank = sum(r.adapter_rank or 0 for r in deltas)
+        if rank > self.max_rank:
+            return f"its rank {rank} exceeds the engines' --max-lora-rank {self.max_rank}"
+        return None
+
+    def adapter(self, variant: VariantRecord, recipe: Recipe, deltas: list[DeltaRecord]) -> Adapter:
+        """The adapter for `variant` (its files may not be written yet: see prepare)."""
+        alphas = [t.alpha for t in recipe.deltas]
+        if variant.normalize and abs(sum(alphas)) >= 1e-8:  # as deltas.merge_methods.linear does
+            alphas = [a / sum(alphas) for a in alphas]
+        terms = tuple((t.path, a) for t, a in zip(recipe.deltas, alphas, strict=True))
+        identity = [variant.name, recipe.key(), *[(d.size_bytes, d.mtime_ns) for d in deltas]]
+        digest = hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
+        return Adapter(f"{variant.name}@{digest[:8]}", self.root / digest, terms)
+
+    async def prepare(self, adapter: Adapter) -> None:
+        """Write the adapter's files once (atomically: a directory renamed into place)."""
+        if (adapter.path / "adapter_config.json").is_file():
+            return
+        async with self._locks[str(adapter.path)]:
+            if (adapter.path / "adapter_config.json").is_file():
+                return
+            tmp = self.root / f".{adapter.path.name}-{uuid.uuid4().hex}.partial"
+            try:
+                rank = await asyncio.to_thread(export_lora_mix, adapter.terms, tmp)
+                tmp.rename(adapter.path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("wrote adapter %s (rank %d)", adapter.name, rank)
+
+    async def load(self, base: str, client: EngineClient, adapter: Adapter) -> None:
+        """Load `adapter` into the engine of `base` unless it already is."""
+        if adapter.name in self._loaded[base]:
+            return
+        async with self._locks[base]:
+            if adapter.name not in self._loaded[base]:
+                await client.load_adapter(adapter.name, str(adapter.path))
+                self._loaded[base].add(adapter.name)
+                log.info("loaded adapter %s into the engine of %s", adapter.name, base)
+
+    async def unload(self, base: str, client: EngineClient, adapter: Adapter) -> None:
+        """Unload `adapter` from the engine of `base`, if it was loaded, and delete its files."""
+        if adapter.name in self._loaded[base]:
+            self._loaded[base].discard(adapter.name)
+            await client.unload_adapter(adapter.name)
+        shutil.rmtree(adapter.path, ignore_errors=True)
+
+    def forget(self, base: str) -> None:
+        """The engine of `base` restarted: it has no adapters loaded."""
+        self._loaded.pop(base, None)
+
+    def loaded(self, base: str) -> list[str]:
+        return sorted(self._loaded.get(base, ()))
