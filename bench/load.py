@@ -17,6 +17,10 @@ Scenarios:
 - change: steady Poisson load that moves from one variant to another halfway.
 - eval: the same closed-loop online load alone and beside an eval run (GSM8K 5-shot, 64 tokens,
   2 requests in flight) on the same variant, alternating.
+- lanes: two low-rank variants (a rank-16 projection-only copy of the delta at alpha 1 and 0.5) on
+  a LoRA-enabled engine, served as adapters (`serve --lora-slots 2`) and by swaps (lane off, same
+  engine), one variant and two (random), alternating, --repeats each. The engine is LoRA-enabled
+  only when this scenario is asked for, so run it on its own.
 - policy: for each --quanta value (`serve --swap-quantum`, the gateway restarted on the same
   engine), one variant and two variants (random), closed loop; settings alternate, --repeats each.
 
@@ -48,6 +52,8 @@ from loadgen import Service, start_gateway, vllm_bench  # noqa: E402
 from loaders.engine import EngineProcess, EngineSpec  # noqa: E402
 
 ADMIN = "bench-admin"
+LORA_ENGINE = ("--enable-lora", "--max-loras", "2", "--max-lora-rank", "16")
+LORA_GATEWAY = ["--lora-slots", "2", "--max-lora-rank", "16"]
 GENERAL = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -85,16 +91,21 @@ class Run:
 class Bench:
     """The engine, the gateway, the prompts and the references one invocation works with."""
 
-    def __init__(self, args, base: Path, delta: Path, work: Path):
+    def __init__(self, args, base: Path, delta: Path, work: Path, lowrank: Path | None = None):
         self.args, self.work = args, work
         self.name = args.model
         self.base_dir = base
         self.models = [self.name, f"{self.name}-add", f"{self.name}-half", f"{self.name}-strong"]
+        self.lowrank = lowrank
+        if lowrank:
+            self.models += [f"{self.name}-lr", f"{self.name}-lr-half"]
         self.prompts = work / "prompts.jsonl"
         self.refs: dict[str, list[str]] = {}
+        self.lane_refs: dict[str, dict[str, list[str]]] = {}  # lane -> the low-rank models' references
         spec = EngineSpec(
-            model=str(base), served_name=self.name, max_model_len=1024, log_path=work / "engine.log"
-        )
+            model=str(base), served_name=self.name, max_model_len=1024, log_path=work / "engine.log",
+            extra_args=LORA_ENGINE if lowrank else (),
+        )  # fmt: skip
         self.engine = EngineProcess(spec)
         self.engine.start()
         say(f"starting the vLLM engine on {base} (log: {spec.log_path})")
@@ -109,7 +120,18 @@ class Bench:
         args = ["--base", f"{self.name}={self.base_dir}", "--engine-url", f"{self.name}={self.engine.url}",
                 "--variant", f"{self.models[1]}={d}", "--variant", f"{self.models[2]}={d}:0.5",
                 "--variant", f"{self.models[3]}={d}:1.5", *extra]  # fmt: skip
+        if self.lowrank:
+            args += ["--variant", f"{self.models[4]}={self.lowrank}",
+                     "--variant", f"{self.models[5]}={self.lowrank}:0.5"]  # fmt: skip
         return start_gateway(args, self.work, ADMIN).wait(300)
+
+    def use_lane(self, lane: str) -> None:
+        """Restart the gateway with the adapter lane on or off; references of the low-rank models per lane."""
+        self.restart_gateway(LORA_GATEWAY if lane == "adapter" else [])
+        if lane not in self.lane_refs:
+            self.references(self.models[4:])
+            self.lane_refs[lane] = {m: self.refs[m] for m in self.models[4:]}
+        self.refs.update(self.lane_refs[lane])
 
     def restart_gateway(self, extra: list[str]) -> None:
         """A fresh gateway on the same engine (e.g. another swap policy); the engine keeps running."""
@@ -206,10 +228,10 @@ class Bench:
         (self.work / "runs" / f"{name}.schedule.json").write_text(json.dumps(schedule))
         return run
 
-    def references(self) -> None:
+    def references(self, models: list[str] | None = None) -> None:
         """Each model's greedy answers, one request at a time (before any timed run)."""
         n = self.args.num_prompts
-        for model in self.models:
+        for model in models or self.models:
             say(f"  reference answers of {model} ({n} prompts, one at a time) ...")
             out = self.work / "runs" / f"reference-{model}.json"
             r = vllm_bench(
@@ -288,7 +310,7 @@ def main() -> None:
         "--scenarios",
         nargs="+",
         default=["overhead", "mixed", "poisson", "change", "eval"],
-        choices=["overhead", "mixed", "poisson", "change", "eval", "policy"],
+        choices=["overhead", "mixed", "poisson", "change", "eval", "policy", "lanes"],
     )
     parser.add_argument(
         "--quanta", type=float, nargs="+", default=[0.0, 2.0, 5.0], help="policy: --swap-quantum values"
@@ -319,12 +341,14 @@ def main() -> None:
 
         models = prepare_demo(args.cache_dir / "demo", log=say)
         base, delta = models.base, models.delta
-    bench = Bench(args, base, delta, work)
+    lowrank = lowrank_copy(delta, args.cache_dir) if "lanes" in args.scenarios else None
+    bench = Bench(args, base, delta, work, lowrank)
     rng = random.Random(args.seed)
     runs: list[Run] = []
     try:
         bench.write_prompts()
-        bench.references()
+        if set(args.scenarios) - {"lanes"}:
+            bench.references(bench.models[:4])
         n, c = args.num_prompts, args.concurrency
         if "overhead" in args.scenarios:
             say("overhead: the base model, engine directly vs through the gateway")
@@ -394,9 +418,38 @@ def main() -> None:
                     runs.append(
                         bench.run(f"policy-q{q:g}-2-{rep}", "policy", plan, concurrency=c, kind="random")
                     )
+        if "lanes" in args.scenarios:
+            say("lanes: two low-rank variants as LoRA adapters beside the base vs by swaps, same engine")
+            plan = schedule(bench.models[4:6], n, "random", rng)
+            for rep in range(args.repeats):
+                for lane in ("adapter", "swap") if rep % 2 == 0 else ("swap", "adapter"):
+                    bench.use_lane(lane)
+                    single = [bench.models[4]] * n
+                    runs.append(
+                        bench.run(f"lanes-{lane}-1-{rep}", "lanes", single, concurrency=c, kind="single")
+                    )
+                    runs.append(
+                        bench.run(f"lanes-{lane}-2-{rep}", "lanes", plan, concurrency=c, kind="random")
+                    )
     finally:
         bench.stop()
     report(runs, work, args)
+
+
+def lowrank_copy(delta: Path, cache: Path) -> Path:
+    """A rank-16 copy of `delta` on its projection matrices only: a variant the adapter lane can serve."""
+    from deltas.codecs.plan import CodecPlan
+    from deltas.compress import compress_artifact
+
+    out = cache / "bench" / f"{delta.stem}-lowrank16.safetensors"
+    if not out.is_file():
+        say(f"writing a rank-16 projection-only copy of {delta.name} (the low-rank variants' delta)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        exclude = ["*embed_tokens*", "lm_head.weight", "*norm*"]
+        compress_artifact(
+            delta, out, CodecPlan.model_validate({"default": "lowrank:rank=16", "exclude": exclude})
+        )
+    return out
 
 
 def report(runs: list[Run], work: Path, args) -> None:
@@ -445,7 +498,7 @@ def report(runs: list[Run], work: Path, args) -> None:
             f"online beside an eval run: TTFT p50 {p50['with-eval']:.0f} vs {p50['alone']:.0f} ms alone, "
             f"{tok['with-eval']:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
         )
-    lines += _policy_lines(runs)
+    lines += _policy_lines(runs) + _lane_lines(runs)
     checked = [r for r in runs if r.target == "gateway"]
     lines.append(
         f"answers checked: {sum(r.exact for r in checked)} exact, "
@@ -479,6 +532,32 @@ def _policy_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _lane_lines(runs: list[Run]) -> list[str]:
+    """Per lane: two low-rank variants against one, and against one on the swap lane (no LoRA use)."""
+    groups = {
+        (lane, k): [r for r in runs if r.name.startswith(f"lanes-{lane}-{k}-")]
+        for lane in ("adapter", "swap") for k in ("1", "2")
+    }  # fmt: skip
+    if not all(groups.values()):
+        return []
+    tok = {key: statistics.median(r.tok_s for r in rs) for key, rs in groups.items()}
+    p50 = {key: statistics.median(r.ttft_p50_ms for r in rs) for key, rs in groups.items()}
+    p99 = {key: statistics.median(r.ttft_p99_ms for r in rs) for key, rs in groups.items()}
+    single = ("swap", "1")
+    lines = []
+    for lane in ("adapter", "swap"):
+        two, one = (lane, "2"), (lane, "1")
+        swaps = statistics.median(r.swaps for r in groups[two])
+        lines.append(
+            f"lane {lane}: 2 low-rank variants {tok[two]:.1f} tok/s = {100 * tok[two] / tok[one]:.0f}% "
+            f"of 1 variant on this lane ({tok[one]:.1f}), {100 * tok[two] / tok[single]:.0f}% of 1 variant "
+            f"by swap; TTFT p50 {p50[two]:.0f} ms, p99 {p99[two]:.0f} ms "
+            f"(x{p99[two] / p99[single]:.1f} of 1 variant by swap), "
+            f"{swaps:g} swaps (medians of {len(groups[two])} repeats)"
+        )
+    return lines
+
+
 def _medians(groups: dict[str, list[Run]]) -> tuple[dict[str, float], dict[str, float]]:
     """Per group: the median output tok/s and the median TTFT p50 of its runs."""
     tok = {k: statistics.median(r.tok_s for r in rs) for k, rs in groups.items()}
@@ -500,6 +579,7 @@ def plot(runs: list[Run], work: Path) -> None:
         ("change", "D"),
         ("eval", "x"),
         ("policy", "P"),
+        ("lanes", "*"),
     ):
         rs = [r for r in runs if r.scenario == scenario]
         if rs:

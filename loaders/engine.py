@@ -55,6 +55,7 @@ class EngineSpec:
     kv_cache_gib: float = 1.0
     extra_args: tuple[str, ...] = ()
     log_path: Path | None = None
+    pid_path: Path | None = None  # records the engine's process group, so a later start can clean up
 
 
 def free_port() -> int:
@@ -113,7 +114,10 @@ class EngineProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        """Launch the process (returns at once; use wait_ready)."""
+        """Launch the process (returns at once; use wait_ready); what is left of a previous one is stopped."""
+        self.stop()
+        if self.spec.pid_path:  # an engine whose owner was killed (kill -9, a Ray replica torn down)
+            kill_stale_engine(self.spec.pid_path)
         self.port = self.port or self.spec.port or free_port()  # a restart keeps its port
         env = dict(os.environ)
         env["VLLM_SERVER_DEV_MODE"] = "1"
@@ -128,6 +132,8 @@ class EngineProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.spec.pid_path:
+            self.spec.pid_path.write_text(f"{self.proc.pid}\n")
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         """Block until /health answers; raise EngineError if the process dies or times out."""
@@ -137,19 +143,71 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Terminate the engine and its workers."""
-        if self.proc is None or self.proc.poll() is not None:
+        """Terminate the engine and its workers: the whole process group, even if its leader (the API
+        server) is already dead — after a kill -9 of the leader its EngineCore and workers live on."""
+        if self.proc is None:
             return
         import signal
 
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=timeout)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
+        group = self.proc.pid  # start_new_session: the leader's pid is the group id
+        if not _group_alive(group):
+            self.proc.poll()
+            if self.spec.pid_path:
+                self.spec.pid_path.unlink(missing_ok=True)
+            return
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _group_alive(group) and time.monotonic() < deadline:
+            self.proc.poll()  # reap the leader, so that its zombie does not count as alive
+            time.sleep(0.1)
+        if _group_alive(group):
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.proc.poll()
+        if self.spec.pid_path:
+            self.spec.pid_path.unlink(missing_ok=True)
+
+
+def kill_stale_engine(pid_path: Path) -> int:
+    """SIGKILL what is left of the vLLM engine whose process group `pid_path` records; how many processes.
+
+    Only processes of that group whose command line is vLLM's are killed: a recycled group id
+    belongs to someone else.
+    """
+    try:
+        group = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        pgrp = int(stat.rsplit(")", 1)[1].split()[2])  # fields after "(comm)": state, ppid, pgrp
+        if pgrp == group and (b"vllm" in cmdline or b"VLLM" in cmdline):
+            try:
+                os.kill(int(entry.name), 9)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    pid_path.unlink(missing_ok=True)
+    return killed
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 @dataclass(frozen=True)

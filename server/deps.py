@@ -36,8 +36,15 @@ def _matches(token: str | None, allowed: list[str]) -> bool:
 
 async def require_admin(gateway: GatewayDep, creds: Credentials) -> None:
     """Admin routes need the admin bearer token (separate from inference keys)."""
-    token = creds.credentials if creds else None
-    if not _matches(token, [gateway.settings.admin_token or ""]):
+    check_admin(gateway, f"Bearer {creds.credentials}" if creds else None)
+
+
+def check_admin(gateway: Gateway, authorization: str | None) -> None:
+    """The admin-token check on a raw `Authorization` header."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not _matches(
+        token.strip() or None, [gateway.settings.admin_token or ""]
+    ):
         raise UnauthorizedError("admin token missing or wrong: send 'Authorization: Bearer <admin token>'")
 
 

@@ -42,7 +42,7 @@ class Resolved:
 
     variant: VariantRecord
     recipe: Recipe
-    slot: WeightSlot
+    slot: WeightSlot | None  # None on a front whose engines are elsewhere (server/cluster)
     chat_template: str | None
     stop_token_ids: list[int]
     adapter: Adapter | None = None  # served as this LoRA adapter on the plain base, not by a swap
@@ -50,7 +50,7 @@ class Resolved:
     @property
     def engine_model(self) -> str:
         """The model name the engine serves this request under (and puts in its answers)."""
-        return self.adapter.name if self.adapter else self.slot.client.served_name
+        return self.adapter.name if self.adapter else self.variant.base  # engines serve their base's name
 
 
 class Gateway:
@@ -65,12 +65,18 @@ class Gateway:
         self._engine_urls: dict[str, str] = {}
         self._supervisor: asyncio.Task | None = None
         self._base_eos: dict[str, set[int]] = {}
+        self.remote = False
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
 
     # lifecycle ---------------------------------------------------------
-    async def start(self) -> None:
-        """Register configured bases, start or attach their engines, wait until ready."""
+    async def start(self, *, engines: bool = True) -> None:
+        """Register configured bases, start or attach their engines, wait until ready.
+
+        engines=False: only the registry (bases, start-up variants), for a front whose engines are
+        Ray Serve replicas (server/cluster); requests then resolve without a slot.
+        """
+        self.remote = not engines
         for spec in self.settings.bases:
             _require_name(spec.name)
             if not (Path(spec.path) / "config.json").is_file():
@@ -80,6 +86,12 @@ class Gateway:
         bases = list(self.registry.state.bases.values())
         if not bases:
             raise BadRequestError("no base model configured; pass --base DIR")
+        for base in bases:
+            self._base_eos[base.name] = set(_eos_ids(Checkpoint(base.path).generation_config()))
+        if not engines:
+            for spec in self.settings.variants:
+                await self.ensure_variant(spec)
+            return
         # Engine URLs are runtime facts, given per start; they are not persisted.
         self._engine_urls = {s.name: s.engine_url for s in self.settings.bases if s.engine_url}
         for base in bases:
@@ -93,7 +105,7 @@ class Gateway:
             await self._attach(base)
         for spec in self.settings.variants:
             await self.ensure_variant(spec)
-        if self.processes:
+        if self.processes and self.settings.supervise_seconds > 0:
             self._supervisor = asyncio.create_task(self._supervise())
 
     def _launch(self, base: BaseRecord) -> EngineProcess:
@@ -105,6 +117,7 @@ class Gateway:
             kv_cache_gib=self.settings.kv_cache_gib,
             extra_args=tuple(self.settings.engine_args) + self._lora_args(),
             log_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.log",
+            pid_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.pgid",
         )
         proc = EngineProcess(spec)
         proc.start()
@@ -127,7 +140,6 @@ class Gateway:
         on_swap = lambda _variant, seconds, ok: self.metrics.observe_swap(base.name, seconds, ok)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         self.slots[base.name] = WeightSlot(client, resident, on_swap=on_swap, policy=policy)
-        self._base_eos[base.name] = set(_eos_ids(Checkpoint(base.path).generation_config()))
 
     async def _supervise(self) -> None:
         """Restart managed engines that exit; a restarted engine holds its plain base again."""
@@ -176,7 +188,7 @@ class Gateway:
             # the post model's end-of-turn tokens, where the base would not stop on them
             eos += [e for e in record.eos_token_ids if e not in eos and e not in self._base_eos[base.name]]
         slot = self.slots.get(base.name)
-        if slot is None:
+        if slot is None and not self.remote:
             raise NotFoundError(f"base {base.name!r} has no running engine")
         recipe = self._recipe(variant)
         return Resolved(variant, recipe, slot, template, eos, self._adapter(variant, recipe))

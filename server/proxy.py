@@ -123,7 +123,7 @@ async def forward(
         except aiohttp.ClientError as exc:
             status = 502
             metrics.upstream_errors.labels(engine, "stream").inc()
-            yield _error_event(f"engine for {engine!r} broke off the stream: {exc}")
+            yield error_event(f"engine for {engine!r} broke off the stream: {exc}")
         finally:
             if status == 200:
                 upstream.release()
@@ -159,6 +159,7 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
         raise EngineError(f"engine for {client.served_name!r} unreachable: {exc}") from exc
 
 
-def _error_event(message: str) -> bytes:
+def error_event(message: str) -> bytes:
+    """An SSE event carrying the error envelope: how a stream that breaks off ends."""
     error = {"error": {"message": message, "type": "engine_error", "code": 502}}
     return b"data: " + json.dumps(error).encode() + b"\n\n"

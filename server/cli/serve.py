@@ -114,6 +114,21 @@ def serve(
     max_lora_rank: Annotated[
         int, typer.Option(help="Largest adapter rank (vLLM's --max-lora-rank: 1, 8, 16, 32, 64, ...)")
     ] = 16,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            help="Run on Ray Serve: the OpenAI front as the ingress, one managed engine per replica, "
+            "requests routed by variant (model multiplexing); a local Ray unless --ray-address"
+        ),
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="--ray: engine replicas (each one vLLM engine)", min=1)] = 2,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001 or auto)")
+    ] = None,
+    engine_wait: Annotated[
+        float,
+        typer.Option(help="--ray: seconds a request waits for an engine able to serve it, then 503", min=0),
+    ] = 60.0,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -153,8 +168,18 @@ def serve(
         swap_max_wait=swap_max_wait,
         lora_slots=lora_slots,
         max_lora_rank=max_lora_rank,
+        engine_wait=engine_wait,
     )
     ensure_admin_token(settings)
+    if ray:
+        from server.cluster.run import serve_on_ray
+        from server.errors import BadRequestError
+
+        try:
+            serve_on_ray(settings, host, port, replicas, ray_address)
+        except BadRequestError as exc:
+            raise fail(f"--ray: {exc}") from None
+        return
     models = [b.name for b in bases] + [v.name for v in settings.variants]
     print(how_to_call(host, port, models, state_dir, bool(settings.api_keys), given=bool(admin_token)))
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)

@@ -10,7 +10,7 @@ from deltas.artifact import DeltaArtifact
 from deltas.codecs.plan import CodecPlan
 from deltas.compress import compress_artifact
 from deltas.errors import DeltaError
-from deltas.lora import export_lora
+from deltas.lora import adapter_rank, export_lora, export_lora_mix
 
 MODULE = "model.layers.1.mlp.down_proj"
 
@@ -35,3 +35,39 @@ def test_other_encodings_need_a_rank(untied, tmp_path):
         export_lora(untied.delta, tmp_path / "adapter")
     result = export_lora(untied.delta, tmp_path / "adapter", rank=2)
     assert result.rank == 2 and len(result.modules) == 2 * 7  # 2 layers x 7 projections
+
+
+def _projection_lowrank(delta, out, rank: int):
+    plan = CodecPlan.model_validate(
+        {"default": f"lowrank:rank={rank}", "exclude": ["*embed_tokens*", "lm_head.weight", "*norm*"]}
+    )
+    compress_artifact(delta, out, plan)
+    return out
+
+
+def test_adapter_rank_says_which_deltas_an_adapter_carries_exactly(untied, tmp_path):
+    lowrank = _projection_lowrank(untied.delta, tmp_path / "lr.safetensors", 4)
+    assert adapter_rank(DeltaArtifact(lowrank).manifest) == 4
+    with pytest.raises(DeltaError, match="not a projection matrix"):
+        adapter_rank(DeltaArtifact(untied.delta).manifest)  # embeddings, norms, lm_head too
+    everything = tmp_path / "all.safetensors"
+    compress_artifact(untied.delta, everything, CodecPlan.uniform("lowrank:rank=4"))
+    with pytest.raises(DeltaError, match="not a projection matrix"):
+        adapter_rank(DeltaArtifact(everything).manifest)
+
+
+def test_mixed_adapter_is_the_weighted_sum_of_its_deltas(untied, tmp_path):
+    a = _projection_lowrank(untied.delta, tmp_path / "a.safetensors", 4)
+    b = _projection_lowrank(untied.delta2, tmp_path / "b.safetensors", 2)
+    rank = export_lora_mix([(a, 0.5), (b, -1.5)], tmp_path / "adapter")
+    assert rank == 6  # ranks add up
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    got = (
+        weights[f"base_model.model.{MODULE}.lora_B.weight"]
+        @ weights[f"base_model.model.{MODULE}.lora_A.weight"]
+    )
+    name = MODULE + ".weight"
+    want = 0.5 * DeltaArtifact(a).delta(name).full() - 1.5 * DeltaArtifact(b).delta(name).full()
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(DeltaError, match="not lowrank|not a projection"):
+        export_lora_mix([(untied.delta, 1.0)], tmp_path / "refused")

@@ -1,0 +1,1 @@
+"""deltagate on Ray Serve: the OpenAI front as the ingress, one vLLM engine per replica (serve --ray)."""
