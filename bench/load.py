@@ -21,6 +21,11 @@ Scenarios:
   a LoRA-enabled engine, served as adapters (`serve --lora-slots 2`) and by swaps (lane off, same
   engine), one variant and two (random), alternating, --repeats each. The engine is LoRA-enabled
   only when this scenario is asked for, so run it on its own.
+- replicas: the same two variants (Δ, 0.5·Δ) on one engine (`deltagate serve`) and on Ray Serve with
+  two engine replicas (`serve --ray --replicas 2`, each engine on one of the two cores), one variant
+  and two (random), alternating, --repeats each; then one Ray run (two variants) during which the
+  engine holding the first variant is killed (kill -9): failed requests, and whether any started
+  after the kill.
 - policy: for each --quanta value (`serve --swap-quantum`, the gateway restarted on the same
   engine), one variant and two variants (random), closed loop; settings alternate, --repeats each.
 
@@ -37,9 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +93,8 @@ class Run:
     exact: int = 0
     wrong_variant: int = 0
     diverged: int = 0
+    requests: int = 0
+    failed_after_kill: int = -1  # replicas-kill: failed requests that started after the kill (-1: none)
     swap_events: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -102,6 +112,7 @@ class Bench:
         self.prompts = work / "prompts.jsonl"
         self.refs: dict[str, list[str]] = {}
         self.lane_refs: dict[str, dict[str, list[str]]] = {}  # lane -> the low-rank models' references
+        self.cluster = False  # serving through Ray Serve (scenario replicas)
         spec = EngineSpec(
             model=str(base), served_name=self.name, max_model_len=1024, log_path=work / "engine.log",
             extra_args=LORA_ENGINE if lowrank else (),
@@ -141,6 +152,27 @@ class Bench:
     def stop(self) -> None:
         self.gateway.stop()
         self.engine.stop()
+
+    def run_with_kill(self, name: str, plan: list[str], *, concurrency: int, after: float) -> Run:
+        """A Ray run during which, `after` s in, the engine holding plan[0]'s variant is killed."""
+        killed: list[float] = []
+        timer = threading.Timer(after, lambda: killed.append(self.kill_engine_of(plan[0])))
+        timer.start()
+        try:
+            run = self.run(name, "replicas", plan, concurrency=concurrency, kind="random+kill")
+        finally:
+            timer.cancel()
+        r = json.loads((self.work / "runs" / f"{name}.json").read_text())
+        if killed:
+            errors = r.get("errors") or [""] * len(r["start_times"])
+            late = [
+                i
+                for i, (t, e) in enumerate(zip(r["start_times"], errors, strict=False))
+                if e and t > killed[0]
+            ]
+            run.failed_after_kill = len(late)
+            say(f"    {run.failed} failed request(s), {len(late)} of them started after the kill")
+        return run
 
     def write_prompts(self) -> None:
         """Addition questions (the delta's skill) and general ones, in the model's chat format."""
@@ -208,11 +240,15 @@ class Bench:
             ttft_p50_ms=r["median_ttft_ms"],
             ttft_p99_ms=r["p99_ttft_ms"],
             failed=r["failed"],
+            requests=len(schedule),
             swaps=len(events),
             swap_events=events,
         )
         if self.refs:
+            errors = r.get("errors") or [""] * len(schedule)
             for i, (model, text) in enumerate(zip(schedule, r["generated_texts"], strict=True)):
+                if errors[i]:
+                    continue  # a failed request (counted in `failed`), not an answer
                 if text == self.refs[model][i]:
                     run.exact += 1
                 elif any(text == self.refs[m][i] for m in self.refs if m != model):
@@ -287,8 +323,50 @@ class Bench:
         httpx.post(self.gateway.url + "/v1/completions", json=body, timeout=600).raise_for_status()
 
     def _swaps(self) -> list[dict]:
-        bases = httpx.get(self.gateway.url + "/v1/bases", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        if self.cluster:  # Ray Serve: per-replica swap counts only (GET /v1/cluster)
+            replicas = httpx.get(self.gateway.url + "/v1/cluster", headers=auth, timeout=60).json()[
+                "replicas"
+            ]
+            return [{"replica": r["replica"], "n": i} for r in replicas for i in range(r["swaps"])]
+        bases = httpx.get(self.gateway.url + "/v1/bases", headers=auth).json()
         return [s for b in bases["data"] for s in b["recent_swaps"]]
+
+    def use_cluster(self, on: bool) -> None:
+        """Serve through Ray Serve with two engine replicas (the bench's own engine stopped: the
+        cores are shared), or through one engine and `deltagate serve` again."""
+        if on == self.cluster:
+            return
+        self.gateway.stop()
+        if on:
+            self.engine.stop()
+            d = self.delta
+            args = ["--ray", "--replicas", "2", "--max-model-len", "1024",
+                    "--base", f"{self.name}={self.base_dir}",
+                    "--variant", f"{self.models[1]}={d}",
+                    "--variant", f"{self.models[2]}={d}:0.5"]  # fmt: skip
+            say("starting Ray Serve with two engine replicas ...")
+            self.gateway = start_gateway(args, self.work / "ray", ADMIN).wait(900)
+        else:
+            say("back to one engine ...")
+            self.engine.start()
+            self.engine.wait_ready(900)
+            self.gateway = self._start_gateway([])
+        self.cluster = on
+
+    def kill_engine_of(self, model: str) -> float:
+        """kill -9 the engine (of a Ray replica) holding `model`; when (monotonic clock)."""
+        r = httpx.post(
+            self.gateway.url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}
+        )
+        replica = int(r.headers["x-deltagate-replica"])
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        states = httpx.get(self.gateway.url + "/v1/cluster", headers=auth, timeout=60).json()["replicas"]
+        pid = next(s["engine_pid"] for s in states if s["replica"] == replica)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        say(f"    killed the engine of replica {replica} (pid {pid}), which held {model}")
+        return killed_at
 
 
 def schedule(models: list[str], n: int, kind: str, rng: random.Random) -> list[str]:
@@ -310,12 +388,13 @@ def main() -> None:
         "--scenarios",
         nargs="+",
         default=["overhead", "mixed", "poisson", "change", "eval"],
-        choices=["overhead", "mixed", "poisson", "change", "eval", "policy", "lanes"],
+        choices=["overhead", "mixed", "poisson", "change", "eval", "policy", "lanes", "replicas"],
     )
     parser.add_argument(
         "--quanta", type=float, nargs="+", default=[0.0, 2.0, 5.0], help="policy: --swap-quantum values"
     )
     parser.add_argument("--max-wait", type=float, default=30.0, help="policy: --swap-max-wait")
+    parser.add_argument("--kill-after", type=float, default=20.0, help="replicas: seconds into the kill run")
     parser.add_argument("--num-prompts", type=int, default=32, help="requests per run (one prompt each)")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8, help="closed-loop runs")
@@ -431,6 +510,23 @@ def main() -> None:
                     runs.append(
                         bench.run(f"lanes-{lane}-2-{rep}", "lanes", plan, concurrency=c, kind="random")
                     )
+        if "replicas" in args.scenarios:
+            say("replicas: two variants on one engine vs on Ray Serve with two engine replicas")
+            plan = schedule(bench.models[1:3], n, "random", rng)
+            for rep in range(args.repeats):
+                for mode in ("one", "ray") if rep % 2 == 0 else ("ray", "one"):
+                    bench.use_cluster(mode == "ray")
+                    single = [bench.models[1]] * n
+                    runs.append(
+                        bench.run(
+                            f"replicas-{mode}-1-{rep}", "replicas", single, concurrency=c, kind="single"
+                        )
+                    )
+                    runs.append(
+                        bench.run(f"replicas-{mode}-2-{rep}", "replicas", plan, concurrency=c, kind="random")
+                    )
+            bench.use_cluster(True)
+            runs.append(bench.run_with_kill("replicas-kill", plan, concurrency=c, after=args.kill_after))
     finally:
         bench.stop()
     report(runs, work, args)
@@ -498,7 +594,7 @@ def report(runs: list[Run], work: Path, args) -> None:
             f"online beside an eval run: TTFT p50 {p50['with-eval']:.0f} vs {p50['alone']:.0f} ms alone, "
             f"{tok['with-eval']:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
         )
-    lines += _policy_lines(runs) + _lane_lines(runs)
+    lines += _policy_lines(runs) + _lane_lines(runs) + _replica_lines(runs)
     checked = [r for r in runs if r.target == "gateway"]
     lines.append(
         f"answers checked: {sum(r.exact for r in checked)} exact, "
@@ -558,6 +654,34 @@ def _lane_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _replica_lines(runs: list[Run]) -> list[str]:
+    """One engine vs Ray Serve with two: each against one engine serving one variant."""
+    groups = {
+        (mode, k): [r for r in runs if r.name.startswith(f"replicas-{mode}-{k}-")]
+        for mode in ("one", "ray") for k in ("1", "2")
+    }  # fmt: skip
+    if not all(groups.values()):
+        return []
+    tok = {key: statistics.median(r.tok_s for r in rs) for key, rs in groups.items()}
+    p99 = {key: statistics.median(r.ttft_p99_ms for r in rs) for key, rs in groups.items()}
+    ref = ("one", "1")
+    lines = [
+        f"{'one engine' if mode == 'one' else 'Ray, 2 replicas'}, {k} variant(s): {tok[mode, k]:.1f} tok/s = "
+        f"{100 * tok[mode, k] / tok[ref]:.0f}% of one engine with one variant; "
+        f"TTFT p99 {p99[mode, k]:.0f} ms (x{p99[mode, k] / p99[ref]:.1f}) "
+        f"(medians of {len(groups[mode, k])} repeats)"
+        for mode in ("one", "ray") for k in ("1", "2")
+    ]  # fmt: skip
+    for r in runs:
+        if r.name == "replicas-kill":
+            lines.append(
+                f"Ray, an engine killed mid-run: {r.failed} failed of {r.requests} requests, "
+                f"{r.failed_after_kill} of them started after the kill; answers exact {r.exact}, "
+                f"wrong variant {r.wrong_variant}, diverged {r.diverged}"
+            )
+    return lines
+
+
 def _medians(groups: dict[str, list[Run]]) -> tuple[dict[str, float], dict[str, float]]:
     """Per group: the median output tok/s and the median TTFT p50 of its runs."""
     tok = {k: statistics.median(r.tok_s for r in rs) for k, rs in groups.items()}
@@ -580,6 +704,7 @@ def plot(runs: list[Run], work: Path) -> None:
         ("eval", "x"),
         ("policy", "P"),
         ("lanes", "*"),
+        ("replicas", "v"),
     ):
         rs = [r for r in runs if r.scenario == scenario]
         if rs:

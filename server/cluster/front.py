@@ -128,7 +128,7 @@ class Front:
                 response.headers["Retry-After"] = "5"
                 return response
             await asyncio.sleep(RETRY_PAUSE)
-        served_by = {"X-Deltagate-Replica": str(head["replica"])}  # which engine answered
+        served_by = {"X-Deltagate-Replica": str(head.get("replica", ""))}  # which engine answered
         if "message" in head:
             self.metrics.observe_request(model, endpoint, head["status"], time.perf_counter() - start)
             response = error_response(head["status"], head["kind"], head["message"])

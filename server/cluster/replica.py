@@ -92,11 +92,11 @@ class EngineReplica:
             yield {"status": exc.status, "kind": exc.kind, "message": str(exc), "replica": self.rank}
             return
         except EngineError as exc:
-            yield (
-                RETRY
-                if not self._engine_alive()
-                else {"status": 502, "kind": "engine_error", "message": str(exc)}
-            )
+            # Nothing was sent to the client yet: if the engine died, another replica can answer.
+            if await self._engine_died():
+                yield RETRY
+            else:
+                yield {"status": 502, "kind": "engine_error", "message": str(exc), "replica": self.rank}
             return
         yield {"status": response.status_code, "media_type": response.media_type, "replica": self.rank}
         if not isinstance(response, StreamingResponse):
@@ -120,6 +120,7 @@ class EngineReplica:
             "queued": slot.queued(),
             "swaps": len(slot.recent_swaps),
             "engine_pid": proc.proc.pid if proc.proc else None,
+            "engine_url": proc.url,  # loopback: reachable from this machine only
             "engine_alive": proc.alive(),
             "cores": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         }
