@@ -23,9 +23,9 @@ Scenarios:
   only when this scenario is asked for, so run it on its own.
 - replicas: the same two variants (Δ, 0.5·Δ) on one engine (`deltagate serve`) and on Ray Serve with
   two engine replicas (`serve --ray --replicas 2`, each engine on one of the two cores), one variant
-  and two (random), alternating, --repeats each; then one Ray run (two variants) during which the
-  engine holding the first variant is killed (kill -9): failed requests, and whether any started
-  after the kill.
+  and two (random), alternating, --repeats each.
+- kill: one Ray run (two variants, random) during which, --kill-after s in, the engine holding the
+  first variant is killed (kill -9): failed requests, and whether any started after the kill.
 - policy: for each --quanta value (`serve --swap-quantum`, the gateway restarted on the same
   engine), one variant and two variants (random), closed loop; settings alternate, --repeats each.
 
@@ -152,6 +152,28 @@ class Bench:
     def stop(self) -> None:
         self.gateway.stop()
         self.engine.stop()
+
+    def alternate(
+        self, prefix: str, settings: dict, single: str, plan: list[str], *, concurrency: int
+    ) -> list[Run]:
+        """Per setting (order alternating between repeats): set it up, then run one variant (`single`)
+        and the two-variant `plan`; runs are named PREFIX-SETTING-{1,2}-REPEAT."""
+        runs, names = [], list(settings)
+        for rep in range(self.args.repeats):
+            for name in names if rep % 2 == 0 else list(reversed(names)):
+                settings[name]()
+                for k, schedule_ in (("1", [single] * len(plan)), ("2", plan)):
+                    kind = "single" if k == "1" else "random"
+                    runs.append(
+                        self.run(
+                            f"{prefix}-{name}-{k}-{rep}",
+                            prefix,
+                            schedule_,
+                            concurrency=concurrency,
+                            kind=kind,
+                        )
+                    )
+        return runs
 
     def run_with_kill(self, name: str, plan: list[str], *, concurrency: int, after: float) -> Run:
         """A Ray run during which, `after` s in, the engine holding plan[0]'s variant is killed."""
@@ -346,6 +368,7 @@ class Bench:
                     "--variant", f"{self.models[1]}={d}",
                     "--variant", f"{self.models[2]}={d}:0.5"]  # fmt: skip
             say("starting Ray Serve with two engine replicas ...")
+            (self.work / "ray").mkdir(exist_ok=True)
             self.gateway = start_gateway(args, self.work / "ray", ADMIN).wait(900)
         else:
             say("back to one engine ...")
@@ -356,9 +379,8 @@ class Bench:
 
     def kill_engine_of(self, model: str) -> float:
         """kill -9 the engine (of a Ray replica) holding `model`; when (monotonic clock)."""
-        r = httpx.post(
-            self.gateway.url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}
-        )
+        body = {"model": model, "prompt": "x", "max_tokens": 1}
+        r = httpx.post(self.gateway.url + "/v1/completions", json=body, timeout=600)
         replica = int(r.headers["x-deltagate-replica"])
         auth = {"Authorization": f"Bearer {ADMIN}"}
         states = httpx.get(self.gateway.url + "/v1/cluster", headers=auth, timeout=60).json()["replicas"]
@@ -388,7 +410,7 @@ def main() -> None:
         "--scenarios",
         nargs="+",
         default=["overhead", "mixed", "poisson", "change", "eval"],
-        choices=["overhead", "mixed", "poisson", "change", "eval", "policy", "lanes", "replicas"],
+        choices=["overhead", "mixed", "poisson", "change", "eval", "policy", "lanes", "replicas", "kill"],
     )
     parser.add_argument(
         "--quanta", type=float, nargs="+", default=[0.0, 2.0, 5.0], help="policy: --swap-quantum values"
@@ -426,8 +448,10 @@ def main() -> None:
     runs: list[Run] = []
     try:
         bench.write_prompts()
-        if set(args.scenarios) - {"lanes"}:
+        if set(args.scenarios) - {"lanes", "replicas", "kill"}:
             bench.references(bench.models[:4])
+        elif {"replicas", "kill"} & set(args.scenarios):
+            bench.references(bench.models[1:3])
         n, c = args.num_prompts, args.concurrency
         if "overhead" in args.scenarios:
             say("overhead: the base model, engine directly vs through the gateway")
@@ -486,46 +510,28 @@ def main() -> None:
                         bench.cancel_eval(run_id)
         if "policy" in args.scenarios:
             say(f"swap policy: quanta {args.quanta} s (max wait {args.max_wait:g} s), 1 and 2 variants")
+            quanta = {
+                f"q{q:g}": lambda q=q: bench.restart_gateway(
+                    ["--swap-quantum", str(q), "--swap-max-wait", str(args.max_wait)]
+                )
+                for q in args.quanta
+            }
             plan = schedule(bench.models[:2], n, "random", rng)
-            for rep in range(args.repeats):
-                for q in args.quanta if rep % 2 == 0 else list(reversed(args.quanta)):
-                    bench.restart_gateway(["--swap-quantum", str(q), "--swap-max-wait", str(args.max_wait)])
-                    single = [bench.models[1]] * n
-                    runs.append(
-                        bench.run(f"policy-q{q:g}-1-{rep}", "policy", single, concurrency=c, kind="single")
-                    )
-                    runs.append(
-                        bench.run(f"policy-q{q:g}-2-{rep}", "policy", plan, concurrency=c, kind="random")
-                    )
+            runs += bench.alternate("policy", quanta, bench.models[1], plan, concurrency=c)
         if "lanes" in args.scenarios:
             say("lanes: two low-rank variants as LoRA adapters beside the base vs by swaps, same engine")
+            lanes = {lane: lambda lane=lane: bench.use_lane(lane) for lane in ("adapter", "swap")}
             plan = schedule(bench.models[4:6], n, "random", rng)
-            for rep in range(args.repeats):
-                for lane in ("adapter", "swap") if rep % 2 == 0 else ("swap", "adapter"):
-                    bench.use_lane(lane)
-                    single = [bench.models[4]] * n
-                    runs.append(
-                        bench.run(f"lanes-{lane}-1-{rep}", "lanes", single, concurrency=c, kind="single")
-                    )
-                    runs.append(
-                        bench.run(f"lanes-{lane}-2-{rep}", "lanes", plan, concurrency=c, kind="random")
-                    )
+            runs += bench.alternate("lanes", lanes, bench.models[4], plan, concurrency=c)
         if "replicas" in args.scenarios:
             say("replicas: two variants on one engine vs on Ray Serve with two engine replicas")
+            modes = {mode: lambda mode=mode: bench.use_cluster(mode == "ray") for mode in ("one", "ray")}
             plan = schedule(bench.models[1:3], n, "random", rng)
-            for rep in range(args.repeats):
-                for mode in ("one", "ray") if rep % 2 == 0 else ("ray", "one"):
-                    bench.use_cluster(mode == "ray")
-                    single = [bench.models[1]] * n
-                    runs.append(
-                        bench.run(
-                            f"replicas-{mode}-1-{rep}", "replicas", single, concurrency=c, kind="single"
-                        )
-                    )
-                    runs.append(
-                        bench.run(f"replicas-{mode}-2-{rep}", "replicas", plan, concurrency=c, kind="random")
-                    )
+            runs += bench.alternate("replicas", modes, bench.models[1], plan, concurrency=c)
+        if "kill" in args.scenarios:
+            say(f"kill: Ray Serve, two variants; the engine holding {bench.models[1]} killed mid-run")
             bench.use_cluster(True)
+            plan = schedule(bench.models[1:3], n, "random", random.Random(args.seed + 1))
             runs.append(bench.run_with_kill("replicas-kill", plan, concurrency=c, after=args.kill_after))
     finally:
         bench.stop()
@@ -628,17 +634,28 @@ def _policy_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
-def _lane_lines(runs: list[Run]) -> list[str]:
-    """Per lane: two low-rank variants against one, and against one on the swap lane (no LoRA use)."""
+def _paired(runs: list[Run], prefix: str, modes: tuple[str, str]):
+    """Runs named PREFIX-MODE-K-REP grouped by (mode, K variants), with each group's median output
+    tok/s, TTFT p50 and p99; None unless every group has runs."""
     groups = {
-        (lane, k): [r for r in runs if r.name.startswith(f"lanes-{lane}-{k}-")]
-        for lane in ("adapter", "swap") for k in ("1", "2")
+        (mode, k): [r for r in runs if r.name.startswith(f"{prefix}-{mode}-{k}-")]
+        for mode in modes for k in ("1", "2")
     }  # fmt: skip
     if not all(groups.values()):
+        return None
+
+    def median(attr: str) -> dict:
+        return {key: statistics.median(getattr(r, attr) for r in rs) for key, rs in groups.items()}
+
+    return groups, median("tok_s"), median("ttft_p50_ms"), median("ttft_p99_ms")
+
+
+def _lane_lines(runs: list[Run]) -> list[str]:
+    """Per lane: two low-rank variants against one, and against one on the swap lane (no LoRA use)."""
+    paired = _paired(runs, "lanes", ("adapter", "swap"))
+    if paired is None:
         return []
-    tok = {key: statistics.median(r.tok_s for r in rs) for key, rs in groups.items()}
-    p50 = {key: statistics.median(r.ttft_p50_ms for r in rs) for key, rs in groups.items()}
-    p99 = {key: statistics.median(r.ttft_p99_ms for r in rs) for key, rs in groups.items()}
+    groups, tok, p50, p99 = paired
     single = ("swap", "1")
     lines = []
     for lane in ("adapter", "swap"):
@@ -656,14 +673,10 @@ def _lane_lines(runs: list[Run]) -> list[str]:
 
 def _replica_lines(runs: list[Run]) -> list[str]:
     """One engine vs Ray Serve with two: each against one engine serving one variant."""
-    groups = {
-        (mode, k): [r for r in runs if r.name.startswith(f"replicas-{mode}-{k}-")]
-        for mode in ("one", "ray") for k in ("1", "2")
-    }  # fmt: skip
-    if not all(groups.values()):
+    paired = _paired(runs, "replicas", ("one", "ray"))
+    if paired is None:
         return []
-    tok = {key: statistics.median(r.tok_s for r in rs) for key, rs in groups.items()}
-    p99 = {key: statistics.median(r.ttft_p99_ms for r in rs) for key, rs in groups.items()}
+    groups, tok, _, p99 = paired
     ref = ("one", "1")
     lines = [
         f"{'one engine' if mode == 'one' else 'Ray, 2 replicas'}, {k} variant(s): {tok[mode, k]:.1f} tok/s = "

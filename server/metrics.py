@@ -130,19 +130,24 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def lora_requests_info(resident: str | None, waiting: Iterable[str], now: float) -> str:
-    """vLLM's `vllm:lora_requests_info` gauge, as deltagate's slot sees it: the resident variant is
-    the running "adapter", variants waiting for a swap are waiting ones, one at a time. Routers that
-    place requests by adapter residency (llm-d's scheduler) read these labels; the value is a
-    timestamp, as vLLM's."""
-    labels = {
-        "max_lora": "1",
-        "running_lora_adapters": resident or "",
-        "waiting_lora_adapters": ",".join(sorted(waiting)),
-    }
-    text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    return (
-        "# HELP vllm:lora_requests_info Running stats on lora requests (deltagate: variant residency).\n"
-        "# TYPE vllm:lora_requests_info gauge\n"
-        f"vllm:lora_requests_info{{{text}}} {now}\n"
-    )
+def lora_requests_info(
+    engines: Iterable[tuple[str | None, Iterable[str], dict[str, str]]], now: float
+) -> str:
+    """vLLM's `vllm:lora_requests_info` gauge, as deltagate's slots see it: per engine (resident
+    variant, variants waiting for a swap, extra labels such as the Ray replica), the resident variant
+    is the running "adapter", waiting ones are waiting, one at a time. Routers that place requests by
+    adapter residency (llm-d's scheduler) read these labels; the value is a timestamp, as vLLM's."""
+    lines = [
+        "# HELP vllm:lora_requests_info Running stats on lora requests (deltagate: variant residency).",
+        "# TYPE vllm:lora_requests_info gauge",
+    ]
+    for resident, waiting, extra in engines:
+        labels = {
+            "max_lora": "1",
+            "running_lora_adapters": resident or "",
+            "waiting_lora_adapters": ",".join(sorted(waiting)),
+            **extra,
+        }
+        text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"vllm:lora_requests_info{{{text}}} {now}")
+    return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ from deltas import __version__
 from server.deps import check_admin, check_api_key
 from server.errors import error_response, install_error_handlers
 from server.gateway import Gateway
-from server.metrics import Metrics
+from server.metrics import Metrics, lora_requests_info
 from server.proxy import error_event
 from server.schemas import parse_inference_body
 from server.settings import GatewaySettings
@@ -43,6 +43,12 @@ APP_NAME = "deltagate"  # the Serve application (server/cluster/run.py)
 # decorated, and module globals defined after it are missing in the replica.
 def _model_of(raw: bytes) -> str:
     return parse_inference_body(raw).model
+
+
+def _replica_counts() -> dict[str, int]:
+    """Engine replicas by state, as Ray Serve's controller sees them (RUNNING, STARTING, ...)."""
+    status = serve.status().applications[APP_NAME].deployments["EngineReplica"]
+    return {str(state): n for state, n in status.replica_states.items()}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
@@ -68,21 +74,29 @@ class Front:
 
     @app.get("/v1/cluster", tags=["admin"])
     async def cluster(self, request: Request) -> dict:
-        """Replica counts by state (Ray Serve's view) and what each running replica holds.
-
-        Ray Serve has no call that reaches every replica, so replicas are sampled (unpinned calls
-        are spread over them) until each running one has answered, or 32 calls were made.
-        """
+        """Replica counts by state (Ray Serve's view) and what each running replica holds."""
         check_admin(self.gateway, request.headers.get("authorization"))
-        status = serve.status().applications[APP_NAME].deployments["EngineReplica"]
-        counts = {str(k): v for k, v in status.replica_states.items()}
+        counts = _replica_counts()
+        return {"replica_states": counts, "replicas": await self._replica_states(counts.get("RUNNING", 0))}
+
+    @app.get("/metrics/engines")
+    async def engine_metrics(self) -> Response:
+        """`vllm:lora_requests_info` per replica (label `replica`): the variant each engine holds as
+        its running adapter and the variants waiting for it, for residency-aware routers."""
+        states = await self._replica_states(_replica_counts().get("RUNNING", 0))
+        engines = [(s["resident"], s["queued"], {"replica": str(s["replica"])}) for s in states]
+        return Response(lora_requests_info(engines, time.time()), media_type=PROMETHEUS_TEXT)
+
+    async def _replica_states(self, running: int) -> list[dict]:
+        """Each running replica's state. Ray Serve has no call that reaches every replica, so they are
+        sampled (unpinned calls are spread over them) until each has answered, or 32 calls were made."""
         seen: dict[int, dict] = {}
         for _ in range(32):
-            if len(seen) >= counts.get("RUNNING", 0):
+            if len(seen) >= running:
                 break
             state = await self.engines.state.remote()
             seen[state["replica"]] = state
-        return {"replica_states": counts, "replicas": [seen[r] for r in sorted(seen)]}
+        return [seen[r] for r in sorted(seen)]
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

@@ -38,7 +38,7 @@ async def engine_metrics(base: str, gateway: GatewayDep) -> Response:
     text = await slot.client.metrics_text()
     if "vllm:lora_requests_info" not in text:  # an engine without --enable-lora: say what the slot holds
         resident = next(s.resident for s in gateway.engine_states() if s.engine == base)
-        text += lora_requests_info(resident, slot.queued(), time.time())
+        text += lora_requests_info([(resident, slot.queued(), {})], time.time())
     return Response(text, media_type=PROMETHEUS_TEXT)
 
 

@@ -104,6 +104,10 @@ def test_each_variant_stays_on_its_replica(cluster):
         for model, replica in placed.items():
             assert _served_by(cluster, model) == replica
     assert {r: s["swaps"] for r, s in _states(cluster).items()} == swaps
+    # residency as vLLM's multi-LoRA metric, per replica, for residency-aware routers
+    text = httpx.get(f"{cluster.url}/metrics/engines").text
+    for model, replica in placed.items():
+        assert f'running_lora_adapters="{model}",waiting_lora_adapters="",replica="{replica}"' in text
 
 
 def _generated_tokens(engine_url: str) -> float:
