@@ -179,9 +179,10 @@ class Bench:
         """A Ray run during which, `after` s in, the engine holding plan[0]'s variant is killed."""
         killed: list[float] = []
         timer = threading.Timer(after, lambda: killed.append(self.kill_engine_of(plan[0])))
-        timer.start()
-        try:
-            run = self.run(name, "replicas", plan, concurrency=concurrency, kind="random+kill")
+        try:  # the timer starts with the load, after the run's warm-up request
+            run = self.run(
+                name, "replicas", plan, concurrency=concurrency, kind="random+kill", on_start=timer.start
+            )
         finally:
             timer.cancel()
         r = json.loads((self.work / "runs" / f"{name}.json").read_text())
@@ -226,8 +227,10 @@ class Bench:
         rate: float = float("inf"),
         concurrency: int | None = None,
         kind: str = "",
+        on_start=None,
     ) -> Run:
-        """One bench run; answers checked against the references when they exist."""
+        """One bench run; answers checked against the references when they exist. `on_start` is
+        called just before the load starts."""
         url = self.engine.url if target == "direct" else self.gateway.url
         self._make_resident(schedule[0])  # a run starts on its first model's weights, as in steady state
         before = self._swaps()
@@ -236,6 +239,8 @@ class Bench:
             f"  {name}: {target}, {len(set(schedule))} model(s), {kind or 'fixed'} schedule, "
             f"rate {rate:g}/s, concurrency {concurrency or 'unbounded'} ..."
         )
+        if on_start:
+            on_start()
         r = vllm_bench(
             url,
             self.name,
