@@ -195,21 +195,20 @@ class Gateway:
 
     def _adapter(self, variant: VariantRecord, recipe: Recipe) -> Adapter | None:
         """The adapter serving `variant`, if its lane is the adapter one."""
-        if variant.lane == "swap" or not variant.deltas:
+        if self._not_adapter(variant) is not None:
             return None
-        records = [self.registry.delta(t.delta) for t in variant.deltas]
-        if self.adapters.unfit(variant, records) is not None:
-            return None
-        return self.adapters.adapter(variant, recipe, records)
+        return self.adapters.adapter(variant, recipe, [self.registry.delta(t.delta) for t in variant.deltas])
+
+    def _not_adapter(self, variant: VariantRecord) -> str | None:
+        """Why `variant` is served by swaps rather than as an adapter (None: it is an adapter)."""
+        if variant.lane == "swap":
+            return "its lane is swap"
+        return self.adapters.unfit(variant, [self.registry.delta(t.delta) for t in variant.deltas])
 
     def lane(self, name: str) -> tuple[str, str | None]:
         """How `name` is served ("swap" or "adapter") and, if not as an adapter, why."""
-        variant = self.registry.variant(name)
-        if variant.lane == "swap" or not variant.deltas:
-            return "swap", None
-        records = [self.registry.delta(t.delta) for t in variant.deltas]
-        unfit = self.adapters.unfit(variant, records)
-        return ("swap", unfit) if unfit else ("adapter", None)
+        why = self._not_adapter(self.registry.variant(name))
+        return ("swap", why) if why else ("adapter", None)
 
     async def admit(self, target: Resolved) -> None:
         """Count a request in on its weights: its variant resident, or the plain base + its adapter."""
