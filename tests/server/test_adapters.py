@@ -130,7 +130,25 @@ def test_adapters_and_base_concurrently_without_swaps(lane):
     assert _swaps(lane.url) == before
     for model, outs in results.items():
         for out in outs:
-            assert [o["tokens"] for o in out] == [o["tokens"] for o in sequential[model]], model
+            _assert_same_up_to_ties(out, sequential[model], model)
+
+
+def _assert_same_up_to_ties(got: list[dict], want: list[dict], model: str, tol: float = 2e-3) -> None:
+    """Same answer as alone, except where batching breaks a near-tie.
+
+    A batch mixing LoRA and plain rows runs other kernels than a request alone, so logprobs move
+    by ~1e-6 and a random pico model's near-ties (seen in CI: two tokens within 1e-5) can flip.
+    A wrong variant differs by far more: every position is checked against the reference's
+    logprobs, and a different token is accepted only if the reference had it within `tol`.
+    """
+    for g, w in zip(got, want, strict=True):
+        for i, (gt, wt) in enumerate(zip(g["tokens"], w["tokens"], strict=True)):
+            if gt != wt:
+                alternatives = w["top_logprobs"][i]
+                assert gt in alternatives, (model, i, gt, alternatives)
+                assert math.isclose(alternatives[gt], w["token_logprobs"][i], abs_tol=tol), (model, i)
+                break  # after a flipped tie the continuations legitimately differ
+            assert math.isclose(g["token_logprobs"][i], w["token_logprobs"][i], abs_tol=tol), (model, i)
 
 
 def test_swap_lane_on_a_lora_engine_is_exact_and_adapters_survive_it(lane):
