@@ -152,22 +152,97 @@ def content_hash(ckpt: Checkpoint) -> str:
 
 def check_compatible(base: Checkpoint, post: Checkpoint) -> None:
     """Refuse, naming the field or tensor, when two checkpoints cannot form a delta."""
-    if base.architecture != post.architecture:
-        raise IncompatibleError(
-            f"architecture differs: base is {base.architecture}, post is {post.architecture}"
-        )
-    for field in STRUCTURAL_FIELDS:
-        if base.config.get(field) != post.config.get(field):
-            raise IncompatibleError(
-                f"config field {field!r} differs: base has {base.config.get(field)!r}, "
-                f"post has {post.config.get(field)!r}"
+    problem = layout_difference(base, post, "base", "post", STRUCTURAL_FIELDS)
+    if problem:
+        raise IncompatibleError(problem)
+
+
+# Config fields that do not change what a checkpoint computes. A base that differs from an
+# engine's base only in these (and in tensor values) can be hot-loaded into that engine,
+# which keeps the config it started with: rope, norm eps, activation must all match.
+NON_SERVING_FIELDS = frozenset(
+    {"_name_or_path", "transformers_version", "torch_dtype", "use_cache", "bos_token_id", "eos_token_id",
+     "pad_token_id"}
+)  # fmt: skip
+
+
+def serving_difference(engine_base: Checkpoint, other: Checkpoint) -> str | None:
+    """Why `other` cannot be loaded into an engine started on `engine_base` (None: it can)."""
+    fields = sorted((set(engine_base.config) | set(other.config)) - NON_SERVING_FIELDS)
+    return layout_difference(engine_base, other, "the engine's base", "this base", fields)
+
+
+def layout_difference(a: Checkpoint, b: Checkpoint, a_is: str, b_is: str, fields) -> str | None:
+    """The first config field or tensor (name, shape, dtype) in which `a` and `b` differ."""
+    if a.architecture != b.architecture:
+        return f"architecture differs: {a_is} is {a.architecture}, {b_is} is {b.architecture}"
+    for field in fields:
+        if a.config.get(field) != b.config.get(field):
+            return (
+                f"config field {field!r} differs: {a_is} has {a.config.get(field)!r}, "
+                f"{b_is} has {b.config.get(field)!r}"
             )
-    base_names, post_names = set(base.tensor_names()), set(post.tensor_names())
-    if base_names != post_names:
-        only_base = sorted(base_names - post_names)[:3]
-        only_post = sorted(post_names - base_names)[:3]
-        raise IncompatibleError(f"tensor names differ: only in base {only_base}, only in post {only_post}")
-    for name in sorted(base_names):
-        b, p = base.shape_and_dtype(name), post.shape_and_dtype(name)
-        if b != p:
-            raise IncompatibleError(f"tensor {name!r} differs: base is {b[0]} {b[1]}, post is {p[0]} {p[1]}")
+    a_names, b_names = set(a.tensor_names()), set(b.tensor_names())
+    if a_names != b_names:
+        only_a, only_b = sorted(a_names - b_names)[:3], sorted(b_names - a_names)[:3]
+        return f"tensor names differ: only in {a_is} {only_a}, only in {b_is} {only_b}"
+    for name in sorted(a_names):
+        x, y = a.shape_and_dtype(name), b.shape_and_dtype(name)
+        if x != y:
+            return f"tensor {name!r} differs: {a_is} is {x[0]} {x[1]}, {b_is} is {y[0]} {y[1]}"
+    return None
+
+
+def check_checkpoint(ckpt: Checkpoint) -> None:
+    """Refuse, naming the field or tensor, a directory that is not a servable checkpoint."""
+    try:
+        config = ckpt.config
+    except (OSError, ValueError) as exc:
+        raise InvalidArtifactError(f"config.json is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidArtifactError("config.json is not a JSON object")
+    for field in ("architectures", "model_type", "vocab_size"):
+        if field not in config:
+            raise InvalidArtifactError(f"config.json has no {field!r}")
+    try:
+        names = ckpt.tensor_names()
+        layout = {name: ckpt.shape_and_dtype(name) for name in names}
+    except InvalidArtifactError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise InvalidArtifactError(f"weights are unreadable: {type(exc).__name__}: {exc}") from None
+    for name, (shape, dtype) in layout.items():
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidArtifactError(f"tensor {name!r} is {dtype}; a base's weights must be floating point")
+        if "embed_tokens" in name and shape[0] != config["vocab_size"]:
+            raise InvalidArtifactError(
+                f"tensor {name!r} has {shape[0]} rows, config.json says vocab_size {config['vocab_size']}"
+            )
+    if not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise InvalidArtifactError("no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if (ckpt.path / "tokenizer.json").is_file():
+        vocabulary_digest(ckpt.side_files())
+
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def vocabulary_digest(side_files: dict[str, str]) -> str | None:
+    """sha256 of a tokenizer's token -> id map (tokenizer.json), None without one.
+
+    Two checkpoints with the same digest read and write token ids the same way, so a delta's
+    embedding rows mean the same tokens on either.
+    """
+    text = side_files.get("tokenizer.json")
+    if text is None:
+        return None
+    try:
+        tokenizer = json.loads(text)
+        vocab = tokenizer["model"]["vocab"]
+        added = sorted((t["id"], t["content"]) for t in tokenizer.get("added_tokens", []))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArtifactError(
+            f"tokenizer.json has no readable vocabulary ({type(exc).__name__})"
+        ) from None
+    blob = json.dumps({"vocab": vocab, "added": added}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()

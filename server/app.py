@@ -14,7 +14,7 @@ from server.evals.service import EvalService
 from server.evals.store import EvalStore
 from server.gateway import Gateway
 from server.metrics import Metrics
-from server.routes import deltas, openai, ops, variants
+from server.routes import bases, deltas, openai, ops, variants
 from server.routes import evals as evals_routes
 from server.settings import GatewaySettings
 
@@ -64,6 +64,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai.inference)
     app.include_router(openai.tokenizer)
-    for module in (openai, deltas, variants, ops, evals_routes):
+    for module in (openai, bases, deltas, variants, ops, evals_routes):
         app.include_router(module.router)
     return app

@@ -46,6 +46,12 @@ class SwapError(GatewayError):
     status, kind = 502, "swap_failed"
 
 
+class UnavailableError(GatewayError):
+    """Not servable yet (an engine starting): answered 503 with Retry-After."""
+
+    status, kind = 503, "unavailable"
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -61,6 +67,8 @@ class ErrorResponse(BaseModel):
 def error_response(status: int, kind: str, message: str) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, code=status))
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": "10"}
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltas.artifact import open_artifact
-from deltas.checkpoint import Checkpoint
+from deltas.checkpoint import Checkpoint, vocabulary_digest
 from deltas.errors import DeltaError
 from deltas.lora import adapter_rank
 from deltas.recipe import DeltaTerm, Recipe
 from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec
 from loaders.merge import check_recipe
 from server.adapters import Adapter, AdapterLane
-from server.errors import BadRequestError, ConflictError, NotFoundError
+from server.bases import Provenance, describe_base, place, provenance, vocabulary_problem
+from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 from server.metrics import EngineState, Metrics
 from server.policy import SwapPolicy
 from server.registry import (
@@ -46,11 +47,12 @@ class Resolved:
     chat_template: str | None
     stop_token_ids: list[int]
     adapter: Adapter | None = None  # served as this LoRA adapter on the plain base, not by a swap
+    engine: str = ""  # the engine's name: the base it was started on (a runtime base may be hosted)
 
     @property
     def engine_model(self) -> str:
         """The model name the engine serves this request under (and puts in its answers)."""
-        return self.adapter.name if self.adapter else self.variant.base  # engines serve their base's name
+        return self.adapter.name if self.adapter else self.engine  # engines serve their base's name
 
 
 class Gateway:
@@ -65,6 +67,8 @@ class Gateway:
         self._engine_urls: dict[str, str] = {}
         self._supervisor: asyncio.Task | None = None
         self._base_eos: dict[str, set[int]] = {}
+        self._base_template: dict[str, str | None] = {}
+        self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
         self.remote = False
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
@@ -81,32 +85,43 @@ class Gateway:
             _require_name(spec.name)
             if not (Path(spec.path) / "config.json").is_file():
                 raise BadRequestError(f"base {spec.name!r}: {spec.path} is not a checkpoint dir")
-            path = str(Path(spec.path).resolve())
-            self.registry.put_base(BaseRecord(name=spec.name, path=path))
+            previous = self.registry.state.bases.get(spec.name)
+            record = await asyncio.to_thread(describe_base, spec.name, Path(spec.path).resolve(), previous)
+            self.registry.put_base(record)  # the command line wins over a runtime base of that name
         bases = list(self.registry.state.bases.values())
         if not bases:
             raise BadRequestError("no base model configured; pass --base DIR")
         for base in bases:
-            self._base_eos[base.name] = set(_eos_ids(Checkpoint(base.path).generation_config()))
+            self._remember(base)
         if not engines:
             for spec in self.settings.variants:
                 await self.ensure_variant(spec)
             return
         # Engine URLs are runtime facts, given per start; they are not persisted.
         self._engine_urls = {s.name: s.engine_url for s in self.settings.bases if s.engine_url}
-        for base in bases:
+        own = [b for b in bases if b.engine is None]  # the others are hot-loaded by one of these
+        for base in own:
             if base.name not in self._engine_urls:
                 self.processes[base.name] = self._launch(base)
         await asyncio.gather(
             *(asyncio.to_thread(p.wait_ready, self.settings.engine_start_timeout)
               for p in self.processes.values())
         )  # fmt: skip
-        for base in bases:
+        for base in own:
             await self._attach(base)
+        for base in bases:
+            if base.engine is not None and base.engine not in self.slots:
+                log.warning("runtime base %s: its engine %s is not configured now", base.name, base.engine)
         for spec in self.settings.variants:
             await self.ensure_variant(spec)
         if self.processes and self.settings.supervise_seconds > 0:
             self._supervisor = asyncio.create_task(self._supervise())
+
+    def _remember(self, base: BaseRecord) -> None:
+        """Cache what requests need from a base's checkpoint: its stop tokens and chat template."""
+        ckpt = Checkpoint(base.path)
+        self._base_eos[base.name] = set(_eos_ids(ckpt.generation_config()))
+        self._base_template[base.name] = ckpt.chat_template()
 
     def _launch(self, base: BaseRecord) -> EngineProcess:
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +160,8 @@ class Gateway:
         """Restart managed engines that exit; a restarted engine holds its plain base again."""
         while True:
             await asyncio.sleep(self.settings.supervise_seconds)
-            for name, proc in self.processes.items():
-                if proc.alive():
+            for name, proc in list(self.processes.items()):
+                if proc.alive() or name not in self.slots:  # not attached yet: its start-up reports it
                     continue
                 log.error("engine for base %s exited (code %s); restarting it", name, proc.proc.returncode)
                 self.metrics.engine_restarts.labels(name).inc()
@@ -166,6 +181,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()
+        for task in self._starting.values():
+            task.cancel()
         for slot in self.slots.values():
             await slot.client.close()
         for proc in self.processes.values():
@@ -176,6 +193,7 @@ class Gateway:
         """The variant, recipe and engine slot serving `model`."""
         variant = self.registry.variant(model)
         base = self.registry.base(variant.base)
+        engine = self.engine_of(base)
         template, eos = None, []
         for term in variant.deltas:
             record = self.registry.delta(term.delta)
@@ -186,12 +204,31 @@ class Gateway:
                 )
             template = template or record.chat_template
             # the post model's end-of-turn tokens, where the base would not stop on them
-            eos += [e for e in record.eos_token_ids if e not in eos and e not in self._base_eos[base.name]]
-        slot = self.slots.get(base.name)
+            eos += [
+                e for e in record.eos_token_ids if e not in eos and e not in self._base_eos.get(engine, set())
+            ]
+        if engine != base.name:  # a hosted base: the engine speaks with its own base's template and stops
+            template = template or self._base_template[base.name]
+            eos += [
+                e
+                for e in self._base_eos[base.name]
+                if e not in eos and e not in self._base_eos.get(engine, set())
+            ]
+        slot = self.slots.get(engine)
         if slot is None and not self.remote:
+            if engine in self._starting:
+                raise UnavailableError(f"the engine for base {base.name!r} is starting; retry shortly")
             raise NotFoundError(f"base {base.name!r} has no running engine")
         recipe = self._recipe(variant)
-        return Resolved(variant, recipe, slot, template, eos, self._adapter(variant, recipe))
+        return Resolved(variant, recipe, slot, template, eos, self._adapter(variant, recipe), engine)
+
+    def engine_of(self, base: BaseRecord) -> str:
+        """The engine serving `base`: its own, or the one that hot-loads it."""
+        return base.engine or base.name
+
+    def slot_of(self, base: str) -> WeightSlot | None:
+        """The weight slot of the engine serving base `base` (None: no engine running)."""
+        return self.slots.get(self.engine_of(self.registry.base(base)))
 
     def _adapter(self, variant: VariantRecord, recipe: Recipe) -> Adapter | None:
         """The adapter serving `variant`, if its lane is the adapter one."""
@@ -219,7 +256,7 @@ class Gateway:
         await self.adapters.prepare(adapter)
         await slot.acquire(target.variant.base, Recipe(base=target.recipe.base))
         try:
-            await self.adapters.load(target.variant.base, slot.client, adapter)
+            await self.adapters.load(target.engine, slot.client, adapter)
         except BaseException:
             slot.release()
             raise
@@ -236,9 +273,11 @@ class Gateway:
 
     def engine_states(self) -> list[EngineState]:
         """Per engine: resident variant, every model name it serves, requests in flight (for /metrics)."""
-        served: dict[str, list[str]] = {name: [name] for name in self.slots}
+        served: dict[str, list[str]] = {name: [] for name in self.slots}
+        for b in self.registry.state.bases.values():
+            served.setdefault(self.engine_of(b), []).append(b.name)
         for v in self.registry.state.variants.values():
-            served.setdefault(v.base, []).append(v.name)
+            served.setdefault(self.engine_of(self.registry.base(v.base)), []).append(v.name)
         return [
             EngineState(
                 name,
@@ -249,6 +288,86 @@ class Gateway:
             )  # fmt: skip
             for name, slot in self.slots.items()
         ]
+
+    # bases -------------------------------------------------------------
+    async def add_base(self, name: str, path: str) -> BaseRecord:
+        """Check a checkpoint and serve it: hot-loaded by a running engine it fits, else its own."""
+        _require_name(name)
+        self._name_free(name)
+        resolved = Path(path).expanduser().resolve()
+        if not (resolved / "config.json").is_file():
+            raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
+        record = await asyncio.to_thread(describe_base, name, resolved)
+        engines = {e: self.registry.base(e).path for e in self.slots}
+        host, reasons = await asyncio.to_thread(place, resolved, engines)
+        if host is None and (self._engine_urls or self.remote):
+            why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())
+            raise BadRequestError(
+                f"base {name!r} fits no running engine ({why}); this gateway is attached to engines it "
+                f"did not start, so start a vLLM engine for it and pass --base {name}=DIR@URL"
+            )
+        self._name_free(name)  # again: another request may have taken it while we read the checkpoint
+        record = record.model_copy(update={"engine": host, "runtime": True})
+        self.registry.put_base(record)
+        self._remember(record)
+        if host is None:
+            log.info("base %s fits no running engine (%s); starting one", name, reasons)
+            self._start_engine(record)
+        else:
+            log.info("base %s is hot-loaded by the engine of %s", name, host)
+        return record
+
+    def _name_free(self, name: str) -> None:
+        if name in self.registry.state.bases or name in self.registry.state.variants:
+            raise ConflictError(f"model name {name!r} is taken")
+
+    def _start_engine(self, base: BaseRecord) -> None:
+        """Start an engine of its own for a runtime base; requests get 503 until it is ready."""
+        proc = self._launch(base)
+        self.processes[base.name] = proc
+
+        async def ready() -> None:
+            try:
+                await asyncio.to_thread(proc.wait_ready, self.settings.engine_start_timeout)
+                await self._attach(base)
+            except Exception:
+                log.exception("the engine for base %s did not start; see %s", base.name, proc.spec.log_path)
+                self.processes.pop(base.name, None)
+                await asyncio.to_thread(proc.stop)
+            finally:
+                self._starting.pop(base.name, None)
+
+        self._starting[base.name] = asyncio.create_task(ready())
+
+    def base_state(self, name: str) -> str:
+        """ready | starting | no engine, for GET /v1/bases."""
+        engine = self.engine_of(self.registry.base(name))
+        if engine in self.slots:
+            return "ready"
+        return "starting" if engine in self._starting else "no engine"
+
+    def provenance(self, delta: str, base: str) -> Provenance:
+        """Whether `delta` was extracted on `base` (exact) or on another base (transferred)."""
+        return provenance(self.registry.delta(delta), self.registry.base(base))
+
+    async def delete_base(self, name: str) -> None:
+        """Forget a runtime base (409 while variants or other bases use it); stop its own engine."""
+        record = self.registry.base(name)
+        if not record.runtime:
+            raise ConflictError(f"base {name!r} was given on the command line; restart without it")
+        hosted = [b.name for b in self.registry.state.bases.values() if b.engine == name]
+        if hosted:
+            raise ConflictError(f"base {name!r}'s engine also serves bases {hosted}; delete them first")
+        self.registry.remove_base(name)
+        task = self._starting.pop(name, None)
+        if task is not None:
+            task.cancel()
+        slot = self.slots.pop(name, None)
+        if slot is not None:
+            await slot.client.close()
+        proc = self.processes.pop(name, None)
+        if proc is not None:
+            await asyncio.to_thread(proc.stop)
 
     # deltas ------------------------------------------------------------
     async def register_delta_path(self, name: str, path: str) -> DeltaRecord:
@@ -296,6 +415,11 @@ class Gateway:
         if record.name in self.registry.state.variants or record.name in self.registry.state.bases:
             raise ConflictError(f"model name {record.name!r} is taken")
         await asyncio.to_thread(check_recipe, self._recipe(record))
+        base = self.registry.base(record.base)
+        for term in record.deltas if not record.allow_vocab_mismatch else ():
+            problem = vocabulary_problem(self.registry.delta(term.delta), base)
+            if problem:
+                raise BadRequestError(f"variant {record.name!r}: {problem}")
         if record.lane == "adapter":
             unfit = self.adapters.unfit(record, [self.registry.delta(t.delta) for t in record.deltas])
             if unfit:
@@ -363,7 +487,7 @@ class Gateway:
         self.registry.remove_variant(name)
         if target is not None and target.adapter is not None:
             try:
-                await self.adapters.unload(target.variant.base, target.slot.client, target.adapter)
+                await self.adapters.unload(target.engine, target.slot.client, target.adapter)
             except EngineError:
                 log.warning("could not unload %s; the engine forgets it on restart", target.adapter.name)
 
@@ -416,4 +540,5 @@ def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
         uploaded=uploaded,
         adapter_rank=rank,
         adapter_unfit=unfit,
+        vocab_digest=vocabulary_digest(artifact.side_files()),
     )

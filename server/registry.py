@@ -25,8 +25,18 @@ def check_name(value: str) -> str:
 
 
 class BaseRecord(BaseModel):
+    """A base model: a checkpoint dir, and which engine serves it."""
+
     name: str
     path: str
+    engine: str | None = Field(
+        None, description="the base whose engine hot-loads this one (None: an engine of its own)"
+    )
+    runtime: bool = Field(False, description="registered through the API (not a start-up flag)")
+    architecture: str = ""
+    content_hash: str = Field("", description="sha256 over its tensors; a delta extracted on it names it")
+    vocab_digest: str | None = Field(None, description="sha256 of its tokenizer's token -> id map")
+    files: str = Field("", description="size and mtime of its weight files (content_hash is reused)")
 
 
 class DeltaRecord(BaseModel):
@@ -46,6 +56,7 @@ class DeltaRecord(BaseModel):
     uploaded: bool = False
     adapter_rank: int | None = Field(None, description="LoRA rank that carries it exactly (None: cannot)")
     adapter_unfit: str | None = Field(None, description="why it cannot be a LoRA adapter")
+    vocab_digest: str | None = Field(None, description="its post model's tokenizer (token -> id map)")
 
 
 class VariantTerm(BaseModel):
@@ -61,6 +72,9 @@ class VariantRecord(BaseModel):
     method: MethodName = "linear"
     normalize: bool | None = None
     seed: int = Field(0, ge=0)
+    allow_vocab_mismatch: bool = Field(
+        False, description="serve deltas whose post model's tokenizer differs from this base's"
+    )
     lane: Lane = Field(
         "auto",
         description="swap: the engine's resident weights; adapter: a vLLM LoRA adapter on the resident "
@@ -95,6 +109,15 @@ class Registry:
     def put_base(self, record: BaseRecord) -> None:
         self.state.bases[record.name] = record
         self.save()
+
+    def remove_base(self, name: str) -> BaseRecord:
+        record = self.base(name)
+        users = [v.name for v in self.state.variants.values() if v.base == name]
+        if users:
+            raise ConflictError(f"base {name!r} is used by variants {users}; delete them first")
+        del self.state.bases[name]
+        self.save()
+        return record
 
     def base(self, name: str) -> BaseRecord:
         try:

@@ -75,7 +75,14 @@ class VariantCreate(VariantRecord):
         return terms
 
 
+class VariantTermPublic(VariantTerm):
+    provenance: Literal["exact", "transferred"] = Field(
+        description="exact: extracted on this variant's base; transferred: on another base (ParamΔ)"
+    )
+
+
 class VariantPublic(VariantRecord):
+    deltas: list[VariantTermPublic] = Field(default_factory=list)
     resident: bool = False
     serving_lane: Literal["swap", "adapter"] = Field("swap", description="how requests for it are served now")
     lane_note: str | None = Field(None, description="why it is not served as an adapter, where it asked")
@@ -95,9 +102,25 @@ class SwapPublic(BaseModel):
     ok: bool
 
 
+class BaseCreate(BaseModel):
+    """Register a base checkpoint (a directory on the gateway's disk) while serving."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
+
+    _check = field_validator("name")(check_name)
+
+
 class BasePublic(BaseModel):
     name: str
     path: str
+    engine: str = Field(description="the engine serving it: its own (its name) or the one hot-loading it")
+    runtime: bool = Field(description="registered through the API; DELETE-able")
+    state: Literal["ready", "starting", "no engine"]
+    architecture: str
+    content_hash: str
     engine_url: str
     resident_variant: str | None
     inflight: int

@@ -43,3 +43,10 @@ def untied(tmp_path_factory) -> PicoFamily:
     """fp32 Llama with a separate lm_head."""
     spec = PicoSpec(tie_word_embeddings=False, dtype="float32")
     return build_family(tmp_path_factory.mktemp("untied"), spec, seed=10)
+
+
+@pytest.fixture(scope="session")
+def tied_updated(tied, tmp_path_factory) -> Path:
+    """θ′ for `tied`: its base moved by a small seeded update, as continued pre-training would."""
+    return make_pico_post(tied.base, tmp_path_factory.mktemp("tied-updated") / "base", seed=50, scale=0.1,
+                          chat_template=None)  # fmt: skip

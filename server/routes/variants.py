@@ -7,20 +7,25 @@ from fastapi import APIRouter, Depends, Response
 from server.deps import GatewayDep, require_admin
 from server.gateway import Gateway
 from server.registry import VariantRecord
-from server.schemas import VariantCreate, VariantPublic, VariantsPublic
+from server.schemas import VariantCreate, VariantPublic, VariantsPublic, VariantTermPublic
 
 router = APIRouter(prefix="/v1/variants", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 def _public(gateway: Gateway, name: str) -> VariantPublic:
     record = gateway.registry.variant(name)
-    slot = gateway.slots.get(record.base)
+    slot = gateway.slot_of(record.base)
     lane, note = gateway.lane(name)
     if lane == "adapter":  # served beside the plain base: "resident" while the base is
         resident = bool(slot and slot.resident_variant == record.base)
     else:
         resident = bool(slot and slot.resident_variant == name)
-    return VariantPublic(**record.model_dump(), resident=resident, serving_lane=lane, lane_note=note)
+    terms = [
+        VariantTermPublic(**t.model_dump(), provenance=gateway.provenance(t.delta, record.base))
+        for t in record.deltas
+    ]
+    fields = record.model_dump(exclude={"deltas"})
+    return VariantPublic(**fields, deltas=terms, resident=resident, serving_lane=lane, lane_note=note)
 
 
 @router.post("", status_code=201)

@@ -112,11 +112,12 @@ def _compressed(tied, work: Path) -> Path:
     return int4
 
 
-def _references(tied, untied, work: Path, int4: Path) -> dict[str, Path]:
+def _references(tied, untied, updated: Path, work: Path, int4: Path) -> dict[str, Path]:
     """Checkpoints each variant must be identical to: post models, and offline merges.
 
     tied-ties covers three things with one engine: a YAML recipe, TIES, and a compressed
-    (int4+zstd) artifact decoded in the worker.
+    (int4+zstd) artifact decoded in the worker. tied-v2 is the updated base θ′ (registered at
+    runtime by tests/server/test_bases.py), tied-v2-inst the ParamΔ transfer θ′ + Δ.
     """
     ties = [f"{int4}:0.7:0.5", f"{tied.delta2}:0.6:0.3"]
     dare = [f"{tied.delta}:0.8:0.5", f"{tied.delta2}:0.5:0.7"]
@@ -129,6 +130,8 @@ def _references(tied, untied, work: Path, int4: Path) -> dict[str, Path]:
         "tied-dare": _merge(
             tied.base, dare, work / "tied-dare", "--method", "dare_ties", "--seed", str(DARE_SEED)
         ),
+        "tied-v2": updated,
+        "tied-v2-inst": _merge(updated, [str(tied.delta)], work / "tied-v2-inst"),
     }
 
 
@@ -179,7 +182,7 @@ def stop_gateway(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(tied, untied, tmp_path_factory) -> Stack:
+def stack(tied, untied, tied_updated, tmp_path_factory) -> Stack:
     """The gateway with bases `tied` and `untied`, plus reference answers from stock vLLM."""
     work = tmp_path_factory.mktemp("stack")
     port = free_port()
@@ -203,7 +206,7 @@ def stack(tied, untied, tmp_path_factory) -> Stack:
     )  # fmt: skip
     stack = Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc)
     try:
-        references = _references(tied, untied, work, int4)
+        references = _references(tied, untied, tied_updated, work, int4)
         stack.refs, stack.chat_refs = _serve_references(references, work)
         wait_healthy(stack.url, proc, log)
         for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
