@@ -169,7 +169,13 @@ NON_SERVING_FIELDS = frozenset(
 def serving_difference(engine_base: Checkpoint, other: Checkpoint) -> str | None:
     """Why `other` cannot be loaded into an engine started on `engine_base` (None: it can)."""
     fields = sorted((set(engine_base.config) | set(other.config)) - NON_SERVING_FIELDS)
-    return layout_difference(engine_base, other, "the engine's base", "this base", fields)
+    problem = layout_difference(engine_base, other, "the engine's base", "this base", fields)
+    if problem is None and vocabulary_digest(engine_base.side_files()) != vocabulary_digest(
+        other.side_files()
+    ):
+        # the engine tokenizes with its start-up base's tokenizer
+        problem = "tokenizer differs: the engine's base and this base map tokens to other ids"
+    return problem
 
 
 def layout_difference(a: Checkpoint, b: Checkpoint, a_is: str, b_is: str, fields) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from server.errors import install_error_handlers
 from server.evals.service import EvalService
 from server.evals.store import EvalStore
 from server.gateway import Gateway
+from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.routes import bases, deltas, openai, ops, variants
 from server.routes import evals as evals_routes
@@ -20,18 +22,26 @@ from server.settings import GatewaySettings
 
 
 def ensure_admin_token(settings: GatewaySettings) -> str:
-    """Use the configured admin token, else a persisted generated one (state_dir/admin_token)."""
+    """Use the configured admin token, else a persisted generated one (state_dir/admin_token, 0600)."""
+    private_state_dir(settings)
     if settings.admin_token:
         return settings.admin_token
     path = settings.state_dir / "admin_token"
     if path.is_file():
         settings.admin_token = path.read_text().strip()
-    else:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        settings.admin_token = secrets.token_urlsafe(24)
-        path.write_text(settings.admin_token + "\n")
         path.chmod(0o600)
+    else:
+        settings.admin_token = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+        with os.fdopen(fd, "w") as out:
+            out.write(settings.admin_token + "\n")
     return settings.admin_token
+
+
+def private_state_dir(settings: GatewaySettings) -> None:
+    """The state dir holds the admin token, uploads and logs: owner-only (0700)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.state_dir.chmod(0o700)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -61,7 +71,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.evals = evals
-    install_error_handlers(app)
+    install_error_handlers(app, hide=str(settings.state_dir.resolve()))
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(openai.inference)
     app.include_router(openai.tokenizer)
     for module in (openai, bases, deltas, variants, ops, evals_routes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel
 
 from deltas.errors import IncompatibleError, InvalidArtifactError
@@ -46,6 +47,14 @@ class SwapError(GatewayError):
     status, kind = 502, "swap_failed"
 
 
+class RequestTimeoutError(GatewayError):
+    status, kind = 408, "request_timeout"
+
+
+class InsufficientStorageError(GatewayError):
+    status, kind = 507, "insufficient_storage"
+
+
 class UnavailableError(GatewayError):
     """Not servable yet (an engine starting): answered 503 with Retry-After."""
 
@@ -72,24 +81,44 @@ def error_response(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map typed exceptions to HTTP codes, all in the ErrorResponse envelope."""
+def install_error_handlers(app: FastAPI, hide: str | None = None) -> None:
+    """Map typed exceptions to HTTP codes, all in the ErrorResponse envelope.
+
+    `hide`: the state dir's absolute path, shown to clients as `$STATE_DIR` (uploads, logs and
+    the registry live there; a client has no business knowing where).
+    """
+
+    def text(exc: Exception) -> str:
+        message = str(exc)
+        return message.replace(hide, "$STATE_DIR") if hide else message
 
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc.status, exc.kind, str(exc))
+        return error_response(exc.status, exc.kind, text(exc))
 
     @app.exception_handler(InvalidArtifactError)
     async def _artifact(_: Request, exc: InvalidArtifactError) -> JSONResponse:
-        return error_response(422, "invalid_artifact", str(exc))
+        return error_response(422, "invalid_artifact", text(exc))
 
     @app.exception_handler(IncompatibleError)
     async def _incompatible(_: Request, exc: IncompatibleError) -> JSONResponse:
-        return error_response(422, "incompatible_delta", str(exc))
+        return error_response(422, "incompatible_delta", text(exc))
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        return error_response(502, "engine_error", str(exc))
+        return error_response(502, "engine_error", text(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's and FastAPI's own errors (unknown route, wrong method, unparsable body), in
+        the one envelope; FastAPI turns any error while reading a body into a 400, so a body over
+        the limit (server/limits.py) is found as its cause."""
+        if isinstance(exc.__cause__, GatewayError):
+            return error_response(exc.__cause__.status, exc.__cause__.kind, text(exc.__cause__))
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        response = error_response(exc.status_code, kind, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -33,6 +33,7 @@ from server.registry import (
 )
 from server.settings import GatewaySettings, StartupVariant
 from server.swap import WeightSlot
+from server.uploads import receive_to_file
 
 log = logging.getLogger("deltagate")
 
@@ -389,14 +390,16 @@ class Gateway:
         store.mkdir(parents=True, exist_ok=True)
         final = store / f"{name.replace('/', '__')}.safetensors"
         tmp = store / f".upload-{uuid.uuid4().hex}.partial"
+        limits = self.settings
         try:
-            with open(tmp, "wb") as out:
-                async for chunk in chunks:
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            record = await asyncio.to_thread(_describe_delta, name, tmp, True)
-            os.replace(tmp, final)  # only a verified artifact ever lands in the store
+            await receive_to_file(chunks, tmp, limits.max_upload_bytes, limits.upload_idle_seconds)
+            try:
+                record = await asyncio.to_thread(_describe_delta, name, tmp, True)
+            except DeltaError as exc:  # its message names the temporary file: name the upload instead
+                raise type(exc)(str(exc).replace(str(tmp), f"uploaded artifact {name!r}")) from None
+            os.replace(
+                tmp, final
+            )  # only a verified artifact ever lands in the store (a symlink there is replaced)
         finally:
             tmp.unlink(missing_ok=True)
         record = record.model_copy(update={"path": str(final)})

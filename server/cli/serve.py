@@ -129,6 +129,15 @@ def serve(
         float,
         typer.Option(help="--ray: seconds a request waits for an engine able to serve it, then 503", min=0),
     ] = 60.0,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body but an upload; larger gets 413 (0: no limit)", min=0)
+    ] = 32 * 2**20,
+    max_upload_bytes: Annotated[
+        int, typer.Option(help="Largest uploaded artifact; larger gets 413 (0: no limit)", min=0)
+    ] = 64 * 2**30,
+    upload_idle_seconds: Annotated[
+        float, typer.Option(help="An upload sending nothing for this long is dropped with 408", min=0)
+    ] = 60.0,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -169,6 +178,9 @@ def serve(
         lora_slots=lora_slots,
         max_lora_rank=max_lora_rank,
         engine_wait=engine_wait,
+        max_body_bytes=max_body_bytes,
+        max_upload_bytes=max_upload_bytes,
+        upload_idle_seconds=upload_idle_seconds,
     )
     ensure_admin_token(settings)
     if ray:

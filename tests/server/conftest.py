@@ -136,12 +136,12 @@ def _references(tied, untied, updated: Path, work: Path, int4: Path) -> dict[str
 
 
 def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, dict]:
-    """Start stock vLLM on each checkpoint (three at a time), record its answers, stop it."""
+    """Start stock vLLM on each checkpoint (four at a time), record its answers, stop it."""
     refs, chats = {}, {}
     items = list(checkpoints.items())
-    for i in range(0, len(items), 3):
+    for i in range(0, len(items), 4):
         batch = []
-        for name, path in items[i : i + 3]:
+        for name, path in items[i : i + 4]:
             spec = EngineSpec(
                 model=str(path), served_name="ref", max_model_len=512, log_path=logs / f"ref-{name}.log"
             )
