@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ class Gateway:
         self._base_eos: dict[str, set[int]] = {}
         self._base_template: dict[str, str | None] = {}
         self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
+        self._restarting: set[str] = set()  # managed engines the supervisor is restarting
+        self._wake = asyncio.Event()  # look at the engines now, not at the supervisor's next tick
         self.remote = False
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
@@ -160,7 +163,11 @@ class Gateway:
     async def _supervise(self) -> None:
         """Restart managed engines that exit; a restarted engine holds its plain base again."""
         while True:
-            await asyncio.sleep(self.settings.supervise_seconds)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.supervise_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
             for name, proc in list(self.processes.items()):
                 if proc.alive() or name not in self.slots:  # not attached yet: its start-up reports it
                     continue
@@ -172,12 +179,39 @@ class Gateway:
                     proc.start()
                     await asyncio.to_thread(proc.wait_ready, self.settings.engine_start_timeout)
 
+                self._restarting.add(name)
                 try:
                     await self.slots[name].replace_engine(restart, Recipe(base=self.registry.base(name).path))
                 except Exception:
                     log.exception("restarting the engine for base %s failed; will retry", name)
                     continue
+                finally:
+                    self._restarting.discard(name)
                 log.info("engine for base %s is back on %s", name, proc.url)
+
+    @property
+    def supervised(self) -> bool:
+        """Whether dead managed engines are restarted here (not so on a Ray replica: Ray replaces it)."""
+        return self._supervisor is not None
+
+    def engine_down(self, engine: str) -> bool:
+        """Whether the managed engine `engine` is dead or being restarted."""
+        proc = self.processes.get(engine)
+        return engine in self._restarting or (proc is not None and engine in self.slots and not proc.alive())
+
+    async def wait_for_engine(self, engine: str, deadline: float) -> None:
+        """Wait until a dead managed engine is back, or 503 (with Retry-After) at `deadline` (monotonic).
+
+        Requests that arrive while an engine restarts wait for it instead of failing at once.
+        """
+        self._wake.set()
+        while self.engine_down(engine):
+            if time.monotonic() >= deadline:
+                raise UnavailableError(
+                    f"the engine for {engine!r} stopped and is being restarted; retry shortly "
+                    f"(requests wait up to {self.settings.engine_wait:g} s: serve --engine-wait)"
+                )
+            await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
         if self._supervisor is not None:

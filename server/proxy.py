@@ -17,11 +17,11 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from loaders.engine import EngineError
-from server.errors import BadRequestError, InvalidBodyError
+from server.errors import BadRequestError, InvalidBodyError, SwapError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
 from server.rewrite import StreamRewriter, rewrite_body
-from server.schemas import InferenceBody
+from server.schemas import InferenceBody, parse_inference_body
 
 # W3C trace context: passed to the engine so its spans join the client's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
@@ -69,7 +69,21 @@ async def forward(
     forwarded = {h: headers[h] for h in TRACE_HEADERS if h in headers}
     forwarded["Content-Type"] = "application/json"
 
-    await gateway.admit(target)
+    deadline = time.monotonic() + gateway.settings.engine_wait
+    while True:
+        await _admit(gateway, target, engine, deadline)
+        try:
+            upstream = await target.slot.client.relay.post(
+                endpoint, data=json.dumps(payload), headers=forwarded
+            )
+            break
+        except aiohttp.ClientError as exc:
+            target.slot.release()
+            metrics.upstream_errors.labels(engine, "connect").inc()
+            if gateway.supervised and gateway.engine_down(engine):
+                continue  # it died before anything was sent: wait for its restart and send the request again
+            metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
+            raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
     metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
     released = False
 
@@ -81,13 +95,6 @@ async def forward(
             metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
             if usage:
                 metrics.observe_usage(variant, usage)
-
-    try:
-        upstream = await target.slot.client.relay.post(endpoint, data=json.dumps(payload), headers=forwarded)
-    except aiohttp.ClientError as exc:
-        metrics.upstream_errors.labels(engine, "connect").inc()
-        release(502, None)
-        raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
 
     if not body.stream or upstream.status != 200:
         status = upstream.status  # read before release()
@@ -134,6 +141,20 @@ async def forward(
     return StreamingResponse(relay(), media_type="text/event-stream")
 
 
+async def _admit(gateway: Gateway, target: Resolved, engine: str, deadline: float) -> None:
+    """Admit on the variant's weights; while its engine is down (managed, restarting), wait for it
+    up to `deadline`, then 503 — rather than failing at once or blaming the weights."""
+    while True:
+        if gateway.supervised and gateway.engine_down(engine):
+            await gateway.wait_for_engine(engine, deadline)
+        try:
+            await gateway.admit(target)
+            return
+        except SwapError:
+            if not (gateway.supervised and gateway.engine_down(engine)):
+                raise
+
+
 async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Response:
     """/tokenize or /detokenize for the named variant: its engine's tokenizer (the base's; that it
     equals the artifact's own is not checked yet, see README) and, for chat messages, the variant's
@@ -144,7 +165,8 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
         raise InvalidBodyError(f"body is not JSON: {exc}") from None
     if not isinstance(request, dict):
         raise InvalidBodyError("body must be a JSON object")
-    body = InferenceBody.model_validate({**request, "model": request.get("model") or gateway.default_model()})
+    request["model"] = request.get("model") or gateway.default_model()
+    body = parse_inference_body(json.dumps(request).encode())
     target = gateway.resolve(body.model)
     payload = engine_payload(body, target, chat="messages" in request)
     payload["model"] = target.slot.client.served_name  # an adapter has its base's tokenizer
@@ -154,6 +176,10 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
     try:
         async with client.relay.post(endpoint, data=json.dumps(payload), headers=JSON_HEADERS) as upstream:
             raw = await upstream.read()
+            if upstream.status >= 400 and upstream.content_type != "application/json":
+                raise EngineError(
+                    f"engine for {client.served_name!r} answered {upstream.status} on {endpoint}"
+                )
             return Response(raw, status_code=upstream.status, media_type=upstream.content_type)
     except aiohttp.ClientError as exc:
         raise EngineError(f"engine for {client.served_name!r} unreachable: {exc}") from exc

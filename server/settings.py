@@ -51,7 +51,9 @@ class GatewaySettings(BaseSettings):
     kv_cache_gib: float = 1.0
     engine_start_timeout: float = 900.0
     supervise_seconds: float = 2.0  # 0: no supervision (Ray Serve replaces a replica instead)
-    engine_wait: float = 60.0  # Ray: seconds a request may wait for an engine able to serve it, then 503
+    engine_wait: float = (
+        60.0  # seconds a request may wait for an engine (restarting, or a Ray replica), then 503
+    )
     engine_args: list[str] = Field(default_factory=list)
     allow_code_execution: bool = False  # HumanEval: run model-written programs (sandboxed)
     swap_quantum: float = 2.0  # seconds a busy variant stays resident while others wait (server/policy.py)

@@ -160,7 +160,8 @@ class WeightSlot:
             result = await self.client.apply(recipe)
         except EngineError as exc:
             self._report(SwapRecord(variant, started_at, start, time.perf_counter() - start, 0, ok=False))
-            await self._restore(previous)
+            if await self._restore(previous) is None:
+                raise SwapError(f"swap to {variant!r} failed and the engine did not answer: {exc}") from exc
             raise SwapError(f"swap to {variant!r} failed, still serving the previous weights: {exc}") from exc
         self.resident = recipe
         self.resident_since = time.monotonic()

@@ -127,7 +127,11 @@ def serve(
     ] = None,
     engine_wait: Annotated[
         float,
-        typer.Option(help="--ray: seconds a request waits for an engine able to serve it, then 503", min=0),
+        typer.Option(
+            help="Seconds a request waits for an engine that is restarting (or, with --ray, for a "
+            "replica able to serve it), then 503 with Retry-After",
+            min=0,
+        ),
     ] = 60.0,
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest request body but an upload; larger gets 413 (0: no limit)", min=0)

@@ -1,10 +1,19 @@
 """The registry survives a gateway restart; a gateway can attach to running engines."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
 from loaders.engine import free_port
-from tests.server.conftest import completion_outputs, start_gateway, stop_gateway, wait_healthy
+from tests.server.conftest import (
+    PROMPTS,
+    completion_outputs,
+    completion_params,
+    start_gateway,
+    stop_gateway,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -55,6 +64,15 @@ def test_gateway_restarts_an_engine_that_died(stack):
         if p.info["cmdline"] and f"--port {port}" in " ".join(p.info["cmdline"])
     )
     os.killpg(os.getpgid(leader.pid), signal.SIGKILL)
+    # requests arriving while it is down wait for the restart (up to --engine-wait, then 503 with
+    # Retry-After): no burst of instant 502s, no message blaming the weights
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(_ask_while_down, ["untied-inst", "untied", "untied-inst", "untied"],
+                                [stack.url] * 4))  # fmt: skip
+    for status, retry_after, text in answers:
+        assert status in (200, 503), (status, text)
+        assert status == 200 or retry_after, text
+        assert "previous weights" not in text
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         time.sleep(2)
@@ -65,3 +83,8 @@ def test_gateway_restarts_an_engine_that_died(stack):
         raise AssertionError("engine was not restarted")
     assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
     assert completion_outputs(stack.url, "untied-inst") == stack.refs["untied-inst"]
+
+
+def _ask_while_down(model: str, url: str) -> tuple[int, str | None, str]:
+    r = httpx.post(f"{url}/v1/completions", json=completion_params(model, PROMPTS[0]), timeout=300)
+    return r.status_code, r.headers.get("retry-after"), r.text
