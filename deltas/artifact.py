@@ -23,6 +23,8 @@ class DeltaArtifact:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise InvalidArtifactError(f"{self.path}: is a directory, not a delta file")
         if not self.path.is_file():
             raise InvalidArtifactError(f"{self.path}: no such delta file")
         try:

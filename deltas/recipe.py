@@ -94,10 +94,17 @@ class RecipeFile(BaseModel):
         """Parse and validate a YAML recipe; DeltaError naming the file and field otherwise."""
         try:
             return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-        except (OSError, yaml.YAMLError) as exc:
-            raise DeltaError(f"recipe {path}: {exc}") from None
+        except OSError as exc:
+            raise DeltaError(f"recipe {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:  # its str() spans lines (with a caret); errors stay on one line
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise DeltaError(f"recipe {path}: invalid YAML{where}: {problem}") from None
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}" for e in exc.errors()
+            )
             raise DeltaError(f"recipe {path}: {problems}") from None
 
     def to_recipe(self, base: str | None = None, relative_to: Path | None = None) -> Recipe:

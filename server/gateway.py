@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deltas.artifact import open_artifact
 from deltas.checkpoint import Checkpoint, vocabulary_digest
-from deltas.errors import DeltaError
+from deltas.errors import DeltaError, IncompatibleError
 from deltas.lora import adapter_rank
 from deltas.recipe import DeltaTerm, Recipe
 from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec
@@ -451,7 +451,13 @@ class Gateway:
         self.registry.base(record.base)  # an unknown base is a 404 before anything else
         if record.name in self.registry.state.variants or record.name in self.registry.state.bases:
             raise ConflictError(f"model name {record.name!r} is taken")
-        await asyncio.to_thread(check_recipe, self._recipe(record))
+        try:
+            await asyncio.to_thread(check_recipe, self._recipe(record))
+        except IncompatibleError as exc:  # name the deltas as the client did, not by their files
+            message = str(exc)
+            for term in record.deltas:
+                message = message.replace(self.registry.delta(term.delta).path, repr(term.delta))
+            raise IncompatibleError(message) from None
         base = self.registry.base(record.base)
         for term in record.deltas if not record.allow_vocab_mismatch else ():
             problem = vocabulary_problem(self.registry.delta(term.delta), base)
