@@ -142,3 +142,17 @@ def test_stream_writer_abort_leaves_nothing(tmp_path):
     writer.add("a", torch.ones(3))
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_during_extraction_leaves_nothing(tied, tmp_path, monkeypatch):
+    """ENOSPC while spooling tensors: the error surfaces, and neither the spool nor a partial file stays."""
+    import errno
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "add", full)
+    out = tmp_path / "out" / "delta.safetensors"
+    with pytest.raises(OSError, match="No space left"):
+        extract_delta(tied.base, tied.post, out)
+    assert list(out.parent.iterdir()) == []
