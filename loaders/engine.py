@@ -228,9 +228,10 @@ class EngineClient:
     streams, and aiohttp's C HTTP parser costs less per streamed chunk.
     """
 
-    def __init__(self, url: str, served_name: str):
+    def __init__(self, url: str, served_name: str, read_timeout: float | None = None):
         self.url = url.rstrip("/")
         self.served_name = served_name
+        self.read_timeout = read_timeout  # the relay gives up on an engine silent this long in an answer
         self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
         self._relay: aiohttp.ClientSession | None = None
 
@@ -239,7 +240,7 @@ class EngineClient:
         """The session inference requests go through (created on first use, inside the event loop)."""
         if self._relay is None:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout)
             # No cookie jar, no automatic decompression: per-request work the relay does not need.
             self._relay = aiohttp.ClientSession(
                 self.url, connector=connector, timeout=timeout, auto_decompress=False,

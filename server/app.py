@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -10,7 +11,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from deltas import __version__
-from server.errors import install_error_handlers
+from deltas.errors import DeltaError
+from loaders.engine import EngineError
+from server.errors import GatewayError, install_error_handlers
 from server.evals.service import EvalService
 from server.evals.store import EvalStore
 from server.gateway import Gateway
@@ -60,7 +63,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await gateway.start()
+            try:
+                await gateway.start()
+            except (
+                GatewayError,
+                EngineError,
+                DeltaError,
+            ) as exc:  # the operator's problem: say it in one line
+                logging.getLogger("deltagate").error("cannot start: %s", exc)
+                raise
             await evals.start()
             yield
         finally:

@@ -16,7 +16,7 @@ from deltas.checkpoint import Checkpoint, vocabulary_digest
 from deltas.errors import DeltaError, IncompatibleError
 from deltas.lora import adapter_rank
 from deltas.recipe import DeltaTerm, Recipe
-from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec
+from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec, wait_healthy
 from loaders.merge import check_recipe
 from server.adapters import Adapter, AdapterLane
 from server.bases import Provenance, describe_base, place, provenance, vocabulary_problem
@@ -85,6 +85,7 @@ class Gateway:
         Ray Serve replicas (server/cluster); requests then resolve without a slot.
         """
         self.remote = not engines
+        _drop_partial_uploads(self.settings.store_dir)
         for spec in self.settings.bases:
             _require_name(spec.name)
             if not (Path(spec.path) / "config.json").is_file():
@@ -151,7 +152,13 @@ class Gateway:
 
     async def _attach(self, base: BaseRecord) -> None:
         url = self._engine_urls.get(base.name) or self.processes[base.name].url
-        client = EngineClient(url, served_name=base.name)
+        if base.name in self._engine_urls:  # an engine started by someone else may still be starting
+            await asyncio.to_thread(
+                wait_healthy, url, None, self.settings.engine_wait, f"engine for {base.name!r}"
+            )
+        client = EngineClient(
+            url, served_name=base.name, read_timeout=self.settings.engine_read_timeout or None
+        )
         resident = Recipe(base=base.path)
         current = await client.current_recipe()
         if current is not None:
@@ -538,6 +545,13 @@ class Gateway:
 def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
     """Before any request, an engine holds its plain base (unless attached with other weights)."""
     return base if not slot.resident.deltas and not slot.resident.base.startswith("<") else None
+
+
+def _drop_partial_uploads(store: Path) -> None:
+    """Uploads a killed gateway left half-written: never registered, so never served; removed."""
+    for partial in store.glob(".upload-*.partial") if store.is_dir() else ():
+        log.warning("removing %s, an upload interrupted by a previous stop", partial.name)
+        partial.unlink(missing_ok=True)
 
 
 def _require_name(name: str) -> None:

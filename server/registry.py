@@ -102,7 +102,10 @@ class Registry:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(self.state.model_dump_json(indent=2))
+        with open(tmp, "w") as out:  # a crash at any point leaves the old file or the new one
+            out.write(self.state.model_dump_json(indent=2))
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, self.path)
 
     # bases -------------------------------------------------------------

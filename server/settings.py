@@ -60,6 +60,7 @@ class GatewaySettings(BaseSettings):
     lora_slots: int = 0  # >0: engines with vLLM multi-LoRA; low-rank variants served as adapters
     max_lora_rank: int = 16  # the largest adapter rank engines accept (vLLM's --max-lora-rank)
     swap_max_wait: float = 30.0  # seconds any request may wait for its variant before the quantum ends
+    engine_read_timeout: float = 3600.0  # seconds an engine may send nothing mid-answer, then 502 (0: none)
     max_body_bytes: int = 32 * 2**20  # any request body but an upload (0: no limit)
     max_upload_bytes: int = 64 * 2**30  # an uploaded artifact (0: no limit)
     upload_idle_seconds: float = 60.0  # an upload that sends nothing for this long is dropped (408)

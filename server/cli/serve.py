@@ -133,6 +133,15 @@ def serve(
             min=0,
         ),
     ] = 60.0,
+    engine_read_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds an engine may send nothing mid-answer (a long prefill included) before "
+            "the relay gives up: 502, or an error event in a stream (0: wait forever); a non-streamed "
+            "answer sends nothing until it is complete",
+            min=0,
+        ),
+    ] = 3600.0,
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest request body but an upload; larger gets 413 (0: no limit)", min=0)
     ] = 32 * 2**20,
@@ -182,6 +191,7 @@ def serve(
         lora_slots=lora_slots,
         max_lora_rank=max_lora_rank,
         engine_wait=engine_wait,
+        engine_read_timeout=engine_read_timeout,
         max_body_bytes=max_body_bytes,
         max_upload_bytes=max_upload_bytes,
         upload_idle_seconds=upload_idle_seconds,

@@ -1,0 +1,196 @@
+"""Faults around a real gateway process (uvicorn) on a mock engine: kill -9 mid-upload and
+mid-eval-run, a registry write cut short, a slow engine, an unreachable one. Fast: no vLLM.
+(Engine deaths under a real vLLM engine: tests/server/test_persistence.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deltas.artifact import open_artifact
+from loaders.engine import free_port
+from tests.server.conftest import (
+    ADMIN,
+    metric_families,
+    sample_value,
+    start_gateway,
+    stop_gateway,
+    wait_healthy,
+)
+
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def _mock(work: Path, tokens_per_second: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loaders.mock_engine", "--port", str(port), "--served-name", "pico",
+         "--tokens-per-second", str(tokens_per_second)],
+        stdout=open(work / "mock.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, work / "mock.log", timeout=60)
+    return proc, url
+
+
+def _gateway(tied, work: Path, engine_url: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={engine_url}",
+            "--variant", f"inst={tied.delta}", *extra]  # fmt: skip
+    proc = start_gateway(args, work / "state", port, work / "gateway.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, work / "gateway.log", timeout=120)
+    return proc, url
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def mock(tmp_path):
+    proc, url = _mock(tmp_path, 20)
+    yield url
+    stop_gateway(proc)
+
+
+def test_gateway_killed_mid_upload_restarts_clean(tied, tmp_path, mock):
+    proc, url = _gateway(tied, tmp_path, mock)
+    store = tmp_path / "state" / "deltas"
+    data = tied.delta.read_bytes()
+
+    def slow_chunks():
+        for i in range(0, len(data), 4096):
+            yield data[i : i + 4096]
+            time.sleep(0.05)
+
+    def upload():
+        try:
+            httpx.post(f"{url}/v1/deltas?name=late", content=slow_chunks(),
+                       headers=AUTH | {"content-type": "application/octet-stream"}, timeout=60)  # fmt: skip
+        except httpx.HTTPError:
+            pass  # the gateway died under it
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not list(store.glob(".upload-*.partial")):
+        assert time.monotonic() < deadline, "upload never started"
+        time.sleep(0.05)
+    _kill9(proc)
+    thread.join()
+    assert list(store.glob(".upload-*.partial"))  # what the kill left behind
+
+    proc, url = _gateway(tied, tmp_path, mock)
+    try:
+        assert not list(store.glob(".upload-*.partial")) and not (store / "late.safetensors").exists()
+        deltas = httpx.get(f"{url}/v1/deltas", headers=AUTH).json()["data"]
+        assert [d["name"] for d in deltas] == ["delta"]
+        for d in deltas:
+            open_artifact(d["path"], verify=True)  # every registered delta verifies
+        r = httpx.post(f"{url}/v1/completions", json={"model": "inst", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        stop_gateway(proc)
+
+
+def test_gateway_killed_mid_eval_run_resumes_it(tied, tmp_path, mock):
+    proc, url = _gateway(tied, tmp_path, mock)
+    items = "\n".join(f'{{"q": "{i}"}}' for i in range(12))
+    ev = httpx.post(f"{url}/v1/evals", headers=AUTH, json={
+        "name": "resume", "data_source": {"type": "jsonl", "content": items}, "prompt": "{{item.q}}",
+        "endpoint": "completions", "testing_criteria": [{"type": "string_check", "name": "w",
+        "input": "{{sample.output_text}}", "reference": "w", "operation": "like"}]}).json()  # fmt: skip
+    run = httpx.post(f"{url}/v1/evals/{ev['id']}/runs", headers=AUTH,
+                     json={"variants": ["inst"], "max_tokens": 8, "concurrency": 1}).json()  # fmt: skip
+    path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
+    deadline = time.monotonic() + 30
+    while httpx.get(path, headers=AUTH).json()["progress"]["done"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    _kill9(proc)
+
+    proc, url = _gateway(tied, tmp_path, mock)
+    path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
+    try:
+        deadline = time.monotonic() + 60
+        while (run := httpx.get(path, headers=AUTH).json())["status"] != "completed":
+            assert run["status"] in ("queued", "in_progress") and time.monotonic() < deadline, run
+            time.sleep(0.2)
+        assert run["progress"] == {"done": 12, "total": 12} and run["result_counts"]["passed"] == 12
+        items = httpx.get(f"{path}/output_items", headers=AUTH, params={"limit": 100}).json()["data"]
+        assert len(items) == 12  # resumed, not repeated
+    finally:
+        stop_gateway(proc)
+
+
+def test_a_registry_write_cut_short_leaves_the_last_good_one(tied, tmp_path, mock):
+    proc, url = _gateway(tied, tmp_path, mock)
+    stop_gateway(proc)
+    registry = tmp_path / "state" / "registry.json"
+    (registry.parent / "registry.json.tmp").write_text('{"bases": {"pico": ')  # killed mid-write
+    proc, url = _gateway(tied, tmp_path, mock)
+    try:
+        assert "inst" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    finally:
+        stop_gateway(proc)
+
+
+def test_a_slow_engine_times_out_and_is_counted(tied, tmp_path):
+    engine, engine_url = _mock(tmp_path, 0.5)  # one token every 2 s
+    proc, url = _gateway(tied, tmp_path, engine_url, "--engine-read-timeout", "0.5")
+    try:
+        started = time.monotonic()
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": "pico", "prompt": "x", "max_tokens": 3}, timeout=30
+        )
+        assert r.status_code == 502 and time.monotonic() - started < 5, r.text
+        r = httpx.post(f"{url}/v1/completions", timeout=30,
+                       json={"model": "pico", "prompt": "x", "max_tokens": 3, "stream": True})  # fmt: skip
+        assert '"type": "engine_error"' in r.text and "broke off" in r.text
+        assert sample_value(metric_families(url), "deltagate_upstream_errors_total", engine="pico") >= 2
+    finally:
+        stop_gateway(proc)
+        stop_gateway(engine)
+
+
+def test_an_attached_engine_that_never_answers_stops_the_start_with_one_clear_line(tied, tmp_path):
+    port = free_port()  # nothing listens there
+    args = [
+        "--base",
+        f"pico={tied.base}",
+        "--engine-url",
+        f"pico=http://127.0.0.1:{port}",
+        "--engine-wait",
+        "2",
+    ]
+    proc = start_gateway(args, tmp_path / "state", free_port(), tmp_path / "gateway.log")
+    try:
+        assert proc.wait(timeout=60) != 0
+        log = (tmp_path / "gateway.log").read_text()
+        assert "cannot start: engine for 'pico' not ready after 2s" in log, log[-2000:]
+    finally:
+        stop_gateway(proc)
+
+
+def test_an_engine_gone_after_start_is_a_502_and_counted(tied, tmp_path):
+    engine, engine_url = _mock(tmp_path, 0)
+    proc, url = _gateway(tied, tmp_path, engine_url)
+    try:
+        stop_gateway(engine)
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": "pico", "prompt": "x", "max_tokens": 2}, timeout=30
+        )
+        assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"], r.text
+        assert sample_value(metric_families(url), "deltagate_upstream_errors_total", kind="connect") >= 1
+    finally:
+        stop_gateway(proc)
