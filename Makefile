@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BACKEND ?= cpu
 STAMP := $(VENV)/.installed-$(BACKEND)
 
-.PHONY: install system-deps serve test lint bench bench-codecs bench-relay bench-load fresh-clone-test clean
+.PHONY: install system-deps serve test lint bench bench-codecs bench-relay bench-load bench-soak fresh-clone-test clean
 
 install: $(STAMP)
 
@@ -32,7 +32,7 @@ serve: install
 
 test: install system-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: install
 	$(PY) bench/swap.py
@@ -45,6 +45,9 @@ bench-relay: install
 
 bench-load: install
 	$(PY) bench/load.py
+
+bench-soak: install
+	$(PY) bench/soak.py
 
 # What CI does, from a 100+ character directory and a 40-column terminal (issue 8): run before stopping.
 fresh-clone-test:
