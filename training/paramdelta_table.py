@@ -172,8 +172,9 @@ def _pct(c: dict) -> str:
 
 
 def _diff(c: dict) -> str:
-    lo, hi = c["ci95"]
-    return f"{c['difference']:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+    """A run's comparison is variant − baseline; the tables read baseline (ParamΔ) − the other model."""
+    diff, lo, hi = (-x + 0.0 for x in (c["difference"], c["ci95"][1], c["ci95"][0]))  # + 0.0: no "-0.0%"
+    return f"{diff:+.1%} [{lo:+.1%}, {hi:+.1%}]"
 
 
 LABELS = {"smollm2": "θ", "smollm2-py": "θ′"}
@@ -246,6 +247,19 @@ def perplexity_table(url: str, tokenizer_dir: Path, models: list[str], n: int, w
     return "\n".join(lines)
 
 
+def rerender(out: Path, runs_json: Path) -> None:
+    """Rewrite the addition and GSM8K tables of `out` from a finished run's runs.json (no serving)."""
+    saved = json.loads(runs_json.read_text())
+    runs = {int(k): v for k, v in saved["addition"].items()}
+    text = out.read_text()
+    start = text.index("| model | served as | seed |")
+    text = text[:start] + addition_tables(runs) + text[text.index("\n\n### GSM8K", start) :]
+    if saved["gsm8k"]:
+        start = text.index("| model | served as | strict match")
+        text = text[:start] + gsm8k_table(saved["gsm8k"]) + text[text.index("\n\n### Perplexity", start) :]
+    out.write_text(text)
+
+
 def write_doc(out: Path, section: str) -> None:
     """Replace the measured section of `out` (between the result markers), keeping the prose."""
     text = out.read_text() if out.is_file() else f"{BEGIN}\n{END}\n"
@@ -267,7 +281,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10, help="held-out text windows per corpus")
     parser.add_argument("--window-len", type=int, default=128, help="tokens per window")
     parser.add_argument("--out", type=Path, default=Path("docs/paramdelta.md"))
+    parser.add_argument("--rerender", action="store_true", help="only rewrite the tables from runs.json")
     args = parser.parse_args()
+    if args.rerender:
+        rerender(args.out, args.cache / "paramdelta-gateway" / "runs.json")
+        return
     started = time.monotonic()
     paths = build(args.cache, args.seeds)
     work = args.cache / "paramdelta-gateway"
