@@ -140,3 +140,19 @@ async def test_disk_full_during_an_upload_is_507_and_nothing_is_kept(tmp_path):
         await receive_to_file(chunks(), target, 0, 5)
     assert not os.path.lexists(target)
     assert Path("/dev/full").exists()
+
+
+async def test_a_symlink_planted_in_the_store_is_replaced_not_followed(tmp_path, tied):
+    app = _app(tmp_path)
+    store = tmp_path / "state" / "deltas"
+    store.mkdir(parents=True)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    (store / "inst.safetensors").symlink_to(outside)
+    admin = {"Authorization": f"Bearer {ADMIN}", "content-type": "application/octet-stream"}
+    async with _client(app) as client:
+        r = await client.post("/v1/deltas?name=inst", content=tied.delta.read_bytes(), headers=admin)
+    assert r.status_code == 201, r.text
+    assert outside.read_text() == "precious"
+    final = store / "inst.safetensors"
+    assert not final.is_symlink() and final.read_bytes() == tied.delta.read_bytes()
