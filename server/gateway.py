@@ -206,6 +206,16 @@ class Gateway:
         proc = self.processes.get(engine)
         return engine in self._restarting or (proc is not None and engine in self.slots and not proc.alive())
 
+    async def engine_died(self, engine: str, within: float = 2.0) -> bool:
+        """After a connection error: whether the managed engine is (or within `within` s turns out to
+        be) dead. Its sockets close while the process exits, a moment before it can be seen exited."""
+        give_up = time.monotonic() + within
+        while not self.engine_down(engine):
+            if engine not in self.processes or time.monotonic() >= give_up:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def wait_for_engine(self, engine: str, deadline: float) -> None:
         """Wait until a dead managed engine is back, or 503 (with Retry-After) at `deadline` (monotonic).
 
@@ -296,7 +306,9 @@ class Gateway:
             await slot.acquire(target.variant.name, target.recipe)
             return
         await self.adapters.prepare(adapter)
-        await slot.acquire(target.variant.base, Recipe(base=target.recipe.base))
+        # Not in one batch with plain requests: on vLLM CPU, plain rows batched with LoRA rows were
+        # seen answering differently (a logprob 0.17 off, a greedy token flipped; README).
+        await slot.acquire(target.variant.base, Recipe(base=target.recipe.base), lane="adapters")
         try:
             await self.adapters.load(target.engine, slot.client, adapter)
         except BaseException:

@@ -80,7 +80,7 @@ async def forward(
         except aiohttp.ClientError as exc:
             target.slot.release()
             metrics.upstream_errors.labels(engine, "connect").inc()
-            if gateway.supervised and gateway.engine_down(engine):
+            if gateway.supervised and await gateway.engine_died(engine):
                 continue  # it died before anything was sent: wait for its restart and send the request again
             metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
             raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
@@ -151,7 +151,7 @@ async def _admit(gateway: Gateway, target: Resolved, engine: str, deadline: floa
             await gateway.admit(target)
             return
         except SwapError:
-            if not (gateway.supervised and gateway.engine_down(engine)):
+            if not (gateway.supervised and await gateway.engine_died(engine)):
                 raise
 
 

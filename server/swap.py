@@ -51,6 +51,7 @@ class WeightSlot:
     ):
         self.client = client
         self.resident = resident
+        self.lane = ""  # what the admitted requests run as on these weights: "" plain, or "adapters"
         self.policy = policy
         self.resident_since = time.monotonic()
         self.resident_variant: str | None = None
@@ -64,9 +65,13 @@ class WeightSlot:
         self._names: dict[str, str] = {}  # recipe key -> the variant name its waiters asked for
         self._cond = asyncio.Condition()
 
-    async def acquire(self, variant: str, recipe: Recipe) -> None:
-        """Wait until `recipe` is resident (swapping if needed), then count one request in."""
-        key = recipe.key()
+    async def acquire(self, variant: str, recipe: Recipe, lane: str = "") -> None:
+        """Wait until `recipe` is resident (swapping if needed), then count one request in.
+
+        `lane` separates requests on the same weights that must not share a batch: LoRA adapter
+        requests ("adapters") and plain ones. Changing lanes on the same weights reloads nothing.
+        """
+        key = _key(recipe, lane)
         async with self._cond:
             if self._admissible(key):
                 self.inflight += 1
@@ -84,7 +89,7 @@ class WeightSlot:
                     if self._pending == key and self.inflight == 0:
                         # Holding the lock is fine: nothing is in flight to release it.
                         try:
-                            await self._swap(variant, recipe)
+                            await self._swap(variant, recipe, lane)
                         finally:
                             self._pending = None
                             self._cond.notify_all()
@@ -99,10 +104,10 @@ class WeightSlot:
                     self._cond.notify_all()
 
     def _admissible(self, key: str) -> bool:
-        return self.resident.key() == key and self._pending in (None, key)
+        return _key(self.resident, self.lane) == key and self._pending in (None, key)
 
     def _decide(self) -> tuple[str | None, float | None]:
-        resident = self.resident.key()
+        resident = _key(self.resident, self.lane)
         others = {k: q for k, q in self._queued.items() if k != resident}
         mine = len(self._queued.get(resident, ()))
         return self.policy.decide(time.monotonic(), self.resident_since, self.inflight, mine, others)
@@ -129,6 +134,7 @@ class WeightSlot:
         """
         async with self._cond:
             self.resident = Recipe(base="<restarting>")
+            self.lane = ""
             self.resident_variant = None
             try:
                 await restart()
@@ -153,7 +159,11 @@ class WeightSlot:
         async with self._cond:
             self._cond.notify_all()
 
-    async def _swap(self, variant: str, recipe: Recipe) -> None:
+    async def _swap(self, variant: str, recipe: Recipe, lane: str = "") -> None:
+        if recipe.key() == self.resident.key():  # same weights, other lane: nothing to reload
+            self.lane = lane
+            self.resident_since = time.monotonic()
+            return
         previous = self.resident
         started_at, start = time.time(), time.perf_counter()
         try:
@@ -163,7 +173,7 @@ class WeightSlot:
             if await self._restore(previous) is None:
                 raise SwapError(f"swap to {variant!r} failed and the engine did not answer: {exc}") from exc
             raise SwapError(f"swap to {variant!r} failed, still serving the previous weights: {exc}") from exc
-        self.resident = recipe
+        self.resident, self.lane = recipe, lane
         self.resident_since = time.monotonic()
         record = SwapRecord(variant, started_at, start, time.perf_counter() - start, result.tensors, ok=True)
         self.last_swap = record
@@ -183,3 +193,8 @@ class WeightSlot:
         self.recent_swaps.append(record)
         if self._on_swap:
             self._on_swap(record.variant, record.seconds, record.ok)
+
+
+def _key(recipe: Recipe, lane: str) -> str:
+    """The admission key: requests with equal keys may share a batch."""
+    return recipe.key() + ("|" + lane if lane else "")

@@ -149,7 +149,12 @@ def test_kill_one_engine_under_mixed_load(cluster, stack):
     for t in threads:
         t.start()
     time.sleep(3)
-    victim = _states(cluster)[_served_by(cluster, "tied-inst")]
+    served = _served_by(cluster, "tied-inst")
+    for _ in range(20):  # replica states are sampled; under load one replica may be missed: ask again
+        states = _states(cluster)
+        if served in states:
+            break
+    victim = states[served]
     killed_at = time.monotonic()
     os.kill(victim["engine_pid"], signal.SIGKILL)
     time.sleep(15)

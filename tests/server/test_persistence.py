@@ -63,7 +63,14 @@ def test_gateway_restarts_an_engine_that_died(stack):
         for p in psutil.process_iter(["cmdline"])
         if p.info["cmdline"] and f"--port {port}" in " ".join(p.info["cmdline"])
     )
-    os.killpg(os.getpgid(leader.pid), signal.SIGKILL)
+    # a long stream in flight when the engine dies: it ends, with an error event, not a hang
+    body = {"model": "untied-inst", "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert '"text"' in next(line for line in lines if line.startswith("data: "))
+        os.killpg(os.getpgid(leader.pid), signal.SIGKILL)
+        rest = list(lines)  # a hang would be a read timeout here
+    assert any('"type": "engine_error"' in line and "broke off" in line for line in rest), rest[-3:]
     # requests arriving while it is down wait for the restart (up to --engine-wait, then 503 with
     # Retry-After): no burst of instant 502s, no message blaming the weights
     with ThreadPoolExecutor(4) as pool:
