@@ -3,7 +3,9 @@
 A variant whose deltas are all `lowrank` projection matrices (deltas.lora.adapter_rank), mixed
 linearly, is one LoRA adapter: B·A = Σ αᵢ·Bᵢ·Aᵢ. vLLM applies an adapter on top of whatever
 weights are resident, so adapter requests are admitted on the plain base — beside requests for
-the base and for other adapters, with no swap. Each adapter is written once per recipe, named
+other adapters, with no swap; plain-base requests take turns with them on the same weights (a
+lane of the weight slot: vLLM CPU answered plain rows differently in batches with LoRA rows),
+which reloads nothing. Each adapter is written once per recipe, named
 by a hash of the recipe and its files' identity (a changed delta never reuses a stale adapter),
 and loaded into an engine on first use (vLLM's /v1/load_lora_adapter); after an engine restart,
 again.
