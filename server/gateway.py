@@ -246,7 +246,7 @@ class Gateway:
         variant = self.registry.variant(model)
         base = self.registry.base(variant.base)
         engine = self.engine_of(base)
-        template, eos = None, []
+        template, stops = None, []
         for term in variant.deltas:
             record = self.registry.delta(term.delta)
             if _identity_or_none(record.path) != (record.size_bytes, record.mtime_ns):
@@ -255,17 +255,12 @@ class Gateway:
                     "register it again"
                 )
             template = template or record.chat_template
-            # the post model's end-of-turn tokens, where the base would not stop on them
-            eos += [
-                e for e in record.eos_token_ids if e not in eos and e not in self._base_eos.get(engine, set())
-            ]
+            stops += record.eos_token_ids  # the post model's end-of-turn tokens
         if engine != base.name:  # a hosted base: the engine speaks with its own base's template and stops
             template = template or self._base_template[base.name]
-            eos += [
-                e
-                for e in self._base_eos[base.name]
-                if e not in eos and e not in self._base_eos.get(engine, set())
-            ]
+            stops += sorted(self._base_eos[base.name])
+        engine_stops = self._base_eos.get(engine, set())  # the engine stops on these by itself
+        eos = [e for e in dict.fromkeys(stops) if e not in engine_stops]
         slot = self.slots.get(engine)
         if slot is None and not self.remote:
             if engine in self._starting:
@@ -443,16 +438,16 @@ class Gateway:
         store.mkdir(parents=True, exist_ok=True)
         final = store / f"{name.replace('/', '__')}.safetensors"
         tmp = store / f".upload-{uuid.uuid4().hex}.partial"
-        limits = self.settings
         try:
-            await receive_to_file(chunks, tmp, limits.max_upload_bytes, limits.upload_idle_seconds)
+            await receive_to_file(
+                chunks, tmp, self.settings.max_upload_bytes, self.settings.upload_idle_seconds
+            )
             try:
                 record = await asyncio.to_thread(_describe_delta, name, tmp, True)
             except DeltaError as exc:  # its message names the temporary file: name the upload instead
                 raise type(exc)(str(exc).replace(str(tmp), f"uploaded artifact {name!r}")) from None
-            os.replace(
-                tmp, final
-            )  # only a verified artifact ever lands in the store (a symlink there is replaced)
+            # only a verified artifact ever lands in the store (a symlink planted there is replaced)
+            os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
         record = record.model_copy(update={"path": str(final)})
@@ -468,8 +463,7 @@ class Gateway:
     async def define_variant(self, record: VariantRecord) -> VariantRecord:
         """Validate that the deltas fit the base, then register the variant."""
         self.registry.base(record.base)  # an unknown base is a 404 before anything else
-        if record.name in self.registry.state.variants or record.name in self.registry.state.bases:
-            raise ConflictError(f"model name {record.name!r} is taken")
+        self._name_free(record.name)
         try:
             await asyncio.to_thread(check_recipe, self._recipe(record))
         except IncompatibleError as exc:  # name the deltas as the client did, not by their files
