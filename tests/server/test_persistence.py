@@ -70,7 +70,9 @@ def test_gateway_restarts_an_engine_that_died(stack):
         assert '"text"' in next(line for line in lines if line.startswith("data: "))
         os.killpg(os.getpgid(leader.pid), signal.SIGKILL)
         rest = list(lines)  # a hang would be a read timeout here
-    assert any('"type": "engine_error"' in line and "broke off" in line for line in rest), rest[-3:]
+    # cut mid-way: an error event; a pico engine may also finish the 400 tokens before the kill lands
+    cut = any('"type": "engine_error"' in line and "broke off" in line for line in rest)
+    assert cut or "data: [DONE]" in rest, rest[-3:]
     # requests arriving while it is down wait for the restart (up to --engine-wait, then 503 with
     # Retry-After): no burst of instant 502s, no message blaming the weights
     with ThreadPoolExecutor(4) as pool:
