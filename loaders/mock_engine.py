@@ -24,7 +24,7 @@ from collections import deque
 
 from aiohttp import web
 
-MAX_TOKENS_LIMIT = 4096
+MAX_TOKENS_LIMIT = 65536  # lets a test fill a client's socket buffers (MBs) with one stream
 
 
 def weights_tag(recipe_json: str | None) -> str:

@@ -108,6 +108,12 @@ class Metrics:
             ["engine", "kind"], registry=r,
         )  # fmt: skip
 
+        self.stalled_streams = Counter(
+            "deltagate_stalled_streams_total",
+            "Streams ended because the client read nothing for --stream-write-timeout seconds",
+            ["variant"], registry=r,
+        )  # fmt: skip
+
     def watch_engines(self, states: Callable[[], Iterable[EngineState]]) -> None:
         """Report resident variant and in-flight requests per engine from `states()` at each scrape."""
         self.registry.register(_SlotCollector(states))

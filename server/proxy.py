@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from fastapi import Response
-from fastapi.responses import StreamingResponse
 
 from loaders.engine import EngineError
 from server.errors import BadRequestError, InvalidBodyError, SwapError
@@ -22,11 +21,13 @@ from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
 from server.rewrite import StreamRewriter, rewrite_body
 from server.schemas import InferenceBody, parse_inference_body
+from server.streaming import RelayStream, StallWatch
 
 # W3C trace context: passed to the engine so its spans join the client's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-stream
 JSON_HEADERS = {"Content-Type": "application/json"}
+UNWATCHED = StallWatch(0)  # for callers that read the stream themselves (evals, Ray replicas)
 
 
 def engine_payload(body: InferenceBody, target: Resolved, chat: bool) -> dict:
@@ -56,6 +57,7 @@ async def forward(
     headers: Mapping[str, str],
     *,
     chat: bool,
+    watch: StallWatch = UNWATCHED,
 ) -> Response:
     """Admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
     start = time.perf_counter()
@@ -138,7 +140,7 @@ async def forward(
                 upstream.close()  # the client left (or the engine broke): drop the connection
             release(status, rewriter.usage)
 
-    return StreamingResponse(relay(), media_type="text/event-stream")
+    return RelayStream(relay(), watch, variant)
 
 
 async def _admit(gateway: Gateway, target: Resolved, engine: str, deadline: float) -> None:

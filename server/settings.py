@@ -64,6 +64,7 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = 32 * 2**20  # any request body but an upload (0: no limit)
     max_upload_bytes: int = 64 * 2**30  # an uploaded artifact (0: no limit)
     upload_idle_seconds: float = 60.0  # an upload that sends nothing for this long is dropped (408)
+    stream_write_timeout: float = 60.0  # a stream whose client reads nothing this long is ended (0: never)
 
     @property
     def registry_path(self) -> Path:

@@ -151,6 +151,14 @@ def serve(
     upload_idle_seconds: Annotated[
         float, typer.Option(help="An upload sending nothing for this long is dropped with 408", min=0)
     ] = 60.0,
+    stream_write_timeout: Annotated[
+        float,
+        typer.Option(
+            help="A stream whose client reads nothing for this long (its writes block) is ended and "
+            "its variant's admission released, so it cannot hold off other variants' swaps (0: never)",
+            min=0,
+        ),
+    ] = 60.0,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -195,6 +203,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_upload_bytes=max_upload_bytes,
         upload_idle_seconds=upload_idle_seconds,
+        stream_write_timeout=stream_write_timeout,
     )
     ensure_admin_token(settings)
     if ray:

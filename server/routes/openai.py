@@ -49,7 +49,10 @@ async def _forward(request: Request, endpoint: str, *, chat: bool) -> Response:
     gateway: Gateway = request.app.state.gateway
     check_api_key(gateway, request.headers.get("authorization"))
     body = parse_inference_body(await request.body())
-    return await forward(gateway, request.app.state.metrics, endpoint, body, request.headers, chat=chat)
+    state = request.app.state
+    return await forward(
+        gateway, state.metrics, endpoint, body, request.headers, chat=chat, watch=state.streams
+    )
 
 
 # vLLM serves these at the root, and clients (lm-eval's remote tokenizer) call them there.

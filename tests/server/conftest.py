@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,20 +268,29 @@ class MockStack:
     url: str
     engine_url: str
     admin: dict
+    log: Path
 
 
 MOCK_TOKENS_PER_SECOND = 50
 
 
 @pytest.fixture(scope="session")
-def mock_stack(tied, tmp_path_factory) -> MockStack:
+def mock_stack(tied, tmp_path_factory) -> Iterator[MockStack]:
     """Base `mock` (tied's checkpoint) on a mock engine; variants mock-inst (Δ) and mock-half (0.5·Δ)."""
-    work = tmp_path_factory.mktemp("mock-stack")
+    with mock_gateway(tied, tmp_path_factory.mktemp("mock-stack"), MOCK_TOKENS_PER_SECOND) as stack:
+        yield stack
+
+
+@contextmanager
+def mock_gateway(
+    tied, work: Path, tokens_per_second: float, gateway_args: tuple[str, ...] = ()
+) -> Iterator[MockStack]:
+    """A mock engine and `deltagate serve` attached to it, with the mock stack's variants."""
     engine_port, port = free_port(), free_port()
     engine_log = work / "mock-engine.log"
     mock = subprocess.Popen(
         [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "mock",
-         "--tokens-per-second", str(MOCK_TOKENS_PER_SECOND), "--swap-seconds", "0.05"],
+         "--tokens-per-second", str(tokens_per_second), "--swap-seconds", "0.05"],
         stdout=open(engine_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     engine_url = f"http://127.0.0.1:{engine_port}"
@@ -289,11 +300,11 @@ def mock_stack(tied, tmp_path_factory) -> MockStack:
         wait_healthy(engine_url, mock, engine_log, timeout=60)
         args = ["--base", f"mock={tied.base}", "--engine-url", f"mock={engine_url}",
                 "--variant", f"mock-inst={tied.delta}",
-                "--variant", f"mock-half={tied.delta}:0.5"]  # fmt: skip
+                "--variant", f"mock-half={tied.delta}:0.5", *gateway_args]  # fmt: skip
         proc = start_gateway(args, work / "state", port, log)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, log, timeout=120)
-        yield MockStack(url, engine_url, {"Authorization": f"Bearer {ADMIN}"})
+        yield MockStack(url, engine_url, {"Authorization": f"Bearer {ADMIN}"}, log)
     finally:
         if proc is not None:
             stop_gateway(proc)

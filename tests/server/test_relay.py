@@ -6,6 +6,7 @@ base), so every answer shows which weights produced it.
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loaders.mock_engine import weights_tag
-from tests.server.conftest import metric_families, sample_value
+from tests.server.conftest import metric_families, mock_gateway, sample_value
 
 
 def _body(model: str, **extra) -> dict:
@@ -114,6 +115,36 @@ def test_client_disconnect_mid_stream_frees_the_slot(mock_stack):
     after = _metric(mock_stack, "deltagate_requests_total", variant="mock-inst",
                     endpoint="/v1/completions", status_class="4xx")  # fmt: skip
     assert after == before + 1  # recorded as 499: client closed
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_frees_the_slot(tied, tmp_path):
+    """A client that keeps its connection but reads nothing: once its writes have blocked for
+    --stream-write-timeout, the stream ends, the admission is released (another variant's swap
+    proceeds) and the stall is counted; the client sees a connection closed before the stream's end."""
+    with mock_gateway(
+        tied, tmp_path, tokens_per_second=0, gateway_args=("--stream-write-timeout", "1")
+    ) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: writes block soon
+        reader.connect((host, int(port)))
+        body = json.dumps(_body("mock-inst", stream=True, max_tokens=65536)).encode()
+        reader.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        assert reader.recv(1024).startswith(b"HTTP/1.1 200")  # then it reads nothing
+        deadline = time.monotonic() + 20
+        while _metric(gw, "deltagate_stalled_streams_total", variant="mock-inst") != 1:
+            assert time.monotonic() < deadline, "a stream nobody reads was not ended"
+            time.sleep(0.2)
+        assert _metric(gw, "deltagate_inflight_requests", engine="mock") == 0
+        assert _tag(gw, "mock-half") != "wbase"  # another variant swaps in and answers
+        reader.settimeout(20)
+        received = b""
+        while chunk := reader.recv(65536):  # what was buffered, then the close
+            received += chunk
+        reader.close()
+        assert b"data: " in received and not received.endswith(b"0\r\n\r\n")  # cut, not finished
+        assert "read nothing for 1 s" in gw.log.read_text()
 
 
 def test_requests_waiting_for_a_swap_are_counted_as_queued(mock_stack):
