@@ -1,40 +1,31 @@
-"""The gateway service: registry + engines + swap slots. Routes call only this."""
+"""The gateway service: the engines (started, attached, supervised), their swap slots, and which
+engine and weights serve each request. Deltas and variants are catalogued by server/catalog.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltas.artifact import open_artifact
-from deltas.checkpoint import Checkpoint, vocabulary_digest
-from deltas.errors import DeltaError, IncompatibleError
-from deltas.lora import adapter_rank
-from deltas.recipe import DeltaTerm, Recipe
+from deltas.checkpoint import Checkpoint
+from deltas.recipe import Recipe
 from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec, wait_healthy
-from loaders.merge import check_recipe
 from server.adapters import Adapter, AdapterLane
-from server.bases import Provenance, describe_base, place, provenance, vocabulary_problem
+from server.bases import Provenance, describe_base, place, provenance
+from server.catalog import Catalog, drop_partial_uploads, eos_ids, require_name
 from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 from server.metrics import EngineState, Metrics
 from server.policy import SwapPolicy
 from server.registry import (
     BaseRecord,
-    DeltaRecord,
     Registry,
     VariantRecord,
-    VariantTerm,
-    check_name,
     file_identity,
 )
-from server.settings import GatewaySettings, StartupVariant
+from server.settings import GatewaySettings
 from server.swap import WeightSlot
-from server.uploads import receive_to_file
 
 log = logging.getLogger("deltagate")
 
@@ -76,6 +67,7 @@ class Gateway:
         self.remote = False
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
+        self.catalog = Catalog(self.registry, settings, self.adapters)
 
     # lifecycle ---------------------------------------------------------
     async def start(self, *, engines: bool = True) -> None:
@@ -85,9 +77,9 @@ class Gateway:
         Ray Serve replicas (server/cluster); requests then resolve without a slot.
         """
         self.remote = not engines
-        _drop_partial_uploads(self.settings.store_dir)
+        drop_partial_uploads(self.settings.store_dir)
         for spec in self.settings.bases:
-            _require_name(spec.name)
+            require_name(spec.name)
             if not (Path(spec.path) / "config.json").is_file():
                 raise BadRequestError(f"base {spec.name!r}: {spec.path} is not a checkpoint dir")
             previous = self.registry.state.bases.get(spec.name)
@@ -100,7 +92,7 @@ class Gateway:
             self._remember(base)
         if not engines:
             for spec in self.settings.variants:
-                await self.ensure_variant(spec)
+                await self.catalog.ensure_variant(spec)
             return
         # Engine URLs are runtime facts, given per start; they are not persisted.
         self._engine_urls = {s.name: s.engine_url for s in self.settings.bases if s.engine_url}
@@ -118,14 +110,14 @@ class Gateway:
             if base.engine is not None and base.engine not in self.slots:
                 log.warning("runtime base %s: its engine %s is not configured now", base.name, base.engine)
         for spec in self.settings.variants:
-            await self.ensure_variant(spec)
+            await self.catalog.ensure_variant(spec)
         if self.processes and self.settings.supervise_seconds > 0:
             self._supervisor = asyncio.create_task(self._supervise())
 
     def _remember(self, base: BaseRecord) -> None:
         """Cache what requests need from a base's checkpoint: its stop tokens and chat template."""
         ckpt = Checkpoint(base.path)
-        self._base_eos[base.name] = set(_eos_ids(ckpt.generation_config()))
+        self._base_eos[base.name] = set(eos_ids(ckpt.generation_config()))
         self._base_template[base.name] = ckpt.chat_template()
 
     def _launch(self, base: BaseRecord) -> EngineProcess:
@@ -266,7 +258,7 @@ class Gateway:
             if engine in self._starting:
                 raise UnavailableError(f"the engine for base {base.name!r} is starting; retry shortly")
             raise NotFoundError(f"base {base.name!r} has no running engine")
-        recipe = self._recipe(variant)
+        recipe = self.catalog.recipe(variant)
         return Resolved(variant, recipe, slot, template, eos, self._adapter(variant, recipe), engine)
 
     def engine_of(self, base: BaseRecord) -> str:
@@ -281,13 +273,13 @@ class Gateway:
         """The adapter serving `variant`, if its lane is the adapter one."""
         if self._not_adapter(variant) is not None:
             return None
-        return self.adapters.adapter(variant, recipe, [self.registry.delta(t.delta) for t in variant.deltas])
+        return self.adapters.adapter(variant, recipe, self.catalog.deltas_of(variant))
 
     def _not_adapter(self, variant: VariantRecord) -> str | None:
         """Why `variant` is served by swaps rather than as an adapter (None: it is an adapter)."""
         if variant.lane == "swap":
             return "its lane is swap"
-        return self.adapters.unfit(variant, [self.registry.delta(t.delta) for t in variant.deltas])
+        return self.adapters.unfit(variant, self.catalog.deltas_of(variant))
 
     def lane(self, name: str) -> tuple[str, str | None]:
         """How `name` is served ("swap" or "adapter") and, if not as an adapter, why."""
@@ -341,8 +333,8 @@ class Gateway:
     # bases -------------------------------------------------------------
     async def add_base(self, name: str, path: str) -> BaseRecord:
         """Check a checkpoint and serve it: hot-loaded by a running engine it fits, else its own."""
-        _require_name(name)
-        self._name_free(name)
+        require_name(name)
+        self.catalog.name_free(name)
         resolved = Path(path).expanduser().resolve()
         if not (resolved / "config.json").is_file():
             raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
@@ -355,7 +347,7 @@ class Gateway:
                 f"base {name!r} fits no running engine ({why}); this gateway is attached to engines it "
                 f"did not start, so start a vLLM engine for it and pass --base {name}=DIR@URL"
             )
-        self._name_free(name)  # again: another request may have taken it while we read the checkpoint
+        self.catalog.name_free(name)  # again: another request may have taken it while we read the checkpoint
         record = record.model_copy(update={"engine": host, "runtime": True})
         self.registry.put_base(record)
         self._remember(record)
@@ -365,10 +357,6 @@ class Gateway:
         else:
             log.info("base %s is hot-loaded by the engine of %s", name, host)
         return record
-
-    def _name_free(self, name: str) -> None:
-        if name in self.registry.state.bases or name in self.registry.state.variants:
-            raise ConflictError(f"model name {name!r} is taken")
 
     def _start_engine(self, base: BaseRecord) -> None:
         """Start an engine of its own for a runtime base; requests get 503 until it is ready."""
@@ -418,122 +406,6 @@ class Gateway:
         if proc is not None:
             await asyncio.to_thread(proc.stop)
 
-    # deltas ------------------------------------------------------------
-    async def register_delta_path(self, name: str, path: str) -> DeltaRecord:
-        """Register an artifact already on disk, after verifying it fully."""
-        _require_name(name)
-        if name in self.registry.state.deltas:
-            raise ConflictError(f"delta {name!r} exists; delete it first")
-        resolved = Path(path).expanduser().resolve()
-        record = await asyncio.to_thread(_describe_delta, name, resolved, False)
-        self.registry.add_delta(record)
-        return record
-
-    async def register_delta_upload(self, name: str, chunks: AsyncIterator[bytes]) -> DeltaRecord:
-        """Store an uploaded artifact in the store dir (atomically), verify, register."""
-        _require_name(name)
-        if name in self.registry.state.deltas:
-            raise ConflictError(f"delta {name!r} exists; delete it first")
-        store = self.settings.store_dir
-        store.mkdir(parents=True, exist_ok=True)
-        final = store / f"{name.replace('/', '__')}.safetensors"
-        tmp = store / f".upload-{uuid.uuid4().hex}.partial"
-        try:
-            await receive_to_file(
-                chunks, tmp, self.settings.max_upload_bytes, self.settings.upload_idle_seconds
-            )
-            try:
-                record = await asyncio.to_thread(_describe_delta, name, tmp, True)
-            except DeltaError as exc:  # its message names the temporary file: name the upload instead
-                raise type(exc)(str(exc).replace(str(tmp), f"uploaded artifact {name!r}")) from None
-            # only a verified artifact ever lands in the store (a symlink planted there is replaced)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        record = record.model_copy(update={"path": str(final)})
-        self.registry.add_delta(record)
-        return record
-
-    def delete_delta(self, name: str) -> None:
-        record = self.registry.remove_delta(name)
-        if record.uploaded:
-            Path(record.path).unlink(missing_ok=True)
-
-    # variants ----------------------------------------------------------
-    async def define_variant(self, record: VariantRecord) -> VariantRecord:
-        """Validate that the deltas fit the base, then register the variant."""
-        self.registry.base(record.base)  # an unknown base is a 404 before anything else
-        self._name_free(record.name)
-        try:
-            await asyncio.to_thread(check_recipe, self._recipe(record))
-        except IncompatibleError as exc:  # name the deltas as the client did, not by their files
-            message = str(exc)
-            for term in record.deltas:
-                message = message.replace(self.registry.delta(term.delta).path, repr(term.delta))
-            raise IncompatibleError(message) from None
-        base = self.registry.base(record.base)
-        for term in record.deltas if not record.allow_vocab_mismatch else ():
-            problem = vocabulary_problem(self.registry.delta(term.delta), base)
-            if problem:
-                raise BadRequestError(f"variant {record.name!r}: {problem}")
-        if record.lane == "adapter":
-            unfit = self.adapters.unfit(record, [self.registry.delta(t.delta) for t in record.deltas])
-            if unfit:
-                raise BadRequestError(f"variant {record.name!r} cannot be served as an adapter: {unfit}")
-        self.registry.add_variant(record)
-        return record
-
-    def _recipe(self, variant: VariantRecord) -> Recipe:
-        """The weights `variant` stands for, with its deltas' registered paths."""
-        terms = [
-            DeltaTerm(path=self.registry.delta(t.delta).path, alpha=t.alpha, density=t.density)
-            for t in variant.deltas
-        ]
-        base = self.registry.base(variant.base)
-        return Recipe(
-            base=base.path,
-            deltas=terms,
-            method=variant.method,
-            normalize=variant.normalize,
-            seed=variant.seed,
-        )
-
-    async def ensure_variant(self, spec: StartupVariant) -> VariantRecord:
-        """Define a command-line variant, registering artifact paths as deltas on the way."""
-        terms = []
-        for term in spec.terms:
-            ref = await self._delta_for_ref(term.ref)
-            terms.append(VariantTerm(delta=ref, alpha=term.alpha, density=term.density))
-        record = VariantRecord(
-            name=spec.name,
-            base=spec.base or next(iter(self.registry.state.bases)),
-            deltas=terms,
-            method=spec.method,
-            normalize=spec.normalize,
-            seed=spec.seed,
-        )
-        existing = self.registry.state.variants.get(spec.name)
-        if existing is not None:
-            if existing == record:
-                return existing
-            self.registry.remove_variant(spec.name)  # the command line wins
-        return await self.define_variant(record)
-
-    async def _delta_for_ref(self, ref: str) -> str:
-        if ref in self.registry.state.deltas:
-            return ref
-        path = Path(ref).expanduser().resolve()
-        for record in self.registry.state.deltas.values():
-            if Path(record.path) == path:
-                if file_identity(path) != (record.size_bytes, record.mtime_ns):
-                    self.registry.remove_delta(record.name)  # re-extracted since: re-verify
-                    break
-                return record.name
-        name = path.stem
-        while name in self.registry.state.deltas:
-            name += "-1"
-        return (await self.register_delta_path(name, str(path))).name
-
     async def delete_variant(self, name: str) -> None:
         """Forget a variant; an adapter it was served as is unloaded and its files deleted."""
         try:
@@ -553,55 +425,8 @@ def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
     return base if not slot.resident.deltas and not slot.resident.base.startswith("<") else None
 
 
-def _drop_partial_uploads(store: Path) -> None:
-    """Uploads a killed gateway left half-written: never registered, so never served; removed."""
-    for partial in store.glob(".upload-*.partial") if store.is_dir() else ():
-        log.warning("removing %s, an upload interrupted by a previous stop", partial.name)
-        partial.unlink(missing_ok=True)
-
-
-def _require_name(name: str) -> None:
-    try:
-        check_name(name)
-    except ValueError as exc:
-        raise BadRequestError(f"invalid name {name!r}: {exc}") from None
-
-
-def _eos_ids(generation_config: dict) -> list[int]:
-    eos = generation_config.get("eos_token_id")
-    return [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
-
-
 def _identity_or_none(path: str) -> tuple[int, int] | None:
     try:
         return file_identity(path)
     except OSError:
         return None
-
-
-def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
-    artifact = open_artifact(path, verify=True)
-    m = artifact.manifest
-    eos_ids = _eos_ids(m.generation_config)
-    size, mtime = file_identity(path)
-    try:
-        rank, unfit = adapter_rank(m), None
-    except DeltaError as exc:
-        rank, unfit = None, str(exc)
-    return DeltaRecord(
-        name=name,
-        path=str(path),
-        size_bytes=size,
-        mtime_ns=mtime,
-        base_architecture=m.base.architecture,
-        base_content_hash=m.base.content_hash,
-        tensors=len(m.tensors),
-        encodings=sorted({t.encoding for t in m.tensors}),
-        lossless=m.lossless,
-        chat_template=m.chat_template,
-        eos_token_ids=eos_ids,
-        uploaded=uploaded,
-        adapter_rank=rank,
-        adapter_unfit=unfit,
-        vocab_digest=vocabulary_digest(artifact.side_files()),
-    )

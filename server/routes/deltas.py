@@ -25,11 +25,11 @@ async def register_delta(
             body = DeltaCreate.model_validate(await request.json())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
-        record = await gateway.register_delta_path(body.name, body.path)
+        record = await gateway.catalog.register_delta_path(body.name, body.path)
     elif ctype.startswith("application/octet-stream"):
         if not name:
             raise BadRequestError("an upload needs the delta's name: POST /v1/deltas?name=NAME")
-        record = await gateway.register_delta_upload(name, request.stream())
+        record = await gateway.catalog.register_delta_upload(name, request.stream())
     else:
         raise BadRequestError("send JSON {name, path} or the artifact bytes as application/octet-stream")
     return DeltaPublic.of(record)
@@ -47,5 +47,5 @@ async def get_delta(name: str, gateway: GatewayDep) -> DeltaPublic:
 
 @router.delete("/{name:path}", status_code=204)
 async def delete_delta(name: str, gateway: GatewayDep) -> Response:
-    gateway.delete_delta(name)
+    gateway.catalog.delete_delta(name)
     return Response(status_code=204)

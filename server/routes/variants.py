@@ -31,7 +31,7 @@ def _public(gateway: Gateway, name: str) -> VariantPublic:
 @router.post("", status_code=201)
 async def create_variant(body: VariantCreate, gateway: GatewayDep) -> VariantPublic:
     """Check the deltas fit the base (names, shapes, architecture), then register."""
-    await gateway.define_variant(VariantRecord(**body.model_dump()))
+    await gateway.catalog.define_variant(VariantRecord(**body.model_dump()))
     return _public(gateway, body.name)
 
 
