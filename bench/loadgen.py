@@ -45,6 +45,10 @@ class Service:
             raise SystemExit(f"{exc}\n{tail}") from None
         return self
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the process has used so far."""
+        return process_cpu_seconds(self.proc.pid)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
@@ -52,6 +56,12 @@ class Service:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn(name: str, cmd: list[str], port: int, log: Path) -> Service:

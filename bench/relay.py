@@ -77,11 +77,16 @@ def main() -> None:
                     for target in order:
                         url = mock.url if target == "direct" else gateway.url
                         out = work / f"{mode}-c{concurrency}-{target}-{rep}.json"
+                        before = clocks(mock, gateway)
                         r = run_once(url, mode, concurrency, args, base, out)
+                        requests = (args.requests_per_stream + 1) * concurrency  # one warm-up per stream
+                        r |= cpu_use(before, clocks(mock, gateway), requests)
                         runs[target].append(r)
                         print(f"  {mode:9s} c={concurrency:<4d} rep {rep + 1}/{args.repeats} {target:7s} "
                               f"{r['tok_s']:8.0f} tok/s  TTFT p50 {r['ttft_p50']:7.1f} ms  "
-                              f"p99 {r['ttft_p99']:7.1f} ms  failed {r['failed']}", flush=True)  # fmt: skip
+                              f"p99 {r['ttft_p99']:7.1f} ms  failed {r['failed']}  CPU per request: "
+                              f"engine {r['engine_us_per_request']:.0f} µs, gateway "
+                              f"{r['gateway_us_per_request']:.0f} µs", flush=True)  # fmt: skip
                 rows.append(summarise(mode, concurrency, runs))
     finally:
         gateway.stop()
@@ -91,9 +96,24 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=2))
 
 
+def clocks(mock, gateway) -> tuple[float, float]:
+    """CPU seconds so far of the mock engine and the gateway."""
+    return mock.cpu_seconds(), gateway.cpu_seconds()
+
+
+def cpu_use(before: tuple, after: tuple, requests: int) -> dict:
+    """CPU per request (warm-ups included) of the mock engine and the gateway over one run: what each
+    side costs the two cores it shares with the load generator."""
+    engine, gateway = (a - b for a, b in zip(after, before, strict=True))
+    return {
+        "engine_us_per_request": 1e6 * engine / requests,
+        "gateway_us_per_request": 1e6 * gateway / requests,
+    }
+
+
 def summarise(mode: str, concurrency: int, runs: dict[str, list[dict]]) -> dict:
-    med = {t: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "ttft_p50", "ttft_p99")}
-           for t, rs in runs.items()}  # fmt: skip
+    keys = ("tok_s", "ttft_p50", "ttft_p99", "engine_us_per_request", "gateway_us_per_request")
+    med = {t: {k: statistics.median(r[k] for r in rs) for k in keys} for t, rs in runs.items()}
     return {"mode": mode, "concurrency": concurrency, "direct": med["direct"], "gateway": med["gateway"],
             "throughput_ratio": med["gateway"]["tok_s"] / med["direct"]["tok_s"],
             "ttft_p50_added_ms": med["gateway"]["ttft_p50"] - med["direct"]["ttft_p50"],
@@ -106,15 +126,17 @@ def print_table(rows: list[dict], args) -> None:
           f"{args.output_len}-token outputs, medians of {args.repeats} alternating repeats")  # fmt: skip
     print(
         "| mode | streams | direct tok/s | gateway tok/s | ratio | TTFT p50 direct → gateway (ms) "
-        "| added p50 | TTFT p99 direct → gateway (ms) | added p99 | failed |"
+        "| added p50 | TTFT p99 direct → gateway (ms) | added p99 | failed | CPU µs/request: engine "
+        "| gateway |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         d, g = r["direct"], r["gateway"]
         print(f"| {r['mode']} | {r['concurrency']} | {d['tok_s']:.0f} | {g['tok_s']:.0f} | "
               f"{100 * r['throughput_ratio']:.1f}% | {d['ttft_p50']:.1f} → {g['ttft_p50']:.1f} | "
               f"{r['ttft_p50_added_ms']:+.1f} | {d['ttft_p99']:.1f} → {g['ttft_p99']:.1f} | "
-              f"{r['ttft_p99_added_ms']:+.1f} | {r['failed']} |")  # fmt: skip
+              f"{r['ttft_p99_added_ms']:+.1f} | {r['failed']} | "
+              f"{g['engine_us_per_request']:.0f} | {g['gateway_us_per_request']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -50,3 +50,62 @@ def tied_updated(tied, tmp_path_factory) -> Path:
     """θ′ for `tied`: its base moved by a small seeded update, as continued pre-training would."""
     return make_pico_post(tied.base, tmp_path_factory.mktemp("tied-updated") / "base", seed=50, scale=0.1,
                           chat_template=None)  # fmt: skip
+
+
+LOWRANK_CODECS = """default: lowrank:rank=8
+exclude: ["*embed_tokens*", "lm_head.weight", "*norm*"]
+"""
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Rank-8 compressions of `untied`'s deltas, the first exported as a PEFT adapter, and what
+    stock vLLM engines (no deltagate) answer for them (greedy, with logprobs)."""
+
+    lowrank: Path  # untied.delta compressed to rank 8
+    lowrank2: Path  # untied.delta2 compressed to rank 8
+    adapter: Path  # `lowrank` exported as a PEFT LoRA adapter (deltagate export-lora)
+    refs: dict[str, list[dict]]  # lr, lr-mix (offline merges), post, post-lora, peft, peft-base
+
+
+@pytest.fixture(scope="session")
+def lowrank(untied, tmp_path_factory) -> LowRank:
+    """Stock vLLM's answers for the low-rank deltas: merged offline (no LoRA); the post model with and
+    without --enable-lora; the exported adapter through vLLM's own multi-LoRA (and that engine's plain
+    base). All five engines start at once: one start-up round, shared by tests/loaders/test_lora.py
+    and tests/server/test_adapters.py."""
+    from loaders.engine import EngineProcess, EngineSpec
+    from tests.server.conftest import _merge, completion_outputs, deltagate
+
+    work = tmp_path_factory.mktemp("lowrank")
+    (work / "codecs.yaml").write_text(LOWRANK_CODECS)
+    lr, lr2, adapter = work / "lowrank.safetensors", work / "lowrank2.safetensors", work / "adapter"
+    deltagate("compress", untied.delta, "-o", lr, "--codec-recipe", work / "codecs.yaml")
+    deltagate("compress", untied.delta2, "-o", lr2, "--codec-recipe", work / "codecs.yaml")
+    deltagate("export-lora", lr, "-o", adapter)
+    lora = ("--enable-lora", "--max-lora-rank", "16")
+
+    def stock(path: Path, name: str, *extra: str) -> EngineProcess:
+        spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra,
+                          log_path=work / f"{name}.log")  # fmt: skip
+        return EngineProcess(spec, with_extension=False)
+
+    engines = {
+        "lr": stock(_merge(untied.base, [str(lr)], work / "m-lr"), "lr"),
+        "lr-mix": stock(_merge(untied.base, [f"{lr}:0.5", f"{lr2}:0.5"], work / "m-mix"), "lr-mix"),
+        "post": stock(untied.post, "post"),
+        "post-lora": stock(untied.post, "post-lora", *lora),
+        "peft": stock(untied.base, "peft", *lora, "--max-loras", "1", "--lora-modules", f"lowrank={adapter}"),
+    }
+    refs = {}
+    for proc in engines.values():
+        proc.start()
+    try:
+        for name, proc in engines.items():
+            proc.wait_ready(timeout=900)
+            refs[name] = completion_outputs(proc.url, "lowrank" if name == "peft" else "ref")
+        refs["peft-base"] = completion_outputs(engines["peft"].url, "ref")  # same engine, no adapter
+    finally:
+        for proc in engines.values():
+            proc.stop()
+    return LowRank(lr, lr2, adapter, refs)

@@ -15,12 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loaders.engine import EngineProcess, EngineSpec, free_port
+from loaders.engine import free_port
 from tests.server.conftest import (
     ADMIN,
-    _merge,
     completion_outputs,
-    deltagate,
     start_gateway,
     stop_gateway,
     wait_healthy,
@@ -28,9 +26,6 @@ from tests.server.conftest import (
 
 pytestmark = pytest.mark.engine
 
-CODECS_YAML = """default: lowrank:rank=8
-exclude: ["*embed_tokens*", "lm_head.weight", "*norm*"]
-"""
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 
@@ -42,37 +37,10 @@ class Lane:
     dense: Path
 
 
-def _stock(path: Path, log: Path, *extra: str) -> EngineProcess:
-    spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra, log_path=log)
-    return EngineProcess(spec, with_extension=False)
-
-
 @pytest.fixture(scope="module")
-def lane(untied, tmp_path_factory) -> Lane:
+def lane(untied, lowrank, tmp_path_factory) -> Lane:
     work = tmp_path_factory.mktemp("adapters")
-    (work / "codecs.yaml").write_text(CODECS_YAML)
-    lr, lr2 = work / "lowrank.safetensors", work / "lowrank2.safetensors"
-    deltagate("compress", untied.delta, "-o", lr, "--codec-recipe", work / "codecs.yaml")
-    deltagate("compress", untied.delta2, "-o", lr2, "--codec-recipe", work / "codecs.yaml")
-    lora = ("--enable-lora", "--max-lora-rank", "16")
-    stock = {
-        "lr": _stock(_merge(untied.base, [str(lr)], work / "m-lr"), work / "ref-lr.log"),
-        "lr-mix": _stock(
-            _merge(untied.base, [f"{lr}:0.5", f"{lr2}:0.5"], work / "m-mix"), work / "ref-mix.log"
-        ),
-        "post": _stock(untied.post, work / "ref-post.log"),
-        "post-lora": _stock(untied.post, work / "ref-post-lora.log", *lora),
-    }
-    refs = {}
-    for proc in stock.values():  # all four at once: one start-up round instead of two
-        proc.start()
-    try:
-        for name, proc in stock.items():
-            proc.wait_ready(timeout=900)
-            refs[name] = completion_outputs(proc.url, "ref")
-    finally:
-        for proc in stock.values():
-            proc.stop()
+    lr, lr2, refs = lowrank.lowrank, lowrank.lowrank2, lowrank.refs
     port = free_port()
     args = ["--base", f"untied={untied.base}", "--lora-slots", "2", "--max-lora-rank", "16",
             "--variant", f"lr={lr}", "--variant", f"lr-mix={lr}:0.5,{lr2}:0.5",

@@ -1,8 +1,13 @@
 """The registry survives a gateway restart; a gateway can attach to running engines."""
 
+import json
+import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 import pytest
 
 from loaders.engine import free_port
@@ -10,6 +15,8 @@ from tests.server.conftest import (
     PROMPTS,
     completion_outputs,
     completion_params,
+    metric_families,
+    sample_value,
     start_gateway,
     stop_gateway,
     wait_healthy,
@@ -50,19 +57,7 @@ def test_second_gateway_attaches_and_sees_the_registry(stack, tied, untied):
 
 def test_gateway_restarts_an_engine_that_died(stack):
     """Kill the untied base's engine: the gateway restarts it, and it serves exactly again."""
-    import os
-    import signal
-    import time
-
-    import psutil
-
-    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
-    port = next(b["engine_url"] for b in bases if b["name"] == "untied").rsplit(":", 1)[1]
-    leader = next(
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and f"--port {port}" in " ".join(p.info["cmdline"])
-    )
+    leader = _engine_leader(stack, "untied")
     # a long stream in flight when the engine dies: it ends, with an error event, not a hang
     body = {"model": "untied-inst", "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
@@ -82,16 +77,59 @@ def test_gateway_restarts_an_engine_that_died(stack):
         assert status in (200, 503), (status, text)
         assert status == 200 or retry_after, text
         assert "previous weights" not in text
+    _wait_for_restart(stack, "untied", restarts=1)
+    assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
+    assert completion_outputs(stack.url, "untied-inst") == stack.refs["untied-inst"]
+
+
+def test_an_engine_killed_mid_swap_comes_back_with_the_weights_the_gateway_believes(stack):
+    """Freeze the engine, ask for a variant it does not hold (the swap's request to the engine
+    hangs), then kill it: the request waits for the restart and is answered by the right weights
+    (or gets 503 + Retry-After after --engine-wait); afterwards every variant is exact again."""
+    assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]  # resident: the base
+    restarts = sample_value(metric_families(stack.url), "deltagate_engine_restarts_total", engine="untied")
+    group = os.getpgid(_engine_leader(stack, "untied").pid)
+    os.killpg(group, signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(_ask_while_down, "untied-inst", stack.url)
+        deadline = time.monotonic() + 30
+        while sample_value(metric_families(stack.url), "deltagate_queued_requests", engine="untied") < 1:
+            assert time.monotonic() < deadline, "the request never waited for its swap"
+            time.sleep(0.05)
+        time.sleep(1.0)  # the swap's request is now with the frozen engine
+        os.killpg(group, signal.SIGKILL)
+        status, retry_after, text = asked.result()
+    assert status == 200 or (status == 503 and retry_after), text
+    if status == 200:
+        choice = json.loads(text)["choices"][0]
+        answer = {"text": choice["text"], **choice["logprobs"]}
+        answer.pop("text_offset", None)
+        assert answer == stack.refs["untied-inst"][0]  # as completion_outputs records it
+    _wait_for_restart(stack, "untied", restarts=restarts + 1)
+    assert completion_outputs(stack.url, "untied-inst") == stack.refs["untied-inst"]
+    assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
+
+
+def _engine_leader(stack, base: str) -> psutil.Process:
+    """The process that leads `base`'s engine's process group (its API server)."""
+    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
+    port = next(b["engine_url"] for b in bases if b["name"] == base).rsplit(":", 1)[1]
+    return next(
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and f"--port {port}" in " ".join(p.info["cmdline"])
+    )
+
+
+def _wait_for_restart(stack, base: str, restarts: float) -> None:
+    """Until the gateway has restarted `base`'s engine `restarts` times in all and it is healthy."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         time.sleep(2)
-        if 'deltagate_engine_restarts_total{engine="untied"} 1.0' in httpx.get(stack.url + "/metrics").text:
-            if httpx.get(stack.url + "/health").json()["engines"]["untied"]:
-                break
-    else:
-        raise AssertionError("engine was not restarted")
-    assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
-    assert completion_outputs(stack.url, "untied-inst") == stack.refs["untied-inst"]
+        done = sample_value(metric_families(stack.url), "deltagate_engine_restarts_total", engine=base)
+        if done >= restarts and httpx.get(stack.url + "/health").json()["engines"][base]:
+            return
+    raise AssertionError(f"the engine for {base} was not restarted")
 
 
 def _ask_while_down(model: str, url: str) -> tuple[int, str | None, str]:
