@@ -126,8 +126,8 @@ def print_table(rows: list[dict], args) -> None:
           f"{args.output_len}-token outputs, medians of {args.repeats} alternating repeats")  # fmt: skip
     print(
         "| mode | streams | direct tok/s | gateway tok/s | ratio | TTFT p50 direct → gateway (ms) "
-        "| added p50 | TTFT p99 direct → gateway (ms) | added p99 | failed | CPU µs/request: engine "
-        "| gateway |"
+        "| added p50 | TTFT p99 direct → gateway (ms) | added p99 | failed | engine CPU µs/request "
+        "| gateway CPU µs/request |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
