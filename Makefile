@@ -50,8 +50,10 @@ bench-soak: install
 	$(PY) bench/soak.py
 
 # What CI does, from a 100+ character directory and a 40-column terminal (issue 8): run before stopping.
+# The clone (with its own .venv, ~5 GB) is removed afterwards, passed or not.
 fresh-clone-test:
-	d=$$(mktemp -d)/$$(printf 'x%.0s' $$(seq 1 100)) && git clone -q . "$$d" && cd "$$d" && COLUMNS=40 $(MAKE) test
+	root=$$(mktemp -d) && d="$$root/$$(printf 'x%.0s' $$(seq 1 100))" && git clone -q . "$$d" && \
+	(cd "$$d" && COLUMNS=40 $(MAKE) test); status=$$?; rm -rf "$$root"; exit $$status
 
 clean:
 	rm -rf $(VENV) .cache .deltagate
