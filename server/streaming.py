@@ -28,12 +28,13 @@ log = logging.getLogger("deltagate")
 
 
 class _Open:
-    """One open stream: its task, and when its pending write started (0: none pending)."""
+    """One open stream: its task, its label (the variant), and when its pending write started
+    (0: none pending)."""
 
-    __slots__ = ("task", "since", "ended_by", "done")
+    __slots__ = ("task", "label", "since", "ended_by", "done")
 
-    def __init__(self, task: asyncio.Task) -> None:
-        self.task, self.since, self.ended_by, self.done = task, 0.0, "", False
+    def __init__(self, task: asyncio.Task, label: str) -> None:
+        self.task, self.label, self.since, self.ended_by, self.done = task, label, 0.0, "", False
 
     def end(self, why: str) -> None:
         if not self.done and not self.ended_by:
@@ -46,7 +47,7 @@ class StallWatch:
 
     def __init__(self, timeout: float, on_stall: Callable[[str], None] = lambda label: None) -> None:
         self.timeout, self.on_stall = timeout, on_stall
-        self.open: dict[_Open, str] = {}  # -> a label for logs and metrics (the variant)
+        self.open: set[_Open] = set()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -66,13 +67,13 @@ class StallWatch:
         while True:
             await asyncio.sleep(min(1.0, self.timeout / 4))
             now = loop.time()
-            for stream, label in list(self.open.items()):
+            for stream in list(self.open):
                 if stream.since and now - stream.since > self.timeout:
                     log.warning(
                         "client of a %s stream read nothing for %.0f s: stream ended, admission released",
-                        label, self.timeout,
+                        stream.label, self.timeout,
                     )  # fmt: skip
-                    self.on_stall(label)
+                    self.on_stall(stream.label)
                     stream.end("stalled")
 
 
@@ -86,8 +87,8 @@ class RelayStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
-        stream = _Open(asyncio.current_task())
-        self.watch.open[stream] = self.label
+        stream = _Open(asyncio.current_task(), self.label)
+        self.watch.open.add(stream)
         listener = loop.create_task(_until_disconnect(receive, stream))
         try:
             await send(
@@ -107,7 +108,7 @@ class RelayStream(StreamingResponse):
         finally:
             stream.done = True  # from here on, neither the listener nor the watch cancels this task
             listener.cancel()
-            del self.watch.open[stream]
+            self.watch.open.discard(stream)
             await self.body_iterator.aclose()  # releases the admission if the stream did not finish
 
 

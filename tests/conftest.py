@@ -74,8 +74,7 @@ def lowrank(untied, tmp_path_factory) -> LowRank:
     without --enable-lora; the exported adapter through vLLM's own multi-LoRA (and that engine's plain
     base). All five engines start at once: one start-up round, shared by tests/loaders/test_lora.py
     and tests/server/test_adapters.py."""
-    from loaders.engine import EngineProcess, EngineSpec
-    from tests.server.conftest import _merge, completion_outputs, deltagate
+    from tests.server.conftest import _merge, completion_outputs, deltagate, stock_engine
 
     work = tmp_path_factory.mktemp("lowrank")
     (work / "codecs.yaml").write_text(LOWRANK_CODECS)
@@ -85,18 +84,15 @@ def lowrank(untied, tmp_path_factory) -> LowRank:
     deltagate("export-lora", lr, "-o", adapter)
     lora = ("--enable-lora", "--max-lora-rank", "16")
 
-    def stock(path: Path, name: str, *extra: str) -> EngineProcess:
-        spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra,
-                          log_path=work / f"{name}.log")  # fmt: skip
-        return EngineProcess(spec, with_extension=False)
-
     engines = {
-        "lr": stock(_merge(untied.base, [str(lr)], work / "m-lr"), "lr"),
-        "lr-mix": stock(_merge(untied.base, [f"{lr}:0.5", f"{lr2}:0.5"], work / "m-mix"), "lr-mix"),
-        "post": stock(untied.post, "post"),
-        "post-lora": stock(untied.post, "post-lora", *lora),
-        "peft": stock(untied.base, "peft", *lora, "--max-loras", "1", "--lora-modules", f"lowrank={adapter}"),
-    }
+        "lr": stock_engine(_merge(untied.base, [str(lr)], work / "m-lr"), work / "lr.log"),
+        "lr-mix": stock_engine(_merge(untied.base, [f"{lr}:0.5", f"{lr2}:0.5"], work / "m-mix"),
+                               work / "mix.log"),
+        "post": stock_engine(untied.post, work / "post.log"),
+        "post-lora": stock_engine(untied.post, work / "post-lora.log", *lora),
+        "peft": stock_engine(untied.base, work / "peft.log", *lora, "--max-loras", "1",
+                             "--lora-modules", f"lowrank={adapter}"),
+    }  # fmt: skip
     refs = {}
     for proc in engines.values():
         proc.start()

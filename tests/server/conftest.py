@@ -137,6 +137,12 @@ def _references(tied, untied, updated: Path, work: Path, int4: Path) -> dict[str
     }
 
 
+def stock_engine(path: Path, log: Path, *extra: str) -> EngineProcess:
+    """Stock vLLM (no deltagate worker extension) serving `path` as model "ref"; not started yet."""
+    spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra, log_path=log)
+    return EngineProcess(spec, with_extension=False)
+
+
 def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, dict]:
     """Start stock vLLM on each checkpoint (four at a time), record its answers, stop it."""
     refs, chats = {}, {}
@@ -144,10 +150,7 @@ def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, d
     for i in range(0, len(items), 4):
         batch = []
         for name, path in items[i : i + 4]:
-            spec = EngineSpec(
-                model=str(path), served_name="ref", max_model_len=512, log_path=logs / f"ref-{name}.log"
-            )
-            proc = EngineProcess(spec, with_extension=False)
+            proc = stock_engine(path, logs / f"ref-{name}.log")
             proc.start()
             batch.append((name, proc))
         try:
