@@ -102,10 +102,20 @@ class DeltaArtifact:
         except InvalidArtifactError as exc:
             raise InvalidArtifactError(f"{self.path}: tensor {name!r}: {exc}") from None
 
-    def delta(self, name: str) -> Delta:
-        """The decoded fp32 delta for tensor `name`."""
+    def delta(self, name: str, device: torch.device | str | None = None) -> Delta:
+        """The decoded fp32 delta for tensor `name`, decoded on `device` where its codec gives the
+        same bits there (element-wise codecs), else on the host and then moved."""
         entry = self.entry(name)
-        return self._decode(entry, self._stored(entry))
+        stored = self._stored(entry)
+        if device is None or torch.device(device).type == "cpu":
+            return self._decode(entry, stored)
+        if not self._codecs[name].device_exact:
+            return self._decode(entry, stored).to(device)
+        payload = {k: v.to(device, non_blocking=True) for k, v in self._unpack(entry, stored).items()}
+        try:
+            return self._codecs[name].decode(payload, entry.shape)
+        except InvalidArtifactError as exc:
+            raise InvalidArtifactError(f"{self.path}: tensor {name!r} ({entry.encoding}): {exc}") from None
 
     def _unpack(self, entry: TensorEntry, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if entry.compression == "zstd":

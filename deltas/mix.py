@@ -29,6 +29,20 @@ class Delta:
     def of(cls, dense: torch.Tensor) -> Delta:
         return cls(dense)
 
+    def to(self, device: torch.device | str) -> Delta:
+        """This delta on `device` (copies start without waiting where the source is pinned)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Delta(move(self.dense), move(self.extra_idx), move(self.extra_val))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (dense and sparse terms)."""
+        return sum(t.numel() * t.element_size() for t in (self.dense, self.extra_idx, self.extra_val)
+                   if t is not None)  # fmt: skip
+
     def full(self) -> torch.Tensor:
         """One fp32 tensor (the sparse term folded in; exact to fp32 rounding, not to the bit)."""
         if self.extra_idx is None:
@@ -38,23 +52,48 @@ class Delta:
         return out
 
 
+# Elements merged per step: bounds the fp32 accumulator on a device (64 MiB), and is large
+# enough that per-chunk overhead does not show on small tensors (one chunk each).
+CHUNK_ELEMENTS = 1 << 24
+
+
 def merge_tensor(
-    base: torch.Tensor, deltas: Sequence[tuple[Delta, float]], out_dtype: torch.dtype
+    base: torch.Tensor,
+    deltas: Sequence[tuple[Delta, float]],
+    out_dtype: torch.dtype,
+    *,
+    out: torch.Tensor | None = None,
+    chunk: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """base + Σ alpha·delta, accumulated in fp32, cast to `out_dtype`."""
-    acc = base.to(torch.float32, copy=True)
-    for delta, alpha in deltas:
-        _add(acc, delta.dense, alpha)
-        if delta.extra_idx is not None:
-            flat = acc.view(-1)
-            part = flat[delta.extra_idx]
-            _add(part, delta.extra_val, alpha)
-            flat[delta.extra_idx] = part
-    return acc.to(out_dtype)
+    """base + Σ alpha·delta, accumulated in fp32 chunk by chunk, cast to `out_dtype` (into `out` if given).
+
+    Runs on the device of its inputs (host or GPU, all on one device). Every step is one correctly
+    rounded IEEE operation per element — alpha·Δ is a separate multiply, never a fused multiply-add
+    — so the host and a GPU give the same bits (checked by bench/swap_device.py).
+    """
+    if out is None:
+        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    flat_base, flat_out = base.reshape(-1), out.view(-1)
+    n = flat_base.numel()
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        target = flat_out[lo:hi]
+        acc = target if out_dtype == torch.float32 else torch.empty(hi - lo, device=base.device)
+        acc.copy_(flat_base[lo:hi])
+        for delta, alpha in deltas:
+            _add(acc, delta.dense.reshape(-1)[lo:hi], alpha)
+            if delta.extra_idx is not None:
+                idx, val = delta.extra_idx, delta.extra_val
+                if lo or hi < n:
+                    inside = (idx >= lo) & (idx < hi)
+                    idx, val = idx[inside], val[inside]
+                part = acc[idx - lo]
+                _add(part, val, alpha)
+                acc[idx - lo] = part
+        if acc is not target:
+            target.copy_(acc)
+    return out
 
 
 def _add(acc: torch.Tensor, term: torch.Tensor, alpha: float) -> None:
-    if alpha == 1.0:
-        acc.add_(term)
-    else:
-        acc.add_(term, alpha=alpha)
+    acc.add_(term if alpha == 1.0 else term * alpha)

@@ -212,11 +212,24 @@ def _group_alive(group: int) -> bool:
 
 @dataclass(frozen=True)
 class ApplyResult:
-    """What one in-place swap did on the engine."""
+    """What one in-place swap did on the engine (the first worker's account of it)."""
 
     tensors: int
-    seconds: float
+    seconds: float  # inside the worker, engine paused
     repaired: list[str]
+    bytes: int = 0  # of the tensors rewritten
+    of_tensors: int = 0  # the checkpoint's tensors (a partial swap rewrites fewer)
+    staged: bool = False  # merged beforehand, while the engine served
+    staging_seconds: float = 0.0
+    memory: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result: dict) -> ApplyResult:
+        """From a worker's deltagate_apply reply."""
+        get = result.get
+        return cls(result["tensors"], result["seconds"], get("repaired", []), get("bytes", 0),
+                   get("of_tensors", 0), get("staged", False), get("staging_seconds", 0.0),
+                   get("memory", {}))  # fmt: skip
 
 
 class EngineClient:
@@ -290,8 +303,11 @@ class EngineClient:
             await self._post("/reset_prefix_cache")
         finally:
             await self._post("/resume")
-        first = results[0]
-        return ApplyResult(first["tensors"], first["seconds"], first["repaired"])
+        return ApplyResult.of(results[0])
+
+    async def stage(self, recipe: Recipe) -> bool:
+        """Have the workers merge `recipe`'s changed tensors while the engine serves (returns at once)."""
+        return bool((await self.collective_rpc("deltagate_stage", recipe.model_dump_json()))[0]["staging"])
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Make a LoRA adapter servable under `name` (vLLM's runtime LoRA loading; idempotent)."""

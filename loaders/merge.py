@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,7 +12,8 @@ from deltas.artifact import DeltaArtifact
 from deltas.checkpoint import Checkpoint
 from deltas.errors import IncompatibleError
 from deltas.merge_methods import MergeTerm
-from deltas.mix import merge_tensor
+from deltas.merge_methods.linear import LinearMerge
+from deltas.mix import Delta, merge_tensor
 from deltas.recipe import Recipe
 from deltas.stream_writer import StreamingSafetensorsWriter
 
@@ -37,18 +38,61 @@ def check_recipe(recipe: Recipe) -> None:
                 )
 
 
-def merged_tensors(recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, base + merge(Δ…)) for every base tensor, sorted so layers stay together."""
-    base = Checkpoint(recipe.base)
+class CheckpointSource:
+    """Where a merge reads its inputs: here straight from the files, every time, on the host.
+
+    loaders.resident.ResidentWeights keeps them in memory (and on a device) instead.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._artifacts: dict[str, DeltaArtifact] = {}
+
+    def checkpoint(self, path: str) -> Checkpoint:
+        """The base checkpoint at `path` (opened once)."""
+        if path not in self._checkpoints:
+            self._checkpoints[path] = Checkpoint(path)
+        return self._checkpoints[path]
+
+    def artifact(self, path: str) -> DeltaArtifact:
+        """The delta artifact at `path` (opened once)."""
+        if path not in self._artifacts:
+            self._artifacts[path] = DeltaArtifact(path)
+        return self._artifacts[path]
+
+    def base_tensor(self, path: str, name: str) -> torch.Tensor:
+        """Base tensor `name` of the checkpoint at `path`."""
+        return self.checkpoint(path).get(name)
+
+    def delta(self, path: str, name: str, device: torch.device) -> Delta:
+        """The decoded delta of tensor `name` in artifact `path`, on `device`."""
+        return self.artifact(path).delta(name, device)
+
+
+def merged_tensors(
+    recipe: Recipe, names: Iterable[str] | None = None, source: CheckpointSource | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, base + merge(Δ…)) for `names` (default: every base tensor, sorted so layers stay
+    together), merged on `source.device`; tensors no delta covers are yielded as the base's."""
+    source = source or CheckpointSource()
     method = recipe.merge_method()
-    artifacts = [(DeltaArtifact(t.path), t) for t in recipe.deltas]
-    for name in base.tensor_names():
-        tensor = base.get(name)
-        terms = [MergeTerm(a.delta(name), t.alpha, t.density) for a, t in artifacts if a.has_tensor(name)]
-        if not terms:
+    # ties/dare_* select entries with top-k and seeded masks, defined on the host: they combine
+    # there; linear (the exact ParamΔ method) decodes and merges on the device.
+    decode_on = source.device if isinstance(method, LinearMerge) else torch.device("cpu")
+    artifacts = [(source.artifact(t.path), t) for t in recipe.deltas]
+    for name in names if names is not None else source.checkpoint(recipe.base).tensor_names():
+        tensor = source.base_tensor(recipe.base, name)
+        covering = [t for a, t in artifacts if a.has_tensor(name)]
+        if not covering:
             yield name, tensor
             continue
-        yield name, merge_tensor(tensor, method.combine(name, terms), tensor.dtype)
+        terms = [MergeTerm(source.delta(t.path, name, decode_on), t.alpha, t.density) for t in covering]
+        combined = method.combine(name, terms)
+        if decode_on != source.device:
+            combined = [(d.to(source.device), alpha) for d, alpha in combined]
+        yield name, merge_tensor(tensor.to(source.device, non_blocking=True), combined, tensor.dtype)
 
 
 def write_merged_checkpoint(recipe: Recipe, out: str | Path) -> Path:

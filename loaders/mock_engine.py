@@ -43,6 +43,7 @@ class MockEngine:
         self.delay = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.swap_seconds = swap_seconds
         self.recipe: str | None = None
+        self.staged: str | None = None  # the recipe deltagate_stage was last asked for
         self.paused = False
         self.requests_seen: deque[dict] = deque(maxlen=64)
         self.generation_tokens = 0
@@ -100,12 +101,17 @@ class MockEngine:
         body = await request.json()
         if body["method"] == "deltagate_recipe":
             return web.json_response({"results": [self.recipe]})
+        if body["method"] == "deltagate_stage":  # staging takes no time here; a swap still takes its time
+            self.staged = body["args"][0] if body["args"][0] != self.recipe else None
+            return web.json_response({"results": [{"staging": self.staged is not None}]})
         if body["method"] == "deltagate_apply":
             start = time.perf_counter()
             await asyncio.sleep(self.swap_seconds)
+            staged, self.staged = self.staged == body["args"][0], None
             self.recipe = body["args"][0]
             seconds = time.perf_counter() - start
-            return web.json_response({"results": [{"tensors": 0, "seconds": seconds, "repaired": []}]})
+            result = {"tensors": 0, "seconds": seconds, "repaired": [], "staged": staged}
+            return web.json_response({"results": [result]})
         return web.json_response({"error": {"message": f"unknown method {body['method']}"}}, status=400)
 
     async def seen(self, request: web.Request) -> web.Response:

@@ -2,48 +2,110 @@
 
 Handed to vLLM as ``--worker-extension-cls loaders.worker_extension.DeltaWorkerExtension``
 and reached through ``collective_rpc``. vLLM mixes this class into its Worker, so
-``self`` is the worker. The arithmetic lives in loaders.merge (pure, tested without vLLM).
+``self`` is the worker. What a swap rewrites, staging and the merge live in loaders.staging,
+loaders.resident and loaders.merge (pure, tested without vLLM); this class adds what only the
+engine knows: its modules, its device and its reload.
 """
 
 from __future__ import annotations
 
-import time
+import logging
+import os
 
 import torch
 
 from deltas.recipe import Recipe
-from loaders.merge import merged_tensors
+from loaders.merge import CheckpointSource
+from loaders.resident import ResidencyConfig, ResidentWeights
+from loaders.staging import Swapper, Tensors, module_groups
 
 
 class DeltaWorkerExtension:
     """RPC methods the gateway calls on every worker of an engine."""
 
+    def deltagate_stage(self, recipe_json: str) -> dict:
+        """Start merging `recipe_json`'s changed tensors in the background while the engine serves."""
+        return {"staging": self._deltagate_swapper().stage(Recipe.model_validate_json(recipe_json))}
+
     def deltagate_apply(self, recipe_json: str) -> dict:
-        """Reload the model's weights from `recipe_json` (a Recipe) in place."""
+        """Rewrite the model's weights to `recipe_json` (a Recipe) in place: only what changes, from
+        the staged tensors when a stage for this swap exists."""
         recipe = Recipe.model_validate_json(recipe_json)
-        start = time.perf_counter()
-        model = self.model_runner.get_model()
-        count = 0
+        swapper = self._deltagate_swapper()
+        repaired: list[str] = []
 
-        def counted():
-            nonlocal count
-            for item in merged_tensors(recipe):
-                count += 1
-                yield item
+        def reload(tensors: Tensors) -> None:
+            model = self.model_runner.get_model()
+            sent = {swapper.groups[name] for name, _ in tensors}
+            with torch.inference_mode(), _quiet_partial_reload(len(tensors) < len(swapper.names)):
+                self.model_runner.reload_weights(weights_iterator=iter(tensors))
+                repaired.extend(reprocess_tied_modules(model, only=sent))
 
-        with torch.inference_mode():
-            self.model_runner.reload_weights(weights_iterator=counted())
-            repaired = reprocess_tied_modules(model)
+        result = swapper.commit(recipe, reload)
         self._deltagate_recipe = recipe_json
-        return {"tensors": count, "seconds": time.perf_counter() - start, "repaired": repaired}
+        return {**result, "repaired": repaired}
 
     def deltagate_recipe(self) -> str | None:
         """The recipe last applied on this worker (None: weights as loaded at start)."""
         return getattr(self, "_deltagate_recipe", None)
 
+    def _deltagate_swapper(self) -> Swapper:
+        swapper = getattr(self, "_deltagate_swapper_", None)
+        if swapper is None:
+            start_model = self.model_runner.vllm_config.model_config.model
+            model = self.model_runner.get_model()
+            source = CheckpointSource()
+            names = source.checkpoint(start_model).tensor_names()
+            groups = module_groups(names, getattr(model, "packed_modules_mapping", None) or {})
+            full = os.environ.get("DELTAGATE_SWAP_MODE", "incremental") == "full"
+            if not full:
+                source = ResidentWeights(_device_of(self), ResidencyConfig.from_env())
+            swapper = Swapper(Recipe(base=start_model), names, groups, source, incremental=not full)
+            if self.deltagate_recipe() is not None:  # a worker that applied before this code ran
+                swapper.resident = None
+            self._deltagate_swapper_ = swapper
+        return swapper
 
-def reprocess_tied_modules(model: torch.nn.Module) -> list[str]:
-    """Re-run post-load processing of modules whose weight is shared with another module.
+
+def _device_of(worker) -> torch.device:
+    device = getattr(worker, "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+class _PartialReloadFilter(logging.Filter):
+    """Drops vLLM's per-module warnings for modules a partial reload leaves as they were on purpose."""
+
+    active = False
+    MESSAGES = ("Failed to load weights", "Following weights were not loaded")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and any(m in str(record.msg) for m in self.MESSAGES))
+
+
+_FILTER = _PartialReloadFilter()
+for _name in ("layerwise", "inplace"):
+    logging.getLogger(f"vllm.model_executor.model_loader.reload.{_name}").addFilter(_FILTER)
+
+
+class _quiet_partial_reload:
+    def __init__(self, partial: bool):
+        self.partial = partial
+
+    def __enter__(self) -> None:
+        _FILTER.active = self.partial
+
+    def __exit__(self, *exc) -> None:
+        _FILTER.active = False
+
+
+def _within(module: str, groups: set[str]) -> bool:
+    """Whether `module` is one of `groups` or inside one (a LoRA wrapper's base_layer)."""
+    return any(module == g or module.startswith(g + ".") for g in groups)
+
+
+def reprocess_tied_modules(model: torch.nn.Module, only: set[str] | None = None) -> list[str]:
+    """Re-run post-load processing of modules whose weight is shared with another module
+    (with `only`: of tied groups one of whose modules is in `only`, i.e. was reloaded).
 
     In-place reload processes each layer whose weights it received. A tied lm_head
     receives none (the checkpoint has only embed_tokens), so on backends that repack
@@ -56,7 +118,7 @@ def reprocess_tied_modules(model: torch.nn.Module) -> list[str]:
             owners.setdefault(id(weight), []).append((name, module))
     repaired = []
     for modules in owners.values():
-        if len(modules) < 2:
+        if len(modules) < 2 or (only is not None and not any(_within(name, only) for name, _ in modules)):
             continue
         for name, module in modules:
             method = getattr(module, "quant_method", None)

@@ -155,7 +155,7 @@ class Gateway:
         current = await client.current_recipe()
         if current is not None:
             resident = Recipe.model_validate_json(current)
-        on_swap = lambda _variant, seconds, ok: self.metrics.observe_swap(base.name, seconds, ok)  # noqa: E731
+        on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         self.slots[base.name] = WeightSlot(client, resident, on_swap=on_swap, policy=policy)
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.swap import SwapRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SWAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -93,8 +97,18 @@ class Metrics:
             "deltagate_swaps_total", "Weight swaps by engine and result", ["engine", "result"], registry=r
         )
         self.swap_seconds = Histogram(
-            "deltagate_swap_duration_seconds", "Duration of successful weight swaps", ["engine"],
+            "deltagate_swap_duration_seconds", "Engine pause of successful weight swaps", ["engine"],
             buckets=SWAP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.swap_staging_seconds = Histogram(
+            "deltagate_swap_staging_seconds",
+            "Time the engine merged a swap's tensors in the background while still serving the previous "
+            "variant (swaps staged so; the pause itself is deltagate_swap_duration_seconds)",
+            ["engine"], buckets=SWAP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.swap_bytes = Counter(
+            "deltagate_swap_bytes_total", "Bytes of weights rewritten by successful swaps", ["engine"],
+            registry=r,
         )  # fmt: skip
         self.engine_restarts = Counter(
             "deltagate_engine_restarts_total",
@@ -118,10 +132,14 @@ class Metrics:
         """Report resident variant and in-flight requests per engine from `states()` at each scrape."""
         self.registry.register(_SlotCollector(states))
 
-    def observe_swap(self, engine: str, seconds: float, ok: bool) -> None:
-        self.swaps.labels(engine=engine, result="ok" if ok else "error").inc()
-        if ok:
-            self.swap_seconds.labels(engine=engine).observe(seconds)
+    def observe_swap(self, engine: str, record: SwapRecord) -> None:
+        """Count one swap; time its pause and, if it was staged while serving, its staging."""
+        self.swaps.labels(engine=engine, result="ok" if record.ok else "error").inc()
+        if record.ok:
+            self.swap_seconds.labels(engine=engine).observe(record.seconds)
+            self.swap_bytes.labels(engine=engine).inc(record.bytes)
+            if record.staged:
+                self.swap_staging_seconds.labels(engine=engine).observe(record.staging_seconds)
 
     def observe_usage(self, variant: str, usage: dict) -> None:
         """Count tokens from an OpenAI `usage` object."""

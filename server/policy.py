@@ -47,5 +47,13 @@ class SwapPolicy:
             return None, wait_left
         quantum_left = resident_since + self.quantum_seconds - now
         if inflight == 0 or quantum_left <= 0 or wait_left <= 0:
-            return max(waiting, key=lambda k: (len(waiting[k]), -waiting[k][0])), None
+            return self.next(waiting), None
         return None, min(quantum_left, wait_left)
+
+    @staticmethod
+    def next(queued: dict[str, list[float]]) -> str | None:
+        """The variant the next swap goes to: the most queued requests (ties: the one waiting longest)."""
+        waiting = {key: times for key, times in queued.items() if times}
+        if not waiting:
+            return None
+        return max(waiting, key=lambda k: (len(waiting[k]), -waiting[k][0]))

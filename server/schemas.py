@@ -98,8 +98,13 @@ class SwapPublic(BaseModel):
     variant: str
     started_at: float
     started_monotonic: float
-    seconds: float
+    seconds: float = Field(description="how long the engine was paused")
     ok: bool
+    tensors: int = Field(0, description="checkpoint tensors rewritten (a partial swap rewrites fewer)")
+    of_tensors: int = Field(0, description="the checkpoint's tensors")
+    bytes: int = Field(0, description="bytes of the tensors rewritten")
+    staged: bool = Field(False, description="merged while the previous variant still served")
+    staging_seconds: float = Field(0.0, description="the background merge's time, when staged")
 
 
 class BaseCreate(BaseModel):
@@ -126,6 +131,9 @@ class BasePublic(BaseModel):
     inflight: int
     last_swap_seconds: float | None
     recent_swaps: list[SwapPublic] = []
+    swap_memory: dict = Field(
+        default_factory=dict, description="bytes an engine keeps for swaps: resident base, delta cache, stage"
+    )
 
 
 class BasesPublic(BaseModel):

@@ -5,7 +5,11 @@ variant's, and a swap starts only when no admitted request is in flight. So no
 generation ever continues on new weights, and none is dropped. When to swap, and to
 which waiting variant, is the slot's SwapPolicy (server/policy.py); once a swap is
 pending it stops new admissions of the current variant, so traffic alternating between
-variants is served in batches, one swap per batch.
+variants are served in batches, one swap per batch.
+
+While the current variant still serves, the slot asks the engine to stage the variant the policy
+will swap to next (its workers merge the changed tensors in the background), so the engine's pause
+covers only the commit.
 """
 
 from __future__ import annotations
@@ -24,12 +28,10 @@ from server.policy import SwapPolicy
 
 log = logging.getLogger("deltagate.swap")
 
-SwapHook = Callable[[str, float, bool], None]  # (variant, seconds, ok)
-
-
 @dataclass
 class SwapRecord:
-    """One swap attempt: when it started (unix and monotonic clocks), how long, whether it worked."""
+    """One swap attempt: when it started (unix and monotonic clocks), how long the engine was paused
+    (`seconds`), whether it worked, and what it rewrote — staged while serving, or merged in the pause."""
 
     variant: str
     started_at: float
@@ -37,6 +39,13 @@ class SwapRecord:
     seconds: float
     tensors: int
     ok: bool
+    of_tensors: int = 0
+    bytes: int = 0
+    staged: bool = False
+    staging_seconds: float = 0.0
+
+
+SwapHook = Callable[[SwapRecord], None]
 
 
 class WeightSlot:
@@ -63,6 +72,10 @@ class WeightSlot:
         self._pending: str | None = None
         self._queued: dict[str, list[float]] = {}  # recipe key -> arrival times of waiting requests
         self._names: dict[str, str] = {}  # recipe key -> the variant name its waiters asked for
+        self._recipes: dict[str, Recipe] = {}  # admission key -> its recipe (what to stage)
+        self._staging: str | None = None  # recipe key the engine was last asked to stage
+        self._stagers: set[asyncio.Task] = set()
+        self.memory: dict = {}  # what the engine's swap machinery holds, from its last swap
         self._cond = asyncio.Condition()
 
     async def acquire(self, variant: str, recipe: Recipe, lane: str = "") -> None:
@@ -79,6 +92,7 @@ class WeightSlot:
                 return
             arrived = time.monotonic()
             self._names[key] = variant
+            self._recipes[key] = recipe
             queue = self._queued.setdefault(key, [])
             queue.append(arrived)
             try:
@@ -94,6 +108,8 @@ class WeightSlot:
                             self._pending = None
                             self._cond.notify_all()
                         continue
+                    if self.inflight:  # a swap must wait for them: prepare it meanwhile
+                        self._stage_next()
                     await self._wait(recheck)
                 self.inflight += 1
                 self.resident_variant = variant
@@ -106,11 +122,31 @@ class WeightSlot:
     def _admissible(self, key: str) -> bool:
         return _key(self.resident, self.lane) == key and self._pending in (None, key)
 
-    def _decide(self) -> tuple[str | None, float | None]:
+    def _others(self) -> dict[str, list[float]]:
         resident = _key(self.resident, self.lane)
-        others = {k: q for k, q in self._queued.items() if k != resident}
-        mine = len(self._queued.get(resident, ()))
-        return self.policy.decide(time.monotonic(), self.resident_since, self.inflight, mine, others)
+        return {k: q for k, q in self._queued.items() if k != resident}
+
+    def _decide(self) -> tuple[str | None, float | None]:
+        mine = len(self._queued.get(_key(self.resident, self.lane), ()))
+        return self.policy.decide(time.monotonic(), self.resident_since, self.inflight, mine, self._others())
+
+    def _stage_next(self) -> None:
+        """Ask the engine to stage the weights the next swap will bring (the pending swap's, else the
+        policy's pick among waiting variants), unless they are already staged or resident."""
+        upcoming = self._pending or self.policy.next(self._others())
+        recipe = self._recipes.get(upcoming) if upcoming else None
+        if recipe is None or recipe.key() in (self.resident.key(), self._staging):
+            return
+        self._staging = recipe.key()
+        task = asyncio.get_running_loop().create_task(self._stage(self._names[upcoming], recipe))
+        self._stagers.add(task)
+        task.add_done_callback(self._stagers.discard)
+
+    async def _stage(self, variant: str, recipe: Recipe) -> None:
+        try:
+            await self.client.stage(recipe)
+        except EngineError as exc:  # the swap then merges in its pause
+            log.warning("could not stage %s: %s", variant, exc)
 
     async def _wait(self, timeout: float | None) -> None:
         """Wait for a release or a swap; with a timeout, until the policy's next decision point."""
@@ -136,6 +172,7 @@ class WeightSlot:
             self.resident = Recipe(base="<restarting>")
             self.lane = ""
             self.resident_variant = None
+            self._staging = None  # a stage dies with the engine
             try:
                 await restart()
                 self.resident = resident
@@ -166,6 +203,7 @@ class WeightSlot:
             return
         previous = self.resident
         started_at, start = time.time(), time.perf_counter()
+        self._staging = None  # the engine takes its stage (if it is this swap's) or drops it
         try:
             result = await self.client.apply(recipe)
         except EngineError as exc:
@@ -175,10 +213,16 @@ class WeightSlot:
             raise SwapError(f"swap to {variant!r} failed, still serving the previous weights: {exc}") from exc
         self.resident, self.lane = recipe, lane
         self.resident_since = time.monotonic()
-        record = SwapRecord(variant, started_at, start, time.perf_counter() - start, result.tensors, ok=True)
-        self.last_swap = record
+        record = SwapRecord(
+            variant, started_at, start, time.perf_counter() - start, result.tensors, ok=True,
+            of_tensors=result.of_tensors, bytes=result.bytes, staged=result.staged,
+            staging_seconds=result.staging_seconds,
+        )  # fmt: skip
+        self.last_swap, self.memory = record, result.memory
         self._report(record)
-        log.info("swapped to %s in %.2fs (%d tensors)", variant, record.seconds, result.tensors)
+        staging = f"staged in {record.staging_seconds:.2f}s while serving" if record.staged else "not staged"
+        log.info("swapped to %s: engine paused %.3fs (%s; %d of %d tensors, %.1f MB)", variant,
+                 record.seconds, staging, result.tensors, result.of_tensors, result.bytes / 1e6)  # fmt: skip
 
     async def _restore(self, previous: Recipe) -> ApplyResult | None:
         """After a failed swap, put the previous weights back (a failed apply may be partial)."""
@@ -192,7 +236,7 @@ class WeightSlot:
     def _report(self, record: SwapRecord) -> None:
         self.recent_swaps.append(record)
         if self._on_swap:
-            self._on_swap(record.variant, record.seconds, record.ok)
+            self._on_swap(record)
 
 
 def _key(recipe: Recipe, lane: str) -> str:

@@ -53,6 +53,9 @@ class Codec(ABC):
     name: ClassVar[str]
     lossless: ClassVar[bool] = False
     Params: ClassVar[type[BaseModel]] = NoParams
+    # Decoding is element-wise, so it gives the same bits on any device (a GPU decodes it where the
+    # weights live). False for codecs whose decode reduces (lowrank's matmul sums in another order).
+    device_exact: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

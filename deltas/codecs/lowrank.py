@@ -36,6 +36,8 @@ class LowRankCodec(Codec):
         down = (root[:, None] * vh[:r]).to(_FACTORS)
         return Encoded({"::up": up.contiguous(), "::down": down.contiguous()}, "bfloat16")
 
+    device_exact = False  # a GPU GEMM accumulates in another order than the host's
+
     def decode(self, payload: dict[str, torch.Tensor], shape: list[int]) -> Delta:
         require(len(shape) == 2, f"lowrank payload for a {len(shape)}-D tensor")
         r = payload["::up"].shape[-1] if payload["::up"].dim() == 2 else -1

@@ -54,7 +54,7 @@ class SparseCodec(Codec):
         mask = unpack_bits(payload["::mask"], n)
         kept = int(mask.sum())
         require_shape(payload, "::values", [kept], _VALUES)
-        delta = torch.zeros(n, dtype=torch.float32)
+        delta = torch.zeros(n, dtype=torch.float32, device=mask.device)
         delta[mask] = payload["::values"].float()
         require(bool(torch.isfinite(delta).all()), "values hold NaN or Inf")
         return Delta.of(delta.view(shape))

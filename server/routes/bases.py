@@ -28,6 +28,7 @@ def _public(gateway: Gateway, name: str) -> BasePublic:
         inflight=slot.inflight if slot else 0,
         last_swap_seconds=slot.last_swap.seconds if slot and slot.last_swap else None,
         recent_swaps=swaps,
+        swap_memory=slot.memory if slot else {},
     )
 
 

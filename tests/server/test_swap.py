@@ -74,7 +74,7 @@ async def test_no_swap_when_already_resident():
 async def test_failed_swap_restores_previous_weights_and_reports():
     engine = FakeEngine(fail_on={B.key()})
     seen = []
-    slot = WeightSlot(engine, BASE, on_swap=lambda v, s, ok: seen.append((v, ok)))
+    slot = WeightSlot(engine, BASE, on_swap=lambda r: seen.append((r.variant, r.ok)))
     await _request(slot, engine, "a", A)
     with pytest.raises(SwapError, match="still serving the previous weights"):
         await _request(slot, engine, "b", B)

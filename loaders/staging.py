@@ -1,0 +1,192 @@
+"""A swap in two steps: stage (merge what changes, in a background thread, while the engine serves),
+then commit (the engine paused: hand the staged tensors to its reload).
+
+What changes from recipe A to recipe B: a tensor's merged value depends only on the base and on
+the delta terms that cover it, so only tensors whose covering terms differ between A and B are
+rewritten — widened to whole engine modules, because vLLM's layerwise reload processes a fused
+module (qkv_proj, gate_up_proj) that received only part of its checkpoint tensors as partially
+loaded, and leaves a module that received none as it was. Pure torch: the vLLM side (which tensors
+form a module, the reload itself) comes in as arguments from loaders/worker_extension.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from deltas.recipe import Recipe
+from loaders.merge import CheckpointSource, merged_tensors
+from loaders.resident import ResidentWeights
+
+log = logging.getLogger("deltagate.staging")
+
+Tensors = list[tuple[str, torch.Tensor]]
+Reload = Callable[[Tensors], None]
+
+
+def module_groups(names: Iterable[str], packed: dict[str, list[str]]) -> dict[str, str]:
+    """Checkpoint tensor name -> the engine module it loads into (`packed`: the model's
+    packed_modules_mapping, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]})."""
+    fused = {part: whole for whole, parts in packed.items() for part in parts}
+    return {name: ".".join(fused.get(p, p) for p in name.split(".")[:-1]) for name in names}
+
+
+def tensor_identity(recipe: Recipe, covering: list[int]) -> tuple:
+    """What a tensor's merged value depends on: the base, the method and the terms covering it."""
+    terms = []
+    for i in covering:
+        term = recipe.deltas[i]
+        stat = os.stat(term.path)  # the same path holding another file is another delta
+        terms.append((term.path, stat.st_mtime_ns, stat.st_size, term.alpha, term.density))
+    if not terms:
+        return (os.path.realpath(recipe.base),)
+    return (os.path.realpath(recipe.base), recipe.method, recipe.normalize, recipe.seed, tuple(terms))
+
+
+@dataclass
+class _Stage:
+    """Tensors being (or already) merged for a swap from `source_key` to `target_key`."""
+
+    source_key: str | None
+    target_key: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    tensors: Tensors = field(default_factory=list)
+    seconds: float = 0.0
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+
+class Swapper:
+    """The weights resident on one worker, and the swaps that change them."""
+
+    def __init__(
+        self,
+        resident: Recipe | None,
+        names: list[str],
+        groups: dict[str, str],
+        source: CheckpointSource,
+        *,
+        incremental: bool = True,
+    ):
+        self.resident = resident  # None: unknown (a failed reload), so the next swap rewrites all
+        self.names = names  # the base checkpoint's tensors, in checkpoint order
+        self.groups = groups
+        self.source = source
+        self.incremental = incremental  # False: rewrite every tensor, every swap (the pre-staging design)
+        self._stage: _Stage | None = None
+
+    # what changes ----------------------------------------------------
+    def plan(self, target: Recipe) -> list[str]:
+        """The tensors a swap from the resident recipe to `target` rewrites, in checkpoint order."""
+        if not self.incremental or self.resident is None:
+            return list(self.names)
+        old, new = self._identities(self.resident), self._identities(target)
+        changed = {self.groups[n] for n in self.names if old[n] != new[n]}
+        return [n for n in self.names if self.groups[n] in changed]
+
+    def _identities(self, recipe: Recipe) -> dict[str, tuple]:
+        artifacts = [self.source.artifact(t.path) for t in recipe.deltas]
+        return {
+            n: tensor_identity(recipe, [i for i, a in enumerate(artifacts) if a.has_tensor(n)])
+            for n in self.names
+        }
+
+    # stage -----------------------------------------------------------
+    def stage(self, target: Recipe) -> bool:
+        """Start merging `target`'s changed tensors in the background (returns at once); a stage for
+        another swap is abandoned. False if there is nothing to stage."""
+        source_key = self.resident.key() if self.resident else None
+        if not self.incremental or target.key() == source_key:
+            self._drop_stage()
+            return False
+        current = self._stage
+        if current and current.source_key == source_key and current.target_key == target.key():
+            return True
+        self._drop_stage()
+        stage = _Stage(source_key, target.key())
+        stage.thread = threading.Thread(
+            target=self._merge_into, args=(stage, target), name="deltagate-stage", daemon=True
+        )
+        self._stage = stage
+        stage.thread.start()
+        return True
+
+    def _merge_into(self, stage: _Stage, target: Recipe) -> None:
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for item in merged_tensors(target, self.plan(target), self.source):
+                    if stage.cancel.is_set():
+                        stage.tensors = []
+                        return
+                    stage.tensors.append(item)
+        except BaseException as exc:  # reported at commit, which then merges again itself
+            stage.error = exc
+        stage.seconds = time.perf_counter() - start
+
+    def _drop_stage(self) -> None:
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            stage.cancel.set()
+            stage.thread.join()
+            log.info("abandoned the staged swap to %s", _short(stage.target_key))
+
+    # commit ----------------------------------------------------------
+    def commit(self, target: Recipe, reload: Reload) -> dict:
+        """Rewrite the resident weights to `target` through `reload`, from the stage if there is one
+        for this swap; what was done, for the gateway's swap record."""
+        start = time.perf_counter()
+        stage, self._stage = self._stage, None
+        source_key = self.resident.key() if self.resident else None
+        staged = stage is not None and stage.source_key == source_key and stage.target_key == target.key()
+        if stage is not None and not staged:
+            self._stage = stage
+            self._drop_stage()
+        waited = 0.0
+        if staged:
+            wait_start = time.perf_counter()
+            stage.thread.join()
+            waited = time.perf_counter() - wait_start
+            if stage.error is not None:
+                log.warning("staging the swap failed (%s); merging it now", stage.error)
+                staged = False
+        if staged:
+            tensors = stage.tensors
+        else:
+            with torch.inference_mode():
+                tensors = list(merged_tensors(target, self.plan(target), self.source))
+        merged_at = time.perf_counter()
+        self.resident = None  # until the reload has finished: a failure leaves the weights unknown
+        if tensors:
+            reload(tensors)
+        self.resident = target
+        end = time.perf_counter()
+        return {
+            "tensors": len(tensors),
+            "of_tensors": len(self.names),
+            "bytes": sum(t.numel() * t.element_size() for _, t in tensors),
+            "seconds": end - start,
+            "merge_seconds": merged_at - start,
+            "reload_seconds": end - merged_at,
+            "staged": staged,
+            "staging_seconds": stage.seconds if staged else 0.0,
+            "staging_wait_seconds": waited,
+            "memory": self.memory(),
+        }
+
+    def memory(self) -> dict:
+        """Bytes held by the resident weights and the stage."""
+        report = self.source.memory() if isinstance(self.source, ResidentWeights) else {"residency": "none"}
+        stage = self._stage
+        report["staged_bytes"] = sum(t.numel() * t.element_size() for _, t in stage.tensors) if stage else 0
+        return report
+
+
+def _short(key: str) -> str:
+    return key if len(key) < 120 else key[:117] + "..."
