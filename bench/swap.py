@@ -1,12 +1,22 @@
-"""Hot-swap latency vs cold start, measured side by side in one run on the same model.
+"""Swap anatomy, side by side in one run: the engine's pause per swap kind, staging, bytes moved, and
+the memory floors measured inside the same engine.
 
-    .venv/bin/python bench/swap.py                       # generated pico model
+    .venv/bin/python bench/swap.py                       # SmolLM2-135M fp32 + its addition delta
+    .venv/bin/python bench/swap.py --model pico          # a generated pico model, seconds
     .venv/bin/python bench/swap.py --base DIR --delta F  # your model and delta
 
-Swap: engine with the worker extension, alternating base <-> base+Δ, each swap timed from
-the gateway's side (pause, in-place reload, prefix-cache reset, resume) and checked by a
-request. Cold start: a fresh stock vLLM server on the offline-merged checkpoint, timed from
-process start to the first completed request. The last line is the ratio.
+Two engines with the worker extension, on the same base, used one at a time:
+- before: DELTAGATE_SWAP_MODE=full — every swap re-reads every base tensor from the checkpoint,
+  decodes and merges on the host, and reloads every tensor, all inside the engine's pause (the
+  design before swaps were incremental; kept for this comparison).
+- direct: resident base and delta cache, only the tensors that change, merged inside the pause.
+- staged: the same, but the swap is staged first (merged in the background while the engine
+  serves), so the pause covers only the commit.
+Swap kinds: base -> variant (the delta covers every tensor), variant -> base, base -> partial (a
+copy of the delta covering the first --partial-layers decoder layers only) and partial -> base.
+Kinds and modes alternate; every measured swap is preceded by an untimed swap to its starting
+point. `pause` is timed by the gateway's client: /pause, the apply RPC, prefix-cache reset, /resume.
+Floors: a copy_ and an add of the bytes the swap rewrites, in the engine worker (deltagate_floors).
 """
 
 from __future__ import annotations
@@ -15,7 +25,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,82 +32,169 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deltas.checkpoint import Checkpoint  # noqa: E402
+from deltas.codecs.plan import CodecPlan  # noqa: E402
+from deltas.compress import compress_artifact  # noqa: E402
 from deltas.recipe import DeltaTerm, Recipe  # noqa: E402
-from loaders.demo import prepare_demo  # noqa: E402
 from loaders.engine import EngineClient, EngineProcess, EngineSpec  # noqa: E402
-from loaders.merge import write_merged_checkpoint  # noqa: E402
+
+MODES = ("before", "direct", "staged")
+KINDS = ("variant", "base", "partial", "partial->base")
+TARGETS = {"variant": 0.45, "base": 0.40}  # issue 19, SmolLM2 fp32 on this machine
 
 
-def first_completion(url: str, model: str) -> str:
-    body = {"model": model, "prompt": "The capital of France", "max_tokens": 4, "temperature": 0}
+def partial_copy(delta: Path, base: Path, layers: int, out: Path) -> Path:
+    """A copy of `delta` covering only decoder layers 0..layers-1 (cached)."""
+    if out.is_file():
+        return out
+    keep = tuple(f"model.layers.{i}." for i in range(layers))
+    names = Checkpoint(base).tensor_names()
+    plan = CodecPlan(exclude=[n for n in names if not n.startswith(keep)])
+    compress_artifact(delta, out, plan)
+    return out
+
+
+def complete(url: str) -> str:
+    body = {"model": "m", "prompt": "The capital of France", "max_tokens": 4, "temperature": 0}
     r = httpx.post(url + "/v1/completions", json=body, timeout=600)
     r.raise_for_status()
     return r.json()["choices"][0]["text"]
 
 
-def cold_start(checkpoint: Path, logs: Path, max_model_len: int) -> float:
-    spec = EngineSpec(model=str(checkpoint), served_name="m", max_model_len=max_model_len,
-                      log_path=logs / "cold.log")  # fmt: skip
-    proc = EngineProcess(spec, with_extension=False)
-    start = time.perf_counter()
-    proc.start()
+async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> tuple[list[dict], dict]:
+    procs = {}
+    for mode in ("before", "after"):
+        env = (("DELTAGATE_SWAP_MODE", "full" if mode == "before" else "incremental"),)
+        spec = EngineSpec(model=str(base), served_name="m", max_model_len=args.max_model_len,
+                          log_path=work / f"engine-{mode}.log", env=env)  # fmt: skip
+        procs[mode] = EngineProcess(spec)
+        procs[mode].start()
+    for proc in procs.values():
+        await asyncio.to_thread(proc.wait_ready, 1800)
+    clients = {mode: EngineClient(procs[mode].url, "m") for mode in procs}
+    plain = Recipe(base=str(base))
+    variant = Recipe(base=str(base), deltas=[DeltaTerm(path=str(delta))])
+    part = Recipe(base=str(base), deltas=[DeltaTerm(path=str(partial))])
+    swaps = {"variant": (plain, variant), "base": (variant, plain), "partial": (plain, part),
+             "partial->base": (part, plain)}  # fmt: skip
+    rows = []
     try:
-        proc.wait_ready(timeout=1800)
-        first_completion(proc.url, "m")
-        return time.perf_counter() - start
+        after = clients["after"]
+        floors = {kind: (await after.collective_rpc("deltagate_floors", to.model_dump_json()))[0]
+                  for kind, (_, to) in swaps.items() if to is not plain}  # fmt: skip
+        floors["base"] = floors["variant"]
+        floors["partial->base"] = floors["partial"]
+        for rep in range(args.repeats):
+            modes = MODES if rep % 2 == 0 else MODES[::-1]
+            for kind in KINDS:
+                source, target = swaps[kind]
+                for mode in modes:
+                    proc = procs["before" if mode == "before" else "after"]
+                    client = clients["before" if mode == "before" else "after"]
+                    await client.apply(source)  # untimed: the starting point
+                    if mode == "staged":
+                        await client.stage(target)
+                        await asyncio.to_thread(complete, proc.url)  # the engine serves meanwhile
+                        await asyncio.sleep(args.stage_wait)
+                    start = time.perf_counter()
+                    result = await client.apply(target)
+                    pause = time.perf_counter() - start
+                    await asyncio.to_thread(complete, proc.url)
+                    rows.append({"rep": rep, "kind": kind, "mode": mode, "pause": pause,
+                                 "staged": result.staged, "staging": result.staging_seconds,
+                                 "tensors": result.tensors, "of": result.of_tensors, "bytes": result.bytes,
+                                 **result.phases})  # fmt: skip
+                    print(f"  rep {rep} {kind:>13} {mode:>6}: pause {pause:.3f} s, {result.tensors} tensors",
+                          flush=True)  # fmt: skip
+        memory = result.memory
     finally:
-        proc.stop()
+        for client in clients.values():
+            await client.close()
+        for proc in procs.values():
+            proc.stop()
+    return rows, {"floors": floors, "memory": memory}
 
 
-async def swaps(base: Path, delta: Path, logs: Path, n: int, max_model_len: int) -> list[float]:
-    spec = EngineSpec(model=str(base), served_name="m", max_model_len=max_model_len,
-                      log_path=logs / "swap.log")  # fmt: skip
-    proc = EngineProcess(spec)
-    proc.start()
-    await asyncio.to_thread(proc.wait_ready, 1800)
-    client = EngineClient(proc.url, "m")
-    plain, variant = Recipe(base=str(base)), Recipe(base=str(base), deltas=[DeltaTerm(path=str(delta))])
-    times = []
-    try:
-        for i in range(n):
-            target = variant if i % 2 == 0 else plain
-            start = time.perf_counter()
-            await client.apply(target)
-            times.append(time.perf_counter() - start)
-            await asyncio.to_thread(first_completion, proc.url, "m")
-    finally:
-        await client.close()
-        proc.stop()
-    return times
+def report(rows: list[dict], extra: dict) -> None:
+    floors = extra["floors"]
+
+    def med(kind: str, mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["kind"] == kind and r["mode"] == mode)
+
+    print("\nmedians of the repeats (seconds); floors measured in the 'after' engine's worker")
+    head = ("kind", "mode", "pause", "merge", "reload", "staging", "tensors", "MB", "copy floor", "add floor",
+            "merge/add")  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for kind in KINDS:
+        floor = floors[kind]
+        for mode in MODES:
+            merge = med(kind, mode, "staging" if mode == "staged" else "merge_seconds")
+            ratio = f"{merge / floor['add_seconds']:.1f}x" if kind in ("variant", "partial") else "-"
+            cells = [
+                kind, mode, f"{med(kind, mode, 'pause'):.3f}", f"{merge:.3f}",
+                f"{med(kind, mode, 'reload_seconds'):.3f}",
+                f"{med(kind, mode, 'staging'):.3f}" if mode == "staged" else "-",
+                f"{med(kind, mode, 'tensors'):.0f}/{rows[0]['of']}", f"{med(kind, mode, 'bytes') / 1e6:.1f}",
+                f"{floor['copy_seconds']:.3f}", f"{floor['add_seconds']:.3f}", ratio,
+            ]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
+    print("\nratios")
+    for mode in ("direct", "staged"):
+        for kind, target in TARGETS.items():
+            now, was = med(kind, mode, "pause"), med(kind, "before", "pause")
+            print(f"pause to {kind} ({mode}): {now:.3f} s vs {was:.3f} s before ({was / now:.1f}x less); "
+                  f"target <= {target:.2f} s: {'met' if now <= target else 'NOT met'}")  # fmt: skip
+        share = med("partial", mode, "pause") / med("variant", mode, "pause")
+        tensors = med("partial", mode, "tensors") / rows[0]["of"]
+        print(f"partial ({tensors:.0%} of tensors) / full pause ({mode}): {share:.0%}; target <= 40%: "
+              f"{'met' if share <= 0.40 else 'NOT met'}")  # fmt: skip
+    merge = med("variant", "direct", "merge_seconds") / floors["variant"]["add_seconds"]
+    verdict = "met" if merge <= 2 else "NOT met"
+    print(f"merge (variant, direct) / add floor: {merge:.1f}x; target <= 2x: {verdict}")
+    memory = extra["memory"]
+    base_mb = memory.get("base_bytes", 0) / 1e6
+    print(f"memory kept for swaps: base {base_mb:.0f} MB ({memory.get('residency')}), "
+          f"delta cache {memory.get('delta_cache_bytes', 0) / 1e6:.0f} MB of "
+          f"{memory.get('delta_cache_budget_bytes', 0) / 1e6:.0f} MB budget; worker threads "
+          f"{floors['variant'].get('threads')}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", choices=["smollm2", "pico"], default="smollm2")
     parser.add_argument("--base", type=Path)
     parser.add_argument("--delta", type=Path)
-    parser.add_argument("--swaps", type=int, default=7)
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
+        "--partial-layers", type=int, default=7, help="decoder layers the partial delta covers"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stage-wait", type=float, default=1.5, help="seconds between stage and commit")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="deltagate-bench-"))
     if args.base is None:
-        demo = prepare_demo(Path(".cache/demo"))
-        args.base, args.delta = demo.base, demo.delta
-    merged = write_merged_checkpoint(
-        Recipe(base=str(args.base.resolve()), deltas=[DeltaTerm(path=str(args.delta.resolve()))]),
-        work / "merged",
+        if args.model == "smollm2":
+            from training.default import prepare_default
+
+            models = prepare_default(args.cache_dir)
+        else:
+            from loaders.demo import prepare_demo
+
+            models = prepare_demo(args.cache_dir / "demo")
+            args.partial_layers = min(args.partial_layers, 1)
+        args.base, args.delta = models.base, models.delta
+    work = args.cache_dir / "bench" / "swap"
+    work.mkdir(parents=True, exist_ok=True)
+    partial = partial_copy(args.delta, args.base, args.partial_layers,
+                           work / f"{args.delta.stem}-layers{args.partial_layers}.safetensors")  # fmt: skip
+    print(f"model: {args.base}  delta: {args.delta}  partial: {partial}  logs: {work}", flush=True)
+    rows, extra = asyncio.run(
+        measure(args, args.base.resolve(), args.delta.resolve(), partial.resolve(), work)
     )
-    print(f"model: {args.base}  delta: {args.delta}  logs: {work}", flush=True)
-    times = asyncio.run(
-        swaps(args.base.resolve(), args.delta.resolve(), work, args.swaps, args.max_model_len)
-    )
-    print("swap seconds: " + " ".join(f"{t:.3f}" for t in times), flush=True)
-    cold = cold_start(merged, work, args.max_model_len)
-    median = statistics.median(times)
-    print(f"cold start of the merged checkpoint (process start -> first completion): {cold:.2f} s")
-    print(f"hot swap median of {len(times)}: {median:.3f} s")
-    print(f"swap is {cold / median:.1f}x faster than a cold start")
+    report(rows, extra)
 
 
 if __name__ == "__main__":

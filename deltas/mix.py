@@ -37,6 +37,20 @@ class Delta:
 
         return Delta(move(self.dense), move(self.extra_idx), move(self.extra_val))
 
+    def narrow(self, dim: int, start: int, size: int) -> Delta:
+        """The delta of the slice [start, start + size) along `dim` (a tensor-parallel rank's shard)."""
+        dense = self.dense.narrow(dim, start, size).contiguous()
+        if self.extra_idx is None:
+            return Delta(dense)
+        coords = list(torch.unravel_index(self.extra_idx, self.dense.shape))
+        keep = (coords[dim] >= start) & (coords[dim] < start + size)
+        coords = [c[keep] for c in coords]
+        coords[dim] = coords[dim] - start
+        flat = torch.zeros_like(coords[0])
+        for c, extent in zip(coords, dense.shape, strict=True):
+            flat = flat * extent + c
+        return Delta(dense, flat, self.extra_val[keep])
+
     @property
     def nbytes(self) -> int:
         """Bytes held (dense and sparse terms)."""

@@ -56,6 +56,7 @@ class EngineSpec:
     extra_args: tuple[str, ...] = ()
     log_path: Path | None = None
     pid_path: Path | None = None  # records the engine's process group, so a later start can clean up
+    env: tuple[tuple[str, str], ...] = ()  # extra environment (the worker extension's settings)
 
 
 def free_port() -> int:
@@ -121,6 +122,7 @@ class EngineProcess:
         self.port = self.port or self.spec.port or free_port()  # a restart keeps its port
         env = dict(os.environ)
         env["VLLM_SERVER_DEV_MODE"] = "1"
+        env.update(self.spec.env)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.spec.kv_cache_gib))))
         if "--enable-lora" in self.spec.extra_args:  # the gateway loads adapters at runtime
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -210,6 +212,9 @@ def _group_alive(group: int) -> bool:
         return True
 
 
+PHASES = ("merge_seconds", "reload_seconds", "staging_wait_seconds")  # of a swap, inside the worker
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     """What one in-place swap did on the engine (the first worker's account of it)."""
@@ -222,14 +227,16 @@ class ApplyResult:
     staged: bool = False  # merged beforehand, while the engine served
     staging_seconds: float = 0.0
     memory: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)  # merge_seconds, reload_seconds, staging_wait_seconds
 
     @classmethod
     def of(cls, result: dict) -> ApplyResult:
         """From a worker's deltagate_apply reply."""
         get = result.get
+        phases = {k: result[k] for k in PHASES if k in result}
         return cls(result["tensors"], result["seconds"], get("repaired", []), get("bytes", 0),
                    get("of_tensors", 0), get("staged", False), get("staging_seconds", 0.0),
-                   get("memory", {}))  # fmt: skip
+                   get("memory", {}), phases)  # fmt: skip
 
 
 class EngineClient:

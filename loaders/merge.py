@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from deltas.merge_methods.linear import LinearMerge
 from deltas.mix import Delta, merge_tensor
 from deltas.recipe import Recipe
 from deltas.stream_writer import StreamingSafetensorsWriter
+from loaders.shards import Shard
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -48,7 +50,7 @@ class CheckpointSource:
 
     def __init__(self) -> None:
         self._checkpoints: dict[str, Checkpoint] = {}
-        self._artifacts: dict[str, DeltaArtifact] = {}
+        self._artifacts: dict[str, tuple[tuple, DeltaArtifact]] = {}
 
     def checkpoint(self, path: str) -> Checkpoint:
         """The base checkpoint at `path` (opened once)."""
@@ -57,10 +59,13 @@ class CheckpointSource:
         return self._checkpoints[path]
 
     def artifact(self, path: str) -> DeltaArtifact:
-        """The delta artifact at `path` (opened once)."""
-        if path not in self._artifacts:
-            self._artifacts[path] = DeltaArtifact(path)
-        return self._artifacts[path]
+        """The delta artifact at `path` (opened again if another file took its place since)."""
+        stat = os.stat(path)
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._artifacts.get(path)
+        if cached is None or cached[0] != identity:
+            cached = self._artifacts[path] = (identity, DeltaArtifact(path))
+        return cached[1]
 
     def base_tensor(self, path: str, name: str) -> torch.Tensor:
         """Base tensor `name` of the checkpoint at `path`."""
@@ -72,10 +77,14 @@ class CheckpointSource:
 
 
 def merged_tensors(
-    recipe: Recipe, names: Iterable[str] | None = None, source: CheckpointSource | None = None
+    recipe: Recipe,
+    names: Iterable[str] | None = None,
+    source: CheckpointSource | None = None,
+    shards: dict[str, Shard] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, base + merge(Δ…)) for `names` (default: every base tensor, sorted so layers stay
-    together), merged on `source.device`; tensors no delta covers are yielded as the base's."""
+    together), merged on `source.device`; tensors no delta covers are yielded as the base's. A
+    tensor with a shard (a tensor-parallel rank's slice) is merged only there, NaN elsewhere."""
     source = source or CheckpointSource()
     method = recipe.merge_method()
     # ties/dare_* select entries with top-k and seeded masks, defined on the host: they combine
@@ -92,7 +101,16 @@ def merged_tensors(
         combined = method.combine(name, terms)
         if decode_on != source.device:
             combined = [(d.to(source.device), alpha) for d, alpha in combined]
-        yield name, merge_tensor(tensor.to(source.device, non_blocking=True), combined, tensor.dtype)
+        tensor = tensor.to(source.device, non_blocking=True)
+        shard = shards.get(name) if shards else None
+        if shard is None:
+            yield name, merge_tensor(tensor, combined, tensor.dtype)
+            continue
+        full = torch.full(tensor.shape, float("nan"), dtype=tensor.dtype, device=tensor.device)
+        dim, start, size = shard.dim, shard.start, shard.size
+        part = [(d.narrow(dim, start, size), alpha) for d, alpha in combined]
+        full.narrow(dim, start, size).copy_(merge_tensor(tensor.narrow(dim, start, size), part, tensor.dtype))
+        yield name, full
 
 
 def write_merged_checkpoint(recipe: Recipe, out: str | Path) -> Path:

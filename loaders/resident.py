@@ -77,7 +77,7 @@ class ResidentWeights(CheckpointSource):
 
     def delta(self, path: str, name: str, device: torch.device) -> Delta:
         stat = os.stat(path)  # a file replaced under the same path is another delta
-        key = (path, stat.st_mtime_ns, stat.st_size, name, str(device))
+        key = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size, name, str(device))
         cached = self._deltas.get(key)
         if cached is not None:
             self.hits += 1

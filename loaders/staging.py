@@ -23,8 +23,9 @@ import torch
 from deltas.recipe import Recipe
 from loaders.merge import CheckpointSource, merged_tensors
 from loaders.resident import ResidentWeights
+from loaders.shards import Shard
 
-log = logging.getLogger("deltagate.staging")
+log = logging.getLogger("vllm.deltagate.staging")  # inside an engine: in its log, as vLLM's own lines
 
 Tensors = list[tuple[str, torch.Tensor]]
 Reload = Callable[[Tensors], None]
@@ -43,7 +44,7 @@ def tensor_identity(recipe: Recipe, covering: list[int]) -> tuple:
     for i in covering:
         term = recipe.deltas[i]
         stat = os.stat(term.path)  # the same path holding another file is another delta
-        terms.append((term.path, stat.st_mtime_ns, stat.st_size, term.alpha, term.density))
+        terms.append((term.path, stat.st_ino, stat.st_mtime_ns, stat.st_size, term.alpha, term.density))
     if not terms:
         return (os.path.realpath(recipe.base),)
     return (os.path.realpath(recipe.base), recipe.method, recipe.normalize, recipe.seed, tuple(terms))
@@ -73,20 +74,24 @@ class Swapper:
         source: CheckpointSource,
         *,
         incremental: bool = True,
+        shards: dict[str, Shard] | None = None,
     ):
         self.resident = resident  # None: unknown (a failed reload), so the next swap rewrites all
         self.names = names  # the base checkpoint's tensors, in checkpoint order
         self.groups = groups
         self.source = source
         self.incremental = incremental  # False: rewrite every tensor, every swap (the pre-staging design)
+        self.shards = shards or {}  # this tensor-parallel rank's slices: merged only there
         self._stage: _Stage | None = None
 
     # what changes ----------------------------------------------------
-    def plan(self, target: Recipe) -> list[str]:
-        """The tensors a swap from the resident recipe to `target` rewrites, in checkpoint order."""
-        if not self.incremental or self.resident is None:
+    def plan(self, target: Recipe, resident: Recipe | None = None) -> list[str]:
+        """The tensors a swap from the resident recipe (or `resident`) to `target` rewrites, in
+        checkpoint order."""
+        resident = resident or self.resident
+        if not self.incremental or resident is None:
             return list(self.names)
-        old, new = self._identities(self.resident), self._identities(target)
+        old, new = self._identities(resident), self._identities(target)
         changed = {self.groups[n] for n in self.names if old[n] != new[n]}
         return [n for n in self.names if self.groups[n] in changed]
 
@@ -121,7 +126,7 @@ class Swapper:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                for item in merged_tensors(target, self.plan(target), self.source):
+                for item in merged_tensors(target, self.plan(target), self.source, self.shards):
                     if stage.cancel.is_set():
                         stage.tensors = []
                         return
@@ -160,7 +165,7 @@ class Swapper:
             tensors = stage.tensors
         else:
             with torch.inference_mode():
-                tensors = list(merged_tensors(target, self.plan(target), self.source))
+                tensors = list(merged_tensors(target, self.plan(target), self.source, self.shards))
         merged_at = time.perf_counter()
         self.resident = None  # until the reload has finished: a failure leaves the weights unknown
         if tensors:
@@ -171,6 +176,7 @@ class Swapper:
             "tensors": len(tensors),
             "of_tensors": len(self.names),
             "bytes": sum(t.numel() * t.element_size() for _, t in tensors),
+            "sharded": sum(name in self.shards for name, _ in tensors),  # merged on this rank's slice only
             "seconds": end - start,
             "merge_seconds": merged_at - start,
             "reload_seconds": end - merged_at,

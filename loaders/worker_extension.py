@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
+import time
 
 import torch
 
 from deltas.recipe import Recipe
 from loaders.merge import CheckpointSource
 from loaders.resident import ResidencyConfig, ResidentWeights
+from loaders.shards import rank_shards
 from loaders.staging import Swapper, Tensors, module_groups
 
 
@@ -45,6 +48,34 @@ class DeltaWorkerExtension:
         self._deltagate_recipe = recipe_json
         return {**result, "repaired": repaired}
 
+    def deltagate_floors(self, recipe_json: str, repeats: int = 3) -> dict:
+        """The memory floors of a swap from the base to `recipe_json`, measured here (bench/swap.py): a
+        copy and an add of the base tensors that swap rewrites, into preallocated tensors, medians."""
+        recipe = Recipe.model_validate_json(recipe_json)
+        swapper = self._deltagate_swapper()
+        names = swapper.plan(recipe, resident=Recipe(base=recipe.base))
+        tensors = [swapper.source.base_tensor(recipe.base, n).to(swapper.source.device) for n in names]
+        outs = [torch.empty_like(t) for t in tensors]
+
+        def timed(step) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for out, t in zip(outs, tensors, strict=True):
+                    step(out, t)
+                if swapper.source.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        return {
+            "tensors": len(names),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "copy_seconds": timed(lambda out, t: out.copy_(t)),
+            "add_seconds": timed(lambda out, t: torch.add(t, t, out=out)),
+            "threads": torch.get_num_threads(),
+        }
+
     def deltagate_recipe(self) -> str | None:
         """The recipe last applied on this worker (None: weights as loaded at start)."""
         return getattr(self, "_deltagate_recipe", None)
@@ -56,11 +87,15 @@ class DeltaWorkerExtension:
             model = self.model_runner.get_model()
             source = CheckpointSource()
             names = source.checkpoint(start_model).tensor_names()
-            groups = module_groups(names, getattr(model, "packed_modules_mapping", None) or {})
+            packed = getattr(model, "packed_modules_mapping", None) or {}
+            groups = module_groups(names, packed)
             full = os.environ.get("DELTAGATE_SWAP_MODE", "incremental") == "full"
+            shards = {}
             if not full:
                 source = ResidentWeights(_device_of(self), ResidencyConfig.from_env())
-            swapper = Swapper(Recipe(base=start_model), names, groups, source, incremental=not full)
+                shards = rank_shards(model, names, packed)
+            swapper = Swapper(Recipe(base=start_model), names, groups, source, incremental=not full,
+                              shards=shards)  # fmt: skip
             if self.deltagate_recipe() is not None:  # a worker that applied before this code ran
                 swapper.resident = None
             self._deltagate_swapper_ = swapper

@@ -130,6 +130,7 @@ class Gateway:
             extra_args=tuple(self.settings.engine_args) + self._lora_args(),
             log_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.log",
             pid_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.pgid",
+            env=tuple(self.settings.engine_env().items()),
         )
         proc = EngineProcess(spec)
         proc.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,6 +66,15 @@ class GatewaySettings(BaseSettings):
     max_upload_bytes: int = 64 * 2**30  # an uploaded artifact (0: no limit)
     upload_idle_seconds: float = 60.0  # an upload that sends nothing for this long is dropped (408)
     stream_write_timeout: float = 60.0  # a stream whose client reads nothing this long is ended (0: never)
+    swap_residency: Literal["host", "device", "none"] = "host"  # where engines keep the base for swaps
+    delta_cache_mib: float = 1024.0  # decoded deltas each engine worker keeps between swaps
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""
+        return {
+            "DELTAGATE_SWAP_RESIDENCY": self.swap_residency,
+            "DELTAGATE_DELTA_CACHE_MIB": str(self.delta_cache_mib),
+        }
 
     @property
     def registry_path(self) -> Path:

@@ -28,6 +28,7 @@ from server.policy import SwapPolicy
 
 log = logging.getLogger("deltagate.swap")
 
+
 @dataclass
 class SwapRecord:
     """One swap attempt: when it started (unix and monotonic clocks), how long the engine was paused

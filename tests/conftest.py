@@ -52,6 +52,41 @@ def tied_updated(tied, tmp_path_factory) -> Path:
                           chat_template=None)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class PartialDeltas:
+    """Two deltas of `tied` covering a few tensors each (copied exactly from tied.delta), and what a swap
+    to each from the base must rewrite: the tensors covered, widened to whole fused modules."""
+
+    part1: Path
+    part2: Path
+    part1_rewrites: tuple[str, ...]
+    part2_rewrites: tuple[str, ...]
+
+
+PART1 = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+         "model.layers.0.mlp.gate_proj.weight")  # fmt: skip
+PART2 = ("model.layers.1.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight")
+
+
+@pytest.fixture(scope="session")
+def tied_parts(tied, tmp_path_factory) -> PartialDeltas:
+    """Partial deltas of `tied` with different coverage (an embedding, parts of fused modules, a norm)."""
+    from deltas.checkpoint import Checkpoint
+    from deltas.codecs.plan import CodecPlan
+    from deltas.compress import compress_artifact
+
+    work = tmp_path_factory.mktemp("parts")
+    names = Checkpoint(tied.base).tensor_names()
+    for part in (PART1, PART2):
+        plan = CodecPlan(exclude=[n for n in names if n not in part])
+        compress_artifact(tied.delta, work / f"part{1 + (part is PART2)}.safetensors", plan)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    part1 = (PART1[0], *(f"model.layers.0.self_attn.{p}.weight" for p in qkv),
+             "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")  # fmt: skip
+    part2 = (*(f"model.layers.1.self_attn.{p}.weight" for p in qkv), *PART2[1:])
+    return PartialDeltas(work / "part1.safetensors", work / "part2.safetensors", part1, part2)
+
+
 LOWRANK_CODECS = """default: lowrank:rank=8
 exclude: ["*embed_tokens*", "lm_head.weight", "*norm*"]
 """

@@ -159,6 +159,17 @@ def serve(
             min=0,
         ),
     ] = 60.0,
+    swap_residency: Annotated[
+        str,
+        typer.Option(
+            help="Where each engine keeps the base weights swaps merge onto: host (memory; pinned on "
+            "GPUs), device (GPU memory: fastest, costs one more copy of the base there) or none "
+            "(re-read from the checkpoint at every swap; no extra memory)",
+        ),
+    ] = "host",
+    delta_cache_mib: Annotated[
+        float, typer.Option(help="Decoded deltas each engine worker keeps between swaps (MiB)", min=0)
+    ] = 1024.0,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -176,6 +187,8 @@ def serve(
         raise fail(f"--engine-url names unknown bases {sorted(urls)}")
     from server.adapters import VLLM_RANKS
 
+    if swap_residency not in ("host", "device", "none"):
+        raise fail(f"--swap-residency {swap_residency!r}: use host, device or none")
     if max_lora_rank not in VLLM_RANKS:
         raise fail(f"--max-lora-rank must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM's choices)")
     if allow_code_execution:
@@ -204,6 +217,8 @@ def serve(
         max_upload_bytes=max_upload_bytes,
         upload_idle_seconds=upload_idle_seconds,
         stream_write_timeout=stream_write_timeout,
+        swap_residency=swap_residency,
+        delta_cache_mib=delta_cache_mib,
     )
     ensure_admin_token(settings)
     if ray:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from loaders import engine
@@ -114,7 +115,7 @@ def _compressed(tied, work: Path) -> Path:
     return int4
 
 
-def _references(tied, untied, updated: Path, work: Path, int4: Path) -> dict[str, Path]:
+def _references(tied, untied, updated: Path, work: Path, int4: Path, parts) -> dict[str, Path]:
     """Checkpoints each variant must be identical to: post models, and offline merges.
 
     tied-ties covers three things with one engine: a YAML recipe, TIES, and a compressed
@@ -134,6 +135,8 @@ def _references(tied, untied, updated: Path, work: Path, int4: Path) -> dict[str
         ),
         "tied-v2": updated,
         "tied-v2-inst": _merge(updated, [str(tied.delta)], work / "tied-v2-inst"),
+        "tied-part1": _merge(tied.base, [str(parts.part1)], work / "tied-part1"),
+        "tied-part2": _merge(tied.base, [str(parts.part2)], work / "tied-part2"),
     }
 
 
@@ -144,12 +147,12 @@ def stock_engine(path: Path, log: Path, *extra: str) -> EngineProcess:
 
 
 def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, dict]:
-    """Start stock vLLM on each checkpoint (four at a time), record its answers, stop it."""
+    """Start stock vLLM on each checkpoint (five at a time), record its answers, stop it."""
     refs, chats = {}, {}
     items = list(checkpoints.items())
-    for i in range(0, len(items), 4):
+    for i in range(0, len(items), 5):
         batch = []
-        for name, path in items[i : i + 4]:
+        for name, path in items[i : i + 5]:
             proc = stock_engine(path, logs / f"ref-{name}.log")
             proc.start()
             batch.append((name, proc))
@@ -187,7 +190,7 @@ def stop_gateway(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(tied, untied, tied_updated, tmp_path_factory) -> Stack:
+def stack(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Stack:
     """The gateway with bases `tied` and `untied`, plus reference answers from stock vLLM."""
     work = tmp_path_factory.mktemp("stack")
     port = free_port()
@@ -202,6 +205,8 @@ def stack(tied, untied, tied_updated, tmp_path_factory) -> Stack:
             "--variant", f"tied-inst={tied.delta}",
             "--variant", f"tied-half={tied.delta}:0.5",
             "--variant", f"tied-mix={tied.delta}:0.7,{tied.delta2}:0.4",
+            "--variant", f"tied-part1={tied_parts.part1}",
+            "--variant", f"tied-part2={tied_parts.part2}",
             "--recipe", str(ties_yaml),
             "--allow-code-execution",  # HumanEval through real engines (sandboxed)
         ],
@@ -211,7 +216,7 @@ def stack(tied, untied, tied_updated, tmp_path_factory) -> Stack:
     )  # fmt: skip
     stack = Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc)
     try:
-        references = _references(tied, untied, tied_updated, work, int4)
+        references = _references(tied, untied, tied_updated, work, int4, tied_parts)
         stack.refs, stack.chat_refs = _serve_references(references, work)
         wait_healthy(stack.url, proc, log)
         for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
@@ -245,6 +250,17 @@ def stack(tied, untied, tied_updated, tmp_path_factory) -> Stack:
         yield stack
     finally:
         stop_gateway(proc)
+
+
+def engine_leader(stack, base: str) -> psutil.Process:
+    """The process that leads `base`'s engine's process group (its API server)."""
+    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
+    port = next(b["engine_url"] for b in bases if b["name"] == base).rsplit(":", 1)[1]
+    return next(
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and f"--port {port}" in " ".join(p.info["cmdline"])
+    )
 
 
 def metric_families(url: str) -> dict:

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import psutil
 import pytest
 
 from loaders.engine import free_port
@@ -15,6 +14,7 @@ from tests.server.conftest import (
     PROMPTS,
     completion_outputs,
     completion_params,
+    engine_leader,
     metric_families,
     sample_value,
     start_gateway,
@@ -57,7 +57,7 @@ def test_second_gateway_attaches_and_sees_the_registry(stack, tied, untied):
 
 def test_gateway_restarts_an_engine_that_died(stack):
     """Kill the untied base's engine: the gateway restarts it, and it serves exactly again."""
-    leader = _engine_leader(stack, "untied")
+    leader = engine_leader(stack, "untied")
     # a long stream in flight when the engine dies: it ends, with an error event, not a hang
     body = {"model": "untied-inst", "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
@@ -88,7 +88,7 @@ def test_an_engine_killed_mid_swap_comes_back_with_the_weights_the_gateway_belie
     (or gets 503 + Retry-After after --engine-wait); afterwards every variant is exact again."""
     assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]  # resident: the base
     restarts = sample_value(metric_families(stack.url), "deltagate_engine_restarts_total", engine="untied")
-    group = os.getpgid(_engine_leader(stack, "untied").pid)
+    group = os.getpgid(engine_leader(stack, "untied").pid)
     os.killpg(group, signal.SIGSTOP)
     with ThreadPoolExecutor(1) as pool:
         asked = pool.submit(_ask_while_down, "untied-inst", stack.url)
@@ -110,15 +110,34 @@ def test_an_engine_killed_mid_swap_comes_back_with_the_weights_the_gateway_belie
     assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
 
 
-def _engine_leader(stack, base: str) -> psutil.Process:
-    """The process that leads `base`'s engine's process group (its API server)."""
-    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
-    port = next(b["engine_url"] for b in bases if b["name"] == base).rsplit(":", 1)[1]
-    return next(
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and f"--port {port}" in " ".join(p.info["cmdline"])
-    )
+def test_an_engine_killed_while_staging_comes_back_exact(stack):
+    """A stream holds the base resident; the engine is frozen; a request for the variant arrives, so
+    the gateway asks the engine to stage it (the request hangs with the frozen engine); then the engine
+    is killed. Nothing staged survives or is believed: after the restart the variant is exact."""
+    assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]  # resident: the base
+    restarts = sample_value(metric_families(stack.url), "deltagate_engine_restarts_total", engine="untied")
+    group = os.getpgid(engine_leader(stack, "untied").pid)
+    body = {"model": "untied", "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert '"text"' in next(line for line in lines if line.startswith("data: "))
+        os.killpg(group, signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(_ask_while_down, "untied-inst", stack.url)
+            deadline = time.monotonic() + 30
+            while sample_value(metric_families(stack.url), "deltagate_queued_requests", engine="untied") < 1:
+                assert time.monotonic() < deadline, "the request never waited for its swap"
+                time.sleep(0.05)
+            time.sleep(1.0)  # the stage request is now with the frozen engine
+            os.killpg(group, signal.SIGKILL)
+            list(lines)  # the stream ends (broken off)
+            status, retry_after, text = asked.result()
+    assert status == 200 or (status == 503 and retry_after), text
+    _wait_for_restart(stack, "untied", restarts=restarts + 1)
+    assert completion_outputs(stack.url, "untied-inst") == stack.refs["untied-inst"]
+    assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
+    gateway_log = (stack.state_dir.parent / "gateway.log").read_text()
+    assert "could not stage untied-inst" in gateway_log
 
 
 def _wait_for_restart(stack, base: str, restarts: float) -> None:

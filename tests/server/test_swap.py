@@ -23,6 +23,11 @@ class FakeEngine:
         self.running = 0
         self.applied: list[str] = []
         self.fail_on = set(fail_on)
+        self.staged: list[str] = []
+
+    async def stage(self, recipe: Recipe) -> bool:
+        self.staged.append(recipe.key())
+        return True
 
     async def apply(self, recipe: Recipe) -> ApplyResult:
         assert self.running == 0, "swap started while a request was running"
@@ -82,3 +87,22 @@ async def test_failed_swap_restores_previous_weights_and_reports():
     assert slot.resident.key() == A.key()
     assert await _request(slot, engine, "a", A) == "a"
     assert ("b", False) in seen and ("a", True) in seen
+
+
+async def test_the_next_variant_is_staged_while_the_current_one_serves_and_restaged_if_the_pick_changes():
+    from server.policy import SwapPolicy
+
+    engine = FakeEngine()
+    slot = WeightSlot(engine, BASE, policy=SwapPolicy(quantum_seconds=0.3, max_wait_seconds=10))
+    await slot.acquire("base", BASE)  # a request in flight on the base
+    waiting_a = asyncio.create_task(_request(slot, engine, "a", A))
+    await asyncio.sleep(0.05)
+    assert engine.staged == [A.key()]  # the policy's pick while the base still serves
+    waiting_b = [asyncio.create_task(_request(slot, engine, "b", B)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert engine.staged == [A.key(), B.key()]  # two waiters for b: b goes next, a's stage is dropped
+    assert engine.applied == []
+    slot.release()
+    await asyncio.wait_for(asyncio.gather(waiting_a, *waiting_b), timeout=10)
+    assert engine.applied[0] == B.key()  # the staged one
+    assert slot.inflight == 0

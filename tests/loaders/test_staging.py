@@ -1,0 +1,223 @@
+"""What a swap rewrites, staging and commit, and the resident weights — without vLLM (pico tensors)."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from deltas.checkpoint import Checkpoint
+from deltas.mix import Delta, merge_tensor
+from deltas.recipe import DeltaTerm, Recipe
+from loaders.merge import CheckpointSource, merged_tensors
+from loaders.resident import ResidencyConfig, ResidentWeights
+from loaders.staging import Swapper, module_groups
+
+LLAMA_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def _swapper(tied, source=None, incremental=True) -> Swapper:
+    names = Checkpoint(tied.base).tensor_names()
+    source = source or ResidentWeights(torch.device("cpu"))
+    return Swapper(Recipe(base=str(tied.base)), names, module_groups(names, LLAMA_PACKED), source,
+                   incremental=incremental)  # fmt: skip
+
+
+class Recorder:
+    """A reload that keeps what it was given, applied onto a dict of 'engine' weights."""
+
+    def __init__(self, base: Checkpoint):
+        self.weights = dict(base.iter_tensors())
+        self.calls: list[list[str]] = []
+
+    def __call__(self, tensors):
+        self.calls.append([n for n, _ in tensors])
+        for name, tensor in tensors:
+            self.weights[name] = tensor.clone()
+
+
+def _expected(recipe: Recipe) -> dict[str, torch.Tensor]:
+    return dict(merged_tensors(recipe))
+
+
+def _equal(weights: dict, recipe: Recipe) -> bool:
+    want = _expected(recipe)
+    return weights.keys() == want.keys() and all(torch.equal(weights[n], want[n]) for n in want)
+
+
+def test_fused_modules_group_their_checkpoint_tensors():
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+             "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.up_proj.weight",
+             "model.layers.1.mlp.gate_proj.weight", "model.embed_tokens.weight"]  # fmt: skip
+    groups = module_groups(names, LLAMA_PACKED)
+    assert groups[names[0]] == groups[names[1]] == "model.layers.0.self_attn.qkv_proj"
+    assert groups[names[2]] == "model.layers.0.self_attn.o_proj"
+    assert groups[names[3]] == groups[names[4]] == "model.layers.1.mlp.gate_up_proj"
+    assert groups[names[5]] == "model.embed_tokens"
+
+
+def test_a_swap_rewrites_only_what_either_recipe_covers_widened_to_whole_modules(tied, tied_parts):
+    swapper = _swapper(tied)
+    part1 = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part1))])
+    part2 = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part2))])
+    full = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))])
+    assert set(swapper.plan(part1)) == set(tied_parts.part1_rewrites)  # from the base
+    assert len(swapper.plan(full)) == len(swapper.names)
+    swapper.resident = part1
+    assert set(swapper.plan(part2)) == set(tied_parts.part1_rewrites) | set(tied_parts.part2_rewrites)
+    assert swapper.plan(part1) == []
+    half = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part1), alpha=0.5)])
+    assert set(swapper.plan(half)) == set(tied_parts.part1_rewrites)  # α changed: what it covers
+    other_base = Recipe(base=str(tied.post), deltas=[DeltaTerm(path=str(tied_parts.part1))])
+    assert len(swapper.plan(other_base)) == len(swapper.names)  # another base: every tensor differs
+
+
+def test_every_sequence_of_swaps_leaves_exactly_the_offline_merge(tied, tied_parts):
+    recorder = Recorder(Checkpoint(tied.base))
+    swapper = _swapper(tied)
+    base = Recipe(base=str(tied.base))
+    sequence = [
+        Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))]),
+        Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part1))]),
+        Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part2))]),
+        Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part2), alpha=-0.5)]),
+        Recipe(
+            base=str(tied.base),
+            deltas=[DeltaTerm(path=str(tied_parts.part1)), DeltaTerm(path=str(tied.delta2), alpha=0.3)],
+        ),  # fmt: skip
+        base,
+    ]
+    for i, recipe in enumerate(sequence):
+        staged = i % 2 == 0
+        if staged:
+            assert swapper.stage(recipe)
+        result = swapper.commit(recipe, recorder)
+        assert result["staged"] is staged
+        assert _equal(recorder.weights, recipe), f"step {i}"
+    assert recorder.calls[-1] == [n for n in swapper.names if n in set(recorder.calls[-1])]  # ordered
+
+
+def test_a_stage_for_another_swap_is_abandoned_and_its_tensors_never_used(tied, tied_parts):
+    recorder = Recorder(Checkpoint(tied.base))
+    swapper = _swapper(tied)
+    part1 = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part1))])
+    part2 = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part2))])
+    assert swapper.stage(part1)
+    assert swapper.stage(part2)  # the policy chose another variant: part1's stage is dropped
+    result = swapper.commit(part1, recorder)  # ...and then part1 after all
+    assert not result["staged"]
+    assert _equal(recorder.weights, part1)
+    assert not swapper.stage(part1)  # already resident: nothing to stage
+
+
+def test_a_reload_that_fails_leaves_the_weights_unknown_so_the_next_swap_rewrites_all(tied, tied_parts):
+    swapper = _swapper(tied)
+    part1 = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part1))])
+
+    def broken(tensors):
+        raise RuntimeError("engine failed mid-reload")
+
+    with pytest.raises(RuntimeError):
+        swapper.commit(part1, broken)
+    assert swapper.resident is None
+    assert len(swapper.plan(part1)) == len(swapper.names)
+
+
+def test_resident_weights_merge_exactly_as_the_checkpoint_and_report_memory(tied, tied_parts):
+    terms = [DeltaTerm(path=str(tied.delta), alpha=0.7), DeltaTerm(path=str(tied_parts.part1), alpha=-0.2)]
+    recipe = Recipe(base=str(tied.base), deltas=terms)
+    resident = ResidentWeights(torch.device("cpu"))
+    for _ in range(2):  # the second time from memory and the delta cache
+        got = dict(merged_tensors(recipe, source=resident))
+        assert all(torch.equal(got[n], t) for n, t in merged_tensors(recipe))
+    memory = resident.memory()
+    base = Checkpoint(tied.base)
+    assert memory["base_bytes"] == sum(t.numel() * t.element_size() for _, t in base.iter_tensors())
+    assert memory["delta_cache_hits"] == memory["delta_cache_misses"] > 0
+
+
+def test_the_delta_cache_keeps_to_its_budget_and_forgets_a_replaced_file(tied, tmp_path):
+    budget = 40_000
+    resident = ResidentWeights(torch.device("cpu"), ResidencyConfig(delta_cache_bytes=budget))
+    names = Checkpoint(tied.base).tensor_names()
+    for name in names:
+        resident.delta(str(tied.delta), name, torch.device("cpu"))
+    assert 0 < resident.memory()["delta_cache_bytes"] <= budget
+    copy = tmp_path / "d.safetensors"
+    copy.write_bytes(tied.delta.read_bytes())
+    first = resident.delta(str(copy), names[0], torch.device("cpu"))
+    copy.write_bytes(tied.delta2.read_bytes())  # replaced in place: another delta
+    os.utime(copy, ns=(time.time_ns() + 10**9,) * 2)
+    second = resident.delta(str(copy), names[0], torch.device("cpu"))
+    assert not torch.equal(first.dense, second.dense)
+
+
+def test_no_residency_reads_the_checkpoint_every_time(tied):
+    resident = ResidentWeights(torch.device("cpu"), ResidencyConfig(residency="none"))
+    recipe = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(merged_tensors(recipe, source=resident),
+                                                          merged_tensors(recipe), strict=True))  # fmt: skip
+    assert resident.memory()["base_bytes"] == 0
+
+
+def test_the_full_mode_rewrites_everything_and_stages_nothing(tied, tied_parts):
+    swapper = _swapper(tied, CheckpointSource(), incremental=False)
+    part1 = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied_parts.part1))])
+    assert not swapper.stage(part1)
+    recorder = Recorder(Checkpoint(tied.base))
+    assert swapper.commit(part1, recorder)["tensors"] == len(swapper.names)
+    assert _equal(recorder.weights, part1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_merge_equals_one_pass_with_exactness_terms_across_chunks(dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(37, 11, generator=g).to(dtype)
+    dense = torch.randn(37, 11, generator=g)
+    idx = torch.tensor([0, 5, 100, 101, 250, 406])
+    delta = Delta(dense, idx, torch.randn(6, generator=g) * 1e-3)
+    terms = [(delta, 0.7), (Delta.of(torch.randn(37, 11, generator=g)), -1.3)]
+    whole = merge_tensor(base, terms, dtype)
+    for chunk in (1, 7, 100, 406, 407, 10_000):
+        assert torch.equal(merge_tensor(base, terms, dtype, chunk=chunk), whole), chunk
+    out = torch.empty_like(base)
+    assert merge_tensor(base, terms, dtype, out=out) is out and torch.equal(out, whole)
+    # the reference arithmetic: fp32, alpha·Δ as its own rounding, exactness term after its dense term
+    acc = base.float().reshape(-1).clone()
+    acc += dense.reshape(-1) * 0.7
+    acc[idx] += delta.extra_val * 0.7
+    acc += terms[1][0].dense.reshape(-1) * -1.3
+    assert torch.equal(acc.to(dtype).view(37, 11), whole)
+
+
+class _Layer:
+    """Stands in for a vLLM parallel layer: the attributes its weight loader shards by."""
+
+    def __init__(self, kind: str, **attrs):
+        self.__class__ = type(kind, (_Layer,), {})
+        self.quant_method = type("UnquantizedLinearMethod", (), {})()
+        self.__dict__.update(attrs)
+
+
+def test_each_tensor_parallel_rank_merges_only_the_slice_its_loader_takes(tied):
+    from loaders.shards import Shard, shard_of
+
+    qkv = dict(tp_size=2, tp_rank=1, num_heads=2, num_kv_heads=1, head_size=32, v_head_size=32)
+    assert shard_of(_Layer("QKVParallelLinear", num_kv_head_replicas=1, **qkv), 0) == Shard(0, 64, 64)
+    assert shard_of(_Layer("QKVParallelLinear", num_kv_head_replicas=1, **qkv), 2) == Shard(0, 32, 32)
+    assert shard_of(_Layer("QKVParallelLinear", num_kv_head_replicas=2, **qkv), 1) == Shard(0, 0, 32)
+    merged = _Layer("MergedColumnParallelLinear", tp_size=2, tp_rank=1, output_sizes=[256, 256])
+    assert shard_of(merged, 1) == Shard(0, 128, 128)
+    row = _Layer("RowParallelLinear", tp_size=2, tp_rank=1, input_size_per_partition=64)
+    assert shard_of(row, None) == Shard(1, 64, 64)
+    assert shard_of(_Layer("RowParallelLinear", tp_size=1, tp_rank=0), None) is None  # no TP: whole
+    quantized = _Layer("RowParallelLinear", tp_size=2, tp_rank=0, input_size_per_partition=64)
+    quantized.quant_method = object()
+    assert shard_of(quantized, None) is None  # packed codes shard otherwise: merged whole
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    recipe = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta), alpha=0.6)])
+    whole = dict(merged_tensors(recipe, [name]))[name]
+    sliced = dict(merged_tensors(recipe, [name], shards={name: Shard(1, 64, 128)}))[name]
+    assert torch.equal(sliced[:, 64:192], whole[:, 64:192])
+    assert sliced[:, :64].isnan().all() and sliced[:, 192:].isnan().all()  # never read by the loader

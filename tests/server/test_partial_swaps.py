@@ -1,0 +1,82 @@
+"""Swaps that rewrite only what changes, staged while serving — bit-identical to stock vLLM on the
+offline merge through real engines (pico, tied embeddings)."""
+
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+
+from tests.server.conftest import completion_outputs, engine_leader
+
+pytestmark = pytest.mark.engine
+
+
+def _swaps(stack, base: str = "tied") -> list[dict]:
+    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
+    return next(b for b in bases if b["name"] == base)["recent_swaps"]
+
+
+def _base(stack, base: str = "tied") -> dict:
+    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
+    return next(b for b in bases if b["name"] == base)
+
+
+def test_full_then_partial_then_other_partial_then_base_is_exact_and_touches_only_what_changes(
+    stack, tied_parts
+):
+    """The second partial covers none of the first's tensors: those must come back to the base's
+    values, and the fused modules either partial touches are rewritten whole."""
+    expected = {  # tensors rewritten, of 20: tied-inst covers them all
+        "tied-inst": 20,
+        "tied-part1": 20,
+        "tied-part2": len(set(tied_parts.part1_rewrites) | set(tied_parts.part2_rewrites)),
+        "tied": len(tied_parts.part2_rewrites),
+    }
+    for model, tensors in expected.items():
+        before = len(_swaps(stack))
+        want = stack.base_before["tied"] if model == "tied" else stack.refs[model]
+        assert completion_outputs(stack.url, model) == want, model
+        swaps = _swaps(stack)[before:]
+        if swaps:  # a variant resident already needs no swap (the first one may be)
+            assert [s["tensors"] for s in swaps] == [tensors], (model, swaps)
+            assert swaps[-1]["of_tensors"] == 20 and swaps[-1]["bytes"] > 0
+    memory = _base(stack)["swap_memory"]
+    assert memory["residency"] == "host" and memory["base_bytes"] > 0 and memory["delta_cache_bytes"] > 0
+
+
+async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_exact(stack):
+    """A stream holds the base resident (its engine frozen mid-stream, so it lasts); a request for
+    tied-part1 arrives (staged), then two for tied-part2 (the policy's pick now: part1's stage is
+    abandoned, part2's staged). When the stream ends the swap to part2 uses its stage; every answer
+    is exact."""
+    assert completion_outputs(stack.url, "tied") == stack.base_before["tied"]
+    before = len(_swaps(stack))
+    group = os.getpgid(engine_leader(stack, "tied").pid)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
+        body = {"model": "tied", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as stream:
+            lines = stream.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: "):
+                    break  # the stream is running on the base
+            os.killpg(group, signal.SIGSTOP)
+            try:
+                part1 = asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part1"))
+                await asyncio.sleep(0.3)
+                part2 = [asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part2"))
+                         for _ in range(2)]  # fmt: skip
+                await asyncio.sleep(0.3)
+            finally:
+                os.killpg(group, signal.SIGCONT)
+            async for _ in lines:
+                pass
+        assert (await part1) == stack.refs["tied-part1"]
+        for answer in part2:
+            assert (await answer) == stack.refs["tied-part2"]
+    swaps = _swaps(stack)[before:]
+    assert [s["variant"] for s in swaps[:2]] == ["tied-part2", "tied-part1"], swaps
+    assert swaps[0]["staged"] and swaps[0]["staging_seconds"] > 0, swaps[0]
+    engine_log = (stack.state_dir / "logs" / "engine-tied.log").read_text()
+    assert "abandoned the staged swap" in engine_log
