@@ -26,6 +26,10 @@ Scenarios:
   and two (random), alternating, --repeats each.
 - kill: one Ray run (two variants, random) during which, --kill-after s in, the engine holding the
   first variant is killed (kill -9): failed requests, and whether any started after the kill.
+- swaps: the swap design before issue 19 (an engine with DELTAGATE_SWAP_MODE=full: every swap re-reads,
+  re-merges and reloads the whole model inside the pause) against today's (only what changes, from
+  resident weights, staged while serving), one variant and two (random) at the default policy; a
+  second engine per design, the gateway re-attached, alternating, --repeats each.
 - policy: for each --quanta value (`serve --swap-quantum`, the gateway restarted on the same
   engine), one variant and two variants (random), closed loop; settings alternate, --repeats each.
 
@@ -49,7 +53,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
@@ -118,6 +122,7 @@ class Bench:
             extra_args=LORA_ENGINE if lowrank else (),
         )  # fmt: skip
         self.engine = EngineProcess(spec)
+        self.engines = {"incremental": self.engine}  # scenario swaps: one engine per swap design
         self.engine.start()
         say(f"starting the vLLM engine on {base} (log: {spec.log_path})")
         self.engine.wait_ready(900)
@@ -151,7 +156,8 @@ class Bench:
 
     def stop(self) -> None:
         self.gateway.stop()
-        self.engine.stop()
+        for engine in {id(e): e for e in [self.engine, *self.engines.values()]}.values():
+            engine.stop()
 
     def alternate(
         self, prefix: str, settings: dict, single: str, plan: list[str], *, concurrency: int
@@ -359,6 +365,18 @@ class Bench:
         bases = httpx.get(self.gateway.url + "/v1/bases", headers=auth).json()
         return [s for b in bases["data"] for s in b["recent_swaps"]]
 
+    def use_swap_mode(self, mode: str) -> None:
+        """Attach the gateway to an engine whose workers swap the `mode` way (started on first use)."""
+        if mode not in self.engines:
+            spec = replace(self.engine.spec, log_path=self.work / f"engine-{mode}.log",
+                           env=(("DELTAGATE_SWAP_MODE", mode),))  # fmt: skip
+            self.engines[mode] = EngineProcess(spec)
+            self.engines[mode].start()
+            say(f"starting a second engine, swap mode {mode} (log: {spec.log_path})")
+            self.engines[mode].wait_ready(900)
+        self.engine = self.engines[mode]
+        self.restart_gateway([])
+
     def use_cluster(self, on: bool) -> None:
         """Serve through Ray Serve with two engine replicas (the bench's own engine stopped: the
         cores are shared), or through one engine and `deltagate serve` again."""
@@ -415,7 +433,8 @@ def main() -> None:
         "--scenarios",
         nargs="+",
         default=["overhead", "mixed", "poisson", "change", "eval"],
-        choices=["overhead", "mixed", "poisson", "change", "eval", "policy", "lanes", "replicas", "kill"],
+        choices=["overhead", "mixed", "poisson", "change", "eval", "swaps", "policy", "lanes", "replicas",
+                 "kill"],  # fmt: skip
     )
     parser.add_argument(
         "--quanta", type=float, nargs="+", default=[0.0, 2.0, 5.0], help="policy: --swap-quantum values"
@@ -513,6 +532,12 @@ def main() -> None:
                     )
                     if run_id:
                         bench.cancel_eval(run_id)
+        if "swaps" in args.scenarios:
+            say("swap design: before (full reload in the pause) vs after (incremental, staged)")
+            modes = {"before": lambda: bench.use_swap_mode("full"),
+                     "after": lambda: bench.use_swap_mode("incremental")}  # fmt: skip
+            plan = schedule(bench.models[:2], n, "random", rng)
+            runs += bench.alternate("swaps", modes, bench.models[1], plan, concurrency=c)
         if "policy" in args.scenarios:
             say(f"swap policy: quanta {args.quanta} s (max wait {args.max_wait:g} s), 1 and 2 variants")
             quanta = {
@@ -605,7 +630,7 @@ def report(runs: list[Run], work: Path, args) -> None:
             f"online beside an eval run: TTFT p50 {p50['with-eval']:.0f} vs {p50['alone']:.0f} ms alone, "
             f"{tok['with-eval']:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
         )
-    lines += _policy_lines(runs) + _lane_lines(runs) + _replica_lines(runs)
+    lines += _policy_lines(runs) + _swap_lines(runs) + _lane_lines(runs) + _replica_lines(runs)
     checked = [r for r in runs if r.target == "gateway"]
     lines.append(
         f"answers checked: {sum(r.exact for r in checked)} exact, "
@@ -653,6 +678,27 @@ def _paired(runs: list[Run], prefix: str, modes: tuple[str, str]):
         return {key: statistics.median(getattr(r, attr) for r in rs) for key, rs in groups.items()}
 
     return groups, median("tok_s"), median("ttft_p50_ms"), median("ttft_p99_ms")
+
+
+def _swap_lines(runs: list[Run]) -> list[str]:
+    """Per swap design: two variants against one on the same engine."""
+    paired = _paired(runs, "swaps", ("before", "after"))
+    if paired is None:
+        return []
+    groups, tok, p50, p99 = paired
+    lines = []
+    for mode in ("before", "after"):
+        two, one = (mode, "2"), (mode, "1")
+        swaps = statistics.median(r.swaps for r in groups[two])
+        exact = sum(r.exact for r in groups[two] + groups[one])
+        total = sum(r.requests for r in groups[two] + groups[one])
+        lines.append(
+            f"swaps {mode}: 2 variants {tok[two]:.1f} tok/s = {100 * tok[two] / tok[one]:.0f}% of 1 variant "
+            f"({tok[one]:.1f} tok/s); TTFT p50 {p50[two]:.0f} vs {p50[one]:.0f} ms, p99 {p99[two]:.0f} vs "
+            f"{p99[one]:.0f} ms; {swaps:g} swaps; {exact}/{total} answers exact "
+            f"(medians of {len(groups[two])} repeats)"
+        )
+    return lines
 
 
 def _lane_lines(runs: list[Run]) -> list[str]:

@@ -228,6 +228,7 @@ class ApplyResult:
     staging_seconds: float = 0.0
     memory: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)  # merge_seconds, reload_seconds, staging_wait_seconds
+    sharded: int = 0  # tensors merged on this tensor-parallel rank's slice only
 
     @classmethod
     def of(cls, result: dict) -> ApplyResult:
@@ -236,7 +237,7 @@ class ApplyResult:
         phases = {k: result[k] for k in PHASES if k in result}
         return cls(result["tensors"], result["seconds"], get("repaired", []), get("bytes", 0),
                    get("of_tensors", 0), get("staged", False), get("staging_seconds", 0.0),
-                   get("memory", {}), phases)  # fmt: skip
+                   get("memory", {}), phases, get("sharded", 0))  # fmt: skip
 
 
 class EngineClient:
