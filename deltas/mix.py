@@ -93,9 +93,14 @@ def merge_tensor(
         hi = min(n, lo + chunk)
         target = flat_out[lo:hi]
         acc = target if out_dtype == torch.float32 else torch.empty(hi - lo, device=base.device)
-        acc.copy_(flat_base[lo:hi])
-        for delta, alpha in deltas:
-            _add(acc, delta.dense.reshape(-1)[lo:hi], alpha)
+        if not deltas:
+            acc.copy_(flat_base[lo:hi])
+        for i, (delta, alpha) in enumerate(deltas):
+            term = delta.dense.reshape(-1)[lo:hi]
+            if i == 0:  # one pass: fp32(base) + term, the same bits as a copy and then an add
+                torch.add(flat_base[lo:hi], term if alpha == 1.0 else term * alpha, out=acc)
+            else:
+                _add(acc, term, alpha)
             if delta.extra_idx is not None:
                 idx, val = delta.extra_idx, delta.extra_val
                 if lo or hi < n:

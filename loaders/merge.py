@@ -81,10 +81,15 @@ def merged_tensors(
     names: Iterable[str] | None = None,
     source: CheckpointSource | None = None,
     shards: dict[str, Shard] | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, base + merge(Δ…)) for `names` (default: every base tensor, sorted so layers stay
     together), merged on `source.device`; tensors no delta covers are yielded as the base's. A
-    tensor with a shard (a tensor-parallel rank's slice) is merged only there, NaN elsewhere."""
+    tensor with a shard (a tensor-parallel rank's slice) is merged only there, NaN elsewhere.
+
+    `buffers`: output tensors to merge into, by name, kept (and added to) for the next call — memory
+    that is already mapped, so a merge does not pay the page faults of a fresh allocation. A
+    yielded buffer is overwritten by the next call that merges that tensor."""
     source = source or CheckpointSource()
     method = recipe.merge_method()
     # ties/dare_* select entries with top-k and seeded masks, defined on the host: they combine
@@ -104,7 +109,13 @@ def merged_tensors(
         tensor = tensor.to(source.device, non_blocking=True)
         shard = shards.get(name) if shards else None
         if shard is None:
-            yield name, merge_tensor(tensor, combined, tensor.dtype)
+            out = buffers.get(name) if buffers is not None else None
+            like = (tensor.shape, tensor.dtype, tensor.device)
+            if out is None or (out.shape, out.dtype, out.device) != like:
+                out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+            if buffers is not None:
+                buffers[name] = out
+            yield name, merge_tensor(tensor, combined, tensor.dtype, out=out)
             continue
         full = torch.full(tensor.shape, float("nan"), dtype=tensor.dtype, device=tensor.device)
         dim, start, size = shard.dim, shard.start, shard.size

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +82,10 @@ class Swapper:
         self.source = source
         self.incremental = incremental  # False: rewrite every tensor, every swap (the pre-staging design)
         self.shards = shards or {}  # this tensor-parallel rank's slices: merged only there
+        # merge outputs reused from swap to swap (the engine copies what it is given), unless memory is
+        # what the user saves (residency none)
+        keep = isinstance(source, ResidentWeights) and source.config.residency != "none"
+        self._buffers: dict[str, torch.Tensor] | None = {} if keep else None
         self._stage: _Stage | None = None
 
     # what changes ----------------------------------------------------
@@ -126,7 +130,7 @@ class Swapper:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                for item in merged_tensors(target, self.plan(target), self.source, self.shards):
+                for item in self._merged(target):
                     if stage.cancel.is_set():
                         stage.tensors = []
                         return
@@ -134,6 +138,9 @@ class Swapper:
         except BaseException as exc:  # reported at commit, which then merges again itself
             stage.error = exc
         stage.seconds = time.perf_counter() - start
+
+    def _merged(self, target: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
+        return merged_tensors(target, self.plan(target), self.source, self.shards, self._buffers)
 
     def _drop_stage(self) -> None:
         stage, self._stage = self._stage, None
@@ -165,7 +172,7 @@ class Swapper:
             tensors = stage.tensors
         else:
             with torch.inference_mode():
-                tensors = list(merged_tensors(target, self.plan(target), self.source, self.shards))
+                tensors = list(self._merged(target))
         merged_at = time.perf_counter()
         self.resident = None  # until the reload has finished: a failure leaves the weights unknown
         if tensors:
@@ -191,6 +198,7 @@ class Swapper:
         report = self.source.memory() if isinstance(self.source, ResidentWeights) else {"residency": "none"}
         stage = self._stage
         report["staged_bytes"] = sum(t.numel() * t.element_size() for _, t in stage.tensors) if stage else 0
+        report["buffer_bytes"] = sum(t.numel() * t.element_size() for t in (self._buffers or {}).values())
         return report
 
 
