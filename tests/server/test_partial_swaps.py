@@ -8,7 +8,7 @@ import signal
 import httpx
 import pytest
 
-from tests.server.conftest import completion_outputs, engine_leader
+from tests.server.conftest import completion_outputs, engine_leader, metric_families, sample_value
 
 pytestmark = pytest.mark.engine
 
@@ -80,3 +80,6 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
     assert swaps[0]["staged"] and swaps[0]["staging_seconds"] > 0, swaps[0]
     engine_log = (stack.state_dir / "logs" / "engine-tied.log").read_text()
     assert "abandoned the staged swap" in engine_log
+    families = metric_families(stack.url)
+    assert sample_value(families, "deltagate_swap_staging_seconds_count", engine="tied") >= 1
+    assert sample_value(families, "deltagate_swap_bytes_total", engine="tied") > 0
