@@ -89,16 +89,7 @@ def test_an_engine_killed_mid_swap_comes_back_with_the_weights_the_gateway_belie
     assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]  # resident: the base
     restarts = sample_value(metric_families(stack.url), "deltagate_engine_restarts_total", engine="untied")
     group = os.getpgid(engine_leader(stack, "untied").pid)
-    os.killpg(group, signal.SIGSTOP)
-    with ThreadPoolExecutor(1) as pool:
-        asked = pool.submit(_ask_while_down, "untied-inst", stack.url)
-        deadline = time.monotonic() + 30
-        while sample_value(metric_families(stack.url), "deltagate_queued_requests", engine="untied") < 1:
-            assert time.monotonic() < deadline, "the request never waited for its swap"
-            time.sleep(0.05)
-        time.sleep(1.0)  # the swap's request is now with the frozen engine
-        os.killpg(group, signal.SIGKILL)
-        status, retry_after, text = asked.result()
+    status, retry_after, text = _ask_frozen_then_kill(stack, group, "untied-inst")  # the swap's request
     assert status == 200 or (status == 503 and retry_after), text
     if status == 200:
         choice = json.loads(text)["choices"][0]
@@ -121,23 +112,29 @@ def test_an_engine_killed_while_staging_comes_back_exact(stack):
     with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert '"text"' in next(line for line in lines if line.startswith("data: "))
-        os.killpg(group, signal.SIGSTOP)
-        with ThreadPoolExecutor(1) as pool:
-            asked = pool.submit(_ask_while_down, "untied-inst", stack.url)
-            deadline = time.monotonic() + 30
-            while sample_value(metric_families(stack.url), "deltagate_queued_requests", engine="untied") < 1:
-                assert time.monotonic() < deadline, "the request never waited for its swap"
-                time.sleep(0.05)
-            time.sleep(1.0)  # the stage request is now with the frozen engine
-            os.killpg(group, signal.SIGKILL)
-            list(lines)  # the stream ends (broken off)
-            status, retry_after, text = asked.result()
+        status, retry_after, text = _ask_frozen_then_kill(stack, group, "untied-inst")  # the stage request
+        list(lines)  # the stream ended (broken off)
     assert status == 200 or (status == 503 and retry_after), text
     _wait_for_restart(stack, "untied", restarts=restarts + 1)
     assert completion_outputs(stack.url, "untied-inst") == stack.refs["untied-inst"]
     assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]
     gateway_log = (stack.state_dir.parent / "gateway.log").read_text()
     assert "could not stage untied-inst" in gateway_log
+
+
+def _ask_frozen_then_kill(stack, group: int, model: str) -> tuple[int, str | None, str]:
+    """Freeze the engine's process group, ask for `model` (which needs the engine: a swap or a stage
+    request then hangs with it), kill the group; the request's answer, once the engine is back."""
+    os.killpg(group, signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(_ask_while_down, model, stack.url)
+        deadline = time.monotonic() + 30
+        while sample_value(metric_families(stack.url), "deltagate_queued_requests", engine="untied") < 1:
+            assert time.monotonic() < deadline, "the request never waited for its swap"
+            time.sleep(0.05)
+        time.sleep(1.0)  # what the engine was asked is now with the frozen engine
+        os.killpg(group, signal.SIGKILL)
+        return asked.result()
 
 
 def _wait_for_restart(stack, base: str, restarts: float) -> None:
