@@ -40,6 +40,13 @@ def check_recipe(recipe: Recipe) -> None:
                 )
 
 
+def file_identity(path: str) -> tuple[int, int, int]:
+    """(inode, mtime, size): another file under the same path (replaced in place or renamed over)
+    is another identity."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 class CheckpointSource:
     """Where a merge reads its inputs: here straight from the files, every time, on the host.
 
@@ -60,8 +67,7 @@ class CheckpointSource:
 
     def artifact(self, path: str) -> DeltaArtifact:
         """The delta artifact at `path` (opened again if another file took its place since)."""
-        stat = os.stat(path)
-        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        identity = file_identity(path)
         cached = self._artifacts.get(path)
         if cached is None or cached[0] != identity:
             cached = self._artifacts[path] = (identity, DeltaArtifact(path))

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from deltas.mix import Delta
-from loaders.merge import CheckpointSource
+from loaders.merge import CheckpointSource, file_identity
 
 Residency = Literal["host", "device", "none"]
 
@@ -76,8 +76,7 @@ class ResidentWeights(CheckpointSource):
         return tensors
 
     def delta(self, path: str, name: str, device: torch.device) -> Delta:
-        stat = os.stat(path)  # a file replaced under the same path is another delta
-        key = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size, name, str(device))
+        key = (path, *file_identity(path), name, str(device))  # a file replaced under the path: another delta
         cached = self._deltas.get(key)
         if cached is not None:
             self.hits += 1

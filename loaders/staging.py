@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltas.recipe import Recipe
-from loaders.merge import CheckpointSource, merged_tensors
+from loaders.merge import CheckpointSource, file_identity, merged_tensors
 from loaders.resident import ResidentWeights
 from loaders.shards import Shard
 
@@ -38,13 +38,9 @@ def module_groups(names: Iterable[str], packed: dict[str, list[str]]) -> dict[st
     return {name: ".".join(fused.get(p, p) for p in name.split(".")[:-1]) for name in names}
 
 
-def tensor_identity(recipe: Recipe, covering: list[int]) -> tuple:
-    """What a tensor's merged value depends on: the base, the method and the terms covering it."""
-    terms = []
-    for i in covering:
-        term = recipe.deltas[i]
-        stat = os.stat(term.path)  # the same path holding another file is another delta
-        terms.append((term.path, stat.st_ino, stat.st_mtime_ns, stat.st_size, term.alpha, term.density))
+def tensor_identity(recipe: Recipe, terms: list[tuple]) -> tuple:
+    """What a tensor's merged value depends on: the base, the method and the terms covering it (each
+    term's path, file identity, alpha and density)."""
     if not terms:
         return (os.path.realpath(recipe.base),)
     return (os.path.realpath(recipe.base), recipe.method, recipe.normalize, recipe.seed, tuple(terms))
@@ -101,8 +97,10 @@ class Swapper:
 
     def _identities(self, recipe: Recipe) -> dict[str, tuple]:
         artifacts = [self.source.artifact(t.path) for t in recipe.deltas]
+        # one stat per term, not per tensor and term
+        terms = [(t.path, *file_identity(t.path), t.alpha, t.density) for t in recipe.deltas]
         return {
-            n: tensor_identity(recipe, [i for i, a in enumerate(artifacts) if a.has_tensor(n)])
+            n: tensor_identity(recipe, [terms[i] for i, a in enumerate(artifacts) if a.has_tensor(n)])
             for n in self.names
         }
 
