@@ -101,6 +101,15 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
     return cmd + list(spec.extra_args)
 
 
+def cores_for(index: int, count: int, cpus: list[int]) -> str:
+    """The cores engine `index` of `count` on this machine binds to (VLLM_CPU_OMP_THREADS_BIND): an
+    equal share of `cpus`. vLLM's CPU auto-binding does not know of other engines, so every engine on
+    a machine would take the same cores."""
+    share = max(1, len(cpus) // max(1, count))
+    start = (index * share) % len(cpus)
+    return ",".join(str(c) for c in cpus[start : start + share])
+
+
 @dataclass
 class EngineProcess:
     """One managed engine process on loopback."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from deltas.checkpoint import Checkpoint
 from deltas.recipe import Recipe
-from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec, wait_healthy
+from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec, cores_for, wait_healthy
 from server.adapters import Adapter, AdapterLane
 from server.bases import Provenance, describe_base, place, provenance
 from server.catalog import Catalog, drop_partial_uploads, eos_ids, require_name
@@ -97,9 +98,9 @@ class Gateway:
         # Engine URLs are runtime facts, given per start; they are not persisted.
         self._engine_urls = {s.name: s.engine_url for s in self.settings.bases if s.engine_url}
         own = [b for b in bases if b.engine is None]  # the others are hot-loaded by one of these
-        for base in own:
-            if base.name not in self._engine_urls:
-                self.processes[base.name] = self._launch(base)
+        launched = [b for b in own if b.name not in self._engine_urls]
+        for i, base in enumerate(launched):
+            self.processes[base.name] = self._launch(base, i, len(launched))
         await asyncio.gather(
             *(asyncio.to_thread(p.wait_ready, self.settings.engine_start_timeout)
               for p in self.processes.values())
@@ -120,8 +121,12 @@ class Gateway:
         self._base_eos[base.name] = set(eos_ids(ckpt.generation_config()))
         self._base_template[base.name] = ckpt.chat_template()
 
-    def _launch(self, base: BaseRecord) -> EngineProcess:
+    def _launch(self, base: BaseRecord, index: int, count: int) -> EngineProcess:
+        """Start engine `index` of `count` on this machine for `base` (returns before it is ready)."""
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(self.settings.engine_env())
+        if count > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # CPU engines: a share each
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cores_for(index, count, sorted(os.sched_getaffinity(0)))
         spec = EngineSpec(
             model=base.path,
             served_name=base.name,
@@ -130,7 +135,7 @@ class Gateway:
             extra_args=tuple(self.settings.engine_args) + self._lora_args(),
             log_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.log",
             pid_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.pgid",
-            env=tuple(self.settings.engine_env().items()),
+            env=tuple(env.items()),
         )
         proc = EngineProcess(spec)
         proc.start()
@@ -361,7 +366,7 @@ class Gateway:
 
     def _start_engine(self, base: BaseRecord) -> None:
         """Start an engine of its own for a runtime base; requests get 503 until it is ready."""
-        proc = self._launch(base)
+        proc = self._launch(base, len(self.processes), len(self.processes) + 1)
         self.processes[base.name] = proc
 
         async def ready() -> None:

@@ -109,7 +109,7 @@ def lowrank(untied, tmp_path_factory) -> LowRank:
     without --enable-lora; the exported adapter through vLLM's own multi-LoRA (and that engine's plain
     base). All five engines start at once: one start-up round, shared by tests/loaders/test_lora.py
     and tests/server/test_adapters.py."""
-    from tests.server.conftest import _merge, completion_outputs, deltagate, stock_engine
+    from tests.server.conftest import _merge, completion_outputs, deltagate, ref_cores, stock_engine
 
     work = tmp_path_factory.mktemp("lowrank")
     (work / "codecs.yaml").write_text(LOWRANK_CODECS)
@@ -120,13 +120,14 @@ def lowrank(untied, tmp_path_factory) -> LowRank:
     lora = ("--enable-lora", "--max-lora-rank", "16")
 
     engines = {
-        "lr": stock_engine(_merge(untied.base, [str(lr)], work / "m-lr"), work / "lr.log"),
+        "lr": stock_engine(_merge(untied.base, [str(lr)], work / "m-lr"), work / "lr.log",
+                           cores=ref_cores(0)),
         "lr-mix": stock_engine(_merge(untied.base, [f"{lr}:0.5", f"{lr2}:0.5"], work / "m-mix"),
-                               work / "mix.log"),
-        "post": stock_engine(untied.post, work / "post.log"),
-        "post-lora": stock_engine(untied.post, work / "post-lora.log", *lora),
+                               work / "mix.log", cores=ref_cores(1)),
+        "post": stock_engine(untied.post, work / "post.log", cores=ref_cores(2)),
+        "post-lora": stock_engine(untied.post, work / "post-lora.log", *lora, cores=ref_cores(3)),
         "peft": stock_engine(untied.base, work / "peft.log", *lora, "--max-loras", "1",
-                             "--lora-modules", f"lowrank={adapter}"),
+                             "--lora-modules", f"lowrank={adapter}", cores=ref_cores(4)),
     }  # fmt: skip
     refs = {}
     for proc in engines.values():

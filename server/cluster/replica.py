@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 
 from deltas import __version__
-from loaders.engine import EngineError
+from loaders.engine import EngineError, cores_for
 from server.errors import GatewayError
 from server.gateway import Gateway
 from server.metrics import Metrics
@@ -34,13 +34,6 @@ from server.settings import GatewaySettings
 log = logging.getLogger("deltagate.cluster")
 
 RETRY = {"retry": True}  # first item of an answer that never reached an engine: send it elsewhere
-
-
-def cores_for(local_rank: int, world_size: int, cpus: list[int]) -> str:
-    """The cores a replica's engine binds to: an equal share of this machine's, by local rank."""
-    share = max(1, len(cpus) // max(1, world_size))
-    start = (local_rank * share) % len(cpus)
-    return ",".join(str(c) for c in cpus[start : start + share])
 
 
 @serve.deployment(

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from loaders import engine
-from loaders.engine import EngineProcess, EngineSpec, free_port
+from loaders.engine import EngineProcess, EngineSpec, cores_for, free_port
 
 PROMPTS = ["The capital of France", "def add(a, b):", "Numbers: 1 2 3"]
 CHAT = [{"role": "user", "content": "Tell me about deltas."}]
@@ -140,20 +140,35 @@ def _references(tied, untied, updated: Path, work: Path, int4: Path, parts) -> d
     }
 
 
-def stock_engine(path: Path, log: Path, *extra: str) -> EngineProcess:
+def ref_cores(index: int, engines: int = 1) -> str:
+    """Cores for reference engine `index`, as many as the gateway engine it is compared with takes: a
+    share of the machine when the gateway runs `engines` > 1, else what vLLM's auto-binding takes (all
+    cores but one). Reference engines started together then spread over the cores instead of all
+    binding to core 0; the same thread count keeps their answers bit-comparable."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if engines > 1:
+        return cores_for(index % engines, engines, cpus)
+    take = max(1, len(cpus) - 1)
+    return ",".join(str(cpus[(index + k) % len(cpus)]) for k in range(take))
+
+
+def stock_engine(path: Path, log: Path, *extra: str, cores: str | None = None) -> EngineProcess:
     """Stock vLLM (no deltagate worker extension) serving `path` as model "ref"; not started yet."""
-    spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra, log_path=log)
+    env = (("VLLM_CPU_OMP_THREADS_BIND", cores),) if cores else ()
+    spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra, log_path=log,
+                      env=env)  # fmt: skip
     return EngineProcess(spec, with_extension=False)
 
 
 def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, dict]:
-    """Start stock vLLM on each checkpoint (five at a time), record its answers, stop it."""
+    """Start stock vLLM on each checkpoint (five at a time, spread over the cores as the stack's two
+    engines are), record its answers, stop it."""
     refs, chats = {}, {}
     items = list(checkpoints.items())
     for i in range(0, len(items), 5):
         batch = []
-        for name, path in items[i : i + 5]:
-            proc = stock_engine(path, logs / f"ref-{name}.log")
+        for j, (name, path) in enumerate(items[i : i + 5]):
+            proc = stock_engine(path, logs / f"ref-{name}.log", cores=ref_cores(j, engines=2))
             proc.start()
             batch.append((name, proc))
         try:

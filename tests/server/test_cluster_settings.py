@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.cluster.replica import cores_for
+from loaders.engine import cores_for
 from server.cluster.run import portable
 from server.errors import BadRequestError
 from server.settings import BaseSpec, GatewaySettings, StartupTerm, StartupVariant

@@ -17,6 +17,7 @@ import pytest
 
 from loaders.engine import EngineProcess, EngineSpec
 from server.evals.tasks import gsm8k_rows
+from tests.server.conftest import ref_cores
 
 pytestmark = pytest.mark.engine
 
@@ -85,8 +86,9 @@ def stock(tied, tmp_path_factory):
     """Stock vLLM (no deltagate extension) on the base and on the post model, started together."""
     logs = tmp_path_factory.mktemp("lm-eval-stock")
     procs = {}
-    for name, path in (("tied", tied.base), ("tied-inst", tied.post)):
-        spec = EngineSpec(model=str(path), served_name=name, max_model_len=512, log_path=logs / f"{name}.log")
+    for i, (name, path) in enumerate((("tied", tied.base), ("tied-inst", tied.post))):
+        spec = EngineSpec(model=str(path), served_name=name, max_model_len=512, log_path=logs / f"{name}.log",
+                          env=(("VLLM_CPU_OMP_THREADS_BIND", ref_cores(i)),))  # fmt: skip
         procs[name] = EngineProcess(spec, with_extension=False)
         procs[name].start()
     try:

@@ -11,7 +11,14 @@ import pytest
 from deltas.extract import extract_delta
 from loaders.engine import EngineProcess, EngineSpec, free_port
 from loaders.smollm2 import smollm2_checkpoint
-from tests.server.conftest import chat_output, completion_outputs, start_gateway, stop_gateway, wait_healthy
+from tests.server.conftest import (
+    chat_output,
+    completion_outputs,
+    ref_cores,
+    start_gateway,
+    stop_gateway,
+    wait_healthy,
+)
 from training.sft import SFTConfig, finetune
 from training.tasks import addition_split
 
@@ -32,7 +39,13 @@ def real(tmp_path_factory):
     delta = work / "addition.safetensors"
     report = extract_delta(base, post, delta)
     ref = EngineProcess(
-        EngineSpec(model=str(post), served_name="ref", log_path=work / "ref.log"), with_extension=False
+        EngineSpec(
+            model=str(post),
+            served_name="ref",
+            log_path=work / "ref.log",
+            env=(("VLLM_CPU_OMP_THREADS_BIND", ref_cores(1)),),
+        ),  # the gateway's engine: core 0
+        with_extension=False,
     )
     ref.start()
     port = free_port()
