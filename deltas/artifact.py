@@ -16,13 +16,14 @@ from deltas.codecs import zstd as zstd_layer
 from deltas.errors import CodecError, InvalidArtifactError
 from deltas.manifest import FILE_KEY_PREFIX, MANIFEST_KEY, DeltaManifest, TensorEntry
 from deltas.mix import Delta
+from deltas.store import materialize
 
 
 class DeltaArtifact:
     """An opened delta file: manifest, side files, lazily decoded fp32 deltas."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = materialize(path)  # an artifact-store URI: this node's verified copy
         if self.path.is_dir():
             raise InvalidArtifactError(f"{self.path}: is a directory, not a delta file")
         if not self.path.is_file():

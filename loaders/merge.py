@@ -16,6 +16,7 @@ from deltas.merge_methods import MergeTerm
 from deltas.merge_methods.linear import LinearMerge
 from deltas.mix import Delta, merge_tensor
 from deltas.recipe import Recipe
+from deltas.store import is_uri
 from deltas.stream_writer import StreamingSafetensorsWriter
 from loaders.shards import Shard
 
@@ -42,7 +43,9 @@ def check_recipe(recipe: Recipe) -> None:
 
 def file_identity(path: str) -> tuple[int, int, int]:
     """(inode, mtime, size): another file under the same path (replaced in place or renamed over)
-    is another identity."""
+    is another identity. An artifact-store URI names its content: it never changes."""
+    if is_uri(path):
+        return (0, 0, 0)
     stat = os.stat(path)
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 

@@ -19,6 +19,7 @@ from deltas.checkpoint import vocabulary_digest
 from deltas.errors import DeltaError, IncompatibleError
 from deltas.lora import adapter_rank
 from deltas.recipe import DeltaTerm, Recipe
+from deltas.store import ArtifactStore, is_uri, materialize
 from loaders.merge import check_recipe
 from server.adapters import AdapterLane
 from server.bases import vocabulary_problem
@@ -35,6 +36,7 @@ class Catalog:
 
     def __init__(self, registry: Registry, settings: GatewaySettings, adapters: AdapterLane):
         self.registry, self.settings, self.adapters = registry, settings, adapters
+        self.store = ArtifactStore(settings.artifact_store) if settings.artifact_store else None
 
     def name_free(self, name: str) -> None:
         """409 if a base or variant already answers to `name`."""
@@ -50,10 +52,26 @@ class Catalog:
         require_name(name)
         if name in self.registry.state.deltas:
             raise ConflictError(f"delta {name!r} exists; delete it first")
-        resolved = Path(path).expanduser().resolve()
-        record = await asyncio.to_thread(_describe_delta, name, resolved, False)
+        if is_uri(path):  # already in a store: this node's verified copy is described
+            local = await asyncio.to_thread(materialize, path)
+            record = await asyncio.to_thread(_describe_delta, name, local, False)
+            record = record.model_copy(update={"path": path, "mtime_ns": 0})
+        else:
+            resolved = Path(path).expanduser().resolve()
+            record = await asyncio.to_thread(_describe_delta, name, resolved, False)
+            record = await self._to_store(record, resolved)
         self.registry.add_delta(record)
         return record
+
+    async def _to_store(self, record: DeltaRecord, local: Path) -> DeltaRecord:
+        """With an artifact store: `record` once its file is complete in the store (every node reads it
+        there); without one, `record` as it is."""
+        if self.store is None:
+            return record
+        stored = await asyncio.to_thread(self.store.put, local)
+        size, mtime = (stored.size, 0) if is_uri(stored.uri) else file_identity(stored.uri)
+        return record.model_copy(update={"path": stored.uri, "source": str(local), "size_bytes": size,
+                                         "mtime_ns": mtime})  # fmt: skip
 
     async def register_delta_upload(self, name: str, chunks: AsyncIterator[bytes]) -> DeltaRecord:
         """Store an uploaded artifact in the store dir (atomically), verify, register."""
@@ -72,17 +90,26 @@ class Catalog:
                 record = await asyncio.to_thread(_describe_delta, name, tmp, True)
             except DeltaError as exc:  # its message names the temporary file: name the upload instead
                 raise type(exc)(str(exc).replace(str(tmp), f"uploaded artifact {name!r}")) from None
-            # only a verified artifact ever lands in the store (a symlink planted there is replaced)
-            os.replace(tmp, final)
+            if self.store is not None:  # registered only once its file is complete in the store
+                record = await self._to_store(record, tmp)
+            else:  # only a verified artifact ever lands in the state dir (a planted symlink is replaced)
+                os.replace(tmp, final)
+                record = record.model_copy(update={"path": str(final)})
         finally:
             tmp.unlink(missing_ok=True)
-        record = record.model_copy(update={"path": str(final)})
+        record = record.model_copy(update={"source": None})
         self.registry.add_delta(record)
         return record
 
     def delete_delta(self, name: str) -> None:
+        """Unregister a delta; an uploaded file goes too (from the store once no other delta names it)."""
         record = self.registry.remove_delta(name)
-        if record.uploaded:
+        if not record.uploaded or any(d.path == record.path for d in self.registry.state.deltas.values()):
+            return
+        digest = self.store.digest_of(record.path) if self.store is not None else None
+        if digest is not None:
+            self.store.delete(digest)
+        elif not is_uri(record.path):
             Path(record.path).unlink(missing_ok=True)
 
     async def define_variant(self, record: VariantRecord) -> VariantRecord:
@@ -147,9 +174,14 @@ class Catalog:
     async def _delta_for_ref(self, ref: str) -> str:
         if ref in self.registry.state.deltas:
             return ref
+        if is_uri(ref):  # a stored artifact: registered once, under a name from its hash
+            same = [r.name for r in self.registry.state.deltas.values() if r.path == ref]
+            if same:
+                return same[0]
+            return (await self.register_delta_path(f"stored-{Path(ref).stem[:12]}", ref)).name
         path = Path(ref).expanduser().resolve()
         for record in self.registry.state.deltas.values():
-            if Path(record.path) == path:
+            if Path(record.source or record.path) == path:
                 if file_identity(path) != (record.size_bytes, record.mtime_ns):
                     self.registry.remove_delta(record.name)  # re-extracted since: re-verify
                     break

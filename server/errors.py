@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltas.errors import IncompatibleError, InvalidArtifactError
+from deltas.store import ArtifactMissingError, StoreError
 from loaders.engine import EngineError
 
 
@@ -99,6 +100,15 @@ def install_error_handlers(app: FastAPI, hide: str | None = None) -> None:
     @app.exception_handler(InvalidArtifactError)
     async def _artifact(_: Request, exc: InvalidArtifactError) -> JSONResponse:
         return error_response(422, "invalid_artifact", text(exc))
+
+    @app.exception_handler(ArtifactMissingError)
+    async def _missing(_: Request, exc: ArtifactMissingError) -> JSONResponse:
+        return error_response(404, "not_found", text(exc))
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        """The artifact store is upstream of the gateway: unreachable, or it returned wrong bytes."""
+        return error_response(502, "artifact_store_error", text(exc))
 
     @app.exception_handler(IncompatibleError)
     async def _incompatible(_: Request, exc: IncompatibleError) -> JSONResponse:

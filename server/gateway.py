@@ -12,6 +12,7 @@ from pathlib import Path
 
 from deltas.checkpoint import Checkpoint
 from deltas.recipe import Recipe
+from deltas.store import is_uri, use_cache
 from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec, cores_for, wait_healthy
 from server.adapters import Adapter, AdapterLane
 from server.bases import Provenance, describe_base, place, provenance
@@ -79,6 +80,7 @@ class Gateway:
         """
         self.remote = not engines
         drop_partial_uploads(self.settings.store_dir)
+        use_cache(self.settings.artifact_cache())  # stored artifacts: the cache this node's engines use
         for spec in self.settings.bases:
             require_name(spec.name)
             if not (Path(spec.path) / "config.json").is_file():
@@ -247,7 +249,8 @@ class Gateway:
         template, stops = None, []
         for term in variant.deltas:
             record = self.registry.delta(term.delta)
-            if _identity_or_none(record.path) != (record.size_bytes, record.mtime_ns):
+            stored = is_uri(record.path)  # a stored artifact never changes; a file may
+            if not stored and _identity_or_none(record.path) != (record.size_bytes, record.mtime_ns):
                 raise ConflictError(
                     f"delta {record.name!r}: {record.path} is missing or changed since it was registered; "
                     "register it again"

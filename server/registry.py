@@ -57,6 +57,8 @@ class DeltaRecord(BaseModel):
     adapter_rank: int | None = Field(None, description="LoRA rank that carries it exactly (None: cannot)")
     adapter_unfit: str | None = Field(None, description="why it cannot be a LoRA adapter")
     vocab_digest: str | None = Field(None, description="its post model's tokenizer (token -> id map)")
+    source: str | None = Field(None, description="the local file it was registered from, when `path` is "
+                               "its artifact-store URI")
 
 
 class VariantTerm(BaseModel):

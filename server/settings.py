@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deltas.recipe import MethodName
+from deltas.store import NodeCache
 
 
 class BaseSpec(BaseModel):
@@ -68,13 +70,23 @@ class GatewaySettings(BaseSettings):
     stream_write_timeout: float = 60.0  # a stream whose client reads nothing this long is ended (0: never)
     swap_residency: Literal["host", "device", "none"] = "host"  # where engines keep the base for swaps
     delta_cache_mib: float = 1024.0  # decoded deltas each engine worker keeps between swaps
+    artifact_store: str | None = None  # directory or s3:// URI of all registered deltas (deltas/store.py)
+    artifact_cache_mib: float = 0.0  # each node's cache of stored artifacts (0: no budget)
 
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""
-        return {
+        env = {
             "DELTAGATE_SWAP_RESIDENCY": self.swap_residency,
             "DELTAGATE_DELTA_CACHE_MIB": str(self.delta_cache_mib),
+            "DELTAGATE_ARTIFACT_CACHE_MIB": str(self.artifact_cache_mib),
         }
+        env["DELTAGATE_ARTIFACT_CACHE"] = str(self.artifact_cache().directory)  # one cache on a node
+        return env
+
+    def artifact_cache(self) -> NodeCache:
+        """This node's cache of stored artifacts (DELTAGATE_ARTIFACT_CACHE, else in the state dir)."""
+        directory = os.environ.get("DELTAGATE_ARTIFACT_CACHE") or self.state_dir / "artifact-cache"
+        return NodeCache(Path(directory).resolve(), int(self.artifact_cache_mib * 2**20))
 
     @property
     def registry_path(self) -> Path:

@@ -141,3 +141,58 @@ def lowrank(untied, tmp_path_factory) -> LowRank:
         for proc in engines.values():
             proc.stop()
     return LowRank(lr, lr2, adapter, refs)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-compatible server (moto's server mode) on loopback, and a bucket on it."""
+
+    endpoint: str
+    bucket: str
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """moto_server started as its own process; boto/s3fs clients here and in every process started
+    from here (gateways, engines) reach it through AWS_ENDPOINT_URL."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from loaders.engine import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=2)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        import s3fs
+
+        s3fs.S3FileSystem().mkdir("deltagate-test")
+        yield S3Server(endpoint, "deltagate-test")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,4 +1,4 @@
-"""Artifact commands: extract, compress, inspect, merge, export-lora."""
+"""Artifact commands: extract, compress, inspect, merge, export-lora, push."""
 
 from __future__ import annotations
 
@@ -234,3 +234,18 @@ def export_lora_cmd(
             f"[yellow]left out[/yellow] (vLLM LoRA cannot carry them): {', '.join(result.left_out)} — "
             f"{100 * result.left_out_energy:.1f}% of ‖Δ‖²; serve the full delta through a swap instead"
         )
+
+
+@app.command()
+def push(
+    artifact: Annotated[Path, typer.Argument(help="Delta artifact file")],
+    store: Annotated[str, typer.Option(help="Artifact store: a directory or s3://bucket/prefix")],
+) -> None:
+    """Verify an artifact and put it into an artifact store; prints its URI (for --variant NAME=URI)."""
+    from deltas.artifact import open_artifact
+    from deltas.store import ArtifactStore
+
+    with cli_errors():
+        open_artifact(artifact, verify=True)
+        stored = ArtifactStore(store).put(artifact)
+    print(stored.uri)

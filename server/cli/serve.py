@@ -21,14 +21,15 @@ def parse_base(value: str) -> BaseSpec:
 
 
 def parse_variant(value: str) -> StartupVariant:
-    """`NAME=DELTA[:ALPHA][,DELTA[:ALPHA]]...`; DELTA is a registered name or a file path."""
+    """`NAME=DELTA[:ALPHA][,DELTA[:ALPHA]]...`; DELTA is a registered name, a file path or an
+    artifact-store URI."""
     name, sep, rest = value.partition("=")
     if not sep or not name or not rest:
         raise fail(f"--variant {value!r}: expected NAME=DELTA[:ALPHA][,DELTA[:ALPHA]...]")
     terms = []
     for part in rest.split(","):
         ref, colon, alpha = part.rpartition(":")
-        if not colon:
+        if not colon or "/" in alpha:  # no alpha, or that colon was a URI's (s3://…)
             ref, alpha = part, "1.0"
         try:
             terms.append(StartupTerm(ref=ref, alpha=float(alpha)))
@@ -170,6 +171,18 @@ def serve(
     delta_cache_mib: Annotated[
         float, typer.Option(help="Decoded deltas each engine worker keeps between swaps (MiB)", min=0)
     ] = 1024.0,
+    artifact_store: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep every registered delta in this artifact store, by sha256: a directory or an "
+            "s3:// URI (any S3-compatible endpoint: AWS_ENDPOINT_URL and the usual AWS_* credentials); "
+            "engines read deltas through a verified node-local cache. Default: the state dir",
+        ),
+    ] = None,
+    artifact_cache_mib: Annotated[
+        float,
+        typer.Option(help="Each node's cache of stored artifacts, evicted LRU (MiB; 0: no budget)", min=0),
+    ] = 0.0,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -219,6 +232,8 @@ def serve(
         stream_write_timeout=stream_write_timeout,
         swap_residency=swap_residency,
         delta_cache_mib=delta_cache_mib,
+        artifact_store=artifact_store,
+        artifact_cache_mib=artifact_cache_mib,
     )
     ensure_admin_token(settings)
     if ray:

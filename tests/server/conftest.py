@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,20 +125,20 @@ def _references(tied, untied, updated: Path, work: Path, int4: Path, parts) -> d
     """
     ties = [f"{int4}:0.7:0.5", f"{tied.delta2}:0.6:0.3"]
     dare = [f"{tied.delta}:0.8:0.5", f"{tied.delta2}:0.5:0.7"]
-    return {
-        "tied-inst": tied.post,
-        "tied-half": _merge(tied.base, [f"{tied.delta}:0.5"], work / "tied-half"),
-        "tied-mix": _merge(tied.base, [f"{tied.delta}:0.7", f"{tied.delta2}:0.4"], work / "tied-mix"),
-        "untied-inst": untied.post,
-        "tied-ties": _merge(tied.base, ties, work / "tied-ties", "--method", "ties"),
-        "tied-dare": _merge(
-            tied.base, dare, work / "tied-dare", "--method", "dare_ties", "--seed", str(DARE_SEED)
-        ),
-        "tied-v2": updated,
-        "tied-v2-inst": _merge(updated, [str(tied.delta)], work / "tied-v2-inst"),
-        "tied-part1": _merge(tied.base, [str(parts.part1)], work / "tied-part1"),
-        "tied-part2": _merge(tied.base, [str(parts.part2)], work / "tied-part2"),
+    merges = {  # name: deltagate merge arguments (base, terms, extra flags); run three at a time
+        "tied-half": (tied.base, [f"{tied.delta}:0.5"]),
+        "tied-mix": (tied.base, [f"{tied.delta}:0.7", f"{tied.delta2}:0.4"]),
+        "tied-ties": (tied.base, ties, "--method", "ties"),
+        "tied-dare": (tied.base, dare, "--method", "dare_ties", "--seed", str(DARE_SEED)),
+        "tied-v2-inst": (updated, [str(tied.delta)]),
+        "tied-part1": (tied.base, [str(parts.part1)]),
+        "tied-part2": (tied.base, [str(parts.part2)]),
     }
+    with ThreadPoolExecutor(3) as pool:
+        merged = {name: pool.submit(_merge, base, terms, work / name, *extra)
+                  for name, (base, terms, *extra) in merges.items()}  # fmt: skip
+        refs = {"tied-inst": tied.post, "untied-inst": untied.post, "tied-v2": updated}
+        return {**refs, **{name: future.result() for name, future in merged.items()}}
 
 
 def ref_cores(index: int, engines: int = 1) -> str:
@@ -182,10 +183,13 @@ def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, d
     return refs, chats
 
 
-def start_gateway(args: list[str], state_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def start_gateway(
+    args: list[str], state_dir: Path, port: int, log: Path, env: dict | None = None
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--state-dir", str(state_dir)]
     cmd += ["--admin-token", ADMIN, "--max-model-len", "512", *args]
-    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:

@@ -5,6 +5,7 @@ References are the stack's stock vLLM answers on checkpoints merged offline (con
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deltas.store import ArtifactStore
 from loaders.engine import free_port
 from tests.server.conftest import (
     ADMIN,
@@ -35,18 +37,23 @@ class Cluster:
     url: str
     state: Path
     proc: object
+    delta_uri: str
 
 
 @pytest.fixture(scope="module")
-def cluster(tied, tmp_path_factory) -> Cluster:
+def cluster(tied, s3_server, tmp_path_factory) -> Cluster:
+    """Deltas in an S3 artifact store: tied-inst from a local file (put into the store at start),
+    tied-half named by its store URI only; each replica reads them through its own node cache."""
     work = tmp_path_factory.mktemp("cluster")
     port, log = free_port(), work / "serve.log"
-    args = ["--ray", "--replicas", "2", "--base", f"tied={tied.base}",
-            "--variant", f"tied-inst={tied.delta}", "--variant", f"tied-half={tied.delta}:0.5"]  # fmt: skip
+    root = f"s3://{s3_server.bucket}/cluster"
+    stored = ArtifactStore(root).put(tied.delta)
+    args = ["--ray", "--replicas", "2", "--base", f"tied={tied.base}", "--artifact-store", root,
+            "--variant", f"tied-inst={tied.delta}", "--variant", f"tied-half={stored.uri}:0.5"]  # fmt: skip
     proc = start_gateway(args, work / "state", port, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, log)
-        yield Cluster(f"http://127.0.0.1:{port}", work / "state", proc)
+        yield Cluster(f"http://127.0.0.1:{port}", work / "state", proc, stored.uri)
     finally:
         stop_gateway(proc)
 
@@ -88,6 +95,12 @@ def test_variants_through_ray_equal_stock_vllm_on_merged_weights(cluster, stack)
     assert completion_outputs(cluster.url, "tied-inst") == stack.refs["tied-inst"]
     assert completion_outputs(cluster.url, "tied-half") == stack.refs["tied-half"]
     assert completion_outputs(cluster.url, "tied") == stack.base_before["tied"]
+    # every replica registered the deltas by their store URI and reads them from its own cache
+    for replica in sorted(cluster.state.glob("replica-*")):
+        deltas = json.loads((replica / "registry.json").read_text())["deltas"]
+        assert {d["path"] for d in deltas.values()} == {cluster.delta_uri}, replica.name
+    cached = cluster.state.glob("replica-*/artifact-cache/*.safetensors")
+    assert sorted(p.parent.parent.name for p in cached) == ["replica-0", "replica-1"]
     assert httpx.get(f"{cluster.url}/v1/cluster").status_code == 401  # admin route
     r = httpx.post(f"{cluster.url}/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404 and "unknown model" in r.json()["error"]["message"]

@@ -1,0 +1,133 @@
+"""The artifact store on a real S3-compatible server (moto_server on loopback) and on a directory:
+content-addressed puts, verified node-local fetches, one fetch per node, LRU eviction by bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+import s3fs
+
+import deltas.store as store_module
+from deltas.artifact import DeltaArtifact
+from deltas.errors import InvalidArtifactError
+from deltas.store import ArtifactMissingError, ArtifactStore, NodeCache, StoreError, materialize
+
+
+@pytest.fixture
+def s3_root(s3_server, request) -> str:
+    return f"s3://{s3_server.bucket}/{request.node.name}"
+
+
+def _blob(tmp_path, name: str, size: int, seed: int):
+    path = tmp_path / name
+    path.write_bytes(hashlib.sha256(str(seed).encode()).digest() * (size // 32))
+    return path
+
+
+def test_a_put_artifact_is_named_by_its_hash_and_read_on_two_nodes(tied, s3_root, tmp_path):
+    store = ArtifactStore(s3_root)
+    stored = store.put(tied.delta)
+    expected = hashlib.sha256(tied.delta.read_bytes()).hexdigest()
+    assert stored.sha256 == expected and stored.uri == f"{s3_root}/sha256/{expected}.safetensors"
+    assert store.put(tied.delta) == stored  # already there: the same URI, nothing rewritten
+
+    node_a, node_b = NodeCache(tmp_path / "a"), NodeCache(tmp_path / "b")
+    for node in (node_a, node_b):
+        local = node.fetch(stored.uri)
+        assert local.read_bytes() == tied.delta.read_bytes()
+        assert not list(local.parent.glob(".*.partial"))  # renamed into place, nothing half-kept
+    assert node_a.usage()["files"] == 1 and node_a.usage()["bytes"] == stored.size
+
+
+def test_an_artifact_opens_by_its_store_uri(tied, s3_root, tmp_path, monkeypatch):
+    stored = ArtifactStore(s3_root).put(tied.delta)
+    monkeypatch.setenv(store_module.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(store_module, "_cache", None)
+    art = DeltaArtifact(stored.uri)
+    assert art.manifest == DeltaArtifact(tied.delta).manifest
+    assert art.path.parent == tmp_path / "cache"
+    assert materialize(tied.delta) == tied.delta  # local paths pass through
+
+
+def test_a_corrupted_object_is_refused_and_not_cached(tmp_path, s3_root):
+    blob = _blob(tmp_path, "x.safetensors", 4096, seed=1)
+    stored = ArtifactStore(s3_root).put(blob)
+    fs = s3fs.S3FileSystem()
+    fs.pipe(stored.uri, b"not the bytes it was named for")
+    fs.invalidate_cache()
+    cache = NodeCache(tmp_path / "cache")
+    with pytest.raises(StoreError, match="hash to .* not to its name"):
+        cache.fetch(stored.uri)
+    assert cache.usage()["files"] == 0 and not list((tmp_path / "cache").glob(".*.partial"))
+
+
+def test_a_missing_artifact_and_a_bad_uri_are_clear_errors(tmp_path, s3_root):
+    cache = NodeCache(tmp_path / "cache")
+    with pytest.raises(ArtifactMissingError, match="no such artifact"):
+        cache.fetch(f"{s3_root}/sha256/{'0' * 64}.safetensors")
+    with pytest.raises(InvalidArtifactError, match="not an artifact store URI"):
+        cache.fetch(f"{s3_root}/delta.safetensors")
+
+
+def test_concurrent_fetches_on_a_node_download_once(tmp_path, s3_root, monkeypatch):
+    stored = ArtifactStore(s3_root).put(_blob(tmp_path, "x.safetensors", 1 << 20, seed=2))
+    downloads = []
+    real = NodeCache._download
+
+    def counted(self, *args):
+        downloads.append(threading.get_ident())
+        real(self, *args)
+
+    monkeypatch.setattr(NodeCache, "_download", counted)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(NodeCache(tmp_path / "c").fetch(stored.uri)))
+               for _ in range(6)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(downloads) == 1 and len(results) == 6 and len(set(results)) == 1
+
+
+def test_the_cache_evicts_least_recently_used_by_bytes(tmp_path, s3_root):
+    store = ArtifactStore(s3_root)
+    a, b, c = (store.put(_blob(tmp_path, f"{n}.safetensors", 64 << 10, seed=n)) for n in (10, 11, 12))
+    cache = NodeCache(tmp_path / "cache", budget_bytes=2 * (64 << 10))
+    pa, pb = cache.fetch(a.uri), cache.fetch(b.uri)
+    os.utime(pb, ns=(1, 1))  # b used long ago
+    cache.fetch(a.uri)  # a used now
+    pc = cache.fetch(c.uri)
+    assert pa.is_file() and pc.is_file() and not pb.is_file()
+    assert cache.usage()["bytes"] <= cache.budget_bytes
+    assert cache.fetch(b.uri).is_file()  # evicted copies are fetched again
+
+
+def test_a_directory_store_works_the_same_and_writes_atomically(tied, tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    stored = store.put(tied.delta)
+    where = tmp_path / "store" / "sha256" / f"{stored.sha256}.safetensors"
+    assert where.read_bytes() == tied.delta.read_bytes() and stored.uri == str(where)
+    assert not list((tmp_path / "store").rglob("*.partial"))
+    assert materialize(stored.uri) == where and store.digest_of(stored.uri) == stored.sha256
+    store.delete(stored.sha256)
+    assert not list((tmp_path / "store" / "sha256").iterdir())
+
+
+def test_deltagate_push_verifies_and_prints_the_uri(tied, s3_root, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.server.conftest import deltagate
+
+    done = deltagate("push", tied.delta, "--store", s3_root)
+    uri = done.stdout.strip()
+    assert uri == ArtifactStore(s3_root).uri_of(hashlib.sha256(tied.delta.read_bytes()).hexdigest())
+    assert s3fs.S3FileSystem().cat(uri) == tied.delta.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not an artifact")
+    failed = subprocess.run([sys.executable, "-m", "server", "push", str(bad), "--store", s3_root],
+                            capture_output=True, text=True)  # fmt: skip
+    assert failed.returncode == 2 and "not a readable safetensors file" in failed.stderr
