@@ -124,7 +124,7 @@ def compress(
 
 @app.command()
 def inspect(
-    artifact: Annotated[Path, typer.Argument(help="Delta artifact file")],
+    artifact: Annotated[str, typer.Argument(help="Delta artifact file, or its artifact-store URI")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
     verify: Annotated[
         bool, typer.Option(help="Check every checksum, NaN/Inf, and that payloads decode")
@@ -168,7 +168,9 @@ def inspect(
 def merge(
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint directory to write")],
     base: Annotated[Path | None, typer.Option(help="Base checkpoint directory")] = None,
-    delta: Annotated[list[str] | None, typer.Option(help="DELTA_FILE[:ALPHA[:DENSITY]] (repeatable)")] = None,
+    delta: Annotated[
+        list[str] | None, typer.Option(help="DELTA_FILE or store URI[:ALPHA[:DENSITY]] (repeatable)")
+    ] = None,
     method: Annotated[str, typer.Option(help="linear | ties | dare_linear | dare_ties")] = "linear",
     normalize: Annotated[
         bool | None, typer.Option(help="Divide by the summed weights (default: per method)")
@@ -206,7 +208,9 @@ def merge(
 def _parse_term(item: str):
     from deltas.recipe import DeltaTerm
 
-    path, *numbers = item.split(":")
+    scheme, sep, rest = item.rpartition("://")  # an artifact-store URI keeps its own colon
+    path, *numbers = rest.split(":")
+    path = scheme + sep + path
     try:
         values = [float(x) for x in numbers]
     except ValueError:

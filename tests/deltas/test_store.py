@@ -131,3 +131,16 @@ def test_deltagate_push_verifies_and_prints_the_uri(tied, s3_root, tmp_path):
     failed = subprocess.run([sys.executable, "-m", "server", "push", str(bad), "--store", s3_root],
                             capture_output=True, text=True)  # fmt: skip
     assert failed.returncode == 2 and "not a readable safetensors file" in failed.stderr
+
+
+def test_the_cli_reads_an_artifact_by_its_store_uri(tied, s3_root, tmp_path, monkeypatch):
+    from server.cli.artifacts import _parse_term
+    from tests.server.conftest import deltagate
+
+    uri = ArtifactStore(s3_root).put(tied.delta).uri
+    term = _parse_term(f"{uri}:0.5:0.3")
+    assert (term.path, term.alpha, term.density) == (uri, 0.5, 0.3)
+    assert _parse_term(uri).path == uri and _parse_term(f"{tied.delta}:0.5").path == str(tied.delta)
+    monkeypatch.setenv(store_module.CACHE_ENV, str(tmp_path / "cache"))
+    shown = deltagate("inspect", uri, "--json").stdout
+    assert '"tensors"' in shown and (tmp_path / "cache").is_dir()
