@@ -104,7 +104,7 @@ class ArtifactStore:
                 os.replace(tmp, key)
             else:
                 self.fs.put_file(str(path), key)
-        except OSError as exc:
+        except Exception as exc:  # any backend's transport errors (botocore's are not OSErrors)
             raise _fs_error("write", uri, exc) from exc
         return StoredArtifact(uri, sha256, size)
 
@@ -114,7 +114,7 @@ class ArtifactStore:
         try:
             if self.fs.exists(key):
                 self.fs.rm_file(key)
-        except OSError as exc:
+        except Exception as exc:  # any backend's transport errors (botocore's are not OSErrors)
             raise _fs_error("delete", self.uri_of(sha256), exc) from exc
 
 
@@ -167,7 +167,7 @@ class NodeCache:
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
             raise ArtifactMissingError(f"{uri}: no such artifact in the store") from None
-        except OSError as exc:
+        except Exception as exc:  # any backend's transport errors (botocore's are not OSErrors)
             tmp.unlink(missing_ok=True)
             raise _fs_error("read", uri, exc) from exc
         if hasher.hexdigest() != sha256:

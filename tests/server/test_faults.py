@@ -194,3 +194,25 @@ def test_an_engine_gone_after_start_is_a_502_and_counted(tied, tmp_path):
         assert sample_value(metric_families(url), "deltagate_upstream_errors_total", kind="connect") >= 1
     finally:
         stop_gateway(proc)
+
+
+def test_an_unreachable_artifact_store_fails_the_upload_and_keeps_nothing(tied, tmp_path, mock):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {"AWS_ENDPOINT_URL": dead, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}  # fmt: skip
+    port = free_port()
+    args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={mock}", "--artifact-store", "s3://b/d"]
+    proc = start_gateway(args, tmp_path / "state", port, tmp_path / "gateway.log", env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, tmp_path / "gateway.log", timeout=120)
+        r = httpx.post(f"{url}/v1/deltas?name=d", content=tied.delta.read_bytes(), timeout=120,
+                       headers={**AUTH, "Content-Type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["type"] == "artifact_store_error" and "s3://b/d/sha256/" in r.text
+        assert str(tmp_path) not in r.text
+        assert httpx.get(f"{url}/v1/deltas", headers=AUTH).json()["data"] == []  # nothing registered
+        assert not [p for p in (tmp_path / "state").rglob("*") if p.suffix in (".partial", ".safetensors")]
+        assert httpx.get(f"{url}/v1/models").status_code == 200  # and it keeps serving
+    finally:
+        stop_gateway(proc)
