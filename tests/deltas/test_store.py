@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -144,3 +145,33 @@ def test_the_cli_reads_an_artifact_by_its_store_uri(tied, s3_root, tmp_path, mon
     monkeypatch.setenv(store_module.CACHE_ENV, str(tmp_path / "cache"))
     shown = deltagate("inspect", uri, "--json").stdout
     assert '"tensors"' in shown and (tmp_path / "cache").is_dir()
+
+
+FETCH_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from deltas.store import NodeCache
+
+class Counted(NodeCache):
+    def _download(self, *args):
+        with open(sys.argv[3], "a") as f:
+            f.write("download\\n")
+        super()._download(*args)
+
+print(Counted(Path(sys.argv[1])).fetch(sys.argv[2]))
+"""
+
+
+def test_engine_workers_on_a_node_fetch_an_artifact_once(tmp_path, s3_root):
+    """Processes (engine workers are processes) share the node cache: one downloads, the others wait."""
+    import subprocess
+    import sys
+
+    stored = ArtifactStore(s3_root).put(_blob(tmp_path, "x.safetensors", 4 << 20, seed=3))
+    marks = tmp_path / "downloads.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", FETCH_IN_A_PROCESS, str(tmp_path / "node"), stored.uri,
+                               str(marks)], stdout=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert marks.read_text().count("download") == 1 and len(paths) == 1
+    assert Path(paths.pop()).read_bytes() == (tmp_path / "x.safetensors").read_bytes()
