@@ -70,8 +70,9 @@ class Catalog:
             return record
         stored = await asyncio.to_thread(self.store.put, local)
         size, mtime = (stored.size, 0) if is_uri(stored.uri) else file_identity(stored.uri)
-        return record.model_copy(update={"path": stored.uri, "source": str(local), "size_bytes": size,
-                                         "mtime_ns": mtime})  # fmt: skip
+        moved = {"path": stored.uri, "size_bytes": size, "mtime_ns": mtime, "source": str(local),
+                 "source_mtime_ns": record.mtime_ns}  # fmt: skip
+        return record.model_copy(update=moved)
 
     async def register_delta_upload(self, name: str, chunks: AsyncIterator[bytes]) -> DeltaRecord:
         """Store an uploaded artifact in the store dir (atomically), verify, register."""
@@ -97,7 +98,7 @@ class Catalog:
                 record = record.model_copy(update={"path": str(final)})
         finally:
             tmp.unlink(missing_ok=True)
-        record = record.model_copy(update={"source": None})
+        record = record.model_copy(update={"source": None, "source_mtime_ns": None})  # the upload's tmp file
         self.registry.add_delta(record)
         return record
 
@@ -182,7 +183,8 @@ class Catalog:
         path = Path(ref).expanduser().resolve()
         for record in self.registry.state.deltas.values():
             if Path(record.source or record.path) == path:
-                if file_identity(path) != (record.size_bytes, record.mtime_ns):
+                mtime = record.mtime_ns if record.source is None else record.source_mtime_ns
+                if file_identity(path) != (record.size_bytes, mtime):
                     self.registry.remove_delta(record.name)  # re-extracted since: re-verify
                     break
                 return record.name

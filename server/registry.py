@@ -59,6 +59,7 @@ class DeltaRecord(BaseModel):
     vocab_digest: str | None = Field(None, description="its post model's tokenizer (token -> id map)")
     source: str | None = Field(None, description="the local file it was registered from, when `path` is "
                                "its artifact-store URI")
+    source_mtime_ns: int | None = Field(None, description="that file's mtime (a newer one is re-registered)")
 
 
 class VariantTerm(BaseModel):

@@ -72,3 +72,28 @@ def test_an_uploaded_delta_is_stored_by_hash_and_served_exactly(stored, stack, t
     assert httpx.delete(f"{url}/v1/deltas/d1", headers=ADMIN_HEADERS).status_code == 204
     fs.invalidate_cache()
     assert not fs.exists(uri)
+
+
+def test_a_restart_keeps_stored_start_up_deltas_under_their_names(s3_server, tied, tmp_path):
+    """Start-up variants from local files with a store: registered once, by URI, across restarts
+    (a mock engine: this is the catalogue's part)."""
+    from tests.server.test_faults import _mock
+
+    mock, engine_url = _mock(tmp_path, 0)
+    root = f"s3://{s3_server.bucket}/restart"
+    args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={engine_url}", "--artifact-store", root,
+            "--variant", f"inst={tied.delta}"]  # fmt: skip
+    try:
+        for _ in range(2):
+            port = free_port()
+            proc = start_gateway(args, tmp_path / "state", port, tmp_path / "gateway.log")
+            try:
+                wait_healthy(f"http://127.0.0.1:{port}", proc, tmp_path / "gateway.log", timeout=120)
+                deltas = httpx.get(f"http://127.0.0.1:{port}/v1/deltas", headers=ADMIN_HEADERS).json()["data"]
+                assert [(d["name"], d["path"].startswith(f"{root}/sha256/")) for d in deltas] == [
+                    ("delta", True)
+                ]
+            finally:
+                stop_gateway(proc)
+    finally:
+        stop_gateway(mock)
