@@ -51,6 +51,7 @@ class EngineSpec:
     model: str
     served_name: str
     port: int | None = None
+    host: str = "127.0.0.1"  # loopback unless the engine must be reached from other machines (Ray)
     max_model_len: int | None = None  # None: vLLM derives it from the model config
     kv_cache_gib: float = 1.0
     extra_args: tuple[str, ...] = ()
@@ -81,7 +82,7 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", spec.model,
         "--served-model-name", spec.served_name,
-        "--host", "127.0.0.1",
+        "--host", spec.host,
         "--port", str(port),
         # No --disable-log-stats: it also turns off vLLM's Prometheus metrics, which the gateway
         # relays at /metrics/engines/<base>.
@@ -121,7 +122,7 @@ class EngineProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.spec.host}:{self.port}"
 
     def start(self) -> None:
         """Launch the process (returns at once; use wait_ready); what is left of a previous one is stopped."""

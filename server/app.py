@@ -20,6 +20,7 @@ from server.evals.store import EvalStore
 from server.gateway import Gateway
 from server.limits import BodyLimit
 from server.metrics import Metrics
+from server.pool import EnginePool
 from server.routes import bases, deltas, openai, ops, variants
 from server.routes import evals as evals_routes
 from server.settings import GatewaySettings
@@ -49,11 +50,12 @@ def private_state_dir(settings: GatewaySettings) -> None:
     settings.state_dir.chmod(0o700)
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
-    """Build the gateway app; engines start when the app starts and stop when it stops."""
+def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> FastAPI:
+    """Build the gateway app; engines start when the app starts and stop when it stops. `pool`:
+    where the engines run (default: processes on this machine, server/pool.py)."""
     ensure_admin_token(settings)
     metrics = Metrics(__version__)
-    gateway = Gateway(settings, metrics)
+    gateway = Gateway(settings, metrics, pool)
     metrics.watch_engines(gateway.engine_states)
     evals = EvalService(
         EvalStore(settings.state_dir / "evals.sqlite"),

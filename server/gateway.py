@@ -1,11 +1,11 @@
-"""The gateway service: the engines (started, attached, supervised), their swap slots, and which
-engine and weights serve each request. Deltas and variants are catalogued by server/catalog.py."""
+"""The gateway service: the weight slot of every engine, and which engine and weights serve each
+request. Engines are started and watched by its pool (server/pool.py); deltas and variants are
+catalogued by server/catalog.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +13,14 @@ from pathlib import Path
 from deltas.checkpoint import Checkpoint
 from deltas.recipe import Recipe
 from deltas.store import is_uri, use_cache
-from loaders.engine import EngineClient, EngineError, EngineProcess, EngineSpec, cores_for, wait_healthy
+from loaders.engine import EngineClient, EngineError
 from server.adapters import Adapter, AdapterLane
 from server.bases import Provenance, describe_base, place, provenance
 from server.catalog import Catalog, drop_partial_uploads, eos_ids, require_name
 from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 from server.metrics import EngineState, Metrics
 from server.policy import SwapPolicy
+from server.pool import Endpoint, EnginePool, LocalPool, Restart
 from server.registry import (
     BaseRecord,
     Registry,
@@ -38,7 +39,7 @@ class Resolved:
 
     variant: VariantRecord
     recipe: Recipe
-    slot: WeightSlot | None  # None on a front whose engines are elsewhere (server/cluster)
+    slot: WeightSlot | None  # a slot of its engine, for calls that need no weights (None: none up now)
     chat_template: str | None
     stop_token_ids: list[int]
     adapter: Adapter | None = None  # served as this LoRA adapter on the plain base, not by a swap
@@ -51,34 +52,28 @@ class Resolved:
 
 
 class Gateway:
-    """Owns the registry, the engines (one per base) and their weight slots."""
+    """Owns the registry, the weight slot of every engine, and which engine serves a request; the
+    engines themselves (where they run, their start and restart) are its pool's (server/pool.py)."""
 
-    def __init__(self, settings: GatewaySettings, metrics: Metrics):
+    def __init__(self, settings: GatewaySettings, metrics: Metrics, pool: EnginePool | None = None):
         self.settings = settings
         self.metrics = metrics
         self.registry = Registry(settings.registry_path)
-        self.processes: dict[str, EngineProcess] = {}
-        self.slots: dict[str, WeightSlot] = {}
-        self._engine_urls: dict[str, str] = {}
-        self._supervisor: asyncio.Task | None = None
+        self.pool = pool or LocalPool(settings)
+        self.slots: dict[str, WeightSlot] = {}  # engine id -> its slot
+        self._engine: dict[str, str] = {}  # engine id -> the engine (base) it was started on
         self._base_eos: dict[str, set[int]] = {}
         self._base_template: dict[str, str | None] = {}
         self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
-        self._restarting: set[str] = set()  # managed engines the supervisor is restarting
-        self._wake = asyncio.Event()  # look at the engines now, not at the supervisor's next tick
-        self.remote = False
+        self._watcher: asyncio.Task | None = None
+        self._sync_lock = asyncio.Lock()
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
         self.catalog = Catalog(self.registry, settings, self.adapters)
 
     # lifecycle ---------------------------------------------------------
-    async def start(self, *, engines: bool = True) -> None:
-        """Register configured bases, start or attach their engines, wait until ready.
-
-        engines=False: only the registry (bases, start-up variants), for a front whose engines are
-        Ray Serve replicas (server/cluster); requests then resolve without a slot.
-        """
-        self.remote = not engines
+    async def start(self) -> None:
+        """Register configured bases, start their engines through the pool, wait until ready."""
         drop_partial_uploads(self.settings.store_dir)
         use_cache(self.settings.artifact_cache())  # stored artifacts: the cache this node's engines use
         for spec in self.settings.bases:
@@ -93,29 +88,16 @@ class Gateway:
             raise BadRequestError("no base model configured; pass --base DIR")
         for base in bases:
             self._remember(base)
-        if not engines:
-            for spec in self.settings.variants:
-                await self.catalog.ensure_variant(spec)
-            return
-        # Engine URLs are runtime facts, given per start; they are not persisted.
-        self._engine_urls = {s.name: s.engine_url for s in self.settings.bases if s.engine_url}
         own = [b for b in bases if b.engine is None]  # the others are hot-loaded by one of these
-        launched = [b for b in own if b.name not in self._engine_urls]
-        for i, base in enumerate(launched):
-            self.processes[base.name] = self._launch(base, i, len(launched))
-        await asyncio.gather(
-            *(asyncio.to_thread(p.wait_ready, self.settings.engine_start_timeout)
-              for p in self.processes.values())
-        )  # fmt: skip
-        for base in own:
-            await self._attach(base)
+        await self.pool.start(own, self._restart_in_place)
+        await self._sync()
         for base in bases:
-            if base.engine is not None and base.engine not in self.slots:
+            if base.engine is not None and not self.group(base.engine):
                 log.warning("runtime base %s: its engine %s is not configured now", base.name, base.engine)
         for spec in self.settings.variants:
             await self.catalog.ensure_variant(spec)
-        if self.processes and self.settings.supervise_seconds > 0:
-            self._supervisor = asyncio.create_task(self._supervise())
+        if not self.pool.supervised:  # engines come and go (Ray replicas): follow them
+            self._watcher = asyncio.create_task(self._watch())
 
     def _remember(self, base: BaseRecord) -> None:
         """Cache what requests need from a base's checkpoint: its stop tokens and chat template."""
@@ -123,122 +105,100 @@ class Gateway:
         self._base_eos[base.name] = set(eos_ids(ckpt.generation_config()))
         self._base_template[base.name] = ckpt.chat_template()
 
-    def _launch(self, base: BaseRecord, index: int, count: int) -> EngineProcess:
-        """Start engine `index` of `count` on this machine for `base` (returns before it is ready)."""
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(self.settings.engine_env())
-        if count > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # CPU engines: a share each
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cores_for(index, count, sorted(os.sched_getaffinity(0)))
-        spec = EngineSpec(
-            model=base.path,
-            served_name=base.name,
-            max_model_len=self.settings.max_model_len,
-            kv_cache_gib=self.settings.kv_cache_gib,
-            extra_args=tuple(self.settings.engine_args) + self._lora_args(),
-            log_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.log",
-            pid_path=self.settings.log_dir / f"engine-{base.name.replace('/', '_')}.pgid",
-            env=tuple(env.items()),
-        )
-        proc = EngineProcess(spec)
-        proc.start()
-        log.info("starting engine for base %s on port %d (log: %s)", base.name, proc.port, spec.log_path)
-        return proc
+    async def _sync(self) -> None:
+        """Give every engine that is up a slot; drop the slots of engines that are gone (a pool whose
+        engines restart in place keeps them: the slot blocks admissions while its engine restarts)."""
+        async with self._sync_lock:
+            up = {e.id: e for e in self.pool.endpoints()}
+            for id, endpoint in up.items():
+                if id not in self.slots:
+                    try:
+                        await self._attach(endpoint)
+                    except EngineError as exc:
+                        log.warning("engine %s at %s: not attached (%s)", id, endpoint.url, exc)
+            if self.pool.supervised:
+                return
+            for id in [i for i in self.slots if i not in up]:
+                log.info("engine %s is gone; its requests go to the others of %s", id, self._engine[id])
+                slot = self.slots.pop(id)
+                self._engine.pop(id)
+                self.adapters.forget(id)
+                await slot.client.close()
 
-    def _lora_args(self) -> tuple[str, ...]:
-        if not self.settings.lora_slots or "--enable-lora" in self.settings.engine_args:
-            return ()
-        return ("--enable-lora", "--max-loras", str(self.settings.lora_slots),
-                "--max-lora-rank", str(self.settings.max_lora_rank))  # fmt: skip
+    async def _watch(self) -> None:
+        """Follow the pool's engines: re-attach when it says they changed, and every second."""
+        while True:
+            try:
+                await asyncio.wait_for(self.pool.changed.wait(), 1.0)
+            except TimeoutError:
+                pass
+            self.pool.changed.clear()
+            try:
+                await self._sync()
+            except Exception:
+                log.exception("following the engines failed; trying again")
 
-    async def _attach(self, base: BaseRecord) -> None:
-        url = self._engine_urls.get(base.name) or self.processes[base.name].url
-        if base.name in self._engine_urls:  # an engine started by someone else may still be starting
-            await asyncio.to_thread(
-                wait_healthy, url, None, self.settings.engine_wait, f"engine for {base.name!r}"
-            )
+    async def _attach(self, endpoint: Endpoint) -> None:
+        base = self.registry.base(endpoint.engine)
         client = EngineClient(
-            url, served_name=base.name, read_timeout=self.settings.engine_read_timeout or None
+            endpoint.url, served_name=base.name, read_timeout=self.settings.engine_read_timeout or None
         )
         resident = Recipe(base=base.path)
-        current = await client.current_recipe()
+        try:
+            current = await client.current_recipe()  # an engine that served before keeps its weights
+        except BaseException:
+            await client.close()
+            raise
         if current is not None:
             resident = Recipe.model_validate_json(current)
         on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
-        self.slots[base.name] = WeightSlot(client, resident, on_swap=on_swap, policy=policy)
+        slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, name=endpoint.id)
+        self._engine[endpoint.id] = endpoint.engine
+        self.slots[endpoint.id] = slot
 
-    async def _supervise(self) -> None:
-        """Restart managed engines that exit; a restarted engine holds its plain base again."""
+    async def _restart_in_place(self, id: str, restart: Restart) -> None:
+        """The pool's engine `id` died: restart it with its slot's admissions blocked."""
+        self.metrics.engine_restarts.labels(self._engine.get(id, id)).inc()
+
+        async def run() -> None:
+            self.adapters.forget(id)
+            await restart()
+
+        base = self.registry.base(self._engine[id])
+        await self.slots[id].replace_engine(run, Recipe(base=base.path))
+
+    def group(self, engine: str) -> list[WeightSlot]:
+        """The slots of every engine started on base `engine` (one locally; a replica each on Ray)."""
+        return [slot for id, slot in self.slots.items() if self._engine[id] == engine]
+
+    def endpoint_of(self, slot: WeightSlot) -> Endpoint | None:
+        """Where the engine of `slot` runs (None: it is gone)."""
+        return next((e for e in self.pool.endpoints() if e.id == slot.name), None)
+
+    async def engine_for(self, target: Resolved, deadline: float) -> WeightSlot:
+        """The engine to admit `target` on: one holding its weights, else an idle one, else the least
+        loaded; while none is up (restarting, or every replica replaced), wait until `deadline`, then 503."""
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.supervise_seconds)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            for name, proc in list(self.processes.items()):
-                if proc.alive() or name not in self.slots:  # not attached yet: its start-up reports it
-                    continue
-                log.error("engine for base %s exited (code %s); restarting it", name, proc.proc.returncode)
-                self.metrics.engine_restarts.labels(name).inc()
-
-                async def restart(proc: EngineProcess = proc, name: str = name) -> None:
-                    self.adapters.forget(name)
-                    proc.start()
-                    await asyncio.to_thread(proc.wait_ready, self.settings.engine_start_timeout)
-
-                self._restarting.add(name)
-                try:
-                    await self.slots[name].replace_engine(restart, Recipe(base=self.registry.base(name).path))
-                except Exception:
-                    log.exception("restarting the engine for base %s failed; will retry", name)
-                    continue
-                finally:
-                    self._restarting.discard(name)
-                log.info("engine for base %s is back on %s", name, proc.url)
-
-    @property
-    def supervised(self) -> bool:
-        """Whether dead managed engines are restarted here (not so on a Ray replica: Ray replaces it)."""
-        return self._supervisor is not None
-
-    def engine_down(self, engine: str) -> bool:
-        """Whether the managed engine `engine` is dead or being restarted."""
-        proc = self.processes.get(engine)
-        return engine in self._restarting or (proc is not None and engine in self.slots and not proc.alive())
-
-    async def engine_died(self, engine: str, within: float = 2.0) -> bool:
-        """After a connection error: whether the managed engine is (or within `within` s turns out to
-        be) dead. Its sockets close while the process exits, a moment before it can be seen exited."""
-        give_up = time.monotonic() + within
-        while not self.engine_down(engine):
-            if engine not in self.processes or time.monotonic() >= give_up:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
-    async def wait_for_engine(self, engine: str, deadline: float) -> None:
-        """Wait until a dead managed engine is back, or 503 (with Retry-After) at `deadline` (monotonic).
-
-        Requests that arrive while an engine restarts wait for it instead of failing at once.
-        """
-        self._wake.set()
-        while self.engine_down(engine):
+            slots = [s for s in self.group(target.engine) if not self.pool.down(s.name)]
+            if slots:
+                return _pick(slots, target.variant.base if target.adapter else target.variant.name)
+            self.pool.wake()
             if time.monotonic() >= deadline:
                 raise UnavailableError(
-                    f"the engine for {engine!r} stopped and is being restarted; retry shortly "
+                    f"no engine for {target.engine!r} is up (restarting or being replaced); retry shortly "
                     f"(requests wait up to {self.settings.engine_wait:g} s: serve --engine-wait)"
                 )
             await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in self._starting.values():
             task.cancel()
         for slot in self.slots.values():
             await slot.client.close()
-        for proc in self.processes.values():
-            await asyncio.to_thread(proc.stop)
+        await self.pool.stop()
 
     # resolving ---------------------------------------------------------
     def resolve(self, model: str) -> Resolved:
@@ -262,12 +222,13 @@ class Gateway:
             stops += sorted(self._base_eos[base.name])
         engine_stops = self._base_eos.get(engine, set())  # the engine stops on these by itself
         eos = [e for e in dict.fromkeys(stops) if e not in engine_stops]
-        slot = self.slots.get(engine)
-        if slot is None and not self.remote:
-            if engine in self._starting:
-                raise UnavailableError(f"the engine for base {base.name!r} is starting; retry shortly")
+        slots = self.group(engine)
+        if not slots and engine in self._starting:
+            raise UnavailableError(f"the engine for base {base.name!r} is starting; retry shortly")
+        if not slots and engine not in self.pool.engines():
             raise NotFoundError(f"base {base.name!r} has no running engine")
         recipe = self.catalog.recipe(variant)
+        slot = slots[0] if slots else None
         return Resolved(variant, recipe, slot, template, eos, self._adapter(variant, recipe), engine)
 
     def engine_of(self, base: BaseRecord) -> str:
@@ -275,8 +236,9 @@ class Gateway:
         return base.engine or base.name
 
     def slot_of(self, base: str) -> WeightSlot | None:
-        """The weight slot of the engine serving base `base` (None: no engine running)."""
-        return self.slots.get(self.engine_of(self.registry.base(base)))
+        """A weight slot of the engine serving base `base` (None: no engine running)."""
+        slots = self.group(self.engine_of(self.registry.base(base)))
+        return slots[0] if slots else None
 
     def _adapter(self, variant: VariantRecord, recipe: Recipe) -> Adapter | None:
         """The adapter serving `variant`, if its lane is the adapter one."""
@@ -295,9 +257,10 @@ class Gateway:
         why = self._not_adapter(self.registry.variant(name))
         return ("swap", why) if why else ("adapter", None)
 
-    async def admit(self, target: Resolved) -> None:
-        """Count a request in on its weights: its variant resident, or the plain base + its adapter."""
-        slot, adapter = target.slot, target.adapter
+    async def admit(self, target: Resolved, slot: WeightSlot) -> None:
+        """Count a request in on `slot`'s engine, on its weights: its variant resident, or the plain
+        base + its adapter."""
+        adapter = target.adapter
         if adapter is None:
             await slot.acquire(target.variant.name, target.recipe)
             return
@@ -306,7 +269,7 @@ class Gateway:
         # seen answering differently (a logprob 0.17 off, a greedy token flipped; README).
         await slot.acquire(target.variant.base, Recipe(base=target.recipe.base), lane="adapters")
         try:
-            await self.adapters.load(target.engine, slot.client, adapter)
+            await self.adapters.load(slot.name, slot.client, adapter)
         except BaseException:
             slot.release()
             raise
@@ -316,27 +279,27 @@ class Gateway:
 
     def default_model(self) -> str:
         """The model a request that names none means: the base, when there is exactly one."""
-        if len(self.slots) != 1:
-            bases = ", ".join(self.slots)
-            raise BadRequestError(f"name a 'model': this gateway serves several bases ({bases})")
-        return next(iter(self.slots))
+        engines = sorted(set(self._engine.values()))
+        if len(engines) != 1:
+            raise BadRequestError(f"name a 'model': this gateway serves several bases ({', '.join(engines)})")
+        return engines[0]
 
     def engine_states(self) -> list[EngineState]:
         """Per engine: resident variant, every model name it serves, requests in flight (for /metrics)."""
-        served: dict[str, list[str]] = {name: [] for name in self.slots}
+        served: dict[str, list[str]] = {}
         for b in self.registry.state.bases.values():
             served.setdefault(self.engine_of(b), []).append(b.name)
         for v in self.registry.state.variants.values():
             served.setdefault(self.engine_of(self.registry.base(v.base)), []).append(v.name)
         return [
             EngineState(
-                name,
-                slot.resident_variant or _base_if_plain(slot, name),
-                tuple(served[name]),
+                id,
+                slot.resident_variant or _base_if_plain(slot, self._engine[id]),
+                tuple(served.get(self._engine[id], ())),
                 slot.inflight,
                 sum(slot.queued().values()),
             )  # fmt: skip
-            for name, slot in self.slots.items()
+            for id, slot in self.slots.items()
         ]
 
     # bases -------------------------------------------------------------
@@ -348,9 +311,9 @@ class Gateway:
         if not (resolved / "config.json").is_file():
             raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
         record = await asyncio.to_thread(describe_base, name, resolved)
-        engines = {e: self.registry.base(e).path for e in self.slots}
+        engines = {e: self.registry.base(e).path for e in sorted(set(self._engine.values()))}
         host, reasons = await asyncio.to_thread(place, resolved, engines)
-        if host is None and (self._engine_urls or self.remote):
+        if host is None and not self.pool.can_launch():
             why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())
             raise BadRequestError(
                 f"base {name!r} fits no running engine ({why}); this gateway is attached to engines it "
@@ -369,17 +332,13 @@ class Gateway:
 
     def _start_engine(self, base: BaseRecord) -> None:
         """Start an engine of its own for a runtime base; requests get 503 until it is ready."""
-        proc = self._launch(base, len(self.processes), len(self.processes) + 1)
-        self.processes[base.name] = proc
 
         async def ready() -> None:
             try:
-                await asyncio.to_thread(proc.wait_ready, self.settings.engine_start_timeout)
-                await self._attach(base)
+                await self.pool.launch(base)
+                await self._sync()
             except Exception:
-                log.exception("the engine for base %s did not start; see %s", base.name, proc.spec.log_path)
-                self.processes.pop(base.name, None)
-                await asyncio.to_thread(proc.stop)
+                log.exception("the engine for base %s did not start", base.name)
             finally:
                 self._starting.pop(base.name, None)
 
@@ -388,7 +347,7 @@ class Gateway:
     def base_state(self, name: str) -> str:
         """ready | starting | no engine, for GET /v1/bases."""
         engine = self.engine_of(self.registry.base(name))
-        if engine in self.slots:
+        if self.group(engine):
             return "ready"
         return "starting" if engine in self._starting else "no engine"
 
@@ -408,12 +367,10 @@ class Gateway:
         task = self._starting.pop(name, None)
         if task is not None:
             task.cancel()
-        slot = self.slots.pop(name, None)
-        if slot is not None:
-            await slot.client.close()
-        proc = self.processes.pop(name, None)
-        if proc is not None:
-            await asyncio.to_thread(proc.stop)
+        for id in [i for i, engine in self._engine.items() if engine == name]:
+            self._engine.pop(id)
+            await self.slots.pop(id).client.close()
+        await self.pool.remove(name)
 
     async def delete_variant(self, name: str) -> None:
         """Forget a variant; an adapter it was served as is unloaded and its files deleted."""
@@ -423,10 +380,11 @@ class Gateway:
             target = None
         self.registry.remove_variant(name)
         if target is not None and target.adapter is not None:
-            try:
-                await self.adapters.unload(target.engine, target.slot.client, target.adapter)
-            except EngineError:
-                log.warning("could not unload %s; the engine forgets it on restart", target.adapter.name)
+            for slot in self.group(target.engine):
+                try:
+                    await self.adapters.unload(slot.name, slot.client, target.adapter)
+                except EngineError:
+                    log.warning("could not unload %s; the engine forgets it on restart", target.adapter.name)
 
 
 def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
@@ -439,3 +397,19 @@ def _identity_or_none(path: str) -> tuple[int, int] | None:
         return file_identity(path)
     except OSError:
         return None
+
+
+def _pick(slots: list[WeightSlot], name: str) -> WeightSlot:
+    """Of several engines of one base, the one a request for `name` goes to: the least loaded of
+    those holding it, else an idle one (the longest resident: it swaps), else the least loaded.
+    So a variant stays on the engines holding it, and swaps are rare while others are free."""
+    def load(slot: WeightSlot) -> int:
+        return slot.inflight + sum(slot.queued().values())
+
+    holding = [s for s in slots if s.resident_variant == name]
+    if holding:
+        return min(holding, key=load)
+    idle = [s for s in slots if load(s) == 0]
+    if idle:
+        return min(idle, key=lambda s: s.resident_since)
+    return min(slots, key=load)

@@ -16,15 +16,17 @@ import aiohttp
 from fastapi import Response
 
 from loaders.engine import EngineError
-from server.errors import BadRequestError, InvalidBodyError, SwapError
+from server.errors import BadRequestError, InvalidBodyError, SwapError, UnavailableError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
 from server.rewrite import StreamRewriter, rewrite_body
 from server.schemas import InferenceBody, parse_inference_body
 from server.streaming import RelayStream, StallWatch
+from server.swap import WeightSlot
 
 # W3C trace context: passed to the engine so its spans join the client's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
+ENGINE_HEADER = "X-Deltagate-Engine"  # which engine answered (one of several replicas of a base)
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-stream
 JSON_HEADERS = {"Content-Type": "application/json"}
 UNWATCHED = StallWatch(0)  # for callers that read the stream themselves (evals, Ray replicas)
@@ -62,7 +64,7 @@ async def forward(
     """Admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
     start = time.perf_counter()
     target = gateway.resolve(body.model)
-    variant, engine = target.variant.name, target.slot.client.served_name
+    variant, engine = target.variant.name, target.engine
     answers_as = target.engine_model  # the model name in the engine's answers
     payload = engine_payload(body, target, chat)
     keep_usage = _wants_usage(payload)
@@ -73,19 +75,19 @@ async def forward(
 
     deadline = time.monotonic() + gateway.settings.engine_wait
     while True:
-        await _admit(gateway, target, engine, deadline)
+        slot = await _admit(gateway, target, deadline)
         try:
-            upstream = await target.slot.client.relay.post(
-                endpoint, data=json.dumps(payload), headers=forwarded
-            )
+            upstream = await slot.client.relay.post(endpoint, data=json.dumps(payload), headers=forwarded)
             break
         except aiohttp.ClientError as exc:
-            target.slot.release()
+            slot.release()
             metrics.upstream_errors.labels(engine, "connect").inc()
-            if gateway.supervised and await gateway.engine_died(engine):
-                continue  # it died before anything was sent: wait for its restart and send the request again
+            if await gateway.pool.died(slot.name):
+                gateway.pool.wake()
+                continue  # it died before anything was sent: send the request again (restarted, or another)
             metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
             raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
+    served_by = {ENGINE_HEADER: slot.name}
     metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
     released = False
 
@@ -93,7 +95,7 @@ async def forward(
         nonlocal released
         if not released:
             released = True
-            target.slot.release()
+            slot.release()
             metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
             if usage:
                 metrics.observe_usage(variant, usage)
@@ -112,7 +114,7 @@ async def forward(
             metrics.upstream_errors.labels(engine, "status").inc()
         raw, usage = rewrite_body(raw, answers_as, body.model)
         release(status, usage)
-        return Response(raw, status_code=status, media_type=upstream.content_type)
+        return Response(raw, status_code=status, media_type=upstream.content_type, headers=served_by)
 
     rewriter = StreamRewriter(answers_as, body.model, keep_usage=keep_usage)
 
@@ -140,21 +142,24 @@ async def forward(
                 upstream.close()  # the client left (or the engine broke): drop the connection
             release(status, rewriter.usage)
 
-    return RelayStream(relay(), watch, variant)
+    stream = RelayStream(relay(), watch, variant)
+    stream.headers.update(served_by)
+    return stream
 
 
-async def _admit(gateway: Gateway, target: Resolved, engine: str, deadline: float) -> None:
-    """Admit on the variant's weights; while its engine is down (managed, restarting), wait for it
-    up to `deadline`, then 503 — rather than failing at once or blaming the weights."""
+async def _admit(gateway: Gateway, target: Resolved, deadline: float) -> WeightSlot:
+    """Admit on an engine holding (or swapping to) the variant's weights; while its engines are
+    down (restarting, or replaced), wait for one up to `deadline`, then 503 — rather than failing at
+    once or blaming the weights."""
     while True:
-        if gateway.supervised and gateway.engine_down(engine):
-            await gateway.wait_for_engine(engine, deadline)
+        slot = await gateway.engine_for(target, deadline)
         try:
-            await gateway.admit(target)
-            return
+            await gateway.admit(target, slot)
+            return slot
         except SwapError:
-            if not (gateway.supervised and await gateway.engine_died(engine)):
+            if not await gateway.pool.died(slot.name):
                 raise
+            gateway.pool.wake()
 
 
 async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Response:
@@ -171,9 +176,11 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
     body = parse_inference_body(json.dumps(request).encode())
     target = gateway.resolve(body.model)
     payload = engine_payload(body, target, chat="messages" in request)
-    payload["model"] = target.slot.client.served_name  # an adapter has its base's tokenizer
+    payload["model"] = target.engine  # an adapter has its base's tokenizer
     payload.pop("stop_token_ids", None)  # a generation parameter; the tokenizer endpoints refuse it
     payload.pop("stream", None)
+    if target.slot is None:
+        raise UnavailableError(f"no engine for {target.engine!r} is up; retry shortly")
     client = target.slot.client
     try:
         async with client.relay.post(endpoint, data=json.dumps(payload), headers=JSON_HEADERS) as upstream:

@@ -136,5 +136,21 @@ class BasePublic(BaseModel):
     )
 
 
+class EnginePublic(BaseModel):
+    id: str = Field(description="unique among the gateway's engines; answers name it in X-Deltagate-Engine")
+    base: str = Field(description="the base it was started on")
+    url: str
+    node: str = Field(description="where it runs: a Ray node id, or empty for this machine")
+    pid: int | None = Field(description="its API server's process id, where known")
+    resident_variant: str | None
+    inflight: int
+    queued: int = Field(description="requests waiting for a swap on it")
+    swaps: int = Field(description="swaps it made (the last 256 are kept)")
+
+
+class EnginesPublic(BaseModel):
+    data: list[EnginePublic]
+
+
 class BasesPublic(BaseModel):
     data: list[BasePublic]

@@ -73,6 +73,14 @@ class GatewaySettings(BaseSettings):
     artifact_store: str | None = None  # directory or s3:// URI of all registered deltas (deltas/store.py)
     artifact_cache_mib: float = 0.0  # each node's cache of stored artifacts (0: no budget)
 
+    def engine_flags(self) -> tuple[str, ...]:
+        """vLLM flags of managed engines: the operator's, plus multi-LoRA for the adapter lane."""
+        lora = ()
+        if self.lora_slots and "--enable-lora" not in self.engine_args:
+            lora = ("--enable-lora", "--max-loras", str(self.lora_slots),
+                    "--max-lora-rank", str(self.max_lora_rank))  # fmt: skip
+        return (*self.engine_args, *lora)
+
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""
         env = {

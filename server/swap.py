@@ -58,8 +58,10 @@ class WeightSlot:
         resident: Recipe,
         on_swap: SwapHook | None = None,
         policy: SwapPolicy = SwapPolicy(),
+        name: str = "",
     ):
         self.client = client
+        self.name = name  # the engine's id in its gateway's pool (server/pool.py)
         self.resident = resident
         self.lane = ""  # what the admitted requests run as on these weights: "" plain, or "adapters"
         self.policy = policy

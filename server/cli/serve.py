@@ -118,11 +118,17 @@ def serve(
     ray: Annotated[
         bool,
         typer.Option(
-            help="Run on Ray Serve: the OpenAI front as the ingress, one managed engine per replica, "
-            "requests routed by variant (model multiplexing); a local Ray unless --ray-address"
+            help="Engines on Ray Serve: one deployment per base, one vLLM engine per replica, placed by "
+            "Ray on the cluster's nodes; this process serves the same API in front of them (a local "
+            "Ray unless --ray-address)"
         ),
     ] = False,
-    replicas: Annotated[int, typer.Option(help="--ray: engine replicas (each one vLLM engine)", min=1)] = 2,
+    replicas: Annotated[
+        int, typer.Option(help="--ray: engine replicas per base (each one vLLM engine)", min=1)
+    ] = 2,
+    replicas_per_node: Annotated[
+        int | None, typer.Option(help="--ray: at most this many engine replicas of a base on one node", min=1)
+    ] = None,
     ray_address: Annotated[
         str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001 or auto)")
     ] = None,
@@ -241,7 +247,8 @@ def serve(
         from server.errors import BadRequestError
 
         try:
-            serve_on_ray(settings, host, port, replicas, ray_address)
+            serve_on_ray(settings, host, port, replicas, ray_address, replicas_per_node=replicas_per_node,
+                         access_log=access_log)  # fmt: skip
         except BadRequestError as exc:
             raise fail(f"--ray: {exc}") from None
         return

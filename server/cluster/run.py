@@ -1,13 +1,15 @@
-"""`deltagate serve --ray`: start (or join) a Ray cluster and run the front + engine replicas on it."""
+"""`deltagate serve --ray`: join (or start) a Ray cluster and serve the gateway with a RayPool.
+
+The gateway is the same app as `deltagate serve` (every route, limit and metric), run by uvicorn
+in this process; only its engines differ: Ray Serve replicas on the cluster's nodes
+(server/cluster/pool.py). Ray runs no HTTP proxy: requests reach the engines from this process.
+"""
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from pathlib import Path
 
-from loaders.engine import kill_stale_engine
 from server.errors import BadRequestError
 from server.settings import GatewaySettings, StartupTerm
 
@@ -16,16 +18,11 @@ log = logging.getLogger("deltagate.cluster")
 
 def portable(settings: GatewaySettings) -> GatewaySettings:
     """The settings with every path absolute: Ray workers do not share the caller's working dir."""
-    if len(settings.bases) != 1:
-        raise BadRequestError(
-            "--ray serves one base (its replicas are engines of that base); give one --base"
-        )
-    if not (Path(settings.bases[0].path) / "config.json").is_file():
-        raise BadRequestError(
-            f"base {settings.bases[0].name!r}: {settings.bases[0].path} is not a checkpoint dir"
-        )
-    if settings.bases[0].engine_url:
-        raise BadRequestError("--ray manages its engines (one per replica); drop --engine-url")
+    for base in settings.bases:
+        if not (Path(base.path) / "config.json").is_file():
+            raise BadRequestError(f"base {base.name!r}: {base.path} is not a checkpoint dir")
+        if base.engine_url:
+            raise BadRequestError("--ray manages its engines (replicas); drop --engine-url")
 
     def absolute(term: StartupTerm) -> StartupTerm:
         path = Path(term.ref).expanduser()
@@ -38,35 +35,45 @@ def portable(settings: GatewaySettings) -> GatewaySettings:
     )
 
 
-def serve_on_ray(settings: GatewaySettings, host: str, port: int, replicas: int, address: str | None) -> None:
-    """Run until SIGINT/SIGTERM: Ray (local unless `address`), the front on host:port, `replicas` engines."""
+def serve_on_ray(
+    settings: GatewaySettings,
+    host: str,
+    port: int,
+    replicas: int,
+    address: str | None,
+    *,
+    replicas_per_node: int | None = None,
+    access_log: bool = False,
+) -> None:
+    """Run until SIGINT/SIGTERM: Ray (local unless `address`), the gateway on host:port, `replicas`
+    engines per base."""
     import ray
+    import uvicorn
     from ray import serve
 
-    from server.cluster.front import APP_NAME, Front
-    from server.cluster.replica import EngineReplica
+    from server.app import create_app
+    from server.cluster.pool import RayPool
 
-    settings_json = portable(settings).model_dump_json()
+    settings = portable(settings)
     if address:
-        ray.init(address=address)
+        ray.init(address=address, namespace="deltagate")
     else:  # a local instance: no dashboard (it costs memory and CPU on small machines)
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, namespace="deltagate")
     try:
-        serve.start(http_options={"host": host, "port": port})
-        engines = EngineReplica.options(num_replicas=replicas).bind(settings_json)
-        log.info("starting %d engine replica(s) of %s; the front listens on %s:%d", replicas,
-                 settings.bases[0].name, host, port)  # fmt: skip
-        serve.run(Front.bind(engines, settings_json), name=APP_NAME, route_prefix="/")
-        log.info("deltagate on Ray Serve is ready on http://%s:%d", host, port)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
+        serve.start(proxy_location="Disabled")  # no Ray HTTP proxy: the gateway talks to engines itself
+        pool = RayPool(settings, replicas, replicas_per_node)
+        log.info("deltagate on Ray: %d engine replica(s) per base; the gateway listens on %s:%d",
+                 replicas, host, port)  # fmt: skip
+        uvicorn.run(create_app(settings, pool), host=host, port=port, log_level="info", access_log=access_log)
     finally:
-        serve.shutdown()
+        if not address:  # our own Ray: stop it; on a shared cluster the pool deleted its applications
+            serve.shutdown()
         ray.shutdown()
         # A replica torn down before its __init__ finished (e.g. a replacement still starting its
-        # engine) never ran __del__: its engine is still running. The pid files say which.
-        for pid_file in settings.state_dir.resolve().glob("replica-*/logs/engine-*.pgid"):
+        # engine) never ran __del__: its engine may still run. This node's pid files say which.
+        from loaders.engine import kill_stale_engine
+        from server.cluster.pool import node_dir
+
+        for pid_file in node_dir().glob("deltagate-engines-*/engine.pgid"):
             if killed := kill_stale_engine(pid_file):
-                log.info("stopped %d leftover engine process(es) of %s", killed, pid_file.parent.parent.name)
+                log.info("stopped %d leftover engine process(es) of %s", killed, pid_file.parent.name)

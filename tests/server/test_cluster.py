@@ -1,11 +1,13 @@
-"""deltagate on a real local Ray Serve: `serve --ray --replicas 2`, two real vLLM CPU engines.
+"""deltagate on a real Ray cluster of two nodes (ray.cluster_utils.Cluster, one machine): `serve
+--ray --ray-address`, a replica (one real vLLM CPU engine) on each node, artifacts in a real
+S3-compatible store. Each node has its own directory (engine logs, artifact cache) and no access
+to the gateway's state dir. Every call goes through the gateway: the same app as on one machine.
 
 References are the stack's stock vLLM answers on checkpoints merged offline (conftest.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -30,6 +32,7 @@ from tests.server.conftest import (
 
 pytestmark = pytest.mark.engine
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+ENGINE = "x-deltagate-engine"
 
 
 @dataclass
@@ -38,112 +41,154 @@ class Cluster:
     state: Path
     proc: object
     delta_uri: str
+    nodes: dict[str, Path]  # Ray node id -> that node's own directory
+    args: list[str]
+    log: Path
 
 
 @pytest.fixture(scope="module")
 def cluster(tied, s3_server, tmp_path_factory) -> Cluster:
     """Deltas in an S3 artifact store: tied-inst from a local file (put into the store at start),
-    tied-half named by its store URI only; each replica reads them through its own node cache."""
+    tied-half named by its store URI only; each engine reads them through its node's cache."""
+    import ray
+    from ray.cluster_utils import Cluster as RayCluster
+
     work = tmp_path_factory.mktemp("cluster")
+    dirs = [work / "node-a", work / "node-b"]
+    ray_cluster = RayCluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "env_vars": {"DELTAGATE_NODE_DIR": str(dirs[0])}
+        },  # fmt: skip
+    )
+    ray_cluster.add_node(num_cpus=1, env_vars={"DELTAGATE_NODE_DIR": str(dirs[1])})
+    nodes = {n.node_id: d for n, d in zip(ray_cluster.list_all_nodes(), dirs, strict=True)}
     port, log = free_port(), work / "serve.log"
     root = f"s3://{s3_server.bucket}/cluster"
     stored = ArtifactStore(root).put(tied.delta)
-    args = ["--ray", "--replicas", "2", "--base", f"tied={tied.base}", "--artifact-store", root,
+    args = ["--ray", "--ray-address", ray_cluster.address, "--replicas", "2", "--replicas-per-node", "1",
+            "--base", f"tied={tied.base}", "--artifact-store", root,
             "--variant", f"tied-inst={tied.delta}", "--variant", f"tied-half={stored.uri}:0.5"]  # fmt: skip
     proc = start_gateway(args, work / "state", port, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, log)
-        cluster = Cluster(f"http://127.0.0.1:{port}", work / "state", proc, stored.uri)
-        deadline = time.monotonic() + 600  # the front answers once one replica runs; the tests need both
-        while _replica_counts(cluster) != {"RUNNING": 2} and time.monotonic() < deadline:
+        cluster = Cluster(f"http://127.0.0.1:{port}", work / "state", proc, stored.uri, nodes, args, log)
+        deadline = time.monotonic() + 600  # the gateway answers once one engine runs; the tests need both
+        while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
             time.sleep(1)
         yield cluster
     finally:
-        stop_gateway(proc)
+        stop_gateway(cluster.proc if "cluster" in locals() else proc)
+        ray_cluster.shutdown()
+        ray.shutdown()
 
 
-def _states(cluster: Cluster) -> dict[int, dict]:
-    """What each running replica holds, by replica rank (GET /v1/cluster)."""
-    r = httpx.get(f"{cluster.url}/v1/cluster", headers=HEADERS, timeout=60)
+def _engines(cluster: Cluster) -> dict[str, dict]:
+    """Every engine that is up, by id (GET /v1/engines)."""
+    r = httpx.get(f"{cluster.url}/v1/engines", headers=HEADERS, timeout=60)
     r.raise_for_status()
-    return {s["replica"]: s for s in r.json()["replicas"]}
+    return {e["id"]: e for e in r.json()["data"]}
 
 
-def _replica_counts(cluster: Cluster) -> dict:
-    return httpx.get(f"{cluster.url}/v1/cluster", headers=HEADERS, timeout=60).json()["replica_states"]
-
-
-def _served_by(cluster: Cluster, model: str) -> int:
+def _served_by(cluster: Cluster, model: str) -> str:
     r = httpx.post(f"{cluster.url}/v1/completions", json=completion_params(model, PROMPTS[0]), timeout=120)
     r.raise_for_status()
-    return int(r.headers["x-deltagate-replica"])
+    return r.headers[ENGINE]
 
 
-def _placed(cluster: Cluster, models: tuple[str, ...]) -> dict[str, int]:
-    """Send each model requests until each is served by a replica of its own, twice in a row.
-
-    Where a variant nobody holds goes is Ray's choice among the replicas with the fewest models (a
-    tie here); once every variant is resident somewhere, affinity keeps it there.
-    """
-    last: dict[str, int] = {}
-    for _ in range(20):
-        now = {m: _served_by(cluster, m) for m in models}
-        if now == last and len(set(now.values())) == len(models):
-            return now
-        last = now
-        time.sleep(0.3)  # replicas report their model ids to Ray's routers every 0.1 s
-    raise AssertionError(f"variants never settled on replicas of their own: {last}")
+def _cached(cluster: Cluster, engine: dict) -> list[str]:
+    """The artifacts in the node cache of `engine`'s node."""
+    return sorted(p.name for p in (cluster.nodes[engine["node"]] / "artifact-cache").glob("*.safetensors"))
 
 
 def test_variants_through_ray_equal_stock_vllm_on_merged_weights(cluster, stack):
     assert completion_outputs(cluster.url, "tied-inst") == stack.refs["tied-inst"]
     assert completion_outputs(cluster.url, "tied-half") == stack.refs["tied-half"]
     assert completion_outputs(cluster.url, "tied") == stack.base_before["tied"]
-    assert httpx.get(f"{cluster.url}/v1/cluster").status_code == 401  # admin route
+    assert httpx.get(f"{cluster.url}/v1/engines").status_code == 401  # admin route
     r = httpx.post(f"{cluster.url}/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404 and "unknown model" in r.json()["error"]["message"]
+    engines = _engines(cluster)
+    assert {e["node"] for e in engines.values()} == set(cluster.nodes)  # a replica on each node
 
 
-def test_each_variant_stays_on_its_replica(cluster):
-    """Model multiplexing: alternating variants go to the replica holding each, with no swap."""
-    placed = _placed(cluster, ("tied-inst", "tied-half"))
-    states = _states(cluster)
-    # both replicas serve a stored delta: each registered it by its store URI, read from its own cache
-    for replica in placed.values():
-        state = cluster.state / f"replica-{replica}"
-        deltas = json.loads((state / "registry.json").read_text())["deltas"]
-        assert {d["path"] for d in deltas.values()} == {cluster.delta_uri}
-        assert [p.name for p in (state / "artifact-cache").glob("*.safetensors")] == [
-            cluster.delta_uri.rsplit("/", 1)[1]
-        ]
-    assert {states[r]["resident"] for r in placed.values()} == {"tied-inst", "tied-half"}
-    assert states[0]["cores"] != states[1]["cores"]  # the machine's cores split between the engines
-    swaps = {r: states[r]["swaps"] for r in states}
+def test_each_variant_stays_on_its_engine(cluster):
+    """Alternating variants go to the engine holding each, with no swap once both are placed."""
+    placed = {m: _served_by(cluster, m) for m in ("tied-inst", "tied-half")}
     for _ in range(3):
-        for model, replica in placed.items():
-            assert _served_by(cluster, model) == replica
-    assert {r: s["swaps"] for r, s in _states(cluster).items()} == swaps
-    # residency as vLLM's multi-LoRA metric, per replica, for residency-aware routers
-    text = httpx.get(f"{cluster.url}/metrics/engines").text
-    for model, replica in placed.items():
-        assert f'running_lora_adapters="{model}",waiting_lora_adapters="",replica="{replica}"' in text
+        placed = {m: _served_by(cluster, m) for m in placed}
+    assert len(set(placed.values())) == 2, placed  # one engine each
+    engines = _engines(cluster)
+    assert {engines[e]["resident_variant"] for e in placed.values()} == {"tied-inst", "tied-half"}
+    swaps = {e: engines[e]["swaps"] for e in engines}
+    for _ in range(3):
+        for model, engine in placed.items():
+            assert _served_by(cluster, model) == engine
+    assert {e: s["swaps"] for e, s in _engines(cluster).items()} == swaps
+    for engine in placed.values():  # both engines serve a stored delta, read from their node's cache
+        assert _cached(cluster, engines[engine]) == [cluster.delta_uri.rsplit("/", 1)[1]]
+    text = httpx.get(f"{cluster.url}/metrics/engines/{placed['tied-half']}").text
+    assert 'running_lora_adapters="tied-half"' in text  # residency, per engine, for routers
+
+
+def test_the_whole_api_through_the_gateway_on_ray(cluster, stack, tied, tied_updated):
+    """Upload, define, evaluate, add a base at runtime, delete: the admin API a Ray deployment lacked."""
+    url = cluster.url
+    r = httpx.post(f"{url}/v1/deltas?name=d2", content=tied.delta2.read_bytes(), timeout=60,
+                   headers={**HEADERS, "Content-Type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    uri = r.json()["path"]
+    assert uri.startswith("s3://") and not list((cluster.state / "deltas").glob("*.safetensors"))
+    r = httpx.post(f"{url}/v1/deltas", json={"name": "d1", "path": cluster.delta_uri}, headers=HEADERS)
+    assert r.status_code == 201, r.text
+    terms = [{"delta": "d1", "alpha": 0.7}, {"delta": "d2", "alpha": 0.4}]
+    body = {"name": "tied-mix", "base": "tied", "deltas": terms}
+    assert httpx.post(f"{url}/v1/variants", json=body, headers=HEADERS).status_code == 201
+    assert completion_outputs(url, "tied-mix") == stack.refs["tied-mix"]  # registered after start
+    served = _engines(cluster)[_served_by(cluster, "tied-mix")]
+    assert uri.rsplit("/", 1)[1] in _cached(cluster, served)  # fetched from the store by its node
+
+    ev = httpx.post(f"{url}/v1/evals", headers=HEADERS, json={
+        "name": "ray", "data_source": {"type": "jsonl", "content": '{"q": "The capital of France"}'},
+        "prompt": "{{item.q}}", "endpoint": "completions", "max_tokens": 4,
+        "testing_criteria": [{"type": "string_check", "name": "any", "reference": "", "operation": "like"}],
+    })  # fmt: skip
+    assert ev.status_code == 201, ev.text
+    runs = f"{url}/v1/evals/{ev.json()['id']}/runs"
+    run = httpx.post(runs, json={"variants": ["tied-mix", "tied"]}, headers=HEADERS)
+    assert run.status_code == 201, run.text
+    deadline = time.monotonic() + 120
+    while (got := httpx.get(f"{runs}/{run.json()['id']}", headers=HEADERS).json())["status"] not in (
+        "completed", "failed", "canceled"
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, got
+        time.sleep(0.5)
+    assert got["status"] == "completed", got
+    assert got["progress"]["done"] == 2, got  # one item on each variant
+
+    base = {"name": "tied-v2", "path": str(tied_updated)}
+    r = httpx.post(f"{url}/v1/bases", json=base, headers=HEADERS, timeout=120)
+    assert r.status_code == 201 and r.json()["engine"] == "tied", r.text  # hot-loaded by the tied engines
+    assert completion_outputs(url, "tied-v2") == stack.refs["tied-v2"]
+    for path in ("/v1/variants/tied-mix", "/v1/bases/tied-v2", "/v1/deltas/d2"):
+        assert httpx.delete(url + path, headers=HEADERS).status_code == 204, path
+    assert httpx.post(f"{url}/v1/completions", json=completion_params("tied-mix", "x")).status_code == 404
 
 
 def test_stream_and_client_disconnect_release_the_slot(cluster):
-    """A client that goes away mid-stream: the replica's generator ends (Ray cancels it, or it runs
-    out) and its slot admission is released. Whether vLLM stops generating early depends on how
-    soon Ray notices the disconnect: seen in one run here, not in another (README)."""
-    replica = _served_by(cluster, "tied-inst")
+    """A client that goes away mid-stream: the gateway closes the engine's stream and releases the
+    slot, as on one machine (the stream never passes through Ray)."""
     body = {"model": "tied-inst", "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
     with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200 and int(r.headers["x-deltagate-replica"]) == replica
+        assert r.status_code == 200
+        engine = r.headers[ENGINE]
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
         assert '"model":"tied-inst"' in first
     deadline = time.monotonic() + 30
-    while _states(cluster)[replica]["inflight"] and time.monotonic() < deadline:
+    while _engines(cluster)[engine]["inflight"] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _states(cluster)[replica]["inflight"] == 0  # the slot was released
+    assert _engines(cluster)[engine]["inflight"] == 0  # the slot was released
 
 
 def test_kill_one_engine_under_mixed_load(cluster, stack):
@@ -168,14 +213,9 @@ def test_kill_one_engine_under_mixed_load(cluster, stack):
     for t in threads:
         t.start()
     time.sleep(3)
-    served = _served_by(cluster, "tied-inst")
-    for _ in range(20):  # replica states are sampled; under load one replica may be missed: ask again
-        states = _states(cluster)
-        if served in states:
-            break
-    victim = states[served]
+    victim = _engines(cluster)[_served_by(cluster, "tied-inst")]
     killed_at = time.monotonic()
-    os.kill(victim["engine_pid"], signal.SIGKILL)
+    os.kill(victim["pid"], signal.SIGKILL)
     time.sleep(15)
     stop.set()
     for t in threads:
@@ -186,20 +226,53 @@ def test_kill_one_engine_under_mixed_load(cluster, stack):
     assert all(r[4] == want[r[2]] for r in after)  # exact answers from the surviving engine
     assert {r[2] for r in after} == {"tied-inst", "tied-half"} and len(after) >= 8
     assert all(r[1] >= killed_at for r in results if r[3] != 200)  # failures: in flight at the kill
-    # Ray replaces the replica; what was left of the killed engine's processes is gone
+    # Ray replaces the replica (a new engine, a new id); what was left of the killed one is gone
     deadline = time.monotonic() + 600
-    while _replica_counts(cluster) != {"RUNNING": 2} and time.monotonic() < deadline:
+    while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
         time.sleep(2)
-    assert _replica_counts(cluster) == {"RUNNING": 2}
+    engines = _engines(cluster)
+    assert len(engines) == 2 and victim["id"] not in engines
+    assert completion_outputs(cluster.url, "tied-half") == stack.refs["tied-half"]
     with pytest.raises(ProcessLookupError):
-        os.killpg(victim["engine_pid"], 0)
+        os.killpg(victim["pid"], 0)
+
+
+def test_a_killed_gateway_comes_back_with_everything_registered(cluster, stack, tied):
+    """kill -9 of the gateway: the engines (Ray's) keep running; a new gateway on the same state dir
+    finds them, with the weights each holds, and every registered variant."""
+    body = {"name": "tied-half-again", "base": "tied", "deltas": [{"delta": "tied-half.0", "alpha": 0.5}]}
+    deltas = httpx.get(f"{cluster.url}/v1/deltas", headers=HEADERS).json()["data"]
+    body["deltas"][0]["delta"] = next(d["name"] for d in deltas if d["path"] == cluster.delta_uri)
+    assert httpx.post(f"{cluster.url}/v1/variants", json=body, headers=HEADERS).status_code == 201
+    before = _engines(cluster)
+    os.killpg(cluster.proc.pid, signal.SIGKILL)
+    cluster.proc.wait()
+    port = int(cluster.url.rsplit(":", 1)[1])
+    cluster.proc = start_gateway(cluster.args, cluster.state, port, cluster.log)
+    wait_healthy(cluster.url, cluster.proc, cluster.log)
+    deadline = time.monotonic() + 120
+    while _engines(cluster).keys() != before.keys() and time.monotonic() < deadline:
+        time.sleep(1)
+    after = _engines(cluster)
+    assert after.keys() == before.keys()  # the same engines: not restarted
+    holds = {e: s["resident_variant"] for e, s in before.items()}
+    assert {e: s["resident_variant"] for e, s in after.items()} == holds  # read back from the engines
+    assert completion_outputs(cluster.url, "tied-half-again") == stack.refs["tied-half"]
+    assert completion_outputs(cluster.url, "tied-inst") == stack.refs["tied-inst"]
 
 
 def test_shutdown_leaves_no_engine_behind(cluster):
-    groups = [int(p.read_text()) for p in cluster.state.glob("replica-*/logs/engine-*.pgid")]
-    assert groups
+    groups = [e["pid"] for e in _engines(cluster).values()]
+    assert len(groups) == 2
     stop_gateway(cluster.proc)
     assert cluster.proc.poll() is not None
+    deadline = time.monotonic() + 60
     for group in groups:
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)

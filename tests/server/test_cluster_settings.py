@@ -29,9 +29,8 @@ def test_settings_are_made_portable_or_refused(tied, tmp_path, monkeypatch):
     assert out.state_dir == tmp_path / "state"
     assert out.variants[0].terms[0].ref == str(tmp_path / "d.safetensors")  # a path, made absolute
     assert out.variants[0].terms[1].ref == "registered"  # a registered delta's name, kept
-    two = settings.model_copy(update={"bases": settings.bases * 2})
-    with pytest.raises(BadRequestError, match="one base"):
-        portable(two)
+    two = settings.model_copy(update={"bases": [*settings.bases, BaseSpec(name="c", path=str(tied.base))]})
+    assert [b.name for b in portable(two).bases] == ["b", "c"]  # a deployment each
     attached = settings.model_copy(
         update={"bases": [BaseSpec(name="b", path=str(tied.base), engine_url="http://x")]}
     )

@@ -21,7 +21,7 @@ from server.settings import BaseSpec, GatewaySettings
 from server.uploads import receive_to_file
 
 ADMIN, KEY = "admin-secret", "inference-key"
-PUBLIC = {"/health", "/metrics", "/metrics/engines/{base}"}  # what Prometheus and probes read
+PUBLIC = {"/health", "/metrics", "/metrics/engines/{engine:path}"}  # what Prometheus and probes read
 INFERENCE = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 

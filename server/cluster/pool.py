@@ -1,0 +1,241 @@
+"""RayPool: the engines of a gateway as Ray Serve replicas, one deployment per base.
+
+Ray does placement and lifecycle (the control plane): each EngineHost replica starts one vLLM
+engine (with deltagate's worker extension) on its node, on the node's address, and Ray replaces a
+replica whose engine died. The gateway (the same app as on one machine) keeps a weight slot per
+engine and sends each request to the engine it admitted it on, directly (the data plane): no token
+passes through Ray. Replicas announce themselves in a named actor (the directory); the gateway
+reads it every second and when a request finds an engine dead.
+
+What the gateway needs of a node: the base checkpoints at the same path, and the artifact store
+(deltas/store.py) reachable. Registry, evals, uploads and the admin token stay with the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import ray
+from ray import serve
+
+from loaders.engine import EngineProcess, EngineSpec, cores_for
+from server.pool import Endpoint, EnginePool, OnDead
+from server.registry import BaseRecord
+from server.settings import GatewaySettings
+
+log = logging.getLogger("deltagate.cluster")
+
+NAMESPACE = "deltagate"
+DIRECTORY = "deltagate-engines"
+HEARTBEAT_STALE = 10.0  # seconds without a health check after which an engine is taken for gone
+
+
+@ray.remote(num_cpus=0)
+class Directory:
+    """engine id -> (base, url, pid, node, last heartbeat): what replicas announce, read by gateways."""
+
+    def __init__(self) -> None:
+        self.engines: dict[str, dict] = {}
+
+    def announce(self, id: str, entry: dict) -> None:
+        self.engines[id] = {**entry, "seen": time.time()}
+
+    def withdraw(self, id: str) -> None:
+        self.engines.pop(id, None)
+
+    def list(self) -> dict[str, dict]:
+        now = time.time()
+        return {i: e for i, e in self.engines.items() if now - e["seen"] < HEARTBEAT_STALE}
+
+
+def directory() -> ray.actor.ActorHandle:
+    """The cluster's directory of engines (created by the first caller, kept while Ray runs)."""
+    return Directory.options(
+        name=DIRECTORY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
+
+
+def node_dir() -> Path:
+    """This node's own directory for engine logs and its artifact cache (not the gateway's)."""
+    return Path(os.environ.get("DELTAGATE_NODE_DIR") or Path(tempfile.gettempdir()) / "deltagate-node")
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},  # the engine subprocess does the work; do not reserve Ray CPUs
+    health_check_period_s=1.0,
+    health_check_timeout_s=30.0,
+    graceful_shutdown_timeout_s=30.0,
+)
+class EngineHost:
+    """One vLLM engine of one base on this replica's node; says where it is, and whether it lives."""
+
+    async def __init__(self, base_json: str, settings_json: str):
+        context = serve.get_replica_context()
+        base = BaseRecord.model_validate_json(base_json)
+        settings = GatewaySettings.model_validate_json(settings_json)
+        rank, local, world = context.rank.rank, context.rank.local_rank, context.world_size
+        here = node_dir()
+        os.environ.setdefault("DELTAGATE_ARTIFACT_CACHE", str(here / "artifact-cache"))  # one per node
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # replicas on one machine split its cores
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores_for(local, world, sorted(os.sched_getaffinity(0)))
+        # A replacement replica gets its rank, and so its pid file: what is left of the dead
+        # replica's engine is stopped before the new one starts (EngineProcess.start).
+        logs = here / f"{context.app_name}-{rank}"
+        logs.mkdir(parents=True, exist_ok=True)
+        local_settings = settings.model_copy(update={"state_dir": here})
+        spec = EngineSpec(
+            model=base.path,
+            served_name=base.name,
+            host=ray.util.get_node_ip_address(),  # reachable from the gateway's node
+            max_model_len=settings.max_model_len,
+            kv_cache_gib=settings.kv_cache_gib,
+            extra_args=settings.engine_flags(),
+            log_path=logs / "engine.log",
+            pid_path=logs / "engine.pgid",
+            env=tuple(local_settings.engine_env().items()),
+        )
+        self.proc = EngineProcess(spec)
+        self.id = f"{base.name}@{context.replica_id.unique_id}"
+        self.entry = {"engine": base.name, "node": ray.get_runtime_context().get_node_id()}
+        self.directory = directory()
+        cores = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        log.info("replica %s: engine for %s on cores %s", self.id, base.name, cores)
+        self.proc.start()
+        await asyncio.to_thread(self.proc.wait_ready, settings.engine_start_timeout)
+        self.entry.update(url=self.proc.url, pid=self.proc.proc.pid)
+        await self.directory.announce.remote(self.id, self.entry)
+
+    async def check_health(self) -> None:
+        """Ray's health check: the engine must be alive (else Ray replaces this replica)."""
+        if not self.proc.alive():
+            await self.directory.withdraw.remote(self.id)
+            raise RuntimeError("the vLLM engine of this replica exited")
+        await self.directory.announce.remote(self.id, self.entry)  # the heartbeat
+
+    async def __call__(self) -> dict:
+        return {"id": self.id, **self.entry}
+
+    async def __del__(self) -> None:
+        try:
+            await self.directory.withdraw.remote(self.id)
+        finally:
+            await asyncio.to_thread(self.proc.stop)
+
+
+class RayPool(EnginePool):
+    """A Ray Serve application per base (EngineHost × replicas); engines found through the directory."""
+
+    remote_paths = True
+
+    def __init__(self, settings: GatewaySettings, replicas: int, replicas_per_node: int | None = None):
+        super().__init__()
+        self.settings = settings
+        self.replicas = replicas
+        self.replicas_per_node = replicas_per_node
+        self.directory = directory()
+        self._apps: dict[str, str] = {}  # base -> its Serve application
+        self._up: dict[str, Endpoint] = {}
+        self._dead: set[str] = set()  # found dead by a request, before the directory says so
+        self._reader: asyncio.Task | None = None
+
+    def app_name(self, base: str) -> str:
+        return f"deltagate-engines-{base.replace('/', '-')}"
+
+    async def start(self, bases: list[BaseRecord], on_dead: OnDead) -> None:
+        await asyncio.gather(*(self._deploy(b) for b in bases))
+        await self._read()
+        self._reader = asyncio.create_task(self._follow())
+
+    async def _deploy(self, base: BaseRecord) -> None:
+        """Run `base`'s application and wait until its first replica's engine is up."""
+        name = self._apps[base.name] = self.app_name(base.name)
+        running = await asyncio.to_thread(serve.status)
+        if name in running.applications and running.applications[name].status == "RUNNING":
+            # A gateway restarted on a running cluster (its predecessor killed): keep the engines,
+            # and the weights they hold, rather than redeploying (a new code version restarts them).
+            log.info("engine replicas of %s are running on Ray already; using them", base.name)
+            await self._wait_for(base.name)
+            return
+        options: dict = {"num_replicas": self.replicas}
+        if self.replicas_per_node:
+            options["max_replicas_per_node"] = self.replicas_per_node
+        app = EngineHost.options(**options).bind(base.model_dump_json(), self.settings.model_dump_json())
+        log.info("starting %d engine replica(s) of %s on Ray", self.replicas, base.name)
+        await asyncio.to_thread(serve.run, app, name=name, route_prefix=None, blocking=False)
+        await self._wait_for(base.name)
+
+    async def _wait_for(self, base: str) -> None:
+        deadline = time.monotonic() + self.settings.engine_start_timeout
+        while not any(e.engine == base for e in self._up.values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no engine replica of {base!r} started within the start timeout")
+            await asyncio.sleep(1.0)
+            await self._read()
+
+    async def _read(self) -> None:
+        listed = await self.directory.list.remote()
+        up = {
+            id: Endpoint(id, e["engine"], e["url"], e.get("pid"), e.get("node", ""))
+            for id, e in listed.items()
+            if id not in self._dead and e["engine"] in self._apps
+        }
+        self._dead &= set(listed)  # forget the dead once the directory has dropped them too
+        if up.keys() != self._up.keys():
+            self.changed.set()
+        self._up = up
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._read()
+            except Exception:
+                log.exception("reading the engine directory failed; trying again")
+
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._up.values())
+
+    def engines(self) -> set[str]:
+        return set(self._apps)
+
+    def can_launch(self) -> bool:
+        return True
+
+    async def launch(self, base: BaseRecord) -> None:
+        await self._deploy(base)
+
+    async def remove(self, engine: str) -> None:
+        name = self._apps.pop(engine, None)
+        if name is not None:
+            await asyncio.to_thread(serve.delete, name)
+        self._up = {i: e for i, e in self._up.items() if e.engine != engine}
+
+    async def died(self, id: str, within: float = 2.0) -> bool:
+        """Ask the engine itself: a replica's death reaches the directory only at its next check."""
+        endpoint = self._up.get(id)
+        if endpoint is None:
+            return True
+        give_up = time.monotonic() + within
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            while time.monotonic() < give_up:
+                try:
+                    await http.get(endpoint.url + "/health")
+                except httpx.HTTPError:
+                    self._dead.add(id)
+                    self._up.pop(id, None)
+                    self.changed.set()
+                    return True
+                await asyncio.sleep(0.1)
+        return False
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        for name in self._apps.values():
+            await asyncio.to_thread(serve.delete, name)
