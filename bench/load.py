@@ -357,11 +357,9 @@ class Bench:
 
     def _swaps(self) -> list[dict]:
         auth = {"Authorization": f"Bearer {ADMIN}"}
-        if self.cluster:  # Ray Serve: per-replica swap counts only (GET /v1/cluster)
-            replicas = httpx.get(self.gateway.url + "/v1/cluster", headers=auth, timeout=60).json()[
-                "replicas"
-            ]
-            return [{"replica": r["replica"], "n": i} for r in replicas for i in range(r["swaps"])]
+        if self.cluster:  # several engines: per-engine swap counts only (GET /v1/engines)
+            engines = httpx.get(self.gateway.url + "/v1/engines", headers=auth, timeout=60).json()["data"]
+            return [{"engine": e["id"], "n": i} for e in engines for i in range(e["swaps"])]
         bases = httpx.get(self.gateway.url + "/v1/bases", headers=auth).json()
         return [s for b in bases["data"] for s in b["recent_swaps"]]
 
@@ -404,13 +402,13 @@ class Bench:
         """kill -9 the engine (of a Ray replica) holding `model`; when (monotonic clock)."""
         body = {"model": model, "prompt": "x", "max_tokens": 1}
         r = httpx.post(self.gateway.url + "/v1/completions", json=body, timeout=600)
-        replica = int(r.headers["x-deltagate-replica"])
+        engine = r.headers["x-deltagate-engine"]
         auth = {"Authorization": f"Bearer {ADMIN}"}
-        states = httpx.get(self.gateway.url + "/v1/cluster", headers=auth, timeout=60).json()["replicas"]
-        pid = next(s["engine_pid"] for s in states if s["replica"] == replica)
+        engines = httpx.get(self.gateway.url + "/v1/engines", headers=auth, timeout=60).json()["data"]
+        pid = next(e["pid"] for e in engines if e["id"] == engine)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        say(f"    killed the engine of replica {replica} (pid {pid}), which held {model}")
+        say(f"    killed engine {engine} (pid {pid}), which held {model}")
         return killed_at
 
 

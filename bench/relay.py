@@ -5,9 +5,11 @@
 
 The mock engine (loaders/mock_engine.py) streams --tokens-per-second per request and does no
 model work, so what differs between the two columns is the relay. `deltagate serve --engine-url`
-attaches to that same mock. Direct and gateway runs alternate (A B, then B A, ...) and the
-figures are medians over repeats. Streaming load is `vllm bench serve` (random 32-token prompts,
---output-len tokens); non-streaming load is bench/loadgen.py's client (latency counted as TTFT).
+attaches to that same mock. With --ray, a third target: `deltagate serve --ray --replicas 1
+--mock-engine TPS` (a local Ray; the replica hosts a mock engine of its own). Targets alternate
+(A B C, then C B A, ...) and the figures are medians over repeats. Streaming load is `vllm bench
+serve` (random 32-token prompts, --output-len tokens); non-streaming load is bench/loadgen.py's
+client (latency counted as TTFT).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from loadgen import nonstream_bench, start_gateway, start_mock, vllm_bench  # noqa: E402
+from loadgen import (  # noqa: E402
+    nonstream_bench,
+    process_cpu_seconds,
+    start_gateway,
+    start_mock,
+    vllm_bench,
+)
 
 from loaders.pico import make_pico_base  # noqa: E402
 
@@ -56,6 +64,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-second", type=float, default=100.0, help="per stream; 0: no delay")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--requests-per-stream", type=int, default=4, help="requests = this x concurrency")
+    parser.add_argument("--ray", action="store_true", help="also `serve --ray` (local Ray, one mock replica)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps logs and JSON (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = parser.parse_args()
@@ -66,39 +75,55 @@ def main() -> None:
     base = make_pico_base(work / "pico") if not (work / "pico" / "config.json").exists() else work / "pico"
     mock = start_mock(SERVED, work, args.tokens_per_second)
     gateway = start_gateway(["--base", f"{SERVED}={base}", "--engine-url", f"{SERVED}={mock.url}"], work)
+    services = [mock, gateway]
     rows = []
     try:
         gateway.wait(120)
+        # target: (URL, CPU seconds of its engine, CPU seconds of the gateway in front of it)
+        targets = {"direct": (mock.url, mock.cpu_seconds, lambda: 0.0),
+                   "gateway": (gateway.url, mock.cpu_seconds, gateway.cpu_seconds)}  # fmt: skip
+        if args.ray:
+            targets["ray"] = _ray_target(base, work, args.tokens_per_second, services)
         for concurrency in args.concurrency:
             for mode in args.modes:
-                runs: dict[str, list[dict]] = {"direct": [], "gateway": []}
+                runs: dict[str, list[dict]] = {t: [] for t in targets}
                 for rep in range(args.repeats):
-                    order = ("direct", "gateway") if rep % 2 == 0 else ("gateway", "direct")
+                    order = list(targets) if rep % 2 == 0 else list(reversed(targets))
                     for target in order:
-                        url = mock.url if target == "direct" else gateway.url
+                        url, engine_cpu, gateway_cpu = targets[target]
                         out = work / f"{mode}-c{concurrency}-{target}-{rep}.json"
-                        before = clocks(mock, gateway)
+                        before = (engine_cpu(), gateway_cpu())
                         r = run_once(url, mode, concurrency, args, base, out)
                         requests = (args.requests_per_stream + 1) * concurrency  # one warm-up per stream
-                        r |= cpu_use(before, clocks(mock, gateway), requests)
+                        r |= cpu_use(before, (engine_cpu(), gateway_cpu()), requests)
                         runs[target].append(r)
                         print(f"  {mode:9s} c={concurrency:<4d} rep {rep + 1}/{args.repeats} {target:7s} "
                               f"{r['tok_s']:8.0f} tok/s  TTFT p50 {r['ttft_p50']:7.1f} ms  "
                               f"p99 {r['ttft_p99']:7.1f} ms  failed {r['failed']}  CPU per request: "
                               f"engine {r['engine_us_per_request']:.0f} µs, gateway "
                               f"{r['gateway_us_per_request']:.0f} µs", flush=True)  # fmt: skip
-                rows.append(summarise(mode, concurrency, runs))
+                rows += [summarise(mode, concurrency, t, runs) for t in targets if t != "direct"]
     finally:
-        gateway.stop()
-        mock.stop()
+        for service in reversed(services):
+            service.stop()
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
 
-def clocks(mock, gateway) -> tuple[float, float]:
-    """CPU seconds so far of the mock engine and the gateway."""
-    return mock.cpu_seconds(), gateway.cpu_seconds()
+def _ray_target(base: Path, work: Path, tokens_per_second: float, services: list) -> tuple:
+    """`deltagate serve --ray` with one replica hosting a mock engine: the Ray deployment's path."""
+    import httpx
+
+    (work / "ray").mkdir(exist_ok=True)
+    ray = start_gateway(["--ray", "--replicas", "1", "--base", f"{SERVED}={base}",
+                         "--mock-engine", str(tokens_per_second)], work / "ray")  # fmt: skip
+    services.append(ray)
+    ray.wait(300)
+    auth = {"Authorization": "Bearer bench-admin"}
+    engine = httpx.get(ray.url + "/v1/engines", headers=auth, timeout=30).json()["data"][0]
+    print(f"ray: gateway {ray.url}, mock engine {engine['id']} at {engine['url']}", flush=True)
+    return ray.url, lambda: process_cpu_seconds(engine["pid"]), ray.cpu_seconds
 
 
 def cpu_use(before: tuple, after: tuple, requests: int) -> dict:
@@ -111,28 +136,29 @@ def cpu_use(before: tuple, after: tuple, requests: int) -> dict:
     }
 
 
-def summarise(mode: str, concurrency: int, runs: dict[str, list[dict]]) -> dict:
+def summarise(mode: str, concurrency: int, target: str, runs: dict[str, list[dict]]) -> dict:
     keys = ("tok_s", "ttft_p50", "ttft_p99", "engine_us_per_request", "gateway_us_per_request")
     med = {t: {k: statistics.median(r[k] for r in rs) for k in keys} for t, rs in runs.items()}
-    return {"mode": mode, "concurrency": concurrency, "direct": med["direct"], "gateway": med["gateway"],
-            "throughput_ratio": med["gateway"]["tok_s"] / med["direct"]["tok_s"],
-            "ttft_p50_added_ms": med["gateway"]["ttft_p50"] - med["direct"]["ttft_p50"],
-            "ttft_p99_added_ms": med["gateway"]["ttft_p99"] - med["direct"]["ttft_p99"],
-            "failed": sum(r["failed"] for rs in runs.values() for r in rs), "runs": runs}  # fmt: skip
+    d, g = med["direct"], med[target]
+    return {"mode": mode, "concurrency": concurrency, "target": target, "direct": d, "gateway": g,
+            "throughput_ratio": g["tok_s"] / d["tok_s"],
+            "ttft_p50_added_ms": g["ttft_p50"] - d["ttft_p50"],
+            "ttft_p99_added_ms": g["ttft_p99"] - d["ttft_p99"],
+            "failed": sum(r["failed"] for r in runs["direct"] + runs[target]), "runs": runs}  # fmt: skip
 
 
 def print_table(rows: list[dict], args) -> None:
     print(f"\nrelay overhead, mock engine at {args.tokens_per_second:g} tok/s per stream, "
           f"{args.output_len}-token outputs, medians of {args.repeats} alternating repeats")  # fmt: skip
     print(
-        "| mode | streams | direct tok/s | gateway tok/s | ratio | TTFT p50 direct → gateway (ms) "
+        "| mode | streams | through | direct tok/s | gateway tok/s | ratio | TTFT p50 direct → gateway (ms) "
         "| added p50 | TTFT p99 direct → gateway (ms) | added p99 | failed | engine CPU µs/request "
         "| gateway CPU µs/request |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         d, g = r["direct"], r["gateway"]
-        print(f"| {r['mode']} | {r['concurrency']} | {d['tok_s']:.0f} | {g['tok_s']:.0f} | "
+        print(f"| {r['mode']} | {r['concurrency']} | {r['target']} | {d['tok_s']:.0f} | {g['tok_s']:.0f} | "
               f"{100 * r['throughput_ratio']:.1f}% | {d['ttft_p50']:.1f} → {g['ttft_p50']:.1f} | "
               f"{r['ttft_p50_added_ms']:+.1f} | {d['ttft_p99']:.1f} → {g['ttft_p99']:.1f} | "
               f"{r['ttft_p99_added_ms']:+.1f} | {r['failed']} | "

@@ -58,6 +58,7 @@ class EngineSpec:
     log_path: Path | None = None
     pid_path: Path | None = None  # records the engine's process group, so a later start can clean up
     env: tuple[tuple[str, str], ...] = ()  # extra environment (the worker extension's settings)
+    mock_tokens_per_second: float | None = None  # benches: loaders/mock_engine.py instead of vLLM
 
 
 def free_port() -> int:
@@ -77,7 +78,11 @@ def checkpoint_dtype(model_dir: str) -> str | None:
 
 
 def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> list[str]:
-    """The command line of a stock vLLM OpenAI server for `spec`."""
+    """The command line of a stock vLLM OpenAI server for `spec` (or of the mock engine)."""
+    if spec.mock_tokens_per_second is not None:
+        tps = str(spec.mock_tokens_per_second)
+        return [sys.executable, "-m", "loaders.mock_engine", "--host", spec.host, "--port", str(port),
+                "--served-name", spec.served_name, "--tokens-per-second", tps]  # fmt: skip
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", spec.model,

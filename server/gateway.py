@@ -17,7 +17,7 @@ from loaders.engine import EngineClient, EngineError
 from server.adapters import Adapter, AdapterLane
 from server.bases import Provenance, describe_base, place, provenance
 from server.catalog import Catalog, drop_partial_uploads, eos_ids, require_name
-from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
+from server.errors import BadRequestError, ConflictError, GatewayError, NotFoundError, UnavailableError
 from server.metrics import EngineState, Metrics
 from server.policy import SwapPolicy
 from server.pool import Endpoint, EnginePool, LocalPool, Restart
@@ -66,6 +66,7 @@ class Gateway:
         self._base_template: dict[str, str | None] = {}
         self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
         self._watcher: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()  # slots of engines gone, closed once their requests end
         self._sync_lock = asyncio.Lock()
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
@@ -123,7 +124,9 @@ class Gateway:
                 slot = self.slots.pop(id)
                 self._engine.pop(id)
                 self.adapters.forget(id)
-                await slot.client.close()
+                task = asyncio.create_task(_retire(slot))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
 
     async def _watch(self) -> None:
         """Follow the pool's engines: re-attach when it says they changed, and every second."""
@@ -154,8 +157,21 @@ class Gateway:
         on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, name=endpoint.id)
+        slot.resident_variant = self._variant_holding(base.name, resident) if current else None
         self._engine[endpoint.id] = endpoint.engine
         self.slots[endpoint.id] = slot
+
+    def _variant_holding(self, engine: str, resident: Recipe) -> str | None:
+        """Which registered model an engine found serving (a gateway restarted, its engines not)
+        holds: the weights are what counts for admission, the name is for /v1/engines and metrics."""
+        for variant in self.registry.state.variants.values():
+            if self.engine_of(self.registry.base(variant.base)) == engine and variant.lane != "adapter":
+                try:
+                    if self.catalog.recipe(variant).key() == resident.key():
+                        return variant.name
+                except GatewayError:  # a delta gone or changed: not what it holds
+                    continue
+        return None
 
     async def _restart_in_place(self, id: str, restart: Restart) -> None:
         """The pool's engine `id` died: restart it with its slot's admissions blocked."""
@@ -194,6 +210,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        for task in self._retiring:
+            task.cancel()
         for task in self._starting.values():
             task.cancel()
         for slot in self.slots.values():
@@ -397,6 +415,14 @@ def _identity_or_none(path: str) -> tuple[int, int] | None:
         return file_identity(path)
     except OSError:
         return None
+
+
+async def _retire(slot: WeightSlot) -> None:
+    """Close a slot no request can be admitted on any more, once those it admitted have ended (an
+    engine being scaled down still finishes them; a dead one fails them at once)."""
+    while slot.inflight > 0:
+        await asyncio.sleep(0.2)
+    await slot.client.close()
 
 
 def _pick(slots: list[WeightSlot], name: str) -> WeightSlot:

@@ -193,6 +193,7 @@ class LocalPool(EnginePool):
             log_path=self.settings.log_dir / f"engine-{stem}.log",
             pid_path=self.settings.log_dir / f"engine-{stem}.pgid",
             env=tuple(env.items()),
+            mock_tokens_per_second=self.settings.mock_engine_tps,
         )
         proc = EngineProcess(spec)
         proc.start()

@@ -72,6 +72,7 @@ class GatewaySettings(BaseSettings):
     delta_cache_mib: float = 1024.0  # decoded deltas each engine worker keeps between swaps
     artifact_store: str | None = None  # directory or s3:// URI of all registered deltas (deltas/store.py)
     artifact_cache_mib: float = 0.0  # each node's cache of stored artifacts (0: no budget)
+    mock_engine_tps: float | None = None  # benches: managed engines are mock engines at this tok/s
 
     def engine_flags(self) -> tuple[str, ...]:
         """vLLM flags of managed engines: the operator's, plus multi-LoRA for the adapter lane."""

@@ -129,6 +129,20 @@ def serve(
     replicas_per_node: Annotated[
         int | None, typer.Option(help="--ray: at most this many engine replicas of a base on one node", min=1)
     ] = None,
+    max_replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="--ray: autoscale each base's engines between --replicas and this, by the requests its "
+            "engines hold (running + waiting)",
+            min=1,
+        ),
+    ] = None,
+    target_requests: Annotated[
+        float, typer.Option(help="--ray autoscaling: requests per engine to aim at", min=0.1)
+    ] = 8.0,
+    scale_down_delay: Annotated[
+        float, typer.Option(help="--ray autoscaling: seconds of low load before an engine is removed", min=0)
+    ] = 60.0,
     ray_address: Annotated[
         str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001 or auto)")
     ] = None,
@@ -189,6 +203,10 @@ def serve(
         float,
         typer.Option(help="Each node's cache of stored artifacts, evicted LRU (MiB; 0: no budget)", min=0),
     ] = 0.0,
+    mock_engine: Annotated[
+        float | None,
+        typer.Option(hidden=True, help="Benchmarks: managed engines are mock engines streaming this tok/s"),
+    ] = None,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     import uvicorn
@@ -240,15 +258,19 @@ def serve(
         delta_cache_mib=delta_cache_mib,
         artifact_store=artifact_store,
         artifact_cache_mib=artifact_cache_mib,
+        mock_engine_tps=mock_engine,
     )
     ensure_admin_token(settings)
     if ray:
+        from server.cluster.pool import Scaling
         from server.cluster.run import serve_on_ray
         from server.errors import BadRequestError
 
+        if max_replicas is not None and max_replicas < replicas:
+            raise fail(f"--max-replicas {max_replicas} is below --replicas {replicas}")
+        scaling = Scaling(replicas, max_replicas, target_requests, scale_down_delay, replicas_per_node)
         try:
-            serve_on_ray(settings, host, port, replicas, ray_address, replicas_per_node=replicas_per_node,
-                         access_log=access_log)  # fmt: skip
+            serve_on_ray(settings, host, port, scaling, ray_address, access_log=access_log)
         except BadRequestError as exc:
             raise fail(f"--ray: {exc}") from None
         return

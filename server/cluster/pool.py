@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import ray
 from ray import serve
+from ray.serve.config import AutoscalingContext
 
 from loaders.engine import EngineProcess, EngineSpec, cores_for
 from server.pool import Endpoint, EnginePool, OnDead
@@ -66,11 +69,54 @@ def node_dir() -> Path:
     return Path(os.environ.get("DELTAGATE_NODE_DIR") or Path(tempfile.gettempdir()) / "deltagate-node")
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """How many engine replicas a base gets: fixed (`replicas`), or following load up to `max_replicas`."""
+
+    replicas: int = 2
+    max_replicas: int | None = None  # None: a fixed count
+    target_requests: float = 8.0  # running + waiting requests per engine the autoscaler aims at
+    scale_down_delay: float = 60.0  # seconds of low load before an engine is removed
+    replicas_per_node: int | None = None
+
+    def options(self) -> dict:
+        """The EngineHost deployment's options for this scaling."""
+        options: dict = {}
+        if self.replicas_per_node:
+            options["max_replicas_per_node"] = self.replicas_per_node
+        if not self.max_replicas or self.max_replicas <= self.replicas:
+            return options | {"num_replicas": self.replicas}
+        return options | {"autoscaling_config": {
+            "min_replicas": self.replicas, "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_requests,
+            "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
+            "upscale_delay_s": 2.0, "downscale_delay_s": self.scale_down_delay,
+            "policy": {"policy_function": engine_load_policy},
+        }}  # fmt: skip
+
+
+def engine_load_policy(ctx: AutoscalingContext) -> tuple[int, dict]:
+    """Engines for a base from the requests its engines hold (running + waiting, each replica reading
+    its own engine): Ray counts none of them, since the gateway sends them to the engines directly.
+    Ray applies the min/max bounds and the up/down delays to what this returns."""
+    load = sum((ctx.aggregated_metrics or {}).get("engine_requests", {}).values())
+    target = ctx.config.target_ongoing_requests if ctx.config else 8.0
+    return max(1, math.ceil(load / (target or 8.0))), {}
+
+
+async def engine_requests(url: str) -> float:
+    """Requests an engine is running or holding in its queue, from its own /metrics."""
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        text = (await http.get(url + "/metrics")).text
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(names))
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0},  # the engine subprocess does the work; do not reserve Ray CPUs
     health_check_period_s=1.0,
     health_check_timeout_s=30.0,
-    graceful_shutdown_timeout_s=30.0,
+    graceful_shutdown_timeout_s=120.0,  # the drain below: requests the gateway sent still finish
 )
 class EngineHost:
     """One vLLM engine of one base on this replica's node; says where it is, and whether it lives."""
@@ -99,6 +145,7 @@ class EngineHost:
             log_path=logs / "engine.log",
             pid_path=logs / "engine.pgid",
             env=tuple(local_settings.engine_env().items()),
+            mock_tokens_per_second=settings.mock_engine_tps,
         )
         self.proc = EngineProcess(spec)
         self.id = f"{base.name}@{context.replica_id.unique_id}"
@@ -118,12 +165,27 @@ class EngineHost:
             raise RuntimeError("the vLLM engine of this replica exited")
         await self.directory.announce.remote(self.id, self.entry)  # the heartbeat
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray's autoscaler reads this every metrics interval (engine_load_policy sums it)."""
+        return {"engine_requests": await engine_requests(self.proc.url)}
+
     async def __call__(self) -> dict:
         return {"id": self.id, **self.entry}
 
     async def __del__(self) -> None:
+        """Removed (scaled down, deleted): leave the directory, let what the gateway already sent
+        finish (it sees the engine gone within its next read, 1 s), then stop the engine."""
         try:
             await self.directory.withdraw.remote(self.id)
+            await asyncio.sleep(2.0)
+            deadline = time.monotonic() + 100.0
+            while self.proc.alive() and time.monotonic() < deadline:
+                try:
+                    if await engine_requests(self.proc.url) == 0:
+                        break
+                except (httpx.HTTPError, ValueError, IndexError):
+                    break
+                await asyncio.sleep(0.5)
         finally:
             await asyncio.to_thread(self.proc.stop)
 
@@ -133,11 +195,10 @@ class RayPool(EnginePool):
 
     remote_paths = True
 
-    def __init__(self, settings: GatewaySettings, replicas: int, replicas_per_node: int | None = None):
+    def __init__(self, settings: GatewaySettings, scaling: Scaling):
         super().__init__()
         self.settings = settings
-        self.replicas = replicas
-        self.replicas_per_node = replicas_per_node
+        self.scaling = scaling
         self.directory = directory()
         self._apps: dict[str, str] = {}  # base -> its Serve application
         self._up: dict[str, Endpoint] = {}
@@ -162,11 +223,10 @@ class RayPool(EnginePool):
             log.info("engine replicas of %s are running on Ray already; using them", base.name)
             await self._wait_for(base.name)
             return
-        options: dict = {"num_replicas": self.replicas}
-        if self.replicas_per_node:
-            options["max_replicas_per_node"] = self.replicas_per_node
-        app = EngineHost.options(**options).bind(base.model_dump_json(), self.settings.model_dump_json())
-        log.info("starting %d engine replica(s) of %s on Ray", self.replicas, base.name)
+        app = EngineHost.options(**self.scaling.options()).bind(
+            base.model_dump_json(), self.settings.model_dump_json()
+        )
+        log.info("starting engine replicas of %s on Ray (%s)", base.name, self.scaling)
         await asyncio.to_thread(serve.run, app, name=name, route_prefix=None, blocking=False)
         await self._wait_for(base.name)
 

@@ -36,23 +36,16 @@ def portable(settings: GatewaySettings) -> GatewaySettings:
 
 
 def serve_on_ray(
-    settings: GatewaySettings,
-    host: str,
-    port: int,
-    replicas: int,
-    address: str | None,
-    *,
-    replicas_per_node: int | None = None,
-    access_log: bool = False,
+    settings: GatewaySettings, host: str, port: int, scaling, address: str | None, *, access_log: bool = False
 ) -> None:
-    """Run until SIGINT/SIGTERM: Ray (local unless `address`), the gateway on host:port, `replicas`
-    engines per base."""
+    """Run until SIGINT/SIGTERM: Ray (local unless `address`), the gateway on host:port, engine
+    replicas per base as `scaling` says."""
     import ray
     import uvicorn
     from ray import serve
 
     from server.app import create_app
-    from server.cluster.pool import RayPool
+    from server.cluster.pool import RayPool  # scaling: a server.cluster.pool.Scaling
 
     settings = portable(settings)
     if address:
@@ -61,9 +54,8 @@ def serve_on_ray(
         ray.init(include_dashboard=False, namespace="deltagate")
     try:
         serve.start(proxy_location="Disabled")  # no Ray HTTP proxy: the gateway talks to engines itself
-        pool = RayPool(settings, replicas, replicas_per_node)
-        log.info("deltagate on Ray: %d engine replica(s) per base; the gateway listens on %s:%d",
-                 replicas, host, port)  # fmt: skip
+        pool = RayPool(settings, scaling)
+        log.info("deltagate on Ray (%s); the gateway listens on %s:%d", scaling, host, port)
         uvicorn.run(create_app(settings, pool), host=host, port=port, log_level="info", access_log=access_log)
     finally:
         if not address:  # our own Ray: stop it; on a shared cluster the pool deleted its applications

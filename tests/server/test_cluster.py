@@ -150,12 +150,12 @@ def test_the_whole_api_through_the_gateway_on_ray(cluster, stack, tied, tied_upd
 
     ev = httpx.post(f"{url}/v1/evals", headers=HEADERS, json={
         "name": "ray", "data_source": {"type": "jsonl", "content": '{"q": "The capital of France"}'},
-        "prompt": "{{item.q}}", "endpoint": "completions", "max_tokens": 4,
+        "prompt": "{{item.q}}", "endpoint": "completions",
         "testing_criteria": [{"type": "string_check", "name": "any", "reference": "", "operation": "like"}],
     })  # fmt: skip
     assert ev.status_code == 201, ev.text
     runs = f"{url}/v1/evals/{ev.json()['id']}/runs"
-    run = httpx.post(runs, json={"variants": ["tied-mix", "tied"]}, headers=HEADERS)
+    run = httpx.post(runs, json={"variants": ["tied-mix", "tied"], "max_tokens": 4}, headers=HEADERS)
     assert run.status_code == 201, run.text
     deadline = time.monotonic() + 120
     while (got := httpx.get(f"{runs}/{run.json()['id']}", headers=HEADERS).json())["status"] not in (
