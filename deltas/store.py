@@ -48,6 +48,12 @@ def is_uri(path: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def named_digest(uri: str) -> str | None:
+    """The sha256 a stored artifact's URI names (`<root>/sha256/<hex>.safetensors`), else None."""
+    match = _STORED.match(uri)
+    return match["digest"] if match else None
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a local file's bytes, streamed."""
     hasher = hashlib.sha256()

@@ -144,7 +144,7 @@ def serve(
         float, typer.Option(help="--ray autoscaling: seconds of low load before an engine is removed", min=0)
     ] = 60.0,
     ray_address: Annotated[
-        str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001 or auto)")
+        str | None, typer.Option(help="--ray: join this Ray cluster (its GCS address HEAD:6379, or auto)")
     ] = None,
     engine_wait: Annotated[
         float,

@@ -37,14 +37,22 @@ log = logging.getLogger("deltagate.cluster")
 NAMESPACE = "deltagate"
 DIRECTORY = "deltagate-engines"
 HEARTBEAT_STALE = 10.0  # seconds without a health check after which an engine is taken for gone
+REFILL_SECONDS = 5.0  # a restarted directory is refilled by the replicas' heartbeats (every 1 s)
 
 
-@ray.remote(num_cpus=0)
+# Restarted by Ray if it dies (its process killed, its node lost): it starts empty and is filled
+# again by the replicas' next heartbeats, within a health-check period. Calls made meanwhile are
+# retried by Ray.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Directory:
     """engine id -> (base, url, pid, node, last heartbeat): what replicas announce, read by gateways."""
 
     def __init__(self) -> None:
         self.engines: dict[str, dict] = {}
+        self.started = time.time()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def announce(self, id: str, entry: dict) -> None:
         self.engines[id] = {**entry, "seen": time.time()}
@@ -52,9 +60,11 @@ class Directory:
     def withdraw(self, id: str) -> None:
         self.engines.pop(id, None)
 
-    def list(self) -> dict[str, dict]:
+    def list(self) -> dict:
+        """The engines heard from lately, and when this directory (re)started."""
         now = time.time()
-        return {i: e for i, e in self.engines.items() if now - e["seen"] < HEARTBEAT_STALE}
+        fresh = {i: e for i, e in self.engines.items() if now - e["seen"] < HEARTBEAT_STALE}
+        return {"started": self.started, "engines": fresh}
 
 
 def directory() -> ray.actor.ActorHandle:
@@ -151,6 +161,7 @@ class EngineHost:
         self.id = f"{base.name}@{context.replica_id.unique_id}"
         self.entry = {"engine": base.name, "node": ray.get_runtime_context().get_node_id()}
         self.directory = directory()
+        self.leaving = False
         cores = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         log.info("replica %s: engine for %s on cores %s", self.id, base.name, cores)
         self.proc.start()
@@ -159,11 +170,20 @@ class EngineHost:
         await self.directory.announce.remote(self.id, self.entry)
 
     async def check_health(self) -> None:
-        """Ray's health check: the engine must be alive (else Ray replaces this replica)."""
+        """Ray's health check: the engine must be alive (else Ray replaces this replica). Also the
+        heartbeat in the directory; a directory being restarted does not make the engine unhealthy."""
         if not self.proc.alive():
-            await self.directory.withdraw.remote(self.id)
+            await self._tell(self.directory.withdraw.remote(self.id))
             raise RuntimeError("the vLLM engine of this replica exited")
-        await self.directory.announce.remote(self.id, self.entry)  # the heartbeat
+        if not self.leaving:
+            await self._tell(self.directory.announce.remote(self.id, self.entry))
+
+    async def _tell(self, call) -> None:
+        """A call to the directory; one that is restarting does not make this replica unhealthy."""
+        try:
+            await asyncio.wait_for(call, 5.0)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            log.warning("replica %s: the engine directory did not answer (%s)", self.id, exc)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray's autoscaler reads this every metrics interval (engine_load_policy sums it)."""
@@ -175,8 +195,9 @@ class EngineHost:
     async def __del__(self) -> None:
         """Removed (scaled down, deleted): leave the directory, let what the gateway already sent
         finish (it sees the engine gone within its next read, 1 s), then stop the engine."""
+        self.leaving = True
         try:
-            await self.directory.withdraw.remote(self.id)
+            await self._tell(self.directory.withdraw.remote(self.id))
             await asyncio.sleep(2.0)
             deadline = time.monotonic() + 100.0
             while self.proc.alive() and time.monotonic() < deadline:
@@ -239,12 +260,15 @@ class RayPool(EnginePool):
             await self._read()
 
     async def _read(self) -> None:
-        listed = await self.directory.list.remote()
+        answer = await self.directory.list.remote()
+        listed = answer["engines"]
         up = {
             id: Endpoint(id, e["engine"], e["url"], e.get("pid"), e.get("node", ""))
             for id, e in listed.items()
             if id not in self._dead and e["engine"] in self._apps
         }
+        if time.time() - answer["started"] < REFILL_SECONDS:  # a restarted directory, still refilling:
+            up = {**{i: e for i, e in self._up.items() if i not in self._dead}, **up}  # keep what we knew
         self._dead &= set(listed)  # forget the dead once the directory has dropped them too
         if up.keys() != self._up.keys():
             self.changed.set()

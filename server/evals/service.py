@@ -13,8 +13,8 @@ import dataclasses
 import hashlib
 import logging
 import random
-from pathlib import Path
 
+from deltas.store import materialize, named_digest
 from server.errors import ConflictError, ForbiddenError, NotFoundError
 from server.evals.asking import Asker, ReferenceProbe
 from server.evals.results import output_items, run_result
@@ -227,11 +227,13 @@ class EvalService:
         record, recipe = resolved.variant, resolved.recipe
         deltas = []
         for term, rterm in zip(record.deltas, recipe.deltas, strict=True):
-            sha = await asyncio.to_thread(self._sha256, Path(rterm.path))
+            # a stored artifact is named by its hash (and checked against it when fetched)
+            sha = named_digest(rterm.path) or await asyncio.to_thread(self._sha256, rterm.path)
             deltas.append({"delta": term.delta, "sha256": sha, "alpha": term.alpha, "density": term.density})
         return {"base": record.base, "base_path": recipe.base, "method": recipe.method, "deltas": deltas}
 
-    def _sha256(self, path: Path) -> str:
+    def _sha256(self, ref: str) -> str:
+        path = materialize(ref)  # a file, or this node's verified copy of a stored artifact
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._hashes:

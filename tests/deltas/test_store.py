@@ -14,7 +14,14 @@ import s3fs
 import deltas.store as store_module
 from deltas.artifact import DeltaArtifact
 from deltas.errors import InvalidArtifactError
-from deltas.store import ArtifactMissingError, ArtifactStore, NodeCache, StoreError, materialize
+from deltas.store import (
+    ArtifactMissingError,
+    ArtifactStore,
+    NodeCache,
+    StoreError,
+    materialize,
+    named_digest,
+)
 
 
 @pytest.fixture
@@ -34,6 +41,7 @@ def test_a_put_artifact_is_named_by_its_hash_and_read_on_two_nodes(tied, s3_root
     expected = hashlib.sha256(tied.delta.read_bytes()).hexdigest()
     assert stored.sha256 == expected and stored.uri == f"{s3_root}/sha256/{expected}.safetensors"
     assert store.put(tied.delta) == stored  # already there: the same URI, nothing rewritten
+    assert named_digest(stored.uri) == expected and named_digest(f"{s3_root}/other.safetensors") is None
 
     node_a, node_b = NodeCache(tmp_path / "a"), NodeCache(tmp_path / "b")
     for node in (node_a, node_b):

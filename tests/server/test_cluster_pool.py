@@ -1,8 +1,11 @@
-"""Engines that follow load on Ray: `serve --ray --max-replicas` with mock engines (the mechanics;
-tests/server/test_cluster.py serves real vLLM engines on Ray). A local Ray, started by the gateway."""
+"""Ray's control plane with mock engines (the mechanics; tests/server/test_cluster.py serves real vLLM
+engines on Ray): engines that follow load (`--max-replicas`), and a base that gets a deployment of
+its own. A local Ray, started by each gateway."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -10,6 +13,7 @@ import httpx
 import pytest
 
 from loaders.engine import free_port
+from loaders.pico import PicoSpec, make_pico_base
 from tests.server.conftest import ADMIN, start_gateway, stop_gateway, wait_healthy
 
 pytestmark = pytest.mark.engine
@@ -101,3 +105,71 @@ def test_engines_follow_load_up_and_down_and_a_new_one_serves_every_variant(tied
         assert [(status, chunks) for status, _, chunks in last] == [(200, 200)] * 2, last
     finally:
         stop_gateway(proc)
+
+
+def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_path):
+    """Several bases on one cluster: a runtime base no running engine fits gets a Ray application of
+    its own (its own replicas); deleting it deletes the application and stops its engines."""
+    wide = make_pico_base(tmp_path / "wide", PicoSpec(intermediate_size=384), seed=7)
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "gateway.log"
+    args = ["--ray", "--replicas", "1", "--mock-engine", "0", "--base", f"mock={tied.base}"]
+    proc = start_gateway(args, tmp_path / "state", port, log)
+    try:
+        wait_healthy(url, proc, log, timeout=300)
+        body = {"name": "wide", "path": str(wide)}
+        r = httpx.post(f"{url}/v1/bases", json=body, headers=HEADERS, timeout=60)
+        assert r.status_code == 201 and r.json()["engine"] == "wide", r.text  # an engine of its own
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/v1/bases/wide", headers=HEADERS).json()["state"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        engines = httpx.get(f"{url}/v1/engines", headers=HEADERS).json()["data"]
+        assert sorted(e["base"] for e in engines) == ["mock", "wide"]
+        wide_engine, word = _word(url, "wide")
+        assert wide_engine.startswith("wide@") and word.strip() == "wbase"  # its plain base
+        assert _word(url, "mock")[0].startswith("mock@")
+        _kill_the_directory(url, {e["id"] for e in engines})
+        pid = next(e["pid"] for e in engines if e["base"] == "wide")
+        assert httpx.delete(f"{url}/v1/bases/wide", headers=HEADERS, timeout=120).status_code == 204
+        assert [e["base"] for e in httpx.get(f"{url}/v1/engines", headers=HEADERS).json()["data"]] == ["mock"]
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive(pid)  # its replica went, and its engine with it
+        r = httpx.post(f"{url}/v1/completions", json={"model": "wide", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 404
+    finally:
+        stop_gateway(proc)
+
+
+def _kill_the_directory(url: str, engines: set[str]) -> None:
+    """kill -9 of the actor that knows where the engines are: Ray restarts it, the replicas' heartbeats
+    fill it again, and requests go on being served meanwhile, by the same engines."""
+    import ray
+
+    from server.cluster.pool import DIRECTORY, NAMESPACE
+
+    ray.init(address="auto", namespace=NAMESPACE)
+    try:
+        directory = ray.get_actor(DIRECTORY, namespace=NAMESPACE)
+        old = ray.get(directory.pid.remote())
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for model in ("mock", "wide"):
+                engine, word = _word(url, model)
+                assert engine in engines and word.strip() == "wbase"
+            time.sleep(0.2)
+        assert ray.get(directory.pid.remote()) != old  # restarted
+        assert {e["id"] for e in httpx.get(f"{url}/v1/engines", headers=HEADERS).json()["data"]} == engines
+    finally:
+        ray.shutdown()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
