@@ -101,6 +101,7 @@ class LowRank:
     lowrank2: Path  # untied.delta2 compressed to rank 8
     adapter: Path  # `lowrank` exported as a PEFT LoRA adapter (deltagate export-lora)
     refs: dict[str, list[dict]]  # lr, lr-mix (offline merges), post, post-lora, peft, peft-base
+    threads: int  # each reference engine's thread count (answers are comparable at equal counts)
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +141,7 @@ def lowrank(untied, tmp_path_factory) -> LowRank:
     finally:
         for proc in engines.values():
             proc.stop()
-    return LowRank(lr, lr2, adapter, refs)
+    return LowRank(lr, lr2, adapter, refs, threads=len(ref_cores(0).split(",")))
 
 
 @dataclass(frozen=True)

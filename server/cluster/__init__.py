@@ -1,1 +1,1 @@
-"""deltagate on Ray Serve: the OpenAI front as the ingress, one vLLM engine per replica (serve --ray)."""
+"""deltagate on Ray: the engines as Ray Serve replicas behind the same gateway (serve --ray)."""

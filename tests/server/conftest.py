@@ -116,7 +116,7 @@ def _compressed(tied, work: Path) -> Path:
     return int4
 
 
-def _references(tied, untied, updated: Path, work: Path, int4: Path, parts) -> dict[str, Path]:
+def _references(tied, untied, updated: Path, work: Path, int4: Path, parts, shared: set) -> dict[str, Path]:
     """Checkpoints each variant must be identical to: post models, and offline merges.
 
     tied-ties covers three things with one engine: a YAML recipe, TIES, and a compressed
@@ -138,6 +138,7 @@ def _references(tied, untied, updated: Path, work: Path, int4: Path, parts) -> d
         merged = {name: pool.submit(_merge, base, terms, work / name, *extra)
                   for name, (base, terms, *extra) in merges.items()}  # fmt: skip
         refs = {"tied-inst": tied.post, "untied-inst": untied.post, "tied-v2": updated}
+        refs = {name: path for name, path in refs.items() if name not in shared}
         return {**refs, **{name: future.result() for name, future in merged.items()}}
 
 
@@ -210,8 +211,13 @@ def stop_gateway(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Stack:
-    """The gateway with bases `tied` and `untied`, plus reference answers from stock vLLM."""
+def stack(tied, untied, tied_updated, tied_parts, lowrank, tmp_path_factory) -> Stack:
+    """The gateway with bases `tied` and `untied`, plus reference answers from stock vLLM.
+
+    untied's post model was already served by stock vLLM, with the same flags, for the low-rank
+    references (tests/conftest.py): at an equal thread count its answers are this stack's reference
+    for untied-inst, and one engine start (a batch round of three here: 9 references, not 10) is saved.
+    """
     work = tmp_path_factory.mktemp("stack")
     port = free_port()
     log = work / "gateway.log"
@@ -236,8 +242,12 @@ def stack(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Stack:
     )  # fmt: skip
     stack = Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc)
     try:
-        references = _references(tied, untied, tied_updated, work, int4, tied_parts)
+        shared = {}
+        if lowrank.threads == len(ref_cores(0, engines=2).split(",")):
+            shared["untied-inst"] = lowrank.refs["post"]
+        references = _references(tied, untied, tied_updated, work, int4, tied_parts, set(shared))
         stack.refs, stack.chat_refs = _serve_references(references, work)
+        stack.refs.update(shared)
         wait_healthy(stack.url, proc, log)
         for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
             stack.base_before[base] = completion_outputs(stack.url, base)
