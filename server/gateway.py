@@ -60,8 +60,7 @@ class Gateway:
         self.metrics = metrics
         self.registry = Registry(settings.registry_path)
         self.pool = pool or LocalPool(settings)
-        self.slots: dict[str, WeightSlot] = {}  # engine id -> its slot
-        self._engine: dict[str, str] = {}  # engine id -> the engine (base) it was started on
+        self.slots: dict[str, WeightSlot] = {}  # engine id -> its slot; slot.engine: the base it serves
         self._base_eos: dict[str, set[int]] = {}
         self._base_template: dict[str, str | None] = {}
         self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
@@ -120,9 +119,8 @@ class Gateway:
             if self.pool.supervised:
                 return
             for id in [i for i in self.slots if i not in up]:
-                log.info("engine %s is gone; its requests go to the others of %s", id, self._engine[id])
                 slot = self.slots.pop(id)
-                self._engine.pop(id)
+                log.info("engine %s is gone; its requests go to the others of %s", id, slot.engine)
                 self.adapters.forget(id)
                 task = asyncio.create_task(_retire(slot))
                 self._retiring.add(task)
@@ -158,7 +156,6 @@ class Gateway:
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, name=endpoint.id)
         slot.resident_variant = self._variant_holding(base.name, resident) if current else None
-        self._engine[endpoint.id] = endpoint.engine
         self.slots[endpoint.id] = slot
 
     def _variant_holding(self, engine: str, resident: Recipe) -> str | None:
@@ -175,18 +172,22 @@ class Gateway:
 
     async def _restart_in_place(self, id: str, restart: Restart) -> None:
         """The pool's engine `id` died: restart it with its slot's admissions blocked."""
-        self.metrics.engine_restarts.labels(self._engine.get(id, id)).inc()
+        slot = self.slots[id]
+        self.metrics.engine_restarts.labels(slot.engine).inc()
 
         async def run() -> None:
             self.adapters.forget(id)
             await restart()
 
-        base = self.registry.base(self._engine[id])
-        await self.slots[id].replace_engine(run, Recipe(base=base.path))
+        await slot.replace_engine(run, Recipe(base=self.registry.base(slot.engine).path))
 
     def group(self, engine: str) -> list[WeightSlot]:
         """The slots of every engine started on base `engine` (one locally; a replica each on Ray)."""
-        return [slot for id, slot in self.slots.items() if self._engine[id] == engine]
+        return [slot for slot in self.slots.values() if slot.engine == engine]
+
+    def engines(self) -> list[str]:
+        """The engines (by the base each was started on) that have a slot now."""
+        return sorted({slot.engine for slot in self.slots.values()})
 
     def endpoint_of(self, slot: WeightSlot) -> Endpoint | None:
         """Where the engine of `slot` runs (None: it is gone)."""
@@ -297,7 +298,7 @@ class Gateway:
 
     def default_model(self) -> str:
         """The model a request that names none means: the base, when there is exactly one."""
-        engines = sorted(set(self._engine.values()))
+        engines = self.engines()
         if len(engines) != 1:
             raise BadRequestError(f"name a 'model': this gateway serves several bases ({', '.join(engines)})")
         return engines[0]
@@ -312,8 +313,8 @@ class Gateway:
         return [
             EngineState(
                 id,
-                slot.resident_variant or _base_if_plain(slot, self._engine[id]),
-                tuple(served.get(self._engine[id], ())),
+                slot.resident_variant or _base_if_plain(slot, slot.engine),
+                tuple(served.get(slot.engine, ())),
                 slot.inflight,
                 sum(slot.queued().values()),
             )  # fmt: skip
@@ -329,7 +330,7 @@ class Gateway:
         if not (resolved / "config.json").is_file():
             raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
         record = await asyncio.to_thread(describe_base, name, resolved)
-        engines = {e: self.registry.base(e).path for e in sorted(set(self._engine.values()))}
+        engines = {e: self.registry.base(e).path for e in self.engines()}
         host, reasons = await asyncio.to_thread(place, resolved, engines)
         if host is None and not self.pool.can_launch():
             why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())
@@ -385,9 +386,8 @@ class Gateway:
         task = self._starting.pop(name, None)
         if task is not None:
             task.cancel()
-        for id in [i for i, engine in self._engine.items() if engine == name]:
-            self._engine.pop(id)
-            await self.slots.pop(id).client.close()
+        for slot in self.group(name):
+            await self.slots.pop(slot.name).client.close()
         await self.pool.remove(name)
 
     async def delete_variant(self, name: str) -> None:

@@ -24,6 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from loaders.engine import EngineProcess, EngineSpec, cores_for, wait_healthy
 from server.registry import BaseRecord
@@ -46,6 +47,25 @@ class Endpoint:
     url: str
     pid: int | None = None  # the engine's API server process, where the pool knows it
     node: str = ""  # where it runs (a Ray node id; "" on this machine)
+
+
+def managed_spec(
+    settings: GatewaySettings, base: BaseRecord, stem: Path, env: dict[str, str], host: str = "127.0.0.1"
+) -> EngineSpec:
+    """How a gateway starts an engine for `base`, wherever it runs: its flags, environment, and its
+    log and pid files at `stem`.log / `stem`.pgid."""
+    return EngineSpec(
+        model=base.path,
+        served_name=base.name,
+        host=host,
+        max_model_len=settings.max_model_len,
+        kv_cache_gib=settings.kv_cache_gib,
+        extra_args=settings.engine_flags(),
+        log_path=stem.parent / f"{stem.name}.log",  # not with_suffix: base names may hold dots
+        pid_path=stem.parent / f"{stem.name}.pgid",
+        env=tuple(env.items()),
+        mock_tokens_per_second=settings.mock_engine_tps,
+    )
 
 
 class EnginePool(ABC):
@@ -183,18 +203,8 @@ class LocalPool(EnginePool):
         env = dict(self.settings.engine_env())
         if count > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # CPU engines: a share each
             env["VLLM_CPU_OMP_THREADS_BIND"] = cores_for(index, count, sorted(os.sched_getaffinity(0)))
-        stem = base.name.replace("/", "_")
-        spec = EngineSpec(
-            model=base.path,
-            served_name=base.name,
-            max_model_len=self.settings.max_model_len,
-            kv_cache_gib=self.settings.kv_cache_gib,
-            extra_args=self.settings.engine_flags(),
-            log_path=self.settings.log_dir / f"engine-{stem}.log",
-            pid_path=self.settings.log_dir / f"engine-{stem}.pgid",
-            env=tuple(env.items()),
-            mock_tokens_per_second=self.settings.mock_engine_tps,
-        )
+        stem = self.settings.log_dir / f"engine-{base.name.replace('/', '_')}"
+        spec = managed_spec(self.settings, base, stem, env)
         proc = EngineProcess(spec)
         proc.start()
         log.info("starting engine for base %s on port %d (log: %s)", base.name, proc.port, spec.log_path)

@@ -29,7 +29,7 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 ENGINE_HEADER = "X-Deltagate-Engine"  # which engine answered (one of several replicas of a base)
 CLIENT_CLOSED = 499  # recorded (never sent) when the client went away mid-stream
 JSON_HEADERS = {"Content-Type": "application/json"}
-UNWATCHED = StallWatch(0)  # for callers that read the stream themselves (evals, Ray replicas)
+UNWATCHED = StallWatch(0)  # for callers that read the stream themselves (evals)
 
 
 def engine_payload(body: InferenceBody, target: Resolved, chat: bool) -> dict:

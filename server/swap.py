@@ -165,6 +165,11 @@ class WeightSlot:
         """Requests waiting per variant (the deltagate_queued_requests gauge, vllm:lora_requests_info)."""
         return {self._names[k]: len(q) for k, q in self._queued.items() if q}
 
+    @property
+    def engine(self) -> str:
+        """The base the engine was started on: the model name it serves its answers under."""
+        return self.client.served_name
+
     async def replace_engine(self, restart: Callable[[], Awaitable[None]], resident: Recipe) -> None:
         """Run `restart` with admissions and swaps blocked, then record its fresh weights.
 

@@ -27,8 +27,8 @@ import ray
 from ray import serve
 from ray.serve.config import AutoscalingContext
 
-from loaders.engine import EngineProcess, EngineSpec, cores_for
-from server.pool import Endpoint, EnginePool, OnDead
+from loaders.engine import EngineProcess, cores_for
+from server.pool import Endpoint, EnginePool, OnDead, managed_spec
 from server.registry import BaseRecord
 from server.settings import GatewaySettings
 
@@ -145,18 +145,8 @@ class EngineHost:
         logs = here / f"{context.app_name}-{rank}"
         logs.mkdir(parents=True, exist_ok=True)
         local_settings = settings.model_copy(update={"state_dir": here})
-        spec = EngineSpec(
-            model=base.path,
-            served_name=base.name,
-            host=ray.util.get_node_ip_address(),  # reachable from the gateway's node
-            max_model_len=settings.max_model_len,
-            kv_cache_gib=settings.kv_cache_gib,
-            extra_args=settings.engine_flags(),
-            log_path=logs / "engine.log",
-            pid_path=logs / "engine.pgid",
-            env=tuple(local_settings.engine_env().items()),
-            mock_tokens_per_second=settings.mock_engine_tps,
-        )
+        host = ray.util.get_node_ip_address()  # reachable from the gateway's node
+        spec = managed_spec(settings, base, logs / "engine", local_settings.engine_env(), host)
         self.proc = EngineProcess(spec)
         self.id = f"{base.name}@{context.replica_id.unique_id}"
         self.entry = {"engine": base.name, "node": ray.get_runtime_context().get_node_id()}

@@ -51,7 +51,7 @@ async def engines(gateway: GatewayDep) -> EnginesPublic:
         slot = gateway.slots[state.engine]
         endpoint = gateway.endpoint_of(slot)
         data.append(EnginePublic(
-            id=slot.name, base=slot.client.served_name, url=slot.client.url,
+            id=slot.name, base=slot.engine, url=slot.client.url,
             node=endpoint.node if endpoint else "", pid=endpoint.pid if endpoint else None,
             resident_variant=state.resident, inflight=state.inflight, queued=state.queued,
             swaps=len(slot.recent_swaps),
