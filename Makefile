@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Tools the tests use from Debian: promtool and a real Prometheus server (package prometheus); the
-# HumanEval sandbox's unshare/setpriv/prlimit (util-linux) and a system python3 user nobody can run.
+# HumanEval sandbox's unshare/setpriv/prlimit (util-linux) and a system python3 user nobody can run;
+# a PostgreSQL server for the shared state database (the tests start their own, in a temp dir).
 system-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
 	  && command -v unshare >/dev/null && command -v setpriv >/dev/null && command -v prlimit >/dev/null \
-	  && test -x /usr/bin/python3 || { apt-get update && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y --no-install-recommends prometheus util-linux python3; }
+	  && test -x /usr/bin/python3 && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+	  || { apt-get update && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y --no-install-recommends prometheus util-linux python3 postgresql; }
 
 serve: install
 	$(VENV)/bin/deltagate demo

@@ -21,9 +21,11 @@ from server.gateway import Gateway
 from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.pool import EnginePool
+from server.registry import Registry
 from server.routes import bases, deltas, openai, ops, variants
 from server.routes import evals as evals_routes
 from server.settings import GatewaySettings
+from server.statedb import open_state
 from server.streaming import StallWatch
 
 
@@ -55,10 +57,11 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     where the engines run (default: processes on this machine, server/pool.py)."""
     ensure_admin_token(settings)
     metrics = Metrics(__version__)
-    gateway = Gateway(settings, metrics, pool)
+    database = open_state(settings.state_db, settings.state_dir)  # registry and evals (server/statedb.py)
+    gateway = Gateway(settings, metrics, Registry(database), pool)
     metrics.watch_engines(gateway.engine_states)
     evals = EvalService(
-        EvalStore(settings.state_dir / "evals.sqlite"),
+        EvalStore(database),
         gateway,
         metrics,
         allow_code_execution=settings.allow_code_execution,
@@ -91,6 +94,7 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
             await streams.stop()
             await evals.stop()
             await gateway.stop()
+            database.dispose()
 
     app = FastAPI(title="deltagate", version=__version__, lifespan=lifespan)
     app.state.gateway = gateway

@@ -55,16 +55,18 @@ class Gateway:
     """Owns the registry, the weight slot of every engine, and which engine serves a request; the
     engines themselves (where they run, their start and restart) are its pool's (server/pool.py)."""
 
-    def __init__(self, settings: GatewaySettings, metrics: Metrics, pool: EnginePool | None = None):
+    def __init__(
+        self, settings: GatewaySettings, metrics: Metrics, registry: Registry, pool: EnginePool | None = None
+    ):
         self.settings = settings
         self.metrics = metrics
-        self.registry = Registry(settings.registry_path)
+        self.registry = registry
         self.pool = pool or LocalPool(settings)
         self.slots: dict[str, WeightSlot] = {}  # engine id -> its slot; slot.engine: the base it serves
-        self._base_eos: dict[str, set[int]] = {}
-        self._base_template: dict[str, str | None] = {}
+        self._base_info: dict[str, tuple[set[int], str | None]] = {}  # base -> stop tokens, chat template
         self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
         self._watcher: asyncio.Task | None = None
+        self._follower: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()  # slots of engines gone, closed once their requests end
         self._sync_lock = asyncio.Lock()
         lanes = settings.state_dir / "adapters"
@@ -86,8 +88,6 @@ class Gateway:
         bases = list(self.registry.state.bases.values())
         if not bases:
             raise BadRequestError("no base model configured; pass --base DIR")
-        for base in bases:
-            self._remember(base)
         own = [b for b in bases if b.engine is None]  # the others are hot-loaded by one of these
         await self.pool.start(own, self._restart_in_place)
         await self._sync()
@@ -98,12 +98,36 @@ class Gateway:
             await self.catalog.ensure_variant(spec)
         if not self.pool.supervised:  # engines come and go (Ray replicas): follow them
             self._watcher = asyncio.create_task(self._watch())
+        if self.registry.shared:  # other gateways change the registry: follow it
+            self._follower = asyncio.create_task(self._follow_registry())
 
-    def _remember(self, base: BaseRecord) -> None:
-        """Cache what requests need from a base's checkpoint: its stop tokens and chat template."""
-        ckpt = Checkpoint(base.path)
-        self._base_eos[base.name] = set(eos_ids(ckpt.generation_config()))
-        self._base_template[base.name] = ckpt.chat_template()
+    def _info(self, name: str) -> tuple[set[int], str | None]:
+        """What requests need from a base's checkpoint (read once): its stop tokens and chat template."""
+        if name not in self._base_info:
+            ckpt = Checkpoint(self.registry.base(name).path)
+            self._base_info[name] = (set(eos_ids(ckpt.generation_config())), ckpt.chat_template())
+        return self._base_info[name]
+
+    async def _follow_registry(self) -> None:
+        """Every `state_poll_seconds`, read other gateways' changes: start an engine for a base of
+        another architecture registered elsewhere (where this gateway starts engines), stop the one of
+        a base deleted elsewhere; deleted variants and deltas are 404s from then on."""
+        while True:
+            await asyncio.sleep(self.settings.state_poll_seconds)
+            try:
+                if not self.registry.refresh(force=True):
+                    continue
+                bases = self.registry.state.bases
+                for base in bases.values():
+                    if base.engine is None and not self.group(base.name) and base.name not in self._starting:
+                        if base.name not in self.pool.engines() and self.pool.can_launch():
+                            log.info("base %s was registered by another gateway: its engine", base.name)
+                            self._start_engine(base)
+                for engine in [e for e in self.engines() if e not in bases]:
+                    log.info("base %s was deleted by another gateway; stopping its engine", engine)
+                    await self._stop_engine(engine)
+            except Exception:  # the database away for a while: keep serving what is known, retry
+                log.exception("following the registry failed; trying again")
 
     async def _sync(self) -> None:
         """Give every engine that is up a slot; drop the slots of engines that are gone (a pool whose
@@ -209,8 +233,9 @@ class Gateway:
             await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._follower):
+            if task is not None:
+                task.cancel()
         for task in self._retiring:
             task.cancel()
         for task in self._starting.values():
@@ -237,9 +262,10 @@ class Gateway:
             template = template or record.chat_template
             stops += record.eos_token_ids  # the post model's end-of-turn tokens
         if engine != base.name:  # a hosted base: the engine speaks with its own base's template and stops
-            template = template or self._base_template[base.name]
-            stops += sorted(self._base_eos[base.name])
-        engine_stops = self._base_eos.get(engine, set())  # the engine stops on these by itself
+            base_stops, base_template = self._info(base.name)
+            template = template or base_template
+            stops += sorted(base_stops)
+        engine_stops = self._info(engine)[0]  # the engine stops on these by itself
         eos = [e for e in dict.fromkeys(stops) if e not in engine_stops]
         slots = self.group(engine)
         if not slots and engine in self._starting:
@@ -341,7 +367,6 @@ class Gateway:
         self.catalog.name_free(name)  # again: another request may have taken it while we read the checkpoint
         record = record.model_copy(update={"engine": host, "runtime": True})
         self.registry.put_base(record)
-        self._remember(record)
         if host is None:
             log.info("base %s fits no running engine (%s); starting one", name, reasons)
             self._start_engine(record)
@@ -383,11 +408,16 @@ class Gateway:
         if hosted:
             raise ConflictError(f"base {name!r}'s engine also serves bases {hosted}; delete them first")
         self.registry.remove_base(name)
+        await self._stop_engine(name)
+
+    async def _stop_engine(self, name: str) -> None:
+        """Stop the engine of its own a runtime base had (starting or running)."""
         task = self._starting.pop(name, None)
         if task is not None:
             task.cancel()
         for slot in self.group(name):
             await self.slots.pop(slot.name).client.close()
+        self._base_info.pop(name, None)
         await self.pool.remove(name)
 
     async def delete_variant(self, name: str) -> None:

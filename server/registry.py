@@ -1,16 +1,25 @@
-"""The persisted registry of bases, deltas and variants (one JSON file, written atomically)."""
+"""The registry of bases, deltas and variants: one JSON document in the state database, versioned.
+
+Every change is a compare-and-swap on its version (server/statedb.py): a gateway applies the change
+to the registry as it last read it and writes it only if no other gateway wrote since; if one did,
+it reads theirs and applies the change again (so a name taken meanwhile is a 409, not a lost write).
+Other gateways' changes are pulled when a request names a model this gateway does not know, and
+every `state_poll_seconds` (so a deletion is seen within that bound).
+"""
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
+import sqlalchemy as sa
 from pydantic import BaseModel, Field, field_validator
 
 from deltas.recipe import MethodName
-from server.errors import ConflictError, NotFoundError
+from server.errors import ConflictError, NotFoundError, UnavailableError
+from server.statedb import metadata, shared, unreachable
 
 Lane = Literal["auto", "swap", "adapter"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -93,75 +102,123 @@ class RegistryState(BaseModel):
     variants: dict[str, VariantRecord] = Field(default_factory=dict)
 
 
+T = TypeVar("T")
+_table = sa.Table(
+    "registry",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+)
+ATTEMPTS = 20  # compare-and-swap rounds before a change gives up (only under a storm of writers)
+
+
 class Registry:
-    """In-memory registry mirrored to `path` after every change."""
+    """The registry as this gateway last read it (`state`), changed only through compare-and-swap."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.state = (
-            RegistryState.model_validate_json(path.read_text()) if path.is_file() else RegistryState()
-        )
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+        self.shared = shared(engine)
+        self.state, self.version = RegistryState(), 0
+        self.refresh(force=True)
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as out:  # a crash at any point leaves the old file or the new one
-            out.write(self.state.model_dump_json(indent=2))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
+    def refresh(self, force: bool = False) -> bool:
+        """Read what other gateways wrote since (a shared database, or `force`); whether anything
+        changed. One indexed read of the version; the document only when it moved."""
+        if not (self.shared or force):
+            return False
+
+        def read(conn: sa.Connection):
+            version = conn.execute(sa.select(_table.c.version)).scalar()
+            if version is None or version == self.version:
+                return None
+            return conn.execute(sa.select(_table.c.version, _table.c.body)).first()
+
+        row = self._run(read)
+        if row is None:
+            return False
+        self.state, self.version = RegistryState.model_validate_json(row.body), row.version
+        return True
+
+    def _change(self, change: Callable[[RegistryState], T]) -> T:
+        """Apply `change` to a copy of the latest state and write it unless another writer was first."""
+        for _ in range(ATTEMPTS):
+            state = self.state.model_copy(deep=True)
+            result = change(state)  # raises (404, 409) before anything is written
+            if self._run(lambda c, s=state: _swap(c, s, self.version)):
+                self.state, self.version = state, self.version + 1
+                return result
+            self.refresh(force=True)  # another gateway wrote: apply the change to theirs
+        raise UnavailableError("the registry is being changed by other gateways all the time; retry")
+
+    def _run(self, work: Callable[[sa.Connection], T]) -> T:
+        try:
+            with self.engine.begin() as conn:
+                return work(conn)
+        except sa.exc.DBAPIError as exc:
+            raise UnavailableError(unreachable(self.engine, exc)) from None
 
     # bases -------------------------------------------------------------
     def put_base(self, record: BaseRecord) -> None:
-        self.state.bases[record.name] = record
-        self.save()
+        def change(state: RegistryState) -> None:
+            state.bases[record.name] = record
+
+        self._change(change)
 
     def remove_base(self, name: str) -> BaseRecord:
-        record = self.base(name)
-        users = [v.name for v in self.state.variants.values() if v.base == name]
-        if users:
-            raise ConflictError(f"base {name!r} is used by variants {users}; delete them first")
-        del self.state.bases[name]
-        self.save()
-        return record
+        def change(state: RegistryState) -> BaseRecord:
+            _get(state.bases, name, f"unknown base {name!r}")
+            users = [v.name for v in state.variants.values() if v.base == name]
+            if users:
+                raise ConflictError(f"base {name!r} is used by variants {users}; delete them first")
+            return state.bases.pop(name)
+
+        self.base(name)  # a 404 naming the known ones
+        return self._change(change)
 
     def base(self, name: str) -> BaseRecord:
-        try:
-            return self.state.bases[name]
-        except KeyError:
-            raise NotFoundError(f"unknown base {name!r}; known: {sorted(self.state.bases)}") from None
+        if name not in self.state.bases:
+            self.refresh()  # another gateway may have added it
+        return _get(self.state.bases, name, f"unknown base {name!r}; known: {sorted(self.state.bases)}")
 
     # deltas ------------------------------------------------------------
     def add_delta(self, record: DeltaRecord) -> None:
-        if record.name in self.state.deltas:
-            raise ConflictError(f"delta {record.name!r} exists; delete it first")
-        self.state.deltas[record.name] = record
-        self.save()
+        def change(state: RegistryState) -> None:
+            if record.name in state.deltas:
+                raise ConflictError(f"delta {record.name!r} exists; delete it first")
+            state.deltas[record.name] = record
+
+        self._change(change)
 
     def delta(self, name: str) -> DeltaRecord:
-        try:
-            return self.state.deltas[name]
-        except KeyError:
-            raise NotFoundError(f"unknown delta {name!r}; list them with GET /v1/deltas") from None
+        if name not in self.state.deltas:
+            self.refresh()
+        return _get(self.state.deltas, name, f"unknown delta {name!r}; list them with GET /v1/deltas")
 
     def remove_delta(self, name: str) -> DeltaRecord:
-        record = self.delta(name)
-        users = [v.name for v in self.state.variants.values() if any(t.delta == name for t in v.deltas)]
-        if users:
-            raise ConflictError(f"delta {name!r} is used by variants {users}; delete them first")
-        del self.state.deltas[name]
-        self.save()
-        return record
+        def change(state: RegistryState) -> DeltaRecord:
+            _get(state.deltas, name, f"unknown delta {name!r}; list them with GET /v1/deltas")
+            users = [v.name for v in state.variants.values() if any(t.delta == name for t in v.deltas)]
+            if users:
+                raise ConflictError(f"delta {name!r} is used by variants {users}; delete them first")
+            return state.deltas.pop(name)
+
+        self.delta(name)
+        return self._change(change)
 
     # variants ----------------------------------------------------------
     def add_variant(self, record: VariantRecord) -> None:
-        if record.name in self.state.variants or record.name in self.state.bases:
-            raise ConflictError(f"model name {record.name!r} is taken")
-        self.state.variants[record.name] = record
-        self.save()
+        def change(state: RegistryState) -> None:
+            if record.name in state.variants or record.name in state.bases:
+                raise ConflictError(f"model name {record.name!r} is taken")
+            state.variants[record.name] = record
+
+        self._change(change)
 
     def variant(self, name: str) -> VariantRecord:
         """A variant by name; a base's name is the variant of the plain base."""
+        if name not in self.state.variants and name not in self.state.bases:
+            self.refresh()  # pulled when a request names it: defined by another gateway
         if name in self.state.variants:
             return self.state.variants[name]
         if name in self.state.bases:
@@ -169,13 +226,57 @@ class Registry:
         raise NotFoundError(f"unknown model {name!r}; list them with GET /v1/models")
 
     def remove_variant(self, name: str) -> None:
+        def change(state: RegistryState) -> None:
+            _get(state.variants, name, f"unknown variant {name!r}")
+            del state.variants[name]
+
         if name not in self.state.variants:
-            raise NotFoundError(f"unknown variant {name!r}")
-        del self.state.variants[name]
-        self.save()
+            self.refresh()
+        _get(self.state.variants, name, f"unknown variant {name!r}")
+        self._change(change)
 
     def model_names(self) -> list[str]:
         return sorted(self.state.bases) + sorted(self.state.variants)
+
+
+def _get(records: dict, name: str, message: str):
+    try:
+        return records[name]
+    except KeyError:
+        raise NotFoundError(message) from None
+
+
+def _swap(conn: sa.Connection, state: RegistryState, version: int) -> bool:
+    """Write `state` as version+1 if the stored version is still `version` (else False)."""
+    body = state.model_dump_json(indent=2)
+    if version == 0:
+        exists = conn.execute(sa.select(_table.c.id)).first() is not None
+        if exists:
+            return False
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.insert(_table).values(id=1, version=1, body=body))
+        except sa.exc.IntegrityError:  # another gateway inserted first
+            return False
+        return True
+    done = conn.execute(
+        sa.update(_table).where(_table.c.id == 1, _table.c.version == version).values(
+            version=version + 1, body=body
+        )
+    )
+    return done.rowcount == 1
+
+
+def import_json(engine: sa.Engine, text: str) -> None:
+    """Make the registry of an earlier version's registry.json the database's (if it has none yet)."""
+    registry = Registry(engine)
+    if registry.version == 0:
+        state = RegistryState.model_validate_json(text)
+
+        def change(current: RegistryState) -> None:
+            current.bases, current.deltas, current.variants = state.bases, state.deltas, state.variants
+
+        registry._change(change)
 
 
 def file_identity(path: str | Path) -> tuple[int, int]:

@@ -46,6 +46,9 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DELTAGATE_")
 
     state_dir: Path = Path(".deltagate")
+    state_db: str | None = None  # SQLAlchemy URL shared by several gateways (postgresql://…); None: state dir
+    state_poll_seconds: float = 2.0  # how often a gateway on a shared database reads others' changes
+    run_lease_seconds: float = 15.0  # an eval run whose gateway renewed nothing this long is taken over
     admin_token: str | None = None
     api_keys: list[str] = Field(default_factory=list)
     bases: list[BaseSpec] = Field(default_factory=list)
@@ -96,10 +99,6 @@ class GatewaySettings(BaseSettings):
         """This node's cache of stored artifacts (DELTAGATE_ARTIFACT_CACHE, else in the state dir)."""
         directory = os.environ.get("DELTAGATE_ARTIFACT_CACHE") or self.state_dir / "artifact-cache"
         return NodeCache(Path(directory).resolve(), int(self.artifact_cache_mib * 2**20))
-
-    @property
-    def registry_path(self) -> Path:
-        return self.state_dir / "registry.json"
 
     @property
     def store_dir(self) -> Path:

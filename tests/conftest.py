@@ -197,3 +197,76 @@ def s3_server(tmp_path_factory) -> S3Server:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class Postgres:
+    """A real PostgreSQL server (Debian's package) on loopback, in a throwaway data dir; it can be
+    killed (-9) and started again on the same data and port."""
+
+    def __init__(self, root: Path):
+        import glob
+        import shutil
+
+        from loaders.engine import free_port
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+        if not found:
+            raise RuntimeError("PostgreSQL is not installed (make system-deps installs Debian's postgresql)")
+        self.bin = Path(found[-1]).parent
+        self.root, self.port = root, free_port()
+        self.data, self.log = root / "data", root / "postgres.log"
+        self.url = f"postgresql://deltagate@127.0.0.1:{self.port}/postgres"
+        self.proc = None
+        shutil.chown(root, "postgres")  # the server refuses to run as root
+        self._as_postgres(self.bin / "initdb", "-D", self.data, "-U", "deltagate", "--auth=trust")
+
+    def _as_postgres(self, *cmd) -> None:
+        import subprocess
+
+        done = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, user="postgres")
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed: {done.stdout}\n{done.stderr}")
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        import subprocess
+        import time
+
+        cmd = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
+               "-c", "listen_addresses=127.0.0.1"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, user="postgres")  # our child: reaped by wait()
+        deadline = time.monotonic() + 60
+        while True:
+            ready = subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
+                                    "-U", "deltagate"], capture_output=True)  # fmt: skip
+            if ready.returncode == 0:
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """kill -9 the server and every backend it forked."""
+        import os
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Postgres:
+    """A PostgreSQL server for the shared state database (tests/server/test_shared_state.py)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="deltagate-pg-"))  # not under pytest's root-only tmp dirs
+    server = Postgres(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+        shutil.rmtree(root, ignore_errors=True)

@@ -84,6 +84,19 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     state_dir: Annotated[Path, typer.Option(help="Registry, uploaded deltas, logs")] = Path(".deltagate"),
+    state_db: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DELTAGATE_STATE_DB",
+            help="A database shared by several gateways for the registry and the evals "
+            "(postgresql://user:password@host/db; also from DELTAGATE_STATE_DB, which keeps the password "
+            "off the command line). They need the same --admin-token and an --artifact-store all reach. "
+            "Default: a SQLite file in the state dir",
+        ),
+    ] = None,
+    state_poll_seconds: Annotated[
+        float, typer.Option(help="With --state-db: how often other gateways' changes are read (s)", min=0.1)
+    ] = 2.0,
     admin_token: Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN")] = None,
     api_key: Annotated[
         list[str] | None, typer.Option(envvar="DELTAGATE_API_KEYS", help="Inference key (repeatable)")
@@ -235,8 +248,13 @@ def serve(
             check_available()
         except SandboxUnavailable as exc:
             raise fail(f"--allow-code-execution: cannot sandbox programs on this machine: {exc}") from None
+    if state_db and not (admin_token and artifact_store):
+        raise fail("--state-db: gateways sharing a database need the same --admin-token and an "
+                   "--artifact-store every one of them reaches (s3://…)")  # fmt: skip
     settings = GatewaySettings(
         state_dir=state_dir,
+        state_db=state_db,
+        state_poll_seconds=state_poll_seconds,
         admin_token=admin_token,
         api_keys=api_key or [],
         bases=bases,

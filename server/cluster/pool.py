@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ray import serve
 from ray.serve.config import AutoscalingContext
 
 from loaders.engine import EngineProcess, cores_for
+from server.errors import BadRequestError
 from server.pool import Endpoint, EnginePool, OnDead, managed_spec
 from server.registry import BaseRecord
 from server.settings import GatewaySettings
@@ -50,6 +52,18 @@ class Directory:
     def __init__(self) -> None:
         self.engines: dict[str, dict] = {}
         self.started = time.time()
+        self.gateway: tuple[str, float] = ("", 0.0)  # the gateway driving the engines, last heard
+
+    def drive(self, gateway: str) -> str | None:
+        """`gateway` drives the engines from now (a heartbeat); None, or the other gateway that does
+        (heard from within HEARTBEAT_STALE): one gateway at a time, since each one swaps the weights
+        of the engines it admits requests on and two would swap them under each other's requests."""
+        now = time.time()
+        current, seen = self.gateway
+        if current and current != gateway and now - seen < HEARTBEAT_STALE:
+            return current
+        self.gateway = (gateway, now)
+        return None
 
     def pid(self) -> int:
         return os.getpid()
@@ -151,6 +165,7 @@ class EngineHost:
         self.id = f"{base.name}@{context.replica_id.unique_id}"
         self.entry = {"engine": base.name, "node": ray.get_runtime_context().get_node_id()}
         self.directory = directory()
+        self.gateway = f"{socket.gethostname()}:{settings.state_dir.resolve()}"  # same after a restart
         self.leaving = False
         cores = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         log.info("replica %s: engine for %s on cores %s", self.id, base.name, cores)
@@ -211,6 +226,7 @@ class RayPool(EnginePool):
         self.settings = settings
         self.scaling = scaling
         self.directory = directory()
+        self.gateway = f"{socket.gethostname()}:{settings.state_dir.resolve()}"  # same after a restart
         self._apps: dict[str, str] = {}  # base -> its Serve application
         self._up: dict[str, Endpoint] = {}
         self._dead: set[str] = set()  # found dead by a request, before the directory says so
@@ -220,6 +236,7 @@ class RayPool(EnginePool):
         return f"deltagate-engines-{base.replace('/', '-')}"
 
     async def start(self, bases: list[BaseRecord], on_dead: OnDead) -> None:
+        await self._drive()
         await asyncio.gather(*(self._deploy(b) for b in bases))
         await self._read()
         self._reader = asyncio.create_task(self._follow())
@@ -264,10 +281,20 @@ class RayPool(EnginePool):
             self.changed.set()
         self._up = up
 
+    async def _drive(self) -> None:
+        """Claim the cluster's engines for this gateway (the same host and state dir after a restart)."""
+        other = await self.directory.drive.remote(self.gateway)
+        if other is not None:
+            raise BadRequestError(
+                f"another gateway ({other}) drives the engines of this Ray cluster; one gateway per "
+                "cluster (several would swap the engines' weights under each other's requests)"
+            )
+
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
+                await self._drive()
                 await self._read()
             except Exception:
                 log.exception("reading the engine directory failed; trying again")

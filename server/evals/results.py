@@ -104,7 +104,7 @@ def output_items(store: EvalStore, run_id: str, status: str | None, after: int, 
     rows = store.items(run_id, status, after, limit + 1)
     page = [
         OutputItem(
-            id=r["rowid"],
+            id=r["seq"],
             variant=r["variant"],
             index=r["idx"],
             status=r["status"],

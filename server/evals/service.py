@@ -3,7 +3,8 @@
 A run goes variant by variant (all items of one before the next), so it costs at most one swap
 per variant however its items interleave; `concurrency` bounds its requests in flight, so online
 traffic on the same engine keeps being admitted between them. Runs persist: a run still queued or
-in progress when the gateway stops is resumed at the next start, skipping graded items.
+in progress when its gateway stops is resumed, skipping graded items: at the next start, or by
+another gateway sharing the state database once the run's lease runs out (server/evals/store.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import os
 import random
+import socket
+import uuid
 
 from deltas.store import materialize, named_digest
 from server.errors import ConflictError, ForbiddenError, NotFoundError
@@ -25,7 +29,7 @@ from server.evals.schemas import (
     RunCreate,
     RunPublic,
 )
-from server.evals.store import EvalStore
+from server.evals.store import ACTIVE, EvalStore
 from server.evals.tasks import (
     BuiltinSource,
     FidelitySource,
@@ -43,7 +47,6 @@ from server.gateway import Gateway
 from server.metrics import Metrics
 
 log = logging.getLogger("deltagate.evals")
-ACTIVE = ("queued", "in_progress")
 
 
 class EvalService:
@@ -64,18 +67,42 @@ class EvalService:
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel: set[str] = set()
         self._hashes: dict[tuple[str, int, int], str] = {}
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this gateway
+        self._follower: asyncio.Task | None = None
+        self.lease = gateway.settings.run_lease_seconds  # a run not renewed this long is taken over
 
     async def start(self) -> None:
-        """Resume the runs a previous process left queued or in progress."""
+        """Resume the runs a previous process left queued or in progress; with a shared state
+        database, keep leasing this gateway's runs and take over those of gateways gone."""
+        shared = self.gateway.registry.shared
         for run in self.store.runs(statuses=ACTIVE):
-            log.info("resuming eval run %s", run["id"])
-            self._launch(run["id"])
+            if self.store.claim(run["id"], self.owner, self.lease, force=not shared):
+                log.info("resuming eval run %s", run["id"])
+                self._launch(run["id"])
+        self._follower = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        """Every third of a lease: renew this gateway's leases, stop runs canceled through another
+        gateway, resume runs whose gateway is gone."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                active = set(self.store.renew(self.owner, self.lease))
+                for run_id in set(self._tasks) - active:  # canceled (or deleted) elsewhere
+                    self._cancel.add(run_id)
+                for run_id in self.store.orphans():
+                    if run_id not in self._tasks and self.store.claim(run_id, self.owner, self.lease):
+                        log.info("taking over eval run %s (its gateway is gone)", run_id)
+                        self._launch(run_id)
+            except Exception:  # the database away for a while: keep trying
+                log.exception("following eval runs failed; trying again")
 
     async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self.store.close()
 
     # evals
     def create_eval(self, body: EvalCreate) -> dict:
@@ -148,7 +175,8 @@ class EvalService:
                 "recipe": await self._recipe_record(task.reference),
             }
             measured["sampling"]["reference_tokens"] = task.probe_tokens
-        run_id = self.store.add_run(eval_id, body.model_dump(), len(indices) * len(body.variants), measured)
+        total = len(indices) * len(body.variants)
+        run_id = self.store.add_run(eval_id, body.model_dump(), total, measured, self.owner, self.lease)
         self._launch(run_id)
         return self.store.run(run_id)
 
@@ -167,9 +195,9 @@ class EvalService:
     def cancel(self, eval_id: str, run_id: str) -> dict:
         run = self.get_run(eval_id, run_id)
         if run["status"] in ACTIVE:
-            self._cancel.add(run_id)
-            if run_id not in self._tasks:
-                self.store.set_status(run_id, "canceled")
+            self.store.set_status(run_id, "canceled")  # another gateway running it stops at its renewal
+            if run_id in self._tasks:
+                self._cancel.add(run_id)
         return self.store.run(run_id)
 
     def _launch(self, run_id: str) -> None:
@@ -183,7 +211,8 @@ class EvalService:
         try:
             task = self.task_of(EvalCreate.model_validate(self.get_eval(run["eval_id"])["body"]))
             self._check_execution(task)  # a resumed run on a server started without the flag fails
-            self.store.set_status(run_id, "in_progress")
+            if not self.store.set_status(run_id, "in_progress"):
+                return  # canceled before it started
             gate = asyncio.Semaphore(body.concurrency)
             indices = run["measured"]["item_indices"]
             todo = {

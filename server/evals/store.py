@@ -1,6 +1,12 @@
-"""Evals, runs and graded items in SQLite (STATE_DIR/evals.sqlite): they survive restarts.
+"""Evals, runs and graded items in the state database (server/statedb.py): they survive restarts.
 
-One connection, used from the event loop: every statement is a small local write or read.
+A run is executed by one gateway at a time: the one holding its lease (`owner`, `lease_until`),
+renewed while it runs. When that gateway dies, the lease runs out and another gateway (or the same
+one restarted) claims the run and resumes it, skipping graded items. With the single-gateway
+default (SQLite in the state dir) a restarted gateway claims its runs at once.
+
+Every statement is a small write or read; they run on the event loop's thread (SQLite locally, a
+PostgreSQL round trip when shared).
 """
 
 from __future__ import annotations
@@ -9,114 +15,199 @@ import json
 import sqlite3
 import time
 import uuid
-from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS evals (id TEXT PRIMARY KEY, created_at REAL, body TEXT);
-CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, eval_id TEXT, created_at REAL, body TEXT,
-    status TEXT, error TEXT, total INTEGER, measured TEXT);
-CREATE TABLE IF NOT EXISTS items (run_id TEXT, variant TEXT, idx INTEGER, input TEXT, output TEXT,
-    grades TEXT, status TEXT, error TEXT, scores TEXT, PRIMARY KEY (run_id, variant, idx));
-"""
+import sqlalchemy as sa
+
+from server.errors import UnavailableError
+from server.statedb import metadata, unreachable
+
+ACTIVE = ("queued", "in_progress")
+_evals = sa.Table(
+    "evals",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+)
+_runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("eval_id", sa.String(64), index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("total", sa.Integer),
+    sa.Column("measured", sa.Text),
+    sa.Column("owner", sa.String(128)),  # the gateway executing it
+    sa.Column("lease_until", sa.Float),  # wall-clock time its owner's lease ends
+)
+_items = sa.Table(
+    "items",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),  # the output-items cursor
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("variant", sa.String(128), nullable=False),
+    sa.Column("idx", sa.Integer, nullable=False),
+    sa.Column("input", sa.Text),
+    sa.Column("output", sa.Text),
+    sa.Column("grades", sa.Text),
+    sa.Column("status", sa.String(16)),
+    sa.Column("error", sa.Text),
+    sa.Column("scores", sa.Text),
+    sa.UniqueConstraint("run_id", "variant", "idx"),
+)
 
 
 class EvalStore:
     """Rows in, dicts out."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None)  # autocommit: each write lands at once
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(items)")}
-        if "scores" not in columns:  # a state dir written before metrics existed
-            self.db.execute("ALTER TABLE items ADD COLUMN scores TEXT")
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
 
-    def close(self) -> None:
-        self.db.close()
+    def _run(self, work):
+        try:
+            with self.engine.begin() as conn:
+                return work(conn)
+        except sa.exc.DBAPIError as exc:
+            raise UnavailableError(unreachable(self.engine, exc)) from None
 
     # evals
     def add_eval(self, body: dict) -> str:
         eval_id = f"eval_{uuid.uuid4().hex[:16]}"
-        self.db.execute("INSERT INTO evals VALUES (?, ?, ?)", (eval_id, time.time(), json.dumps(body)))
+        row = {"id": eval_id, "created_at": time.time(), "body": json.dumps(body)}
+        self._run(lambda c: c.execute(sa.insert(_evals).values(row)))
         return eval_id
 
     def eval(self, eval_id: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM evals WHERE id = ?", (eval_id,)).fetchone()
-        return (
-            {"id": row["id"], "created_at": row["created_at"], "body": json.loads(row["body"])}
-            if row
-            else None
-        )
+        row = self._run(lambda c: c.execute(sa.select(_evals).where(_evals.c.id == eval_id)).first())
+        return {"id": row.id, "created_at": row.created_at, "body": json.loads(row.body)} if row else None
 
     def evals(self) -> list[dict]:
-        ids = [r["id"] for r in self.db.execute("SELECT id FROM evals ORDER BY created_at")]
-        return [self.eval(i) for i in ids]
+        rows = self._run(lambda c: c.execute(sa.select(_evals).order_by(_evals.c.created_at)).all())
+        return [{"id": r.id, "created_at": r.created_at, "body": json.loads(r.body)} for r in rows]
 
     def delete_eval(self, eval_id: str) -> None:
-        with self.db:
-            runs = [r["id"] for r in self.db.execute("SELECT id FROM runs WHERE eval_id = ?", (eval_id,))]
-            self.db.executemany("DELETE FROM items WHERE run_id = ?", [(r,) for r in runs])
-            self.db.execute("DELETE FROM runs WHERE eval_id = ?", (eval_id,))
-            self.db.execute("DELETE FROM evals WHERE id = ?", (eval_id,))
+        def work(conn: sa.Connection) -> None:
+            runs = sa.select(_runs.c.id).where(_runs.c.eval_id == eval_id)
+            conn.execute(sa.delete(_items).where(_items.c.run_id.in_(runs)))
+            conn.execute(sa.delete(_runs).where(_runs.c.eval_id == eval_id))
+            conn.execute(sa.delete(_evals).where(_evals.c.id == eval_id))
+
+        self._run(work)
 
     # runs
-    def add_run(self, eval_id: str, body: dict, total: int, measured: dict) -> str:
+    def add_run(self, eval_id: str, body: dict, total: int, measured: dict, owner: str, lease: float) -> str:
+        """A queued run, leased to `owner` for `lease` seconds."""
         run_id = f"evalrun_{uuid.uuid4().hex[:16]}"
-        self.db.execute(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, 'queued', NULL, ?, ?)",
-            (run_id, eval_id, time.time(), json.dumps(body), total, json.dumps(measured)),
-        )
+        row = {"id": run_id, "eval_id": eval_id, "created_at": time.time(), "body": json.dumps(body),
+               "status": "queued", "total": total, "measured": json.dumps(measured), "owner": owner,
+               "lease_until": time.time() + lease}  # fmt: skip
+        self._run(lambda c: c.execute(sa.insert(_runs).values(row)))
         return run_id
 
     def run(self, run_id: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None:
-            return None
-        return {**dict(row), "body": json.loads(row["body"]), "measured": json.loads(row["measured"])}
+        row = self._run(lambda c: c.execute(sa.select(_runs).where(_runs.c.id == run_id)).first())
+        return _run_dict(row) if row else None
 
     def runs(self, eval_id: str | None = None, statuses: tuple[str, ...] = ()) -> list[dict]:
-        sql, args = "SELECT id FROM runs WHERE 1=1", []
+        query = sa.select(_runs).order_by(_runs.c.created_at)
         if eval_id:
-            sql, args = sql + " AND eval_id = ?", [eval_id]
+            query = query.where(_runs.c.eval_id == eval_id)
         if statuses:
-            sql += f" AND status IN ({','.join('?' * len(statuses))})"
-            args += list(statuses)
-        return [self.run(r["id"]) for r in self.db.execute(sql + " ORDER BY created_at", args)]
+            query = query.where(_runs.c.status.in_(statuses))
+        return [_run_dict(r) for r in self._run(lambda c: c.execute(query).all())]
 
-    def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
-        self.db.execute("UPDATE runs SET status = ?, error = ? WHERE id = ?", (status, error, run_id))
+    def set_status(self, run_id: str, status: str, error: str | None = None) -> bool:
+        """Move an active run to `status`; False if it is not active any more (canceled meanwhile)."""
+        query = (
+            sa.update(_runs)
+            .where(_runs.c.id == run_id, _runs.c.status.in_(ACTIVE))
+            .values(status=status, error=error)
+        )
+        return self._run(lambda c: c.execute(query).rowcount == 1)
+
+    def claim(self, run_id: str, owner: str, lease: float, force: bool = False) -> bool:
+        """Lease an active run to `owner` unless another gateway's lease on it is still running
+        (`force`: the single gateway of a state dir takes its runs back at once)."""
+        now = time.time()
+        query = sa.update(_runs).where(_runs.c.id == run_id, _runs.c.status.in_(ACTIVE))
+        if not force:
+            free = sa.or_(_runs.c.owner.is_(None), _runs.c.owner == owner, _runs.c.lease_until < now)
+            query = query.where(free)
+        query = query.values(owner=owner, lease_until=now + lease)
+        return self._run(lambda c: c.execute(query).rowcount == 1)
+
+    def renew(self, owner: str, lease: float) -> list[str]:
+        """Extend `owner`'s leases; the ids of its runs still active (one canceled elsewhere is not)."""
+
+        def work(conn: sa.Connection) -> list[str]:
+            mine = sa.and_(_runs.c.owner == owner, _runs.c.status.in_(ACTIVE))
+            conn.execute(sa.update(_runs).where(mine).values(lease_until=time.time() + lease))
+            return [r.id for r in conn.execute(sa.select(_runs.c.id).where(mine))]
+
+        return self._run(work)
+
+    def orphans(self) -> list[str]:
+        """Active runs whose lease ran out (their gateway stopped or died)."""
+        query = sa.select(_runs.c.id).where(_runs.c.status.in_(ACTIVE), _runs.c.lease_until < time.time())
+        return [r.id for r in self._run(lambda c: c.execute(query.order_by(_runs.c.created_at)))]
 
     # items
     def put_item(self, run_id: str, variant: str, idx: int, row: dict) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                run_id,
-                variant,
-                idx,
-                row["input"],
-                row["output"],
-                json.dumps(row["grades"]),
-                row["status"],
-                row["error"],
-                json.dumps(row.get("scores") or {}),
-            ),
-        )
+        values = {
+            "input": row["input"],
+            "output": row["output"],
+            "grades": json.dumps(row["grades"]),
+            "status": row["status"],
+            "error": row["error"],
+            "scores": json.dumps(row.get("scores") or {}),
+        }
+        key = {"run_id": run_id, "variant": variant, "idx": idx}
+
+        def work(conn: sa.Connection) -> None:
+            done = conn.execute(
+                sa.update(_items)
+                .where(_items.c.run_id == run_id, _items.c.variant == variant, _items.c.idx == idx)
+                .values(values)
+            )
+            if done.rowcount == 0:
+                conn.execute(sa.insert(_items).values({**key, **values}))
+
+        self._run(work)
 
     def done_indices(self, run_id: str, variant: str) -> set[int]:
-        rows = self.db.execute("SELECT idx FROM items WHERE run_id = ? AND variant = ?", (run_id, variant))
-        return {r["idx"] for r in rows}
+        query = sa.select(_items.c.idx).where(_items.c.run_id == run_id, _items.c.variant == variant)
+        return {r.idx for r in self._run(lambda c: c.execute(query))}
 
     def items(
         self, run_id: str, status: str | None = None, after: int = -1, limit: int | None = None
     ) -> list[dict]:
-        sql, args = "SELECT rowid, * FROM items WHERE run_id = ? AND rowid > ?", [run_id, after]
+        query = sa.select(_items).where(_items.c.run_id == run_id, _items.c.seq > after)
+        query = query.order_by(_items.c.seq)
         if status:
-            sql, args = sql + " AND status = ?", args + [status]
-        sql += " ORDER BY rowid" + (f" LIMIT {int(limit)}" if limit else "")
-        return [
-            {**dict(r), "grades": json.loads(r["grades"]), "scores": json.loads(r["scores"] or "{}")}
-            for r in self.db.execute(sql, args)
-        ]
+            query = query.where(_items.c.status == status)
+        if limit:
+            query = query.limit(int(limit))
+        rows = self._run(lambda c: c.execute(query).all())
+        return [{**r._asdict(), "grades": json.loads(r.grades), "scores": json.loads(r.scores or "{}")}
+                for r in rows]  # fmt: skip
+
+
+def _run_dict(row) -> dict:
+    return {**row._asdict(), "body": json.loads(row.body), "measured": json.loads(row.measured)}
+
+
+def import_sqlite(engine: sa.Engine, old: sqlite3.Connection) -> None:
+    """Copy an earlier version's evals.sqlite (evals, runs, items in their order) into `engine`."""
+    old.row_factory = sqlite3.Row
+    evals = [dict(r) for r in old.execute("SELECT * FROM evals")]
+    runs = [{**dict(r), "owner": None, "lease_until": 0.0} for r in old.execute("SELECT * FROM runs")]
+    item_columns = [c.name for c in _items.columns if c.name != "seq"]
+    items = [{c: r[c] if c in r.keys() else None for c in item_columns}
+             for r in old.execute("SELECT * FROM items ORDER BY rowid")]  # fmt: skip
+    with engine.begin() as conn:
+        for table, rows in ((_evals, evals), (_runs, runs), (_items, items)):
+            if rows:
+                conn.execute(sa.insert(table), rows)

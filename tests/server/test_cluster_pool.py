@@ -1,6 +1,6 @@
 """Ray's control plane with mock engines (the mechanics; tests/server/test_cluster.py serves real vLLM
-engines on Ray): engines that follow load (`--max-replicas`), and a base that gets a deployment of
-its own. A local Ray, started by each gateway."""
+engines on Ray): engines that follow load (`--max-replicas`), a base that gets a deployment of its
+own, one gateway per cluster. A local Ray, started by each gateway."""
 
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_p
         wide_engine, word = _word(url, "wide")
         assert wide_engine.startswith("wide@") and word.strip() == "wbase"  # its plain base
         assert _word(url, "mock")[0].startswith("mock@")
+        _a_second_gateway_is_refused(tied, tmp_path, url)
         _kill_the_directory(url, {e["id"] for e in engines})
         pid = next(e["pid"] for e in engines if e["base"] == "wide")
         assert httpx.delete(f"{url}/v1/bases/wide", headers=HEADERS, timeout=120).status_code == 204
@@ -141,6 +142,24 @@ def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_p
         assert r.status_code == 404
     finally:
         stop_gateway(proc)
+
+
+def _a_second_gateway_is_refused(tied, tmp_path, url: str) -> None:
+    """Another gateway (its own state dir) on the same cluster exits with one clear line, and the
+    first keeps serving: two would swap the engines' weights under each other's requests."""
+    import subprocess
+
+    other = tmp_path / "other"
+    other.mkdir()
+    args = ["--ray", "--ray-address", "auto", "--mock-engine", "0", "--base", f"mock={tied.base}"]
+    proc = start_gateway(args, other / "state", free_port(), other / "gateway.log")
+    try:
+        assert proc.wait(timeout=120) != 0
+    except subprocess.TimeoutExpired:
+        stop_gateway(proc)
+        raise
+    assert "another gateway" in (other / "gateway.log").read_text()
+    assert _word(url, "mock")[0].startswith("mock@")
 
 
 def _kill_the_directory(url: str, engines: set[str]) -> None:

@@ -1,5 +1,6 @@
-"""Faults around a real gateway process (uvicorn) on a mock engine: kill -9 mid-upload and
-mid-eval-run, a registry write cut short, a slow engine, an unreachable one. Fast: no vLLM.
+"""Faults around a real gateway process (uvicorn) on a mock engine: kill -9 mid-upload, mid-eval-run
+and mid-registration, a state dir of the previous version, a slow engine, an unreachable one. Fast:
+no vLLM.
 (Engine deaths under a real vLLM engine: tests/server/test_persistence.py.)"""
 
 from __future__ import annotations
@@ -133,14 +134,84 @@ def test_gateway_killed_mid_eval_run_resumes_it(tied, tmp_path, mock):
         stop_gateway(proc)
 
 
-def test_a_registry_write_cut_short_leaves_the_last_good_one(tied, tmp_path, mock):
+def test_gateway_killed_during_registrations_keeps_every_acknowledged_one(tied, tmp_path, mock):
+    """kill -9 while variants are being defined: each answered 201 is there after the restart, and
+    the registry opens (a write cut short is a transaction not committed, not a torn file)."""
     proc, url = _gateway(tied, tmp_path, mock)
-    stop_gateway(proc)
-    registry = tmp_path / "state" / "registry.json"
-    (registry.parent / "registry.json.tmp").write_text('{"bases": {"pico": ')  # killed mid-write
+    created: list[str] = []
+
+    def define() -> None:
+        for i in range(1000):
+            body = {"name": f"v{i}", "base": "pico", "deltas": [{"delta": "delta", "alpha": 0.5}]}
+            try:
+                r = httpx.post(f"{url}/v1/variants", json=body, headers=AUTH, timeout=10)
+            except httpx.HTTPError:
+                return
+            if r.status_code == 201:
+                created.append(body["name"])
+
+    writer = threading.Thread(target=define)
+    writer.start()
+    deadline = time.monotonic() + 30
+    while len(created) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill9(proc)
+    writer.join()
     proc, url = _gateway(tied, tmp_path, mock)
     try:
-        assert "inst" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        names = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert len(created) >= 5 and set(created) <= names and "inst" in names
+    finally:
+        stop_gateway(proc)
+
+
+OLD_EVALS_SCHEMA = """
+CREATE TABLE evals (id TEXT PRIMARY KEY, created_at REAL, body TEXT);
+CREATE TABLE runs (id TEXT PRIMARY KEY, eval_id TEXT, created_at REAL, body TEXT, status TEXT, error TEXT,
+    total INTEGER, measured TEXT);
+CREATE TABLE items (run_id TEXT, variant TEXT, idx INTEGER, input TEXT, output TEXT, grades TEXT,
+    status TEXT, error TEXT, scores TEXT, PRIMARY KEY (run_id, variant, idx));
+"""
+
+
+def test_a_state_dir_of_the_previous_version_is_imported(tied, tmp_path, mock):
+    """registry.json and evals.sqlite (before the state database) come back as they were."""
+    import sqlite3
+
+    proc, url = _gateway(tied, tmp_path, mock)
+    ev = httpx.post(f"{url}/v1/evals", headers=AUTH, json={
+        "name": "old", "data_source": {"type": "jsonl", "content": '{"q": "1"}\n{"q": "2"}'},
+        "prompt": "{{item.q}}", "endpoint": "completions", "testing_criteria": [{"type": "string_check",
+        "name": "w", "input": "{{sample.output_text}}", "reference": "w", "operation": "like"}]},
+        ).json()  # fmt: skip
+    run = httpx.post(f"{url}/v1/evals/{ev['id']}/runs", headers=AUTH, json={"variants": ["inst"]}).json()
+    deadline = time.monotonic() + 60
+    path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
+    while httpx.get(path, headers=AUTH).json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    before = httpx.get(path, headers=AUTH).json()
+    stop_gateway(proc)
+    state = tmp_path / "state"
+    with sqlite3.connect(state / "state.sqlite") as db:  # written as the previous version kept it
+        (state / "registry.json").write_text(db.execute("SELECT body FROM registry").fetchone()[0])
+        with sqlite3.connect(state / "evals.sqlite") as old:
+            old.executescript(OLD_EVALS_SCHEMA)
+            old.executemany("INSERT INTO evals VALUES (?, ?, ?)", db.execute("SELECT * FROM evals"))
+            old.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            db.execute("SELECT id, eval_id, created_at, body, status, error, total, measured "
+                                       "FROM runs"))  # fmt: skip
+            old.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            db.execute("SELECT run_id, variant, idx, input, output, grades, status, error, "
+                                       "scores FROM items ORDER BY seq"))  # fmt: skip
+    for leftover in state.glob("state.sqlite*"):
+        leftover.unlink()
+    proc, url = _gateway(tied, tmp_path, mock, "--variant", f"inst2={tied.delta}:0.5")
+    try:
+        assert {"inst", "inst2"} <= {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        after = httpx.get(f"{url}/v1/evals/{ev['id']}/runs/{run['id']}", headers=AUTH).json()
+        assert after["status"] == "completed" and after["per_variant"] == before["per_variant"]
+        assert (state / "registry.json.imported").is_file() and not (state / "evals.sqlite").exists()
     finally:
         stop_gateway(proc)
 

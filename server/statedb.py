@@ -1,0 +1,89 @@
+"""Where the gateway's state lives: one SQL database (SQLAlchemy), the registry and the eval store.
+
+By default a SQLite file in the state dir (`STATE_DIR/state.sqlite`): one gateway, no server to run.
+Several gateways in front of one fleet share a PostgreSQL database (`serve --state-db
+postgresql://user:password@host/db`) and so share every base, delta, variant and eval, durably
+across a restart of any gateway or engine. A database rather than the object store: the eval store
+is rows written one item at a time and read in pages, and several writers need transactions and
+conditional updates (the registry's version, a run's lease), which is what a database does and an
+object store does not. The artifacts themselves stay in the artifact store (deltas/store.py).
+
+A state dir written before this module existed (registry.json, evals.sqlite) is imported into
+state.sqlite once, and those files are renamed `*.imported`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from server.errors import UnavailableError
+
+log = logging.getLogger("deltagate")
+metadata = sa.MetaData()
+
+
+def open_state(url: str | None, state_dir: Path) -> sa.Engine:
+    """The state database: `url` (shared by several gateways), else this state dir's SQLite file,
+    with an earlier version's state files imported."""
+    engine = connect(url or f"sqlite:///{(state_dir / 'state.sqlite').resolve()}")
+    if url is None:
+        import_old_state(state_dir, engine)
+    return engine
+
+
+def connect(url: str) -> sa.Engine:
+    """An engine on `url` with every table created; SQLite in WAL mode (readers never wait)."""
+    for plain in ("postgresql://", "postgres://"):  # the driver installed with deltagate: psycopg 3
+        if url.startswith(plain):
+            url = "postgresql+psycopg://" + url[len(plain) :]
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _wal(dbapi, _record) -> None:
+            dbapi.execute("PRAGMA journal_mode=WAL")
+    else:  # a server: connections may be cut (a restart); test each before use
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10)
+    import server.evals.store  # noqa: F401  (the tables are declared where they are used)
+    import server.registry  # noqa: F401
+
+    try:
+        metadata.create_all(engine)
+    except sa.exc.DBAPIError as exc:
+        raise UnavailableError(unreachable(engine, exc)) from None
+    return engine
+
+
+def shared(engine: sa.Engine) -> bool:
+    """Whether other gateways may write this database too (a server, not this state dir's file)."""
+    return engine.dialect.name != "sqlite"
+
+
+def unreachable(engine: sa.Engine, exc: Exception) -> str:
+    """What a client is told when the database fails: its kind and host, never its password."""
+    where = engine.url.render_as_string(hide_password=True)
+    if engine.dialect.name == "sqlite":
+        where = "the state dir's database"
+    return f"the state database ({where}) cannot be used now: {type(exc.orig or exc).__name__}; retry shortly"
+
+
+def import_old_state(state_dir: Path, engine: sa.Engine) -> None:
+    """Bring a state dir of an earlier version (registry.json, evals.sqlite) into the database once."""
+    from server.evals.store import import_sqlite
+    from server.registry import import_json
+
+    old_registry, old_evals = state_dir / "registry.json", state_dir / "evals.sqlite"
+    if old_registry.is_file():
+        import_json(engine, old_registry.read_text())
+        os.replace(old_registry, old_registry.with_name("registry.json.imported"))
+        log.info("imported %s into the state database", old_registry.name)
+    if old_evals.is_file():
+        with sqlite3.connect(old_evals) as old:
+            import_sqlite(engine, old)
+        os.replace(old_evals, old_evals.with_name("evals.sqlite.imported"))
+        log.info("imported %s into the state database", old_evals.name)

@@ -1,0 +1,202 @@
+"""Several gateways on one state database (a real PostgreSQL) and one artifact store (a real
+S3-compatible server, moto): each gateway with engines of its own (mock engines: what is tested is
+the state, not the weights), every registration and eval seen by all of them; kill -9 of a gateway
+and of the database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loaders.engine import free_port
+from loaders.mock_engine import weights_tag
+from tests.server.conftest import ADMIN, start_gateway, stop_gateway, wait_healthy
+from tests.server.test_faults import _mock
+
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+POLL = 0.5  # --state-poll-seconds of these gateways
+LEASE = 3.0  # their eval runs' lease (DELTAGATE_RUN_LEASE_SECONDS)
+
+
+@dataclass
+class Front:
+    """One gateway process and what restarts it."""
+
+    url: str
+    proc: object
+    args: list
+    work: Path
+    port: int
+
+    def restart(self) -> None:
+        self.proc = start_gateway(self.args, self.work / "state", self.port, self.work / "gateway.log",
+                                  env={"DELTAGATE_RUN_LEASE_SECONDS": str(LEASE)})  # fmt: skip
+        wait_healthy(self.url, self.proc, self.work / "gateway.log", timeout=120)
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fronts(tied, postgres, s3_server, tmp_path_factory):
+    """Gateways A and B, each attached to its own mock engine, sharing PostgreSQL and the S3 store."""
+    engines, fronts = [], []
+    try:
+        for name in ("a", "b"):
+            work = tmp_path_factory.mktemp(f"front-{name}")
+            engine, engine_url = _mock(work, 50)
+            engines.append(engine)
+            port = free_port()
+            args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={engine_url}",
+                    "--state-db", postgres.url, "--state-poll-seconds", str(POLL),
+                    "--artifact-store", f"s3://{s3_server.bucket}/shared"]  # fmt: skip
+            front = Front(f"http://127.0.0.1:{port}", None, args, work, port)
+            front.restart()
+            fronts.append(front)
+        yield fronts
+    finally:
+        for front in fronts:
+            stop_gateway(front.proc)
+        for engine in engines:
+            stop_gateway(engine)
+
+
+def _complete(front: Front, model: str) -> httpx.Response:
+    return httpx.post(f"{front.url}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2},
+                      timeout=30)  # fmt: skip
+
+
+def _models(front: Front) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{front.url}/v1/models").json()["data"]}
+
+
+def test_what_one_gateway_registers_every_gateway_serves(fronts, tied):
+    a, b = fronts
+    r = httpx.post(f"{a.url}/v1/deltas?name=shared-d", content=tied.delta.read_bytes(), timeout=60,
+                   headers={**AUTH, "Content-Type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert r.json()["path"].startswith("s3://")  # uploaded through A, in the store B reads
+    body = {"name": "shared-inst", "base": "pico", "deltas": [{"delta": "shared-d", "alpha": 1.0}]}
+    assert httpx.post(f"{a.url}/v1/variants", json=body, headers=AUTH).status_code == 201
+    # B learns of it when a request names it (pull), then serves it on its own engine
+    answer_b, answer_a = _complete(b, "shared-inst"), _complete(a, "shared-inst")
+    assert answer_b.status_code == 200, answer_b.text
+    assert answer_b.json()["model"] == "shared-inst"
+    assert answer_b.json()["choices"][0]["text"] == answer_a.json()["choices"][0]["text"]
+    assert answer_b.json()["choices"][0]["text"].strip().split()[0] != weights_tag(None)  # not the base
+    assert "shared-inst" in _models(b)
+
+
+def test_a_deletion_is_seen_by_the_others_within_the_poll(fronts, tied):
+    a, b = fronts
+    body = {"name": "short-lived", "base": "pico", "deltas": [{"delta": "shared-d", "alpha": 0.5}]}
+    assert httpx.post(f"{b.url}/v1/variants", json=body, headers=AUTH).status_code == 201
+    assert _complete(a, "short-lived").status_code == 200
+    assert httpx.delete(f"{b.url}/v1/variants/short-lived", headers=AUTH).status_code == 204
+    gone = time.monotonic()
+    while _complete(a, "short-lived").status_code != 404:
+        assert time.monotonic() - gone < 4 * POLL + 2, "A still serves a variant B deleted"
+        time.sleep(0.05)
+    assert "short-lived" not in _models(a)
+
+
+def test_concurrent_writes_through_both_gateways_lose_nothing(fronts):
+    a, b = fronts
+    codes: dict[str, list[int]] = {"same": [], "distinct": []}
+
+    def define(front: Front, name: str, kind: str) -> None:
+        body = {"name": name, "base": "pico", "deltas": [{"delta": "shared-d", "alpha": 0.25}]}
+        r = httpx.post(f"{front.url}/v1/variants", json=body, headers=AUTH, timeout=30)
+        codes[kind].append(r.status_code)
+
+    threads = [threading.Thread(target=define, args=(f, "contested", "same")) for f in (a, b, a, b)]
+    threads += [threading.Thread(target=define, args=(f, f"mine-{i}", "distinct"))
+                for i, f in enumerate([a, b] * 6)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes["same"]) == [201, 409, 409, 409]  # one name, one winner
+    assert codes["distinct"] == [201] * 12  # compare-and-swap retried: no write lost
+    for front in (a, b):
+        time.sleep(2 * POLL)
+        assert {f"mine-{i}" for i in range(12)} | {"contested"} <= _models(front)
+
+
+def _eval_and_run(front: Front, items: int, max_tokens: int) -> tuple[str, str]:
+    content = "\n".join(f'{{"q": "{i}"}}' for i in range(items))
+    ev = httpx.post(f"{front.url}/v1/evals", headers=AUTH, json={
+        "name": "shared", "data_source": {"type": "jsonl", "content": content}, "prompt": "{{item.q}}",
+        "endpoint": "completions", "testing_criteria": [{"type": "string_check", "name": "w",
+        "input": "{{sample.output_text}}", "reference": "w", "operation": "like"}]}).json()  # fmt: skip
+    run = httpx.post(f"{front.url}/v1/evals/{ev['id']}/runs", headers=AUTH,
+                     json={"variants": ["shared-inst"], "max_tokens": max_tokens, "concurrency": 1}).json()
+    return ev["id"], run["id"]
+
+
+def _run(front: Front, eval_id: str, run_id: str) -> dict:
+    return httpx.get(f"{front.url}/v1/evals/{eval_id}/runs/{run_id}", headers=AUTH).json()
+
+
+def test_an_eval_run_is_seen_and_canceled_through_another_gateway(fronts):
+    a, b = fronts
+    eval_id, run_id = _eval_and_run(a, 40, 10)  # 0.2 s an item on a 50 tok/s mock
+    deadline = time.monotonic() + 30
+    while _run(b, eval_id, run_id)["progress"]["done"] < 2:  # B reads A's progress
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert httpx.post(f"{b.url}/v1/evals/{eval_id}/runs/{run_id}/cancel", headers=AUTH).status_code == 200
+    time.sleep(LEASE)  # A notices at its next renewal (a third of a lease)
+    done = _run(a, eval_id, run_id)["progress"]["done"]
+    time.sleep(1)
+    run = _run(a, eval_id, run_id)
+    assert run["status"] == "canceled" and run["progress"]["done"] == done < 40
+
+
+def test_a_run_whose_gateway_is_killed_is_finished_by_another(fronts):
+    a, b = fronts
+    eval_id, run_id = _eval_and_run(a, 20, 10)
+    deadline = time.monotonic() + 30
+    while _run(b, eval_id, run_id)["progress"]["done"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    a.kill9()
+    try:
+        deadline = time.monotonic() + LEASE * 3 + 30
+        while (run := _run(b, eval_id, run_id))["status"] != "completed":
+            assert run["status"] in ("queued", "in_progress") and time.monotonic() < deadline, run
+            time.sleep(0.2)
+        assert run["progress"] == {"done": 20, "total": 20} and run["result_counts"]["passed"] == 20
+        items = httpx.get(f"{b.url}/v1/evals/{eval_id}/runs/{run_id}/output_items", headers=AUTH,
+                          params={"limit": 100}).json()["data"]  # fmt: skip
+        assert len(items) == 20  # taken over where A stopped, nothing graded twice
+    finally:
+        a.restart()
+    assert "shared-inst" in _models(a)  # a restarted gateway has everything registered
+
+
+def test_the_database_killed_keeps_serving_and_refuses_writes_clearly(fronts, postgres):
+    a, b = fronts
+    postgres.kill()
+    try:
+        assert _complete(a, "shared-inst").status_code == 200  # what is known keeps serving
+        body = {"name": "during-outage", "base": "pico", "deltas": [{"delta": "shared-d"}]}
+        r = httpx.post(f"{b.url}/v1/variants", json=body, headers=AUTH, timeout=30)
+        assert r.status_code == 503 and r.headers["Retry-After"], r.text
+        message = r.json()["error"]["message"]
+        assert "state database" in message and "password" not in message
+    finally:
+        postgres.start()
+    deadline = time.monotonic() + 30
+    while httpx.post(f"{b.url}/v1/variants", json=body, headers=AUTH, timeout=30).status_code != 201:
+        assert time.monotonic() < deadline, "writes did not come back with the database"
+        time.sleep(0.5)
+    assert _complete(a, "during-outage").status_code == 200
