@@ -142,6 +142,7 @@ class Registry:
 
     def _change(self, change: Callable[[RegistryState], T]) -> T:
         """Apply `change` to a copy of the latest state and write it unless another writer was first."""
+        self.refresh()  # start from what other gateways wrote (one read of the version when shared)
         for _ in range(ATTEMPTS):
             state = self.state.model_copy(deep=True)
             result = change(state)  # raises (404, 409) before anything is written
@@ -167,13 +168,12 @@ class Registry:
 
     def remove_base(self, name: str) -> BaseRecord:
         def change(state: RegistryState) -> BaseRecord:
-            _get(state.bases, name, f"unknown base {name!r}")
+            _get(state.bases, name, f"unknown base {name!r}; known: {sorted(state.bases)}")
             users = [v.name for v in state.variants.values() if v.base == name]
             if users:
                 raise ConflictError(f"base {name!r} is used by variants {users}; delete them first")
             return state.bases.pop(name)
 
-        self.base(name)  # a 404 naming the known ones
         return self._change(change)
 
     def base(self, name: str) -> BaseRecord:
@@ -203,7 +203,6 @@ class Registry:
                 raise ConflictError(f"delta {name!r} is used by variants {users}; delete them first")
             return state.deltas.pop(name)
 
-        self.delta(name)
         return self._change(change)
 
     # variants ----------------------------------------------------------
@@ -230,9 +229,6 @@ class Registry:
             _get(state.variants, name, f"unknown variant {name!r}")
             del state.variants[name]
 
-        if name not in self.state.variants:
-            self.refresh()
-        _get(self.state.variants, name, f"unknown variant {name!r}")
         self._change(change)
 
     def model_names(self) -> list[str]:

@@ -165,7 +165,6 @@ class EngineHost:
         self.id = f"{base.name}@{context.replica_id.unique_id}"
         self.entry = {"engine": base.name, "node": ray.get_runtime_context().get_node_id()}
         self.directory = directory()
-        self.gateway = f"{socket.gethostname()}:{settings.state_dir.resolve()}"  # same after a restart
         self.leaving = False
         cores = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         log.info("replica %s: engine for %s on cores %s", self.id, base.name, cores)
