@@ -1,10 +1,14 @@
 """What one vLLM engine start costs: wall time to /health and CPU seconds per process (API server,
-EngineCore, worker), with vLLM's AOT compile cache on and off, alternated.
+EngineCore, worker), for a few engine configurations alternated: as deltagate starts engines
+(AOT compile cache off), with the AOT cache on, and with --enforce-eager (no torch.compile, no
+CUDA graphs).
 
 The test suite's time is mostly engine starts (make test); this is the figure to move. Run on an idle
 machine:
 
     .venv/bin/python bench/engine_start.py [--model DIR] [--repeats 2]
+
+Configs: --configs default,eager,inproc-worker (see CONFIGS).
 
 Without --model a pico checkpoint is generated (loaders/pico.py).
 """
@@ -24,12 +28,24 @@ import psutil
 
 from loaders.engine import EngineSpec, engine_command, free_port
 
+INPROC = {"VLLM_USE_AOT_COMPILE": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+CONFIGS = {  # name -> (environment, extra engine args)
+    "default": ({"VLLM_USE_AOT_COMPILE": "0"}, ()),
+    "aot": ({"VLLM_USE_AOT_COMPILE": "1"}, ()),
+    "eager": ({"VLLM_USE_AOT_COMPILE": "0"}, ("--enforce-eager",)),
+    # the worker in the EngineCore process (vLLM's CPU build otherwise spawns a process for it)
+    "inproc-worker": (INPROC, ()),
+    "inproc-eager": (INPROC, ("--enforce-eager",)),
+}
 
-def start_once(model: Path, aot: bool, log: Path) -> dict:
+
+def start_once(model: Path, config: str, log: Path) -> dict:
     """Start stock vLLM on `model` and stop it once healthy: wall seconds and CPU seconds by process."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_AOT_COMPILE": "1" if aot else "0"}
+    config_env, extra = CONFIGS[config]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **config_env}
     port = free_port()
-    cmd = engine_command(EngineSpec(model=str(model), served_name="ref", max_model_len=512), port, False)
+    spec = EngineSpec(model=str(model), served_name="ref", max_model_len=512, extra_args=extra)
+    cmd = engine_command(spec, port, False)
     began = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     leader, cpu, role = psutil.Process(proc.pid), {}, {}
@@ -64,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a checkpoint dir (default: a generated pico model)")
     parser.add_argument("--repeats", type=int, default=2)
+    known = ", ".join(CONFIGS)
+    parser.add_argument("--configs", default="default,inproc-worker", help=f"comma-separated, of {known}")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="engine-start-"))
     model = args.model
@@ -71,14 +89,17 @@ def main() -> None:
         from loaders.pico import PicoSpec, make_pico_base
 
         model = make_pico_base(work / "pico", PicoSpec(tie_word_embeddings=True), seed=0)
-    start_once(model, aot=False, log=work / "warm.log")  # fills the compile caches: not counted
-    print("aot  repeat  wall_s  cpu_s  api_server_cpu_s  engine_core_and_worker_cpu_s", flush=True)
+    configs = args.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    start_once(model, "default", log=work / "warm.log")  # fills the compile caches: not counted
+    print("config   repeat  wall_s  cpu_s  api_server_cpu_s  engine_core_and_worker_cpu_s", flush=True)
     for repeat in range(args.repeats):
-        for aot in (True, False):  # alternated, so drift hits both alike
-            r = start_once(model, aot, work / f"aot{int(aot)}-{repeat}.log")
+        for config in configs:  # alternated, so drift hits all alike
+            r = start_once(model, config, work / f"{config}-{repeat}.log")
             spawned = " ".join(f"{c:.1f}" for c in r["spawned"])
-            aot_s = 'on' if aot else 'off'
-            row = f"{aot_s:4} {repeat:6d}  {r['wall']:6.1f}  {r['cpu']:5.1f}  {r['api']:16.1f}"
+            row = f"{config:8} {repeat:6d}  {r['wall']:6.1f}  {r['cpu']:5.1f}  {r['api']:16.1f}"
             print(f"{row}  {spawned}", flush=True)
     print(f"logs: {work}", file=sys.stderr)
 

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Every vLLM engine of the suite (the stock references and the gateways' own alike: they inherit
+# this) runs its model worker inside its EngineCore process. vLLM's CPU build otherwise spawns a
+# third process per engine, which imports vLLM once more: 46 against 64 CPU-seconds per start
+# (bench/engine_start.py --configs inproc-worker,default), and the suite is made of engine starts.
+# Both sides of every comparison run the same way, one torch thread each; `make serve` and the
+# benchmarks keep vLLM's default. TP engines (world size 2) keep their worker processes.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from loaders.pico import PicoSpec, make_pico_base, make_pico_post
 
@@ -299,6 +308,11 @@ class Postgres:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"postgres did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.2)
+
+    def database(self, name: str) -> str:
+        """A new, empty database on this server: its URL (each test module its own state)."""
+        self._as_postgres(self.bin / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "deltagate", name)
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def kill(self) -> None:
         """kill -9 the server and every backend it forked."""

@@ -7,6 +7,10 @@ engine and sends each request to the engine it admitted it on, directly (the dat
 passes through Ray. Replicas announce themselves in a named actor (the directory); the gateway
 reads it every second and when a request finds an engine dead.
 
+Several gateways share one cluster (and, with --state-db, one state): each runs Serve applications
+of its own, named after it, and admits requests on its own engines only, since a gateway swaps the
+weights of the engines it admits requests on and two would swap them under each other's requests.
+
 What the gateway needs of a node: the base checkpoints at the same path, and the artifact store
 (deltas/store.py) reachable. Registry, evals, uploads and the admin token stay with the gateway.
 """
@@ -14,12 +18,14 @@ What the gateway needs of a node: the base checkpoints at the same path, and the
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
 import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +58,18 @@ class Directory:
     def __init__(self) -> None:
         self.engines: dict[str, dict] = {}
         self.started = time.time()
-        self.gateway: tuple[str, float] = ("", 0.0)  # the gateway driving the engines, last heard
+        self.gateways: dict[str, tuple[str, float]] = {}  # gateway -> (its running instance, last heard)
 
-    def drive(self, gateway: str) -> str | None:
-        """`gateway` drives the engines from now (a heartbeat); None, or the other gateway that does
-        (heard from within HEARTBEAT_STALE): one gateway at a time, since each one swaps the weights
-        of the engines it admits requests on and two would swap them under each other's requests."""
+    def drive(self, gateway: str, instance: str) -> bool:
+        """A heartbeat of `instance` of `gateway` (the process running it now); False while another
+        instance of the same gateway was heard from within HEARTBEAT_STALE: two processes on one
+        gateway's applications would swap its engines under each other's requests."""
         now = time.time()
-        current, seen = self.gateway
-        if current and current != gateway and now - seen < HEARTBEAT_STALE:
-            return current
-        self.gateway = (gateway, now)
-        return None
+        current, seen = self.gateways.get(gateway, ("", 0.0))
+        if current and current != instance and now - seen < HEARTBEAT_STALE:
+            return False
+        self.gateways[gateway] = (instance, now)
+        return True
 
     def pid(self) -> int:
         return os.getpid()
@@ -163,7 +169,8 @@ class EngineHost:
         spec = managed_spec(settings, base, logs / "engine", local_settings.engine_env(), host)
         self.proc = EngineProcess(spec)
         self.id = f"{base.name}@{context.replica_id.unique_id}"
-        self.entry = {"engine": base.name, "node": ray.get_runtime_context().get_node_id()}
+        node = ray.get_runtime_context().get_node_id()
+        self.entry = {"engine": base.name, "app": context.app_name, "node": node}
         self.directory = directory()
         self.leaving = False
         cores = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
@@ -226,16 +233,19 @@ class RayPool(EnginePool):
         self.scaling = scaling
         self.directory = directory()
         self.gateway = f"{socket.gethostname()}:{settings.state_dir.resolve()}"  # same after a restart
+        self.instance = uuid.uuid4().hex
+        # This gateway's applications (and its engines' pid files on every node) start with this.
+        self.prefix = f"deltagate-engines-{hashlib.sha256(self.gateway.encode()).hexdigest()[:8]}-"
         self._apps: dict[str, str] = {}  # base -> its Serve application
         self._up: dict[str, Endpoint] = {}
         self._dead: set[str] = set()  # found dead by a request, before the directory says so
         self._reader: asyncio.Task | None = None
 
     def app_name(self, base: str) -> str:
-        return f"deltagate-engines-{base.replace('/', '-')}"
+        return self.prefix + base.replace("/", "-")
 
     async def start(self, bases: list[BaseRecord], on_dead: OnDead) -> None:
-        await self._drive()
+        await self._drive(wait=HEARTBEAT_STALE + 1.0)
         await asyncio.gather(*(self._deploy(b) for b in bases))
         await self._read()
         self._reader = asyncio.create_task(self._follow())
@@ -271,7 +281,7 @@ class RayPool(EnginePool):
         up = {
             id: Endpoint(id, e["engine"], e["url"], e.get("pid"), e.get("node", ""))
             for id, e in listed.items()
-            if id not in self._dead and e["engine"] in self._apps
+            if id not in self._dead and e.get("app") in self._apps.values()  # this gateway's only
         }
         if time.time() - answer["started"] < REFILL_SECONDS:  # a restarted directory, still refilling:
             up = {**{i: e for i, e in self._up.items() if i not in self._dead}, **up}  # keep what we knew
@@ -280,14 +290,17 @@ class RayPool(EnginePool):
             self.changed.set()
         self._up = up
 
-    async def _drive(self) -> None:
-        """Claim the cluster's engines for this gateway (the same host and state dir after a restart)."""
-        other = await self.directory.drive.remote(self.gateway)
-        if other is not None:
-            raise BadRequestError(
-                f"another gateway ({other}) drives the engines of this Ray cluster; one gateway per "
-                "cluster (several would swap the engines' weights under each other's requests)"
-            )
+    async def _drive(self, wait: float = 0.0) -> None:
+        """Heartbeat this process as the one running this gateway (host and state dir). At start it
+        waits out a predecessor's last heartbeat (one killed a moment ago); a running one refuses."""
+        give_up = time.monotonic() + wait
+        while not await self.directory.drive.remote(self.gateway, self.instance):
+            if time.monotonic() > give_up:
+                raise BadRequestError(
+                    f"another deltagate process runs gateway {self.gateway} on this Ray cluster; "
+                    "give each gateway a state dir of its own (--state-dir)"
+                )
+            await asyncio.sleep(1.0)
 
     async def _follow(self) -> None:
         while True:

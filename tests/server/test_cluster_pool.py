@@ -1,6 +1,6 @@
 """Ray's control plane with mock engines (the mechanics; tests/server/test_cluster.py serves real vLLM
 engines on Ray): engines that follow load (`--max-replicas`), a base that gets a deployment of its
-own, one gateway per cluster. A local Ray, started by each gateway."""
+own, a second gateway sharing the cluster and the state. A local Ray, started by each gateway."""
 
 from __future__ import annotations
 
@@ -107,13 +107,16 @@ def test_engines_follow_load_up_and_down_and_a_new_one_serves_every_variant(tied
         stop_gateway(proc)
 
 
-def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_path):
+def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_path, postgres, s3_server):
     """Several bases on one cluster: a runtime base no running engine fits gets a Ray application of
-    its own (its own replicas); deleting it deletes the application and stops its engines."""
+    its own (its own replicas); deleting it deletes the application and stops its engines. A second
+    gateway on the cluster and the state (PostgreSQL, S3) gets engines of its own."""
     wide = make_pico_base(tmp_path / "wide", PicoSpec(intermediate_size=384), seed=7)
     port = free_port()
     url, log = f"http://127.0.0.1:{port}", tmp_path / "gateway.log"
-    args = ["--ray", "--replicas", "1", "--mock-engine", "0", "--base", f"mock={tied.base}"]
+    shared = ["--state-db", postgres.database("ray_pool"), "--state-poll-seconds", "0.5",
+              "--artifact-store", f"s3://{s3_server.bucket}/ray-pool"]  # fmt: skip
+    args = ["--ray", "--replicas", "1", "--mock-engine", "0", "--base", f"mock={tied.base}", *shared]
     proc = start_gateway(args, tmp_path / "state", port, log)
     try:
         wait_healthy(url, proc, log, timeout=300)
@@ -129,7 +132,7 @@ def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_p
         wide_engine, word = _word(url, "wide")
         assert wide_engine.startswith("wide@") and word.strip() == "wbase"  # its plain base
         assert _word(url, "mock")[0].startswith("mock@")
-        _a_second_gateway_is_refused(tied, tmp_path, url)
+        _a_second_gateway_has_engines_of_its_own(tied, tmp_path, url, shared)
         _kill_the_directory(url, {e["id"] for e in engines})
         pid = next(e["pid"] for e in engines if e["base"] == "wide")
         assert httpx.delete(f"{url}/v1/bases/wide", headers=HEADERS, timeout=120).status_code == 204
@@ -144,22 +147,48 @@ def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_p
         stop_gateway(proc)
 
 
-def _a_second_gateway_is_refused(tied, tmp_path, url: str) -> None:
-    """Another gateway (its own state dir) on the same cluster exits with one clear line, and the
-    first keeps serving: two would swap the engines' weights under each other's requests."""
+def _a_second_gateway_has_engines_of_its_own(tied, tmp_path, url: str, shared: list[str]) -> None:
+    """Gateway B (its own state dir) on the same cluster and state: B runs its own engines, serves what
+    was registered through A (the runtime base too) and A what was registered through B, each on its
+    own engines (two gateways would swap one engine's weights under each other's requests); a second
+    process on A's state dir is refused; B's graceful stop takes its engines only."""
     import subprocess
 
-    other = tmp_path / "other"
+    theirs = set(_engines(url))
+    other, port = tmp_path / "other", free_port()
     other.mkdir()
-    args = ["--ray", "--ray-address", "auto", "--mock-engine", "0", "--base", f"mock={tied.base}"]
-    proc = start_gateway(args, other / "state", free_port(), other / "gateway.log")
+    b, b_log = f"http://127.0.0.1:{port}", other / "gateway.log"
+    args = ["--ray", "--ray-address", "auto", "--replicas", "1", "--mock-engine", "0",
+            "--base", f"mock={tied.base}", *shared]  # fmt: skip
+    proc = start_gateway(args, other / "state", port, b_log)
     try:
-        assert proc.wait(timeout=120) != 0
-    except subprocess.TimeoutExpired:
+        wait_healthy(b, proc, b_log, timeout=300)
+        deadline = time.monotonic() + 120
+        while sorted(e.split("@")[0] for e in _engines(b)) != ["mock", "wide"]:  # its own "wide" too
+            assert time.monotonic() < deadline, _engines(b)
+            time.sleep(0.5)
+        ours = set(_engines(b))
+        assert not ours & theirs and set(_engines(url)) == theirs
+        engine, word = _word(b, "wide")
+        assert engine in ours and engine.startswith("wide@") and word.strip() == "wbase"
+        r = httpx.post(f"{b}/v1/deltas", json={"name": "d-b", "path": str(tied.delta)}, headers=HEADERS)
+        assert r.status_code == 201, r.text
+        body = {"name": "mock-b", "base": "mock", "deltas": [{"delta": "d-b"}]}
+        assert httpx.post(f"{b}/v1/variants", json=body, headers=HEADERS).status_code == 201
+        served_a, served_b = _word(url, "mock-b"), _word(b, "mock-b")
+        assert served_a[0] in theirs and served_b[0] in ours
+        assert served_a[1] == served_b[1] and served_a[1].strip() != "wbase"  # one variant, on each's engine
+        twin = start_gateway(args, tmp_path / "state", free_port(), other / "twin.log")
+        try:
+            assert twin.wait(timeout=120) != 0
+        except subprocess.TimeoutExpired:
+            stop_gateway(twin)
+            raise
+        assert "another deltagate process runs gateway" in (other / "twin.log").read_text()
+    finally:
         stop_gateway(proc)
-        raise
-    assert "another gateway" in (other / "gateway.log").read_text()
-    assert _word(url, "mock")[0].startswith("mock@")
+    assert set(_engines(url)) == theirs
+    assert _word(url, "mock")[0] in theirs
 
 
 def _kill_the_directory(url: str, engines: set[str]) -> None:
