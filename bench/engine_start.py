@@ -1,14 +1,12 @@
 """What one vLLM engine start costs: wall time to /health and CPU seconds per process (API server,
-EngineCore, worker), for a few engine configurations alternated: as deltagate starts engines
-(AOT compile cache off), with the AOT cache on, and with --enforce-eager (no torch.compile, no
-CUDA graphs).
+EngineCore, worker), for a few engine configurations alternated (CONFIGS): as deltagate starts
+engines (AOT compile cache off), with the AOT cache on, with --enforce-eager (no torch.compile, no
+CUDA graphs), and with the worker inside the EngineCore process (as the test suite runs them).
 
 The test suite's time is mostly engine starts (make test); this is the figure to move. Run on an idle
 machine:
 
-    .venv/bin/python bench/engine_start.py [--model DIR] [--repeats 2]
-
-Configs: --configs default,eager,inproc-worker (see CONFIGS).
+    .venv/bin/python bench/engine_start.py [--model DIR] [--repeats 2] [--configs default,inproc-worker]
 
 Without --model a pico checkpoint is generated (loaders/pico.py).
 """
@@ -83,23 +81,23 @@ def main() -> None:
     known = ", ".join(CONFIGS)
     parser.add_argument("--configs", default="default,inproc-worker", help=f"comma-separated, of {known}")
     args = parser.parse_args()
+    configs = args.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {known}")
     work = Path(tempfile.mkdtemp(prefix="engine-start-"))
     model = args.model
     if model is None:
         from loaders.pico import PicoSpec, make_pico_base
 
         model = make_pico_base(work / "pico", PicoSpec(tie_word_embeddings=True), seed=0)
-    configs = args.configs.split(",")
-    unknown = sorted(set(configs) - set(CONFIGS))
-    if unknown:
-        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     start_once(model, "default", log=work / "warm.log")  # fills the compile caches: not counted
-    print("config   repeat  wall_s  cpu_s  api_server_cpu_s  engine_core_and_worker_cpu_s", flush=True)
+    print(f"{'config':13} repeat  wall_s  cpu_s  api_server_cpu_s  engine_core_and_worker_cpu_s", flush=True)
     for repeat in range(args.repeats):
         for config in configs:  # alternated, so drift hits all alike
             r = start_once(model, config, work / f"{config}-{repeat}.log")
             spawned = " ".join(f"{c:.1f}" for c in r["spawned"])
-            row = f"{config:8} {repeat:6d}  {r['wall']:6.1f}  {r['cpu']:5.1f}  {r['api']:16.1f}"
+            row = f"{config:13} {repeat:6d}  {r['wall']:6.1f}  {r['cpu']:5.1f}  {r['api']:16.1f}"
             print(f"{row}  {spawned}", flush=True)
     print(f"logs: {work}", file=sys.stderr)
 

@@ -52,9 +52,10 @@ def serve_on_ray(
         ray.init(address=address, namespace="deltagate")
     else:  # a local instance: no dashboard (it costs memory and CPU on small machines)
         ray.init(include_dashboard=False, namespace="deltagate")
-    pool = RayPool(settings, scaling)
+    pool: RayPool | None = None
     try:
         serve.start(proxy_location="Disabled")  # no Ray HTTP proxy: the gateway talks to engines itself
+        pool = RayPool(settings, scaling)
         log.info("deltagate on Ray (%s); the gateway listens on %s:%d", scaling, host, port)
         uvicorn.run(create_app(settings, pool), host=host, port=port, log_level="info", access_log=access_log)
     finally:
@@ -67,6 +68,6 @@ def serve_on_ray(
         from loaders.engine import kill_stale_engine
         from server.cluster.pool import node_dir
 
-        for pid_file in node_dir().glob(f"{pool.prefix}*/engine.pgid"):
+        for pid_file in node_dir().glob(f"{pool.prefix}*/engine.pgid") if pool else ():
             if killed := kill_stale_engine(pid_file):
                 log.info("stopped %d leftover engine process(es) of %s", killed, pid_file.parent.name)
