@@ -18,6 +18,39 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from loaders.pico import PicoSpec, make_pico_base, make_pico_post
 
+# `make test` runs two pytest-xdist workers (--dist loadgroup): a group's tests run in one worker, in
+# order. Every module that uses the shared stack (the fleet fixture: its gateway or its references)
+# is one group, so the fleet starts once; any other module is a group of its own, run by whichever
+# worker is free. The longest go first, so that the last ones are short (measured alone, 2 cores:
+# the stack ~1150 s, tensor parallel ~200 s, SmolLM2 ~180 s, the Ray pool ~150 s).
+LONGEST_FIRST = ("stack", "test_tensor_parallel", "test_real_model", "test_cluster_pool", "test_faults",
+                 "test_fidelity")  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (it adds them to the test ids)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test with its xdist group, and order the groups longest first (stable within one)."""
+    stack_modules = {item.module.__name__ for item in items if "fleet" in item.fixturenames}
+
+    def group(item) -> str:
+        module = item.module.__name__
+        return "stack" if module in stack_modules else module.rsplit(".", 1)[-1]
+
+    groups = {item.nodeid: group(item) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
+
+
+def pytest_configure(config) -> None:
+    """Refuse a pytest whose test ids xdist cannot group: each worker would start the fleet of its
+    own (twice the engines: more memory than this machine has)."""
+    version = tuple(map(int, pytest.__version__.split(".")[:2]))
+    if config.getvalue("dist") == "loadgroup" and version >= (9, 2):
+        raise pytest.UsageError(f"pytest {pytest.__version__}: pytest-xdist 3.8 cannot group tests on pytest "
+                                ">= 9.2 (--dist loadgroup); install the versions pyproject.toml pins")
+
 
 @dataclass(frozen=True)
 class PicoFamily:

@@ -21,6 +21,21 @@ HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 TOKENS_PER_SECOND = 20.0
 
 
+@pytest.fixture(autouse=True)
+def _a_ray_of_its_own(monkeypatch):
+    """Each test's Ray in a temp dir of its own (RAY_TMPDIR, inherited by the gateways): `ray.init()`
+    and `--ray-address auto` find the cluster started last through that dir, and another test
+    process may be running a Ray cluster of its own (make test runs two). Short: Ray's socket paths
+    must stay under 108 characters."""
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="dg-ray-")
+    monkeypatch.setenv("RAY_TMPDIR", root)
+    yield
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def _engines(url: str) -> list[str]:
     r = httpx.get(f"{url}/v1/engines", headers=HEADERS, timeout=30)
     r.raise_for_status()

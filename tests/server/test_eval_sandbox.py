@@ -28,8 +28,20 @@ def _needs_sandbox():
 
 
 def _nobody_processes() -> list[psutil.Process]:
+    """Processes of user nobody left by this test process's sandboxes: its descendants, and orphans
+    (adopted by init). Another test process's sandboxes, running meanwhile, are neither."""
+    me = os.getpid()
+
+    def ours(p: psutil.Process) -> bool:
+        try:
+            return p.ppid() == 1 or any(a.pid == me for a in p.parents())
+        except psutil.NoSuchProcess:
+            return False
+
     return [
-        p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == sandbox.NOBODY
+        p
+        for p in psutil.process_iter(["uids"])
+        if p.info["uids"] and p.info["uids"].real == sandbox.NOBODY and ours(p)
     ]
 
 

@@ -16,10 +16,10 @@ from tests.server.conftest import PROMPTS, completion_params
 pytestmark = pytest.mark.engine
 
 
-def _engines() -> int:
-    return sum(
-        "vllm.entrypoints" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
-    )
+def _engines(gateway_pid: int) -> int:
+    """The vLLM engines the gateway runs (its children: another test process may run engines too)."""
+    children = psutil.Process(gateway_pid).children()
+    return sum("vllm.entrypoints" in " ".join(p.cmdline()) for p in children if p.is_running())
 
 
 def test_thirty_second_soak(stack, tied, tied_updated):
@@ -28,7 +28,7 @@ def test_thirty_second_soak(stack, tied, tied_updated):
     admin = stack.admin
     actions = [*upload_and_delete(admin, "soak-d", tied.delta, "tied", stack.refs["tied-inst"]),
                *add_and_delete_base(admin, "soak-base", tied_updated, stack.refs["tied-v2"])]  # fmt: skip
-    engines = _engines()
+    engines = _engines(stack.proc.pid)
     run = soak(stack.url, admin, refs, PROMPTS, completion_params, duration=30, streams=16, change_every=6,
                gateway_pid=stack.proc.pid, actions=actions, log=lambda _: None)  # fmt: skip
     result = asyncio.run(run)
@@ -41,6 +41,6 @@ def test_thirty_second_soak(stack, tied, tied_updated):
     # connections to each engine are pooled: a pool grows to the streams sent to that engine at once,
     # and traffic reaches the second engine only in some phases
     assert result.fds_end <= result.fds_after_warmup + 2 * 16, result.line()
-    assert _engines() == engines  # the runtime base was hot-loaded: no engine started or left
+    assert _engines(stack.proc.pid) == engines  # the runtime base was hot-loaded: no engine started or left
     models = {m["id"] for m in httpx.get(stack.url + "/v1/models").json()["data"]}
     assert not {"soak-d-v", "soak-base"} & models
