@@ -47,7 +47,7 @@ def pytest_configure(config) -> None:
     """Refuse a pytest whose test ids xdist cannot group: each worker would start the fleet of its
     own (twice the engines: more memory than this machine has)."""
     version = tuple(map(int, pytest.__version__.split(".")[:2]))
-    if config.getvalue("dist") == "loadgroup" and version >= (9, 2):
+    if config.getoption("dist", None) == "loadgroup" and version >= (9, 2):  # None: xdist not loaded
         raise pytest.UsageError(f"pytest {pytest.__version__}: pytest-xdist 3.8 cannot group tests on pytest "
                                 ">= 9.2 (--dist loadgroup); install the versions pyproject.toml pins")
 
