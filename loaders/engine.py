@@ -23,6 +23,8 @@ import httpx
 from deltas.recipe import Recipe
 
 EXTENSION_CLS = "loaders.worker_extension.DeltaWorkerExtension"
+# The variant's chat template on /v1/responses and /v1/messages (vLLM takes one on chat only).
+CHAT_MIDDLEWARE = "loaders.engine_chat.VariantChatMiddleware"
 
 
 class EngineError(Exception):
@@ -105,8 +107,24 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
     if dtype and "--dtype" not in spec.extra_args:
         cmd += ["--dtype", dtype]
     if with_extension:
-        cmd += ["--worker-extension-cls", EXTENSION_CLS]
+        cmd += ["--worker-extension-cls", EXTENSION_CLS, "--middleware", CHAT_MIDDLEWARE]
     return cmd + list(spec.extra_args)
+
+
+@functools.cache
+def tool_parser_names() -> frozenset[str]:
+    """The tool-call parsers the installed vLLM has (imports vLLM: seconds, so only when one is asked for)."""
+    from vllm.tool_parsers import ToolParserManager
+
+    return frozenset(ToolParserManager.lazy_parsers) | frozenset(ToolParserManager.tool_parsers)
+
+
+def check_tool_parser(name: str | None) -> str | None:
+    """`name` if vLLM has such a tool-call parser; ValueError listing them if not."""
+    if name is not None and name not in tool_parser_names():
+        known = ", ".join(sorted(tool_parser_names()))
+        raise ValueError(f"unknown tool-call parser {name!r}; vLLM has: {known}")
+    return name
 
 
 @functools.cache
@@ -285,6 +303,18 @@ class EngineClient:
         self.read_timeout = read_timeout  # the relay gives up on an engine silent this long in an answer
         self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
         self._relay: aiohttp.ClientSession | None = None
+        self.variant_chat = False  # has loaders/engine_chat.py: templates on Responses and Messages
+
+    async def probe_variant_chat(self) -> bool:
+        """Whether the engine takes a variant's chat template on /v1/responses and /v1/messages
+        (its API server runs loaders/engine_chat.py; an engine started by hand may not)."""
+        from loaders.engine_chat import PROBE
+
+        try:
+            self.variant_chat = (await self.http.get(PROBE, timeout=10)).status_code == 200
+        except httpx.HTTPError:
+            self.variant_chat = False
+        return self.variant_chat
 
     @property
     def relay(self) -> aiohttp.ClientSession:

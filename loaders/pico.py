@@ -160,7 +160,10 @@ def make_pico_base(out: Path, spec: PicoSpec = PicoSpec(), seed: int = 0) -> Pat
     return save_checkpoint(out, pico_state_dict(spec, seed))
 
 
+# Renders `tools` as Hermes-style models do (a tool-capable template, for the tool-call tests);
+# without tools it renders what it always has.
 POST_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system: <tools>{{ tools | tojson }}</tools><|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}: "
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}"

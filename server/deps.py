@@ -48,9 +48,19 @@ def check_admin(gateway: Gateway, authorization: str | None) -> None:
         raise UnauthorizedError("admin token missing or wrong: send 'Authorization: Bearer <admin token>'")
 
 
-async def require_api_key(gateway: GatewayDep, creds: Credentials) -> None:
-    """Inference routes need an API key only if the gateway was given some."""
-    check_api_key(gateway, f"Bearer {creds.credentials}" if creds else None)
+async def require_api_key(request: Request, gateway: GatewayDep, _: Credentials) -> None:
+    """Inference routes need an API key only if the gateway was given some (`_`: the scheme, for
+    the OpenAPI schema)."""
+    check_api_key(gateway, credential(request.headers))
+
+
+def credential(headers) -> str | None:
+    """The API key as `Authorization: Bearer <key>`, also when sent as Anthropic clients do
+    (`x-api-key: <key>`)."""
+    if authorization := headers.get("authorization"):
+        return authorization
+    key = headers.get("x-api-key")
+    return f"Bearer {key}" if key else None
 
 
 def check_api_key(gateway: Gateway, authorization: str | None) -> None:
@@ -60,4 +70,6 @@ def check_api_key(gateway: Gateway, authorization: str | None) -> None:
         return
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not _matches(token.strip() or None, keys):
-        raise UnauthorizedError("API key missing or wrong: send 'Authorization: Bearer <key>'")
+        raise UnauthorizedError(
+            "API key missing or wrong: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
+        )

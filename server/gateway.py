@@ -13,7 +13,7 @@ from pathlib import Path
 from deltas.checkpoint import Checkpoint
 from deltas.recipe import Recipe
 from deltas.store import is_uri, use_cache
-from loaders.engine import EngineClient, EngineError
+from loaders.engine import EngineClient, EngineError, check_tool_parser
 from server.adapters import Adapter, AdapterLane
 from server.bases import Provenance, describe_base, place, provenance
 from server.catalog import Catalog, drop_partial_uploads, eos_ids, require_name
@@ -84,6 +84,7 @@ class Gateway:
                 raise BadRequestError(f"base {spec.name!r}: {spec.path} is not a checkpoint dir")
             previous = self.registry.state.bases.get(spec.name)
             record = await asyncio.to_thread(describe_base, spec.name, Path(spec.path).resolve(), previous)
+            record = record.model_copy(update={"tool_parser": spec.tool_parser})
             self.registry.put_base(record)  # the command line wins over a runtime base of that name
         bases = list(self.registry.state.bases.values())
         if not bases:
@@ -176,6 +177,7 @@ class Gateway:
             raise
         if current is not None:
             resident = Recipe.model_validate_json(current)
+        await client.probe_variant_chat()
         on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, name=endpoint.id)
@@ -348,15 +350,22 @@ class Gateway:
         ]
 
     # bases -------------------------------------------------------------
-    async def add_base(self, name: str, path: str) -> BaseRecord:
-        """Check a checkpoint and serve it: hot-loaded by a running engine it fits, else its own."""
+    async def add_base(self, name: str, path: str, tool_parser: str | None = None) -> BaseRecord:
+        """Check a checkpoint and serve it: hot-loaded by a running engine it fits (and whose tool
+        parser is the one asked for), else its own."""
         require_name(name)
         self.catalog.name_free(name)
+        if tool_parser is not None:
+            try:
+                await asyncio.to_thread(check_tool_parser, tool_parser)
+            except ValueError as exc:
+                raise BadRequestError(f"base {name!r}: {exc}") from None
         resolved = Path(path).expanduser().resolve()
         if not (resolved / "config.json").is_file():
             raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
         record = await asyncio.to_thread(describe_base, name, resolved)
-        engines = {e: self.registry.base(e).path for e in self.engines()}
+        engines = {e: self.registry.base(e).path for e in self.engines()
+                   if self.registry.base(e).tool_parser == tool_parser}  # fmt: skip
         host, reasons = await asyncio.to_thread(place, resolved, engines)
         if host is None and not self.pool.can_launch():
             why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())
@@ -365,7 +374,7 @@ class Gateway:
                 f"did not start, so start a vLLM engine for it and pass --base {name}=DIR@URL"
             )
         self.catalog.name_free(name)  # again: another request may have taken it while we read the checkpoint
-        record = record.model_copy(update={"engine": host, "runtime": True})
+        record = record.model_copy(update={"engine": host, "runtime": True, "tool_parser": tool_parser})
         self.registry.put_base(record)
         if host is None:
             log.info("base %s fits no running engine (%s); starting one", name, reasons)

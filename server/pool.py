@@ -60,7 +60,7 @@ def managed_spec(
         host=host,
         max_model_len=settings.max_model_len,
         kv_cache_gib=settings.kv_cache_gib,
-        extra_args=settings.engine_flags(),
+        extra_args=settings.engine_flags(base.tool_parser),
         log_path=stem.parent / f"{stem.name}.log",  # not with_suffix: base names may hold dots
         pid_path=stem.parent / f"{stem.name}.pgid",
         env=tuple(env.items()),

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 from fastapi import Response
 
 from loaders.engine import EngineError
+from loaders.engine_chat import FIELD
 from server.errors import BadRequestError, InvalidBodyError, SwapError, UnavailableError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
@@ -32,17 +34,49 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 UNWATCHED = StallWatch(0)  # for callers that read the stream themselves (evals)
 
 
-def engine_payload(body: InferenceBody, target: Resolved, chat: bool) -> dict:
+@dataclass(frozen=True)
+class Route:
+    """An engine route the relay forwards to, and what its requests can carry."""
+
+    path: str
+    chat: bool  # renders messages with a chat template
+    template: bool  # takes the template as `chat_template` in the request (else: loaders/engine_chat.py)
+    stops: bool  # takes `stop_token_ids`
+    stream_usage: bool  # a stream reports usage only when asked (`stream_options.include_usage`)
+
+
+COMPLETIONS = Route("/v1/completions", chat=False, template=False, stops=True, stream_usage=True)
+CHAT = Route("/v1/chat/completions", chat=True, template=True, stops=True, stream_usage=True)
+RESPONSES = Route("/v1/responses", chat=True, template=False, stops=True, stream_usage=False)
+MESSAGES = Route("/v1/messages", chat=True, template=False, stops=False, stream_usage=False)
+# The tokenizer routes need no stop tokens: `stops` so that they are not sent another way (then dropped).
+COUNT_TOKENS = Route("/v1/messages/count_tokens", chat=True, template=False, stops=True, stream_usage=False)
+TOKENIZE_CHAT = Route("/tokenize", chat=True, template=True, stops=True, stream_usage=False)
+TOKENIZE_TEXT = Route("/tokenize", chat=False, template=False, stops=True, stream_usage=False)
+
+
+def engine_payload(body: InferenceBody, target: Resolved, route: Route) -> dict:
     """The request as the engine must see it: engine model name, the variant's template/stops."""
     payload = body.model_dump()
-    if payload.pop("chat_template", None) is not None:
-        raise BadRequestError("chat_template is set per variant by its artifact; omit it")
+    for field in ("chat_template", FIELD):
+        if payload.pop(field, None) is not None:
+            raise BadRequestError(f"{field} is set per variant by its artifact; omit it")
     payload["model"] = target.engine_model
-    if chat and target.chat_template:
-        payload["chat_template"] = target.chat_template
-    if target.stop_token_ids:
-        stops = list(payload.get("stop_token_ids") or [])
-        payload["stop_token_ids"] = stops + [t for t in target.stop_token_ids if t not in stops]
+    stops = target.stop_token_ids
+    if route.stops and stops:
+        mine = list(payload.get("stop_token_ids") or [])
+        payload["stop_token_ids"] = mine + [t for t in stops if t not in mine]
+    template = target.chat_template if route.chat else None
+    if route.template and template:
+        payload["chat_template"] = template
+    elif template or (stops and not route.stops):  # the engine takes them through loaders/engine_chat.py
+        if target.slot is not None and not target.slot.client.variant_chat:
+            raise BadRequestError(
+                f"{target.variant.name!r} has its own chat template or end-of-turn tokens, and its engine "
+                f"cannot apply them on {route.path} (it was not started by deltagate); "
+                "use /v1/chat/completions"
+            )
+        payload[FIELD] = {"chat_template": template, "stop_token_ids": [] if route.stops else stops}
     return payload
 
 
@@ -54,11 +88,10 @@ def _wants_usage(payload: dict) -> bool:
 async def forward(
     gateway: Gateway,
     metrics: Metrics,
-    endpoint: str,
     body: InferenceBody,
     headers: Mapping[str, str],
+    route: Route,
     *,
-    chat: bool,
     watch: StallWatch = UNWATCHED,
 ) -> Response:
     """Admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
@@ -66,8 +99,9 @@ async def forward(
     target = gateway.resolve(body.model)
     variant, engine = target.variant.name, target.engine
     answers_as = target.engine_model  # the model name in the engine's answers
-    payload = engine_payload(body, target, chat)
-    keep_usage = _wants_usage(payload)
+    endpoint = route.path
+    payload = engine_payload(body, target, route)
+    keep_usage = _wants_usage(payload) or not route.stream_usage
     if body.stream and not keep_usage:  # ask for usage anyway (token metrics); the client won't see it
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
     forwarded = {h: headers[h] for h in TRACE_HEADERS if h in headers}
@@ -175,7 +209,9 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
     request["model"] = request.get("model") or gateway.default_model()
     body = parse_inference_body(json.dumps(request).encode())
     target = gateway.resolve(body.model)
-    payload = engine_payload(body, target, chat="messages" in request)
+    route = TOKENIZE_CHAT if "messages" in request else TOKENIZE_TEXT
+    route = COUNT_TOKENS if endpoint == COUNT_TOKENS.path else route
+    payload = engine_payload(body, target, route)
     payload["model"] = target.engine  # an adapter has its base's tokenizer
     payload.pop("stop_token_ids", None)  # a generation parameter; the tokenizer endpoints refuse it
     payload.pop("stream", None)

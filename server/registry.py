@@ -46,6 +46,7 @@ class BaseRecord(BaseModel):
     content_hash: str = Field("", description="sha256 over its tensors; a delta extracted on it names it")
     vocab_digest: str | None = Field(None, description="sha256 of its tokenizer's token -> id map")
     files: str = Field("", description="size and mtime of its weight files (content_hash is reused)")
+    tool_parser: str | None = Field(None, description="vLLM's tool-call parser its engine runs (None: none)")
 
 
 class DeltaRecord(BaseModel):

@@ -19,8 +19,20 @@ import re
 _EVENT_END = b"\n\n"
 _DATA = b"data: {"
 _USAGE = b'"usage":{'
-# Keys, not text: inside a JSON string these quotes would be escaped.
-_USAGE_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens)":(\d+)')
+# Keys, not text: inside a JSON string these quotes would be escaped. Chat and completions count
+# prompt/completion tokens; Responses and Anthropic Messages input/output tokens.
+_USAGE_COUNTS = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)":(\d+)')
+_AS_OPENAI = {b"input_tokens": "prompt_tokens", b"output_tokens": "completion_tokens"}
+
+
+def usage_counts(raw: bytes) -> dict | None:
+    """{prompt_tokens, completion_tokens} from the usage keys in `raw` (the largest of each: a
+    Messages stream reports output tokens so far in several events)."""
+    counts: dict[str, int] = {}
+    for key, value in _USAGE_COUNTS.findall(raw):
+        name = _AS_OPENAI.get(key) or key.decode()
+        counts[name] = max(counts.get(name, 0), int(value))
+    return counts or None
 
 
 def _model_field(name: str) -> bytes:
@@ -31,8 +43,7 @@ def rewrite_body(raw: bytes, served: str, requested: str) -> tuple[bytes, dict |
     """A complete JSON answer with the client's model name, and its usage counts if any."""
     old = _model_field(served)
     if raw.count(old) == 1:
-        usage = {k.decode(): int(v) for k, v in _USAGE_COUNTS.findall(raw)} or None
-        return raw.replace(old, _model_field(requested)), usage
+        return raw.replace(old, _model_field(requested)), usage_counts(raw)
     try:  # not the engine's compact JSON (or not JSON at all, e.g. a proxy's error page)
         obj = json.loads(raw)
     except ValueError:
@@ -41,7 +52,7 @@ def rewrite_body(raw: bytes, served: str, requested: str) -> tuple[bytes, dict |
         return raw, None
     if "model" in obj:
         obj["model"] = requested
-    return json.dumps(obj).encode(), obj.get("usage")
+    return json.dumps(obj).encode(), usage_counts(raw)
 
 
 class StreamRewriter:
@@ -49,6 +60,7 @@ class StreamRewriter:
 
     def __init__(self, served: str, requested: str, *, keep_usage: bool):
         self._old = _model_field(served)
+        self._old_spaced = b'"model": ' + json.dumps(served).encode()  # another engine's JSON formatting
         self._new = _model_field(requested)
         self._requested = requested
         self._keep_usage = keep_usage
@@ -75,15 +87,17 @@ class StreamRewriter:
         return self._rewrite_event(rest) if rest.strip() else b""
 
     def _take_usage(self, ready: bytes) -> bytes:
-        """Record the usage chunk's counts; drop that chunk if the client did not ask for usage."""
+        """Record the usage counts; drop the usage-only chunk if the client did not ask for usage."""
         events = []
         for event in ready.split(_EVENT_END):
             if not event:
                 continue
-            if _USAGE in event and event.startswith(_DATA):
-                obj = json.loads(event[6:])
-                self.usage = obj.get("usage") or self.usage
-                if not self._keep_usage and not obj.get("choices"):
+            if _USAGE in event:
+                for key, value in (usage_counts(event) or {}).items():
+                    self.usage = self.usage or {}
+                    self.usage[key] = max(self.usage.get(key, 0), value)
+                usage_only = event.startswith(_DATA) and not json.loads(event[6:]).get("choices")
+                if usage_only and not self._keep_usage:
                     continue
             events.append(event + _EVENT_END)
         return b"".join(events)
@@ -92,12 +106,14 @@ class StreamRewriter:
         event = event.strip(b"\n")
         if self._old in event:
             return event.replace(self._old, self._new, 1) + _EVENT_END
-        if event.startswith(_DATA):
+        head, sep, data = event.partition(b"data: ")  # also named events: "event: <type>\ndata: {...}"
+        if sep and data.startswith(b"{") and self._old_spaced in data:
             try:
-                obj = json.loads(event[6:])
+                obj = json.loads(data)
             except ValueError:
                 return event + _EVENT_END
-            if isinstance(obj, dict) and "model" in obj:
-                obj["model"] = self._requested
-            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + _EVENT_END
+            for holder in (obj, obj.get("response"), obj.get("message")):  # Responses, Messages events
+                if isinstance(holder, dict) and "model" in holder:
+                    holder["model"] = self._requested
+            return head + sep + json.dumps(obj, separators=(",", ":")).encode() + _EVENT_END
         return event + _EVENT_END

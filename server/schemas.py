@@ -114,6 +114,9 @@ class BaseCreate(BaseModel):
 
     name: str
     path: str
+    tool_parser: str | None = Field(
+        None, description="vLLM tool-call parser (hermes, llama3_json, ...) of the engine that serves it"
+    )
 
     _check = field_validator("name")(check_name)
 
@@ -121,6 +124,7 @@ class BaseCreate(BaseModel):
 class BasePublic(BaseModel):
     name: str
     path: str
+    tool_parser: str | None = Field(description="the tool-call parser its engine runs (tool_choice 'auto')")
     engine: str = Field(description="the engine serving it: its own (its name) or the one hot-loading it")
     runtime: bool = Field(description="registered through the API; DELETE-able")
     state: Literal["ready", "starting", "no engine"]

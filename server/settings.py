@@ -19,6 +19,7 @@ class BaseSpec(BaseModel):
     name: str
     path: str
     engine_url: str | None = None
+    tool_parser: str | None = None  # vLLM's --tool-call-parser for its engine (tools, tool_choice "auto")
 
 
 class StartupTerm(BaseModel):
@@ -77,13 +78,16 @@ class GatewaySettings(BaseSettings):
     artifact_cache_mib: float = 0.0  # each node's cache of stored artifacts (0: no budget)
     mock_engine_tps: float | None = None  # benches: managed engines are mock engines at this tok/s
 
-    def engine_flags(self) -> tuple[str, ...]:
-        """vLLM flags of managed engines: the operator's, plus multi-LoRA for the adapter lane."""
-        lora = ()
+    def engine_flags(self, tool_parser: str | None = None) -> tuple[str, ...]:
+        """vLLM flags of managed engines: the operator's, multi-LoRA for the adapter lane, and the
+        tool-call parser of the base an engine is started on."""
+        lora = tools = ()
         if self.lora_slots and "--enable-lora" not in self.engine_args:
             lora = ("--enable-lora", "--max-loras", str(self.lora_slots),
                     "--max-lora-rank", str(self.max_lora_rank))  # fmt: skip
-        return (*self.engine_args, *lora)
+        if tool_parser and "--tool-call-parser" not in self.engine_args:
+            tools = ("--enable-auto-tool-choice", "--tool-call-parser", tool_parser)
+        return (*self.engine_args, *lora, *tools)
 
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""

@@ -165,9 +165,11 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
     on the post model."""
     from tests.server import lmeval
     from tests.server.conftest import (
+        TOOL_FLAGS,
         RefJob,
         _merge,
         answers,
+        client_api_answers,
         completion_outputs,
         deltagate,
         launch_stack,
@@ -201,13 +203,17 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
 
         def tied_inst(url: str) -> dict:
             lm = lm_eval("tied-inst")(url)
-            return {**answers(url), "lm-eval": lm, "tokenize": lmeval.tokenized(url, "ref")}
+            apis = client_api_answers(url, "ref", tied.base)
+            return {**answers(url), "lm-eval": lm, "tokenize": lmeval.tokenized(url, "ref"), "apis": apis}
+
+        def tied_base(url: str) -> dict:
+            return {"lm-eval": lm_eval("tied")(url), "apis": client_api_answers(url, "ref", tied.base)}
 
         adapter_args = (*lora, "--max-loras", "1", "--lora-modules", f"lowrank={adapter}")
         mix = [f"{lr}:0.5", f"{lr2}:0.5"]
         jobs = [  # the longest first: the pipeline ends with short ones
-            RefJob("tied-inst", tied.post, tied_inst, cores=ref_cores(0, engines=2)),
-            RefJob("lm-tied", tied.base, lm_eval("tied"), cores=ref_cores(1, engines=2)),
+            RefJob("tied-inst", tied.post, tied_inst, TOOL_FLAGS, cores=ref_cores(0, engines=2)),
+            RefJob("lm-tied", tied.base, tied_base, TOOL_FLAGS, cores=ref_cores(1, engines=2)),
             RefJob("lr", _merge(untied.base, [str(lr)], work / "m-lr"), plain, cores=ref_cores(0)),
             RefJob("lr-mix", _merge(untied.base, mix, work / "m-mix"), plain, cores=ref_cores(1)),
             RefJob("post", untied.post, plain, cores=ref_cores(2)),
@@ -226,7 +232,8 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         stack.chat_refs = {name: a["chat"] for name, a in stack_answers.items()}
         if shared:
             stack.refs["untied-inst"] = got["post"]
-        lm = {"tied": got["lm-tied"], "tied-inst": got["tied-inst"]["lm-eval"],
+        stack.api_refs = {"tied": got["lm-tied"]["apis"], "tied-inst": got["tied-inst"]["apis"]}
+        lm = {"tied": got["lm-tied"]["lm-eval"], "tied-inst": got["tied-inst"]["lm-eval"],
               "tokenize": got["tied-inst"]["tokenize"], "tasks": tasks}  # fmt: skip
         yield Fleet(LowRank(lr, lr2, adapter, refs, threads=one), stack, lm)
     finally:

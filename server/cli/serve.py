@@ -66,6 +66,19 @@ def parse_engine_url(value: str) -> tuple[str, str]:
     return name, url
 
 
+def parse_tool_parser(value: str) -> tuple[str, str]:
+    """`BASE_NAME=PARSER`, PARSER one of vLLM's tool-call parsers."""
+    from loaders.engine import check_tool_parser
+
+    name, sep, parser = value.partition("=")
+    if not sep or not name or not parser:
+        raise fail(f"--tool-parser {value!r}: expected BASE_NAME=PARSER (e.g. mybase=hermes)")
+    try:
+        return name, check_tool_parser(parser)
+    except ValueError as exc:
+        raise fail(f"--tool-parser {value!r}: {exc}") from None
+
+
 @app.command()
 def serve(
     base: Annotated[list[str], typer.Option(help="Base checkpoint: DIR or NAME=DIR (repeatable)")],
@@ -80,6 +93,14 @@ def serve(
     engine_url: Annotated[
         list[str] | None,
         typer.Option(help="Attach BASE_NAME=URL to a running engine instead of starting one"),
+    ] = None,
+    tool_parser: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="BASE_NAME=PARSER (repeatable): the base's engine parses tool calls with this vLLM "
+            "parser (hermes, llama3_json, mistral, ...), so requests with tools and tool_choice 'auto' "
+            "work on it and its variants (vLLM's --enable-auto-tool-choice --tool-call-parser)"
+        ),
     ] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -235,6 +256,11 @@ def serve(
         spec.engine_url = urls.pop(spec.name, None)
     if urls:
         raise fail(f"--engine-url names unknown bases {sorted(urls)}")
+    parsers = dict(parse_tool_parser(t) for t in tool_parser or [])
+    for spec in bases:
+        spec.tool_parser = parsers.pop(spec.name, None)
+    if parsers:
+        raise fail(f"--tool-parser names unknown bases {sorted(parsers)}")
     from server.adapters import VLLM_RANKS
 
     if swap_residency not in ("host", "device", "none"):

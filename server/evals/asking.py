@@ -82,10 +82,9 @@ class Asker:
             payload["stop"] = task.stop[:MAX_STOP]
         chat = task.endpoint == "chat"
         payload |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
-        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         row = _new_row(prompt)
         try:
-            data = await self._complete(endpoint, payload, chat=chat)
+            data = await self._complete(payload, chat=chat)
             choice = data["choices"][0]
             row["output"] = _cut(
                 choice["message"]["content"] if chat else choice["text"], task.stop[MAX_STOP:]
@@ -128,7 +127,7 @@ class Asker:
         """`text`'s own token logprobs under `variant` (echo + logprobs; the one generated token is
         ignored by the callers, which read only offsets inside the text)."""
         payload = self._greedy(variant, {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1})
-        return (await self._complete("/v1/completions", payload, chat=False))["choices"][0]["logprobs"]
+        return (await self._complete(payload))["choices"][0]["logprobs"]
 
     async def reference(self, task: TaskSpec, item: dict) -> ReferenceProbe:
         """The reference variant's greedy continuation of the item's prompt and its distributions."""
@@ -136,7 +135,7 @@ class Asker:
         try:
             payload = {"prompt": prompt, "max_tokens": task.probe_tokens, "return_token_ids": True}
             choice = (
-                await self._complete("/v1/completions", self._greedy(task.reference, payload), chat=False)
+                await self._complete(self._greedy(task.reference, payload))
             )["choices"][0]
             prompt_ids = list(choice["prompt_token_ids"])
             probe = Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
@@ -162,7 +161,7 @@ class Asker:
     async def _distributions(self, variant: str, probe: Probe) -> list[dict[int, float]]:
         """Top-K next-token logprobs of `variant` at every compared position of `probe`."""
         payload = self._greedy(variant, {"prompt": probe.ids, "max_tokens": 1, "prompt_logprobs": TOP_K})
-        choice = (await self._complete("/v1/completions", payload, chat=False))["choices"][0]
+        choice = (await self._complete(payload))["choices"][0]
         return [top_logprobs(e) for e in choice["prompt_logprobs"][probe.start :]]
 
     @staticmethod
@@ -179,13 +178,12 @@ class Asker:
         row["status"] = "pass" if all(row["grades"].values()) else "fail"
         return row
 
-    async def _complete(self, endpoint: str, payload: dict, *, chat: bool) -> dict:
+    async def _complete(self, payload: dict, *, chat: bool = False) -> dict:
         """One request through the relay; EngineError with the engine's message if it is not a 200."""
-        from server.proxy import forward
+        from server.proxy import CHAT, COMPLETIONS, forward
 
-        resp = await forward(
-            self.gateway, self.metrics, endpoint, InferenceBody.model_validate(payload), {}, chat=chat
-        )
+        body = InferenceBody.model_validate(payload)
+        resp = await forward(self.gateway, self.metrics, body, {}, CHAT if chat else COMPLETIONS)
         data = json.loads(resp.body)
         if resp.status_code != 200:
             message = data.get("error", {}).get("message", data) if isinstance(data, dict) else data

@@ -18,6 +18,7 @@ def _public(gateway: Gateway, name: str) -> BasePublic:
     return BasePublic(
         name=record.name,
         path=record.path,
+        tool_parser=record.tool_parser,
         engine=gateway.engine_of(record),
         runtime=record.runtime,
         state=gateway.base_state(name),
@@ -37,7 +38,7 @@ async def create_base(body: BaseCreate, gateway: GatewayDep) -> BasePublic:
     """Check the checkpoint (config, tensors, dtypes, tokenizer), then serve it: hot-loaded by a
     running engine whose base it matches in architecture, config, shapes and dtypes, else (managed
     engines) on an engine of its own, answering 503 until that engine is ready."""
-    await gateway.add_base(body.name, body.path)
+    await gateway.add_base(body.name, body.path, body.tool_parser)
     return _public(gateway, body.name)
 
 

@@ -6,9 +6,9 @@ import time
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from server.deps import GatewayDep, check_api_key, require_api_key
+from server.deps import GatewayDep, check_api_key, credential, require_api_key
 from server.gateway import Gateway
-from server.proxy import forward, tokenizer_call
+from server.proxy import CHAT, COMPLETIONS, COUNT_TOKENS, MESSAGES, RESPONSES, Route, forward, tokenizer_call
 from server.schemas import InferenceBody, parse_inference_body
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -20,14 +20,22 @@ _BODY_SCHEMA = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": InferenceBody.model_json_schema()}}}}  # fmt: skip
 
 
+def _model(gateway: Gateway, name: str) -> dict:
+    """One model as OpenAI lists it, and the base it is served on (a base: itself)."""
+    base = gateway.registry.variant(name).base
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
+
+
 @router.get("/models")
 async def list_models(gateway: GatewayDep) -> dict:
     """Every servable model: each base and each variant."""
-    data = [
-        {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate"}
-        for name in gateway.model_names()
-    ]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model(gateway, name) for name in gateway.model_names()]}
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(gateway: GatewayDep, model: str) -> dict:
+    """One model (a base or a variant); 404 for a name the gateway does not serve."""
+    return _model(gateway, model)
 
 
 inference = APIRouter(prefix="/v1", tags=["openai"])
@@ -36,23 +44,41 @@ inference = APIRouter(prefix="/v1", tags=["openai"])
 @inference.post("/completions", openapi_extra=_BODY_SCHEMA)
 async def completions(request: Request) -> Response:
     """Text completion on the named variant."""
-    return await _forward(request, "/v1/completions", chat=False)
+    return await _forward(request, COMPLETIONS)
 
 
 @inference.post("/chat/completions", openapi_extra=_BODY_SCHEMA)
 async def chat_completions(request: Request) -> Response:
     """Chat completion on the named variant, with its post model's chat template."""
-    return await _forward(request, "/v1/chat/completions", chat=True)
+    return await _forward(request, CHAT)
 
 
-async def _forward(request: Request, endpoint: str, *, chat: bool) -> Response:
+@inference.post("/responses", openapi_extra=_BODY_SCHEMA)
+async def responses(request: Request) -> Response:
+    """OpenAI Responses API on the named variant, with its chat template (stateless: see README)."""
+    return await _forward(request, RESPONSES)
+
+
+@inference.post("/messages", openapi_extra=_BODY_SCHEMA)
+async def messages(request: Request) -> Response:
+    """Anthropic Messages API on the named variant, with its chat template and end-of-turn tokens."""
+    return await _forward(request, MESSAGES)
+
+
+@inference.post("/messages/count_tokens", openapi_extra=_BODY_SCHEMA)
+async def count_tokens(request: Request) -> Response:
+    """Anthropic's token count of a Messages request, with the variant's chat template."""
     gateway: Gateway = request.app.state.gateway
-    check_api_key(gateway, request.headers.get("authorization"))
+    check_api_key(gateway, credential(request.headers))
+    return await tokenizer_call(gateway, COUNT_TOKENS.path, await request.body())
+
+
+async def _forward(request: Request, route: Route) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    check_api_key(gateway, credential(request.headers))
     body = parse_inference_body(await request.body())
     state = request.app.state
-    return await forward(
-        gateway, state.metrics, endpoint, body, request.headers, chat=chat, watch=state.streams
-    )
+    return await forward(gateway, state.metrics, body, request.headers, route, watch=state.streams)
 
 
 # vLLM serves these at the root, and clients (lm-eval's remote tokenizer) call them there.
@@ -79,5 +105,5 @@ async def detokenize(request: Request) -> Response:
 
 async def _tokenizer(request: Request, endpoint: str) -> Response:
     gateway: Gateway = request.app.state.gateway
-    check_api_key(gateway, request.headers.get("authorization"))
+    check_api_key(gateway, credential(request.headers))
     return await tokenizer_call(gateway, endpoint, await request.body())

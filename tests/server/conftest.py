@@ -4,6 +4,7 @@ stock vLLM reference engines serving checkpoints merged offline.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,88 @@ def chat_output(url: str, model: str) -> dict:
     return {"content": choice["message"]["content"], "logprobs": choice["logprobs"]["content"]}
 
 
+# Tools and structured output need the same engine flags on both sides: the stack starts base
+# tied's engine with them (launch_stack), and the references of tied and tied-inst with these.
+# No free whitespace in JSON output: a random pico model would otherwise emit only whitespace.
+JSON_COMPACT = '{"backend": "xgrammar", "disable_any_whitespace": true}'
+TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+              "--structured-outputs-config", JSON_COMPACT)  # fmt: skip
+WEATHER = {"name": "get_weather", "description": "Weather in a city", "strict": True, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+    "required": ["city"], "additionalProperties": False}}  # fmt: skip
+CAPITAL = {"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome"]}},
+           "required": ["capital"], "additionalProperties": False}  # fmt: skip
+API_TEXT = "Tell me about deltas."
+
+
+def _no_whitespace(tokenizer: Path) -> dict[str, int]:
+    """A logit bias against every whitespace-only token: within a tool call's grammar (whose free
+    whitespace vLLM's structural tags keep) a random model then writes the call out."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    return {str(i): -100 for t, i in tok.get_vocab().items() if not tok.convert_tokens_to_string([t]).strip()}
+
+
+def client_api_answers(url: str, model: str, tokenizer: Path) -> dict:
+    """What the real `openai` and `anthropic` SDKs get from `model`, greedy: the Responses and Messages
+    APIs plain and streamed, Anthropic's token count, a forced tool call and tools offered with
+    "auto" (chat, Responses, Messages), a json_schema answer. `stream_models`: the model named in
+    the stream events that carry one."""
+    import anthropic
+    import openai
+
+    oa = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+    an = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+    greedy = {"temperature": 0}
+    msgs = [{"role": "user", "content": API_TEXT}]
+    out: dict = {}
+    r = oa.responses.create(model=model, input=API_TEXT, max_output_tokens=MAX_TOKENS, temperature=0,
+                            top_logprobs=2, include=["message.output_text.logprobs"])  # fmt: skip
+    logprobs = [(lp.token, lp.logprob) for lp in r.output[-1].content[0].logprobs]
+    out["responses"] = {"text": r.output_text, "logprobs": logprobs,
+                        "usage": (r.usage.input_tokens, r.usage.output_tokens)}  # fmt: skip
+    events = list(oa.responses.create(model=model, input=API_TEXT, max_output_tokens=MAX_TOKENS,
+                                      temperature=0, stream=True))  # fmt: skip
+    out["responses_stream"] = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    models = {e.response.model for e in events if hasattr(e, "response")}
+    m = an.messages.create(model=model, max_tokens=MAX_TOKENS, messages=msgs, extra_body=greedy)
+    out["messages"] = {"text": m.content[0].text, "stop": m.stop_reason,
+                       "usage": (m.usage.input_tokens, m.usage.output_tokens)}  # fmt: skip
+    with an.messages.stream(model=model, max_tokens=MAX_TOKENS, messages=msgs, extra_body=greedy) as s:
+        text, final = "".join(s.text_stream), s.get_final_message()
+    models.add(final.model)
+    out["messages_stream"] = {"text": text, "usage": (final.usage.input_tokens, final.usage.output_tokens)}
+    out["count_tokens"] = an.messages.count_tokens(model=model, messages=msgs).input_tokens
+    bias = _no_whitespace(tokenizer)
+    tool = {"type": "function", "function": WEATHER}
+    c = oa.chat.completions.create(model=model, messages=msgs, tools=[tool], max_tokens=150, temperature=0,
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                   logit_bias=bias)  # fmt: skip
+    calls = [(t.function.name, t.function.arguments) for t in c.choices[0].message.tool_calls]
+    finish, tokens = c.choices[0].finish_reason, c.usage.completion_tokens
+    out["tool_call"] = {"calls": calls, "finish": finish, "tokens": tokens}
+    c = oa.chat.completions.create(model=model, messages=msgs, tools=[tool], tool_choice="auto",
+                                   max_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+    out["tool_auto"] = {"content": c.choices[0].message.content, "calls": c.choices[0].message.tool_calls,
+                        "prompt_tokens": c.usage.prompt_tokens}  # fmt: skip
+    r = oa.responses.create(model=model, input=API_TEXT, tools=[{"type": "function", **WEATHER}],
+                            tool_choice="required", max_output_tokens=150, temperature=0)  # fmt: skip
+    out["responses_tools"] = {"output": [(i.type, getattr(i, "name", None), getattr(i, "arguments", None))
+                                         for i in r.output], "usage": r.usage.input_tokens}  # fmt: skip
+    schema = {k: WEATHER[k] for k in ("name", "description")} | {"input_schema": WEATHER["parameters"]}
+    m = an.messages.create(model=model, max_tokens=MAX_TOKENS, messages=msgs, tools=[schema],
+                           extra_body=greedy)  # fmt: skip
+    out["messages_tools"] = {"content": [b.model_dump(exclude={"id"}) for b in m.content],
+                             "usage": m.usage.input_tokens}  # fmt: skip
+    json_schema = {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL}}
+    c = oa.chat.completions.create(model=model, messages=msgs, max_tokens=40, temperature=0,
+                                   response_format=json_schema)  # fmt: skip
+    out["json_schema"] = c.choices[0].message.content
+    out["stream_models"] = sorted(models)
+    return out
+
+
 @dataclass
 class Stack:
     url: str
@@ -72,6 +155,7 @@ class Stack:
     log: Path
     refs: dict[str, list[dict]] = field(default_factory=dict)
     chat_refs: dict[str, dict] = field(default_factory=dict)
+    api_refs: dict[str, dict] = field(default_factory=dict)  # client_api_answers of tied and tied-inst
     base_before: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
@@ -246,10 +330,12 @@ def launch_stack(tied, untied, parts, work: Path) -> Stack:
             "--variant", f"tied-part2={parts.part2}",
             "--recipe", str(ties_yaml),
             "--allow-code-execution",  # HumanEval through real engines (sandboxed)
+            "--tool-parser", "tied=hermes",
         ],
         work / "state",
         port,
         log,
+        env={"DELTAGATE_ENGINE_ARGS": json.dumps(["--structured-outputs-config", JSON_COMPACT])},
     )  # fmt: skip
     return Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc, work=work, log=log)
 

@@ -214,3 +214,13 @@ def test_trace_context_reaches_the_engine(mock_stack):
 def test_weights_tag_is_stable():
     assert weights_tag(None) == "wbase" == weights_tag('{"base": "/x", "deltas": []}')
     assert weights_tag('{"base": "/x", "deltas": [{"path": "d"}]}').startswith("w")
+
+
+def test_an_engine_that_cannot_take_a_variants_template_there_gets_a_400_not_a_wrong_answer(mock_stack):
+    """An engine the gateway did not start (here the mock) may lack loaders/engine_chat.py: on
+    /v1/responses and /v1/messages a variant with its own chat template is refused, naming the
+    route that works, instead of being rendered with the base's template."""
+    for path, body in (("/v1/messages", {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/responses", {"input": "hi"})):  # fmt: skip
+        r = httpx.post(mock_stack.url + path, json={"model": "mock-inst", **body}, timeout=30)
+        assert r.status_code == 400 and "/v1/chat/completions" in r.json()["error"]["message"], r.text

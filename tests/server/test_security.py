@@ -22,7 +22,9 @@ from server.uploads import receive_to_file
 
 ADMIN, KEY = "admin-secret", "inference-key"
 PUBLIC = {"/health", "/metrics", "/metrics/engines/{engine:path}"}  # what Prometheus and probes read
-INFERENCE = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+INFERENCE = {"/v1/models", "/v1/models/{model:path}", "/v1/completions", "/v1/chat/completions",
+             "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+             "/tokenize", "/detokenize"}  # fmt: skip
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
@@ -57,6 +59,20 @@ async def test_every_route_but_probes_and_docs_needs_its_credentials(tmp_path):
                 assert r.status_code == 401, (method, path, headers, r.text)
                 assert r.json()["error"]["type"] == "authentication_error"
                 assert r.headers["www-authenticate"] == "Bearer"
+
+
+async def test_inference_keys_are_taken_as_x_api_key_too(tmp_path):
+    """Anthropic clients send the key as `x-api-key`; a wrong one is 401 there as well, and the
+    admin token is no inference key in that header either."""
+    app = _app(tmp_path)
+    async with _client(app) as client:
+        for key in ("wrong", ADMIN):
+            r = await client.post("/v1/messages", headers={"x-api-key": key}, json={})
+            assert r.status_code == 401 and "x-api-key" in r.json()["error"]["message"], r.text
+        r = await client.get("/v1/models", headers={"x-api-key": KEY})  # no base registered: lifespan not run
+        assert r.status_code == 200 and r.json() == {"object": "list", "data": []}
+        r = await client.get("/v1/models/nope", headers={"x-api-key": KEY})
+        assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
 
 
 def test_state_dir_is_private_and_the_token_file_owner_only(tmp_path):
