@@ -84,7 +84,8 @@ def eval_cmd(
         plot_run(run, plot)
         console.print(f"wrote {plot}")
     if run["status"] != "completed":
-        raise fail(f"run {run['id']} ended {run['status']}: {run['error'] or 'no error recorded'}")
+        error = (run["error"] or {}).get("message") or "no error recorded"
+        raise fail(f"run {run['id']} ended {run['status']}: {error}")
 
 
 def _stored_token(state_dir: Path) -> str:

@@ -78,10 +78,16 @@ class Asker:
             "temperature": body.temperature,
             "seed": body.seed,
         }
+        if body.top_p is not None:
+            payload["top_p"] = body.top_p
         if task.stop:
             payload["stop"] = task.stop[:MAX_STOP]
         chat = task.endpoint == "chat"
-        payload |= {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        messages = [{"role": "user", "content": prompt}]
+        if task.messages:
+            messages = [{"role": m["role"], "content": render(m["content"], item)} for m in task.messages]
+        payload |= {"messages": messages} if chat else {"prompt": prompt}
+        payload |= task.extra_body
         row = _new_row(prompt)
         try:
             data = await self._complete(payload, chat=chat)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from server.evals.graders import render
 from server.evals.schemas import (
     Comparison,
+    CriterionCounts,
     CriterionResult,
+    EvalError,
+    GraderResult,
     MetricResult,
     OutputItem,
     OutputItems,
@@ -14,6 +18,7 @@ from server.evals.schemas import (
 )
 from server.evals.stats import RatioMetric, bootstrap, paired_difference, wilson
 from server.evals.store import EvalStore
+from server.evals.tasks import TaskSpec
 
 
 def run_result(store: EvalStore, run: dict) -> RunPublic:
@@ -80,12 +85,27 @@ def run_result(store: EvalStore, run: dict) -> RunPublic:
         "errored": sum(r.errored for r in per_variant.values()),
     }
     measured = {k: v for k, v in run["measured"].items() if k != "item_indices"}
+    per_criterion = [
+        CriterionCounts(testing_criteria=g, passed=sum(r.criteria[g].passed for r in per_variant.values()),
+                        failed=sum(r.criteria[g].n - r.criteria[g].passed for r in per_variant.values()))
+        for g in graders
+    ]  # fmt: skip
+    if body.data_source is not None:  # OpenAI's shape: echoed without its items (they can be large)
+        source = body.data_source.model_dump(exclude_none=True)
+        source["source"] = {"type": "file_content", "items": len(body.data_source.source.content)}
+    else:
+        source = {"type": "variants", "variants": body.variants}
     return RunPublic(
         id=run["id"],
         eval_id=run["eval_id"],
+        name=body.name or f"{measured['task']} on {', '.join(body.variants)}",
+        model=",".join(body.variants),
         status=run["status"],
-        error=run["error"],
+        error=EvalError(code="run_failed", message=run["error"]) if run["error"] else None,
         created_at=int(run["created_at"]),
+        data_source=source,
+        metadata=body.metadata,
+        per_testing_criteria_results=per_criterion,
         progress={"done": len(items), "total": run["total"]},
         result_counts=counts,
         per_variant=per_variant,
@@ -99,21 +119,43 @@ def _metric(metric: RatioMetric, scores: list[dict]) -> MetricResult:
     return MetricResult(value=value, n=len(scores), ci95=ci)
 
 
-def output_items(store: EvalStore, run_id: str, status: str | None, after: int, limit: int) -> OutputItems:
+def output_items(
+    store: EvalStore, run: dict, task: TaskSpec, status: str | None, after: int, limit: int
+) -> OutputItems:
     """A page of graded items (ids increase; pass the last id as `after` for the next page)."""
-    rows = store.items(run_id, status, after, limit + 1)
-    page = [
-        OutputItem(
-            id=r["seq"],
-            variant=r["variant"],
-            index=r["idx"],
-            status=r["status"],
-            input=r["input"],
-            output=r["output"],
-            grades=r["grades"],
-            scores=r["scores"],
-            error=r["error"],
+    body = RunCreate.model_validate(run["body"])
+    graders = {g["name"]: g["type"] for g in run["measured"]["graders"]}
+    rows = store.items(run["id"], status, after, limit + 1)
+    page = []
+    for r in rows[:limit]:
+        item = task.items[r["idx"]] if r["idx"] < len(task.items) else {}
+        if task.messages:
+            asked = [{"role": m["role"], "content": render(m["content"], item)} for m in task.messages]
+        else:
+            asked = [{"role": "user", "content": r["input"]}]
+        sample = {
+            "input": asked,
+            "output": [{"role": "assistant", "content": r["output"]}] if r["output"] is not None else [],
+            "model": r["variant"],
+            "finish_reason": None,  # not recorded
+            "usage": None,  # not recorded
+            "error": {"code": "item_error", "message": r["error"]} if r["error"] else None,
+            "max_completion_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p if body.top_p is not None else 1.0,
+            "seed": body.seed,
+        }
+        results = [GraderResult(name=name, type=graders.get(name, ""), passed=bool(passed),
+                                score=r["scores"].get(name, float(bool(passed))))
+                   for name, passed in r["grades"].items()]  # fmt: skip
+        page.append(
+            OutputItem(
+                id=str(r["seq"]), eval_id=run["eval_id"], run_id=run["id"], created_at=int(run["created_at"]),
+                status=r["status"], datasource_item_id=r["idx"], datasource_item=item, results=results,
+                sample=sample, variant=r["variant"], index=r["idx"], input=r["input"], output=r["output"],
+                grades=r["grades"], scores=r["scores"], error=r["error"],
+            )  # fmt: skip
         )
-        for r in rows[:limit]
-    ]
-    return OutputItems(data=page, has_more=len(rows) > limit)
+    ids = [item.id for item in page]
+    return OutputItems(data=page, has_more=len(rows) > limit, first_id=ids[0] if ids else None,
+                       last_id=ids[-1] if ids else None)  # fmt: skip

@@ -19,15 +19,17 @@ import socket
 import uuid
 
 from deltas.store import materialize, named_digest
-from server.errors import ConflictError, ForbiddenError, NotFoundError
+from server.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
 from server.evals.asking import Asker, ReferenceProbe
 from server.evals.results import output_items, run_result
 from server.evals.sandbox import Limits
 from server.evals.schemas import (
     EvalCreate,
+    OutputItem,
     OutputItems,
     RunCreate,
     RunPublic,
+    check_templates,
 )
 from server.evals.store import ACTIVE, EvalStore
 from server.evals.tasks import (
@@ -40,6 +42,7 @@ from server.evals.tasks import (
     builtin_task,
     fidelity_task,
     jsonl_task,
+    messages_task,
     multiple_choice_task,
     perplexity_task,
 )
@@ -122,9 +125,14 @@ class EvalService:
         self.store.delete_eval(eval_id)
 
     @staticmethod
-    def task_of(body: EvalCreate) -> TaskSpec:
-        """The items, prompt, graders and metrics an eval definition stands for."""
+    def task_of(body: EvalCreate, run: RunCreate | None = None) -> TaskSpec:
+        """The items, prompt, graders and metrics an eval definition stands for (with OpenAI's
+        custom data source config: together with the items and messages of `run`)."""
         source = body.data_source
+        if body.data_source_config is not None:
+            return _run_items_task(body, run)
+        if run is not None and run.data_source is not None:
+            raise BadRequestError("this eval holds its items (data_source); run it with 'variants'")
         match source:
             case JsonlSource():
                 return jsonl_task(source, body.prompt or "", body.endpoint, list(body.testing_criteria))
@@ -149,7 +157,7 @@ class EvalService:
     async def create_run(self, eval_id: str, body: RunCreate) -> dict:
         """Check the variants, record what will be measured, queue the run."""
         spec = EvalCreate.model_validate(self.get_eval(eval_id)["body"])
-        task = self.task_of(spec)
+        task = self.task_of(spec, body)
         self._check_execution(task)
         recipes = {v: await self._recipe_record(v) for v in body.variants}  # 404 for unknown names
         indices = list(range(len(task.items)))
@@ -159,11 +167,12 @@ class EvalService:
             "task": task.name,
             "task_version": task.version,
             "endpoint": task.endpoint,
-            "prompt_template": task.prompt,
+            "prompt_template": list(task.messages) if task.messages else task.prompt,
             "stop": task.stop,
             "graders": [g.model_dump() for g in task.graders],
             "metrics": [dataclasses.asdict(m) for m in task.metrics],
-            "sampling": {"max_tokens": body.max_tokens, "temperature": body.temperature, "seed": body.seed},
+            "sampling": {"max_tokens": body.max_tokens, "temperature": body.temperature, "seed": body.seed,
+                         "top_p": body.top_p, **task.extra_body},  # fmt: skip
             "seed": body.seed,
             "item_count": len(indices),
             "item_indices": indices,
@@ -183,14 +192,33 @@ class EvalService:
     def public_run(self, run: dict) -> RunPublic:
         return run_result(self.store, run)
 
-    def output_items(self, run_id: str, status: str | None, after: int, limit: int) -> OutputItems:
-        return output_items(self.store, run_id, status, after, limit)
+    def run_task(self, run: dict) -> TaskSpec:
+        """The task a stored run asks about (its eval's, with the run's own items where it has them)."""
+        spec = EvalCreate.model_validate(self.get_eval(run["eval_id"])["body"])
+        return self.task_of(spec, RunCreate.model_validate(run["body"]))
+
+    def output_items(self, run: dict, status: str | None, after: int, limit: int) -> OutputItems:
+        return output_items(self.store, run, self.run_task(run), status, after, limit)
+
+    def output_item(self, run: dict, item_id: str) -> OutputItem:
+        """One graded item by its id (404 if the run has none such)."""
+        seq = int(item_id) if item_id.isdigit() else -1
+        page = output_items(self.store, run, self.run_task(run), None, seq - 1, 1).data
+        if not page or page[0].id != item_id:
+            raise NotFoundError(f"output item {item_id!r} of run {run['id']!r} not found")
+        return page[0]
 
     def get_run(self, eval_id: str, run_id: str) -> dict:
         run = self.store.run(run_id)
         if run is None or run["eval_id"] != eval_id:
             raise NotFoundError(f"run {run_id!r} of eval {eval_id!r} not found")
         return run
+
+    def delete_run(self, eval_id: str, run_id: str) -> None:
+        """Forget a run and its items (409 while it runs: cancel it first)."""
+        if self.get_run(eval_id, run_id)["status"] in ACTIVE:
+            raise ConflictError(f"run {run_id!r} is {self.store.run(run_id)['status']}; cancel it first")
+        self.store.delete_run(run_id)
 
     def cancel(self, eval_id: str, run_id: str) -> dict:
         run = self.get_run(eval_id, run_id)
@@ -209,7 +237,7 @@ class EvalService:
         run = self.store.run(run_id)
         body = RunCreate.model_validate(run["body"])
         try:
-            task = self.task_of(EvalCreate.model_validate(self.get_eval(run["eval_id"])["body"]))
+            task = self.task_of(EvalCreate.model_validate(self.get_eval(run["eval_id"])["body"]), body)
             self._check_execution(task)  # a resumed run on a server started without the flag fails
             if not self.store.set_status(run_id, "in_progress"):
                 return  # canceled before it started
@@ -272,3 +300,33 @@ class EvalService:
                     digest.update(block)
             self._hashes[key] = digest.hexdigest()
         return self._hashes[key]
+
+
+def _run_items_task(spec: EvalCreate, run: RunCreate | None) -> TaskSpec:
+    """An eval with OpenAI's custom data source config: the run brings the items (checked against
+    the eval's item_schema) and the messages; without a run, no items (for describing the eval)."""
+    import jsonschema
+
+    graders = list(spec.testing_criteria)
+    if run is None:
+        return messages_task([], [], graders, {})
+    if run.data_source is None:
+        raise BadRequestError(
+            "this eval's items come with each run: give data_source {type: completions, model, "
+            "input_messages, source: {type: file_content, content}}"
+        )
+    source = run.data_source
+    items = [row.item for row in source.source.content]
+    validator = jsonschema.Draft202012Validator(spec.data_source_config.item_schema)
+    for number, item in enumerate(items):
+        if error := next(iter(validator.iter_errors(item)), None):
+            where = f"source.content[{number}].item"
+            raise BadRequestError(f"{where} does not match the eval's item_schema: {error.message}")
+    messages = [m.as_chat() for m in source.input_messages.template]
+    try:
+        check_templates(items, "\n".join(m["content"] for m in messages), graders)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
+    response_format = source.sampling_params.response_format
+    extra = {"response_format": response_format} if response_format else {}
+    return messages_task(items, messages, graders, extra)

@@ -88,6 +88,13 @@ class EvalStore:
         rows = self._run(lambda c: c.execute(sa.select(_evals).order_by(_evals.c.created_at)).all())
         return [{"id": r.id, "created_at": r.created_at, "body": json.loads(r.body)} for r in rows]
 
+    def delete_run(self, run_id: str) -> None:
+        def work(conn: sa.Connection) -> None:
+            conn.execute(sa.delete(_items).where(_items.c.run_id == run_id))
+            conn.execute(sa.delete(_runs).where(_runs.c.id == run_id))
+
+        self._run(work)
+
     def delete_eval(self, eval_id: str) -> None:
         def work(conn: sa.Connection) -> None:
             runs = sa.select(_runs.c.id).where(_runs.c.eval_id == eval_id)

@@ -44,6 +44,8 @@ class TaskSpec:
     metrics: list[RatioMetric] = field(default_factory=list)
     reference: str | None = None  # fidelity: the variant every other one is compared with
     probe_tokens: int = 0  # fidelity: length of the reference's greedy continuations
+    messages: tuple[dict, ...] = ()  # chat messages {role, content template} (else `prompt`, as user)
+    extra_body: dict = field(default_factory=dict)  # passed on each request (response_format)
 
     @property
     def executes_code(self) -> bool:
@@ -265,6 +267,14 @@ def multiple_choice_task(source: MultipleChoiceSource, prompt: str | None) -> Ta
         graders=graders,
         kind="loglikelihood",
     )
+
+
+def messages_task(items: list[dict], messages: list[dict], graders: list[Grader], extra: dict) -> TaskSpec:
+    """A task over items that come with the run (OpenAI's custom data source): chat messages
+    rendered per item."""
+    last = messages[-1]["content"] if messages else ""
+    return TaskSpec("custom", "custom-v1", items, "chat", last, graders=graders, messages=tuple(messages),
+                    extra_body=extra)  # fmt: skip
 
 
 def jsonl_task(source: JsonlSource, prompt: str, endpoint: Endpoint, graders: list[Grader]) -> TaskSpec:

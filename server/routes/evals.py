@@ -1,13 +1,14 @@
-"""Evaluation endpoints (admin): evals, their runs, results and graded items."""
+"""Evaluation endpoints (admin): evals, their runs, results and graded items — OpenAI's Evals API
+paths and shapes (the `openai` SDK's `client.evals`), with deltagate's sources as extras."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request
 
 from server.deps import require_admin
-from server.evals.schemas import EvalCreate, EvalPublic, OutputItems, RunCreate, RunPublic
+from server.evals.schemas import EvalCreate, EvalPublic, OutputItem, OutputItems, RunCreate, RunPublic
 from server.evals.service import EvalService
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"], dependencies=[Depends(require_admin)])
@@ -18,34 +19,50 @@ async def get_evals(request: Request) -> EvalService:
 
 
 EvalsDep = Annotated[EvalService, Depends(get_evals)]
+After = Annotated[str | None, Query(description="the id of the previous page's last object")]
+Limit = Annotated[int, Query(ge=1, le=500)]
+Order = Annotated[Literal["asc", "desc"], Query()]
+
+
+def _page(objects: list, after: str | None, limit: int, order: str) -> dict:
+    """A cursor page as the OpenAI SDK reads it: `data`, `has_more`, `first_id`, `last_id`."""
+    objects = objects if order == "asc" else objects[::-1]
+    ids = [o.id for o in objects]
+    start = ids.index(after) + 1 if after in ids else 0
+    data = objects[start : start + limit]
+    return {"object": "list", "data": data, "has_more": start + limit < len(objects),
+            "first_id": data[0].id if data else None, "last_id": data[-1].id if data else None}  # fmt: skip
 
 
 def _public(service: EvalService, row: dict) -> EvalPublic:
     spec = EvalCreate.model_validate(row["body"])
-    source = row["body"]["data_source"]
-    if source["type"] == "jsonl":
+    source = row["body"].get("data_source")
+    if source and source["type"] == "jsonl":
         source = {"type": "jsonl"}  # the items themselves are not echoed back
     task = service.task_of(spec)
-    criteria = [g.model_dump() for g in task.graders]
+    config = spec.data_source_config
     return EvalPublic(
         id=row["id"],
         name=spec.name,
         created_at=int(row["created_at"]),
+        data_source_config=config.public() if config else None,
         data_source=source,
-        testing_criteria=criteria,
+        testing_criteria=[g.model_dump() for g in task.graders],
         items=len(task.items),
+        metadata=spec.metadata,
     )
 
 
 @router.post("", status_code=201)
 async def create_eval(body: EvalCreate, service: EvalsDep) -> EvalPublic:
-    """Define an eval: a data source (built-in task or JSONL items) and graders."""
+    """Define an eval: graders, and OpenAI's custom data source config (items with each run) or a
+    data source of deltagate's (a built-in task, JSONL items, ...)."""
     return _public(service, service.create_eval(body))
 
 
 @router.get("")
-async def list_evals(service: EvalsDep) -> dict:
-    return {"object": "list", "data": [_public(service, row) for row in service.store.evals()]}
+async def list_evals(service: EvalsDep, after: After = None, limit: Limit = 20, order: Order = "asc") -> dict:
+    return _page([_public(service, row) for row in service.store.evals()], after, limit, order)
 
 
 @router.get("/{eval_id}")
@@ -53,10 +70,11 @@ async def get_eval(eval_id: str, service: EvalsDep) -> EvalPublic:
     return _public(service, service.get_eval(eval_id))
 
 
-@router.delete("/{eval_id}", status_code=204)
-async def delete_eval(eval_id: str, service: EvalsDep) -> Response:
+@router.delete("/{eval_id}")
+async def delete_eval(eval_id: str, service: EvalsDep) -> dict:
+    """Delete an eval and its runs (409 while one runs)."""
     service.delete_eval(eval_id)
-    return Response(status_code=204)
+    return {"object": "eval.deleted", "deleted": True, "eval_id": eval_id}
 
 
 @router.post("/{eval_id}/runs", status_code=201)
@@ -66,15 +84,25 @@ async def create_run(eval_id: str, body: RunCreate, service: EvalsDep) -> RunPub
 
 
 @router.get("/{eval_id}/runs")
-async def list_runs(eval_id: str, service: EvalsDep) -> dict:
+async def list_runs(
+    eval_id: str, service: EvalsDep, after: After = None, limit: Limit = 20, order: Order = "asc",
+    status: Literal["queued", "in_progress", "completed", "canceled", "failed"] | None = None,
+) -> dict:  # fmt: skip
     service.get_eval(eval_id)
-    return {"object": "list", "data": [service.public_run(r) for r in service.store.runs(eval_id)]}
+    runs = [service.public_run(r) for r in service.store.runs(eval_id) if status in (None, r["status"])]
+    return _page(runs, after, limit, order)
 
 
 @router.get("/{eval_id}/runs/{run_id}")
 async def get_run(eval_id: str, run_id: str, service: EvalsDep) -> RunPublic:
     """Status, progress, result counts, scores with 95% intervals, paired differences."""
     return service.public_run(service.get_run(eval_id, run_id))
+
+
+@router.delete("/{eval_id}/runs/{run_id}")
+async def delete_run(eval_id: str, run_id: str, service: EvalsDep) -> dict:
+    service.delete_run(eval_id, run_id)
+    return {"object": "eval.run.deleted", "deleted": True, "run_id": run_id}
 
 
 @router.post("/{eval_id}/runs/{run_id}/cancel")
@@ -91,6 +119,10 @@ async def output_items(
     after: int = Query(-1, description="the last id of the previous page"),
     limit: int = Query(50, ge=1, le=500),
 ) -> OutputItems:
-    """Graded items: input, output, grade per criterion; filter by status."""
-    service.get_run(eval_id, run_id)
-    return service.output_items(run_id, status, after, limit)
+    """Graded items: the item, the sample (messages and answer), each grader's result."""
+    return service.output_items(service.get_run(eval_id, run_id), status, after, limit)
+
+
+@router.get("/{eval_id}/runs/{run_id}/output_items/{item_id}")
+async def output_item(eval_id: str, run_id: str, item_id: str, service: EvalsDep) -> OutputItem:
+    return service.output_item(service.get_run(eval_id, run_id), item_id)

@@ -132,7 +132,9 @@ def test_bad_requests_name_the_problem(mock_stack):
     r = httpx.post(f"{url}/v1/evals/{ev['id']}/runs", json={"variants": ["mock", "ghost"]}, headers=auth)
     assert r.status_code == 404 and "ghost" in r.json()["error"]["message"]
     assert httpx.get(f"{url}/v1/evals/eval_nope", headers=auth).status_code == 404
-    assert httpx.delete(f"{url}/v1/evals/{ev['id']}", headers=auth).status_code == 204
+    r = httpx.delete(f"{url}/v1/evals/{ev['id']}", headers=auth)
+    assert r.status_code == 200
+    assert r.json() == {"object": "eval.deleted", "deleted": True, "eval_id": ev["id"]}
     assert httpx.get(f"{url}/v1/evals/{ev['id']}", headers=auth).status_code == 404
 
 
