@@ -14,6 +14,8 @@ from fastapi import FastAPI
 from deltas import __version__
 from deltas.errors import DeltaError
 from loaders.engine import EngineError
+from server.batches.files import FileStore
+from server.batches.service import BatchService
 from server.errors import GatewayError, install_error_handlers
 from server.evals.service import EvalService
 from server.evals.store import EvalStore
@@ -22,7 +24,7 @@ from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.pool import EnginePool
 from server.registry import Registry
-from server.routes import bases, deltas, openai, ops, variants
+from server.routes import bases, batches, deltas, files, openai, ops, variants
 from server.routes import evals as evals_routes
 from server.settings import GatewaySettings
 from server.statedb import open_state
@@ -67,6 +69,8 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
         allow_code_execution=settings.allow_code_execution,
     )
 
+    file_store = FileStore(settings.state_dir / "files")
+    batch_service = BatchService(settings.state_dir / "batches", file_store, gateway, metrics)
     streams = StallWatch(
         settings.stream_write_timeout, lambda variant: metrics.stalled_streams.labels(variant).inc()
     )
@@ -84,6 +88,7 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
                 logging.getLogger("deltagate").error("cannot start: %s", exc)
                 raise
             await evals.start()
+            await batch_service.start()
             streams.start()
             # Everything loaded so far (torch, pydantic, the registry: ~200k objects) lives as long
             # as the process; freezing it keeps the collector from rescanning it under load, where a
@@ -92,6 +97,7 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
             yield
         finally:
             await streams.stop()
+            await batch_service.stop()
             await evals.stop()
             await gateway.stop()
             database.dispose()
@@ -100,11 +106,13 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.evals = evals
+    app.state.files = file_store
+    app.state.batches = batch_service
     app.state.streams = streams
     install_error_handlers(app, hide=str(settings.state_dir.resolve()))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(openai.inference)
     app.include_router(openai.tokenizer)
-    for module in (openai, bases, deltas, variants, ops, evals_routes):
+    for module in (openai, bases, deltas, variants, ops, evals_routes, files, batches):
         app.include_router(module.router)
     return app

@@ -169,6 +169,7 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         RefJob,
         _merge,
         answers,
+        chat_output,
         client_api_answers,
         completion_outputs,
         deltagate,
@@ -207,7 +208,8 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
             return {**answers(url), "lm-eval": lm, "tokenize": lmeval.tokenized(url, "ref"), "apis": apis}
 
         def tied_base(url: str) -> dict:
-            return {"lm-eval": lm_eval("tied")(url), "apis": client_api_answers(url, "ref", tied.base)}
+            apis = client_api_answers(url, "ref", tied.base)
+            return {"lm-eval": lm_eval("tied")(url), "apis": apis, "chat": chat_output(url, "ref")}
 
         adapter_args = (*lora, "--max-loras", "1", "--lora-modules", f"lowrank={adapter}")
         mix = [f"{lr}:0.5", f"{lr2}:0.5"]
@@ -233,6 +235,7 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         if shared:
             stack.refs["untied-inst"] = got["post"]
         stack.api_refs = {"tied": got["lm-tied"]["apis"], "tied-inst": got["tied-inst"]["apis"]}
+        stack.chat_refs["tied"] = got["lm-tied"]["chat"]
         lm = {"tied": got["lm-tied"]["lm-eval"], "tied-inst": got["tied-inst"]["lm-eval"],
               "tokenize": got["tied-inst"]["tokenize"], "tasks": tasks}  # fmt: skip
         yield Fleet(LowRank(lr, lr2, adapter, refs, threads=one), stack, lm)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from server.deps import require_admin
 from server.evals.schemas import EvalCreate, EvalPublic, OutputItem, OutputItems, RunCreate, RunPublic
 from server.evals.service import EvalService
+from server.routes.pages import After, cursor_page
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"], dependencies=[Depends(require_admin)])
 
@@ -19,19 +20,8 @@ async def get_evals(request: Request) -> EvalService:
 
 
 EvalsDep = Annotated[EvalService, Depends(get_evals)]
-After = Annotated[str | None, Query(description="the id of the previous page's last object")]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Order = Annotated[Literal["asc", "desc"], Query()]
-
-
-def _page(objects: list, after: str | None, limit: int, order: str) -> dict:
-    """A cursor page as the OpenAI SDK reads it: `data`, `has_more`, `first_id`, `last_id`."""
-    objects = objects if order == "asc" else objects[::-1]
-    ids = [o.id for o in objects]
-    start = ids.index(after) + 1 if after in ids else 0
-    data = objects[start : start + limit]
-    return {"object": "list", "data": data, "has_more": start + limit < len(objects),
-            "first_id": data[0].id if data else None, "last_id": data[-1].id if data else None}  # fmt: skip
 
 
 def _public(service: EvalService, row: dict) -> EvalPublic:
@@ -62,7 +52,7 @@ async def create_eval(body: EvalCreate, service: EvalsDep) -> EvalPublic:
 
 @router.get("")
 async def list_evals(service: EvalsDep, after: After = None, limit: Limit = 20, order: Order = "asc") -> dict:
-    return _page([_public(service, row) for row in service.store.evals()], after, limit, order)
+    return cursor_page([_public(service, row) for row in service.store.evals()], after, limit, order)
 
 
 @router.get("/{eval_id}")
@@ -90,7 +80,7 @@ async def list_runs(
 ) -> dict:  # fmt: skip
     service.get_eval(eval_id)
     runs = [service.public_run(r) for r in service.store.runs(eval_id) if status in (None, r["status"])]
-    return _page(runs, after, limit, order)
+    return cursor_page(runs, after, limit, order)
 
 
 @router.get("/{eval_id}/runs/{run_id}")

@@ -443,3 +443,38 @@ def mock_gateway(
         if proc is not None:
             stop_gateway(proc)
         stop_gateway(mock)
+
+
+@contextmanager
+def restartable_mock_gateway(tied, tmp_path, *extra: str):
+    """A mock engine (50 tok/s) and a gateway on it (base mock, variant mock-inst) that a test restarts
+    (or kills) while the engine stays up; yields (url, restart, gateway log)."""
+    engine_port = free_port()
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "mock",
+         "--tokens-per-second", "50"],
+        stdout=open(tmp_path / "mock.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    args = ["--base", f"mock={tied.base}", "--engine-url", f"mock={engine_url}", "--variant",
+            f"mock-inst={tied.delta}", *extra]  # fmt: skip
+    port, log = free_port(), tmp_path / "gateway.log"
+    url = f"http://127.0.0.1:{port}"
+    gateway = None
+
+    def restart(*, kill: bool) -> None:
+        nonlocal gateway
+        if gateway is not None:
+            os.killpg(gateway.pid, signal.SIGKILL) if kill else stop_gateway(gateway)
+            gateway.wait()
+        gateway = start_gateway(args, tmp_path / "state", port, log)
+        wait_healthy(url, gateway, log, timeout=120)
+
+    try:
+        wait_healthy(engine_url, mock, tmp_path / "mock.log", timeout=60)
+        restart(kill=False)
+        yield url, restart, log
+    finally:
+        if gateway is not None:
+            stop_gateway(gateway)
+        stop_gateway(mock)

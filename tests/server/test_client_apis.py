@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import client_api_answers, metric_families, sample_value
+from tests.server.conftest import chat_params, client_api_answers, metric_families, sample_value
+from tests.server.test_batches import finished, lines_of, upload
 
 
 @pytest.mark.parametrize("model", ["tied", "tied-inst"])
@@ -74,3 +75,21 @@ def test_a_client_cannot_send_a_template_or_the_gateways_own_field(stack):
                 field: "{{ 'x' }}"}  # fmt: skip
         r = httpx.post(f"{stack.url}/v1/messages", json=body, timeout=60)
         assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_a_batch_answers_as_stock_vllm_on_a_base_and_a_variant(stack):
+    """files.create + batches.create + polling + files.content: every line's answer (text and
+    logprobs) is stock vLLM's for the same weights."""
+    oa = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="k", max_retries=0)
+    models = ["tied", "tied-inst"] * 2
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": chat_params(m)}
+             for i, m in enumerate(models)]  # fmt: skip
+    batch = oa.batches.create(input_file_id=upload(oa, lines).id, endpoint="/v1/chat/completions",
+                              completion_window="24h")  # fmt: skip
+    batch = finished(oa, batch.id, timeout=300)
+    assert batch.status == "completed" and batch.request_counts.completed == 4, batch
+    out = lines_of(oa, batch.output_file_id)
+    for i, model in enumerate(models):
+        choice = out[f"r{i}"]["response"]["body"]["choices"][0]
+        got = {"content": choice["message"]["content"], "logprobs": choice["logprobs"]["content"]}
+        assert got == stack.chat_refs[model], model

@@ -3,11 +3,8 @@ a run that survives a gateway restart. The mock answers with a word naming its w
 base passes a check for `wbase` and every variant fails it.
 """
 
-import contextlib
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,8 +12,7 @@ import time
 import httpx
 import pytest
 
-from loaders.engine import free_port
-from tests.server.conftest import ADMIN, start_gateway, stop_gateway, wait_healthy
+from tests.server.conftest import ADMIN, restartable_mock_gateway
 
 IS_BASE = {"type": "string_check", "name": "is_base", "reference": "wbase", "operation": "like"}
 
@@ -151,43 +147,9 @@ def test_cancel_stops_a_run(mock_stack):
     assert run["status"] == "canceled" and run["progress"]["done"] < 30
 
 
-@contextlib.contextmanager
-def _mock_gateway(tied, tmp_path, *extra: str):
-    """A mock engine and a gateway on it (base mock, variant mock-inst); yields (url, restart)."""
-    engine_port = free_port()
-    mock = subprocess.Popen(
-        [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "mock",
-         "--tokens-per-second", "50"],
-        stdout=open(tmp_path / "mock.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    engine_url = f"http://127.0.0.1:{engine_port}"
-    args = ["--base", f"mock={tied.base}", "--engine-url", f"mock={engine_url}", "--variant",
-            f"mock-inst={tied.delta}", *extra]  # fmt: skip
-    port, log = free_port(), tmp_path / "gateway.log"
-    url = f"http://127.0.0.1:{port}"
-    gateway = None
-
-    def restart(*, kill: bool) -> None:
-        nonlocal gateway
-        if gateway is not None:
-            os.killpg(gateway.pid, signal.SIGKILL) if kill else stop_gateway(gateway)
-            gateway.wait()
-        gateway = start_gateway(args, tmp_path / "state", port, log)
-        wait_healthy(url, gateway, log, timeout=120)
-
-    try:
-        wait_healthy(engine_url, mock, tmp_path / "mock.log", timeout=60)
-        restart(kill=False)
-        yield url, restart, log
-    finally:
-        if gateway is not None:
-            stop_gateway(gateway)
-        stop_gateway(mock)
-
-
 def test_a_run_survives_a_gateway_restart(tied, tmp_path):
     """kill -9 the gateway mid-run; the restarted gateway resumes the run from its graded items."""
-    with _mock_gateway(tied, tmp_path) as (url, restart, log):
+    with restartable_mock_gateway(tied, tmp_path) as (url, restart, log):
         ev = _eval(url, _items(8))
         run = _run(
             url, ev["id"], variants=["mock", "mock-inst"], max_tokens=20, concurrency=1
@@ -215,7 +177,7 @@ def test_humaneval_is_refused_while_code_execution_is_off(mock_stack):
 
 def test_humaneval_runs_sandboxed_when_allowed(tied, tmp_path):
     """With --allow-code-execution the programs run, sandboxed (the mock's words fail every test)."""
-    with _mock_gateway(tied, tmp_path, "--allow-code-execution") as (url, _, _log):
+    with restartable_mock_gateway(tied, tmp_path, "--allow-code-execution") as (url, _, _log):
         ev = httpx.post(url + "/v1/evals", json=HUMANEVAL, headers={"Authorization": f"Bearer {ADMIN}"})
         assert ev.status_code == 201, ev.text
         assert ev.json()["items"] == 164

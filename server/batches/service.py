@@ -1,0 +1,287 @@
+"""Batches: a JSONL file of requests (OpenAI's batch format) run through the gateway's own relay.
+
+Lines are grouped by the variant they name and run variant by variant, so a batch over many
+variants costs one swap per variant, not one per line; `concurrency` bounds its requests in
+flight, so online traffic keeps being admitted between them. Every answer is appended to the
+batch's output (2xx) or error file as it arrives; a batch still running when its gateway stops
+resumes at the next start, skipping the lines already answered. The state of a batch (OpenAI's
+batch object) is rewritten atomically at every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+
+from loaders.engine import EngineError
+from server.batches.files import FileStore, write_atomic
+from server.errors import BadRequestError, GatewayError, NotFoundError
+from server.gateway import Gateway
+from server.metrics import Metrics
+from server.proxy import CHAT, COMPLETIONS, MESSAGES, RESPONSES, forward
+from server.schemas import InferenceBody
+
+log = logging.getLogger("deltagate.batches")
+ROUTES = {route.path: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES)}
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+WINDOW_SECONDS = {"24h": 24 * 3600}
+MAX_LINES = 50_000  # as OpenAI's
+
+
+class BatchService:
+    """Owns the batches of this gateway (its state dir) and the ones running in this process."""
+
+    def __init__(
+        self, root: Path, files: FileStore, gateway: Gateway, metrics: Metrics, concurrency: int = 8
+    ):
+        self.root, self.files, self.gateway, self.metrics = root, files, gateway, metrics
+        self.concurrency = concurrency
+        root.mkdir(parents=True, exist_ok=True)
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        """Resume the batches a previous process left running."""
+        for batch in self.list():
+            if batch["status"] in ACTIVE:
+                log.info("resuming batch %s", batch["id"])
+                self._launch(batch["id"])
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # the batch objects ---------------------------------------------------
+    def get(self, batch_id: str) -> dict:
+        path = self.root / f"{batch_id}.json"
+        if "/" in batch_id or not path.is_file():
+            raise NotFoundError(f"batch {batch_id!r} not found")
+        return json.loads(path.read_text())
+
+    def list(self) -> list[dict]:
+        batches = [json.loads(p.read_text()) for p in self.root.glob("batch_*.json")]
+        return sorted(batches, key=lambda b: (b["created_at"], b["id"]))
+
+    def _put(self, batch: dict) -> dict:
+        write_atomic(self.root / f"{batch['id']}.json", json.dumps(batch).encode())
+        return batch
+
+    def _update(self, batch_id: str, **fields) -> dict:
+        return self._put(self.get(batch_id) | fields)
+
+    # creating ------------------------------------------------------------
+    def create(
+        self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None
+    ) -> dict:
+        """Check the input file line by line and queue the batch; a file with bad lines makes a
+        batch `failed` with each line's error (as OpenAI reports them), nothing run."""
+        if endpoint not in ROUTES:
+            raise BadRequestError(f"endpoint {endpoint!r}: batches run on {', '.join(ROUTES)}")
+        if completion_window not in WINDOW_SECONDS:
+            raise BadRequestError(f"completion_window {completion_window!r}: only '24h' is supported")
+        record = self.files.get(input_file_id)
+        if record["purpose"] != "batch":
+            raise BadRequestError(f"file {input_file_id!r} has purpose {record['purpose']!r}, not 'batch'")
+        now = int(time.time())
+        batch = {
+            "id": f"batch_{secrets.token_hex(12)}", "object": "batch", "endpoint": endpoint, "errors": None,
+            "input_file_id": input_file_id, "completion_window": completion_window, "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+            "expires_at": now + WINDOW_SECONDS[completion_window],
+            "finalizing_at": None, "completed_at": None,
+            "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
+            "usage": _usage({}),
+        }  # fmt: skip
+        lines, errors = _parse(self.files.content(input_file_id), endpoint)
+        if errors:
+            errors_list = {"object": "list", "data": errors[:100]}
+            return self._put(batch | {"status": "failed", "failed_at": now, "errors": errors_list})
+        batch["request_counts"]["total"] = len(lines)
+        self._put(batch | {"status": "in_progress", "in_progress_at": now})
+        self._launch(batch["id"])
+        return self.get(batch["id"])
+
+    def cancel(self, batch_id: str) -> dict:
+        """Stop starting lines; those in flight finish; then `cancelled`, with the files so far."""
+        batch = self.get(batch_id)
+        if batch["status"] in ("validating", "in_progress"):
+            batch = self._update(batch_id, status="cancelling", cancelling_at=int(time.time()))
+            if batch_id not in self._tasks:  # (a batch another process was running)
+                self._launch(batch_id)
+        return batch
+
+    # running -------------------------------------------------------------
+    def _launch(self, batch_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(batch_id))
+        self._tasks[batch_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(batch_id, None))
+
+    def _partial(self, batch_id: str, kind: str) -> Path:
+        return self.root / f"{batch_id}.{kind}.jsonl"
+
+    async def _execute(self, batch_id: str) -> None:
+        batch = self.get(batch_id)
+        try:
+            lines, _ = _parse(self.files.content(batch["input_file_id"]), batch["endpoint"])
+            outputs, failures = (_answered(self._partial(batch_id, kind)) for kind in ("output", "errors"))
+            counts = {"total": len(lines), "completed": len(outputs), "failed": len(failures)}
+            answered = {line["custom_id"] for line in outputs + failures}
+            usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            for line in outputs:
+                _add_usage(usage, line["response"]["body"])
+            by_variant: dict[str, list[dict]] = {}
+            for line in lines:  # the variants in the order the file first names them
+                if line["custom_id"] not in answered:
+                    by_variant.setdefault(line["body"]["model"], []).append(line)
+            route = ROUTES[batch["endpoint"]]
+            gate = asyncio.Semaphore(self.concurrency)
+            with open(self._partial(batch_id, "output"), "a") as out, \
+                    open(self._partial(batch_id, "errors"), "a") as err:  # fmt: skip
+
+                async def one(line: dict) -> None:
+                    async with gate:
+                        if self.get(batch_id)["status"] == "cancelling":
+                            return
+                        result = await self._ask(route, line)
+                    ok = result["error"] is None
+                    (out if ok else err).write(json.dumps(result) + "\n")
+                    (out if ok else err).flush()
+                    counts["completed" if ok else "failed"] += 1
+                    if ok:
+                        _add_usage(usage, result["response"]["body"])
+                    self._update(batch_id, request_counts=counts, usage=_usage(usage))
+
+                for todo in by_variant.values():  # a variant at a time: one swap each
+                    await asyncio.gather(*(one(line) for line in todo))
+                    if self.get(batch_id)["status"] == "cancelling":
+                        break
+            self._finish(batch_id)
+        except asyncio.CancelledError:
+            raise  # the gateway is stopping: the batch resumes at the next start
+        except Exception as exc:
+            log.exception("batch %s failed", batch_id)
+            error = {
+                "code": "batch_failed",
+                "line": None,
+                "message": f"{type(exc).__name__}: {exc}",
+                "param": None,
+            }
+            self._update(batch_id, status="failed", failed_at=int(time.time()),
+                         errors={"object": "list", "data": [error]})  # fmt: skip
+
+    async def _ask(self, route, line: dict) -> dict:
+        """One line through the relay: OpenAI's output line (an error line for a non-2xx answer)."""
+        request_id = f"batch_req_{secrets.token_hex(12)}"
+        try:
+            resp = await forward(
+                self.gateway, self.metrics, InferenceBody.model_validate(line["body"]), {}, route
+            )
+            status, body = resp.status_code, json.loads(resp.body)
+        except GatewayError as exc:
+            status, body = exc.status, {"error": {"message": str(exc), "type": exc.kind, "code": exc.status}}
+        except EngineError as exc:
+            status, body = 502, {"error": {"message": str(exc), "type": "engine_error", "code": 502}}
+        error = None
+        if status >= 400:
+            message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+            error = {"code": str(status), "message": message or f"HTTP {status}"}
+        response = {"status_code": status, "request_id": request_id, "body": body}
+        return {"id": request_id, "custom_id": line["custom_id"], "response": response, "error": error}
+
+    def _finish(self, batch_id: str) -> None:
+        """The output and error files from what was answered; `completed` (or `cancelled`)."""
+        cancelled = self.get(batch_id)["status"] == "cancelling"
+        self._update(batch_id, status="finalizing", finalizing_at=int(time.time()))
+        ids = {}
+        for kind in ("output", "errors"):
+            path = self._partial(batch_id, kind)
+            data = path.read_bytes() if path.exists() else b""
+            if data:
+                ids[kind] = self.files.add(data, f"{batch_id}_{kind}.jsonl", "batch_output")["id"]
+        now = int(time.time())
+        end = (
+            {"status": "cancelled", "cancelled_at": now}
+            if cancelled
+            else {"status": "completed", "completed_at": now}
+        )
+        self._update(batch_id, output_file_id=ids.get("output"), error_file_id=ids.get("errors"), **end)
+        for kind in ("output", "errors"):
+            self._partial(batch_id, kind).unlink(missing_ok=True)
+
+
+def _parse(data: bytes, endpoint: str) -> tuple[list[dict], list[dict]]:
+    """The lines of a batch input file, and an error per bad line (code, line, message, param)."""
+    lines, errors, seen = [], [], set()
+
+    def bad(number: int, message: str, param: str | None = None) -> None:
+        errors.append({"code": "invalid_request", "line": number, "message": message, "param": param})
+
+    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError as exc:
+            bad(number, f"not JSON: {exc}")
+            continue
+        if not isinstance(line, dict):
+            bad(number, "not a JSON object")
+            continue
+        custom_id, body = line.get("custom_id"), line.get("body")
+        if not isinstance(custom_id, str) or not custom_id:
+            bad(number, "custom_id must be a non-empty string", "custom_id")
+        elif custom_id in seen:
+            bad(number, f"custom_id {custom_id!r} appears twice", "custom_id")
+        elif line.get("method") != "POST":
+            bad(number, "method must be POST", "method")
+        elif line.get("url") != endpoint:
+            bad(number, f"url {line.get('url')!r} is not this batch's endpoint {endpoint!r}", "url")
+        elif not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            bad(number, "body must be a JSON object naming a 'model'", "body")
+        elif body.get("stream"):
+            bad(number, "a batch line cannot stream", "body.stream")
+        else:
+            seen.add(custom_id)
+            lines.append(line)
+    if not lines and not errors:
+        errors.append(
+            {"code": "empty_file", "line": None, "message": "the input file has no lines", "param": None}
+        )
+    if len(lines) > MAX_LINES:
+        errors.append(
+            {"code": "too_many_lines", "line": None, "message": f"over {MAX_LINES} lines", "param": None}
+        )
+    return lines, errors
+
+
+def _answered(path: Path) -> list[dict]:
+    """The output lines a partial file holds; a line cut off by a crash is dropped (and asked again)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+
+
+def _add_usage(total: dict, body) -> None:
+    """Add an answer's token counts (chat and completions: prompt/completion; Responses and
+    Messages: input/output) to `total`."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if isinstance(usage, dict):
+        total["prompt_tokens"] += usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+        total["completion_tokens"] += usage.get("completion_tokens") or usage.get("output_tokens") or 0
+
+
+def _usage(counts: dict) -> dict:
+    """OpenAI's batch usage from prompt and completion token counts."""
+    prompt, completion = counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion}  # fmt: skip

@@ -1,0 +1,56 @@
+"""OpenAI's Files API (`client.files`), for batch input and output files."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+
+from server.batches.files import FileStore
+from server.deps import require_api_key
+from server.errors import BadRequestError
+from server.routes.pages import After, Ided, cursor_page
+
+router = APIRouter(prefix="/v1/files", tags=["batches"], dependencies=[Depends(require_api_key)])
+
+
+async def get_files(request: Request) -> FileStore:
+    return request.app.state.files
+
+
+FilesDep = Annotated[FileStore, Depends(get_files)]
+
+
+@router.post("")
+async def upload_file(
+    store: FilesDep, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+) -> dict:
+    """Upload a JSONL file of batch requests (`purpose`: batch), up to the gateway's body limit."""
+    if purpose != "batch":
+        raise BadRequestError(f"purpose {purpose!r}: this gateway keeps files for batches ('batch')")
+    return store.add(await file.read(), file.filename or "upload.jsonl", purpose)
+
+
+@router.get("")
+async def list_files(
+    store: FilesDep, purpose: str | None = None, after: After = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, order: Literal["asc", "desc"] = "desc",
+) -> dict:  # fmt: skip
+    return cursor_page([Ided(f) for f in store.list(purpose)], after, limit, order)
+
+
+@router.get("/{file_id}")
+async def get_file(file_id: str, store: FilesDep) -> dict:
+    return store.get(file_id)
+
+
+@router.get("/{file_id}/content")
+async def file_content(file_id: str, store: FilesDep) -> Response:
+    """The file's bytes (a batch's output or error file: JSONL, one answer per line)."""
+    return Response(store.content(file_id), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}")
+async def delete_file(file_id: str, store: FilesDep) -> dict:
+    store.delete(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
