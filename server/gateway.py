@@ -28,6 +28,7 @@ from server.registry import (
     file_identity,
 )
 from server.settings import GatewaySettings
+from server.stored import StoredResponses
 from server.swap import WeightSlot
 
 log = logging.getLogger("deltagate")
@@ -72,6 +73,7 @@ class Gateway:
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
         self.catalog = Catalog(self.registry, settings, self.adapters)
+        self.responses = StoredResponses()  # stored Responses-API responses: their engine and variant
 
     # lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -219,11 +221,16 @@ class Gateway:
         """Where the engine of `slot` runs (None: it is gone)."""
         return next((e for e in self.pool.endpoints() if e.id == slot.name), None)
 
-    async def engine_for(self, target: Resolved, deadline: float) -> WeightSlot:
+    async def engine_for(self, target: Resolved, deadline: float, only: str | None = None) -> WeightSlot:
         """The engine to admit `target` on: one holding its weights, else an idle one, else the least
-        loaded; while none is up (restarting, or every replica replaced), wait until `deadline`, then 503."""
+        loaded (`only`: that engine, which holds state the request needs); while none is up
+        (restarting, or every replica replaced), wait until `deadline`, then 503."""
         while True:
             slots = [s for s in self.group(target.engine) if not self.pool.down(s.name)]
+            if only is not None:
+                if only not in self.slots:
+                    raise NotFoundError(f"engine {only!r}, which holds what this request continues, is gone")
+                slots = [s for s in slots if s.name == only]
             if slots:
                 return _pick(slots, target.variant.base if target.adapter else target.variant.name)
             self.pool.wake()

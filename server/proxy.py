@@ -18,11 +18,12 @@ from fastapi import Response
 
 from loaders.engine import EngineError
 from loaders.engine_chat import FIELD
-from server.errors import BadRequestError, InvalidBodyError, SwapError, UnavailableError
+from server.errors import BadRequestError, InvalidBodyError, NotFoundError, SwapError, UnavailableError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
 from server.rewrite import StreamRewriter, rewrite_body
 from server.schemas import InferenceBody, parse_inference_body
+from server.stored import Stored
 from server.streaming import RelayStream, StallWatch
 from server.swap import WeightSlot
 
@@ -107,9 +108,10 @@ async def forward(
     forwarded = {h: headers[h] for h in TRACE_HEADERS if h in headers}
     forwarded["Content-Type"] = "application/json"
 
+    only = _stored_engine(gateway, route, payload, target)
     deadline = time.monotonic() + gateway.settings.engine_wait
     while True:
-        slot = await _admit(gateway, target, deadline)
+        slot = await _admit(gateway, target, deadline, only)
         try:
             upstream = await slot.client.relay.post(endpoint, data=json.dumps(payload), headers=forwarded)
             break
@@ -122,6 +124,8 @@ async def forward(
             metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
             raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
     served_by = {ENGINE_HEADER: slot.name}
+    remember = route is RESPONSES and gateway.settings.responses_store and upstream.status == 200
+    stored = Stored(slot.name, variant, answers_as) if remember else None
     metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
     released = False
 
@@ -146,6 +150,8 @@ async def forward(
             upstream.release()
         if status >= 500:
             metrics.upstream_errors.labels(engine, "status").inc()
+        if remember:
+            gateway.responses.add(raw, stored)
         raw, usage = rewrite_body(raw, answers_as, body.model)
         release(status, usage)
         return Response(raw, status_code=status, media_type=upstream.content_type, headers=served_by)
@@ -153,9 +159,12 @@ async def forward(
     rewriter = StreamRewriter(answers_as, body.model, keep_usage=keep_usage)
 
     async def relay() -> AsyncIterator[bytes]:
+        nonlocal remember
         status, first = CLIENT_CLOSED, True
         try:
             while data := await upstream.content.readany():
+                if remember:  # until the first event (response.created) names the response
+                    remember = not gateway.responses.add(data, stored)
                 out = rewriter.feed(data)
                 if out:
                     if first:
@@ -181,12 +190,52 @@ async def forward(
     return stream
 
 
-async def _admit(gateway: Gateway, target: Resolved, deadline: float) -> WeightSlot:
-    """Admit on an engine holding (or swapping to) the variant's weights; while its engines are
-    down (restarting, or replaced), wait for one up to `deadline`, then 503 — rather than failing at
-    once or blaming the weights."""
+def _stored_engine(gateway: Gateway, route: Route, payload: dict, target: Resolved) -> str | None:
+    """For a Responses request continuing a stored response: the engine holding it (and a 400 if
+    it was made by another variant); None for any other request."""
+    if route is not RESPONSES:
+        return None
+    if payload.get("background"):
+        raise BadRequestError(
+            "background responses are not served: deltagate holds a variant's weights on an engine only "
+            "while its request is open; stream the response instead"
+        )
+    previous = payload.get("previous_response_id")
+    if not previous:
+        return None
+    stored = gateway.responses.get(previous)
+    if stored.variant != target.variant.name:
+        raise BadRequestError(
+            f"response {previous!r} was made by {stored.variant!r}; continue it with model {stored.variant!r}"
+        )
+    return stored.engine
+
+
+async def stored_call(gateway: Gateway, response_id: str, action: str = "") -> Response:
+    """GET a stored response (action "") or POST its `/cancel`, on the engine that made it; the
+    answer names the variant that made it."""
+    stored = gateway.responses.get(response_id)
+    slot = gateway.slots.get(stored.engine)
+    if slot is None:
+        raise NotFoundError(f"the engine that made response {response_id!r} is gone")
+    path = f"/v1/responses/{response_id}{action}"
+    try:
+        call = slot.client.relay.post(path) if action else slot.client.relay.get(path)
+        async with call as upstream:
+            raw, status = await upstream.read(), upstream.status
+    except aiohttp.ClientError as exc:
+        raise EngineError(f"engine {stored.engine!r} unreachable: {exc}") from exc
+    raw, _ = rewrite_body(raw, stored.answers_as, stored.variant)
+    headers = {ENGINE_HEADER: slot.name}
+    return Response(raw, status_code=status, media_type="application/json", headers=headers)
+
+
+async def _admit(gateway: Gateway, target: Resolved, deadline: float, only: str | None = None) -> WeightSlot:
+    """Admit on an engine holding (or swapping to) the variant's weights (`only`: that engine);
+    while its engines are down (restarting, or replaced), wait for one up to `deadline`, then 503 —
+    rather than failing at once or blaming the weights."""
     while True:
-        slot = await gateway.engine_for(target, deadline)
+        slot = await gateway.engine_for(target, deadline, only)
         try:
             await gateway.admit(target, slot)
             return slot

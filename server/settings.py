@@ -77,6 +77,7 @@ class GatewaySettings(BaseSettings):
     artifact_store: str | None = None  # directory or s3:// URI of all registered deltas (deltas/store.py)
     artifact_cache_mib: float = 0.0  # each node's cache of stored artifacts (0: no budget)
     mock_engine_tps: float | None = None  # benches: managed engines are mock engines at this tok/s
+    responses_store: bool = False  # engines keep Responses-API responses (retrieve, continue; memory grows)
 
     def engine_flags(self, tool_parser: str | None = None) -> tuple[str, ...]:
         """vLLM flags of managed engines: the operator's, multi-LoRA for the adapter lane, and the
@@ -97,6 +98,8 @@ class GatewaySettings(BaseSettings):
             "DELTAGATE_ARTIFACT_CACHE_MIB": str(self.artifact_cache_mib),
         }
         env["DELTAGATE_ARTIFACT_CACHE"] = str(self.artifact_cache().directory)  # one cache on a node
+        if self.responses_store:
+            env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
         return env
 
     def artifact_cache(self) -> NodeCache:

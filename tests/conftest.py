@@ -165,6 +165,7 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
     on the post model."""
     from tests.server import lmeval
     from tests.server.conftest import (
+        STORE_ENV,
         TOOL_FLAGS,
         RefJob,
         _merge,
@@ -214,8 +215,8 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         adapter_args = (*lora, "--max-loras", "1", "--lora-modules", f"lowrank={adapter}")
         mix = [f"{lr}:0.5", f"{lr2}:0.5"]
         jobs = [  # the longest first: the pipeline ends with short ones
-            RefJob("tied-inst", tied.post, tied_inst, TOOL_FLAGS, cores=ref_cores(0, engines=2)),
-            RefJob("lm-tied", tied.base, tied_base, TOOL_FLAGS, cores=ref_cores(1, engines=2)),
+            RefJob("tied-inst", tied.post, tied_inst, TOOL_FLAGS, ref_cores(0, engines=2), STORE_ENV),
+            RefJob("lm-tied", tied.base, tied_base, TOOL_FLAGS, ref_cores(1, engines=2), STORE_ENV),
             RefJob("lr", _merge(untied.base, [str(lr)], work / "m-lr"), plain, cores=ref_cores(0)),
             RefJob("lr-mix", _merge(untied.base, mix, work / "m-mix"), plain, cores=ref_cores(1)),
             RefJob("post", untied.post, plain, cores=ref_cores(2)),

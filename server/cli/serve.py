@@ -237,6 +237,15 @@ def serve(
         float,
         typer.Option(help="Each node's cache of stored artifacts, evicted LRU (MiB; 0: no budget)", min=0),
     ] = 0.0,
+    responses_store: Annotated[
+        bool,
+        typer.Option(
+            help="Engines keep the Responses-API responses they make (vLLM's "
+            "VLLM_ENABLE_RESPONSES_API_STORE), so clients can retrieve them and continue them with "
+            "previous_response_id, on the engine and variant that made them; kept in the engines' "
+            "memory until they restart"
+        ),
+    ] = False,
     mock_engine: Annotated[
         float | None,
         typer.Option(hidden=True, help="Benchmarks: managed engines are mock engines streaming this tok/s"),
@@ -303,6 +312,7 @@ def serve(
         artifact_store=artifact_store,
         artifact_cache_mib=artifact_cache_mib,
         mock_engine_tps=mock_engine,
+        responses_store=responses_store,
     )
     ensure_admin_token(settings)
     if ray:

@@ -8,7 +8,17 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.deps import GatewayDep, check_api_key, credential, require_api_key
 from server.gateway import Gateway
-from server.proxy import CHAT, COMPLETIONS, COUNT_TOKENS, MESSAGES, RESPONSES, Route, forward, tokenizer_call
+from server.proxy import (
+    CHAT,
+    COMPLETIONS,
+    COUNT_TOKENS,
+    MESSAGES,
+    RESPONSES,
+    Route,
+    forward,
+    stored_call,
+    tokenizer_call,
+)
 from server.schemas import InferenceBody, parse_inference_body
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -55,8 +65,21 @@ async def chat_completions(request: Request) -> Response:
 
 @inference.post("/responses", openapi_extra=_BODY_SCHEMA)
 async def responses(request: Request) -> Response:
-    """OpenAI Responses API on the named variant, with its chat template (stateless: see README)."""
+    """OpenAI Responses API on the named variant, with its chat template; `previous_response_id`
+    continues a stored response on the engine and variant that made it (serve --responses-store)."""
     return await _forward(request, RESPONSES)
+
+
+@router.get("/responses/{response_id}")
+async def retrieve_response(gateway: GatewayDep, response_id: str) -> Response:
+    """A stored response (serve --responses-store), from the engine that made it."""
+    return await stored_call(gateway, response_id)
+
+
+@router.post("/responses/{response_id}/cancel")
+async def cancel_response(gateway: GatewayDep, response_id: str) -> Response:
+    """Cancel a stored response on the engine that made it (vLLM: background responses only)."""
+    return await stored_call(gateway, response_id, "/cancel")
 
 
 @inference.post("/messages", openapi_extra=_BODY_SCHEMA)

@@ -70,6 +70,7 @@ def chat_output(url: str, model: str) -> dict:
 JSON_COMPACT = '{"backend": "xgrammar", "disable_any_whitespace": true}'
 TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
               "--structured-outputs-config", JSON_COMPACT)  # fmt: skip
+STORE_ENV = (("VLLM_ENABLE_RESPONSES_API_STORE", "1"),)  # as `serve --responses-store` gives engines
 WEATHER = {"name": "get_weather", "description": "Weather in a city", "strict": True, "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
     "required": ["city"], "additionalProperties": False}}  # fmt: skip
@@ -105,6 +106,11 @@ def client_api_answers(url: str, model: str, tokenizer: Path) -> dict:
     logprobs = [(lp.token, lp.logprob) for lp in r.output[-1].content[0].logprobs]
     out["responses"] = {"text": r.output_text, "logprobs": logprobs,
                         "usage": (r.usage.input_tokens, r.usage.output_tokens)}  # fmt: skip
+    c = oa.responses.create(model=model, input="And then?", previous_response_id=r.id,
+                            max_output_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+    usage = (c.usage.input_tokens, c.usage.output_tokens)
+    retrieved = oa.responses.retrieve(r.id).output_text
+    out["responses_continued"] = {"text": c.output_text, "usage": usage, "retrieved": retrieved}
     events = list(oa.responses.create(model=model, input=API_TEXT, max_output_tokens=MAX_TOKENS,
                                       temperature=0, stream=True))  # fmt: skip
     out["responses_stream"] = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -242,9 +248,11 @@ def ref_cores(index: int, engines: int = 1) -> str:
     return ",".join(str(cpus[(index + k) % len(cpus)]) for k in range(take))
 
 
-def stock_engine(path: Path, log: Path, *extra: str, cores: str | None = None) -> EngineProcess:
+def stock_engine(
+    path: Path, log: Path, *extra: str, cores: str | None = None, env: tuple[tuple[str, str], ...] = ()
+) -> EngineProcess:
     """Stock vLLM (no deltagate worker extension) serving `path` as model "ref"; not started yet."""
-    env = (("VLLM_CPU_OMP_THREADS_BIND", cores),) if cores else ()
+    env = (("VLLM_CPU_OMP_THREADS_BIND", cores),) + env if cores else env
     spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra, log_path=log,
                       env=env)  # fmt: skip
     return EngineProcess(spec, with_extension=False)
@@ -259,6 +267,7 @@ class RefJob:
     record: Callable[[str], object]  # the engine's URL -> what tests compare with
     extra: tuple[str, ...] = ()
     cores: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def record_references(jobs: list[RefJob], logs: Path, at_once: int = 3) -> dict[str, object]:
@@ -267,7 +276,7 @@ def record_references(jobs: list[RefJob], logs: Path, at_once: int = 3) -> dict[
     memory)."""
 
     def run(job: RefJob) -> object:
-        proc = stock_engine(job.model, logs / f"ref-{job.name}.log", *job.extra, cores=job.cores)
+        proc = stock_engine(job.model, logs / f"ref-{job.name}.log", *job.extra, cores=job.cores, env=job.env)
         proc.start()
         try:
             proc.wait_ready(timeout=900)
@@ -331,6 +340,7 @@ def launch_stack(tied, untied, parts, work: Path) -> Stack:
             "--recipe", str(ties_yaml),
             "--allow-code-execution",  # HumanEval through real engines (sandboxed)
             "--tool-parser", "tied=hermes",
+            "--responses-store",
         ],
         work / "state",
         port,

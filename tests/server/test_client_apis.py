@@ -93,3 +93,22 @@ def test_a_batch_answers_as_stock_vllm_on_a_base_and_a_variant(stack):
         choice = out[f"r{i}"]["response"]["body"]["choices"][0]
         got = {"content": choice["message"]["content"], "logprobs": choice["logprobs"]["content"]}
         assert got == stack.chat_refs[model], model
+
+
+def test_a_stored_response_belongs_to_its_engine_and_variant(stack):
+    """serve --responses-store: a response is retrieved from the engine that made it, naming its
+    variant; continuing it on another variant's name is refused (it would be other weights)."""
+    oa = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="k", max_retries=0)
+    first = oa.responses.create(model="tied-inst", input="hi", max_output_tokens=4, temperature=0)
+    again = oa.responses.retrieve(first.id)
+    assert again.id == first.id and again.model == "tied-inst" and again.output_text == first.output_text
+    events = list(oa.responses.create(model="tied-inst", input="hi", max_output_tokens=4, temperature=0,
+                                      stream=True))  # fmt: skip
+    streamed = next(e.response for e in events if e.type == "response.completed")
+    assert oa.responses.retrieve(streamed.id).output_text == streamed.output_text
+    with pytest.raises(openai.BadRequestError, match="continue it with model 'tied-inst'"):
+        oa.responses.create(model="tied", input="and?", previous_response_id=first.id, max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError, match="resp_nope"):
+        oa.responses.retrieve("resp_nope")
+    with pytest.raises(openai.BadRequestError, match="background"):
+        oa.responses.create(model="tied-inst", input="hi", background=True)

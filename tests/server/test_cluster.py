@@ -22,6 +22,8 @@ from deltas.store import ArtifactStore
 from loaders.engine import free_port
 from tests.server.conftest import (
     ADMIN,
+    API_TEXT,
+    MAX_TOKENS,
     PROMPTS,
     completion_outputs,
     completion_params,
@@ -110,6 +112,25 @@ def test_variants_through_ray_equal_stock_vllm_on_merged_weights(cluster, stack)
     assert r.status_code == 404 and "unknown model" in r.json()["error"]["message"]
     engines = _engines(cluster)
     assert {e["node"] for e in engines.values()} == set(cluster.nodes)  # a replica on each node
+
+
+def test_responses_and_messages_through_ray_equal_stock_vllm(cluster, stack):
+    """The Responses and Anthropic Messages routes on Ray replicas: the variant's template applied
+    by each replica's engine, answers as stock vLLM's (the fleet's references)."""
+    import anthropic
+    import openai
+
+    want = stack.api_refs["tied-inst"]
+    oa = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="k", max_retries=0)
+    r = oa.responses.create(model="tied-inst", input=API_TEXT, max_output_tokens=MAX_TOKENS, temperature=0,
+                            top_logprobs=2, include=["message.output_text.logprobs"])  # fmt: skip
+    logprobs = [(lp.token, lp.logprob) for lp in r.output[-1].content[0].logprobs]
+    assert r.model == "tied-inst"
+    assert (r.output_text, logprobs) == (want["responses"]["text"], want["responses"]["logprobs"])
+    an = anthropic.Anthropic(base_url=cluster.url, api_key="k", max_retries=0)
+    m = an.messages.create(model="tied-inst", max_tokens=MAX_TOKENS, extra_body={"temperature": 0},
+                           messages=[{"role": "user", "content": API_TEXT}])  # fmt: skip
+    assert (m.model, m.content[0].text) == ("tied-inst", want["messages"]["text"])
 
 
 def test_each_variant_stays_on_its_engine(cluster):

@@ -23,7 +23,8 @@ from server.uploads import receive_to_file
 ADMIN, KEY = "admin-secret", "inference-key"
 PUBLIC = {"/health", "/metrics", "/metrics/engines/{engine:path}"}  # what Prometheus and probes read
 INFERENCE = {"/v1/models", "/v1/models/{model:path}", "/v1/completions", "/v1/chat/completions",
-             "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+             "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
+             "/v1/messages", "/v1/messages/count_tokens",
              "/tokenize", "/detokenize", "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content",
              "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}  # fmt: skip
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
