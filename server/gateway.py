@@ -371,8 +371,9 @@ class Gateway:
         if not (resolved / "config.json").is_file():
             raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
         record = await asyncio.to_thread(describe_base, name, resolved)
+        # A tool parser asked for: only an engine running it may host the base (else one of its own).
         engines = {e: self.registry.base(e).path for e in self.engines()
-                   if self.registry.base(e).tool_parser == tool_parser}  # fmt: skip
+                   if tool_parser in (None, self.registry.base(e).tool_parser)}  # fmt: skip
         host, reasons = await asyncio.to_thread(place, resolved, engines)
         if host is None and not self.pool.can_launch():
             why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())
@@ -381,7 +382,8 @@ class Gateway:
                 f"did not start, so start a vLLM engine for it and pass --base {name}=DIR@URL"
             )
         self.catalog.name_free(name)  # again: another request may have taken it while we read the checkpoint
-        record = record.model_copy(update={"engine": host, "runtime": True, "tool_parser": tool_parser})
+        parser = self.registry.base(host).tool_parser if host else tool_parser  # a hosted base: its host's
+        record = record.model_copy(update={"engine": host, "runtime": True, "tool_parser": parser})
         self.registry.put_base(record)
         if host is None:
             log.info("base %s fits no running engine (%s); starting one", name, reasons)
