@@ -23,6 +23,7 @@ from server.errors import BadRequestError, GatewayError, NotFoundError
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.proxy import CHAT, COMPLETIONS, MESSAGES, RESPONSES, forward
+from server.rewrite import usage_counts
 from server.schemas import InferenceBody
 
 log = logging.getLogger("deltagate.batches")
@@ -271,12 +272,9 @@ def _answered(path: Path) -> list[dict]:
 
 
 def _add_usage(total: dict, body) -> None:
-    """Add an answer's token counts (chat and completions: prompt/completion; Responses and
-    Messages: input/output) to `total`."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if isinstance(usage, dict):
-        total["prompt_tokens"] += usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-        total["completion_tokens"] += usage.get("completion_tokens") or usage.get("output_tokens") or 0
+    """Add an answer's token counts to `total` (read as the relay reads them: server/rewrite.py)."""
+    for key, value in (usage_counts(json.dumps(body, separators=(",", ":")).encode()) or {}).items():
+        total[key] += value
 
 
 def _usage(counts: dict) -> dict:
