@@ -24,7 +24,7 @@ from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.pool import EnginePool
 from server.registry import Registry
-from server.routes import bases, batches, deltas, files, openai, ops, variants
+from server.routes import aliases, bases, batches, deltas, files, openai, ops, variants
 from server.routes import evals as evals_routes
 from server.settings import GatewaySettings
 from server.statedb import open_state
@@ -113,6 +113,6 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(openai.inference)
     app.include_router(openai.tokenizer)
-    for module in (openai, bases, deltas, variants, ops, evals_routes, files, batches):
+    for module in (openai, bases, deltas, variants, aliases, ops, evals_routes, files, batches):
         app.include_router(module.router)
     return app

@@ -39,8 +39,9 @@ class Catalog:
         self.store = ArtifactStore(settings.artifact_store) if settings.artifact_store else None
 
     def name_free(self, name: str) -> None:
-        """409 if a base or variant already answers to `name`."""
-        if name in self.registry.state.bases or name in self.registry.state.variants:
+        """409 if a base, variant or alias already answers to `name`."""
+        state = self.registry.state
+        if name in state.bases or name in state.variants or name in state.aliases:
             raise ConflictError(f"model name {name!r} is taken")
 
     def deltas_of(self, variant: VariantRecord) -> list[DeltaRecord]:

@@ -5,6 +5,7 @@ catalogued by server/catalog.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from deltas.recipe import Recipe
 from deltas.store import is_uri, use_cache
 from loaders.engine import EngineClient, EngineError, check_tool_parser
 from server.adapters import Adapter, AdapterLane
+from server.aliases import choose
 from server.bases import Provenance, describe_base, place, provenance
 from server.catalog import Catalog, drop_partial_uploads, eos_ids, require_name
 from server.errors import BadRequestError, ConflictError, GatewayError, NotFoundError, UnavailableError
@@ -45,6 +47,7 @@ class Resolved:
     stop_token_ids: list[int]
     adapter: Adapter | None = None  # served as this LoRA adapter on the plain base, not by a swap
     engine: str = ""  # the engine's name: the base it was started on (a runtime base may be hosted)
+    alias: str | None = None  # the alias the request named, resolved to `variant`
 
     @property
     def engine_model(self) -> str:
@@ -254,8 +257,15 @@ class Gateway:
         await self.pool.stop()
 
     # resolving ---------------------------------------------------------
-    def resolve(self, model: str) -> Resolved:
-        """The variant, recipe and engine slot serving `model`."""
+    def resolve(self, model: str, key: str | None = None, *, target: str | None = None) -> Resolved:
+        """The variant, recipe and engine slot serving `model`; an alias picks one of its targets
+        (sticky for the client `key`; `target`: that one, if the alias still routes to it)."""
+        alias = self.registry.alias_of(model)
+        if alias is not None:
+            if target is None or target not in alias.split():
+                target = choose(alias, key)
+            resolved = self.resolve(target)
+            return dataclasses.replace(resolved, alias=alias.name)
         variant = self.registry.variant(model)
         base = self.registry.base(variant.base)
         engine = self.engine_of(base)

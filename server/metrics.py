@@ -122,6 +122,11 @@ class Metrics:
             ["engine", "kind"], registry=r,
         )  # fmt: skip
 
+        self.alias_requests = Counter(
+            "deltagate_alias_requests_total",
+            "Inference requests that named an alias, by alias, the target variant that served them and "
+            "status class", ["alias", "variant", "status_class"], registry=r,
+        )  # fmt: skip
         self.stalled_streams = Counter(
             "deltagate_stalled_streams_total",
             "Streams ended because the client read nothing for --stream-write-timeout seconds",
@@ -149,6 +154,9 @@ class Metrics:
     def observe_request(self, variant: str, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(variant, endpoint, f"{status // 100}xx").inc()
         self.request_seconds.labels(variant).observe(seconds)
+
+    def observe_alias(self, alias: str, variant: str, status: int) -> None:
+        self.alias_requests.labels(alias, variant, f"{status // 100}xx").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,6 +18,7 @@ from fastapi import Response
 
 from loaders.engine import EngineError
 from loaders.engine_chat import FIELD
+from server.aliases import VARIANT_HEADER, sticky_key
 from server.errors import BadRequestError, InvalidBodyError, NotFoundError, SwapError, UnavailableError
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
@@ -97,7 +98,8 @@ async def forward(
 ) -> Response:
     """Admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
     start = time.perf_counter()
-    target = gateway.resolve(body.model)
+    target = gateway.resolve(body.model, sticky_key(headers, body.model_extra or {}),
+                             target=_continued_variant(gateway, route, body))  # fmt: skip
     variant, engine = target.variant.name, target.engine
     answers_as = target.engine_model  # the model name in the engine's answers
     endpoint = route.path
@@ -123,7 +125,7 @@ async def forward(
                 continue  # it died before anything was sent: send the request again (restarted, or another)
             metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
             raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
-    served_by = {ENGINE_HEADER: slot.name}
+    served_by = {ENGINE_HEADER: slot.name, VARIANT_HEADER: variant}
     remember = route is RESPONSES and gateway.settings.responses_store and upstream.status == 200
     stored = Stored(slot.name, variant, answers_as) if remember else None
     metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
@@ -135,6 +137,8 @@ async def forward(
             released = True
             slot.release()
             metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
+            if target.alias is not None:
+                metrics.observe_alias(target.alias, variant, status)
             if usage:
                 metrics.observe_usage(variant, usage)
 
@@ -188,6 +192,13 @@ async def forward(
     stream = RelayStream(relay(), watch, variant)
     stream.headers.update(served_by)
     return stream
+
+
+def _continued_variant(gateway: Gateway, route: Route, body: InferenceBody) -> str | None:
+    """A Responses request continuing a stored response: the variant that made it (an alias then
+    serves it with that target while it still routes there)."""
+    previous = (body.model_extra or {}).get("previous_response_id") if route is RESPONSES else None
+    return gateway.responses.variant_of(previous) if isinstance(previous, str) else None
 
 
 def _stored_engine(gateway: Gateway, route: Route, payload: dict, target: Resolved) -> str | None:

@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field, field_validator
 
 from deltas.recipe import MethodName
-from server.errors import ConflictError, NotFoundError, UnavailableError
+from server.aliases import AliasRecord, AliasTarget
+from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 from server.statedb import metadata, shared, unreachable
 
 Lane = Literal["auto", "swap", "adapter"]
@@ -67,8 +68,9 @@ class DeltaRecord(BaseModel):
     adapter_rank: int | None = Field(None, description="LoRA rank that carries it exactly (None: cannot)")
     adapter_unfit: str | None = Field(None, description="why it cannot be a LoRA adapter")
     vocab_digest: str | None = Field(None, description="its post model's tokenizer (token -> id map)")
-    source: str | None = Field(None, description="the local file it was registered from, when `path` is "
-                               "its artifact-store URI")
+    source: str | None = Field(
+        None, description="the local file it was registered from, when `path` is its artifact-store URI"
+    )
     source_mtime_ns: int | None = Field(None, description="that file's mtime (a newer one is re-registered)")
 
 
@@ -101,6 +103,11 @@ class RegistryState(BaseModel):
     bases: dict[str, BaseRecord] = Field(default_factory=dict)
     deltas: dict[str, DeltaRecord] = Field(default_factory=dict)
     variants: dict[str, VariantRecord] = Field(default_factory=dict)
+    aliases: dict[str, AliasRecord] = Field(default_factory=dict)
+
+    def routed_by(self, model: str) -> list[str]:
+        """The aliases that send requests to `model`."""
+        return sorted(a.name for a in self.aliases.values() if any(t.variant == model for t in a.targets))
 
 
 T = TypeVar("T")
@@ -173,6 +180,7 @@ class Registry:
             users = [v.name for v in state.variants.values() if v.base == name]
             if users:
                 raise ConflictError(f"base {name!r} is used by variants {users}; delete them first")
+            _not_routed(state, name)
             return state.bases.pop(name)
 
         return self._change(change)
@@ -209,7 +217,7 @@ class Registry:
     # variants ----------------------------------------------------------
     def add_variant(self, record: VariantRecord) -> None:
         def change(state: RegistryState) -> None:
-            if record.name in state.variants or record.name in state.bases:
+            if record.name in state.variants or record.name in state.bases or record.name in state.aliases:
                 raise ConflictError(f"model name {record.name!r} is taken")
             state.variants[record.name] = record
 
@@ -217,6 +225,9 @@ class Registry:
 
     def variant(self, name: str) -> VariantRecord:
         """A variant by name; a base's name is the variant of the plain base."""
+        if name in self.state.aliases:
+            targets = ", ".join(t.variant for t in self.state.aliases[name].targets)
+            raise BadRequestError(f"{name!r} is an alias (of {targets}); name a variant here")
         if name not in self.state.variants and name not in self.state.bases:
             self.refresh()  # pulled when a request names it: defined by another gateway
         if name in self.state.variants:
@@ -228,12 +239,69 @@ class Registry:
     def remove_variant(self, name: str) -> None:
         def change(state: RegistryState) -> None:
             _get(state.variants, name, f"unknown variant {name!r}")
+            _not_routed(state, name)
             del state.variants[name]
 
         self._change(change)
 
     def model_names(self) -> list[str]:
-        return sorted(self.state.bases) + sorted(self.state.variants)
+        return sorted(self.state.bases) + sorted(self.state.variants) + sorted(self.state.aliases)
+
+    # aliases -----------------------------------------------------------
+    def alias_of(self, name: str) -> AliasRecord | None:
+        """The alias `name` (None: not an alias). No database read: other gateways' alias changes
+        arrive with the registry poll, so the request path stays one dict lookup."""
+        return self.state.aliases.get(name)
+
+    def alias(self, name: str) -> AliasRecord:
+        if name not in self.state.aliases:
+            self.refresh()
+        return _get(self.state.aliases, name, f"unknown alias {name!r}; list them with GET /v1/aliases")
+
+    def set_alias(self, name: str, targets: list[AliasTarget], *, create: bool | None = None) -> AliasRecord:
+        """Point alias `name` at `targets` in one atomic change (the old targets become `previous`).
+        `create`: True only a new alias, False only an existing one, None either."""
+
+        def change(state: RegistryState) -> AliasRecord:
+            old = state.aliases.get(name)
+            if create is True and old is not None:
+                raise ConflictError(f"alias {name!r} exists; PUT /v1/aliases/{name} moves it")
+            if create is False and old is None:
+                raise NotFoundError(f"unknown alias {name!r}; list them with GET /v1/aliases")
+            if old is None and (name in state.variants or name in state.bases):
+                kind = "variant" if name in state.variants else "base"
+                raise ConflictError(f"model name {name!r} is taken by a {kind}")
+            for target in targets:
+                if target.variant in state.aliases:
+                    raise BadRequestError(f"target {target.variant!r} is an alias; aliases point at variants")
+                if target.variant not in state.variants and target.variant not in state.bases:
+                    raise NotFoundError(f"alias {name!r}: unknown variant {target.variant!r}")
+            if old is not None and old.targets == targets:
+                return old  # nothing moves: keep the rollback point
+            record = AliasRecord(
+                name=name,
+                targets=targets,
+                previous=old.targets if old else None,
+                generation=old.generation + 1 if old else 1,
+            )
+            state.aliases[name] = record
+            return record
+
+        return self._change(change)
+
+    def rollback_alias(self, name: str) -> AliasRecord:
+        """Point alias `name` back at its previous targets (atomically; rolling back again redoes)."""
+        record = self.alias(name)
+        if record.previous is None:
+            raise ConflictError(f"alias {name!r} has never moved; nothing to roll back to")
+        return self.set_alias(name, record.previous, create=False)
+
+    def remove_alias(self, name: str) -> None:
+        def change(state: RegistryState) -> None:
+            _get(state.aliases, name, f"unknown alias {name!r}; list them with GET /v1/aliases")
+            del state.aliases[name]
+
+        self._change(change)
 
 
 def _get(records: dict, name: str, message: str):
@@ -241,6 +309,13 @@ def _get(records: dict, name: str, message: str):
         return records[name]
     except KeyError:
         raise NotFoundError(message) from None
+
+
+def _not_routed(state: RegistryState, name: str) -> None:
+    """409 while an alias sends requests to `name`."""
+    aliases = state.routed_by(name)
+    if aliases:
+        raise ConflictError(f"aliases {aliases} send requests to {name!r}; move or delete them first")
 
 
 def _swap(conn: sa.Connection, state: RegistryState, version: int) -> bool:
@@ -257,9 +332,9 @@ def _swap(conn: sa.Connection, state: RegistryState, version: int) -> bool:
             return False
         return True
     done = conn.execute(
-        sa.update(_table).where(_table.c.id == 1, _table.c.version == version).values(
-            version=version + 1, body=body
-        )
+        sa.update(_table)
+        .where(_table.c.id == 1, _table.c.version == version)
+        .values(version=version + 1, body=body)
     )
     return done.rowcount == 1
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from server.aliases import AliasRecord, AliasTarget, distinct
 from server.errors import InvalidBodyError
 from server.registry import DeltaRecord, VariantRecord, VariantTerm, check_name
 
@@ -158,3 +159,31 @@ class EnginesPublic(BaseModel):
 
 class BasesPublic(BaseModel):
     data: list[BasePublic]
+
+
+class AliasUpdate(BaseModel):
+    """Where an alias sends requests: one variant, or several with weights (a canary: 95 and 5)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[AliasTarget] = Field(min_length=1, max_length=16)
+
+    _distinct = field_validator("targets")(distinct)
+
+
+class AliasCreate(AliasUpdate):
+    name: str
+
+    _check = field_validator("name")(check_name)
+
+
+class AliasPublic(AliasRecord):
+    shares: dict[str, float] = Field(description="each target's fraction of requests")
+
+    @classmethod
+    def of(cls, record: AliasRecord) -> AliasPublic:
+        return cls(**record.model_dump(), shares=record.split())
+
+
+class AliasesPublic(BaseModel):
+    data: list[AliasPublic]

@@ -48,3 +48,8 @@ class StoredResponses:
                 "(or is older than the latest it remembers)"
             )
         return stored
+
+    def variant_of(self, response_id: str) -> str | None:
+        """The variant that made `response_id` (None: unknown here)."""
+        stored = self._where.get(response_id)
+        return stored.variant if stored else None

@@ -280,6 +280,7 @@ class EvalService:
 
     async def _recipe_record(self, variant: str) -> dict:
         """What a variant's weights are: base, method, and each delta with its file's sha256."""
+        self.gateway.registry.variant(variant)  # 400 for an alias: a run measures fixed weights
         resolved = self.gateway.resolve(variant)
         record, recipe = resolved.variant, resolved.recipe
         deltas = []

@@ -31,9 +31,15 @@ _BODY_SCHEMA = {"requestBody": {"required": True, "content": {
 
 
 def _model(gateway: Gateway, name: str) -> dict:
-    """One model as OpenAI lists it, and the base it is served on (a base: itself)."""
-    base = gateway.registry.variant(name).base
-    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
+    """One model as OpenAI lists it, and the base it is served on (a base: itself); an alias also
+    lists its targets' shares (`base`: its first target's)."""
+    alias = gateway.registry.alias_of(name)
+    if alias is None:
+        base = gateway.registry.variant(name).base
+        return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
+    base = gateway.registry.variant(alias.targets[0].variant).base
+    return {"id": name, "object": "model", "created": int(alias.updated_at), "owned_by": "deltagate",
+            "base": base, "alias_of": alias.split()}  # fmt: skip
 
 
 @router.get("/models")
@@ -44,7 +50,9 @@ async def list_models(gateway: GatewayDep) -> dict:
 
 @router.get("/models/{model:path}")
 async def retrieve_model(gateway: GatewayDep, model: str) -> dict:
-    """One model (a base or a variant); 404 for a name the gateway does not serve."""
+    """One model (a base, a variant or an alias); 404 for a name the gateway does not serve."""
+    if gateway.registry.alias_of(model) is None:
+        gateway.registry.variant(model)  # 404 (after reading other gateways' changes) if unknown
     return _model(gateway, model)
 
 
