@@ -23,8 +23,10 @@ from server.gateway import Gateway
 from server.limits import BodyLimit
 from server.metrics import Metrics
 from server.pool import EnginePool
+from server.rebase.service import RebaseService
+from server.rebase.store import RebaseStore
 from server.registry import Registry
-from server.routes import aliases, bases, batches, deltas, files, openai, ops, variants
+from server.routes import aliases, bases, batches, deltas, files, openai, ops, rebases, variants
 from server.routes import evals as evals_routes
 from server.settings import GatewaySettings
 from server.statedb import open_state
@@ -69,6 +71,7 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
         allow_code_execution=settings.allow_code_execution,
     )
 
+    rebase_service = RebaseService(RebaseStore(database), gateway, evals)
     file_store = FileStore(settings.state_dir / "files")
     batch_service = BatchService(settings.state_dir / "batches", file_store, gateway, metrics)
     streams = StallWatch(
@@ -88,6 +91,7 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
                 logging.getLogger("deltagate").error("cannot start: %s", exc)
                 raise
             await evals.start()
+            await rebase_service.start()
             await batch_service.start()
             streams.start()
             # Everything loaded so far (torch, pydantic, the registry: ~200k objects) lives as long
@@ -98,6 +102,7 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
         finally:
             await streams.stop()
             await batch_service.stop()
+            await rebase_service.stop()
             await evals.stop()
             await gateway.stop()
             database.dispose()
@@ -106,6 +111,7 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.evals = evals
+    app.state.rebases = rebase_service
     app.state.files = file_store
     app.state.batches = batch_service
     app.state.streams = streams
@@ -113,6 +119,6 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(openai.inference)
     app.include_router(openai.tokenizer)
-    for module in (openai, bases, deltas, variants, aliases, ops, evals_routes, files, batches):
+    for module in (openai, bases, deltas, variants, aliases, rebases, ops, evals_routes, files, batches):
         app.include_router(module.router)
     return app

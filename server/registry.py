@@ -258,9 +258,17 @@ class Registry:
             self.refresh()
         return _get(self.state.aliases, name, f"unknown alias {name!r}; list them with GET /v1/aliases")
 
-    def set_alias(self, name: str, targets: list[AliasTarget], *, create: bool | None = None) -> AliasRecord:
-        """Point alias `name` at `targets` in one atomic change (the old targets become `previous`).
-        `create`: True only a new alias, False only an existing one, None either."""
+    def set_alias(
+        self,
+        name: str,
+        targets: list[AliasTarget],
+        *,
+        create: bool | None = None,
+        previous: list[AliasTarget] | None = None,
+    ) -> AliasRecord:
+        """Point alias `name` at `targets` in one atomic change (the old targets become `previous`,
+        unless given: a canary's steps all roll back to where it started). `create`: True only a new
+        alias, False only an existing one, None either."""
 
         def change(state: RegistryState) -> AliasRecord:
             old = state.aliases.get(name)
@@ -281,7 +289,7 @@ class Registry:
             record = AliasRecord(
                 name=name,
                 targets=targets,
-                previous=old.targets if old else None,
+                previous=previous if previous is not None else (old.targets if old else None),
                 generation=old.generation + 1 if old else 1,
             )
             state.aliases[name] = record

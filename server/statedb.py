@@ -50,6 +50,7 @@ def connect(url: str) -> sa.Engine:
     else:  # a server: connections may be cut (a restart); test each before use
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10)
     import server.evals.store  # noqa: F401  (the tables are declared where they are used)
+    import server.rebase.store  # noqa: F401
     import server.registry  # noqa: F401
 
     try:

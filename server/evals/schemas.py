@@ -211,6 +211,9 @@ class RunCreate(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int = Field(0, ge=0, description="picks the items when `limit` is set; sampling seed")
     limit: int | None = Field(None, ge=1, description="evaluate a seeded sample of this many items")
+    items: list[int] | None = Field(
+        None, min_length=1, max_length=100_000, description="deltagate: evaluate exactly these item indices"
+    )
     concurrency: int = Field(4, ge=1, le=32, description="requests in flight for this run")
 
     @model_validator(mode="after")

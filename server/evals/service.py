@@ -161,7 +161,12 @@ class EvalService:
         self._check_execution(task)
         recipes = {v: await self._recipe_record(v) for v in body.variants}  # 404 for unknown names
         indices = list(range(len(task.items)))
-        if body.limit and body.limit < len(indices):
+        if body.items is not None:
+            wrong = [i for i in body.items if not 0 <= i < len(indices)]
+            if wrong:
+                raise BadRequestError(f"items {wrong[:5]} are not indices of the eval's {len(indices)} items")
+            indices = sorted(set(body.items))
+        elif body.limit and body.limit < len(indices):
             indices = sorted(random.Random(body.seed).sample(indices, body.limit))
         measured = {
             "task": task.name,

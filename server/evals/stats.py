@@ -43,6 +43,7 @@ class RatioMetric:
     numerator: str
     denominator: str
     exp: bool = False
+    lower_is_better: bool = False  # perplexity, KL: a gate or a search minimises them
 
     def of(self, num: np.ndarray, den: np.ndarray) -> np.ndarray:
         """The metric of each row of resampled item scores (or of one 1-D set)."""

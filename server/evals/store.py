@@ -18,10 +18,11 @@ import uuid
 
 import sqlalchemy as sa
 
+from server import leases
 from server.errors import UnavailableError
+from server.leases import ACTIVE  # noqa: F401  (re-exported: the run states that are active)
 from server.statedb import metadata, unreachable
 
-ACTIVE = ("queued", "in_progress")
 _evals = sa.Table(
     "evals",
     metadata,
@@ -128,38 +129,19 @@ class EvalStore:
 
     def set_status(self, run_id: str, status: str, error: str | None = None) -> bool:
         """Move an active run to `status`; False if it is not active any more (canceled meanwhile)."""
-        query = (
-            sa.update(_runs)
-            .where(_runs.c.id == run_id, _runs.c.status.in_(ACTIVE))
-            .values(status=status, error=error)
-        )
-        return self._run(lambda c: c.execute(query).rowcount == 1)
+        return self._run(lambda c: c.execute(leases.set_status(_runs, run_id, status, error)).rowcount == 1)
 
     def claim(self, run_id: str, owner: str, lease: float, force: bool = False) -> bool:
-        """Lease an active run to `owner` unless another gateway's lease on it is still running
-        (`force`: the single gateway of a state dir takes its runs back at once)."""
-        now = time.time()
-        query = sa.update(_runs).where(_runs.c.id == run_id, _runs.c.status.in_(ACTIVE))
-        if not force:
-            free = sa.or_(_runs.c.owner.is_(None), _runs.c.owner == owner, _runs.c.lease_until < now)
-            query = query.where(free)
-        query = query.values(owner=owner, lease_until=now + lease)
-        return self._run(lambda c: c.execute(query).rowcount == 1)
+        """Lease an active run to `owner` (server/leases.py)."""
+        return self._run(lambda c: c.execute(leases.claim(_runs, run_id, owner, lease, force)).rowcount == 1)
 
     def renew(self, owner: str, lease: float) -> list[str]:
         """Extend `owner`'s leases; the ids of its runs still active (one canceled elsewhere is not)."""
-
-        def work(conn: sa.Connection) -> list[str]:
-            mine = sa.and_(_runs.c.owner == owner, _runs.c.status.in_(ACTIVE))
-            conn.execute(sa.update(_runs).where(mine).values(lease_until=time.time() + lease))
-            return [r.id for r in conn.execute(sa.select(_runs.c.id).where(mine))]
-
-        return self._run(work)
+        return self._run(lambda c: leases.renew(c, _runs, owner, lease))
 
     def orphans(self) -> list[str]:
         """Active runs whose lease ran out (their gateway stopped or died)."""
-        query = sa.select(_runs.c.id).where(_runs.c.status.in_(ACTIVE), _runs.c.lease_until < time.time())
-        return [r.id for r in self._run(lambda c: c.execute(query.order_by(_runs.c.created_at)))]
+        return [r.id for r in self._run(lambda c: c.execute(leases.orphans(_runs)).all())]
 
     # items
     def put_item(self, run_id: str, variant: str, idx: int, row: dict) -> None:

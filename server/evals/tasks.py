@@ -295,7 +295,7 @@ def perplexity_task(source: PerplexitySource) -> TaskSpec:
         "completions",
         "{{item.text}}",
         kind="perplexity",
-        metrics=[RatioMetric("perplexity", "nll", "tokens", exp=True)],
+        metrics=[RatioMetric("perplexity", "nll", "tokens", exp=True, lower_is_better=True)],
     )
 
 
@@ -312,7 +312,7 @@ def fidelity_task(source: FidelitySource) -> TaskSpec:
         graders=[GreedyMatch()],
         metrics=[
             RatioMetric("token_agreement", "agree", "positions"),
-            RatioMetric("mean_kl", "kl", "positions"),
+            RatioMetric("mean_kl", "kl", "positions", lower_is_better=True),
         ],
         reference=source.reference,
         probe_tokens=source.max_tokens,

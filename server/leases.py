@@ -1,0 +1,42 @@
+"""Leases on long jobs in the state database (eval runs, rebases): one gateway executes a job at a
+time, the one whose lease on its row (`owner`, `lease_until`) is running; it renews the lease while
+it works, and when it dies the lease runs out and another gateway (or the same one restarted) takes
+the job over. Statements only: each store runs them in its own transaction."""
+
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+
+ACTIVE = ("queued", "in_progress")
+
+
+def claim(table: sa.Table, row_id: str, owner: str, lease: float, force: bool = False) -> sa.Update:
+    """Lease an active job to `owner` unless another gateway's lease on it is still running
+    (`force`: the single gateway of a state dir takes its jobs back at once)."""
+    now = time.time()
+    query = sa.update(table).where(table.c.id == row_id, table.c.status.in_(ACTIVE))
+    if not force:
+        free = sa.or_(table.c.owner.is_(None), table.c.owner == owner, table.c.lease_until < now)
+        query = query.where(free)
+    return query.values(owner=owner, lease_until=now + lease)
+
+
+def renew(conn: sa.Connection, table: sa.Table, owner: str, lease: float) -> list[str]:
+    """Extend `owner`'s leases; the ids of its jobs still active (one canceled elsewhere is not)."""
+    mine = sa.and_(table.c.owner == owner, table.c.status.in_(ACTIVE))
+    conn.execute(sa.update(table).where(mine).values(lease_until=time.time() + lease))
+    return [r.id for r in conn.execute(sa.select(table.c.id).where(mine))]
+
+
+def orphans(table: sa.Table) -> sa.Select:
+    """Active jobs whose lease ran out (their gateway stopped or died), oldest first."""
+    query = sa.select(table.c.id).where(table.c.status.in_(ACTIVE), table.c.lease_until < time.time())
+    return query.order_by(table.c.created_at)
+
+
+def set_status(table: sa.Table, row_id: str, status: str, error: str | None = None) -> sa.Update:
+    """Move an active job to `status` (rowcount 0: it is not active any more, canceled meanwhile)."""
+    query = sa.update(table).where(table.c.id == row_id, table.c.status.in_(ACTIVE))
+    return query.values(status=status, error=error)
