@@ -1,8 +1,9 @@
-"""The `deltagate` command: serve, demo, extract, compress, inspect, merge, export-lora, fidelity, eval."""
+"""The `deltagate` command: serve, demo, extract, compress, inspect, merge, export-lora, fidelity, eval,
+alias, rebase."""
 
 from __future__ import annotations
 
-from server.cli import artifacts, evals, fidelity, serve  # noqa: F401  (registers the commands)
+from server.cli import artifacts, evals, fidelity, rebase, serve  # noqa: F401  (registers the commands)
 from server.cli.app import app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -35,6 +36,29 @@ def cli_errors(*extra: type[Exception]) -> Iterator[None]:
         yield
     except (DeltaError, OSError, *extra) as exc:
         raise fail(str(exc)) from None
+
+
+def admin_client(url: str, admin_token: str | None, state_dir: Path):
+    """An HTTP client on the gateway at `url` with its admin token (given, or read from the state dir)."""
+    import httpx
+
+    if admin_token is None:
+        path = state_dir / "admin_token"
+        if not path.is_file():
+            raise fail(f"no --admin-token and no {path}; pass the gateway's admin token")
+        admin_token = path.read_text().strip()
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
+
+
+def call(resp) -> dict:
+    """The JSON of a gateway answer; a CLI error naming the gateway's message for a 4xx/5xx."""
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text
+        raise fail(f"HTTP {resp.status_code}: {message}")
+    return resp.json() if resp.content else {}
 
 
 def progress_bar() -> Progress:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from server.cli.app import app, console, fail, progress_bar
+from server.cli.app import admin_client, app, call, console, fail, progress_bar
 
 
 @app.command("eval")
@@ -54,14 +54,13 @@ def eval_cmd(
     """Run an eval on one or more variants and show scores with 95% intervals (and paired differences)."""
     import httpx
 
-    token = admin_token or _stored_token(state_dir)
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    client = admin_client(url, admin_token, state_dir)
     body = _eval_body(task, jsonl, prompt, criteria, shots, perplexity, reference, fidelity_tokens)
     if task == "humaneval":
         body["data_source"]["style"] = style
     try:
-        ev = _call(client.post("/v1/evals", json=body))
-        run = _call(
+        ev = call(client.post("/v1/evals", json=body))
+        run = call(
             client.post(
                 f"/v1/evals/{ev['id']}/runs",
                 json={
@@ -86,13 +85,6 @@ def eval_cmd(
     if run["status"] != "completed":
         error = (run["error"] or {}).get("message") or "no error recorded"
         raise fail(f"run {run['id']} ended {run['status']}: {error}")
-
-
-def _stored_token(state_dir: Path) -> str:
-    path = state_dir / "admin_token"
-    if not path.is_file():
-        raise fail(f"no --admin-token and no {path}; pass the gateway's admin token")
-    return path.read_text().strip()
 
 
 def _eval_body(task, jsonl, prompt, criteria, shots, perplexity, reference, fidelity_tokens) -> dict:
@@ -132,23 +124,13 @@ def _read(path: Path) -> str:
         raise fail(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _call(resp) -> dict:
-    if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text
-        raise fail(f"HTTP {resp.status_code}: {message}")
-    return resp.json()
-
-
 def _follow(client, eval_id: str, run: dict) -> dict:
     """Poll the run with a progress bar until it ends."""
     with progress_bar() as bar:
         task = bar.add_task(f"eval run {run['id']}", total=run["progress"]["total"])
         while run["status"] in ("queued", "in_progress"):
             time.sleep(1)
-            run = _call(client.get(f"/v1/evals/{eval_id}/runs/{run['id']}"))
+            run = call(client.get(f"/v1/evals/{eval_id}/runs/{run['id']}"))
             bar.update(task, completed=run["progress"]["done"])
     return run
 

@@ -103,6 +103,9 @@ class RebaseService:
                               holdout_items=sorted(held))  # fmt: skip
         for v in variants:
             names = _candidate_names(v, body)
+            final = f"{v}:{body.to_base}"
+            if len(names) > 1 and final in self.registry.state.variants:
+                raise ConflictError(f"variant {final!r} exists; an α search defines it: delete it first")
             for alpha, name in names.items():
                 require_name(name)
                 existing = self.registry.state.variants.get(name)

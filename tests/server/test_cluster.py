@@ -196,6 +196,49 @@ def test_the_whole_api_through_the_gateway_on_ray(cluster, stack, tied, tied_upd
     assert httpx.post(f"{url}/v1/completions", json=completion_params("tied-mix", "x")).status_code == 404
 
 
+def test_an_alias_moved_by_a_rebase_on_ray_serves_the_offline_merge(cluster, stack, tied_updated):
+    """Aliases and rebases in the distributed mode: the same services behind the Ray pool. A canary
+    split answers from the variant its header names; a rebase of tied-inst onto θ′ moves the alias,
+    which then answers as stock vLLM on the offline merge θ′ + Δ."""
+    url = cluster.url
+    split = {"targets": [{"variant": "tied-inst"}, {"variant": "tied-half"}]}
+    assert httpx.put(f"{url}/v1/aliases/ray-chat", json=split, headers=HEADERS).status_code == 200
+    seen = set()
+    for _ in range(8):
+        r = httpx.post(f"{url}/v1/completions", json=completion_params("ray-chat", PROMPTS[0]), timeout=120)
+        variant = r.headers["x-deltagate-variant"]
+        seen.add(variant)
+        choice = r.json()["choices"][0]
+        answer = {"text": choice["text"], **choice["logprobs"]}
+        answer.pop("text_offset", None)
+        assert answer == stack.refs[variant][0], variant
+    assert seen == {"tied-inst", "tied-half"}
+    one = {"targets": [{"variant": "tied-inst"}]}
+    assert httpx.put(f"{url}/v1/aliases/ray-chat", json=one, headers=HEADERS).status_code == 200
+    base = {"name": "tied-v2", "path": str(tied_updated)}
+    assert httpx.post(f"{url}/v1/bases", json=base, headers=HEADERS, timeout=120).status_code == 201
+    ev = httpx.post(f"{url}/v1/evals", headers=HEADERS, json={
+        "name": "ray-gate", "data_source": {"type": "jsonl", "content": '{"q": "a"}\n{"q": "b"}'},
+        "prompt": "{{item.q}}", "endpoint": "completions",
+        "testing_criteria": [{"type": "string_check", "name": "any", "reference": "", "operation": "like"}],
+    })  # fmt: skip
+    assert ev.status_code == 201, ev.text
+    body = {"from_base": "tied", "to_base": "tied-v2", "variants": ["tied-inst"], "eval_id": ev.json()["id"],
+            "holdout": 2, "max_tokens": 2, "gate": {"min_difference": -0.5}}  # fmt: skip
+    r = httpx.post(f"{url}/v1/rebases", json=body, headers=HEADERS)
+    assert r.status_code == 201, r.text
+    deadline = time.monotonic() + 300
+    while (got := httpx.get(f"{url}/v1/rebases/{r.json()['id']}", headers=HEADERS).json())["status"] in (
+        "queued", "in_progress"
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, got
+        time.sleep(0.5)
+    assert got["status"] == "completed" and got["report"]["variants"]["tied-inst"]["promoted"], got
+    assert completion_outputs(url, "ray-chat") == stack.refs["tied-v2-inst"]
+    for path in ("/v1/aliases/ray-chat", "/v1/variants/tied-inst:tied-v2", "/v1/bases/tied-v2"):
+        assert httpx.delete(url + path, headers=HEADERS).status_code == 204, path
+
+
 def test_stream_and_client_disconnect_release_the_slot(cluster):
     """A client that goes away mid-stream: the gateway closes the engine's stream and releases the
     slot, as on one machine (the stream never passes through Ray)."""

@@ -9,12 +9,14 @@ variant and its transfer both score 0, so their paired difference is exactly 0 â
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from tests.server.conftest import ADMIN, restartable_mock_gateway
+from tests.server.conftest import ADMIN, deltagate, restartable_mock_gateway
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 IS_BASE = {"type": "string_check", "name": "is_base", "reference": "wbase", "operation": "like"}
@@ -155,3 +157,24 @@ def test_bad_rebases_are_refused_before_any_work(gateway, change, status, words)
             "gate": {"min_difference": -0.5}, **change}  # fmt: skip
     r = httpx.post(f"{url}/v1/rebases", json=body, headers=AUTH)
     assert r.status_code == status and words in r.text, r.text
+
+
+def test_the_cli_sets_aliases_runs_a_rebase_and_plots_its_report(gateway, tmp_path):
+    url, _, eval_id = gateway
+    common = ["--url", url, "--admin-token", ADMIN]
+    out = deltagate("alias", "set", "cli-chat", "mock-inst=95", "mock=5", *common).stdout
+    assert "cli-chat -> mock-inst 95.0%, mock 5.0%" in out
+    png = tmp_path / "rebase.png"
+    done = deltagate("rebase", "--from", "mock", "--to", "mock-v2", "--eval", eval_id, "--holdout", "4",
+                     "--variant", "mock-inst", "--min-difference", "-0.5", "--max-tokens", "2",
+                     "--plot", png, *common)  # fmt: skip
+    assert "pass" in done.stdout and "mock-inst:mock-v2" in done.stdout, done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = deltagate("alias", "list", *common).stdout
+    assert "cli-chat -> mock-inst:mock-v2 95.0%, mock 5.0%" in listed
+    back = deltagate("alias", "rollback", "cli-chat", *common).stdout
+    assert "cli-chat -> mock-inst 95.0%, mock 5.0%" in back
+    failed = subprocess.run([sys.executable, "-m", "server", "rebase", "--from", "nope", "--to", "mock-v2",
+                             "--eval", eval_id, "--holdout", "2", "--min-ratio", "1", *common],
+                            capture_output=True, text=True)  # fmt: skip
+    assert failed.returncode == 2 and "unknown base 'nope'" in failed.stderr
