@@ -249,8 +249,12 @@ class Registry:
 
     # aliases -----------------------------------------------------------
     def alias_of(self, name: str) -> AliasRecord | None:
-        """The alias `name` (None: not an alias). No database read: other gateways' alias changes
-        arrive with the registry poll, so the request path stays one dict lookup."""
+        """The alias `name` (None: not an alias). A name this gateway does not know is pulled from the
+        database (defined by another gateway); changes to a known alias arrive with the registry poll
+        (`state_poll_seconds`), so the request path for a known name stays a dict lookup."""
+        state = self.state
+        if name not in state.aliases and name not in state.variants and name not in state.bases:
+            self.refresh()
         return self.state.aliases.get(name)
 
     def alias(self, name: str) -> AliasRecord:

@@ -200,3 +200,23 @@ def test_the_database_killed_keeps_serving_and_refuses_writes_clearly(fronts, po
         assert time.monotonic() < deadline, "writes did not come back with the database"
         time.sleep(0.5)
     assert _complete(a, "during-outage").status_code == 200
+
+
+def test_an_alias_moved_through_one_gateway_is_followed_by_the_other_within_the_poll(fronts, tied):
+    """Defined on A, served by B at once (pulled by name); moved on B, A follows within the poll."""
+    a, b = fronts
+    body = {"name": "front-inst", "base": "pico", "deltas": [{"delta": "shared-d", "alpha": 1.0}]}
+    assert httpx.post(f"{a.url}/v1/variants", json=body, headers=AUTH).status_code in (201, 409)
+    one = {"targets": [{"variant": "front-inst"}]}
+    assert httpx.put(f"{a.url}/v1/aliases/front", json=one, headers=AUTH).status_code == 200
+    answer = _complete(b, "front")
+    assert answer.status_code == 200 and answer.headers["x-deltagate-variant"] == "front-inst", answer.text
+    assert answer.json()["model"] == "front"
+    base = {"targets": [{"variant": "pico"}]}
+    assert httpx.put(f"{b.url}/v1/aliases/front", json=base, headers=AUTH).status_code == 200
+    moved = time.monotonic()
+    while (r := _complete(a, "front")).headers["x-deltagate-variant"] != "pico":
+        assert time.monotonic() - moved < 4 * POLL + 2, "A still routes the alias to its old target"
+        time.sleep(0.05)
+    assert r.json()["choices"][0]["text"].split()[0] == weights_tag(None)
+    assert httpx.delete(f"{a.url}/v1/aliases/front", headers=AUTH).status_code == 204
