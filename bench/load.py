@@ -17,6 +17,10 @@ Scenarios:
 - change: steady Poisson load that moves from one variant to another halfway.
 - eval: the same closed-loop online load alone and beside an eval run (GSM8K 5-shot, 64 tokens,
   2 requests in flight) on the same variant, alternating.
+- rebase: the same online load alone and beside a rebase of that variant onto SmolLM2's
+  continued-pre-trained θ′ (hot-loaded by the same engine; α ∈ {0.5, 1, 1.5} on the addition task,
+  2 eval requests in flight), alternating: the cost to online traffic of a rebase's eval traffic,
+  swaps included (--model smollm2 only).
 - lanes: two low-rank variants (a rank-16 projection-only copy of the delta at alpha 1 and 0.5) on
   a LoRA-enabled engine, served as adapters (`serve --lora-slots 2`) and by swaps (lane off, same
   engine), one variant and two (random), alternating, --repeats each. The engine is LoRA-enabled
@@ -344,6 +348,44 @@ class Bench:
         overlap = "still running" if progress["done"] < progress["total"] else "FINISHED EARLY: no overlap"
         say(f"    eval beside it: {progress['done']}/{progress['total']} items graded, {overlap}; canceled")
 
+    def start_rebase(self, variant: str) -> str:
+        """Start a rebase of `variant` onto θ′ (registered once); return once its eval has graded items."""
+        from training.cpt import continue_pretraining
+        from training.paramdelta_table import CPT
+
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        url = self.gateway.url
+        tag = f"{self.base_dir.name}-cpt-s{CPT.steps}-b{CPT.batch_size}-seed{CPT.seed}"
+        updated = self.args.cache_dir / "models" / tag  # the θ′ of docs/paramdelta.md
+        if not (updated / "model.safetensors").is_file():
+            continue_pretraining(self.base_dir, updated, CPT, say)
+        if httpx.get(f"{url}/v1/bases/updated", headers=auth).status_code == 404:
+            body = {"name": "updated", "path": str(updated)}
+            httpx.post(f"{url}/v1/bases", json=body, headers=auth, timeout=300).raise_for_status()
+        task = {"name": "addition", "data_source": {"type": "builtin", "task": "addition"}}
+        eval_id = httpx.post(f"{url}/v1/evals", json=task, headers=auth).json()["id"]
+        body = {"from_base": self.name, "to_base": "updated", "variants": [variant], "eval_id": eval_id,
+                "alphas": [0.5, 1.0, 1.5], "validation": 100, "holdout": 100, "max_tokens": 8,
+                "gate": {"min_difference": -1}, "concurrency": 2}  # outlasts the load  # fmt: skip
+        r = httpx.post(f"{url}/v1/rebases", json=body, headers=auth)
+        r.raise_for_status()
+        rebase_id = r.json()["id"]
+        while httpx.get(f"{url}/v1/rebases/{rebase_id}", headers=auth).json()["progress"]["done"] < 2:
+            time.sleep(0.5)
+        return rebase_id
+
+    def cancel_rebase(self, rebase_id: str) -> None:
+        """Cancel it (it must still be running) and delete the candidates it defined."""
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        url = self.gateway.url
+        job = httpx.post(f"{url}/v1/rebases/{rebase_id}/cancel", headers=auth).json()
+        say(f"    rebase beside it: phase {job['report']['phase']}, {job['progress']['done']}/"
+            f"{job['progress']['total']} items of the phase; canceled")  # fmt: skip
+        time.sleep(1.0)  # its eval run is canceled by the job (it polls twice a second), which then stops
+        for entry in job["report"]["variants"].values():
+            for name in {*entry["candidates"].values(), entry["variant"]} - {None}:
+                httpx.delete(f"{url}/v1/variants/{name}", headers=auth)
+
     def _eval_progress(self, ids: tuple[str, str]) -> dict:
         r = httpx.get(
             f"{self.gateway.url}/v1/evals/{ids[0]}/runs/{ids[1]}",
@@ -431,8 +473,8 @@ def main() -> None:
         "--scenarios",
         nargs="+",
         default=["overhead", "mixed", "poisson", "change", "eval"],
-        choices=["overhead", "mixed", "poisson", "change", "eval", "swaps", "policy", "lanes", "replicas",
-                 "kill"],  # fmt: skip
+        choices=["overhead", "mixed", "poisson", "change", "eval", "rebase", "swaps", "policy", "lanes",
+                 "replicas", "kill"],  # fmt: skip
     )
     parser.add_argument(
         "--quanta", type=float, nargs="+", default=[0.0, 2.0, 5.0], help="policy: --swap-quantum values"
@@ -530,6 +572,16 @@ def main() -> None:
                     )
                     if run_id:
                         bench.cancel_eval(run_id)
+        if "rebase" in args.scenarios:
+            say(f"online traffic with and without a rebase of {bench.models[1]} beside it")
+            for rep in range(args.repeats):
+                for beside in (False, True) if rep % 2 == 0 else (True, False):
+                    rebase_id = bench.start_rebase(bench.models[1]) if beside else None
+                    kind = "with-rebase" if beside else "alone"
+                    runs.append(bench.run(f"rebase-{'on' if beside else 'off'}-{rep}", "rebase",
+                                          [bench.models[1]] * n, concurrency=c, kind=kind))  # fmt: skip
+                    if rebase_id:
+                        bench.cancel_rebase(rebase_id)
         if "swaps" in args.scenarios:
             say("swap design: before (full reload in the pause) vs after (incremental, staged)")
             modes = {"before": lambda: bench.use_swap_mode("full"),
@@ -619,15 +671,15 @@ def report(runs: list[Run], work: Path, args) -> None:
                     f"{r.name}: {100 * r.tok_s / single.tok_s:.0f}% of single-variant throughput, "
                     f"TTFT p99 x{r.ttft_p99_ms / single.ttft_p99_ms:.1f}"
                 )
-    beside = {
-        k: [r for r in runs if r.scenario == "eval" and r.schedule == k] for k in ("with-eval", "alone")
-    }
-    if beside["with-eval"] and beside["alone"]:
-        tok, p50 = _medians(beside)
-        lines.append(
-            f"online beside an eval run: TTFT p50 {p50['with-eval']:.0f} vs {p50['alone']:.0f} ms alone, "
-            f"{tok['with-eval']:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
-        )
+    for scenario, what in (("eval", "an eval run"), ("rebase", "a rebase")):
+        key = f"with-{scenario}"
+        beside = {k: [r for r in runs if r.scenario == scenario and r.schedule == k] for k in (key, "alone")}
+        if beside[key] and beside["alone"]:
+            tok, p50 = _medians(beside)
+            lines.append(
+                f"online beside {what}: TTFT p50 {p50[key]:.0f} vs {p50['alone']:.0f} ms alone, "
+                f"{tok[key]:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
+            )
     lines += _policy_lines(runs) + _swap_lines(runs) + _lane_lines(runs) + _replica_lines(runs)
     checked = [r for r in runs if r.target == "gateway"]
     lines.append(
@@ -764,6 +816,7 @@ def plot(runs: list[Run], work: Path) -> None:
         ("poisson", "^"),
         ("change", "D"),
         ("eval", "x"),
+        ("rebase", "X"),
         ("policy", "P"),
         ("lanes", "*"),
         ("replicas", "v"),

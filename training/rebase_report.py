@@ -1,0 +1,146 @@
+"""The rebase report on SmolLM2: one `POST /v1/rebases` moves the addition variant of θ to θ′.
+
+    .venv/bin/python -m training.rebase_report [--cache .cache] [--validation 100] [--holdout 100]
+        [--out docs/rebase.md]
+
+Models (cached under --cache, trained on this CPU the first time, as for docs/paramdelta.md):
+    θ    SmolLM2-135M-Instruct                                 start-up base `smollm2`
+    Δ    θ fine-tuned on two-digit addition (seed 0) minus θ   variant `sft-s0` = θ + Δ
+    θ′   θ continued-pre-trained on Python source              runtime base `smollm2-py`
+
+Everything goes through the HTTP API of one `deltagate serve --base smollm2=θ`: θ′ registered while
+serving, an alias `assistant` → sft-s0 that clients use, the built-in addition eval (200 held-out
+problems, greedy, exact match), and one rebase: α ∈ {0.5, 1.0, 1.5} searched on a validation split,
+the gate on a disjoint held-out split, promotion through a 10% canary step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from loaders.engine import free_port, wait_healthy
+from server.cli.rebase import plot_report
+from training.cpt import continue_pretraining
+from training.default import prepare_default
+from training.paramdelta_table import ADMIN, BEGIN, CPT, END, _api
+
+GATE = {"criterion": "exact_match", "min_difference": -0.05}  # the paired lower bound ≥ −5 points
+
+
+def serve(cache: Path, work: Path, log=print) -> tuple[subprocess.Popen, str]:
+    """The gateway on θ, with θ′, the delta, sft-s0 and the alias registered through the API."""
+    models = prepare_default(cache, log)
+    updated = cache / "models" / f"{models.base.name}-cpt-s{CPT.steps}-b{CPT.batch_size}-seed{CPT.seed}"
+    if not (updated / "model.safetensors").is_file():
+        log(f"continued pre-training on Python source ({CPT.steps} steps)")
+        continue_pretraining(models.base, updated, CPT, log)
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--state-dir", str(work),
+           "--admin-token", ADMIN, "--base", f"smollm2={models.base}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, 1800, "gateway", work / "gateway.log")
+    _api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(updated)})
+    _api("POST", f"{url}/v1/deltas", {"name": "addition-s0", "path": str(models.delta)})
+    variant = {"name": "sft-s0", "base": "smollm2", "deltas": [{"delta": "addition-s0"}]}
+    _api("POST", f"{url}/v1/variants", variant)
+    _api("PUT", f"{url}/v1/aliases/assistant", {"targets": [{"variant": "sft-s0"}]})
+    return proc, url
+
+
+def rebase(url: str, args: argparse.Namespace, log=print) -> dict:
+    """The rebase, followed until it ends (progress on stdout)."""
+    task = {"name": "addition", "data_source": {"type": "builtin", "task": "addition"}}
+    ev = _api("POST", f"{url}/v1/evals", task)
+    body = {"from_base": "smollm2", "to_base": "smollm2-py", "variants": ["sft-s0"], "eval_id": ev["id"],
+            "alphas": [0.5, 1.0, 1.5], "validation": args.validation, "holdout": args.holdout, "seed": 0,
+            "gate": GATE, "promote": {"steps": [10, 100], "hold_seconds": 5}, "concurrency": 8,
+            "max_tokens": 8}  # fmt: skip
+    job = _api("POST", f"{url}/v1/rebases", body)
+    while job["status"] in ("queued", "in_progress"):
+        time.sleep(5)
+        job = _api("GET", f"{url}/v1/rebases/{job['id']}")
+        log(f"  {job['report']['phase']}: {job['progress']['done']}/{job['progress']['total']} items")
+    return job
+
+
+def markdown(job: dict, minutes: float, args: argparse.Namespace) -> str:
+    """The results section of docs/rebase.md."""
+    entry = job["report"]["variants"]["sft-s0"]
+
+    def pct(s: dict) -> str:
+        return f"{100 * s['value']:.1f}% [{100 * s['ci95'][0]:.1f}%, {100 * s['ci95'][1]:.1f}%]"
+
+    rows = [f"| θ′ + {a}·Δ | validation | {entry['validation'][a]['n']} | {pct(entry['validation'][a])} |"
+            for a in sorted(entry["validation"], key=float)]  # fmt: skip
+    names = {"from": "θ + Δ (`sft-s0`)", "candidate": f"θ′ + {entry['alpha']:g}·Δ (`{entry['variant']}`)",
+             "to_base": "θ′ alone (`smollm2-py`)"}  # fmt: skip
+    rows += [f"| {names[k]} | held out | {s['n']} | {pct(s)} |" for k, s in entry["scores"].items()]
+    d = entry["difference"]
+    return "\n".join([
+        f"Measured {time.strftime('%Y-%m-%d')} in {minutes:.0f} minutes with `python -m "
+        f"training.rebase_report --validation {args.validation} --holdout {args.holdout}` "
+        f"(rebase `{job['id']}`, status {job['status']}).",
+        "",
+        "| model | split | n | exact match [95% CI] |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"α chosen on the validation split: **{entry['alpha']:g}**. Paired difference on the held-out "
+        "split, "
+        f"{entry['variant']} − sft-s0: {100 * d['value']:+.1f} points, 95% CI [{100 * d['ci95'][0]:+.1f}, "
+        f"{100 * d['ci95'][1]:+.1f}] (n = {d['n']}).",
+        "",
+        f"Gate (`{json.dumps(GATE)}`): **{'passed' if entry['gate']['passed'] else 'failed'}** — "
+        f"{'; '.join(entry['gate']['reasons'])}. Alias `assistant`: "
+        f"{'moved to ' + entry['variant'] if entry['promoted'] else 'not moved'}.",
+        "",
+        "![the rebase report](img/rebase-smollm2.png)",
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--validation", type=int, default=100, help="addition problems for the α search")
+    parser.add_argument("--holdout", type=int, default=100, help="addition problems for the gate")
+    parser.add_argument("--out", type=Path, default=Path("docs/rebase.md"))
+    args = parser.parse_args()
+    work = args.cache / "rebase-report"
+    if work.exists():
+        subprocess.run(["rm", "-rf", str(work)], check=True)  # a fresh state dir: one rebase, one report
+    work.mkdir(parents=True)
+    started = time.monotonic()
+    proc, url = serve(args.cache, work)
+    try:
+        job = rebase(url, args)
+        question = [{"role": "user", "content": "What is 37 + 45? Answer with the number only."}]
+        ask = {"model": "assistant", "max_tokens": 8, "temperature": 0, "messages": question}
+        answer = httpx.post(f"{url}/v1/chat/completions", timeout=600, json=ask)
+        print(f"assistant now served by {answer.headers.get('x-deltagate-variant')}: "
+              f"{answer.json()['choices'][0]['message']['content']!r}")  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    (args.out.parent / "rebase-smollm2.json").write_text(json.dumps(job, indent=1))
+    plot_report(job, args.out.parent / "img" / "rebase-smollm2.png")
+    text = args.out.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    section = markdown(job, (time.monotonic() - started) / 60, args)
+    args.out.write_text(text[:start] + "\n" + section + "\n" + text[end:])
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
