@@ -5,7 +5,11 @@ the job over. Statements only: each store runs them in its own transaction."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import sqlalchemy as sa
 
@@ -40,3 +44,38 @@ def set_status(table: sa.Table, row_id: str, status: str, error: str | None = No
     """Move an active job to `status` (rowcount 0: it is not active any more, canceled meanwhile)."""
     query = sa.update(table).where(table.c.id == row_id, table.c.status.in_(ACTIVE))
     return query.values(status=status, error=error)
+
+
+class Leased(Protocol):
+    """A store of leased jobs (server/evals/store.py, server/rebase/store.py)."""
+
+    def renew(self, owner: str, lease: float) -> list[str]: ...
+    def orphans(self) -> list[str]: ...
+    def claim(self, job_id: str, owner: str, lease: float, force: bool = False) -> bool: ...
+
+
+async def follow(
+    store: Leased,
+    owner: str,
+    lease: float,
+    running: Mapping[str, object],
+    launch: Callable[[str], None],
+    what: str,
+    lost: Callable[[str], None] | None = None,
+) -> None:
+    """Every third of a lease: renew `owner`'s leases, call `lost` for a job in `running` (its id →
+    its task) no longer
+    active (canceled or deleted through another gateway), `launch` jobs whose gateway is gone."""
+    log = logging.getLogger("deltagate")
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            active = set(store.renew(owner, lease))
+            for job_id in set(running) - active if lost is not None else ():
+                lost(job_id)
+            for job_id in store.orphans():
+                if job_id not in running and store.claim(job_id, owner, lease):
+                    log.info("taking over %s %s (its gateway is gone)", what, job_id)
+                    launch(job_id)
+        except Exception:  # the database away for a while: keep trying
+            log.exception("following %ss failed; trying again", what)

@@ -60,6 +60,21 @@ def connect(url: str) -> sa.Engine:
     return engine
 
 
+class Store:
+    """A store of rows in the state database: each call is one transaction; a database error is a
+    503 naming the database (never its password)."""
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+
+    def _run(self, work):
+        try:
+            with self.engine.begin() as conn:
+                return work(conn)
+        except sa.exc.DBAPIError as exc:
+            raise UnavailableError(unreachable(self.engine, exc)) from None
+
+
 def shared(engine: sa.Engine) -> bool:
     """Whether other gateways may write this database too (a server, not this state dir's file)."""
     return engine.dialect.name != "sqlite"

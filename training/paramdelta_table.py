@@ -76,15 +76,21 @@ def _api(method: str, url: str, body: dict | None = None) -> dict:
     return r.json() if r.content else {}
 
 
-def serve(paths: dict, work: Path, log=print) -> tuple[subprocess.Popen, str]:
-    """Start the gateway on θ, then add θ′, the deltas and every variant through the API."""
+def start_gateway(base: Path, work: Path) -> tuple[subprocess.Popen, str]:
+    """`deltagate serve --base smollm2=BASE` on a free port with state in `work`, once healthy."""
     port = free_port()
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--state-dir", str(work),
-           "--admin-token", ADMIN, "--base", f"smollm2={paths['base']}"]  # fmt: skip
+           "--admin-token", ADMIN, "--base", f"smollm2={base}"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, 1800, "gateway", work / "gateway.log")
+    return proc, url
+
+
+def serve(paths: dict, work: Path, log=print) -> tuple[subprocess.Popen, str]:
+    """Start the gateway on θ, then add θ′, the deltas and every variant through the API."""
+    proc, url = start_gateway(paths["base"], work)
     have = {b["name"] for b in _api("GET", f"{url}/v1/bases")["data"]}
     if "smollm2-py" not in have:
         base = _api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(paths["updated"])})

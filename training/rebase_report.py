@@ -20,17 +20,15 @@ import argparse
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from loaders.engine import free_port, wait_healthy
 from server.cli.rebase import plot_report
 from training.cpt import continue_pretraining
 from training.default import prepare_default
-from training.paramdelta_table import ADMIN, BEGIN, CPT, END, _api
+from training.paramdelta_table import BEGIN, CPT, END, _api, start_gateway
 
 GATE = {"criterion": "exact_match", "min_difference": -0.05}  # the paired lower bound ≥ −5 points
 
@@ -42,13 +40,7 @@ def serve(cache: Path, work: Path, log=print) -> tuple[subprocess.Popen, str]:
     if not (updated / "model.safetensors").is_file():
         log(f"continued pre-training on Python source ({CPT.steps} steps)")
         continue_pretraining(models.base, updated, CPT, log)
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--state-dir", str(work),
-           "--admin-token", ADMIN, "--base", f"smollm2={models.base}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, 1800, "gateway", work / "gateway.log")
+    proc, url = start_gateway(models.base, work)
     _api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(updated)})
     _api("POST", f"{url}/v1/deltas", {"name": "addition-s0", "path": str(models.delta)})
     variant = {"name": "sft-s0", "base": "smollm2", "deltas": [{"delta": "addition-s0"}]}

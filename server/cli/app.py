@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,23 @@ def call(resp) -> dict:
             message = resp.text
         raise fail(f"HTTP {resp.status_code}: {message}")
     return resp.json() if resp.content else {}
+
+
+def show_result(
+    result: dict,
+    as_json: bool,
+    show: Callable[[dict], None],
+    plot: Path | None,
+    draw: Callable[[dict, Path], None],
+) -> None:
+    """Print a finished job (as JSON, or with `show`) and, with `plot`, draw it there."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        show(result)
+    if plot:
+        draw(result, plot)
+        console.print(f"wrote {plot}")
 
 
 def progress_bar() -> Progress:

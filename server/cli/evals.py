@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from server.cli.app import admin_client, app, call, console, fail, progress_bar
+from server.cli.app import admin_client, app, call, console, fail, progress_bar, show_result
 
 
 @app.command("eval")
@@ -75,13 +75,7 @@ def eval_cmd(
         run = _follow(client, ev["id"], run)
     except httpx.HTTPError as exc:
         raise fail(f"gateway at {url} unreachable: {exc}") from None
-    if as_json:
-        print(json.dumps(run, indent=2))
-    else:
-        _print(run)
-    if plot:
-        plot_run(run, plot)
-        console.print(f"wrote {plot}")
+    show_result(run, as_json, _print, plot, plot_run)
     if run["status"] != "completed":
         error = (run["error"] or {}).get("message") or "no error recorded"
         raise fail(f"run {run['id']} ended {run['status']}: {error}")

@@ -3,7 +3,6 @@ variants to an updated base through a gateway's admin API (with progress, a repo
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from server.cli.app import admin_client, app, call, console, fail, progress_bar
+from server.cli.app import admin_client, app, call, console, fail, progress_bar, show_result
 
 Url = Annotated[str, typer.Option(help="The gateway")]
 Token = Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN", help="Its admin token")]
@@ -125,13 +124,7 @@ def rebase_cmd(
                            completed=progress["done"], total=progress["total"] or None)  # fmt: skip
     except httpx.HTTPError as exc:
         raise fail(f"gateway at {url} unreachable: {exc}") from None
-    if as_json:
-        print(json.dumps(job, indent=2))
-    else:
-        print_report(job)
-    if plot:
-        plot_report(job, plot)
-        console.print(f"wrote {plot}")
+    show_result(job, as_json, print_report, plot, plot_report)
     if job["status"] != "completed":
         raise fail(f"rebase {job['id']} ended {job['status']}: {job['error']}")
 

@@ -19,6 +19,7 @@ import socket
 import uuid
 
 from deltas.store import materialize, named_digest
+from server import leases
 from server.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
 from server.evals.asking import Asker, ReferenceProbe
 from server.evals.results import output_items, run_result
@@ -85,20 +86,10 @@ class EvalService:
         self._follower = asyncio.create_task(self._follow())
 
     async def _follow(self) -> None:
-        """Every third of a lease: renew this gateway's leases, stop runs canceled through another
-        gateway, resume runs whose gateway is gone."""
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            try:
-                active = set(self.store.renew(self.owner, self.lease))
-                for run_id in set(self._tasks) - active:  # canceled (or deleted) elsewhere
-                    self._cancel.add(run_id)
-                for run_id in self.store.orphans():
-                    if run_id not in self._tasks and self.store.claim(run_id, self.owner, self.lease):
-                        log.info("taking over eval run %s (its gateway is gone)", run_id)
-                        self._launch(run_id)
-            except Exception:  # the database away for a while: keep trying
-                log.exception("following eval runs failed; trying again")
+        """Keep this gateway's leases, stop runs canceled through another gateway, resume runs
+        whose gateway is gone (server/leases.py)."""
+        await leases.follow(self.store, self.owner, self.lease, self._tasks, self._launch, "eval run",
+                            lost=self._cancel.add)  # fmt: skip
 
     async def stop(self) -> None:
         if self._follower is not None:

@@ -19,9 +19,8 @@ import uuid
 import sqlalchemy as sa
 
 from server import leases
-from server.errors import UnavailableError
 from server.leases import ACTIVE  # noqa: F401  (re-exported: the run states that are active)
-from server.statedb import metadata, unreachable
+from server.statedb import Store, metadata
 
 _evals = sa.Table(
     "evals",
@@ -61,18 +60,8 @@ _items = sa.Table(
 )
 
 
-class EvalStore:
+class EvalStore(Store):
     """Rows in, dicts out."""
-
-    def __init__(self, engine: sa.Engine):
-        self.engine = engine
-
-    def _run(self, work):
-        try:
-            with self.engine.begin() as conn:
-                return work(conn)
-        except sa.exc.DBAPIError as exc:
-            raise UnavailableError(unreachable(self.engine, exc)) from None
 
     # evals
     def add_eval(self, body: dict) -> str:

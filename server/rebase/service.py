@@ -24,6 +24,7 @@ import logging
 import random
 import time
 
+from server import leases
 from server.aliases import AliasTarget
 from server.catalog import require_name
 from server.errors import BadRequestError, ConflictError, NotFoundError
@@ -60,16 +61,8 @@ class RebaseService:
         self._follower = asyncio.create_task(self._follow())
 
     async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            try:
-                self.store.renew(self.owner, self.lease)
-                for rebase_id in self.store.orphans():
-                    if rebase_id not in self._tasks and self.store.claim(rebase_id, self.owner, self.lease):
-                        log.info("taking over rebase %s (its gateway is gone)", rebase_id)
-                        self._launch(rebase_id)
-            except Exception:
-                log.exception("following rebases failed; trying again")
+        """Keep this gateway's leases; resume rebases whose gateway is gone (server/leases.py)."""
+        await leases.follow(self.store, self.owner, self.lease, self._tasks, self._launch, "rebase")
 
     async def stop(self) -> None:
         if self._follower is not None:
@@ -164,8 +157,12 @@ class RebaseService:
             job.restore_aliases("canceled")
         except Exception as exc:
             log.exception("rebase %s failed", rebase_id)
-            job.restore_aliases("failed")
-            self.store.set_status(rebase_id, "failed", f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            try:
+                job.restore_aliases("failed")
+            except Exception as again:  # the database away: say so; the aliases are as the report says
+                error += f"; and putting the aliases back failed: {again}"
+            self.store.set_status(rebase_id, "failed", error)
 
     def _variants(self, body: RebaseCreate) -> list[str]:
         state = self.registry.state

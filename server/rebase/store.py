@@ -10,8 +10,7 @@ import uuid
 import sqlalchemy as sa
 
 from server import leases
-from server.errors import UnavailableError
-from server.statedb import metadata, unreachable
+from server.statedb import Store, metadata
 
 _rebases = sa.Table(
     "rebases",
@@ -27,16 +26,8 @@ _rebases = sa.Table(
 )
 
 
-class RebaseStore:
-    def __init__(self, engine: sa.Engine):
-        self.engine = engine
-
-    def _run(self, work):
-        try:
-            with self.engine.begin() as conn:
-                return work(conn)
-        except sa.exc.DBAPIError as exc:
-            raise UnavailableError(unreachable(self.engine, exc)) from None
+class RebaseStore(Store):
+    """Rebase rows in, dicts out."""
 
     def add(self, body: dict, report: dict, owner: str, lease: float) -> str:
         rebase_id = f"rebase_{uuid.uuid4().hex[:16]}"

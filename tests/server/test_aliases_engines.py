@@ -40,24 +40,22 @@ def _ask(client: httpx.Client, alias: str, i: int, **extra) -> tuple[str, int, d
 
 
 def test_a_weighted_split_is_within_binomial_noise_sticky_per_key_and_exact(stack):
-    """3:1 over tied-inst and the untied base (two engines: no swap between them): 240 requests, 8
-    at a time, half of them keyed by `user` (20 keys)."""
+    """3:1 over tied-inst and the untied base (two engines: no swap between them), 8 requests at a
+    time: 240 without a key (each an independent weighted draw), then 20 keys (`user`) twice each."""
     _put(stack, "pico-split", ("tied-inst", 3), ("untied", 1))
     with httpx.Client(base_url=stack.url, timeout=300) as client, ThreadPoolExecutor(8) as pool:
-        def one(i: int) -> tuple:
-            return _ask(client, "pico-split", i, **({"user": f"k{i % 20}"} if i % 2 else {}))
-
-        got = list(pool.map(one, range(240)))
+        free = list(pool.map(lambda i: _ask(client, "pico-split", i), range(240)))
+        keyed = list(pool.map(lambda i: _ask(client, "pico-split", i, user=f"k{i % 20}"), range(40)))
+    got = free + keyed
     wrong = [(v, k) for v, k, answer, _ in got if answer != _want(stack, v)[k]]
     assert not wrong, wrong[:5]
     assert {model for *_, model in got} == {"pico-split"}
-    n = len(got)
-    heavy = sum(v == "tied-inst" for v, *_ in got)
-    assert abs(heavy - 0.75 * n) <= 4 * math.sqrt(n * 0.75 * 0.25), Counter(v for v, *_ in got)
+    n = len(free)
+    heavy = sum(v == "tied-inst" for v, *_ in free)
+    assert abs(heavy - 0.75 * n) <= 4 * math.sqrt(n * 0.75 * 0.25), Counter(v for v, *_ in free)
     by_key: dict[int, set] = {}
-    for i, (v, *_) in enumerate(got):
-        if i % 2:
-            by_key.setdefault(i % 20, set()).add(v)
+    for i, (v, *_) in enumerate(keyed):
+        by_key.setdefault(i % 20, set()).add(v)
     assert all(len(s) == 1 for s in by_key.values()), by_key
 
 
