@@ -10,8 +10,9 @@ Models (cached under --cache, trained on this CPU the first time, as for docs/pa
 
 Everything goes through the HTTP API of one `deltagate serve --base smollm2=θ`: θ′ registered while
 serving, an alias `assistant` → sft-s0 that clients use, the built-in addition eval (200 held-out
-problems, greedy, exact match), and one rebase: α ∈ {0.5, 1.0, 1.5} searched on a validation split,
-the gate on a disjoint held-out split, promotion through a 10% canary step.
+problems, greedy, exact match), and two rebases: α ∈ {0.5, 1.0, 1.5} searched on a validation split
+with a strict gate on a disjoint held-out split, then the chosen α with a ratio gate, promoted
+through a 10% canary step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from training.cpt import continue_pretraining
 from training.default import prepare_default
 from training.paramdelta_table import BEGIN, CPT, END, _api, start_gateway
 
-GATE = {"criterion": "exact_match", "min_difference": -0.05}  # the paired lower bound ≥ −5 points
+STRICT = {"criterion": "exact_match", "min_difference": -0.05}  # the paired lower bound ≥ −5 points
+RATIO = {"criterion": "exact_match", "min_ratio": 0.9}  # ≥ 90% of θ + Δ's score
 
 
 def serve(cache: Path, work: Path, log=print) -> tuple[subprocess.Popen, str]:
@@ -49,13 +51,12 @@ def serve(cache: Path, work: Path, log=print) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def rebase(url: str, args: argparse.Namespace, log=print) -> dict:
-    """The rebase, followed until it ends (progress on stdout)."""
-    task = {"name": "addition", "data_source": {"type": "builtin", "task": "addition"}}
-    ev = _api("POST", f"{url}/v1/evals", task)
-    body = {"from_base": "smollm2", "to_base": "smollm2-py", "variants": ["sft-s0"], "eval_id": ev["id"],
-            "alphas": [0.5, 1.0, 1.5], "validation": args.validation, "holdout": args.holdout, "seed": 0,
-            "gate": GATE, "promote": {"steps": [10, 100], "hold_seconds": 5}, "concurrency": 8,
+def rebase(url: str, eval_id: str, args: argparse.Namespace, alphas: list[float], gate: dict,
+           log=print) -> dict:  # fmt: skip
+    """One rebase of sft-s0, followed until it ends (progress on stdout)."""
+    body = {"from_base": "smollm2", "to_base": "smollm2-py", "variants": ["sft-s0"], "eval_id": eval_id,
+            "alphas": alphas, "validation": args.validation, "holdout": args.holdout, "seed": 0,
+            "gate": gate, "promote": {"steps": [10, 100], "hold_seconds": 5}, "concurrency": 8,
             "max_tokens": 8}  # fmt: skip
     job = _api("POST", f"{url}/v1/rebases", body)
     while job["status"] in ("queued", "in_progress"):
@@ -65,12 +66,18 @@ def rebase(url: str, args: argparse.Namespace, log=print) -> dict:
     return job
 
 
-def markdown(job: dict, minutes: float, args: argparse.Namespace) -> str:
-    """The results section of docs/rebase.md."""
-    entry = job["report"]["variants"]["sft-s0"]
+def markdown(strict: dict, ratio: dict, minutes: float, args: argparse.Namespace) -> str:
+    """The results section of docs/rebase.md: the search and the strict gate, then the ratio gate."""
+    entry, second = strict["report"]["variants"]["sft-s0"], ratio["report"]["variants"]["sft-s0"]
 
     def pct(s: dict) -> str:
         return f"{100 * s['value']:.1f}% [{100 * s['ci95'][0]:.1f}%, {100 * s['ci95'][1]:.1f}%]"
+
+    def verdict(job: dict, e: dict, gate: dict) -> str:
+        moved = "moved to " + e["variant"] if e["promoted"] else "not moved"
+        passed = "passed" if e["gate"]["passed"] else "failed"
+        return (f"rebase `{job['id']}`, gate `{json.dumps(gate)}`: **{passed}** — "
+                f"{'; '.join(e['gate']['reasons'])}. Alias `assistant`: {moved}.")  # fmt: skip
 
     rows = [f"| θ′ + {a}·Δ | validation | {entry['validation'][a]['n']} | {pct(entry['validation'][a])} |"
             for a in sorted(entry["validation"], key=float)]  # fmt: skip
@@ -78,23 +85,24 @@ def markdown(job: dict, minutes: float, args: argparse.Namespace) -> str:
              "to_base": "θ′ alone (`smollm2-py`)"}  # fmt: skip
     rows += [f"| {names[k]} | held out | {s['n']} | {pct(s)} |" for k, s in entry["scores"].items()]
     d = entry["difference"]
+    log = ratio["report"]["log"]
+    steps = [line.split(" ", 1)[1] for line in log if " step " in line or "promoting" in line]
     return "\n".join([
         f"Measured {time.strftime('%Y-%m-%d')} in {minutes:.0f} minutes with `python -m "
-        f"training.rebase_report --validation {args.validation} --holdout {args.holdout}` "
-        f"(rebase `{job['id']}`, status {job['status']}).",
+        f"training.rebase_report --validation {args.validation} --holdout {args.holdout}`.",
         "",
         "| model | split | n | exact match [95% CI] |",
         "|---|---|---|---|",
         *rows,
         "",
         f"α chosen on the validation split: **{entry['alpha']:g}**. Paired difference on the held-out "
-        "split, "
-        f"{entry['variant']} − sft-s0: {100 * d['value']:+.1f} points, 95% CI [{100 * d['ci95'][0]:+.1f}, "
-        f"{100 * d['ci95'][1]:+.1f}] (n = {d['n']}).",
+        f"split, {entry['variant']} − sft-s0: {100 * d['value']:+.1f} points, 95% CI "
+        f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (n = {d['n']}).",
         "",
-        f"Gate (`{json.dumps(GATE)}`): **{'passed' if entry['gate']['passed'] else 'failed'}** — "
-        f"{'; '.join(entry['gate']['reasons'])}. Alias `assistant`: "
-        f"{'moved to ' + entry['variant'] if entry['promoted'] else 'not moved'}.",
+        "- First, α searched, " + verdict(strict, entry, STRICT),
+        f"- Then α fixed at {second['alpha']:g} (the search's choice, the same held-out items, scores "
+        f"{pct(second['scores']['from'])} and {pct(second['scores']['candidate'])} again), "
+        + verdict(ratio, second, RATIO) + " Its log: " + "; ".join(steps) + ".",
         "",
         "![the rebase report](img/rebase-smollm2.png)",
     ])  # fmt: skip
@@ -116,7 +124,11 @@ def main() -> None:
     started = time.monotonic()
     proc, url = serve(args.cache, work)
     try:
-        job = rebase(url, args)
+        task = {"name": "addition", "data_source": {"type": "builtin", "task": "addition"}}
+        eval_id = _api("POST", f"{url}/v1/evals", task)["id"]
+        strict = rebase(url, eval_id, args, [0.5, 1.0, 1.5], STRICT)
+        chosen = strict["report"]["variants"]["sft-s0"]["alpha"]
+        ratio = rebase(url, eval_id, args, [chosen], RATIO)
         question = [{"role": "user", "content": "What is 37 + 45? Answer with the number only."}]
         ask = {"model": "assistant", "max_tokens": 8, "temperature": 0, "messages": question}
         answer = httpx.post(f"{url}/v1/chat/completions", timeout=600, json=ask)
@@ -125,11 +137,12 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
-    (args.out.parent / "rebase-smollm2.json").write_text(json.dumps(job, indent=1))
-    plot_report(job, args.out.parent / "img" / "rebase-smollm2.png")
+    both = {"strict": strict, "ratio": ratio}
+    (args.out.parent / "rebase-smollm2.json").write_text(json.dumps(both, indent=1))
+    plot_report(strict, args.out.parent / "img" / "rebase-smollm2.png")
     text = args.out.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    section = markdown(job, (time.monotonic() - started) / 60, args)
+    section = markdown(strict, ratio, (time.monotonic() - started) / 60, args)
     args.out.write_text(text[:start] + "\n" + section + "\n" + text[end:])
     print(f"wrote {args.out}")
 

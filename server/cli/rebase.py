@@ -167,6 +167,15 @@ def _num(value: float, report: dict, sign: bool = False) -> str:
     return format(100 * value, "+.1f" if sign else ".1f")
 
 
+def _bars(ax, labels: list[str], scores: list[dict], scale: float) -> None:
+    """Bars of scores with their 95% intervals (clipped at 0: a value on its interval's edge)."""
+    values = [scale * s["value"] for s in scores]
+    lows = [max(0.0, v - scale * s["ci95"][0]) for v, s in zip(values, scores, strict=True)]
+    highs = [max(0.0, scale * s["ci95"][1] - v) for v, s in zip(values, scores, strict=True)]
+    ax.bar(range(len(values)), values, yerr=[lows, highs], capsize=4)
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+
+
 def _fmt(score: dict | None, report: dict) -> str:
     if score is None:
         return "–"
@@ -175,8 +184,8 @@ def _fmt(score: dict | None, report: dict) -> str:
 
 
 def plot_report(job: dict, path: Path) -> None:
-    """One panel per variant: held-out scores (θ variant, θ′ + α·Δ, θ′) with 95% intervals, and the
-    validation score of each α tried."""
+    """One row per variant: held-out scores (θ variant, θ′ + α·Δ, θ′) with 95% intervals, and the
+    validation score of each α tried (the chosen one highlighted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,27 +196,28 @@ def plot_report(job: dict, path: Path) -> None:
     if not entries:
         raise fail("the rebase has no held-out scores to plot yet")
     scale = 1 if report["lower_is_better"] or report["criterion"] == "token_agreement" else 100
-    fig, axes = plt.subplots(1, len(entries), figsize=(5 * len(entries), 4), squeeze=False)
-    for ax, (name, entry) in zip(axes[0], entries, strict=True):
+    unit = f"{report['criterion']}{'' if scale == 1 else ' (%)'} with 95% interval"
+    fig, axes = plt.subplots(len(entries), 2, figsize=(10, 4 * len(entries)), squeeze=False)
+    for (held, tried), (name, entry) in zip(axes, entries, strict=True):
         labels = {"from": name, "candidate": f"θ′ + {entry['alpha']:g}·Δ", "to_base": "θ′ alone"}
         keys = [k for k in labels if k in entry["scores"]]
-        values = [scale * entry["scores"][k]["value"] for k in keys]
-        cis = [entry["scores"][k]["ci95"] for k in keys]
-        lows = [max(0.0, v - scale * ci[0]) for v, ci in zip(values, cis, strict=True)]
-        highs = [max(0.0, scale * ci[1] - v) for v, ci in zip(values, cis, strict=True)]
+        _bars(held, [labels[k] for k in keys], [entry["scores"][k] for k in keys], scale)
         passed = entry["gate"] and entry["gate"]["passed"]
-        colors = ["tab:gray", "tab:green" if passed else "tab:red", "tab:blue"]
-        ax.bar(range(len(keys)), values, yerr=[lows, highs], capsize=4, color=colors[: len(keys)])
-        ax.set_xticks(range(len(keys)), [labels[k] for k in keys], fontsize=8)
-        if entry["validation"]:
-            alphas = sorted(entry["validation"], key=float)
-            twin = ax.twiny()
-            vals = [scale * entry["validation"][a]["value"] for a in alphas]
-            twin.plot([float(a) for a in alphas], vals, "o--", color="tab:orange", label="validation by α")
-            twin.set_xlabel("α (validation split)", color="tab:orange")
-        verdict = "gate passed" if entry["gate"] and entry["gate"]["passed"] else "gate failed"
-        ax.set(title=f"{name}: {verdict}, n = {entry['scores']['from']['n']}",
-               ylabel=f"{report['criterion']}{'' if scale == 1 else ' (%)'} with 95% interval")  # fmt: skip
+        for bar, color in zip(held.patches, ["tab:gray", "tab:green" if passed else "tab:red", "tab:blue"],
+                              strict=False):  # fmt: skip
+            bar.set_color(color)
+        verdict = "gate passed" if passed else "gate failed"
+        held.set(title=f"{name}, held out (n = {entry['scores']['from']['n']}): {verdict}", ylabel=unit)
+        alphas = sorted(entry["validation"], key=float)
+        if alphas:
+            _bars(tried, [f"α = {a}" for a in alphas], [entry["validation"][a] for a in alphas], scale)
+            for bar, a in zip(tried.patches, alphas, strict=True):
+                bar.set_color("tab:orange" if float(a) == entry["alpha"] else "tab:olive")
+            n = entry["validation"][alphas[0]]["n"]
+            tried.set(title=f"θ′ + α·Δ, validation (n = {n}): α = {entry['alpha']:g} chosen",
+                      ylabel=unit)  # fmt: skip
+        else:
+            tried.axis("off")
     request = job["request"]
     fig.suptitle(f"rebase {request['from_base']} → {request['to_base']} ({job['id']})", fontsize=9)
     fig.tight_layout()

@@ -299,6 +299,11 @@ class _Job:
         report, steps = self.report, self.body.promote.steps
         moving = {v: e.variant for v, e in report.variants.items() if e.gate and e.gate.passed}
         aliases = self.registry.state.aliases
+        routed = any(t.variant in moving for a in aliases.values() for t in a.targets)
+        if not routed and not report.aliases_before:
+            self._note(f"nothing to promote: no alias routes to {sorted(moving)}" if moving else
+                       "nothing to promote: no variant passed its gate")  # fmt: skip
+            return
         if report.aliases_before:  # resumed mid-promotion: start again from the aliases as they were
             self.restore_aliases("resumed")
             report.promotion_step = 0
