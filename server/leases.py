@@ -79,3 +79,12 @@ async def follow(
                     launch(job_id)
         except Exception:  # the database away for a while: keep trying
             log.exception("following %ss failed; trying again", what)
+
+
+async def stop(follower: asyncio.Task | None, running: Mapping[str, asyncio.Task]) -> None:
+    """Stop following leases and cancel the jobs running here (they resume at the next start)."""
+    if follower is not None:
+        follower.cancel()
+    for task in running.values():
+        task.cancel()
+    await asyncio.gather(*running.values(), return_exceptions=True)

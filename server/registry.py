@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, field_validator
 from deltas.recipe import MethodName
 from server.aliases import AliasRecord, AliasTarget
 from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
-from server.statedb import metadata, shared, unreachable
+from server.statedb import Store, metadata, shared
 
 Lane = Literal["auto", "swap", "adapter"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -68,9 +68,8 @@ class DeltaRecord(BaseModel):
     adapter_rank: int | None = Field(None, description="LoRA rank that carries it exactly (None: cannot)")
     adapter_unfit: str | None = Field(None, description="why it cannot be a LoRA adapter")
     vocab_digest: str | None = Field(None, description="its post model's tokenizer (token -> id map)")
-    source: str | None = Field(
-        None, description="the local file it was registered from, when `path` is its artifact-store URI"
-    )
+    source: str | None = Field(None, description="the local file it was registered from, when `path` is "
+                               "its artifact-store URI")
     source_mtime_ns: int | None = Field(None, description="that file's mtime (a newer one is re-registered)")
 
 
@@ -121,11 +120,11 @@ _table = sa.Table(
 ATTEMPTS = 20  # compare-and-swap rounds before a change gives up (only under a storm of writers)
 
 
-class Registry:
+class Registry(Store):
     """The registry as this gateway last read it (`state`), changed only through compare-and-swap."""
 
     def __init__(self, engine: sa.Engine):
-        self.engine = engine
+        super().__init__(engine)
         self.shared = shared(engine)
         self.state, self.version = RegistryState(), 0
         self.refresh(force=True)
@@ -159,13 +158,6 @@ class Registry:
                 return result
             self.refresh(force=True)  # another gateway wrote: apply the change to theirs
         raise UnavailableError("the registry is being changed by other gateways all the time; retry")
-
-    def _run(self, work: Callable[[sa.Connection], T]) -> T:
-        try:
-            with self.engine.begin() as conn:
-                return work(conn)
-        except sa.exc.DBAPIError as exc:
-            raise UnavailableError(unreachable(self.engine, exc)) from None
 
     # bases -------------------------------------------------------------
     def put_base(self, record: BaseRecord) -> None:
@@ -344,9 +336,9 @@ def _swap(conn: sa.Connection, state: RegistryState, version: int) -> bool:
             return False
         return True
     done = conn.execute(
-        sa.update(_table)
-        .where(_table.c.id == 1, _table.c.version == version)
-        .values(version=version + 1, body=body)
+        sa.update(_table).where(_table.c.id == 1, _table.c.version == version).values(
+            version=version + 1, body=body
+        )
     )
     return done.rowcount == 1
 

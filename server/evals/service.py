@@ -32,7 +32,7 @@ from server.evals.schemas import (
     RunPublic,
     check_templates,
 )
-from server.evals.store import ACTIVE, EvalStore
+from server.evals.store import EvalStore
 from server.evals.tasks import (
     BuiltinSource,
     FidelitySource,
@@ -48,6 +48,7 @@ from server.evals.tasks import (
     perplexity_task,
 )
 from server.gateway import Gateway
+from server.leases import ACTIVE
 from server.metrics import Metrics
 
 log = logging.getLogger("deltagate.evals")
@@ -92,11 +93,7 @@ class EvalService:
                             lost=self._cancel.add)  # fmt: skip
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await leases.stop(self._follower, self._tasks)
 
     # evals
     def create_eval(self, body: EvalCreate) -> dict:

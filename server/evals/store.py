@@ -19,7 +19,6 @@ import uuid
 import sqlalchemy as sa
 
 from server import leases
-from server.leases import ACTIVE  # noqa: F401  (re-exported: the run states that are active)
 from server.statedb import Store, metadata
 
 _evals = sa.Table(

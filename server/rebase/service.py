@@ -65,11 +65,7 @@ class RebaseService:
         await leases.follow(self.store, self.owner, self.lease, self._tasks, self._launch, "rebase")
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await leases.stop(self._follower, self._tasks)
 
     # the API -----------------------------------------------------------
     def create(self, body: RebaseCreate) -> RebasePublic:

@@ -51,8 +51,6 @@ async def list_models(gateway: GatewayDep) -> dict:
 @router.get("/models/{model:path}")
 async def retrieve_model(gateway: GatewayDep, model: str) -> dict:
     """One model (a base, a variant or an alias); 404 for a name the gateway does not serve."""
-    if gateway.registry.alias_of(model) is None:
-        gateway.registry.variant(model)  # 404 (after reading other gateways' changes) if unknown
     return _model(gateway, model)
 
 
