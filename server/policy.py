@@ -15,13 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.settings import GatewaySettings
+
+_DEFAULTS = GatewaySettings.model_fields  # the one declaration of the defaults
+
 
 @dataclass(frozen=True)
 class SwapPolicy:
     """How long a variant stays resident under contention, and how long any request may wait."""
 
-    quantum_seconds: float = 2.0  # measured best of 0/2/5 s (README, "Swap policy")
-    max_wait_seconds: float = 30.0
+    quantum_seconds: float = _DEFAULTS["swap_quantum"].default
+    max_wait_seconds: float = _DEFAULTS["swap_max_wait"].default
 
     def decide(
         self,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deltas.recipe import MethodName
 from deltas.store import NodeCache
@@ -41,43 +41,143 @@ class StartupVariant(BaseModel):
     seed: int = 0
 
 
+# vLLM's --max-lora-rank accepts only these (vllm/config/lora.py MaxLoRARanks).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _setting(default, help: str, *, flag: str | None = None, cli: bool = True, hidden: bool = False, **kw):
+    """A gateway setting: its default, its help (the CLI's and the docs'), and its flag when that is
+    not the field's name (`flag`), or none (`cli=False`: set from other flags)."""
+    extra = {"flag": flag, "cli": cli, "hidden": hidden}
+    factory = kw.pop("default_factory", None)
+    if factory is not None:
+        return Field(default_factory=factory, description=help, json_schema_extra=extra, **kw)
+    return Field(default, description=help, json_schema_extra=extra, **kw)
+
+
+def _words(value):
+    """DELTAGATE_API_KEYS="k1 k2": keys separated by spaces or commas (a list passes through)."""
+    return value.replace(",", " ").split() if isinstance(value, str) else value
+
+
 class GatewaySettings(BaseSettings):
-    """Everything `create_app` needs; no import-time globals."""
+    """Everything `create_app` needs; no import-time globals. The one declaration of each setting:
+    `deltagate serve`'s options (server/cli/options.py) and docs/reference/settings.md come from here."""
 
     model_config = SettingsConfigDict(env_prefix="DELTAGATE_")
 
-    state_dir: Path = Path(".deltagate")
-    state_db: str | None = None  # SQLAlchemy URL shared by several gateways (postgresql://…); None: state dir
-    state_poll_seconds: float = 2.0  # how often a gateway on a shared database reads others' changes
-    run_lease_seconds: float = 15.0  # an eval run whose gateway renewed nothing this long is taken over
-    admin_token: str | None = None
-    api_keys: list[str] = Field(default_factory=list)
-    bases: list[BaseSpec] = Field(default_factory=list)
-    variants: list[StartupVariant] = Field(default_factory=list)
-    max_model_len: int | None = None
-    kv_cache_gib: float = 1.0
-    engine_start_timeout: float = 900.0
-    supervise_seconds: float = 2.0  # 0: no supervision (Ray Serve replaces a replica instead)
-    engine_wait: float = (
-        60.0  # seconds a request may wait for an engine (restarting, or a Ray replica), then 503
+    state_dir: Path = _setting(Path(".deltagate"), "Registry, uploaded deltas, logs and the admin token")
+    state_db: str | None = _setting(
+        None,
+        "A database shared by several gateways for the registry and the evals "
+        "(postgresql://user:password@host/db; DELTAGATE_STATE_DB keeps the password off the command "
+        "line). They need the same --admin-token and an --artifact-store all reach. Default: a SQLite "
+        "file in the state dir",
     )
-    engine_args: list[str] = Field(default_factory=list)
-    allow_code_execution: bool = False  # HumanEval: run model-written programs (sandboxed)
-    swap_quantum: float = 2.0  # seconds a busy variant stays resident while others wait (server/policy.py)
-    lora_slots: int = 0  # >0: engines with vLLM multi-LoRA; low-rank variants served as adapters
-    max_lora_rank: int = 16  # the largest adapter rank engines accept (vLLM's --max-lora-rank)
-    swap_max_wait: float = 30.0  # seconds any request may wait for its variant before the quantum ends
-    engine_read_timeout: float = 3600.0  # seconds an engine may send nothing mid-answer, then 502 (0: none)
-    max_body_bytes: int = 32 * 2**20  # any request body but an upload (0: no limit)
-    max_upload_bytes: int = 64 * 2**30  # an uploaded artifact (0: no limit)
-    upload_idle_seconds: float = 60.0  # an upload that sends nothing for this long is dropped (408)
-    stream_write_timeout: float = 60.0  # a stream whose client reads nothing this long is ended (0: never)
-    swap_residency: Literal["host", "device", "none"] = "host"  # where engines keep the base for swaps
-    delta_cache_mib: float = 1024.0  # decoded deltas each engine worker keeps between swaps
-    artifact_store: str | None = None  # directory or s3:// URI of all registered deltas (deltas/store.py)
-    artifact_cache_mib: float = 0.0  # each node's cache of stored artifacts (0: no budget)
-    mock_engine_tps: float | None = None  # benches: managed engines are mock engines at this tok/s
-    responses_store: bool = False  # engines keep Responses-API responses (retrieve, continue; memory grows)
+    state_poll_seconds: float = _setting(
+        2.0, "With --state-db: how often other gateways' changes are read (s)", ge=0.1
+    )
+    run_lease_seconds: float = _setting(
+        15.0, "With --state-db: an eval run or rebase whose gateway renewed nothing this long (s) is "
+        "taken over by another gateway", gt=0,
+    )  # fmt: skip
+    admin_token: str | None = _setting(
+        None, "Bearer token of the admin API; default: generated once, kept in the state dir (admin_token)"
+    )
+    api_keys: Annotated[list[str], NoDecode] = _setting(
+        None, "Inference key (repeatable; DELTAGATE_API_KEYS: separated by spaces); none: inference is open",
+        flag="api-key", default_factory=list,
+    )  # fmt: skip
+    bases: list[BaseSpec] = _setting(None, "From --base, --engine-url, --tool-parser", cli=False,
+                                     default_factory=list)  # fmt: skip
+    variants: list[StartupVariant] = _setting(
+        None, "From --variant, --recipe", cli=False, default_factory=list
+    )
+    max_model_len: int | None = _setting(
+        None, "Context length of the engines; default: from the model config"
+    )
+    kv_cache_gib: float = _setting(1.0, "KV cache per engine (GiB; vLLM CPU: VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    engine_start_timeout: float = _setting(900.0, "Seconds an engine may take to start", gt=0)
+    supervise_seconds: float = _setting(
+        2.0, "How often engines are checked, a dead one restarted (s; 0: no supervision, e.g. under Ray "
+        "Serve, which replaces a replica instead)", ge=0,
+    )  # fmt: skip
+    engine_wait: float = _setting(
+        60.0, "Seconds a request waits for an engine that is restarting (or, with --ray, for a replica "
+        "able to serve it), then 503 with Retry-After", ge=0,
+    )  # fmt: skip
+    engine_args: list[str] = _setting(
+        None, "A vLLM flag for every managed engine (repeatable: --engine-arg=--enforce-eager; "
+        "DELTAGATE_ENGINE_ARGS: a JSON list)", flag="engine-arg", default_factory=list,
+    )  # fmt: skip
+    allow_code_execution: bool = _setting(
+        False,
+        "Let evals run model-written code (HumanEval), each program sandboxed (docs/guides/evaluate.md)",
+    )
+    swap_quantum: float = _setting(
+        2.0, "Seconds a busy variant stays resident while other variants wait (the swap policy; 2 s was the "
+        "best of 0/2/5 s measured)", ge=0,
+    )  # fmt: skip
+    swap_max_wait: float = _setting(
+        30.0, "Seconds a request may wait for its variant before the quantum ends", ge=0
+    )
+    lora_slots: int = _setting(
+        0, "Adapter lane: engines run vLLM multi-LoRA with this many adapters per batch, and variants whose "
+        "deltas are all lowrank projections are served as adapters beside the base, no swap (0: off; "
+        "attached engines must be started with --enable-lora)", ge=0,
+    )  # fmt: skip
+    max_lora_rank: int = _setting(16, f"Largest adapter rank (vLLM's --max-lora-rank: {VLLM_RANKS})")
+    engine_read_timeout: float = _setting(
+        3600.0, "Seconds an engine may send nothing mid-answer (a long prefill included) before the relay "
+        "gives up: 502, or an error event in a stream (0: wait forever)", ge=0,
+    )  # fmt: skip
+    max_body_bytes: int = _setting(
+        32 * 2**20, "Largest request body but an upload; larger gets 413 (0: no limit)", ge=0
+    )
+    max_upload_bytes: int = _setting(
+        64 * 2**30, "Largest uploaded artifact; larger gets 413 (0: no limit)", ge=0
+    )
+    upload_idle_seconds: float = _setting(
+        60.0, "An upload sending nothing for this long (s) is dropped with 408", ge=0
+    )
+    stream_write_timeout: float = _setting(
+        60.0, "A stream whose client reads nothing for this long (s) is ended and its variant's admission "
+        "released, so it cannot hold off other variants' swaps (0: never)", ge=0,
+    )  # fmt: skip
+    swap_residency: Literal["host", "device", "none"] = _setting(
+        "host", "Where each engine keeps the base weights swaps merge onto: host (memory; pinned on GPUs), "
+        "device (GPU memory: fastest, one more copy of the base there) or none (re-read from the checkpoint "
+        "at every swap)",
+    )  # fmt: skip
+    delta_cache_mib: float = _setting(
+        1024.0, "Decoded deltas each engine worker keeps between swaps (MiB)", ge=0
+    )
+    artifact_store: str | None = _setting(
+        None, "Keep every registered delta in this artifact store, by sha256: a directory or an s3:// URI "
+        "(any S3-compatible endpoint: AWS_ENDPOINT_URL and the usual AWS_* credentials); engines read "
+        "deltas through a verified node-local cache. Default: the state dir",
+    )  # fmt: skip
+    artifact_cache_mib: float = _setting(
+        0.0, "Each node's cache of stored artifacts, evicted LRU (MiB; 0: no budget)", ge=0
+    )
+    mock_engine_tps: float | None = _setting(
+        None, "Benchmarks: managed engines are mock engines streaming this many tokens/s",
+        flag="mock-engine", hidden=True,
+    )  # fmt: skip
+    responses_store: bool = _setting(
+        False, "Engines keep the Responses-API responses they make (vLLM's VLLM_ENABLE_RESPONSES_API_STORE), "
+        "so clients can retrieve and continue them (previous_response_id) on the engine that made them; "
+        "kept in the engines' memory until they restart",
+    )  # fmt: skip
+
+    _api_keys = field_validator("api_keys", mode="before")(_words)
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM's choices)")
+        return value
 
     def engine_flags(self, tool_parser: str | None = None) -> tuple[str, ...]:
         """vLLM flags of managed engines: the operator's, multi-LoRA for the adapter lane, and the

@@ -22,6 +22,23 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from deltas import __version__
+
+        print(f"deltagate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit"
+    ),
+) -> None:
+    """deltagate: serve base + Σ α·Δ weight-delta variants through vLLM."""
+
+
 def fail(message: str) -> typer.Exit:
     """Print `message` as an error; raise the returned Exit (code 2)."""
     console.print("[red]error:[/red] " + escape(message), highlight=False)

@@ -10,7 +10,8 @@ import typer
 
 from deltas.recipe import RecipeFile
 from server.cli.app import app, cli_errors, console, fail
-from server.settings import BaseSpec, StartupTerm, StartupVariant
+from server.cli.options import with_settings
+from server.settings import BaseSpec, GatewaySettings, StartupTerm, StartupVariant
 
 
 def parse_base(value: str) -> BaseSpec:
@@ -80,7 +81,9 @@ def parse_tool_parser(value: str) -> tuple[str, str]:
 
 
 @app.command()
+@with_settings
 def serve(
+    settings: GatewaySettings,
     base: Annotated[list[str], typer.Option(help="Base checkpoint: DIR or NAME=DIR (repeatable)")],
     variant: Annotated[
         list[str] | None,
@@ -104,51 +107,9 @@ def serve(
     ] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    state_dir: Annotated[Path, typer.Option(help="Registry, uploaded deltas, logs")] = Path(".deltagate"),
-    state_db: Annotated[
-        str | None,
-        typer.Option(
-            envvar="DELTAGATE_STATE_DB",
-            help="A database shared by several gateways for the registry and the evals "
-            "(postgresql://user:password@host/db; also from DELTAGATE_STATE_DB, which keeps the password "
-            "off the command line). They need the same --admin-token and an --artifact-store all reach. "
-            "Default: a SQLite file in the state dir",
-        ),
-    ] = None,
-    state_poll_seconds: Annotated[
-        float, typer.Option(help="With --state-db: how often other gateways' changes are read (s)", min=0.1)
-    ] = 2.0,
-    admin_token: Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN")] = None,
-    api_key: Annotated[
-        list[str] | None, typer.Option(envvar="DELTAGATE_API_KEYS", help="Inference key (repeatable)")
-    ] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Default: from the model config")] = None,
-    kv_cache_gib: float = 1.0,
     access_log: Annotated[
         bool, typer.Option(help="Log every HTTP request (costs throughput under load; see bench/relay.py)")
     ] = False,
-    allow_code_execution: Annotated[
-        bool,
-        typer.Option(help="Let evals run model-written code (HumanEval), each program sandboxed; see README"),
-    ] = False,
-    swap_quantum: Annotated[
-        float, typer.Option(help="Seconds a busy variant stays resident while other variants wait", min=0)
-    ] = 2.0,
-    swap_max_wait: Annotated[
-        float, typer.Option(help="Seconds a request may wait for its variant before the quantum ends", min=0)
-    ] = 30.0,
-    lora_slots: Annotated[
-        int,
-        typer.Option(
-            help="Adapter lane: engines run vLLM multi-LoRA with this many adapters per batch, and variants "
-            "whose deltas are all lowrank projections are served as adapters beside the base, no swap "
-            "(0: off; attached engines must be started with --enable-lora)",
-            min=0,
-        ),
-    ] = 0,
-    max_lora_rank: Annotated[
-        int, typer.Option(help="Largest adapter rank (vLLM's --max-lora-rank: 1, 8, 16, 32, 64, ...)")
-    ] = 16,
     ray: Annotated[
         bool,
         typer.Option(
@@ -180,85 +141,8 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="--ray: join this Ray cluster (its GCS address HEAD:6379, or auto)")
     ] = None,
-    engine_wait: Annotated[
-        float,
-        typer.Option(
-            help="Seconds a request waits for an engine that is restarting (or, with --ray, for a "
-            "replica able to serve it), then 503 with Retry-After",
-            min=0,
-        ),
-    ] = 60.0,
-    engine_read_timeout: Annotated[
-        float,
-        typer.Option(
-            help="Seconds an engine may send nothing mid-answer (a long prefill included) before "
-            "the relay gives up: 502, or an error event in a stream (0: wait forever); a non-streamed "
-            "answer sends nothing until it is complete",
-            min=0,
-        ),
-    ] = 3600.0,
-    max_body_bytes: Annotated[
-        int, typer.Option(help="Largest request body but an upload; larger gets 413 (0: no limit)", min=0)
-    ] = 32 * 2**20,
-    max_upload_bytes: Annotated[
-        int, typer.Option(help="Largest uploaded artifact; larger gets 413 (0: no limit)", min=0)
-    ] = 64 * 2**30,
-    upload_idle_seconds: Annotated[
-        float, typer.Option(help="An upload sending nothing for this long is dropped with 408", min=0)
-    ] = 60.0,
-    stream_write_timeout: Annotated[
-        float,
-        typer.Option(
-            help="A stream whose client reads nothing for this long (its writes block) is ended and "
-            "its variant's admission released, so it cannot hold off other variants' swaps (0: never)",
-            min=0,
-        ),
-    ] = 60.0,
-    swap_residency: Annotated[
-        str,
-        typer.Option(
-            help="Where each engine keeps the base weights swaps merge onto: host (memory; pinned on "
-            "GPUs), device (GPU memory: fastest, costs one more copy of the base there) or none "
-            "(re-read from the checkpoint at every swap; no extra memory)",
-        ),
-    ] = "host",
-    delta_cache_mib: Annotated[
-        float, typer.Option(help="Decoded deltas each engine worker keeps between swaps (MiB)", min=0)
-    ] = 1024.0,
-    artifact_store: Annotated[
-        str | None,
-        typer.Option(
-            help="Keep every registered delta in this artifact store, by sha256: a directory or an "
-            "s3:// URI (any S3-compatible endpoint: AWS_ENDPOINT_URL and the usual AWS_* credentials); "
-            "engines read deltas through a verified node-local cache. Default: the state dir",
-        ),
-    ] = None,
-    artifact_cache_mib: Annotated[
-        float,
-        typer.Option(help="Each node's cache of stored artifacts, evicted LRU (MiB; 0: no budget)", min=0),
-    ] = 0.0,
-    responses_store: Annotated[
-        bool,
-        typer.Option(
-            help="Engines keep the Responses-API responses they make (vLLM's "
-            "VLLM_ENABLE_RESPONSES_API_STORE), so clients can retrieve them and continue them with "
-            "previous_response_id, on the engine and variant that made them; kept in the engines' "
-            "memory until they restart"
-        ),
-    ] = False,
-    mock_engine: Annotated[
-        float | None,
-        typer.Option(hidden=True, help="Benchmarks: managed engines are mock engines streaming this tok/s"),
-    ] = None,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
-    import uvicorn
-
-    from server.app import create_app, ensure_admin_token
-    from server.settings import GatewaySettings
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     bases = [parse_base(b) for b in base]
     urls = dict(parse_engine_url(u) for u in engine_url or [])
     for spec in bases:
@@ -270,80 +154,72 @@ def serve(
         spec.tool_parser = parsers.pop(spec.name, None)
     if parsers:
         raise fail(f"--tool-parser names unknown bases {sorted(parsers)}")
-    from server.adapters import VLLM_RANKS
+    settings.bases = bases
+    settings.variants = [parse_variant(v) for v in variant or []] + [
+        parse_recipe_file(r) for r in recipe or []
+    ]
+    if not ray:
+        run_gateway(settings, host, port, access_log)
+        return
+    from server.cluster.pool import Scaling
+    from server.cluster.run import serve_on_ray
+    from server.errors import BadRequestError
 
-    if swap_residency not in ("host", "device", "none"):
-        raise fail(f"--swap-residency {swap_residency!r}: use host, device or none")
-    if max_lora_rank not in VLLM_RANKS:
-        raise fail(f"--max-lora-rank must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM's choices)")
-    if allow_code_execution:
+    check_settings(settings)
+    if max_replicas is not None and max_replicas < replicas:
+        raise fail(f"--max-replicas {max_replicas} is below --replicas {replicas}")
+    scaling = Scaling(replicas, max_replicas, target_requests, scale_down_delay, replicas_per_node)
+    try:
+        serve_on_ray(settings, host, port, scaling, ray_address, access_log=access_log)
+    except BadRequestError as exc:
+        raise fail(f"--ray: {exc}") from None
+
+
+def check_settings(settings: GatewaySettings) -> None:
+    """What only the machine or the combination of flags can tell; then the admin token is ensured."""
+    from server.app import ensure_admin_token
+
+    if settings.allow_code_execution:
         from server.evals.sandbox import SandboxUnavailable, check_available
 
         try:
             check_available()
         except SandboxUnavailable as exc:
             raise fail(f"--allow-code-execution: cannot sandbox programs on this machine: {exc}") from None
-    if state_db and not (admin_token and artifact_store):
+    if settings.state_db and not (settings.admin_token and settings.artifact_store):
         raise fail("--state-db: gateways sharing a database need the same --admin-token and an "
                    "--artifact-store every one of them reaches (s3://…)")  # fmt: skip
-    settings = GatewaySettings(
-        state_dir=state_dir,
-        state_db=state_db,
-        state_poll_seconds=state_poll_seconds,
-        admin_token=admin_token,
-        api_keys=api_key or [],
-        bases=bases,
-        variants=[parse_variant(v) for v in variant or []] + [parse_recipe_file(r) for r in recipe or []],
-        max_model_len=max_model_len,
-        kv_cache_gib=kv_cache_gib,
-        allow_code_execution=allow_code_execution,
-        swap_quantum=swap_quantum,
-        swap_max_wait=swap_max_wait,
-        lora_slots=lora_slots,
-        max_lora_rank=max_lora_rank,
-        engine_wait=engine_wait,
-        engine_read_timeout=engine_read_timeout,
-        max_body_bytes=max_body_bytes,
-        max_upload_bytes=max_upload_bytes,
-        upload_idle_seconds=upload_idle_seconds,
-        stream_write_timeout=stream_write_timeout,
-        swap_residency=swap_residency,
-        delta_cache_mib=delta_cache_mib,
-        artifact_store=artifact_store,
-        artifact_cache_mib=artifact_cache_mib,
-        mock_engine_tps=mock_engine,
-        responses_store=responses_store,
-    )
     ensure_admin_token(settings)
-    if ray:
-        from server.cluster.pool import Scaling
-        from server.cluster.run import serve_on_ray
-        from server.errors import BadRequestError
 
-        if max_replicas is not None and max_replicas < replicas:
-            raise fail(f"--max-replicas {max_replicas} is below --replicas {replicas}")
-        scaling = Scaling(replicas, max_replicas, target_requests, scale_down_delay, replicas_per_node)
-        try:
-            serve_on_ray(settings, host, port, scaling, ray_address, access_log=access_log)
-        except BadRequestError as exc:
-            raise fail(f"--ray: {exc}") from None
-        return
-    models = [b.name for b in bases] + [v.name for v in settings.variants]
-    print(how_to_call(host, port, models, state_dir, bool(settings.api_keys), given=bool(admin_token)))
+
+def run_gateway(settings: GatewaySettings, host: str, port: int, access_log: bool) -> None:
+    """Check the settings, print how to call the models, and serve until interrupted."""
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    given = bool(settings.admin_token)
+    check_settings(settings)
+    models = [b.name for b in settings.bases] + [v.name for v in settings.variants]
+    print(how_to_call(host, port, models, settings.state_dir, bool(settings.api_keys), given=given))
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)
 
 
 @app.command()
+@with_settings
 def demo(
+    settings: GatewaySettings,
     model: Annotated[
         str, typer.Option(help="smollm2 (real model, default) or pico (tiny, instant)")
     ] = "smollm2",
     cache_dir: Annotated[Path, typer.Option(help="Where models and deltas are cached")] = Path(".cache"),
     host: str = "127.0.0.1",
     port: int = 8000,
-    state_dir: Path = Path(".deltagate"),
 ) -> None:
-    """Serve a ready model and a real delta variant of it (first run builds and caches them)."""
+    """Serve a ready model and a real delta variant of it (first run builds and caches them); every
+    `serve` setting applies."""
     if model == "smollm2":
         from training.default import prepare_default
 
@@ -356,23 +232,9 @@ def demo(
         base, variant = f"pico={models.base}", f"pico-inst={models.delta}"
     else:
         raise fail(f"--model {model!r}: choose smollm2 or pico")
-    serve(
-        base=[base],
-        variant=[variant],
-        recipe=None,
-        engine_url=None,
-        host=host,
-        port=port,
-        state_dir=state_dir,
-        admin_token=None,
-        api_key=None,
-        max_model_len=None,
-        kv_cache_gib=1.0,
-        access_log=False,
-        allow_code_execution=False,
-        swap_quantum=2.0,
-        swap_max_wait=30.0,
-    )
+    settings.bases = [parse_base(base)]
+    settings.variants = [parse_variant(variant)]
+    run_gateway(settings, host, port, access_log=False)
 
 
 def how_to_call(host: str, port: int, models: list[str], state_dir: Path, keys: bool, given: bool) -> str:

@@ -1,0 +1,163 @@
+"""MkDocs hook: the reference pages written from the code at build time, so they cannot drift.
+
+reference/http.md (and openapi.json) from the app's OpenAPI schema, reference/cli.md from the typer
+app, reference/metrics.md from the gateway's Prometheus registry, reference/settings.md from
+GatewaySettings. tests/docs/test_docs.py checks that the hand-written pages name only routes, flags
+and metrics these still have.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from mkdocs.structure.files import File, Files
+
+GENERATED = "<!-- generated from the code by docs/hooks/reference.py at build time: do not edit -->\n\n"
+
+
+def on_files(files: Files, config) -> Files:
+    """Add the generated reference pages to the site."""
+    schema = openapi_schema()
+    pages = {
+        "reference/http.md": http_page(schema),
+        "reference/openapi.json": json.dumps(schema, indent=2),
+        "reference/cli.md": cli_page(),
+        "reference/metrics.md": metrics_page(),
+        "reference/settings.md": settings_page(),
+    }
+    for uri, content in pages.items():
+        files.append(File.generated(config, uri, content=content))
+    return files
+
+
+def openapi_schema() -> dict:
+    """The gateway's OpenAPI schema, from an app built on an empty state dir (nothing starts)."""
+    from server.app import create_app
+    from server.settings import GatewaySettings
+
+    with tempfile.TemporaryDirectory() as state:
+        return create_app(GatewaySettings(state_dir=Path(state), admin_token="docs")).openapi()
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _schema_name(schema: dict) -> str:
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " or ".join(_schema_name(s) for s in schema["anyOf"])
+    if schema.get("type") == "array":
+        return f"list of {_schema_name(schema.get('items', {}))}"
+    return schema.get("type", "any")
+
+
+def http_page(schema: dict) -> str:
+    """Every route by tag: method, path, what it does, who may call it, parameters, body, answers."""
+    auth = {"admin": "admin token", "evals": "admin token"}
+    tags: dict[str, list[str]] = {}
+    for path, methods in sorted(schema["paths"].items()):
+        for method, op in methods.items():
+            tag = (op.get("tags") or ["other"])[0]
+            lines = [f"### `{method.upper()} {path}`", ""]
+            if op.get("description") or op.get("summary"):
+                lines += [op.get("description") or op["summary"], ""]
+            if tag in auth:
+                lines += [f"Needs the {auth[tag]} (`Authorization: Bearer …`).", ""]
+            params = op.get("parameters", [])
+            if params:
+                lines += ["| parameter | in | type | required |", "|---|---|---|---|"]
+                for p in params:
+                    kind = _schema_name(p.get("schema", {}))
+                    lines.append(
+                        f"| `{p['name']}` | {p['in']} | {kind} | {'yes' if p.get('required') else ''} |"
+                    )
+                lines.append("")
+            body = op.get("requestBody", {}).get("content", {})
+            for ctype, content in body.items():
+                lines += [f"Body ({ctype}): {_schema_name(content.get('schema', {}))}", ""]
+            answers = ", ".join(
+                f"{code} {_md(r.get('description', ''))}" for code, r in op["responses"].items()
+            )
+            lines += [f"Answers: {answers}", ""]
+            tags.setdefault(tag, []).extend(lines)
+    out = [
+        GENERATED + "# HTTP API",
+        "",
+        "Every route of the gateway, from its OpenAPI schema ([openapi.json](openapi.json); a running "
+        "gateway also serves it at `/openapi.json` and an explorer at `/docs`). Request and answer "
+        "models are in the schema's `components`.",
+        "",
+    ]
+    for tag in sorted(tags):
+        out += [f"## {tag}", "", *tags[tag]]
+    return "\n".join(out)
+
+
+def cli_page() -> str:
+    """`deltagate --help` and every command's options, as typer renders them."""
+    import typer
+    from typer.cli import get_docs_for_click
+
+    from server.cli import app
+
+    command = typer.main.get_command(app)
+    text = get_docs_for_click(obj=command, ctx=typer.Context(command), name="deltagate", title="CLI")
+    return GENERATED + text
+
+
+def metrics_page() -> str:
+    """Every metric the gateway exports at /metrics: name, type, labels, help."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from server.metrics import EngineState, Metrics
+
+    metrics = Metrics("docs")
+    metrics.watch_engines(lambda: [EngineState("e", "v", ("v",), 0)])
+    rows = []
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            suffix = "_total" if value._type == "counter" else ""
+            rows.append((value._name + suffix, value._type, value._labelnames, value._documentation))
+    for family in metrics.registry.collect():
+        if family.name not in {r[0].removesuffix("_total") for r in rows}:
+            labels = tuple(family.samples[0].labels) if family.samples else ()
+            rows.append((family.name, family.type, labels, family.documentation))
+    out = [
+        GENERATED + "# Metrics",
+        "",
+        "What the gateway exports at `/metrics` (Prometheus text format), from its registry. Each "
+        "engine's own vLLM metrics are relayed at `/metrics/engines/{engine}`. How to scrape and "
+        "chart them: [Observe](../guides/observe.md).",
+        "",
+        "| metric | type | labels | help |",
+        "|---|---|---|---|",
+    ]
+    for name, kind, labels, doc in sorted(rows):
+        out.append(f"| `{name}` | {kind} | {', '.join(labels)} | {_md(doc)} |")
+    return "\n".join(out) + "\n"
+
+
+def settings_page() -> str:
+    """Every gateway setting: its flag, its environment variable, type, default and help."""
+    from server.cli.options import settings_reference
+
+    out = [
+        GENERATED + "# Settings",
+        "",
+        "Every setting of `deltagate serve` (and `deltagate demo`), from `GatewaySettings` "
+        "(`server/settings.py`), the one place they are declared. Each is a flag or a `DELTAGATE_*` "
+        "environment variable; a flag wins. List settings take a JSON list in their variable.",
+        "",
+        "| setting | flag | environment | type | default | help |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in settings_reference():
+        flag = f"`{row['flag']}`" if row["flag"] else "—"
+        default = f"`{row['default']}`" if row["default"] else ""
+        cells = [row["setting"], flag, f"`{row['env']}`", _md(row["type"]), default, _md(row["help"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
