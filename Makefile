@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BACKEND ?= cpu
 STAMP := $(VENV)/.installed-$(BACKEND)
 
-.PHONY: install system-deps serve test lint bench bench-codecs bench-relay bench-load bench-soak fresh-clone-test clean
+.PHONY: install system-deps serve test docs lint bench bench-codecs bench-relay bench-load bench-soak fresh-clone-test clean
 
 install: $(STAMP)
 
@@ -39,7 +39,12 @@ TEST_WORKERS ?= 2
 
 test: install system-deps
 	$(VENV)/bin/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet  # broken links, missing pages fail
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+
+# The documentation site, into site/ (reference pages generated from the code: docs/hooks/reference.py).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: install
 	$(PY) bench/swap.py
@@ -63,4 +68,4 @@ fresh-clone-test:
 	(cd "$$d" && COLUMNS=40 $(MAKE) test); status=$$?; rm -rf "$$root"; exit $$status
 
 clean:
-	rm -rf $(VENV) .cache .deltagate
+	rm -rf $(VENV) .cache .deltagate site

@@ -15,3 +15,7 @@ class IncompatibleError(DeltaError):
 
 class CodecError(DeltaError):
     """An unknown codec or bad codec parameters (in a CLI spec, a recipe or a manifest)."""
+
+
+class MergeMethodError(DeltaError):
+    """An unknown merge method or parameters it does not take."""

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deltas.errors import DeltaError
-from deltas.merge_methods import MergeMethod, get_method
-
-MethodName = Literal["linear", "ties", "dare_linear", "dare_ties"]
+from deltas.merge_methods import MergeMethod, MethodName, check_terms, get_method
 
 
 def _finite(value: float) -> float:
@@ -51,12 +48,19 @@ class Recipe(BaseModel):
     normalize: bool | None = Field(None, description="None: the method's default (ties: true)")
     seed: int = Field(0, ge=0, description="seed of dare_* random drops")
 
+    @model_validator(mode="after")
+    def _method_takes_it(self) -> Recipe:
+        check_terms(self.method, [t.density for t in self.deltas], self.seed)
+        return self
+
     def key(self) -> str:
         """A stable identity of the weights this recipe produces."""
         return self.model_dump_json()
 
     def merge_method(self) -> MergeMethod:
-        return get_method(self.method, normalize=self.normalize, seed=self.seed)
+        """The recipe's merge method with the parameters it sets."""
+        params = {"normalize": self.normalize} if self.normalize is not None else {}
+        return get_method(self.method, **params, **({"seed": self.seed} if self.seed else {}))
 
 
 class TermParameters(BaseModel):
@@ -88,6 +92,11 @@ class RecipeFile(BaseModel):
     parameters: MethodParameters = Field(default_factory=MethodParameters)
     seed: int = Field(0, ge=0)
     deltas: list[FileTerm] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _method_takes_it(self) -> RecipeFile:
+        check_terms(self.merge_method, [t.parameters.density for t in self.deltas], self.seed)
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> RecipeFile:

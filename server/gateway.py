@@ -389,7 +389,8 @@ class Gateway:
             why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())
             raise BadRequestError(
                 f"base {name!r} fits no running engine ({why}); this gateway is attached to engines it "
-                f"did not start, so start a vLLM engine for it and pass --base {name}=DIR@URL"
+                f"did not start, so start a vLLM engine for it and pass --base {name}=DIR "
+                f"--engine-url {name}=URL"
             )
         self.catalog.name_free(name)  # again: another request may have taken it while we read the checkpoint
         parser = self.registry.base(host).tool_parser if host else tool_parser  # a hosted base: its host's

@@ -6,8 +6,8 @@ bases, say which are up (an Endpoint per engine: its id, the base it was started
 start one for a runtime base, stop them. Two pools:
 
 - LocalPool (here): engine processes on this machine, or engines someone else started
-  (`--base NAME=DIR@URL`); a dead managed engine is restarted in place (same id, same port), with
-  the slot's admissions blocked meanwhile (WeightSlot.replace_engine).
+  (`--base NAME=DIR --engine-url NAME=URL`); a dead managed engine is restarted in place (same id,
+  same port), with the slot's admissions blocked meanwhile (WeightSlot.replace_engine).
 - RayPool (server/cluster/pool.py): one Ray Serve deployment per base, a replica per engine; Ray
   places them on the cluster's nodes and replaces a replica whose engine died (a new id, URL).
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from deltas.recipe import MethodName
+from deltas.merge_methods import MethodName, check_terms
 from server.aliases import AliasRecord, AliasTarget
 from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 from server.statedb import Store, metadata, shared
@@ -96,6 +96,11 @@ class VariantRecord(BaseModel):
     )
 
     _check = field_validator("name")(check_name)
+
+    @model_validator(mode="after")
+    def _method_takes_it(self) -> VariantRecord:
+        check_terms(self.method, [t.density for t in self.deltas], self.seed)
+        return self
 
 
 class RegistryState(BaseModel):

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from deltas.recipe import MethodName
+from deltas.merge_methods import MethodName
 from deltas.store import NodeCache
 
 

@@ -1,7 +1,7 @@
 """The ParamΔ table, measured through the gateway's API: a runtime base, transferred deltas, eval runs.
 
     .venv/bin/python -m training.paramdelta_table [--cache .cache] [--seeds 0 1 2] [--tasks 200]
-        [--gsm8k 200] [--out docs/paramdelta.md]
+        [--gsm8k 200] [--out docs/guides/paramdelta.md]
 
 Models (all fp32 SmolLM2-135M, all trained on this CPU, all cached under --cache):
     θ           SmolLM2-135M-Instruct                         start-up base `smollm2`
@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--gsm8k", type=int, default=200, help="GSM8K test problems (0: skip)")
     parser.add_argument("--windows", type=int, default=10, help="held-out text windows per corpus")
     parser.add_argument("--window-len", type=int, default=128, help="tokens per window")
-    parser.add_argument("--out", type=Path, default=Path("docs/paramdelta.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/guides/paramdelta.md"))
     parser.add_argument("--rerender", action="store_true", help="only rewrite the tables from runs.json")
     args = parser.parse_args()
     if args.rerender:

@@ -1,9 +1,9 @@
 """The rebase report on SmolLM2: one `POST /v1/rebases` moves the addition variant of θ to θ′.
 
     .venv/bin/python -m training.rebase_report [--cache .cache] [--validation 100] [--holdout 100]
-        [--out docs/rebase.md]
+        [--out docs/guides/rebase.md]
 
-Models (cached under --cache, trained on this CPU the first time, as for docs/paramdelta.md):
+Models (cached under --cache, trained on this CPU the first time, as for docs/guides/paramdelta.md):
     θ    SmolLM2-135M-Instruct                                 start-up base `smollm2`
     Δ    θ fine-tuned on two-digit addition (seed 0) minus θ   variant `sft-s0` = θ + Δ
     θ′   θ continued-pre-trained on Python source              runtime base `smollm2-py`
@@ -67,7 +67,7 @@ def rebase(url: str, eval_id: str, args: argparse.Namespace, alphas: list[float]
 
 
 def markdown(strict: dict, ratio: dict, minutes: float, args: argparse.Namespace) -> str:
-    """The results section of docs/rebase.md: the search and the strict gate, then the ratio gate."""
+    """The results section of docs/guides/rebase.md: the search and the strict gate, then the ratio gate."""
     entry, second = strict["report"]["variants"]["sft-s0"], ratio["report"]["variants"]["sft-s0"]
 
     def pct(s: dict) -> str:
@@ -104,7 +104,7 @@ def markdown(strict: dict, ratio: dict, minutes: float, args: argparse.Namespace
         f"{pct(second['scores']['from'])} and {pct(second['scores']['candidate'])} again), "
         + verdict(ratio, second, RATIO) + " Its log: " + "; ".join(steps) + ".",
         "",
-        "![the rebase report](img/rebase-smollm2.png)",
+        "![the rebase report](../img/rebase-smollm2.png)",
     ])  # fmt: skip
 
 
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--validation", type=int, default=100, help="addition problems for the α search")
     parser.add_argument("--holdout", type=int, default=100, help="addition problems for the gate")
-    parser.add_argument("--out", type=Path, default=Path("docs/rebase.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/guides/rebase.md"))
     args = parser.parse_args()
     work = args.cache / "rebase-report"
     if work.exists():
@@ -139,7 +139,7 @@ def main() -> None:
         proc.wait(timeout=120)
     both = {"strict": strict, "ratio": ratio}
     (args.out.parent / "rebase-smollm2.json").write_text(json.dumps(both, indent=1))
-    plot_report(strict, args.out.parent / "img" / "rebase-smollm2.png")
+    plot_report(strict, args.out.parent.parent / "img" / "rebase-smollm2.png")  # docs/img
     text = args.out.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     section = markdown(strict, ratio, (time.monotonic() - started) / 60, args)

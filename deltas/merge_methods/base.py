@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from deltas.mix import Delta
 
@@ -27,15 +28,30 @@ class MergeTerm:
     density: float = 1.0
 
 
+class MethodParams(BaseModel):
+    """Method-wide parameters every method takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    normalize: bool = Field(False, description="divide by the weights that contributed")
+
+
+class SeededParams(MethodParams):
+    seed: int = Field(0, ge=0, description="seed of the random drops (per tensor and term)")
+
+
 class MergeMethod(ABC):
     """Turns the terms of one tensor into (Delta, coefficient) pairs for `merge_tensor`."""
 
     name: ClassVar[str]
-    default_normalize: ClassVar[bool] = False
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    uses_density: ClassVar[bool] = False  # whether a term's density means anything to this method
 
-    def __init__(self, *, normalize: bool | None = None, seed: int = 0):
-        self.normalize = self.default_normalize if normalize is None else normalize
-        self.seed = seed
+    def __init__(self, params: MethodParams | None = None):
+        self.params = params if params is not None else self.Params()
+
+    @property
+    def normalize(self) -> bool:
+        return self.params.normalize
 
     @abstractmethod
     def combine(self, name: str, terms: Sequence[MergeTerm]) -> list[tuple[Delta, float]]:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from deltas.merge_methods.base import MergeMethod, MergeTerm, weighted_sum
+from deltas.merge_methods.base import MergeMethod, MergeTerm, SeededParams, weighted_sum
 from deltas.mix import Delta
 from deltas.sparsify import random_mask
 
@@ -15,6 +15,8 @@ class DareLinearMerge(MergeMethod):
     """Yu et al. 2024 (DARE) followed by a weighted sum."""
 
     name = "dare_linear"
+    Params = SeededParams
+    uses_density = True
     sign_consensus = False
 
     def combine(self, name: str, terms: Sequence[MergeTerm]) -> list[tuple[Delta, float]]:
@@ -29,7 +31,7 @@ class DareLinearMerge(MergeMethod):
         full = term.delta.full()
         if term.density >= 1:
             return full
-        keep = random_mask(full.shape, term.density, self.seed, f"{name}#{index}")
+        keep = random_mask(full.shape, term.density, self.params.seed, f"{name}#{index}")
         return full * keep / term.density
 
 

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from deltas.merge_methods.base import MergeMethod, MergeTerm, weighted_sum
+from pydantic import Field
+
+from deltas.merge_methods.base import MergeMethod, MergeTerm, MethodParams, weighted_sum
 from deltas.mix import Delta
 from deltas.sparsify import topk_mask
+
+
+class TiesParams(MethodParams):
+    normalize: bool = Field(True, description="divide by the weights that contributed (mergekit's default)")
 
 
 class TiesMerge(MergeMethod):
     """Yadav et al. 2023; normalised by the contributing weights by default, as in mergekit."""
 
     name = "ties"
-    default_normalize = True
+    Params = TiesParams
+    uses_density = True
 
     def combine(self, name: str, terms: Sequence[MergeTerm]) -> list[tuple[Delta, float]]:
         trimmed = []

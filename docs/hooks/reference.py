@@ -1,4 +1,6 @@
-"""MkDocs hook: the reference pages written from the code at build time, so they cannot drift.
+"""MkDocs hook: the pages written from the code at build time, so they cannot drift.
+
+index.md is README.md with its links made relative to docs/ (one landing page, two places).
 
 reference/http.md (and openapi.json) from the app's OpenAPI schema, reference/cli.md from the typer
 app, reference/metrics.md from the gateway's Prometheus registry, reference/settings.md from
@@ -26,10 +28,17 @@ def on_files(files: Files, config) -> Files:
         "reference/cli.md": cli_page(),
         "reference/metrics.md": metrics_page(),
         "reference/settings.md": settings_page(),
+        "index.md": home_page(Path(config["docs_dir"]).parent / "README.md"),
     }
     for uri, content in pages.items():
         files.append(File.generated(config, uri, content=content))
     return files
+
+
+def home_page(readme: Path) -> str:
+    """The README as the site's home: `docs/x.md` links become `x.md`, CHANGELOG.md the changelog page."""
+    text = readme.read_text().replace("](docs/", "](").replace("](CHANGELOG.md)", "](changelog.md)")
+    return GENERATED + text
 
 
 def openapi_schema() -> dict:

@@ -61,7 +61,8 @@ CASES = [
 @pytest.mark.parametrize("method,weights,densities,normalize", CASES)
 def test_method_matches_reference(method, weights, densities, normalize):
     deltas = _deltas()
-    impl = get_method(method, normalize=normalize, seed=3)
+    seeded = {"seed": 3} if method.startswith("dare") else {}  # only dare_* take a seed
+    impl = get_method(method, normalize=normalize, **seeded)
     terms = [MergeTerm(Delta.of(d), w, k) for d, w, k in zip(deltas, weights, densities, strict=True)]
     base = torch.zeros(SHAPE)
     got = merge_tensor(base, impl.combine("t", terms), torch.float32).double()
@@ -118,6 +119,8 @@ def test_yaml_recipe_mergekit_style(tmp_path):
         ("deltas: [{delta: a, parameters: {density: 1.5}}]\n", "density"),
         ("deltas: []\n", "deltas"),
         ("deltas: [{delta: a, parameters: {wieght: 1}}]\n", "wieght"),
+        ("deltas: [{delta: a, parameters: {density: 0.5}}]\n", "linear ignores density"),
+        ("merge_method: ties\nseed: 3\ndeltas: [{delta: a}]\n", "ties ignores seed"),
     ],
 )
 def test_bad_yaml_recipes_name_the_field(tmp_path, text, problem):
@@ -126,3 +129,18 @@ def test_bad_yaml_recipes_name_the_field(tmp_path, text, problem):
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(DeltaError, match=problem):
         RecipeFile.load(tmp_path / "r.yaml")
+
+
+def test_the_registry_is_the_one_list_of_methods_and_their_parameters():
+    from typing import get_args
+
+    from deltas.errors import MergeMethodError
+    from deltas.merge_methods import METHODS, MethodName
+
+    assert get_args(MethodName) == tuple(METHODS)
+    with pytest.raises(MergeMethodError, match="unknown merge method 'slerp'; known: linear, ties, dare"):
+        get_method("slerp")
+    with pytest.raises(MergeMethodError, match="'linear': bad parameters.*seed"):
+        get_method("linear", seed=1)
+    assert get_method("ties").normalize is True and get_method("linear").normalize is False
+    assert get_method("dare_ties", seed=7).params.seed == 7
