@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,6 +41,23 @@ class DeltaTerm(BaseModel):
     _finite_alpha = field_validator("alpha")(_finite)
 
 
+class RecipeKey(NamedTuple):
+    """The identity of the weights a recipe produces: recipes with equal keys give equal weights
+    (paths normalised, the method's default `normalize` filled in). Hashable: admission queues and
+    staging are keyed by it."""
+
+    base: str
+    terms: tuple[tuple[str, float, float], ...]  # (path, alpha, density) in merge order
+    method: str
+    normalize: bool
+    seed: int
+
+
+def _normal_path(path: str) -> str:
+    """`a//b/./c` and `a/b/c` are one file; URIs (s3://…) are kept as written."""
+    return path if "://" in path else os.path.normpath(path)
+
+
 class Recipe(BaseModel):
     """θ = base + merge(Δ₁..Δₙ), with paths the engine's workers can read."""
 
@@ -53,9 +72,11 @@ class Recipe(BaseModel):
         check_terms(self.method, [t.density for t in self.deltas], self.seed)
         return self
 
-    def key(self) -> str:
-        """A stable identity of the weights this recipe produces."""
-        return self.model_dump_json()
+    def key(self) -> RecipeKey:
+        """The identity of the weights this recipe produces (see RecipeKey)."""
+        terms = tuple((_normal_path(t.path), float(t.alpha), float(t.density)) for t in self.deltas)
+        normalize = self.merge_method().normalize  # None is the method's default: spell it out
+        return RecipeKey(_normal_path(self.base), terms, self.method, normalize, self.seed)
 
     def merge_method(self) -> MergeMethod:
         """The recipe's merge method with the parameters it sets."""

@@ -31,7 +31,7 @@ from server.registry import (
 )
 from server.settings import GatewaySettings
 from server.stored import StoredResponses
-from server.swap import WeightSlot
+from server.swap import UnknownWeights, WeightSlot
 
 log = logging.getLogger("deltagate")
 
@@ -186,7 +186,7 @@ class Gateway:
         on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, name=endpoint.id)
-        slot.resident_variant = self._variant_holding(base.name, resident) if current else None
+        slot.last_admitted = self._variant_holding(base.name, resident) if current else None
         self.slots[endpoint.id] = slot
 
     def _variant_holding(self, engine: str, resident: Recipe) -> str | None:
@@ -358,7 +358,7 @@ class Gateway:
         return [
             EngineState(
                 id,
-                slot.resident_variant or _base_if_plain(slot, slot.engine),
+                slot.last_admitted or _base_if_plain(slot, slot.engine),
                 tuple(served.get(slot.engine, ())),
                 slot.inflight,
                 sum(slot.queued().values()),
@@ -466,7 +466,7 @@ class Gateway:
 
 def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
     """Before any request, an engine holds its plain base (unless attached with other weights)."""
-    return base if not slot.resident.deltas and not slot.resident.base.startswith("<") else None
+    return base if not slot.resident.deltas and not isinstance(slot.resident, UnknownWeights) else None
 
 
 def _identity_or_none(path: str) -> tuple[int, int] | None:
@@ -491,7 +491,7 @@ def _pick(slots: list[WeightSlot], name: str) -> WeightSlot:
     def load(slot: WeightSlot) -> int:
         return slot.inflight + sum(slot.queued().values())
 
-    holding = [s for s in slots if s.resident_variant == name]
+    holding = [s for s in slots if s.last_admitted == name]
     if holding:
         return min(holding, key=load)
     idle = [s for s in slots if load(s) == 0]

@@ -13,11 +13,14 @@ or two. The policy makes the trade explicit:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from server.settings import GatewaySettings
 
 _DEFAULTS = GatewaySettings.model_fields  # the one declaration of the defaults
+K = TypeVar("K", bound=Hashable)  # what identifies a waiting variant (the slot's admission key)
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,8 @@ class SwapPolicy:
         resident_since: float,
         inflight: int,
         resident_queued: int,
-        queued: dict[str, list[float]],
-    ) -> tuple[str | None, float | None]:
+        queued: dict[K, list[float]],
+    ) -> tuple[K | None, float | None]:
         """(variant to swap to now, None) or (None, seconds until the question is worth asking again;
         None: until a request finishes).
 
@@ -55,7 +58,7 @@ class SwapPolicy:
         return None, min(quantum_left, wait_left)
 
     @staticmethod
-    def next(queued: dict[str, list[float]]) -> str | None:
+    def next(queued: dict[K, list[float]]) -> K | None:
         """The variant the next swap goes to: the most queued requests (ties: the one waiting longest)."""
         waiting = {key: times for key, times in queued.items() if times}
         if not waiting:

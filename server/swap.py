@@ -18,10 +18,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import Literal
 
-from deltas.recipe import Recipe
+from deltas.recipe import Recipe, RecipeKey
 from loaders.engine import ApplyResult, EngineClient, EngineError
 from server.errors import SwapError
 from server.policy import SwapPolicy
@@ -47,6 +48,19 @@ class SwapRecord:
 
 
 SwapHook = Callable[[SwapRecord], None]
+AdmissionKey = tuple[RecipeKey, str]  # requests with equal keys may share a batch: weights, lane
+
+
+class UnknownWeights(Recipe):
+    """What a slot records while it cannot say what its engine holds: the engine is restarting, or a
+    swap failed and the previous weights could not be put back. Its key is no real recipe's, so
+    nothing is admitted until a swap (or the restart) sets known weights."""
+
+    base: str = ""
+    reason: Literal["restarting", "unknown"]
+
+    def key(self) -> RecipeKey:
+        return RecipeKey(f"<{self.reason}>", (), "", False, 0)
 
 
 class WeightSlot:
@@ -66,17 +80,18 @@ class WeightSlot:
         self.lane = ""  # what the admitted requests run as on these weights: "" plain, or "adapters"
         self.policy = policy
         self.resident_since = time.monotonic()
-        self.resident_variant: str | None = None
+        # The name last admitted (for /v1/engines and metrics); admission compares weights, not names.
+        self.last_admitted: str | None = None
         self.inflight = 0
         self.last_swap: SwapRecord | None = None
         self.recent_swaps: deque[SwapRecord] = deque(maxlen=256)
         self._on_swap = on_swap
         self._notifiers: set[asyncio.Task] = set()
-        self._pending: str | None = None
-        self._queued: dict[str, list[float]] = {}  # recipe key -> arrival times of waiting requests
-        self._names: dict[str, str] = {}  # recipe key -> the variant name its waiters asked for
-        self._recipes: dict[str, Recipe] = {}  # admission key -> its recipe (what to stage)
-        self._staging: str | None = None  # recipe key the engine was last asked to stage
+        self._pending: AdmissionKey | None = None
+        self._queued: dict[AdmissionKey, list[float]] = {}  # -> arrival times of waiting requests
+        self._names: dict[AdmissionKey, str] = {}  # -> the variant name its waiters asked for
+        self._recipes: dict[AdmissionKey, Recipe] = {}  # -> its recipe (what to stage)
+        self._staging: RecipeKey | None = None  # the weights the engine was last asked to stage
         self._stagers: set[asyncio.Task] = set()
         self.memory: dict = {}  # what the engine's swap machinery holds, from its last swap
         self._cond = asyncio.Condition()
@@ -91,7 +106,7 @@ class WeightSlot:
         async with self._cond:
             if self._admissible(key):
                 self.inflight += 1
-                self.resident_variant = variant
+                self.last_admitted = variant
                 return
             arrived = time.monotonic()
             self._names[key] = variant
@@ -115,21 +130,21 @@ class WeightSlot:
                         self._stage_next()
                     await self._wait(recheck)
                 self.inflight += 1
-                self.resident_variant = variant
+                self.last_admitted = variant
             finally:
                 queue.remove(arrived)
                 if self._pending == key and not queue:  # its last waiter left (client gone): unblock
                     self._pending = None
                     self._cond.notify_all()
 
-    def _admissible(self, key: str) -> bool:
+    def _admissible(self, key: AdmissionKey) -> bool:
         return _key(self.resident, self.lane) == key and self._pending in (None, key)
 
-    def _others(self) -> dict[str, list[float]]:
+    def _others(self) -> dict[AdmissionKey, list[float]]:
         resident = _key(self.resident, self.lane)
         return {k: q for k, q in self._queued.items() if k != resident}
 
-    def _decide(self) -> tuple[str | None, float | None]:
+    def _decide(self) -> tuple[Hashable | None, float | None]:
         mine = len(self._queued.get(_key(self.resident, self.lane), ()))
         return self.policy.decide(time.monotonic(), self.resident_since, self.inflight, mine, self._others())
 
@@ -177,9 +192,9 @@ class WeightSlot:
         against an engine whose weights the slot does not know.
         """
         async with self._cond:
-            self.resident = Recipe(base="<restarting>")
+            self.resident = UnknownWeights(reason="restarting")
             self.lane = ""
-            self.resident_variant = None
+            self.last_admitted = None
             self._staging = None  # a stage dies with the engine
             try:
                 await restart()
@@ -238,7 +253,7 @@ class WeightSlot:
             return await self.client.apply(previous)
         except EngineError:
             log.exception("could not restore previous weights; engine state unknown")
-            self.resident = Recipe(base="<unknown>")
+            self.resident = UnknownWeights(reason="unknown")
             return None
 
     def _report(self, record: SwapRecord) -> None:
@@ -247,6 +262,6 @@ class WeightSlot:
             self._on_swap(record)
 
 
-def _key(recipe: Recipe, lane: str) -> str:
+def _key(recipe: Recipe, lane: str) -> AdmissionKey:
     """The admission key: requests with equal keys may share a batch."""
-    return recipe.key() + ("|" + lane if lane else "")
+    return recipe.key(), lane

@@ -25,7 +25,7 @@ def _public(gateway: Gateway, name: str) -> BasePublic:
         architecture=record.architecture,
         content_hash=record.content_hash,
         engine_url=slot.client.url if slot else "",
-        resident_variant=slot.resident_variant if slot else None,
+        resident_variant=slot.last_admitted if slot else None,
         inflight=slot.inflight if slot else 0,
         last_swap_seconds=slot.last_swap.seconds if slot and slot.last_swap else None,
         recent_swaps=swaps,

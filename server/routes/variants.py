@@ -17,9 +17,9 @@ def _public(gateway: Gateway, name: str) -> VariantPublic:
     slot = gateway.slot_of(record.base)
     lane, note = gateway.lane(name)
     if lane == "adapter":  # served beside the plain base: "resident" while the base is
-        resident = bool(slot and slot.resident_variant == record.base)
+        resident = bool(slot and slot.last_admitted == record.base)
     else:
-        resident = bool(slot and slot.resident_variant == name)
+        resident = bool(slot and slot.last_admitted == name)
     terms = [
         VariantTermPublic(**t.model_dump(), provenance=gateway.provenance(t.delta, record.base))
         for t in record.deltas

@@ -144,3 +144,24 @@ def test_the_registry_is_the_one_list_of_methods_and_their_parameters():
         get_method("linear", seed=1)
     assert get_method("ties").normalize is True and get_method("linear").normalize is False
     assert get_method("dare_ties", seed=7).params.seed == 7
+
+
+def test_recipe_key_survives_the_engine_round_trip_and_normalises():
+    """The slot compares the key of what it sent with the key of the JSON the engine hands back."""
+    from deltas.recipe import DeltaTerm, Recipe, RecipeKey
+
+    sent = Recipe(base="/m/base", deltas=[DeltaTerm(path="/d/a.safetensors", alpha=0.5)], method="ties")
+    back = Recipe.model_validate_json(sent.model_dump_json())
+    assert isinstance(sent.key(), RecipeKey) and back.key() == sent.key()
+    assert hash(back.key()) == hash(sent.key())
+    # the same file spelled another way, the method's default written out: the same weights
+    same = Recipe(base="/m//./base", deltas=[DeltaTerm(path="/d/x/../a.safetensors", alpha=0.5, density=1)],
+                  method="ties", normalize=True)  # fmt: skip
+    assert same.key() == sent.key()
+    assert Recipe(base="/m/base").key() == Recipe(base="/m/base", method="linear", normalize=False).key()
+    uri = Recipe(base="/m/base", deltas=[DeltaTerm(path="s3://bucket//a")])
+    assert uri.key().terms[0][0] == "s3://bucket//a"  # a URI is kept as written
+    a6 = [DeltaTerm(path="/d/a.safetensors", alpha=0.6)]
+    assert Recipe(base="/m/base", deltas=a6, method="ties").key() != sent.key()
+    assert Recipe(base="/m/base", deltas=sent.deltas).key() != sent.key()  # linear, not ties
+

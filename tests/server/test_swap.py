@@ -106,3 +106,11 @@ async def test_the_next_variant_is_staged_while_the_current_one_serves_and_resta
     await asyncio.wait_for(asyncio.gather(waiting_a, *waiting_b), timeout=10)
     assert engine.applied[0] == B.key()  # the staged one
     assert slot.inflight == 0
+
+
+def test_unknown_weights_admit_nothing():
+    from server.swap import UnknownWeights
+
+    restarting = UnknownWeights(reason="restarting")
+    assert restarting.key() != Recipe(base="").key()
+    assert restarting.key() != UnknownWeights(reason="unknown").key()
