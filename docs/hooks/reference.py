@@ -161,12 +161,11 @@ def settings_page() -> str:
         "(`server/settings.py`), the one place they are declared. Each is a flag or a `DELTAGATE_*` "
         "environment variable; a flag wins. List settings take a JSON list in their variable.",
         "",
-        "| setting | flag | environment | type | default | help |",
-        "|---|---|---|---|---|---|",
     ]
     for row in settings_reference():
-        flag = f"`{row['flag']}`" if row["flag"] else "—"
-        default = f"`{row['default']}`" if row["default"] else ""
-        cells = [row["setting"], flag, f"`{row['env']}`", _md(row["type"]), default, _md(row["help"])]
-        out.append("| " + " | ".join(cells) + " |")
+        out += [f"### `{row['flag']}`" if row["flag"] else f"### {row['setting']} (no flag of its own)", ""]
+        facts = [f"`{row['env']}`", row["type"]]
+        if row["default"]:
+            facts.append(f"default `{row['default']}`")
+        out += [" · ".join(facts), "", row["help"], ""]
     return "\n".join(out) + "\n"
