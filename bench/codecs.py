@@ -5,7 +5,7 @@
 
 One engine serves every row: the exact delta is applied first and its greedy continuations
 of the prompt set are the reference; each codec's artifact is then swapped in and scored
-on the same token sequences (server.fidelity). Sizes are relative to a plain bf16 delta
+on the same token sequences (loaders.fidelity). Sizes are relative to a plain bf16 delta
 (2 bytes per element), the size a bf16 checkpoint diff would have.
 """
 
@@ -27,9 +27,9 @@ from deltas.codecs.plan import CodecPlan  # noqa: E402
 from deltas.extract import extract_delta  # noqa: E402
 from loaders.engine import EngineClient  # noqa: E402
 from server import fidelity as fid  # noqa: E402
+from server.evals.addition import addition_split  # noqa: E402
 from training.default import DEFAULT_SFT, prepare_default  # noqa: E402
 from training.evaluate import task_accuracy  # noqa: E402
-from training.tasks import addition_split  # noqa: E402
 
 ROWS = [
     "dense", "int8", "int4", "int4:group=32", "sparse:density=0.1", "sparse:density=0.1,select=gradient",

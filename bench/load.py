@@ -211,7 +211,7 @@ class Bench:
         """Addition questions (the delta's skill) and general ones, in the model's chat format."""
         from transformers import AutoTokenizer
 
-        from training.tasks import addition_split
+        from server.evals.addition import addition_split
 
         tok = AutoTokenizer.from_pretrained(self.base_dir)
         questions = addition_split(self.args.num_prompts, seed=7, held_out=True)

@@ -1,3 +1,3 @@
-from server.cli import main
+from cli import main
 
 main()

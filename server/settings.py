@@ -62,7 +62,7 @@ def _words(value):
 
 class GatewaySettings(BaseSettings):
     """Everything `create_app` needs; no import-time globals. The one declaration of each setting:
-    `deltagate serve`'s options (server/cli/options.py) and docs/reference/settings.md come from here."""
+    `deltagate serve`'s options (cli/options.py) and docs/reference/settings.md come from here."""
 
     model_config = SettingsConfigDict(env_prefix="DELTAGATE_")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from deltas.extract import extract_delta
 from loaders.smollm2 import smollm2_checkpoint
+from server.evals.addition import addition_split
 from training.sft import SFTConfig, finetune
-from training.tasks import addition_split
 
 DEFAULT_SFT = SFTConfig(steps=40, batch_size=8, lr=1e-4, seed=0)
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from training.tasks import AdditionExample, score
+from server.evals.addition import AdditionExample, score
 
 
 def task_accuracy(url: str, model: str, examples: list[AdditionExample], workers: int = 8) -> float:

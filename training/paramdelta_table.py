@@ -33,12 +33,12 @@ from deltas.extract import extract_delta
 from deltas.recipe import DeltaTerm, Recipe
 from loaders.engine import EngineProcess, EngineSpec, free_port, wait_healthy
 from loaders.merge import write_merged_checkpoint
+from server.evals.addition import addition_split
 from training.corpora import chunks, general_files, python_files
 from training.cpt import CPTConfig, continue_pretraining
 from training.default import DEFAULT_SFT, prepare_default
 from training.evaluate import perplexity
 from training.sft import finetune
-from training.tasks import addition_split
 
 CPT = CPTConfig()
 ALPHAS = (0.5, 1.0, 1.5)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from server.cli.rebase import plot_report
+from cli.rebase import plot_report
 from training.cpt import continue_pretraining
 from training.default import prepare_default
 from training.paramdelta_table import BEGIN, CPT, END, _api, start_gateway

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from training.tasks import AdditionExample
+from server.evals.addition import AdditionExample
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def main() -> None:
     """`python -m training.sft --base DIR -o DIR [--steps N]`: fine-tune on addition."""
     import argparse
 
-    from training.tasks import addition_split
+    from server.evals.addition import addition_split
 
     parser = argparse.ArgumentParser(description="Full-parameter SFT on two-digit addition (CPU).")
     parser.add_argument("--base", type=Path, required=True)

@@ -111,7 +111,7 @@ def cli_page() -> str:
     import typer
     from typer.cli import get_docs_for_click
 
-    from server.cli import app
+    from cli import app
 
     command = typer.main.get_command(app)
     text = get_docs_for_click(obj=command, ctx=typer.Context(command), name="deltagate", title="CLI")
@@ -152,7 +152,7 @@ def metrics_page() -> str:
 
 def settings_page() -> str:
     """Every gateway setting: its flag, its environment variable, type, default and help."""
-    from server.cli.options import settings_reference
+    from cli.options import settings_reference
 
     out = [
         GENERATED + "# Settings",

@@ -13,11 +13,11 @@ import json
 import math
 
 from loaders.engine import EngineError
+from loaders.fidelity import TOP_K, Probe, kl_topk, top1, top_logprobs
 from server.evals.graders import ProgramPasses, continuation_logprob, prompt_nll, render
 from server.evals.sandbox import Limits, run_program
 from server.evals.schemas import RunCreate
 from server.evals.tasks import TaskSpec
-from server.fidelity import TOP_K, Probe, kl_topk, top1, top_logprobs
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.schemas import InferenceBody

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from loaders.fidelity import DEFAULT_PROMPTS
 from server.evals.graders import (
     ChoiceMatch,
     Grader,
@@ -24,7 +25,6 @@ from server.evals.graders import (
     ProgramPasses,
 )
 from server.evals.stats import RatioMetric
-from server.fidelity import DEFAULT_PROMPTS
 
 Endpoint = Literal["completions", "chat"]
 
@@ -171,7 +171,7 @@ def parse_jsonl(content: str) -> list[dict]:
 def builtin_task(source: BuiltinSource) -> TaskSpec:
     """The items, prompt and graders of a built-in task."""
     if source.task == "addition":
-        from training.tasks import addition_split
+        from server.evals.addition import addition_split
 
         items = [
             {"question": e.messages[0]["content"], "answer": e.answer}

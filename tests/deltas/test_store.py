@@ -143,7 +143,7 @@ def test_deltagate_push_verifies_and_prints_the_uri(tied, s3_root, tmp_path):
 
 
 def test_the_cli_reads_an_artifact_by_its_store_uri(tied, s3_root, tmp_path, monkeypatch):
-    from server.cli.artifacts import _parse_term
+    from cli.artifacts import _parse_term
     from tests.server.conftest import deltagate
 
     uri = ArtifactStore(s3_root).put(tied.delta).uri

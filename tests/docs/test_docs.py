@@ -54,7 +54,7 @@ def test_documented_routes_exist():
 
 
 def _commands() -> dict[str, set[str]]:
-    from server.cli import app
+    from cli import app
 
     group = typer.main.get_command(app)
     ctx = typer.Context(group)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from deltas.artifact import DeltaArtifact
-from server.fidelity import compare, kl_topk, tensor_errors
+from loaders.fidelity import compare, kl_topk, tensor_errors
 from tests.server.conftest import deltagate
 
 

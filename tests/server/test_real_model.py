@@ -11,6 +11,7 @@ import pytest
 from deltas.extract import extract_delta
 from loaders.engine import EngineProcess, EngineSpec, free_port
 from loaders.smollm2 import smollm2_checkpoint
+from server.evals.addition import addition_split
 from tests.server.conftest import (
     chat_output,
     completion_outputs,
@@ -20,7 +21,6 @@ from tests.server.conftest import (
     wait_healthy,
 )
 from training.sft import SFTConfig, finetune
-from training.tasks import addition_split
 
 pytestmark = pytest.mark.engine
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.cli.app import app, cli_errors, console, fail, tensor_progress
+from cli.app import app, cli_errors, console, fail, tensor_progress
 
 CodecOpt = Annotated[
     str | None,

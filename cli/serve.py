@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
+from cli.app import app, cli_errors, console, fail
+from cli.options import with_settings
 from deltas.recipe import RecipeFile
-from server.cli.app import app, cli_errors, console, fail
-from server.cli.options import with_settings
 from server.settings import BaseSpec, GatewaySettings, StartupTerm, StartupVariant
 
 

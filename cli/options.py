@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from server.cli.app import fail
+from cli.app import fail
 from server.settings import GatewaySettings
 
 

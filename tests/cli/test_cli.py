@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from cli import app
+from cli.serve import parse_variant
 from deltas.artifact import open_artifact
-from server.cli import app
-from server.cli.serve import parse_variant
 
 runner = CliRunner()
 

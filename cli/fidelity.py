@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from cli.app import app, cli_errors, console, fail
 from loaders.engine import EngineError
-from server.cli.app import app, cli_errors, console, fail
 
 
 def load_prompts(path: Path) -> list[str]:
@@ -93,8 +93,8 @@ def fidelity(
 
 
 def _task_scorer(n: int):
+    from server.evals.addition import addition_split
     from training.evaluate import task_accuracy
-    from training.tasks import addition_split
 
     examples = addition_split(n, seed=1234, held_out=True)
     return lambda url, model: task_accuracy(url, model, examples)

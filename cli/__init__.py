@@ -3,8 +3,8 @@ alias, rebase."""
 
 from __future__ import annotations
 
-from server.cli import artifacts, evals, fidelity, rebase, serve  # noqa: F401  (registers the commands)
-from server.cli.app import app
+from cli import artifacts, evals, fidelity, rebase, serve  # noqa: F401  (registers the commands)
+from cli.app import app
 
 
 def main() -> None:

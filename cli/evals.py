@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from server.cli.app import admin_client, app, call, console, fail, progress_bar, show_result
+from cli.app import admin_client, app, call, console, fail, progress_bar, show_result
 
 
 @app.command("eval")

@@ -7,9 +7,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from server.cli import app
-from server.cli import serve as serve_module
-from server.cli.options import flag_of, setting_flags
+from cli import app
+from cli import serve as serve_module
+from cli.options import flag_of, setting_flags
 from server.settings import GatewaySettings
 
 

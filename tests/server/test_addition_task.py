@@ -1,6 +1,6 @@
 """The addition task: seeded, held-out pairs disjoint from training pairs, exact scoring."""
 
-from training.tasks import AdditionExample, addition_split, score
+from server.evals.addition import AdditionExample, addition_split, score
 
 
 def test_splits_are_seeded_and_disjoint():
