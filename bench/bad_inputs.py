@@ -448,8 +448,8 @@ def make_fixtures(tmp: Path) -> Fixtures:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from deltas import extract_delta
     from deltas.artifact import payload_sha256
-    from deltas.extract import extract_delta
     from deltas.manifest import MANIFEST_KEY, DeltaManifest
     from loaders.pico import PicoSpec, make_pico_base, make_pico_post
 

@@ -22,9 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deltas.artifact import DeltaArtifact  # noqa: E402
-from deltas.codecs.plan import CodecPlan  # noqa: E402
-from deltas.extract import extract_delta  # noqa: E402
+from deltas import (
+    CodecPlan,  # noqa: E402
+    extract_delta,  # noqa: E402
+    open_artifact,  # noqa: E402
+)
 from loaders.engine import EngineClient  # noqa: E402
 from server import fidelity as fid  # noqa: E402
 from server.evals.addition import addition_split  # noqa: E402
@@ -144,7 +146,7 @@ def main() -> None:
     rows = build_rows(specs, models.base, models.post, work)
     exact = rows["dense"][0]
     asyncio.run(serve_rows(models.base, rows, exact, work, args))
-    bf16 = 2 * sum(t.numel for t in DeltaArtifact(exact).manifest.tensors)
+    bf16 = 2 * sum(t.numel for t in open_artifact(exact).manifest.tensors)
     print_table([r for _, r in rows.values()], bf16)
 
 

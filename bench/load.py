@@ -620,8 +620,7 @@ def main() -> None:
 
 def lowrank_copy(delta: Path, cache: Path) -> Path:
     """A rank-16 copy of `delta` on its projection matrices only: a variant the adapter lane can serve."""
-    from deltas.codecs.plan import CodecPlan
-    from deltas.compress import compress_artifact
+    from deltas import CodecPlan, compress_artifact
 
     out = cache / "bench" / f"{delta.stem}-lowrank16.safetensors"
     if not out.is_file():

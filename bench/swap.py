@@ -32,10 +32,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deltas.checkpoint import Checkpoint  # noqa: E402
-from deltas.codecs.plan import CodecPlan  # noqa: E402
-from deltas.compress import compress_artifact  # noqa: E402
-from deltas.recipe import DeltaTerm, Recipe  # noqa: E402
+from deltas import (  # noqa: E402
+    Checkpoint,  # noqa: E402
+    CodecPlan,  # noqa: E402
+    DeltaTerm,
+    Recipe,
+    compress_artifact,  # noqa: E402
+)
 from loaders.engine import EngineClient, EngineProcess, EngineSpec  # noqa: E402
 
 MODES = ("before", "direct", "staged")

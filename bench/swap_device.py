@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from deltas import merge_tensor  # noqa: E402
 from deltas.codecs import TensorSource  # noqa: E402
 from deltas.codecs.dense import DenseCodec  # noqa: E402
 from deltas.codecs.quant import Int4Codec, Int4Params  # noqa: E402
-from deltas.mix import merge_tensor  # noqa: E402
 
 LLAMA3_8B = {"layers": 32, "hidden": 4096, "mlp": 14336, "kv": 1024, "vocab": 128256}
 TINY = {"layers": 2, "hidden": 256, "mlp": 512, "kv": 64, "vocab": 1024}

@@ -48,7 +48,7 @@ def fail(message: str) -> typer.Exit:
 @contextmanager
 def cli_errors(*extra: type[Exception]) -> Iterator[None]:
     """Turn the library's expected errors (and `extra`) into a clean CLI error (exit 2)."""
-    from deltas.errors import DeltaError
+    from deltas import DeltaError
 
     try:
         yield

@@ -33,7 +33,7 @@ CalibOpt = Annotated[
 
 def build_plan(codec: str | None, codec_recipe: Path | None, zstd: bool, select: str | None):
     """The CodecPlan from the command-line options (a recipe file, or one codec for all matrices)."""
-    from deltas.codecs.plan import CodecPlan
+    from deltas import CodecPlan
 
     if codec and codec_recipe:
         raise fail("give --codec or --codec-recipe, not both")
@@ -85,7 +85,7 @@ def extract(
     calib: CalibOpt = None,
 ) -> None:
     """Extract Δ = post − base into a verified artifact (exact by default)."""
-    from deltas.extract import extract_delta
+    from deltas import extract_delta
 
     with cli_errors():
         plan = build_plan(codec, codec_recipe, zstd, select)
@@ -109,13 +109,12 @@ def compress(
     ] = None,
 ) -> None:
     """Re-encode an artifact with other codecs (exact tensors the recipe keeps are copied)."""
-    from deltas.artifact import DeltaArtifact
-    from deltas.compress import compress_artifact
+    from deltas import compress_artifact, open_artifact
 
     with cli_errors():
         plan = build_plan(codec, codec_recipe, zstd, select)
         if plan.needs_gradients and base is None:
-            base = Path(DeltaArtifact(source).manifest.base.source)
+            base = Path(open_artifact(source).manifest.base.source)
         gradients = gradients_for(plan, calib, base, source)
         with tensor_progress("compressing") as progress:
             result = compress_artifact(source, output, plan, gradients=gradients, progress=progress)
@@ -131,7 +130,7 @@ def inspect(
     ] = True,
 ) -> None:
     """Print an artifact's manifest and per-tensor statistics."""
-    from deltas.artifact import open_artifact
+    from deltas import open_artifact
 
     with cli_errors():
         art = open_artifact(artifact, verify=verify)
@@ -183,7 +182,7 @@ def merge(
     """Write a variant's weights as a standalone checkpoint (the offline reference of a variant)."""
     from pydantic import ValidationError
 
-    from deltas.recipe import Recipe, RecipeFile
+    from deltas import Recipe, RecipeFile
     from loaders.merge import check_recipe, write_merged_checkpoint
 
     with cli_errors(ValidationError):
@@ -206,7 +205,7 @@ def merge(
 
 
 def _parse_term(item: str):
-    from deltas.recipe import DeltaTerm
+    from deltas import DeltaTerm
 
     scheme, sep, rest = item.rpartition("://")  # an artifact-store URI keeps its own colon
     path, *numbers = rest.split(":")
@@ -246,8 +245,7 @@ def push(
     store: Annotated[str, typer.Option(help="Artifact store: a directory or s3://bucket/prefix")],
 ) -> None:
     """Verify an artifact and put it into an artifact store; prints its URI (for --variant NAME=URI)."""
-    from deltas.artifact import open_artifact
-    from deltas.store import ArtifactStore
+    from deltas import ArtifactStore, open_artifact
 
     with cli_errors():
         open_artifact(artifact, verify=True)

@@ -49,7 +49,7 @@ def fidelity(
     worst: Annotated[int, typer.Option(help="Tensors listed (largest error first)")] = 10,
 ) -> None:
     """Per-tensor relative error, then greedy token agreement, KL and task score on a served model."""
-    from deltas.artifact import open_artifact
+    from deltas import open_artifact
     from server import fidelity as fid
 
     if task not in ("addition", "none"):

@@ -10,7 +10,7 @@ import typer
 
 from cli.app import app, cli_errors, console, fail
 from cli.options import with_settings
-from deltas.recipe import RecipeFile
+from deltas import RecipeFile
 from server.settings import BaseSpec, GatewaySettings, StartupTerm, StartupVariant
 
 

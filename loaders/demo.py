@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltas.extract import extract_delta
+from deltas import extract_delta
 from loaders.pico import PicoSpec, make_pico_base, make_pico_post
 
 

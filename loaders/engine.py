@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from deltas.recipe import Recipe
+from deltas import Recipe
 
 EXTENSION_CLS = "loaders.worker_extension.DeltaWorkerExtension"
 # The variant's chat template on /v1/responses and /v1/messages (vLLM takes one on chat only).

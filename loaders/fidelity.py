@@ -20,10 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from deltas.artifact import DeltaArtifact
+from deltas import DeltaArtifact, DeltaTerm, IncompatibleError, Recipe
 from deltas.build import relative_error
-from deltas.errors import IncompatibleError
-from deltas.recipe import DeltaTerm, Recipe
 from loaders.engine import EngineClient, EngineProcess, EngineSpec
 
 TOP_K = 20

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import torch
 
-from deltas.artifact import DeltaArtifact
-from deltas.checkpoint import Checkpoint
-from deltas.errors import IncompatibleError
+from deltas import Checkpoint, DeltaArtifact, IncompatibleError, Recipe, open_artifact
 from deltas.merge_methods import MergeTerm
 from deltas.merge_methods.linear import LinearMerge
 from deltas.mix import Delta, merge_tensor
-from deltas.recipe import Recipe
 from deltas.store import is_uri
 from deltas.stream_writer import StreamingSafetensorsWriter
 from loaders.shards import Shard
@@ -26,7 +23,7 @@ def check_recipe(recipe: Recipe) -> None:
     base = Checkpoint(recipe.base)
     names = set(base.tensor_names())
     for term in recipe.deltas:
-        artifact = DeltaArtifact(term.path)
+        artifact = open_artifact(term.path)
         if artifact.manifest.base.architecture != base.architecture:
             raise IncompatibleError(
                 f"delta {term.path} is for {artifact.manifest.base.architecture}, base is {base.architecture}"
@@ -73,7 +70,7 @@ class CheckpointSource:
         identity = file_identity(path)
         cached = self._artifacts.get(path)
         if cached is None or cached[0] != identity:
-            cached = self._artifacts[path] = (identity, DeltaArtifact(path))
+            cached = self._artifacts[path] = (identity, open_artifact(path))
         return cached[1]
 
     def base_tensor(self, path: str, name: str) -> torch.Tensor:
@@ -141,7 +138,7 @@ def write_merged_checkpoint(recipe: Recipe, out: str | Path) -> Path:
         if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
             shutil.copy(f, out / f.name)
     for term in recipe.deltas[:1]:  # a variant speaks with its (first) post model's tokenizer
-        for fname, text in DeltaArtifact(term.path).side_files().items():
+        for fname, text in open_artifact(term.path).side_files().items():
             (out / fname).write_text(text)
     writer = StreamingSafetensorsWriter(out / "model.safetensors")
     try:

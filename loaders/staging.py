@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deltas.recipe import Recipe
+from deltas import Recipe
 from loaders.merge import CheckpointSource, file_identity, merged_tensors
 from loaders.resident import ResidentWeights
 from loaders.shards import Shard

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from deltas.recipe import Recipe
+from deltas import Recipe
 from loaders.merge import CheckpointSource
 from loaders.resident import ResidencyConfig, ResidentWeights
 from loaders.shards import rank_shards

@@ -25,8 +25,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from deltas import Recipe
 from deltas.lora import export_lora_mix
-from deltas.recipe import Recipe
 from loaders.engine import EngineClient
 from server.registry import DeltaRecord, VariantRecord
 

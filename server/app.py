@@ -11,8 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from deltas import __version__
-from deltas.errors import DeltaError
+from deltas import DeltaError, __version__
 from loaders.engine import EngineError
 from server.batches.files import FileStore
 from server.batches.service import BatchService

@@ -14,11 +14,9 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from deltas.artifact import open_artifact
+from deltas import DeltaError, DeltaTerm, IncompatibleError, Recipe, open_artifact
 from deltas.checkpoint import vocabulary_digest
-from deltas.errors import DeltaError, IncompatibleError
 from deltas.lora import adapter_rank
-from deltas.recipe import DeltaTerm, Recipe
 from deltas.store import ArtifactStore, is_uri, materialize
 from loaders.merge import check_recipe
 from server.adapters import AdapterLane

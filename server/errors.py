@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltas.errors import IncompatibleError, InvalidArtifactError
+from deltas import IncompatibleError, InvalidArtifactError
 from deltas.store import ArtifactMissingError, StoreError
 from loaders.engine import EngineError
 

@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltas.checkpoint import Checkpoint
-from deltas.recipe import Recipe
+from deltas import Checkpoint, Recipe
 from deltas.store import is_uri, use_cache
 from loaders.engine import EngineClient, EngineError, check_tool_parser
 from server.adapters import Adapter, AdapterLane

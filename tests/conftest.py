@@ -67,7 +67,7 @@ class PicoFamily:
 
 
 def build_family(root: Path, spec: PicoSpec, seed: int) -> PicoFamily:
-    from deltas.extract import extract_delta
+    from deltas import extract_delta
 
     base = make_pico_base(root / "base", spec, seed=seed)
     post = make_pico_post(base, root / "post", seed=seed + 1)
@@ -116,9 +116,7 @@ PART2 = ("model.layers.1.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj
 @pytest.fixture(scope="session")
 def tied_parts(tied, tmp_path_factory) -> PartialDeltas:
     """Partial deltas of `tied` with different coverage (an embedding, parts of fused modules, a norm)."""
-    from deltas.checkpoint import Checkpoint
-    from deltas.codecs.plan import CodecPlan
-    from deltas.compress import compress_artifact
+    from deltas import Checkpoint, CodecPlan, compress_artifact
 
     work = tmp_path_factory.mktemp("parts")
     names = Checkpoint(tied.base).tensor_names()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltas.extract import extract_delta
+from deltas import extract_delta
 from loaders.smollm2 import smollm2_checkpoint
 from server.evals.addition import addition_split
 from training.sft import SFTConfig, finetune

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deltas.artifact import DeltaArtifact
-from deltas.errors import DeltaError
+from deltas import DeltaArtifact, DeltaError, open_artifact
 
 
 def calibration_texts(path: str | Path, limit: int) -> list[str]:
@@ -49,7 +48,7 @@ def calibration_gradients(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if delta_artifact is not None:
-        _add_delta(model, DeltaArtifact(delta_artifact))
+        _add_delta(model, open_artifact(delta_artifact))
     model.eval()  # no dropout: the gradient of the model as served
     texts = calibration_texts(calib, limit)
     for text in texts:

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from deltas.extract import extract_delta
-from deltas.recipe import DeltaTerm, Recipe
+from deltas import DeltaTerm, Recipe, extract_delta
 from loaders.engine import EngineProcess, EngineSpec, free_port, wait_healthy
 from loaders.merge import write_merged_checkpoint
 from server.evals.addition import addition_split

@@ -83,7 +83,7 @@ def save_like(model, base: Path, out: Path) -> Path:
     """Save `model` in `base`'s dtype, with `base`'s config and tokenizer files, atomically."""
     from safetensors.torch import save_file
 
-    from deltas.checkpoint import Checkpoint
+    from deltas import Checkpoint
 
     ckpt = Checkpoint(base)
     dtype = ckpt.get(ckpt.tensor_names()[0]).dtype

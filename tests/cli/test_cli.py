@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from cli.serve import parse_variant
-from deltas.artifact import open_artifact
+from deltas import open_artifact
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from deltas import InvalidArtifactError
 from deltas.checkpoint import Checkpoint, check_checkpoint, serving_difference, vocabulary_digest
-from deltas.errors import InvalidArtifactError
 from loaders.pico import PicoSpec, make_pico_base
 
 

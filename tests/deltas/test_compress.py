@@ -6,12 +6,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from deltas.artifact import DeltaArtifact, open_artifact
-from deltas.checkpoint import Checkpoint
+from deltas import Checkpoint, compress_artifact, extract_delta, open_artifact
 from deltas.codecs.plan import CodecPlan, CodecRule
-from deltas.compress import compress_artifact
 from deltas.errors import CodecError, InvalidArtifactError
-from deltas.extract import extract_delta
 from deltas.manifest import MANIFEST_KEY
 from deltas.stream_writer import StreamingSafetensorsWriter
 
@@ -42,7 +39,7 @@ def test_extract_with_codec_equals_compress_of_exact(untied, tmp_path):
     plan = CodecPlan.uniform("int4")
     extract_delta(untied.base, untied.post, tmp_path / "x.safetensors", plan=plan)
     compress_artifact(untied.delta, tmp_path / "c.safetensors", plan)
-    a, b = DeltaArtifact(tmp_path / "x.safetensors"), DeltaArtifact(tmp_path / "c.safetensors")
+    a, b = open_artifact(tmp_path / "x.safetensors"), open_artifact(tmp_path / "c.safetensors")
     for name in a.tensor_names:
         assert torch.equal(a.delta(name).full(), b.delta(name).full())
 
@@ -50,7 +47,7 @@ def test_extract_with_codec_equals_compress_of_exact(untied, tmp_path):
 def test_exact_tensors_are_copied_bit_for_bit(tied, tmp_path):
     plan = CodecPlan(default="int8", rules=[CodecRule(match="*embed_tokens*", codec="dense")])
     compress_artifact(tied.delta, tmp_path / "c.safetensors", plan)
-    src, out = DeltaArtifact(tied.delta), DeltaArtifact(tmp_path / "c.safetensors")
+    src, out = open_artifact(tied.delta), open_artifact(tmp_path / "c.safetensors")
     name = "model.embed_tokens.weight"
     assert out.entry(name).encoding == "dense" and out.entry(name).sha256 == src.entry(name).sha256
 
@@ -58,7 +55,7 @@ def test_exact_tensors_are_copied_bit_for_bit(tied, tmp_path):
 def test_zstd_is_lossless_and_smaller(tied, tmp_path):
     compress_artifact(tied.delta, tmp_path / "p.safetensors", CodecPlan.uniform("int4"))
     compress_artifact(tied.delta, tmp_path / "z.safetensors", CodecPlan.uniform("int4", zstd=True))
-    p, z = DeltaArtifact(tmp_path / "p.safetensors"), DeltaArtifact(tmp_path / "z.safetensors")
+    p, z = open_artifact(tmp_path / "p.safetensors"), open_artifact(tmp_path / "z.safetensors")
     assert all(t.compression == "zstd" for t in z.manifest.tensors)
     for name in p.tensor_names:
         assert torch.equal(p.delta(name).full(), z.delta(name).full())
@@ -93,7 +90,7 @@ def test_unknown_codec_in_manifest_is_refused(tied, tmp_path):
 
     _rewrite_manifest(tmp_path / "q.safetensors", tmp_path / "bad.safetensors", rename)
     with pytest.raises(InvalidArtifactError, match="unknown codec 'int3'"):
-        DeltaArtifact(tmp_path / "bad.safetensors")
+        open_artifact(tmp_path / "bad.safetensors")
 
 
 def test_manifest_params_that_do_not_match_the_payload_are_refused(tied, tmp_path):
@@ -122,7 +119,7 @@ def test_corrupt_zstd_payload_is_refused(tied, tmp_path):
     data = bytearray((tmp_path / "z.safetensors").read_bytes())
     data[-50] ^= 0xFF
     (tmp_path / "c.safetensors").write_bytes(bytes(data))
-    art = DeltaArtifact(tmp_path / "c.safetensors")
+    art = open_artifact(tmp_path / "c.safetensors")
     with pytest.raises(InvalidArtifactError):
         art.verify()
     last = art.manifest.tensors[-1].name
@@ -131,13 +128,13 @@ def test_corrupt_zstd_payload_is_refused(tied, tmp_path):
 
 
 def test_format_version_is_1_for_exact_and_2_for_compressed(tied, tmp_path):
-    assert DeltaArtifact(tied.delta).manifest.format_version == 1  # older releases still read it
+    assert open_artifact(tied.delta).manifest.format_version == 1  # older releases still read it
     compress_artifact(tied.delta, tmp_path / "q.safetensors", CodecPlan.uniform("int8"))
-    assert DeltaArtifact(tmp_path / "q.safetensors").manifest.format_version == 2
+    assert open_artifact(tmp_path / "q.safetensors").manifest.format_version == 2
 
     def future(m):
         m["format_version"] = 3
 
     _rewrite_manifest(tmp_path / "q.safetensors", tmp_path / "f.safetensors", future)
     with pytest.raises(InvalidArtifactError, match="format version 3 is not supported"):
-        DeltaArtifact(tmp_path / "f.safetensors")
+        open_artifact(tmp_path / "f.safetensors")

@@ -8,11 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from deltas.artifact import open_artifact
+from deltas import IncompatibleError, InvalidArtifactError, extract_delta, merge_tensor, open_artifact
 from deltas.checkpoint import Checkpoint, content_hash
-from deltas.errors import IncompatibleError, InvalidArtifactError
-from deltas.extract import extract_delta
-from deltas.mix import merge_tensor
 from deltas.stream_writer import StreamingSafetensorsWriter
 from loaders.pico import PicoSpec, make_pico_base, save_checkpoint
 

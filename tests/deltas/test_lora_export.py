@@ -6,10 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltas.artifact import DeltaArtifact
-from deltas.codecs.plan import CodecPlan
-from deltas.compress import compress_artifact
-from deltas.errors import DeltaError
+from deltas import CodecPlan, DeltaError, compress_artifact, open_artifact
 from deltas.lora import adapter_rank, export_lora, export_lora_mix
 
 MODULE = "model.layers.1.mlp.down_proj"
@@ -23,7 +20,7 @@ def test_lowrank_artifact_exports_its_own_factors(untied, tmp_path):
     a = weights[f"base_model.model.{MODULE}.lora_A.weight"]
     b = weights[f"base_model.model.{MODULE}.lora_B.weight"]
     assert a.shape[0] == b.shape[1] == result.rank == 4
-    assert torch.allclose(b @ a, DeltaArtifact(lowrank).delta(MODULE + ".weight").full(), atol=1e-6)
+    assert torch.allclose(b @ a, open_artifact(lowrank).delta(MODULE + ".weight").full(), atol=1e-6)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["lora_alpha"] == config["r"] == 4  # scale 1
     assert "model.embed_tokens.weight" in result.left_out and "lm_head.weight" in result.left_out
@@ -47,13 +44,13 @@ def _projection_lowrank(delta, out, rank: int):
 
 def test_adapter_rank_says_which_deltas_an_adapter_carries_exactly(untied, tmp_path):
     lowrank = _projection_lowrank(untied.delta, tmp_path / "lr.safetensors", 4)
-    assert adapter_rank(DeltaArtifact(lowrank).manifest) == 4
+    assert adapter_rank(open_artifact(lowrank).manifest) == 4
     with pytest.raises(DeltaError, match="not a projection matrix"):
-        adapter_rank(DeltaArtifact(untied.delta).manifest)  # embeddings, norms, lm_head too
+        adapter_rank(open_artifact(untied.delta).manifest)  # embeddings, norms, lm_head too
     everything = tmp_path / "all.safetensors"
     compress_artifact(untied.delta, everything, CodecPlan.uniform("lowrank:rank=4"))
     with pytest.raises(DeltaError, match="not a projection matrix"):
-        adapter_rank(DeltaArtifact(everything).manifest)
+        adapter_rank(open_artifact(everything).manifest)
 
 
 def test_mixed_adapter_is_the_weighted_sum_of_its_deltas(untied, tmp_path):
@@ -67,7 +64,7 @@ def test_mixed_adapter_is_the_weighted_sum_of_its_deltas(untied, tmp_path):
         @ weights[f"base_model.model.{MODULE}.lora_A.weight"]
     )
     name = MODULE + ".weight"
-    want = 0.5 * DeltaArtifact(a).delta(name).full() - 1.5 * DeltaArtifact(b).delta(name).full()
+    want = 0.5 * open_artifact(a).delta(name).full() - 1.5 * open_artifact(b).delta(name).full()
     assert torch.allclose(got, want, atol=1e-6)
     with pytest.raises(DeltaError, match="not lowrank|not a projection"):
         export_lora_mix([(untied.delta, 1.0)], tmp_path / "refused")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from deltas import CodecPlan
 from deltas.codecs import TensorSource, get_codec, parse_codec
 from deltas.codecs.bits import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
-from deltas.codecs.plan import CodecPlan
 from deltas.errors import CodecError, DeltaError, InvalidArtifactError
 
 

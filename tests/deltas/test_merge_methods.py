@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from deltas import RecipeFile
 from deltas.merge_methods import MergeTerm, get_method
 from deltas.mix import Delta, merge_tensor
-from deltas.recipe import RecipeFile
 from deltas.sparsify import random_mask
 
 SHAPE = (6, 7)
@@ -124,7 +124,7 @@ def test_yaml_recipe_mergekit_style(tmp_path):
     ],
 )
 def test_bad_yaml_recipes_name_the_field(tmp_path, text, problem):
-    from deltas.errors import DeltaError
+    from deltas import DeltaError
 
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(DeltaError, match=problem):

@@ -12,8 +12,7 @@ import pytest
 import s3fs
 
 import deltas.store as store_module
-from deltas.artifact import DeltaArtifact
-from deltas.errors import InvalidArtifactError
+from deltas import InvalidArtifactError, open_artifact
 from deltas.store import (
     ArtifactMissingError,
     ArtifactStore,
@@ -55,8 +54,8 @@ def test_an_artifact_opens_by_its_store_uri(tied, s3_root, tmp_path, monkeypatch
     stored = ArtifactStore(s3_root).put(tied.delta)
     monkeypatch.setenv(store_module.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(store_module, "_cache", None)
-    art = DeltaArtifact(stored.uri)
-    assert art.manifest == DeltaArtifact(tied.delta).manifest
+    art = open_artifact(stored.uri)
+    assert art.manifest == open_artifact(tied.delta).manifest
     assert art.path.parent == tmp_path / "cache"
     assert materialize(tied.delta) == tied.delta  # local paths pass through
 

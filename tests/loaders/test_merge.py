@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from deltas.checkpoint import Checkpoint
-from deltas.errors import IncompatibleError
-from deltas.recipe import DeltaTerm, Recipe
+from deltas import Checkpoint, DeltaTerm, IncompatibleError, Recipe
 from loaders.merge import check_recipe, merged_tensors
 from loaders.pico import PicoSpec, make_pico_base, make_pico_post
 from loaders.worker_extension import reprocess_tied_modules
@@ -24,7 +22,7 @@ def test_plain_recipe_streams_the_base(tied):
 
 
 def test_check_recipe_names_the_mismatching_tensor(tied, tmp_path):
-    from deltas.extract import extract_delta
+    from deltas import extract_delta
 
     wide = make_pico_base(tmp_path / "b", PicoSpec(intermediate_size=192), seed=0)
     extract_delta(wide, make_pico_post(wide, tmp_path / "p", seed=1), tmp_path / "w.safetensors")

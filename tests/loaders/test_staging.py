@@ -6,9 +6,8 @@ import time
 import pytest
 import torch
 
-from deltas.checkpoint import Checkpoint
+from deltas import Checkpoint, DeltaTerm, Recipe
 from deltas.mix import Delta, merge_tensor
-from deltas.recipe import DeltaTerm, Recipe
 from loaders.merge import CheckpointSource, merged_tensors
 from loaders.resident import ResidencyConfig, ResidentWeights
 from loaders.staging import Swapper, module_groups

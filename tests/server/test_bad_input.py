@@ -9,8 +9,8 @@ import openai
 import pytest
 from safetensors import safe_open
 
+from deltas import extract_delta
 from deltas.artifact import payload_sha256
-from deltas.extract import extract_delta
 from deltas.manifest import MANIFEST_KEY, DeltaManifest
 from deltas.stream_writer import StreamingSafetensorsWriter
 from loaders.pico import PicoSpec, make_pico_base, make_pico_post

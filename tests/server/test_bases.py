@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deltas.extract import extract_delta
+from deltas import extract_delta
 from loaders.engine import free_port
 from loaders.pico import PicoSpec, make_pico_base
 from tests.server.conftest import (

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deltas.store import ArtifactStore
+from deltas import ArtifactStore
 from loaders.engine import free_port
 from tests.server.conftest import (
     ADMIN,

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deltas.artifact import open_artifact
+from deltas import open_artifact
 from loaders.engine import free_port
 from tests.server.conftest import (
     ADMIN,

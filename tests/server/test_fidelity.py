@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from deltas.artifact import DeltaArtifact
+from deltas import open_artifact
 from loaders.fidelity import compare, kl_topk, tensor_errors
 from tests.server.conftest import deltagate
 
@@ -37,9 +37,9 @@ def test_compare_counts_top1_agreement_per_position():
 def test_tensor_errors_are_zero_for_a_copy_and_positive_for_lossy(tied, tmp_path):
     deltagate("compress", tied.delta, "-o", tmp_path / "copy.safetensors", "--codec", "dense")
     deltagate("compress", tied.delta, "-o", tmp_path / "q.safetensors", "--codec", "int4")
-    ref = DeltaArtifact(tied.delta)
-    assert all(e.rel_error == 0 for e in tensor_errors(DeltaArtifact(tmp_path / "copy.safetensors"), ref))
-    lossy = tensor_errors(DeltaArtifact(tmp_path / "q.safetensors"), ref)
+    ref = open_artifact(tied.delta)
+    assert all(e.rel_error == 0 for e in tensor_errors(open_artifact(tmp_path / "copy.safetensors"), ref))
+    lossy = tensor_errors(open_artifact(tmp_path / "q.safetensors"), ref)
     assert any(e.rel_error > 0 for e in lossy if e.encoding == "int4")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deltas.extract import extract_delta
+from deltas import extract_delta
 from loaders.engine import EngineProcess, EngineSpec, free_port
 from loaders.smollm2 import smollm2_checkpoint
 from server.evals.addition import addition_split

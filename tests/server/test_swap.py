@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from deltas.recipe import DeltaTerm, Recipe
+from deltas import DeltaTerm, Recipe
 from loaders.engine import ApplyResult, EngineError
 from server.errors import SwapError
 from server.swap import WeightSlot

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from deltas.recipe import DeltaTerm, Recipe
+from deltas import DeltaTerm, Recipe
 from loaders.engine import EngineClient, EngineProcess, EngineSpec
 from tests.server.conftest import _merge, completion_outputs
 
