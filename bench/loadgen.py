@@ -81,7 +81,7 @@ def start_mock(served_name: str, work: Path, tokens_per_second: float, swap_seco
 def start_gateway(args: list[str], work: Path, admin_token: str = "bench-admin") -> Service:
     """`deltagate serve ARGS` on a free port with a state dir under `work`."""
     port = free_port()
-    cmd = [PY, "-m", "server", "serve", "--port", str(port), "--state-dir", str(work / "state"),
+    cmd = [PY, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(work / "state"),
            "--admin-token", admin_token, *args]  # fmt: skip
     return _spawn("gateway", cmd, port, work / "gateway.log")
 

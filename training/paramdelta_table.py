@@ -78,7 +78,7 @@ def _api(method: str, url: str, body: dict | None = None) -> dict:
 def start_gateway(base: Path, work: Path) -> tuple[subprocess.Popen, str]:
     """`deltagate serve --base smollm2=BASE` on a free port with state in `work`, once healthy."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--state-dir", str(work),
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(work),
            "--admin-token", ADMIN, "--base", f"smollm2={base}"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip

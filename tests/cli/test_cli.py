@@ -18,7 +18,7 @@ runner = CliRunner()
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for cmd in ("serve", "extract", "compress", "inspect", "merge", "export-lora", "fidelity", "demo"):
         assert cmd in out.stdout
@@ -157,7 +157,7 @@ def test_errors_are_never_wrapped(tied, tmp_path):
     env = {**os.environ, "COLUMNS": "40", "LINES": "10"}
     for extra_env in ({}, {"TERM": "dumb"}):
         done = subprocess.run(
-            [sys.executable, "-m", "server", "inspect", str(bad)],
+            [sys.executable, "-m", "cli", "inspect", str(bad)],
             capture_output=True, text=True, env={**env, **extra_env},
         )  # fmt: skip
         assert done.returncode == 2

@@ -71,7 +71,7 @@ def test_a_flag_beats_the_environment_which_beats_the_default(started, monkeypat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-lora-rank", "3"], "--max-lora-rank: Value error, must be one of 1, 8, 16"),
+        (["--max-lora-rank", "3"], "--max-lora-rank: must be one of 1, 8, 16"),
         (["--kv-cache-gib", "0"], "--kv-cache-gib: Input should be greater than 0"),
         (["--swap-residency", "disk"], "Invalid value for '--swap-residency'"),
         (["--swap-quantum", "-1"], "Invalid value for '--swap-quantum'"),

@@ -136,7 +136,7 @@ def test_deltagate_push_verifies_and_prints_the_uri(tied, s3_root, tmp_path):
     assert s3fs.S3FileSystem().cat(uri) == tied.delta.read_bytes()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not an artifact")
-    failed = subprocess.run([sys.executable, "-m", "server", "push", str(bad), "--store", s3_root],
+    failed = subprocess.run([sys.executable, "-m", "cli", "push", str(bad), "--store", s3_root],
                             capture_output=True, text=True)  # fmt: skip
     assert failed.returncode == 2 and "not a readable safetensors file" in failed.stderr
 

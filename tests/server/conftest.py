@@ -171,7 +171,7 @@ class Stack:
 
 def deltagate(*args: str) -> subprocess.CompletedProcess:
     """Run the `deltagate` CLI; fail the test with its output if it fails."""
-    cmd = [sys.executable, "-m", "server", *map(str, args)]
+    cmd = [sys.executable, "-m", "cli", *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{cmd}\n{done.stdout}\n{done.stderr}"
     return done
@@ -297,7 +297,7 @@ def answers(url: str) -> dict:
 def start_gateway(
     args: list[str], state_dir: Path, port: int, log: Path, env: dict | None = None
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--state-dir", str(state_dir)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(state_dir)]
     cmd += ["--admin-token", ADMIN, "--max-model-len", "512", *args]
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **(env or {})})  # fmt: skip

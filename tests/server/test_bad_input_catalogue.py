@@ -1,6 +1,7 @@
-"""The README's table of bad inputs (bench/bad_inputs.py), re-run: each answer is what it says."""
+"""The bad-input catalogue (tests/server/bad_inputs.py), tried for real: each answer is what it says."""
 
-from bench.bad_inputs import CASES, run_all
+from tests.server.bad_input_runner import run_all
+from tests.server.bad_inputs import CASES
 
 
 def test_every_bad_input_gets_its_documented_answer(tmp_path):

@@ -222,7 +222,7 @@ def test_fidelity_reference_must_be_a_variant(mock_stack):
 
 
 def _cli(url: str, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "server", "eval", "--url", url, "--admin-token", ADMIN, *map(str, args)]
+    cmd = [sys.executable, "-m", "cli", "eval", "--url", url, "--admin-token", ADMIN, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 

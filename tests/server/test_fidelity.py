@@ -45,7 +45,7 @@ def test_tensor_errors_are_zero_for_a_copy_and_positive_for_lossy(tied, tmp_path
 
 def test_fidelity_refuses_artifacts_of_different_deltas(tied, tmp_path):
     deltagate("compress", tied.delta2, "-o", tmp_path / "other.safetensors", "--codec", "int8")
-    cmd = [sys.executable, "-m", "server", "fidelity", str(tmp_path / "other.safetensors"),
+    cmd = [sys.executable, "-m", "cli", "fidelity", str(tmp_path / "other.safetensors"),
            "--reference", str(tied.delta), "--no-served"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and "different post models" in done.stderr

@@ -174,7 +174,7 @@ def test_the_cli_sets_aliases_runs_a_rebase_and_plots_its_report(gateway, tmp_pa
     assert "cli-chat -> mock-inst:mock-v2 95.0%, mock 5.0%" in listed
     back = deltagate("alias", "rollback", "cli-chat", *common).stdout
     assert "cli-chat -> mock-inst 95.0%, mock 5.0%" in back
-    failed = subprocess.run([sys.executable, "-m", "server", "rebase", "--from", "nope", "--to", "mock-v2",
+    failed = subprocess.run([sys.executable, "-m", "cli", "rebase", "--from", "nope", "--to", "mock-v2",
                              "--eval", eval_id, "--holdout", "2", "--min-ratio", "1", *common],
                             capture_output=True, text=True)  # fmt: skip
     assert failed.returncode == 2 and "unknown base 'nope'" in failed.stderr

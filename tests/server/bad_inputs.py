@@ -1,12 +1,7 @@
-"""A catalogue of bad inputs and what a user gets for each, tried for real.
-
-    .venv/bin/python -m bench.bad_inputs            # prints the README's markdown table
-
-Builds pico checkpoints and broken artifacts in a temporary directory, starts a mock engine and a
-gateway attached to it (no vLLM: every check here happens in the gateway or the CLI; the engine's
-own 400s are relayed as they are), then sends each input: HTTP requests, uploads, artifacts,
-variant recipes, YAML recipe files and CLI arguments. `tests/server/test_bad_inputs.py` runs the
-same catalogue and checks each answer against `expect`.
+"""The catalogue of bad inputs: each one, where it goes (an HTTP request, an upload, a recipe, a CLI
+call) and what a user should get (status or exit code, and a fragment of the message), with the
+pico checkpoints and broken files the cases point at. tests/server/bad_input_runner.py tries them
+for real; tests/server/test_bad_input_catalogue.py checks every answer.
 """
 
 from __future__ import annotations
@@ -14,9 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,7 +374,7 @@ CASES: list[Case] = [
         "cli",
         "serve --max-lora-rank 7",
         2,
-        "--max-lora-rank must be one of",
+        "--max-lora-rank: must be one of",
         cli=lambda fx: ["serve", "--base", str(fx.base), "--max-lora-rank", "7"],
     ),  # fmt: skip
     Case(
@@ -489,80 +481,3 @@ def make_fixtures(tmp: Path) -> Fixtures:
     return Fixtures(tmp, base, tmp / "inst.safetensors", tmp / "wide" / "delta.safetensors",
                     tmp / "mistral.safetensors", tmp / "truncated.safetensors", tmp / "tampered.safetensors",
                     tmp / "nan.safetensors", base / "model.safetensors")  # fmt: skip
-
-
-def run_case(case: Case, fx: Fixtures) -> tuple[int, str]:
-    """(status or exit code, the message the user sees) for one case."""
-    case.setup(fx)
-    if case.cli is not None:
-        done = subprocess.run([sys.executable, "-m", "server", *case.cli(fx)], capture_output=True, text=True)
-        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        return done.returncode, lines[-1] if lines else ""
-    kwargs = case.http(fx)
-    r = httpx.request(kwargs.pop("method"), fx.url + kwargs.pop("url"), timeout=60, **kwargs)
-    try:
-        return r.status_code, r.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return r.status_code, r.text
-
-
-def start(fx: Fixtures) -> tuple[list[subprocess.Popen], str]:
-    """A mock engine and a gateway attached to it, with small limits; returns (processes, url)."""
-    from loaders.engine import free_port, wait_healthy
-
-    engine_port, port = free_port(), free_port()
-    log = open(fx.tmp / "servers.log", "ab")
-    mock = subprocess.Popen([sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port),
-                             "--served-name", "pico", "--tokens-per-second", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port), "--state-dir", str(fx.tmp / "state"),
-         "--admin-token", ADMIN, "--api-key", KEY, "--base", f"pico={fx.base}",
-         "--engine-url", f"pico=http://127.0.0.1:{engine_port}", "--variant", f"inst={fx.delta}",
-         "--max-body-bytes", str(MAX_BODY), "--max-upload-bytes", str(MAX_UPLOAD)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(f"http://127.0.0.1:{engine_port}", mock, 60, "mock engine")
-    wait_healthy(url, gateway, 120, "gateway", fx.tmp / "servers.log")
-    fx.url = url
-    return [gateway, mock], url
-
-
-def run_all(tmp: Path, log=print) -> list[tuple[Case, int, str]]:
-    """Every case against a fresh gateway; (case, what came back, message)."""
-    import os
-    import signal
-
-    fx = make_fixtures(tmp)
-    procs, _ = start(fx)
-    try:
-        rows = []
-        for case in CASES:
-            status, message = run_case(case, fx)
-            rows.append((case, status, message.replace(str(tmp), "<tmp>")))
-            log(f"{case.kind:9} {status:4} {case.what}")
-        return rows
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
-
-
-def to_markdown(rows: list[tuple[Case, int, str]]) -> str:
-    lines = ["| kind | input | what the user gets |", "|---|---|---|"]
-    for case, status, message in rows:
-        shown = message.replace("|", "\\|").replace("\n", " ")
-        got = f"exit {status}" if case.cli else f"HTTP {status}"
-        lines.append(f"| {case.kind} | {case.what} | {got}: {shown} |")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = run_all(Path(tmp), log=lambda line: print(line, file=sys.stderr))
-    print(to_markdown(rows))
-
-
-if __name__ == "__main__":
-    main()
