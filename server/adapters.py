@@ -48,7 +48,7 @@ class AdapterLane:
         self.root = root
         self.slots = slots
         self.max_rank = max_rank
-        self._loaded: dict[str, set[str]] = defaultdict(set)  # base -> adapter names in its engine
+        self._loaded: dict[str, set[str]] = defaultdict(set)  # engine id -> adapter names loaded there
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def unfit(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
@@ -93,26 +93,26 @@ class AdapterLane:
                 shutil.rmtree(tmp, ignore_errors=True)
             log.info("wrote adapter %s (rank %d)", adapter.name, rank)
 
-    async def load(self, base: str, client: EngineClient, adapter: Adapter) -> None:
-        """Load `adapter` into the engine of `base` unless it already is."""
-        if adapter.name in self._loaded[base]:
+    async def load(self, engine_id: str, client: EngineClient, adapter: Adapter) -> None:
+        """Load `adapter` into engine `engine_id` unless it already is."""
+        if adapter.name in self._loaded[engine_id]:
             return
-        async with self._locks[base]:
-            if adapter.name not in self._loaded[base]:
+        async with self._locks[engine_id]:
+            if adapter.name not in self._loaded[engine_id]:
                 await client.load_adapter(adapter.name, str(adapter.path))
-                self._loaded[base].add(adapter.name)
-                log.info("loaded adapter %s into the engine of %s", adapter.name, base)
+                self._loaded[engine_id].add(adapter.name)
+                log.info("loaded adapter %s into engine %s", adapter.name, engine_id)
 
-    async def unload(self, base: str, client: EngineClient, adapter: Adapter) -> None:
-        """Unload `adapter` from the engine of `base`, if it was loaded, and delete its files."""
-        if adapter.name in self._loaded[base]:
-            self._loaded[base].discard(adapter.name)
+    async def unload(self, engine_id: str, client: EngineClient, adapter: Adapter) -> None:
+        """Unload `adapter` from engine `engine_id`, if it was loaded, and delete its files."""
+        if adapter.name in self._loaded[engine_id]:
+            self._loaded[engine_id].discard(adapter.name)
             await client.unload_adapter(adapter.name)
         shutil.rmtree(adapter.path, ignore_errors=True)
 
-    def forget(self, base: str) -> None:
-        """The engine of `base` restarted: it has no adapters loaded."""
-        self._loaded.pop(base, None)
+    def forget(self, engine_id: str) -> None:
+        """Engine `engine_id` restarted: it has no adapters loaded."""
+        self._loaded.pop(engine_id, None)
 
-    def loaded(self, base: str) -> list[str]:
-        return sorted(self._loaded.get(base, ()))
+    def loaded(self, engine_id: str) -> list[str]:
+        return sorted(self._loaded.get(engine_id, ()))

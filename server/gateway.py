@@ -184,7 +184,7 @@ class Gateway:
         await client.probe_variant_chat()
         on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
-        slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, name=endpoint.id)
+        slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
         slot.last_admitted = self._variant_holding(base.name, resident) if current else None
         self.slots[endpoint.id] = slot
 
@@ -221,18 +221,18 @@ class Gateway:
 
     def endpoint_of(self, slot: WeightSlot) -> Endpoint | None:
         """Where the engine of `slot` runs (None: it is gone)."""
-        return next((e for e in self.pool.endpoints() if e.id == slot.name), None)
+        return next((e for e in self.pool.endpoints() if e.id == slot.id), None)
 
     async def engine_for(self, target: Resolved, deadline: float, only: str | None = None) -> WeightSlot:
         """The engine to admit `target` on: one holding its weights, else an idle one, else the least
         loaded (`only`: that engine, which holds state the request needs); while none is up
         (restarting, or every replica replaced), wait until `deadline`, then 503."""
         while True:
-            slots = [s for s in self.group(target.engine) if not self.pool.down(s.name)]
+            slots = [s for s in self.group(target.engine) if not self.pool.down(s.id)]
             if only is not None:
                 if only not in self.slots:
                     raise NotFoundError(f"engine {only!r}, which holds what this request continues, is gone")
-                slots = [s for s in slots if s.name == only]
+                slots = [s for s in slots if s.id == only]
             if slots:
                 return _pick(slots, target.variant.base if target.adapter else target.variant.name)
             self.pool.wake()
@@ -332,7 +332,7 @@ class Gateway:
         # seen answering differently (a logprob 0.17 off, a greedy token flipped; README).
         await slot.acquire(target.variant.base, Recipe(base=target.recipe.base), lane="adapters")
         try:
-            await self.adapters.load(slot.name, slot.client, adapter)
+            await self.adapters.load(slot.id, slot.client, adapter)
         except BaseException:
             slot.release()
             raise
@@ -444,7 +444,7 @@ class Gateway:
         if task is not None:
             task.cancel()
         for slot in self.group(name):
-            await self.slots.pop(slot.name).client.close()
+            await self.slots.pop(slot.id).client.close()
         self._base_info.pop(name, None)
         await self.pool.remove(name)
 
@@ -458,7 +458,7 @@ class Gateway:
         if target is not None and target.adapter is not None:
             for slot in self.group(target.engine):
                 try:
-                    await self.adapters.unload(slot.name, slot.client, target.adapter)
+                    await self.adapters.unload(slot.id, slot.client, target.adapter)
                 except EngineError:
                     log.warning("could not unload %s; the engine forgets it on restart", target.adapter.name)
 

@@ -120,14 +120,14 @@ async def forward(
         except aiohttp.ClientError as exc:
             slot.release()
             metrics.upstream_errors.labels(engine, "connect").inc()
-            if await gateway.pool.died(slot.name):
+            if await gateway.pool.died(slot.id):
                 gateway.pool.wake()
                 continue  # it died before anything was sent: send the request again (restarted, or another)
             metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
             raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
-    served_by = {ENGINE_HEADER: slot.name, VARIANT_HEADER: variant}
+    served_by = {ENGINE_HEADER: slot.id, VARIANT_HEADER: variant}
     remember = route is RESPONSES and gateway.settings.responses_store and upstream.status == 200
-    stored = Stored(slot.name, variant, answers_as) if remember else None
+    stored = Stored(slot.id, variant, answers_as) if remember else None
     metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
     released = False
 
@@ -237,7 +237,7 @@ async def stored_call(gateway: Gateway, response_id: str, action: str = "") -> R
     except aiohttp.ClientError as exc:
         raise EngineError(f"engine {stored.engine!r} unreachable: {exc}") from exc
     raw, _ = rewrite_body(raw, stored.answers_as, stored.variant)
-    headers = {ENGINE_HEADER: slot.name}
+    headers = {ENGINE_HEADER: slot.id}
     return Response(raw, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -251,7 +251,7 @@ async def _admit(gateway: Gateway, target: Resolved, deadline: float, only: str 
             await gateway.admit(target, slot)
             return slot
         except SwapError:
-            if not await gateway.pool.died(slot.name):
+            if not await gateway.pool.died(slot.id):
                 raise
             gateway.pool.wake()
 

@@ -72,10 +72,10 @@ class WeightSlot:
         resident: Recipe,
         on_swap: SwapHook | None = None,
         policy: SwapPolicy = SwapPolicy(),
-        name: str = "",
+        id: str = "",
     ):
         self.client = client
-        self.name = name  # the engine's id in its gateway's pool (server/pool.py)
+        self.id = id  # the engine's id in its gateway's pool (server/pool.py; /v1/engines `id`)
         self.resident = resident
         self.lane = ""  # what the admitted requests run as on these weights: "" plain, or "adapters"
         self.policy = policy

@@ -38,7 +38,7 @@ async def engine_metrics(engine: str, gateway: GatewayDep) -> Response:
         raise NotFoundError(f"no engine {engine!r}; engines: {sorted(gateway.slots)}")
     text = await slot.client.metrics_text()
     if "vllm:lora_requests_info" not in text:  # an engine without --enable-lora: say what the slot holds
-        resident = next(s.resident for s in gateway.engine_states() if s.engine == slot.name)
+        resident = next(s.resident for s in gateway.engine_states() if s.engine == slot.id)
         text += lora_requests_info([(resident, slot.queued(), {})], time.time())
     return Response(text, media_type=PROMETHEUS_TEXT)
 
@@ -51,7 +51,7 @@ async def engines(gateway: GatewayDep) -> EnginesPublic:
         slot = gateway.slots[state.engine]
         endpoint = gateway.endpoint_of(slot)
         data.append(EnginePublic(
-            id=slot.name, base=slot.engine, url=slot.client.url,
+            id=slot.id, base=slot.engine, url=slot.client.url,
             node=endpoint.node if endpoint else "", pid=endpoint.pid if endpoint else None,
             resident_variant=state.resident, inflight=state.inflight, queued=state.queued,
             swaps=len(slot.recent_swaps),
