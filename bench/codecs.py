@@ -28,7 +28,7 @@ from deltas import (
     open_artifact,  # noqa: E402
 )
 from loaders.engine import EngineClient  # noqa: E402
-from server import fidelity as fid  # noqa: E402
+from loaders import fidelity as fid  # noqa: E402
 from server.evals.addition import addition_split  # noqa: E402
 from training.default import DEFAULT_SFT, prepare_default  # noqa: E402
 from training.evaluate import task_accuracy  # noqa: E402

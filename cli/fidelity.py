@@ -50,7 +50,7 @@ def fidelity(
 ) -> None:
     """Per-tensor relative error, then greedy token agreement, KL and task score on a served model."""
     from deltas import open_artifact
-    from server import fidelity as fid
+    from loaders import fidelity as fid
 
     if task not in ("addition", "none"):
         raise fail(f"--task {task!r}: choose addition or none")
