@@ -22,13 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deltas import (
-    CodecPlan,  # noqa: E402
-    extract_delta,  # noqa: E402
-    open_artifact,  # noqa: E402
-)
-from loaders.engine import EngineClient  # noqa: E402
+from deltas import CodecPlan, extract_delta, open_artifact  # noqa: E402
 from loaders import fidelity as fid  # noqa: E402
+from loaders.engine import EngineClient  # noqa: E402
 from server.evals.addition import addition_split  # noqa: E402
 from training.default import DEFAULT_SFT, prepare_default  # noqa: E402
 from training.evaluate import task_accuracy  # noqa: E402

@@ -43,6 +43,24 @@ def chat_params(model: str) -> dict:
     }
 
 
+# Answers served while other requests share the engine's batch are compared to the one-at-a-time
+# references by their greedy tokens and text, and logprobs within LOGPROB_ATOL: the CPU build's bf16
+# kernels are not batch-invariant on every machine. On this project's machine of 2026-12-03 (Xeon with
+# AVX512-BF16), prompt 1 came back with the reference's tokens but logprobs moved: by one float32 ulp
+# under six clients (tied-half, in 110 of 139 answers; on the session's first commit as well), and
+# by up to 0.03 in a batch of two (tied-part2), while one request at a time every answer is
+# bit-identical (the exactness tests; the tests using this also re-ask one at a time).
+LOGPROB_ATOL = 0.05
+
+
+def same_batched(got: dict, want: dict) -> bool:
+    """`got` (served in a batch) has `want`'s greedy tokens and its logprobs within LOGPROB_ATOL."""
+    if got["text"] != want["text"] or got["tokens"] != want["tokens"]:
+        return False
+    pairs = zip(got["token_logprobs"], want["token_logprobs"], strict=True)
+    return all(abs(a - b) <= LOGPROB_ATOL for a, b in pairs)
+
+
 def completion_outputs(url: str, model: str, headers: dict | None = None) -> list[dict]:
     """Greedy completions of PROMPTS with tokens and logprobs, one request at a time."""
     outs = []
