@@ -204,7 +204,14 @@ def run_gateway(settings: GatewaySettings, host: str, port: int, access_log: boo
     check_settings(settings)
     models = [b.name for b in settings.bases] + [v.name for v in settings.variants]
     print(how_to_call(host, port, models, settings.state_dir, bool(settings.api_keys), given=given))
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=access_log,
+        timeout_keep_alive=settings.keep_alive_seconds,
+    )
 
 
 @app.command()

@@ -25,6 +25,12 @@ from deltas import Recipe
 EXTENSION_CLS = "loaders.worker_extension.DeltaWorkerExtension"
 # The variant's chat template on /v1/responses and /v1/messages (vLLM takes one on chat only).
 CHAT_MIDDLEWARE = "loaders.engine_chat.VariantChatMiddleware"
+# vLLM's API server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s). A client that
+# keeps idle connections as long (httpx's default is 5 s) races that close: a request sent as the
+# server hangs up fails with "Server disconnected" (httpx's RemoteProtocolError, aiohttp's
+# ServerDisconnectedError). bench/keepalive.py measures it; it is the likely cause of a soak run in
+# which a swap and its restore both found the engine "unreachable". So this side hangs up first.
+ENGINE_KEEPALIVE_S = 2.0
 
 
 class EngineError(Exception):
@@ -288,6 +294,13 @@ class ApplyResult:
                    get("memory", {}), phases, get("sharded", 0))  # fmt: skip
 
 
+def engine_http(url: str) -> httpx.AsyncClient:
+    """An httpx client for an engine's API: no read timeout (a swap takes as long as it takes),
+    idle connections closed before the engine's server closes them."""
+    limits = httpx.Limits(keepalive_expiry=ENGINE_KEEPALIVE_S)
+    return httpx.AsyncClient(base_url=url.rstrip("/"), timeout=httpx.Timeout(None, connect=10), limits=limits)
+
+
 class EngineClient:
     """Async HTTP client for one engine: swap control routes and OpenAI proxying.
 
@@ -301,7 +314,7 @@ class EngineClient:
         self.url = url.rstrip("/")
         self.served_name = served_name
         self.read_timeout = read_timeout  # the relay gives up on an engine silent this long in an answer
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
+        self.http = engine_http(self.url)
         self._relay: aiohttp.ClientSession | None = None
         self.variant_chat = False  # has loaders/engine_chat.py: templates on Responses and Messages
 
@@ -320,7 +333,7 @@ class EngineClient:
     def relay(self) -> aiohttp.ClientSession:
         """The session inference requests go through (created on first use, inside the event loop)."""
         if self._relay is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout)
             # No cookie jar, no automatic decompression: per-request work the relay does not need.
             self._relay = aiohttp.ClientSession(

@@ -18,11 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from deltas import DeltaArtifact, DeltaTerm, IncompatibleError, Recipe
 from deltas.build import relative_error
-from loaders.engine import EngineClient, EngineProcess, EngineSpec
+from loaders.engine import EngineClient, EngineProcess, EngineSpec, engine_http
 
 TOP_K = 20
 DEFAULT_PROMPTS = (
@@ -133,7 +131,7 @@ class Prober:
     """Greedy probes and teacher-forced distributions from one engine's OpenAI API."""
 
     def __init__(self, url: str, model: str, concurrency: int = 8):
-        self.http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=httpx.Timeout(None, connect=10))
+        self.http = engine_http(url)
         self.model = model
         self._gate = asyncio.Semaphore(concurrency)
 

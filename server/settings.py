@@ -140,6 +140,11 @@ class GatewaySettings(BaseSettings):
     upload_idle_seconds: float = _setting(
         60.0, "An upload sending nothing for this long (s) is dropped with 408", ge=0
     )
+    keep_alive_seconds: int = _setting(
+        75, "Seconds the gateway keeps an idle client connection open. Longer than clients and load "
+        "balancers keep theirs (the openai SDK 5 s, AWS ALB 60 s), so that they, not the gateway, hang up "
+        "first: a request sent as the server closes fails (bench/keepalive.py)", gt=0,
+    )  # fmt: skip
     stream_write_timeout: float = _setting(
         60.0, "A stream whose client reads nothing for this long (s) is ended and its variant's admission "
         "released, so it cannot hold off other variants' swaps (0: never)", ge=0,

@@ -57,7 +57,14 @@ def serve_on_ray(
         serve.start(proxy_location="Disabled")  # no Ray HTTP proxy: the gateway talks to engines itself
         pool = RayPool(settings, scaling)
         log.info("deltagate on Ray (%s); the gateway listens on %s:%d", scaling, host, port)
-        uvicorn.run(create_app(settings, pool), host=host, port=port, log_level="info", access_log=access_log)
+        uvicorn.run(
+            create_app(settings, pool),
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=access_log,
+            timeout_keep_alive=settings.keep_alive_seconds,
+        )
     finally:
         if not address:  # our own Ray: stop it; on a shared cluster the pool deleted its applications
             serve.shutdown()

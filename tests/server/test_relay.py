@@ -224,3 +224,16 @@ def test_an_engine_that_cannot_take_a_variants_template_there_gets_a_400_not_a_w
                        ("/v1/responses", {"input": "hi"})):  # fmt: skip
         r = httpx.post(mock_stack.url + path, json={"model": "mock-inst", **body}, timeout=30)
         assert r.status_code == 400 and "/v1/chat/completions" in r.json()["error"]["message"], r.text
+
+
+def test_an_idle_client_connection_outlives_the_clients_own_keep_alive(mock_stack):
+    """The gateway keeps an idle connection longer (--keep-alive-seconds) than the openai SDK's httpx
+    pool keeps it (5 s): a client, not the gateway, hangs up first (bench/keepalive.py)."""
+    host, port = mock_stack.url.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(httpx.Limits().keepalive_expiry + 1)  # longer than uvicorn's default keep-alive too
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200"), "the gateway closed the idle connection"
