@@ -4,6 +4,7 @@ offline merge through real engines (pico, tied embeddings)."""
 import asyncio
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -19,9 +20,10 @@ from tests.server.conftest import (
 pytestmark = pytest.mark.engine
 
 
-def _swaps(stack, base: str = "tied") -> list[dict]:
-    bases = httpx.get(stack.url + "/v1/bases", headers=stack.admin).json()["data"]
-    return next(b for b in bases if b["name"] == base)["recent_swaps"]
+def _swaps(stack, since: float, base: str = "tied") -> list[dict]:
+    """The engine's swaps started at or after `since` (time.time()): the list is bounded, so it is
+    filtered by time, not sliced by its length before."""
+    return [s for s in _base(stack, base)["recent_swaps"] if s["started_at"] >= since]
 
 
 def _base(stack, base: str = "tied") -> dict:
@@ -41,10 +43,10 @@ def test_full_then_partial_then_other_partial_then_base_is_exact_and_touches_onl
         "tied": len(tied_parts.part2_rewrites),
     }
     for model, tensors in expected.items():
-        before = len(_swaps(stack))
+        since = time.time()
         want = stack.base_before["tied"] if model == "tied" else stack.refs[model]
         assert completion_outputs(stack.url, model) == want, model
-        swaps = _swaps(stack)[before:]
+        swaps = _swaps(stack, since)
         if swaps:  # a variant resident already needs no swap (the first one may be)
             assert [s["tensors"] for s in swaps] == [tensors], (model, swaps)
             assert swaps[-1]["of_tensors"] == 20 and swaps[-1]["bytes"] > 0
@@ -65,9 +67,14 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
     """A stream holds the base resident (its engine frozen mid-stream, so it lasts); a request for
     tied-part1 arrives (staged), then two for tied-part2 (the policy's pick now: part1's stage is
     abandoned, part2's staged). When the stream ends the swap to part2 uses its stage; every answer
-    is exact."""
+    is exact.
+
+    The base's quantum (2 s) must still run when the three requests arrive: were it over, part1
+    would be picked as it arrives. So another variant is made resident first, and the stream's own
+    request swaps the base in: the window starts then, not before a whole reference run."""
     assert completion_outputs(stack.url, "tied") == stack.base_before["tied"]
-    before = len(_swaps(stack))
+    assert completion_outputs(stack.url, "tied-part1") == stack.refs["tied-part1"]
+    since = time.time()
     group = os.getpgid(engine_leader(stack, "tied").pid)
     async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
         body = {"model": "tied", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -91,9 +98,9 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
         for answer in part2:  # the two may share a batch: conftest.same_batched
             assert all(map(same_batched, await answer, stack.refs["tied-part2"]))
     assert completion_outputs(stack.url, "tied-part2") == stack.refs["tied-part2"]  # one at a time: exact
-    swaps = _swaps(stack)[before:]
-    assert [s["variant"] for s in swaps[:2]] == ["tied-part2", "tied-part1"], swaps
-    assert swaps[0]["staged"] and swaps[0]["staging_seconds"] > 0, swaps[0]
+    swaps = _swaps(stack, since)
+    assert [s["variant"] for s in swaps[:3]] == ["tied", "tied-part2", "tied-part1"], swaps
+    assert swaps[1]["staged"] and swaps[1]["staging_seconds"] > 0, swaps[1]
     engine_log = (stack.state_dir / "logs" / "engine-tied.log").read_text()
     assert "abandoned the staged swap" in engine_log
     families = metric_families(stack.url)

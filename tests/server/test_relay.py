@@ -5,6 +5,7 @@ base), so every answer shows which weights produced it.
 """
 
 import asyncio
+import http.client
 import json
 import socket
 import time
@@ -229,11 +230,14 @@ def test_an_engine_that_cannot_take_a_variants_template_there_gets_a_400_not_a_w
 def test_an_idle_client_connection_outlives_the_clients_own_keep_alive(mock_stack):
     """The gateway keeps an idle connection longer (--keep-alive-seconds) than the openai SDK's httpx
     pool keeps it (5 s): a client, not the gateway, hangs up first (bench/keepalive.py)."""
-    host, port = mock_stack.url.removeprefix("http://").split(":")
-    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(request)
-        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+    conn = http.client.HTTPConnection(mock_stack.url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+        sock = conn.sock
         time.sleep(httpx.Limits().keepalive_expiry + 1)  # longer than uvicorn's default keep-alive too
-        conn.sendall(request)
-        assert conn.recv(4096).startswith(b"HTTP/1.1 200"), "the gateway closed the idle connection"
+        conn.request("GET", "/health")  # on the same socket: http.client reopens only a closed one
+        assert conn.getresponse().status == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
