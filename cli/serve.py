@@ -194,9 +194,7 @@ def check_settings(settings: GatewaySettings) -> None:
 
 def run_gateway(settings: GatewaySettings, host: str, port: int, access_log: bool) -> None:
     """Check the settings, print how to call the models, and serve until interrupted."""
-    import uvicorn
-
-    from server.app import create_app
+    from server.app import serve_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -204,14 +202,7 @@ def run_gateway(settings: GatewaySettings, host: str, port: int, access_log: boo
     check_settings(settings)
     models = [b.name for b in settings.bases] + [v.name for v in settings.variants]
     print(how_to_call(host, port, models, settings.state_dir, bool(settings.api_keys), given=given))
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="info",
-        access_log=access_log,
-        timeout_keep_alive=settings.keep_alive_seconds,
-    )
+    serve_app(settings, host, port, access_log)
 
 
 @app.command()

@@ -121,3 +121,14 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     for module in (openai, bases, deltas, variants, aliases, rebases, ops, evals_routes, files, batches):
         app.include_router(module.router)
     return app
+
+
+def serve_app(
+    settings: GatewaySettings, host: str, port: int, access_log: bool, pool: EnginePool | None = None
+) -> None:
+    """Serve the gateway with uvicorn until interrupted (local engines, or `pool`'s)."""
+    import uvicorn
+
+    app = create_app(settings, pool)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
+                timeout_keep_alive=settings.keep_alive_seconds)  # fmt: skip

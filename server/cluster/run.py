@@ -41,10 +41,9 @@ def serve_on_ray(
     """Run until SIGINT/SIGTERM: Ray (local unless `address`), the gateway on host:port, engine
     replicas per base as `scaling` says."""
     import ray
-    import uvicorn
     from ray import serve
 
-    from server.app import create_app
+    from server.app import serve_app
     from server.cluster.pool import RayPool  # scaling: a server.cluster.pool.Scaling
 
     settings = portable(settings)
@@ -57,14 +56,7 @@ def serve_on_ray(
         serve.start(proxy_location="Disabled")  # no Ray HTTP proxy: the gateway talks to engines itself
         pool = RayPool(settings, scaling)
         log.info("deltagate on Ray (%s); the gateway listens on %s:%d", scaling, host, port)
-        uvicorn.run(
-            create_app(settings, pool),
-            host=host,
-            port=port,
-            log_level="info",
-            access_log=access_log,
-            timeout_keep_alive=settings.keep_alive_seconds,
-        )
+        serve_app(settings, host, port, access_log, pool)
     finally:
         if not address:  # our own Ray: stop it; on a shared cluster the pool deleted its applications
             serve.shutdown()
