@@ -23,15 +23,17 @@ import random
 import aiohttp
 import httpx
 import uvicorn
+import vllm.envs
 from fastapi import FastAPI
 
 from loaders.engine import ENGINE_KEEPALIVE_S, free_port
 
-VLLM_KEEPALIVE_S = 5  # vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE's default
+VLLM_KEEPALIVE_S = vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE  # 5 s unless set
+HTTPX_KEEPALIVE_S = httpx.Limits().keepalive_expiry  # the engine control client's before
 SERVER_KEEPALIVE_S = 1
 SCALE = SERVER_KEEPALIVE_S / VLLM_KEEPALIVE_S
 SETTINGS = {  # name -> (client library, client keep-alive at vLLM's scale)
-    "httpx, before (5 s)": ("httpx", 5.0),
+    f"httpx, before ({HTTPX_KEEPALIVE_S:g} s)": ("httpx", HTTPX_KEEPALIVE_S),
     "httpx, now": ("httpx", ENGINE_KEEPALIVE_S),
     "aiohttp, before (60 s)": ("aiohttp", 60.0),
     "aiohttp, now": ("aiohttp", ENGINE_KEEPALIVE_S),
