@@ -316,6 +316,7 @@ class EngineClient:
         self.read_timeout = read_timeout  # the relay gives up on an engine silent this long in an answer
         self.http = engine_http(self.url)
         self._relay: aiohttp.ClientSession | None = None
+        self._closed = False
         self.variant_chat = False  # has loaders/engine_chat.py: templates on Responses and Messages
 
     async def probe_variant_chat(self) -> bool:
@@ -332,6 +333,8 @@ class EngineClient:
     @property
     def relay(self) -> aiohttp.ClientSession:
         """The session inference requests go through (created on first use, inside the event loop)."""
+        if self._closed:  # the slot was retired (its engine left the pool): a clear error, not a 500
+            raise EngineError(f"the engine for {self.served_name!r} left the pool; its connection is closed")
         if self._relay is None:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=ENGINE_KEEPALIVE_S)
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout)
@@ -343,6 +346,7 @@ class EngineClient:
         return self._relay
 
     async def close(self) -> None:
+        self._closed = True
         await self.http.aclose()
         if self._relay is not None:
             await self._relay.close()

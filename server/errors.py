@@ -62,6 +62,11 @@ class UnavailableError(GatewayError):
     status, kind = 503, "unavailable"
 
 
+class EngineGoneError(UnavailableError):
+    """The engine a request was about to be admitted on left the pool (died, or was scaled down):
+    the request goes to another engine; answered 503 only if it ever escapes."""
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -151,7 +151,7 @@ class Gateway:
                 slot = self.slots.pop(id)
                 log.info("engine %s is gone; its requests go to the others of %s", id, slot.engine)
                 self.adapters.forget(id)
-                task = asyncio.create_task(_retire(slot))
+                task = asyncio.create_task(slot.retire())
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
 
@@ -473,14 +473,6 @@ def _identity_or_none(path: str) -> tuple[int, int] | None:
         return file_identity(path)
     except OSError:
         return None
-
-
-async def _retire(slot: WeightSlot) -> None:
-    """Close a slot no request can be admitted on any more, once those it admitted have ended (an
-    engine being scaled down still finishes them; a dead one fails them at once)."""
-    while slot.inflight > 0:
-        await asyncio.sleep(0.2)
-    await slot.client.close()
 
 
 def _pick(slots: list[WeightSlot], name: str) -> WeightSlot:

@@ -19,7 +19,14 @@ from fastapi import Response
 from loaders.engine import EngineError
 from loaders.engine_chat import FIELD
 from server.aliases import VARIANT_HEADER, sticky_key
-from server.errors import BadRequestError, InvalidBodyError, NotFoundError, SwapError, UnavailableError
+from server.errors import (
+    BadRequestError,
+    EngineGoneError,
+    InvalidBodyError,
+    NotFoundError,
+    SwapError,
+    UnavailableError,
+)
 from server.gateway import Gateway, Resolved
 from server.metrics import Metrics
 from server.rewrite import StreamRewriter, rewrite_body
@@ -250,10 +257,12 @@ async def _admit(gateway: Gateway, target: Resolved, deadline: float, only: str 
         try:
             await gateway.admit(target, slot)
             return slot
+        except EngineGoneError:
+            pass  # it left the pool (dead, or scaled down) while this request waited on it
         except SwapError:
             if not await gateway.pool.died(slot.id):
                 raise
-            gateway.pool.wake()
+        gateway.pool.wake()
 
 
 async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Response:

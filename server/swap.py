@@ -24,7 +24,7 @@ from typing import Literal
 
 from deltas.recipe import Recipe, RecipeKey
 from loaders.engine import ApplyResult, EngineClient, EngineError
-from server.errors import SwapError
+from server.errors import EngineGoneError, SwapError
 from server.policy import SwapPolicy
 
 log = logging.getLogger("deltagate.swap")
@@ -94,6 +94,7 @@ class WeightSlot:
         self._staging: RecipeKey | None = None  # the weights the engine was last asked to stage
         self._stagers: set[asyncio.Task] = set()
         self.memory: dict = {}  # what the engine's swap machinery holds, from its last swap
+        self.retired = False  # its engine left the pool: nothing more is admitted here
         self._cond = asyncio.Condition()
 
     async def acquire(self, variant: str, recipe: Recipe, lane: str = "") -> None:
@@ -104,6 +105,7 @@ class WeightSlot:
         """
         key = _key(recipe, lane)
         async with self._cond:
+            self._refuse_if_retired()
             if self._admissible(key):
                 self.inflight += 1
                 self.last_admitted = variant
@@ -115,6 +117,7 @@ class WeightSlot:
             queue.append(arrived)
             try:
                 while not self._admissible(key):
+                    self._refuse_if_retired()
                     recheck = None
                     if self._pending is None:
                         self._pending, recheck = self._decide()  # a pending swap blocks new admissions
@@ -129,6 +132,7 @@ class WeightSlot:
                     if self.inflight:  # a swap must wait for them: prepare it meanwhile
                         self._stage_next()
                     await self._wait(recheck)
+                self._refuse_if_retired()  # it may have left while this request waited
                 self.inflight += 1
                 self.last_admitted = variant
             finally:
@@ -136,6 +140,22 @@ class WeightSlot:
                 if self._pending == key and not queue:  # its last waiter left (client gone): unblock
                     self._pending = None
                     self._cond.notify_all()
+
+    def _refuse_if_retired(self) -> None:
+        if self.retired:
+            raise EngineGoneError(f"engine {self.id or self.engine!r} left the pool")
+
+    async def retire(self) -> None:
+        """Admit nothing more (waiting requests get EngineGoneError and go to another engine); close
+        the engine's client once the requests it admitted have ended (a dead engine fails them at
+        once). Admission and this flag are checked in one step, so no request is admitted onto a
+        closed client."""
+        self.retired = True
+        async with self._cond:
+            self._cond.notify_all()
+        while self.inflight > 0:
+            await asyncio.sleep(0.2)
+        await self.client.close()
 
     def _admissible(self, key: AdmissionKey) -> bool:
         return _key(self.resident, self.lane) == key and self._pending in (None, key)

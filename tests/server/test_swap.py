@@ -24,6 +24,10 @@ class FakeEngine:
         self.applied: list[str] = []
         self.fail_on = set(fail_on)
         self.staged: list[str] = []
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
 
     async def stage(self, recipe: Recipe) -> bool:
         self.staged.append(recipe.key())
@@ -106,6 +110,29 @@ async def test_the_next_variant_is_staged_while_the_current_one_serves_and_resta
     await asyncio.wait_for(asyncio.gather(waiting_a, *waiting_b), timeout=10)
     assert engine.applied[0] == B.key()  # the staged one
     assert slot.inflight == 0
+
+
+async def test_a_retired_slot_admits_nothing_and_closes_its_client_after_the_last_request():
+    """An engine left the pool (a dead Ray replica): the requests waiting on its slot and any that
+    still picked it get EngineGoneError (the proxy sends them to another engine), never a closed
+    client; the one in flight ends first."""
+    from server.errors import EngineGoneError
+
+    engine = FakeEngine()
+    slot = WeightSlot(engine, BASE, id="tied@x")
+    await slot.acquire("base", BASE)  # in flight
+    waiting = asyncio.create_task(slot.acquire("a", A))  # waits for the base's request to end
+    await asyncio.sleep(0.05)
+    retiring = asyncio.create_task(slot.retire())
+    with pytest.raises(EngineGoneError, match="tied@x"):
+        await asyncio.wait_for(waiting, timeout=5)
+    with pytest.raises(EngineGoneError):
+        await slot.acquire("base", BASE)  # even its resident weights
+    await asyncio.sleep(0.3)
+    assert not engine.closed and not retiring.done()  # the request in flight still runs
+    slot.release()
+    await asyncio.wait_for(retiring, timeout=5)
+    assert engine.closed and slot.inflight == 0 and engine.applied == []
 
 
 def test_unknown_weights_admit_nothing():
