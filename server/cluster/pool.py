@@ -222,6 +222,11 @@ class EngineHost:
             await asyncio.to_thread(self.proc.stop)
 
 
+# Serve application states a restarted gateway keeps as they are. UNHEALTHY is what a replica that
+# failed its health check (a killed engine) makes of the application until Serve has replaced it.
+KEEP = ("RUNNING", "DEPLOYING", "UNHEALTHY")
+
+
 class RayPool(EnginePool):
     """A Ray Serve application per base (EngineHost × replicas); engines found through the directory."""
 
@@ -254,9 +259,10 @@ class RayPool(EnginePool):
         """Run `base`'s application and wait until its first replica's engine is up."""
         name = self._apps[base.name] = self.app_name(base.name)
         running = await asyncio.to_thread(serve.status)
-        if name in running.applications and running.applications[name].status == "RUNNING":
+        if name in running.applications and running.applications[name].status in KEEP:
             # A gateway restarted on a running cluster (its predecessor killed): keep the engines,
             # and the weights they hold, rather than redeploying (a new code version restarts them).
+            # Also while Serve replaces a dead replica: a redeploy would restart the live ones too.
             log.info("engine replicas of %s are running on Ray already; using them", base.name)
             await self._wait_for(base.name)
             return

@@ -304,6 +304,9 @@ def test_kill_one_engine_under_mixed_load(cluster, stack):
 def test_a_killed_gateway_comes_back_with_everything_registered(cluster, stack, tied):
     """kill -9 of the gateway: the engines (Ray's) keep running; a new gateway on the same state dir
     finds them, with the weights each holds, and every registered variant."""
+    deadline = time.monotonic() + 600  # both replicas up: the premise (the kill test waits for it)
+    while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
+        time.sleep(2)
     body = {"name": "tied-half-again", "base": "tied", "deltas": [{"delta": "tied-half.0", "alpha": 0.5}]}
     deltas = httpx.get(f"{cluster.url}/v1/deltas", headers=HEADERS).json()["data"]
     body["deltas"][0]["delta"] = next(d["name"] for d in deltas if d["path"] == cluster.delta_uri)
@@ -323,6 +326,31 @@ def test_a_killed_gateway_comes_back_with_everything_registered(cluster, stack, 
     assert {e: s["resident_variant"] for e, s in after.items()} == holds  # read back from the engines
     assert completion_outputs(cluster.url, "tied-half-again") == stack.refs["tied-half"]
     assert completion_outputs(cluster.url, "tied-inst") == stack.refs["tied-inst"]
+
+
+def test_a_gateway_killed_with_an_engine_keeps_the_live_engine_while_ray_replaces_the_dead(cluster, stack):
+    """kill -9 of one engine and of the gateway together (as when a node goes): Serve's application
+    is UNHEALTHY while it replaces the dead replica, and the new gateway must keep it as it is (a
+    redeploy would restart the live engine too, dropping the weights it holds)."""
+    engines = _engines(cluster)
+    assert len(engines) == 2
+    live = _served_by(cluster, "tied-inst")
+    victim = next(e for id, e in engines.items() if id != live)
+    os.kill(victim["pid"], signal.SIGKILL)
+    os.killpg(cluster.proc.pid, signal.SIGKILL)
+    cluster.proc.wait()
+    port = int(cluster.url.rsplit(":", 1)[1])
+    cluster.proc = start_gateway(cluster.args, cluster.state, port, cluster.log)
+    wait_healthy(cluster.url, cluster.proc, cluster.log)  # waits out the killed one's heartbeat (10 s)
+    after = _engines(cluster)
+    assert victim["id"] not in after
+    assert after[live]["pid"] == engines[live]["pid"] and after[live]["resident_variant"] == "tied-inst"
+    assert completion_outputs(cluster.url, "tied-inst") == stack.refs["tied-inst"]
+    deadline = time.monotonic() + 600  # and Serve brings the dead one back (a new engine, a new id)
+    while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert len(engines := _engines(cluster)) == 2 and live in engines and victim["id"] not in engines
+    assert completion_outputs(cluster.url, "tied-half") == stack.refs["tied-half"]
 
 
 def test_shutdown_leaves_no_engine_behind(cluster):
