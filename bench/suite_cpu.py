@@ -3,6 +3,7 @@ move when the test suite is over its time budget (on 2 cores it is CPU-bound, so
 work makes it shorter).
 
     .venv/bin/python bench/suite_cpu.py [--interval 2] [--json FILE] -- make fresh-clone-test
+    .venv/bin/python bench/suite_cpu.py --from-json FILE     # the report again, from a saved run
 
 Every `--interval` seconds it reads every process that started after it (psutil): its CPU seconds
 so far, parent, process group and command line. A process is counted with its last reading, so
@@ -84,19 +85,22 @@ def kind(entry: Seen, by_pid: dict[int, Seen]) -> str:
         return "mock engine"
     if entry.name.startswith(("ray::", "raylet", "gcs_server")) or "/ray/" in entry.cmdline:
         return "ray"
-    if "pytest" in entry.cmdline or "xdist" in entry.cmdline or "execnet" in entry.cmdline:
-        return "pytest"
+    if "pytest" in entry.name or any(w in entry.cmdline for w in ("pytest", "xdist", "execnet")):
+        return "pytest"  # xdist workers rename themselves "[pytest-xdist running] <test>"
     return "other"
 
 
 def where(entry: Seen, by_pid: dict[int, Seen]) -> str:
-    """The fixture directory named by the process or its nearest ancestor (else its xdist worker)."""
-    current, hops = entry, 0
-    while current is not None and hops < 20:
-        if match := WHERE.search(current.cmdline):
+    """The fixture directory of the gateway the process runs under (its state dir), else the first
+    one named by the process or an ancestor (a stock engine: its --model); "-" if none."""
+    chain, current = [], entry
+    while current is not None and len(chain) < 20:
+        chain.append(current)
+        current = by_pid.get(current.ppid)
+    for proc in chain:
+        if kind(proc, by_pid) == "gateway" and (match := WHERE.search(proc.cmdline)):
             return match.group(2)
-        current, hops = by_pid.get(current.ppid), hops + 1
-    return "-"
+    return next((m.group(2) for proc in chain if (m := WHERE.search(proc.cmdline))), "-")
 
 
 def report(seen: dict[tuple[int, float], Seen], busy: float, wall: float) -> dict:
@@ -129,8 +133,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--json", help="also write every process's reading here")
+    parser.add_argument("--from-json", help="report on a run written with --json instead of running")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run (after --)")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            run = json.load(f)
+        seen = {(p["pid"], i): Seen(**p) for i, p in enumerate(run["processes"])}
+        report(seen, run["machine_busy_cpu_s"], run["wall_s"])
+        return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
