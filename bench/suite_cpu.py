@@ -63,7 +63,7 @@ def sample(seen: dict[tuple[int, float], Seen], before: set[tuple[int, float]]) 
                     entry = Seen(proc.pid, proc.info["ppid"], os.getpgid(proc.pid), proc.info["name"],
                                  cmdline, 0.0)  # fmt: skip
                     seen[key] = entry
-                entry.name = proc.name()  # vLLM renames its processes after they start
+                entry.name = proc.info["name"]  # vLLM renames its processes after they start
                 entry.cpu_s = times.user + times.system
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             continue
@@ -106,12 +106,13 @@ def where(entry: Seen, by_pid: dict[int, Seen]) -> str:
 def report(seen: dict[tuple[int, float], Seen], busy: float, wall: float) -> dict:
     """CPU seconds by kind and by fixture directory, printed as plain tables (one line per row)."""
     by_pid = {e.pid: e for e in seen.values()}
-    kinds, places, both = Counter(), Counter(), Counter()
+    kinds, places, both, engines = Counter(), Counter(), Counter(), Counter()
     for entry in seen.values():
         k, w = kind(entry, by_pid), where(entry, by_pid)
         kinds[k] += entry.cpu_s
         places[w] += entry.cpu_s
         both[(w, k)] += entry.cpu_s
+        engines[w] += k == "vllm api server"
     accounted = sum(kinds.values())
     print(f"wall_s {wall:.0f}  machine_busy_cpu_s {busy:.0f}  accounted_cpu_s {accounted:.0f}")
     print("\nkind                        cpu_s   share")
@@ -123,8 +124,8 @@ def report(seen: dict[tuple[int, float], Seen], busy: float, wall: float) -> dic
     print("\nwhere / kind                                          cpu_s")
     for (w, k), s in both.most_common(30):
         print(f"{w + ' / ' + k:50s} {s:7.0f}")
-    engines = Counter(where(e, by_pid) for e in seen.values() if kind(e, by_pid) == "vllm api server")
-    print("\nvLLM API servers started, by where: " + ", ".join(f"{w} {n}" for w, n in engines.most_common()))
+    started = ", ".join(f"{w} {n}" for w, n in engines.most_common() if n)
+    print(f"\nvLLM API servers started, by where: {started}")
     return {"wall_s": wall, "machine_busy_cpu_s": busy, "kinds": dict(kinds), "where": dict(places),
             "processes": [asdict(e) for e in seen.values()]}  # fmt: skip
 

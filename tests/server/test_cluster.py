@@ -75,9 +75,7 @@ def cluster(tied, s3_server, tmp_path_factory) -> Cluster:
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, log)
         cluster = Cluster(f"http://127.0.0.1:{port}", work / "state", proc, stored.uri, nodes, args, log)
-        deadline = time.monotonic() + 600  # the gateway answers once one engine runs; the tests need both
-        while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
-            time.sleep(1)
+        _both_up(cluster)  # the gateway answers once one engine runs; the tests need both
         yield cluster
     finally:
         stop_gateway(cluster.proc if "cluster" in locals() else proc)
@@ -90,6 +88,15 @@ def _engines(cluster: Cluster) -> dict[str, dict]:
     r = httpx.get(f"{cluster.url}/v1/engines", headers=HEADERS, timeout=60)
     r.raise_for_status()
     return {e["id"]: e for e in r.json()["data"]}
+
+
+def _both_up(cluster: Cluster, timeout: float = 600) -> dict[str, dict]:
+    """Wait until both replicas' engines are up (Ray replaces a dead one; up to `timeout` s); the
+    engines then up."""
+    deadline = time.monotonic() + timeout
+    while len(engines := _engines(cluster)) != 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    return engines
 
 
 def _served_by(cluster: Cluster, model: str) -> str:
@@ -291,10 +298,7 @@ def test_kill_one_engine_under_mixed_load(cluster, stack):
     assert {r[2] for r in after} == {"tied-inst", "tied-half"} and len(after) >= 8
     assert all(r[1] >= killed_at for r in results if r[3] != 200)  # failures: in flight at the kill
     # Ray replaces the replica (a new engine, a new id); what was left of the killed one is gone
-    deadline = time.monotonic() + 600
-    while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
-        time.sleep(2)
-    engines = _engines(cluster)
+    engines = _both_up(cluster)
     assert len(engines) == 2 and victim["id"] not in engines
     assert completion_outputs(cluster.url, "tied-half") == stack.refs["tied-half"]
     with pytest.raises(ProcessLookupError):
@@ -304,9 +308,7 @@ def test_kill_one_engine_under_mixed_load(cluster, stack):
 def test_a_killed_gateway_comes_back_with_everything_registered(cluster, stack, tied):
     """kill -9 of the gateway: the engines (Ray's) keep running; a new gateway on the same state dir
     finds them, with the weights each holds, and every registered variant."""
-    deadline = time.monotonic() + 600  # both replicas up: the premise (the kill test waits for it)
-    while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
-        time.sleep(2)
+    _both_up(cluster)  # the premise (the kill test waits for it; if it failed, this one need not)
     body = {"name": "tied-half-again", "base": "tied", "deltas": [{"delta": "tied-half.0", "alpha": 0.5}]}
     deltas = httpx.get(f"{cluster.url}/v1/deltas", headers=HEADERS).json()["data"]
     body["deltas"][0]["delta"] = next(d["name"] for d in deltas if d["path"] == cluster.delta_uri)
@@ -346,10 +348,8 @@ def test_a_gateway_killed_with_an_engine_keeps_the_live_engine_while_ray_replace
     assert victim["id"] not in after
     assert after[live]["pid"] == engines[live]["pid"] and after[live]["resident_variant"] == "tied-inst"
     assert completion_outputs(cluster.url, "tied-inst") == stack.refs["tied-inst"]
-    deadline = time.monotonic() + 600  # and Serve brings the dead one back (a new engine, a new id)
-    while len(_engines(cluster)) != 2 and time.monotonic() < deadline:
-        time.sleep(2)
-    assert len(engines := _engines(cluster)) == 2 and live in engines and victim["id"] not in engines
+    engines = _both_up(cluster)  # and Serve brings the dead one back (a new engine, a new id)
+    assert len(engines) == 2 and live in engines and victim["id"] not in engines
     assert completion_outputs(cluster.url, "tied-half") == stack.refs["tied-half"]
 
 
