@@ -29,8 +29,9 @@ system-deps:
 	  || { apt-get update && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y --no-install-recommends prometheus util-linux python3 postgresql; }
 
+# DEMO_ARGS: more `deltagate demo` flags (e.g. --model pico --port 8001).
 serve: install
-	$(VENV)/bin/deltagate demo
+	$(VENV)/bin/deltagate demo $(DEMO_ARGS)
 
 # Two pytest workers (pytest-xdist): the stack's modules in one, every other module in whichever is
 # free (tests/conftest.py::pytest_collection_modifyitems groups them); one worker alone left a core
@@ -40,7 +41,11 @@ TEST_WORKERS ?= 2
 test: install system-deps
 	$(VENV)/bin/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet  # broken links, missing pages fail
+	@git status --porcelain > $(VENV)/git-status-before 2>/dev/null || true
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+	@# The suite writes only under tmp and ignored paths: the working tree is as it found it.
+	@git status --porcelain 2>/dev/null | diff $(VENV)/git-status-before - \
+	  || { echo "make test changed the working tree (git status above)"; exit 1; }
 
 # The documentation site, into site/ (reference pages generated from the code: docs/hooks/reference.py).
 docs: install
@@ -68,4 +73,4 @@ fresh-clone-test:
 	(cd "$$d" && COLUMNS=40 $(MAKE) test); status=$$?; rm -rf "$$root"; exit $$status
 
 clean:
-	rm -rf $(VENV) .cache .deltagate site
+	rm -rf $(VENV) .cache site

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -56,16 +57,36 @@ def cli_errors(*extra: type[Exception]) -> Iterator[None]:
         raise fail(str(exc)) from None
 
 
-def admin_client(url: str, admin_token: str | None, state_dir: Path):
+# The admin commands' --state-dir: where a gateway on this machine wrote its admin token.
+StateDir = Annotated[
+    Path | None,
+    typer.Option(envvar="DELTAGATE_STATE_DIR", help="Where to read the admin token if not given "
+                 "(default: the gateway's, ~/.local/state/deltagate)"),
+]  # fmt: skip
+
+
+def read_admin_token(state_dir: Path | None) -> str:
+    """The admin token a gateway wrote into `state_dir` (default: the gateway's default state dir)."""
+    from server.settings import default_state_dir
+
+    path = (state_dir or default_state_dir()) / "admin_token"
+    if not path.is_file():
+        raise fail(f"no --admin-token and no {path}: pass the gateway's admin token (or its --state-dir)")
+    return path.read_text().strip()
+
+
+@app.command("admin-token")
+def admin_token(state_dir: StateDir = None) -> None:
+    """Print the admin token of a gateway on this machine (for `Authorization: Bearer …`)."""
+    print(read_admin_token(state_dir))
+
+
+def admin_client(url: str, admin_token: str | None, state_dir: Path | None):
     """An HTTP client on the gateway at `url` with its admin token (given, or read from the state dir)."""
     import httpx
 
-    if admin_token is None:
-        path = state_dir / "admin_token"
-        if not path.is_file():
-            raise fail(f"no --admin-token and no {path}; pass the gateway's admin token")
-        admin_token = path.read_text().strip()
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
+    token = admin_token if admin_token is not None else read_admin_token(state_dir)
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
 
 def call(resp) -> dict:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.app import admin_client, app, call, console, fail, progress_bar, show_result
+from cli.app import StateDir, admin_client, app, call, console, fail, progress_bar, show_result
 
 
 @app.command("eval")
@@ -43,9 +43,7 @@ def eval_cmd(
     concurrency: int = 4,
     url: Annotated[str, typer.Option(help="The gateway")] = "http://127.0.0.1:8000",
     admin_token: Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Where to read the admin token if not given")] = Path(
-        ".deltagate"
-    ),
+    state_dir: StateDir = None,
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG comparing the variants per criterion")
     ] = None,

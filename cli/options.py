@@ -40,9 +40,16 @@ def _bound(field: FieldInfo, kind: str) -> float | None:
     return None
 
 
+def _default(field: FieldInfo) -> Any:
+    """The default a flag and the docs show; none for one computed where the gateway runs (the state
+    dir under the user's home: its help says how)."""
+    default = field.get_default(call_default_factory=True)
+    return None if isinstance(default, Path) and field.default_factory is not None else default
+
+
 def _option(name: str, field: FieldInfo) -> inspect.Parameter:
     """The typer parameter of one setting: type, default, help, bounds and choices from the field."""
-    annotation, default = field.annotation, field.get_default(call_default_factory=True)
+    annotation, default = field.annotation, _default(field)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (types.UnionType, typing.Union):  # `float | None`
         annotation = args[0] if len(args) == 1 else annotation
@@ -106,7 +113,7 @@ def settings_reference() -> list[dict[str, str]]:
     """Each setting as the docs list it: name, flag, environment variable, type, default, help."""
     rows = []
     for name, field in GatewaySettings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
+        default = _default(field)
         if isinstance(default, Path):
             default = str(default)
         rows.append({

@@ -10,11 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.app import admin_client, app, call, console, fail, progress_bar, show_result
+from cli.app import StateDir, admin_client, app, call, console, fail, progress_bar, show_result
 
 Url = Annotated[str, typer.Option(help="The gateway")]
 Token = Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN", help="Its admin token")]
-StateDir = Annotated[Path, typer.Option(help="Where to read the admin token if not given")]
 GATEWAY = "http://127.0.0.1:8000"
 
 alias_app = typer.Typer(help="Aliases: stable model names over one variant or a weighted split.",
@@ -28,7 +27,7 @@ def alias_set(
     targets: Annotated[list[str], typer.Argument(help="VARIANT or VARIANT=WEIGHT, e.g. v1=95 v2=5")],
     url: Url = GATEWAY,
     admin_token: Token = None,
-    state_dir: StateDir = Path(".deltagate"),
+    state_dir: StateDir = None,
 ) -> None:
     """Point NAME at one variant, or split it over several (atomic; `rollback` undoes it)."""
     body = {"targets": [_target(t) for t in targets]}
@@ -37,7 +36,7 @@ def alias_set(
 
 @alias_app.command("rollback")
 def alias_rollback(
-    name: str, url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = Path(".deltagate")
+    name: str, url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = None
 ) -> None:
     """Point NAME back at its targets before the last change."""
     _show_alias(call(admin_client(url, admin_token, state_dir).post(f"/v1/aliases/{name}/rollback")))
@@ -45,7 +44,7 @@ def alias_rollback(
 
 @alias_app.command("list")
 def alias_list(
-    url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = Path(".deltagate")
+    url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = None
 ) -> None:
     """Every alias and its shares."""
     for alias in call(admin_client(url, admin_token, state_dir).get("/v1/aliases"))["data"]:
@@ -54,7 +53,7 @@ def alias_list(
 
 @alias_app.command("delete")
 def alias_delete(
-    name: str, url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = Path(".deltagate")
+    name: str, url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = None
 ) -> None:
     call(admin_client(url, admin_token, state_dir).delete(f"/v1/aliases/{name}"))
     console.print(f"deleted alias {name}")
@@ -94,7 +93,7 @@ def rebase_cmd(
     max_tokens: int = 256,
     url: Url = GATEWAY,
     admin_token: Token = None,
-    state_dir: StateDir = Path(".deltagate"),
+    state_dir: StateDir = None,
     plot: Annotated[Path | None, typer.Option(help="Write the report as a PNG")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rebase as JSON")] = False,
 ) -> None:

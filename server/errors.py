@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltas import IncompatibleError, InvalidArtifactError
+from deltas import DeltaError, IncompatibleError, InvalidArtifactError
+from deltas.errors import CodecError, MergeMethodError
 from deltas.store import ArtifactMissingError, StoreError
 from loaders.engine import EngineError
 
@@ -87,6 +88,19 @@ def error_response(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+# The artifact library's errors (deltas/ knows no HTTP): status and type of each, the most specific
+# class first. DeltaError itself, the family's base, is a bad artifact or recipe the client sent.
+DELTA_ERRORS: tuple[tuple[type[DeltaError], int, str], ...] = (
+    (ArtifactMissingError, 404, "not_found"),
+    (StoreError, 502, "artifact_store_error"),  # upstream: unreachable, or it returned wrong bytes
+    (InvalidArtifactError, 422, "invalid_artifact"),
+    (IncompatibleError, 422, "incompatible_delta"),
+    (CodecError, 422, "invalid_codec"),
+    (MergeMethodError, 422, "invalid_merge_method"),
+    (DeltaError, 422, "invalid_delta"),
+)
+
+
 def install_error_handlers(app: FastAPI, hide: str | None = None) -> None:
     """Map typed exceptions to HTTP codes, all in the ErrorResponse envelope.
 
@@ -102,22 +116,10 @@ def install_error_handlers(app: FastAPI, hide: str | None = None) -> None:
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
         return error_response(exc.status, exc.kind, text(exc))
 
-    @app.exception_handler(InvalidArtifactError)
-    async def _artifact(_: Request, exc: InvalidArtifactError) -> JSONResponse:
-        return error_response(422, "invalid_artifact", text(exc))
-
-    @app.exception_handler(ArtifactMissingError)
-    async def _missing(_: Request, exc: ArtifactMissingError) -> JSONResponse:
-        return error_response(404, "not_found", text(exc))
-
-    @app.exception_handler(StoreError)
-    async def _store(_: Request, exc: StoreError) -> JSONResponse:
-        """The artifact store is upstream of the gateway: unreachable, or it returned wrong bytes."""
-        return error_response(502, "artifact_store_error", text(exc))
-
-    @app.exception_handler(IncompatibleError)
-    async def _incompatible(_: Request, exc: IncompatibleError) -> JSONResponse:
-        return error_response(422, "incompatible_delta", text(exc))
+    @app.exception_handler(DeltaError)
+    async def _delta(_: Request, exc: DeltaError) -> JSONResponse:
+        status, kind = next((s, k) for cls, s, k in DELTA_ERRORS if isinstance(exc, cls))
+        return error_response(status, kind, text(exc))
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:

@@ -55,6 +55,17 @@ def _setting(default, help: str, *, flag: str | None = None, cli: bool = True, h
     return Field(default, description=help, json_schema_extra=extra, **kw)
 
 
+def default_state_dir() -> Path:
+    """Where a gateway keeps its state unless told: DELTAGATE_STATE_DIR, else the user's state
+    directory ($XDG_STATE_HOME/deltagate, by default ~/.local/state/deltagate). Not the working
+    directory: a gateway started in a repository must neither write into it nor pick up a state
+    dir someone committed there."""
+    if os.environ.get("DELTAGATE_STATE_DIR"):
+        return Path(os.environ["DELTAGATE_STATE_DIR"])
+    root = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(root) / "deltagate"
+
+
 def _words(value):
     """DELTAGATE_API_KEYS="k1 k2": keys separated by spaces or commas (a list passes through)."""
     return value.replace(",", " ").split() if isinstance(value, str) else value
@@ -66,7 +77,10 @@ class GatewaySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DELTAGATE_")
 
-    state_dir: Path = _setting(Path(".deltagate"), "Registry, uploaded deltas, logs and the admin token")
+    state_dir: Path = _setting(
+        None, "Registry, uploaded deltas, logs and the admin token (default: $XDG_STATE_HOME/deltagate, "
+        "else ~/.local/state/deltagate)", default_factory=default_state_dir,
+    )  # fmt: skip
     state_db: str | None = _setting(
         None,
         "A database shared by several gateways for the registry and the evals "

@@ -118,7 +118,7 @@ class PerplexitySource(BaseModel):
     def _one_corpus(self) -> PerplexitySource:
         if (self.content is None) == (self.corpus is None):
             raise ValueError("give either 'content' (JSONL with a 'text' field) or 'corpus': 'gsm8k_test'")
-        for number, item in enumerate(parse_jsonl(self.content) if self.content else [], 1):
+        for number, item in enumerate(parse_jsonl(self.content) if self.content is not None else [], 1):
             if not (isinstance(item.get("text"), str) and item["text"].strip()):
                 raise ValueError(f"item {number}: 'text' must be a non-empty string")
         return self

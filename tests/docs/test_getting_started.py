@@ -51,6 +51,7 @@ def walkthrough(tmp_path_factory):
     script = "set -euo pipefail\n" + "\n".join(steps) + f"\necho '{READY}'\nread _\n" + stop
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "DELTAGATE_"))}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
+    env["XDG_STATE_HOME"] = str(work / "state-home")  # the gateway's default state dir, not the real home's
     shell = subprocess.Popen(["bash", "-c", script], cwd=work, env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # fmt: skip

@@ -358,6 +358,17 @@ CASES: list[Case] = [
             json={"name": "e", "data_source": {"type": "jsonl", "content": '{"q": 1}'}},
         ),
     ),  # fmt: skip
+    Case(
+        "eval",
+        "empty perplexity corpus",
+        422,
+        "no items",
+        http=lambda fx: _admin(
+            method="POST",
+            url="/v1/evals",
+            json={"name": "eval", "data_source": {"type": "perplexity", "content": ""}, "testing_criteria": []},
+        ),
+    ),  # fmt: skip
     # YAML recipe files (deltagate merge --recipe)
     Case("yaml", "not a mapping", 2, "recipe", cli=_yaml("- just\n- a list\n")),
     Case("yaml", "unknown key", 2, "mergeit", cli=_yaml("mergeit: ties\nbase_model: {base}\ndeltas: []\n")),
