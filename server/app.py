@@ -27,8 +27,8 @@ from server.rebase.store import RebaseStore
 from server.registry import Registry
 from server.routes import aliases, bases, batches, deltas, files, openai, ops, rebases, variants
 from server.routes import evals as evals_routes
+from server.schema import open_state
 from server.settings import GatewaySettings
-from server.statedb import open_state
 from server.streaming import StallWatch
 
 

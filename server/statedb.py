@@ -8,36 +8,21 @@ is rows written one item at a time and read in pages, and several writers need t
 conditional updates (the registry's version, a run's lease), which is what a database does and an
 object store does not. The artifacts themselves stay in the artifact store (deltas/store.py).
 
-A state dir written before this module existed (registry.json, evals.sqlite) is imported into
-state.sqlite once, and those files are renamed `*.imported`.
+This module is the leaf every store builds on (the shared `metadata`, `Store`, `connect`); it
+imports none of them. server/schema.py, above them all, creates their tables.
 """
 
 from __future__ import annotations
-
-import logging
-import os
-import sqlite3
-from pathlib import Path
 
 import sqlalchemy as sa
 
 from server.errors import UnavailableError
 
-log = logging.getLogger("deltagate")
 metadata = sa.MetaData()
 
 
-def open_state(url: str | None, state_dir: Path) -> sa.Engine:
-    """The state database: `url` (shared by several gateways), else this state dir's SQLite file,
-    with an earlier version's state files imported."""
-    engine = connect(url or f"sqlite:///{(state_dir / 'state.sqlite').resolve()}")
-    if url is None:
-        import_old_state(state_dir, engine)
-    return engine
-
-
 def connect(url: str) -> sa.Engine:
-    """An engine on `url` with every table created; SQLite in WAL mode (readers never wait)."""
+    """An engine on `url` (no connection made yet); SQLite in WAL mode (readers never wait)."""
     for plain in ("postgresql://", "postgres://"):  # the driver installed with deltagate: psycopg 3
         if url.startswith(plain):
             url = "postgresql+psycopg://" + url[len(plain) :]
@@ -49,14 +34,6 @@ def connect(url: str) -> sa.Engine:
             dbapi.execute("PRAGMA journal_mode=WAL")
     else:  # a server: connections may be cut (a restart); test each before use
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10)
-    import server.evals.store  # noqa: F401  (the tables are declared where they are used)
-    import server.rebase.store  # noqa: F401
-    import server.registry  # noqa: F401
-
-    try:
-        metadata.create_all(engine)
-    except sa.exc.DBAPIError as exc:
-        raise UnavailableError(unreachable(engine, exc)) from None
     return engine
 
 
@@ -86,20 +63,3 @@ def unreachable(engine: sa.Engine, exc: Exception) -> str:
     if engine.dialect.name == "sqlite":
         where = "the state dir's database"
     return f"the state database ({where}) cannot be used now: {type(exc.orig or exc).__name__}; retry shortly"
-
-
-def import_old_state(state_dir: Path, engine: sa.Engine) -> None:
-    """Bring a state dir of an earlier version (registry.json, evals.sqlite) into the database once."""
-    from server.evals.store import import_sqlite
-    from server.registry import import_json
-
-    old_registry, old_evals = state_dir / "registry.json", state_dir / "evals.sqlite"
-    if old_registry.is_file():
-        import_json(engine, old_registry.read_text())
-        os.replace(old_registry, old_registry.with_name("registry.json.imported"))
-        log.info("imported %s into the state database", old_registry.name)
-    if old_evals.is_file():
-        with sqlite3.connect(old_evals) as old:
-            import_sqlite(engine, old)
-        os.replace(old_evals, old_evals.with_name("evals.sqlite.imported"))
-        log.info("imported %s into the state database", old_evals.name)
