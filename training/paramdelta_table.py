@@ -68,7 +68,8 @@ def build(cache: Path, seeds: list[int], log=print) -> dict:
             "updated_deltas": updated_deltas}  # fmt: skip
 
 
-def _api(method: str, url: str, body: dict | None = None) -> dict:
+def api(method: str, url: str, body: dict | None = None) -> dict:
+    """One admin-API call on the gateway these reports start; RuntimeError on a 4xx/5xx."""
     r = httpx.request(method, url, json=body, headers=AUTH, timeout=600)
     if r.status_code >= 400:
         raise RuntimeError(f"{method} {url}: {r.status_code} {r.text}")
@@ -90,23 +91,23 @@ def start_gateway(base: Path, work: Path) -> tuple[subprocess.Popen, str]:
 def serve(paths: dict, work: Path, log=print) -> tuple[subprocess.Popen, str]:
     """Start the gateway on θ, then add θ′, the deltas and every variant through the API."""
     proc, url = start_gateway(paths["base"], work)
-    have = {b["name"] for b in _api("GET", f"{url}/v1/bases")["data"]}
+    have = {b["name"] for b in api("GET", f"{url}/v1/bases")["data"]}
     if "smollm2-py" not in have:
-        base = _api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(paths["updated"])})
+        base = api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(paths["updated"])})
         log(f"registered θ′ as smollm2-py: engine {base['engine']}, state {base['state']}")
-    have = {d["name"] for d in _api("GET", f"{url}/v1/deltas")["data"]}
-    variants = {v["name"] for v in _api("GET", f"{url}/v1/variants")["data"]}
+    have = {d["name"] for d in api("GET", f"{url}/v1/deltas")["data"]}
+    variants = {v["name"] for v in api("GET", f"{url}/v1/variants")["data"]}
     for s, delta in paths["deltas"].items():
         for name, path in ((f"addition-s{s}", delta), (f"py-addition-s{s}", paths["updated_deltas"][s])):
             if name not in have:
-                _api("POST", f"{url}/v1/deltas", {"name": name, "path": str(path)})
+                api("POST", f"{url}/v1/deltas", {"name": name, "path": str(path)})
         wanted = {f"sft-s{s}": ("smollm2", f"addition-s{s}", 1.0),
                   f"py-sft-s{s}": ("smollm2-py", f"py-addition-s{s}", 1.0)}  # fmt: skip
         wanted |= {f"paramdelta-{a}-s{s}": ("smollm2-py", f"addition-s{s}", a) for a in ALPHAS}
         for name, (base, delta, alpha) in wanted.items():
             if name not in variants:
                 body = {"name": name, "base": base, "deltas": [{"delta": delta, "alpha": alpha}]}
-                v = _api("POST", f"{url}/v1/variants", body)
+                v = api("POST", f"{url}/v1/variants", body)
                 log(f"variant {name}: {base} + {alpha}·{delta} ({v['deltas'][0]['provenance']})")
     return proc, url
 
@@ -154,13 +155,13 @@ def run_eval(
     url: str, source: dict, variants: list[str], max_tokens: int, limit: int | None, log=print
 ) -> dict:
     """One eval run over `variants` (paired, same items); progress printed while it runs."""
-    ev = _api("POST", f"{url}/v1/evals", {"name": f"paramdelta-{source['task']}", "data_source": source})
+    ev = api("POST", f"{url}/v1/evals", {"name": f"paramdelta-{source['task']}", "data_source": source})
     body = {"variants": variants, "max_tokens": max_tokens, "limit": limit, "concurrency": 8}
-    run = _api("POST", f"{url}/v1/evals/{ev['id']}/runs", body)
+    run = api("POST", f"{url}/v1/evals/{ev['id']}/runs", body)
     start, last = time.monotonic(), -1
     while run["status"] not in ("completed", "failed", "canceled"):
         time.sleep(5)
-        run = _api("GET", f"{url}/v1/evals/{ev['id']}/runs/{run['id']}")
+        run = api("GET", f"{url}/v1/evals/{ev['id']}/runs/{run['id']}")
         done = run["progress"]["done"]
         if done != last:
             log(f"  {source['task']}: {done}/{run['progress']['total']} answers "

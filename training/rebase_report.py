@@ -21,15 +21,15 @@ import argparse
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from cli.rebase import plot_report
 from training.cpt import continue_pretraining
 from training.default import prepare_default
-from training.paramdelta_table import BEGIN, CPT, END, _api, start_gateway
+from training.paramdelta_table import ADMIN, BEGIN, CPT, END, api, start_gateway
 
 STRICT = {"criterion": "exact_match", "min_difference": -0.05}  # the paired lower bound ≥ −5 points
 RATIO = {"criterion": "exact_match", "min_ratio": 0.9}  # ≥ 90% of θ + Δ's score
@@ -43,27 +43,30 @@ def serve(cache: Path, work: Path, log=print) -> tuple[subprocess.Popen, str]:
         log(f"continued pre-training on Python source ({CPT.steps} steps)")
         continue_pretraining(models.base, updated, CPT, log)
     proc, url = start_gateway(models.base, work)
-    _api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(updated)})
-    _api("POST", f"{url}/v1/deltas", {"name": "addition-s0", "path": str(models.delta)})
+    api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(updated)})
+    api("POST", f"{url}/v1/deltas", {"name": "addition-s0", "path": str(models.delta)})
     variant = {"name": "sft-s0", "base": "smollm2", "deltas": [{"delta": "addition-s0"}]}
-    _api("POST", f"{url}/v1/variants", variant)
-    _api("PUT", f"{url}/v1/aliases/assistant", {"targets": [{"variant": "sft-s0"}]})
+    api("POST", f"{url}/v1/variants", variant)
+    api("PUT", f"{url}/v1/aliases/assistant", {"targets": [{"variant": "sft-s0"}]})
     return proc, url
 
 
 def rebase(url: str, eval_id: str, args: argparse.Namespace, alphas: list[float], gate: dict,
-           log=print) -> dict:  # fmt: skip
-    """One rebase of sft-s0, followed until it ends (progress on stdout)."""
-    body = {"from_base": "smollm2", "to_base": "smollm2-py", "variants": ["sft-s0"], "eval_id": eval_id,
-            "alphas": alphas, "validation": args.validation, "holdout": args.holdout, "seed": 0,
-            "gate": gate, "promote": {"steps": [10, 100], "hold_seconds": 5}, "concurrency": 8,
-            "max_tokens": 8}  # fmt: skip
-    job = _api("POST", f"{url}/v1/rebases", body)
-    while job["status"] in ("queued", "in_progress"):
-        time.sleep(5)
-        job = _api("GET", f"{url}/v1/rebases/{job['id']}")
-        log(f"  {job['report']['phase']}: {job['progress']['done']}/{job['progress']['total']} items")
-    return job
+           plot: Path | None = None) -> dict:  # fmt: skip
+    """One rebase of sft-s0 as a user runs it, `deltagate rebase` (its progress on stderr, the job as
+    JSON on stdout), and the report's plot where `plot` says."""
+    flags = {"--min-difference": gate.get("min_difference"), "--min-ratio": gate.get("min_ratio")}
+    cmd = [sys.executable, "-m", "cli", "rebase", "--from", "smollm2", "--to", "smollm2-py",
+           "--variant", "sft-s0", "--eval", eval_id, *(f"--alpha={a}" for a in alphas),
+           "--validation", str(args.validation), "--holdout", str(args.holdout), "--seed", "0",
+           "--criterion", gate["criterion"], "--steps", "10,100", "--hold", "5", "--concurrency", "8",
+           "--max-tokens", "8", "--url", url, "--admin-token", ADMIN, "--json",
+           *(f"{flag}={value}" for flag, value in flags.items() if value is not None),
+           *(["--plot", str(plot)] if plot else [])]  # fmt: skip
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # a failed gate exits 2, job printed
+    if not done.stdout.strip():
+        raise SystemExit(f"deltagate rebase printed no job (exit {done.returncode}): see its error above")
+    return json.loads(done.stdout)
 
 
 def markdown(strict: dict, ratio: dict, minutes: float, args: argparse.Namespace) -> str:
@@ -125,8 +128,9 @@ def main() -> None:
     proc, url = serve(args.cache, work)
     try:
         task = {"name": "addition", "data_source": {"type": "builtin", "task": "addition"}}
-        eval_id = _api("POST", f"{url}/v1/evals", task)["id"]
-        strict = rebase(url, eval_id, args, [0.5, 1.0, 1.5], STRICT)
+        eval_id = api("POST", f"{url}/v1/evals", task)["id"]
+        figure = args.out.parent.parent / "img" / "rebase-smollm2.png"  # docs/img
+        strict = rebase(url, eval_id, args, [0.5, 1.0, 1.5], STRICT, plot=figure)
         chosen = strict["report"]["variants"]["sft-s0"]["alpha"]
         ratio = rebase(url, eval_id, args, [chosen], RATIO)
         question = [{"role": "user", "content": "What is 37 + 45? Answer with the number only."}]
@@ -139,7 +143,6 @@ def main() -> None:
         proc.wait(timeout=120)
     both = {"strict": strict, "ratio": ratio}
     (args.out.parent / "rebase-smollm2.json").write_text(json.dumps(both, indent=1))
-    plot_report(strict, args.out.parent.parent / "img" / "rebase-smollm2.png")  # docs/img
     text = args.out.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     section = markdown(strict, ratio, (time.monotonic() - started) / 60, args)
