@@ -13,8 +13,8 @@ from fastapi import FastAPI
 
 from deltas import DeltaError, __version__
 from loaders.engine import EngineError
-from server.batches.files import FileStore
 from server.batches.service import BatchService
+from server.batches.store import BatchStore, FileStore
 from server.errors import GatewayError, install_error_handlers
 from server.evals.service import EvalService
 from server.evals.store import EvalStore
@@ -71,8 +71,8 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     )
 
     rebase_service = RebaseService(RebaseStore(database), gateway, evals)
-    file_store = FileStore(settings.state_dir / "files")
-    batch_service = BatchService(settings.state_dir / "batches", file_store, gateway, metrics)
+    file_store = FileStore(database)
+    batch_service = BatchService(BatchStore(database), file_store, gateway, metrics, evals.owner, evals.lease)
     streams = StallWatch(
         settings.stream_write_timeout, lambda variant: metrics.stalled_streams.labels(variant).inc()
     )

@@ -1,4 +1,4 @@
-"""Leases on long jobs in the state database (eval runs, rebases): one gateway executes a job at a
+"""Leases on long jobs in the state database (eval runs, rebases, batches): one gateway executes a job at a
 time, the one whose lease on its row (`owner`, `lease_until`) is running; it renews the lease while
 it works, and when it dies the lease runs out and another gateway (or the same one restarted) takes
 the job over. Statements only: each store runs them in its own transaction."""
@@ -16,27 +16,32 @@ import sqlalchemy as sa
 ACTIVE = ("queued", "in_progress")
 
 
-def claim(table: sa.Table, row_id: str, owner: str, lease: float, force: bool = False) -> sa.Update:
+def claim(
+    table: sa.Table, row_id: str, owner: str, lease: float, force: bool = False, active: tuple = ACTIVE
+) -> sa.Update:
     """Lease an active job to `owner` unless another gateway's lease on it is still running
-    (`force`: the single gateway of a state dir takes its jobs back at once)."""
+    (`force`: the single gateway of a state dir takes its jobs back at once). `active`: the statuses
+    of a job still to be worked on (a batch has OpenAI's own)."""
     now = time.time()
-    query = sa.update(table).where(table.c.id == row_id, table.c.status.in_(ACTIVE))
+    query = sa.update(table).where(table.c.id == row_id, table.c.status.in_(active))
     if not force:
         free = sa.or_(table.c.owner.is_(None), table.c.owner == owner, table.c.lease_until < now)
         query = query.where(free)
     return query.values(owner=owner, lease_until=now + lease)
 
 
-def renew(conn: sa.Connection, table: sa.Table, owner: str, lease: float) -> list[str]:
+def renew(
+    conn: sa.Connection, table: sa.Table, owner: str, lease: float, active: tuple = ACTIVE
+) -> list[str]:
     """Extend `owner`'s leases; the ids of its jobs still active (one canceled elsewhere is not)."""
-    mine = sa.and_(table.c.owner == owner, table.c.status.in_(ACTIVE))
+    mine = sa.and_(table.c.owner == owner, table.c.status.in_(active))
     conn.execute(sa.update(table).where(mine).values(lease_until=time.time() + lease))
     return [r.id for r in conn.execute(sa.select(table.c.id).where(mine))]
 
 
-def orphans(table: sa.Table) -> sa.Select:
+def orphans(table: sa.Table, active: tuple = ACTIVE) -> sa.Select:
     """Active jobs whose lease ran out (their gateway stopped or died), oldest first."""
-    query = sa.select(table.c.id).where(table.c.status.in_(ACTIVE), table.c.lease_until < time.time())
+    query = sa.select(table.c.id).where(table.c.status.in_(active), table.c.lease_until < time.time())
     return query.order_by(table.c.created_at)
 
 

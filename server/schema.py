@@ -18,6 +18,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+import server.batches.store as batches_store
 import server.evals.store as evals_store
 import server.rebase.store  # noqa: F401  (its tables)
 import server.registry as registry
@@ -56,7 +57,8 @@ def create_tables(engine: sa.Engine, retry_seconds: float = 30.0) -> None:
 
 
 def import_old_state(state_dir: Path, engine: sa.Engine) -> None:
-    """Bring a state dir of an earlier version (registry.json, evals.sqlite) into the database once."""
+    """Bring a state dir of an earlier version (registry.json, evals.sqlite, the files/ and batches/
+    dirs) into the database once."""
     old_registry, old_evals = state_dir / "registry.json", state_dir / "evals.sqlite"
     if old_registry.is_file():
         registry.import_json(engine, old_registry.read_text())
@@ -67,3 +69,10 @@ def import_old_state(state_dir: Path, engine: sa.Engine) -> None:
             evals_store.import_sqlite(engine, old)
         os.replace(old_evals, old_evals.with_name("evals.sqlite.imported"))
         log.info("imported %s into the state database", old_evals.name)
+    old_files, old_batches = state_dir / "files", state_dir / "batches"
+    if old_files.is_dir() or old_batches.is_dir():
+        count = batches_store.import_dir(engine, old_files, old_batches)
+        for old in (old_files, old_batches):
+            if old.is_dir():
+                os.replace(old, old.with_name(f"{old.name}.imported"))
+        log.info("imported %d files and batches into the state database", count)

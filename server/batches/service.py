@@ -2,10 +2,11 @@
 
 Lines are grouped by the variant they name and run variant by variant, so a batch over many
 variants costs one swap per variant, not one per line; `concurrency` bounds its requests in
-flight, so online traffic keeps being admitted between them. Every answer is appended to the
-batch's output (2xx) or error file as it arrives; a batch still running when its gateway stops
-resumes at the next start, skipping the lines already answered. The state of a batch (OpenAI's
-batch object) is rewritten atomically at every change.
+flight, so online traffic keeps being admitted between them. Batches, their files and every answer
+(as it arrives) live in the state database (server/batches/store.py): every gateway sharing it sees
+every batch, and a batch runs on the gateway holding its lease; when that gateway stops or dies, the
+batch resumes there at the next start or on another gateway once the lease runs out
+(server/leases.py), skipping the lines already answered.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import json
 import logging
 import secrets
 import time
-from pathlib import Path
 
 from loaders.engine import EngineError
-from server.batches.files import FileStore, write_atomic
-from server.errors import BadRequestError, GatewayError, NotFoundError
+from server import leases
+from server.batches.store import ACTIVE, BatchStore, FileStore
+from server.errors import BadRequestError, GatewayError
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.proxy import CHAT, COMPLETIONS, MESSAGES, RESPONSES, forward
@@ -28,51 +29,49 @@ from server.schemas import InferenceBody
 
 log = logging.getLogger("deltagate.batches")
 ROUTES = {route.path: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES)}
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 WINDOW_SECONDS = {"24h": 24 * 3600}
 MAX_LINES = 50_000  # as OpenAI's
 
 
 class BatchService:
-    """Owns the batches of this gateway (its state dir) and the ones running in this process."""
+    """Runs the batches this gateway holds the lease of; every batch's state is in the store."""
 
-    def __init__(
-        self, root: Path, files: FileStore, gateway: Gateway, metrics: Metrics, concurrency: int = 8
-    ):
-        self.root, self.files, self.gateway, self.metrics = root, files, gateway, metrics
+    def __init__(self, store: BatchStore, files: FileStore, gateway: Gateway, metrics: Metrics,
+                 owner: str, lease: float, concurrency: int = 8):  # fmt: skip
+        self.store, self.files, self.gateway, self.metrics = store, files, gateway, metrics
+        self.owner, self.lease = owner, lease  # this gateway, and how long its leases last (as evals')
         self.concurrency = concurrency
-        root.mkdir(parents=True, exist_ok=True)
         self._tasks: dict[str, asyncio.Task] = {}
+        self._follower: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Resume the batches a previous process left running."""
-        for batch in self.list():
-            if batch["status"] in ACTIVE:
+        """Resume the batches a previous process left running; keep leases, take over orphans."""
+        for batch in self.store.all(ACTIVE):
+            if self.store.claim(batch["id"], self.owner, self.lease, force=not self.gateway.registry.shared):
                 log.info("resuming batch %s", batch["id"])
                 self._launch(batch["id"])
+        self._follower = asyncio.create_task(
+            leases.follow(self.store, self.owner, self.lease, self._tasks, self._launch, "batch", self._lost)
+        )
 
     async def stop(self) -> None:
-        for task in self._tasks.values():
+        await leases.stop(self._follower, self._tasks)
+
+    def _lost(self, batch_id: str) -> None:
+        """Another gateway holds the batch now (this one's lease ran out): stop running it here."""
+        task = self._tasks.get(batch_id)
+        if task is not None:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     # the batch objects ---------------------------------------------------
     def get(self, batch_id: str) -> dict:
-        path = self.root / f"{batch_id}.json"
-        if "/" in batch_id or not path.is_file():
-            raise NotFoundError(f"batch {batch_id!r} not found")
-        return json.loads(path.read_text())
+        return self.store.get(batch_id)
 
     def list(self) -> list[dict]:
-        batches = [json.loads(p.read_text()) for p in self.root.glob("batch_*.json")]
-        return sorted(batches, key=lambda b: (b["created_at"], b["id"]))
-
-    def _put(self, batch: dict) -> dict:
-        write_atomic(self.root / f"{batch['id']}.json", json.dumps(batch).encode())
-        return batch
+        return self.store.all()
 
     def _update(self, batch_id: str, **fields) -> dict:
-        return self._put(self.get(batch_id) | fields)
+        return self.store.update(batch_id, **fields)
 
     # creating ------------------------------------------------------------
     def create(
@@ -100,10 +99,12 @@ class BatchService:
         }  # fmt: skip
         lines, errors = _parse(self.files.content(input_file_id), endpoint)
         if errors:
-            errors_list = {"object": "list", "data": errors[:100]}
-            return self._put(batch | {"status": "failed", "failed_at": now, "errors": errors_list})
+            listed = {"object": "list", "data": errors[:100]}
+            failed = batch | {"status": "failed", "failed_at": now, "errors": listed}
+            self.store.add(failed, self.owner, self.lease)
+            return failed
         batch["request_counts"]["total"] = len(lines)
-        self._put(batch | {"status": "in_progress", "in_progress_at": now})
+        self.store.add(batch | {"status": "in_progress", "in_progress_at": now}, self.owner, self.lease)
         self._launch(batch["id"])
         return self.get(batch["id"])
 
@@ -112,7 +113,8 @@ class BatchService:
         batch = self.get(batch_id)
         if batch["status"] in ("validating", "in_progress"):
             batch = self._update(batch_id, status="cancelling", cancelling_at=int(time.time()))
-            if batch_id not in self._tasks:  # (a batch another process was running)
+            # Its gateway sees it at its next line; a batch nobody runs now is finished here.
+            if batch_id not in self._tasks and self.store.claim(batch_id, self.owner, self.lease):
                 self._launch(batch_id)
         return batch
 
@@ -122,14 +124,11 @@ class BatchService:
         self._tasks[batch_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(batch_id, None))
 
-    def _partial(self, batch_id: str, kind: str) -> Path:
-        return self.root / f"{batch_id}.{kind}.jsonl"
-
     async def _execute(self, batch_id: str) -> None:
         batch = self.get(batch_id)
         try:
             lines, _ = _parse(self.files.content(batch["input_file_id"]), batch["endpoint"])
-            outputs, failures = (_answered(self._partial(batch_id, kind)) for kind in ("output", "errors"))
+            outputs, failures = self.store.answers(batch_id)
             counts = {"total": len(lines), "completed": len(outputs), "failed": len(failures)}
             answered = {line["custom_id"] for line in outputs + failures}
             usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -141,26 +140,23 @@ class BatchService:
                     by_variant.setdefault(line["body"]["model"], []).append(line)
             route = ROUTES[batch["endpoint"]]
             gate = asyncio.Semaphore(self.concurrency)
-            with open(self._partial(batch_id, "output"), "a") as out, \
-                    open(self._partial(batch_id, "errors"), "a") as err:  # fmt: skip
 
-                async def one(line: dict) -> None:
-                    async with gate:
-                        if self.get(batch_id)["status"] == "cancelling":
-                            return
-                        result = await self._ask(route, line)
-                    ok = result["error"] is None
-                    (out if ok else err).write(json.dumps(result) + "\n")
-                    (out if ok else err).flush()
-                    counts["completed" if ok else "failed"] += 1
-                    if ok:
-                        _add_usage(usage, result["response"]["body"])
-                    self._update(batch_id, request_counts=counts, usage=_usage(usage))
-
-                for todo in by_variant.values():  # a variant at a time: one swap each
-                    await asyncio.gather(*(one(line) for line in todo))
+            async def one(line: dict) -> None:
+                async with gate:
                     if self.get(batch_id)["status"] == "cancelling":
-                        break
+                        return
+                    result = await self._ask(route, line)
+                ok = result["error"] is None
+                self.store.add_answer(batch_id, line["custom_id"], ok, result)
+                counts["completed" if ok else "failed"] += 1
+                if ok:
+                    _add_usage(usage, result["response"]["body"])
+                self._update(batch_id, request_counts=counts, usage=_usage(usage))
+
+            for todo in by_variant.values():  # a variant at a time: one swap each
+                await asyncio.gather(*(one(line) for line in todo))
+                if self.get(batch_id)["status"] == "cancelling":
+                    break
             self._finish(batch_id)
         except asyncio.CancelledError:
             raise  # the gateway is stopping: the batch resumes at the next start
@@ -199,10 +195,9 @@ class BatchService:
         cancelled = self.get(batch_id)["status"] == "cancelling"
         self._update(batch_id, status="finalizing", finalizing_at=int(time.time()))
         ids = {}
-        for kind in ("output", "errors"):
-            path = self._partial(batch_id, kind)
-            data = path.read_bytes() if path.exists() else b""
-            if data:
+        for kind, lines in zip(("output", "errors"), self.store.answers(batch_id), strict=True):
+            if lines:
+                data = "".join(json.dumps(line) + "\n" for line in lines).encode()
                 ids[kind] = self.files.add(data, f"{batch_id}_{kind}.jsonl", "batch_output")["id"]
         now = int(time.time())
         end = (
@@ -211,8 +206,7 @@ class BatchService:
             else {"status": "completed", "completed_at": now}
         )
         self._update(batch_id, output_file_id=ids.get("output"), error_file_id=ids.get("errors"), **end)
-        for kind in ("output", "errors"):
-            self._partial(batch_id, kind).unlink(missing_ok=True)
+        self.store.drop_answers(batch_id)
 
 
 def _parse(data: bytes, endpoint: str) -> tuple[list[dict], list[dict]]:
@@ -258,17 +252,6 @@ def _parse(data: bytes, endpoint: str) -> tuple[list[dict], list[dict]]:
             {"code": "too_many_lines", "line": None, "message": f"over {MAX_LINES} lines", "param": None}
         )
     return lines, errors
-
-
-def _answered(path: Path) -> list[dict]:
-    """The output lines a partial file holds; a line cut off by a crash is dropped (and asked again)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
 
 
 def _add_usage(total: dict, body) -> None:

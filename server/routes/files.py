@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
-from server.batches.files import FileStore
+from server.batches.store import FileStore
 from server.deps import require_api_key
 from server.errors import BadRequestError
 from server.routes.pages import After, Ided, cursor_page

@@ -366,7 +366,8 @@ CASES: list[Case] = [
         http=lambda fx: _admin(
             method="POST",
             url="/v1/evals",
-            json={"name": "eval", "data_source": {"type": "perplexity", "content": ""}, "testing_criteria": []},
+            json={"name": "eval", "data_source": {"type": "perplexity", "content": ""},
+                  "testing_criteria": []},
         ),
     ),  # fmt: skip
     # YAML recipe files (deltagate merge --recipe)

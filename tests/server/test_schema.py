@@ -50,3 +50,28 @@ def test_a_database_that_never_comes_is_a_503_naming_it_without_the_password(pos
     with pytest.raises(UnavailableError, match="cannot be used now") as caught:
         open_state(url, tmp_path, retry_seconds=1)
     assert "s3cret" not in str(caught.value) and "/never" in str(caught.value)
+
+
+def test_files_and_batches_of_the_previous_version_are_imported_with_their_answers(tmp_path):
+    """The state dir as the previous version kept batches (files/ and batches/ JSON, answers in
+    partial JSONL files, the last line cut off by a crash): imported once, the dirs renamed."""
+    import json
+
+    from server.batches.store import BatchStore, FileStore
+
+    files, batches = tmp_path / "files", tmp_path / "batches"
+    files.mkdir(), batches.mkdir()
+    record = {"id": "file-abc", "object": "file", "bytes": 3, "created_at": 1, "filename": "in.jsonl",
+              "purpose": "batch", "status": "processed", "expires_at": None,
+              "status_details": None}  # fmt: skip
+    (files / "file-abc.json").write_text(json.dumps(record))
+    (files / "file-abc.data").write_bytes(b"{}\n")
+    batch = {"id": "batch_1", "status": "in_progress", "created_at": 2, "input_file_id": "file-abc"}
+    (batches / "batch_1.json").write_text(json.dumps(batch))
+    answer = {"id": "batch_req_1", "custom_id": "r0", "response": {"status_code": 200}, "error": None}
+    (batches / "batch_1.output.jsonl").write_text(json.dumps(answer) + '\n{"id": "batch_req_2", "cus')
+    engine = open_state(None, tmp_path)
+    assert FileStore(engine).get("file-abc") == record and FileStore(engine).content("file-abc") == b"{}\n"
+    assert BatchStore(engine).get("batch_1") == batch
+    assert BatchStore(engine).answers("batch_1") == ([answer], [])
+    assert (tmp_path / "files.imported").is_dir() and not files.exists() and not batches.exists()

@@ -183,6 +183,48 @@ def test_a_run_whose_gateway_is_killed_is_finished_by_another(fronts):
     assert "shared-inst" in _models(a)  # a restarted gateway has everything registered
 
 
+def test_a_batch_is_seen_by_every_gateway_and_finished_by_another_when_its_own_is_killed(fronts):
+    """Created through the openai SDK on A: B lists and retrieves it and its input file; kill -9 of A
+    mid-batch, and B takes it over once A's lease runs out, answering each line once."""
+    import io
+    import json
+
+    a, b = fronts
+    on_a, on_b = client_of(a), client_of(b)
+    body = {"model": "shared-inst", "prompt": "x", "max_tokens": 10}  # 0.2 s a line on a 50 tok/s mock
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
+             for i in range(30)]  # fmt: skip
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    infile = on_a.files.create(file=("batch.jsonl", io.BytesIO(data)), purpose="batch")
+    assert on_b.files.content(infile.id).content == data  # the bytes, from the other gateway
+    batch = on_a.batches.create(input_file_id=infile.id, endpoint="/v1/completions", completion_window="24h")
+    assert on_b.batches.retrieve(batch.id).status == "in_progress"
+    assert batch.id in [x.id for x in on_b.batches.list()]
+    deadline = time.monotonic() + 30
+    while on_b.batches.retrieve(batch.id).request_counts.completed < 5:  # B reads A's progress
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    a.kill9()
+    try:
+        deadline = time.monotonic() + LEASE * 3 + 60
+        while (batch := on_b.batches.retrieve(batch.id)).status != "completed":
+            assert batch.status in ("in_progress", "finalizing") and time.monotonic() < deadline, batch
+            time.sleep(0.2)
+        assert batch.request_counts.completed == 30 and batch.request_counts.failed == 0, batch
+        out = [json.loads(x) for x in on_b.files.content(batch.output_file_id).text.splitlines()]
+        assert sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)  # each once
+        assert "taking over batch" in (b.work / "gateway.log").read_text()
+    finally:
+        a.restart()
+    assert client_of(a).batches.retrieve(batch.id).output_file_id == batch.output_file_id
+
+
+def client_of(front: Front):
+    import openai
+
+    return openai.OpenAI(base_url=f"{front.url}/v1", api_key="none", max_retries=0)
+
+
 def test_the_database_killed_keeps_serving_and_refuses_writes_clearly(fronts, postgres):
     a, b = fronts
     postgres.kill()
