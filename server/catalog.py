@@ -36,12 +36,6 @@ class Catalog:
         self.registry, self.settings, self.adapters = registry, settings, adapters
         self.store = ArtifactStore(settings.artifact_store) if settings.artifact_store else None
 
-    def name_free(self, name: str) -> None:
-        """409 if a base, variant or alias already answers to `name`."""
-        state = self.registry.state
-        if name in state.bases or name in state.variants or name in state.aliases:
-            raise ConflictError(f"model name {name!r} is taken")
-
     def deltas_of(self, variant: VariantRecord) -> list[DeltaRecord]:
         """The registered deltas `variant` adds, in order."""
         return [self.registry.delta(t.delta) for t in variant.deltas]
@@ -115,7 +109,7 @@ class Catalog:
     async def define_variant(self, record: VariantRecord) -> VariantRecord:
         """Validate that the deltas fit the base, then register the variant."""
         self.registry.base(record.base)  # an unknown base is a 404 before anything else
-        self.name_free(record.name)
+        self.registry.state.require_free(record.name)  # before the checks; again in the registry's swap
         try:
             await asyncio.to_thread(check_recipe, self.recipe(record))
         except IncompatibleError as exc:  # name the deltas as the client did, not by their files

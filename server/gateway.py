@@ -89,7 +89,7 @@ class Gateway:
             previous = self.registry.state.bases.get(spec.name)
             record = await asyncio.to_thread(describe_base, spec.name, Path(spec.path).resolve(), previous)
             record = record.model_copy(update={"tool_parser": spec.tool_parser})
-            self.registry.put_base(record)  # the command line wins over a runtime base of that name
+            self.registry.put_base(record, replace=True)  # the command line wins over a runtime base
         bases = list(self.registry.state.bases.values())
         if not bases:
             raise BadRequestError("no base model configured; pass --base DIR")
@@ -370,7 +370,7 @@ class Gateway:
         """Check a checkpoint and serve it: hot-loaded by a running engine it fits (and whose tool
         parser is the one asked for), else its own."""
         require_name(name)
-        self.catalog.name_free(name)
+        self.registry.state.require_free(name)  # a fast answer; the registry's swap checks it again
         if tool_parser is not None:
             try:
                 await asyncio.to_thread(check_tool_parser, tool_parser)
@@ -391,7 +391,6 @@ class Gateway:
                 f"did not start, so start a vLLM engine for it and pass --base {name}=DIR "
                 f"--engine-url {name}=URL"
             )
-        self.catalog.name_free(name)  # again: another request may have taken it while we read the checkpoint
         parser = self.registry.base(host).tool_parser if host else tool_parser  # a hosted base: its host's
         record = record.model_copy(update={"engine": host, "runtime": True, "tool_parser": parser})
         self.registry.put_base(record)

@@ -109,6 +109,13 @@ class RegistryState(BaseModel):
     variants: dict[str, VariantRecord] = Field(default_factory=dict)
     aliases: dict[str, AliasRecord] = Field(default_factory=dict)
 
+    def require_free(self, name: str) -> None:
+        """409 if a base, variant or alias already answers to model name `name` (the one check of
+        it: inside every compare-and-swap that adds a name, and before slow work as a fast answer)."""
+        for kind, names in (("base", self.bases), ("variant", self.variants), ("alias", self.aliases)):
+            if name in names:
+                raise ConflictError(f"model name {name!r} is taken by a {kind}")
+
     def routed_by(self, model: str) -> list[str]:
         """The aliases that send requests to `model`."""
         return sorted(a.name for a in self.aliases.values() if any(t.variant == model for t in a.targets))
@@ -165,8 +172,13 @@ class Registry(Store):
         raise UnavailableError("the registry is being changed by other gateways all the time; retry")
 
     # bases -------------------------------------------------------------
-    def put_base(self, record: BaseRecord) -> None:
+    def put_base(self, record: BaseRecord, *, replace: bool = False) -> None:
+        """Add a base; its name must be free, unless `replace` (a start-up base: the command line wins
+        over a runtime base of that name)."""
+
         def change(state: RegistryState) -> None:
+            if not (replace and record.name in state.bases):
+                state.require_free(record.name)
             state.bases[record.name] = record
 
         self._change(change)
@@ -214,8 +226,7 @@ class Registry(Store):
     # variants ----------------------------------------------------------
     def add_variant(self, record: VariantRecord) -> None:
         def change(state: RegistryState) -> None:
-            if record.name in state.variants or record.name in state.bases or record.name in state.aliases:
-                raise ConflictError(f"model name {record.name!r} is taken")
+            state.require_free(record.name)
             state.variants[record.name] = record
 
         self._change(change)
@@ -277,9 +288,8 @@ class Registry(Store):
                 raise ConflictError(f"alias {name!r} exists; PUT /v1/aliases/{name} moves it")
             if create is False and old is None:
                 raise NotFoundError(f"unknown alias {name!r}; list them with GET /v1/aliases")
-            if old is None and (name in state.variants or name in state.bases):
-                kind = "variant" if name in state.variants else "base"
-                raise ConflictError(f"model name {name!r} is taken by a {kind}")
+            if old is None:
+                state.require_free(name)
             for target in targets:
                 if target.variant in state.aliases:
                     raise BadRequestError(f"target {target.variant!r} is an alias; aliases point at variants")

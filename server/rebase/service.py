@@ -101,7 +101,7 @@ class RebaseService:
                 if existing is not None and existing != self._candidate(v, body, name, float(alpha)):
                     raise ConflictError(f"variant {name!r} exists with other weights; delete it or rename")
                 if existing is None:
-                    self.gateway.catalog.name_free(name)
+                    self.registry.state.require_free(name)
             report.variants[v] = VariantReport(candidates=names, aliases=self.registry.state.routed_by(v))
         rebase_id = self.store.add(body.model_dump(), report.model_dump(), self.owner, self.lease)
         self._launch(rebase_id)

@@ -131,6 +131,44 @@ def test_concurrent_writes_through_both_gateways_lose_nothing(fronts):
         assert {f"mine-{i}" for i in range(12)} | {"contested"} <= _models(front)
 
 
+@pytest.mark.parametrize("kind", ["base", "delta", "variant", "alias"])
+def test_one_name_has_one_owner_whichever_gateway_each_request_reaches(fronts, tied, kind):
+    """The same name registered through A and B at once, for each resource kind: exactly one 201,
+    409s for the rest, and both gateways then agree on what the name is (the check is inside the
+    registry's compare-and-swap, not before it)."""
+    a, b = fronts
+    name = f"contested-{kind}"
+    delta = {"name": "shared-d", "path": str(tied.delta)}
+    shared_d = httpx.post(f"{a.url}/v1/deltas", json=delta, headers=AUTH)
+    assert shared_d.status_code in (201, 409), shared_d.text  # (registered by the first test, if it ran)
+    request = {
+        "base": ("POST", "/v1/bases", {"name": name, "path": str(tied.base)}),
+        "delta": ("POST", "/v1/deltas", {"name": name, "path": str(tied.delta)}),
+        "variant": ("POST", "/v1/variants", {"name": name, "base": "pico",
+                                             "deltas": [{"delta": "shared-d"}]}),
+        "alias": ("POST", "/v1/aliases", {"name": name, "targets": [{"variant": "pico"}]}),
+    }[kind]
+    codes: list[int] = []
+    starting = threading.Barrier(6)
+
+    def register(front: Front) -> None:
+        starting.wait()
+        method, path, body = request
+        answer = httpx.request(method, f"{front.url}{path}", json=body, headers=AUTH, timeout=120)
+        codes.append(answer.status_code)
+
+    threads = [threading.Thread(target=register, args=(f,)) for f in (a, b) * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201, 409, 409, 409, 409, 409], codes
+    listing = {"base": "/v1/bases", "delta": "/v1/deltas", "variant": "/v1/variants", "alias": "/v1/aliases"}
+    for front in (a, b):
+        names = [x["name"] for x in httpx.get(f"{front.url}{listing[kind]}", headers=AUTH).json()["data"]]
+        assert names.count(name) == 1, (front.url, names)
+
+
 def _eval_and_run(front: Front, items: int, max_tokens: int) -> tuple[str, str]:
     content = "\n".join(f'{{"q": "{i}"}}' for i in range(items))
     ev = httpx.post(f"{front.url}/v1/evals", headers=AUTH, json={
