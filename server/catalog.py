@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from deltas import DeltaError, DeltaTerm, IncompatibleError, Recipe, open_artifact
+from deltas import DeltaError, IncompatibleError, open_artifact
 from deltas.checkpoint import vocabulary_digest
 from deltas.lora import adapter_rank
 from deltas.store import ArtifactStore, is_uri, materialize
@@ -35,10 +35,6 @@ class Catalog:
     def __init__(self, registry: Registry, settings: GatewaySettings, adapters: AdapterLane):
         self.registry, self.settings, self.adapters = registry, settings, adapters
         self.store = ArtifactStore(settings.artifact_store) if settings.artifact_store else None
-
-    def deltas_of(self, variant: VariantRecord) -> list[DeltaRecord]:
-        """The registered deltas `variant` adds, in order."""
-        return [self.registry.delta(t.delta) for t in variant.deltas]
 
     async def register_delta_path(self, name: str, path: str) -> DeltaRecord:
         """Register an artifact already on disk, after verifying it fully."""
@@ -108,10 +104,12 @@ class Catalog:
 
     async def define_variant(self, record: VariantRecord) -> VariantRecord:
         """Validate that the deltas fit the base, then register the variant."""
-        self.registry.base(record.base)  # an unknown base is a 404 before anything else
+        self.registry.base(record.base)  # an unknown base or delta is a 404 before anything else
+        for term in record.deltas:
+            self.registry.delta(term.delta)  # (pulled from the database if another gateway added it)
         self.registry.state.require_free(record.name)  # before the checks; again in the registry's swap
         try:
-            await asyncio.to_thread(check_recipe, self.recipe(record))
+            await asyncio.to_thread(check_recipe, self.registry.state.recipe(record))
         except IncompatibleError as exc:  # name the deltas as the client did, not by their files
             message = str(exc)
             for term in record.deltas:
@@ -123,26 +121,11 @@ class Catalog:
             if problem:
                 raise BadRequestError(f"variant {record.name!r}: {problem}")
         if record.lane == "adapter":
-            unfit = self.adapters.unfit(record, self.deltas_of(record))
+            unfit = self.adapters.unfit(record, self.registry.state.deltas_of(record))
             if unfit:
                 raise BadRequestError(f"variant {record.name!r} cannot be served as an adapter: {unfit}")
         self.registry.add_variant(record)
         return record
-
-    def recipe(self, variant: VariantRecord) -> Recipe:
-        """The weights `variant` stands for, with its deltas' registered paths."""
-        terms = [
-            DeltaTerm(path=self.registry.delta(t.delta).path, alpha=t.alpha, density=t.density)
-            for t in variant.deltas
-        ]
-        base = self.registry.base(variant.base)
-        return Recipe(
-            base=base.path,
-            deltas=terms,
-            method=variant.method,
-            normalize=variant.normalize,
-            seed=variant.seed,
-        )
 
     async def ensure_variant(self, spec: StartupVariant) -> VariantRecord:
         """Define a command-line variant, registering artifact paths as deltas on the way."""

@@ -5,53 +5,27 @@ catalogued by server/catalog.py."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from deltas import Checkpoint, Recipe
-from deltas.store import is_uri, use_cache
+from deltas.store import use_cache
 from loaders.engine import EngineClient, EngineError, check_tool_parser
-from server.adapters import Adapter, AdapterLane
-from server.aliases import choose
+from server.adapters import AdapterLane
+from server.admission import Admission
 from server.bases import Provenance, describe_base, place, provenance
 from server.catalog import Catalog, drop_partial_uploads, eos_ids, require_name
-from server.errors import BadRequestError, ConflictError, GatewayError, NotFoundError, UnavailableError
+from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 from server.metrics import EngineState, Metrics
 from server.policy import SwapPolicy
 from server.pool import Endpoint, EnginePool, LocalPool, Restart
-from server.registry import (
-    BaseRecord,
-    Registry,
-    VariantRecord,
-    file_identity,
-)
+from server.registry import BaseRecord, Registry
+from server.resolver import Resolver, Target
 from server.settings import GatewaySettings
 from server.stored import StoredResponses
 from server.swap import UnknownWeights, WeightSlot
 
 log = logging.getLogger("deltagate")
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """Where and how to serve one request for a model name."""
-
-    variant: VariantRecord
-    recipe: Recipe
-    slot: WeightSlot | None  # a slot of its engine, for calls that need no weights (None: none up now)
-    chat_template: str | None
-    stop_token_ids: list[int]
-    adapter: Adapter | None = None  # served as this LoRA adapter on the plain base, not by a swap
-    engine: str = ""  # the engine's name: the base it was started on (a runtime base may be hosted)
-    alias: str | None = None  # the alias the request named, resolved to `variant`
-
-    @property
-    def engine_model(self) -> str:
-        """The model name the engine serves this request under (and puts in its answers)."""
-        return self.adapter.name if self.adapter else self.engine  # engines serve their base's name
 
 
 class Gateway:
@@ -75,7 +49,8 @@ class Gateway:
         lanes = settings.state_dir / "adapters"
         self.adapters = AdapterLane(lanes, settings.lora_slots, settings.max_lora_rank)
         self.catalog = Catalog(self.registry, settings, self.adapters)
-        self.responses = StoredResponses()  # stored Responses-API responses: their engine and variant
+        self.resolver = Resolver(self.registry, self.adapters, self._info)  # model name -> what to serve
+        self.responses = StoredResponses(settings.responses_store)  # stored responses: engine, variant
 
     # lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -185,20 +160,9 @@ class Gateway:
         on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
-        slot.last_admitted = self._variant_holding(base.name, resident) if current else None
+        holding = self.resolver.holding(self.registry.state, base.name, resident) if current else None
+        slot.last_admitted = holding
         self.slots[endpoint.id] = slot
-
-    def _variant_holding(self, engine: str, resident: Recipe) -> str | None:
-        """Which registered model an engine found serving (a gateway restarted, its engines not)
-        holds: the weights are what counts for admission, the name is for /v1/engines and metrics."""
-        for variant in self.registry.state.variants.values():
-            if self.engine_of(self.registry.base(variant.base)) == engine and variant.lane != "adapter":
-                try:
-                    if self.catalog.recipe(variant).key() == resident.key():
-                        return variant.name
-                except GatewayError:  # a delta gone or changed: not what it holds
-                    continue
-        return None
 
     async def _restart_in_place(self, id: str, restart: Restart) -> None:
         """The pool's engine `id` died: restart it with its slot's admissions blocked."""
@@ -223,25 +187,35 @@ class Gateway:
         """Where the engine of `slot` runs (None: it is gone)."""
         return next((e for e in self.pool.endpoints() if e.id == slot.id), None)
 
-    async def engine_for(self, target: Resolved, deadline: float, only: str | None = None) -> WeightSlot:
-        """The engine to admit `target` on: one holding its weights, else an idle one, else the least
-        loaded (`only`: that engine, which holds state the request needs); while none is up
-        (restarting, or every replica replaced), wait until `deadline`, then 503."""
-        while True:
-            slots = [s for s in self.group(target.engine) if not self.pool.down(s.id)]
-            if only is not None:
-                if only not in self.slots:
-                    raise NotFoundError(f"engine {only!r}, which holds what this request continues, is gone")
-                slots = [s for s in slots if s.id == only]
-            if slots:
-                return _pick(slots, target.variant.base if target.adapter else target.variant.name)
-            self.pool.wake()
-            if time.monotonic() >= deadline:
-                raise UnavailableError(
-                    f"no engine for {target.engine!r} is up (restarting or being replaced); retry shortly "
-                    f"(requests wait up to {self.settings.engine_wait:g} s: serve --engine-wait)"
-                )
-            await asyncio.sleep(0.2)
+    def slot(self, id: str) -> WeightSlot | None:
+        """The slot of engine `id` (None: gone)."""
+        return self.slots.get(id)
+
+    def check_servable(self, group: str) -> None:
+        """503 while the engine of a runtime base is starting; 404 if the group has no engine at all."""
+        if not self.group(group) and group in self._starting:
+            raise UnavailableError(f"the engine for base {group!r} is starting; retry shortly")
+        if not self.group(group) and group not in self.pool.engines():
+            raise NotFoundError(f"base {group!r} has no running engine")
+
+    def any_slot(self, target: Target) -> WeightSlot:
+        """A slot of the target's engine group, for calls that need no weights (its tokenizer)."""
+        self.check_servable(target.group)
+        slots = self.group(target.group)
+        if not slots:
+            raise UnavailableError(f"no engine for {target.group!r} is up; retry shortly")
+        return slots[0]
+
+    def variant_chat(self, group: str) -> bool:
+        """Whether the engines of `group` take a variant's chat template and stop tokens on every
+        route (deltagate's engines do; an attached stock engine only on chat completions)."""
+        slots = self.group(group)
+        return not slots or slots[0].client.variant_chat
+
+    def admission(self, target: Target, *, only: str | None = None) -> Admission:
+        """The one way a request gets an engine with its weights (server/admission.py):
+        `async with gateway.admission(target) as admitted: ...`."""
+        return Admission(self, target, only)
 
     async def stop(self) -> None:
         for task in (self._watcher, self._follower):
@@ -256,43 +230,9 @@ class Gateway:
         await self.pool.stop()
 
     # resolving ---------------------------------------------------------
-    def resolve(self, model: str, key: str | None = None, *, target: str | None = None) -> Resolved:
-        """The variant, recipe and engine slot serving `model`; an alias picks one of its targets
-        (sticky for the client `key`; `target`: that one, if the alias still routes to it)."""
-        alias = self.registry.alias_of(model)
-        if alias is not None:
-            if target is None or target not in alias.split():
-                target = choose(alias, key)
-            resolved = self.resolve(target)
-            return dataclasses.replace(resolved, alias=alias.name)
-        variant = self.registry.variant(model)
-        base = self.registry.base(variant.base)
-        engine = self.engine_of(base)
-        template, stops = None, []
-        for term in variant.deltas:
-            record = self.registry.delta(term.delta)
-            stored = is_uri(record.path)  # a stored artifact never changes; a file may
-            if not stored and _identity_or_none(record.path) != (record.size_bytes, record.mtime_ns):
-                raise ConflictError(
-                    f"delta {record.name!r}: {record.path} is missing or changed since it was registered; "
-                    "register it again"
-                )
-            template = template or record.chat_template
-            stops += record.eos_token_ids  # the post model's end-of-turn tokens
-        if engine != base.name:  # a hosted base: the engine speaks with its own base's template and stops
-            base_stops, base_template = self._info(base.name)
-            template = template or base_template
-            stops += sorted(base_stops)
-        engine_stops = self._info(engine)[0]  # the engine stops on these by itself
-        eos = [e for e in dict.fromkeys(stops) if e not in engine_stops]
-        slots = self.group(engine)
-        if not slots and engine in self._starting:
-            raise UnavailableError(f"the engine for base {base.name!r} is starting; retry shortly")
-        if not slots and engine not in self.pool.engines():
-            raise NotFoundError(f"base {base.name!r} has no running engine")
-        recipe = self.catalog.recipe(variant)
-        slot = slots[0] if slots else None
-        return Resolved(variant, recipe, slot, template, eos, self._adapter(variant, recipe), engine)
+    def resolve(self, model: str, key: str | None = None, *, continued: str | None = None) -> Target:
+        """What serves `model` (server/resolver.py)."""
+        return self.resolver.resolve(model, key, continued=continued)
 
     def engine_of(self, base: BaseRecord) -> str:
         """The engine serving `base`: its own, or the one that hot-loads it."""
@@ -302,40 +242,6 @@ class Gateway:
         """A weight slot of the engine serving base `base` (None: no engine running)."""
         slots = self.group(self.engine_of(self.registry.base(base)))
         return slots[0] if slots else None
-
-    def _adapter(self, variant: VariantRecord, recipe: Recipe) -> Adapter | None:
-        """The adapter serving `variant`, if its lane is the adapter one."""
-        if self._not_adapter(variant) is not None:
-            return None
-        return self.adapters.adapter(variant, recipe, self.catalog.deltas_of(variant))
-
-    def _not_adapter(self, variant: VariantRecord) -> str | None:
-        """Why `variant` is served by swaps rather than as an adapter (None: it is an adapter)."""
-        if variant.lane == "swap":
-            return "its lane is swap"
-        return self.adapters.unfit(variant, self.catalog.deltas_of(variant))
-
-    def lane(self, name: str) -> tuple[str, str | None]:
-        """How `name` is served ("swap" or "adapter") and, if not as an adapter, why."""
-        why = self._not_adapter(self.registry.variant(name))
-        return ("swap", why) if why else ("adapter", None)
-
-    async def admit(self, target: Resolved, slot: WeightSlot) -> None:
-        """Count a request in on `slot`'s engine, on its weights: its variant resident, or the plain
-        base + its adapter."""
-        adapter = target.adapter
-        if adapter is None:
-            await slot.acquire(target.variant.name, target.recipe)
-            return
-        await self.adapters.prepare(adapter)
-        # Not in one batch with plain requests: on vLLM CPU, plain rows batched with LoRA rows were
-        # seen answering differently (a logprob 0.17 off, a greedy token flipped; README).
-        await slot.acquire(target.variant.base, Recipe(base=target.recipe.base), lane="adapters")
-        try:
-            await self.adapters.load(slot.id, slot.client, adapter)
-        except BaseException:
-            slot.release()
-            raise
 
     def model_names(self) -> list[str]:
         return self.registry.model_names()
@@ -455,7 +361,7 @@ class Gateway:
             target = None
         self.registry.remove_variant(name)
         if target is not None and target.adapter is not None:
-            for slot in self.group(target.engine):
+            for slot in self.group(target.group):
                 try:
                     await self.adapters.unload(slot.id, slot.client, target.adapter)
                 except EngineError:
@@ -465,26 +371,3 @@ class Gateway:
 def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
     """Before any request, an engine holds its plain base (unless attached with other weights)."""
     return base if not slot.resident.deltas and not isinstance(slot.resident, UnknownWeights) else None
-
-
-def _identity_or_none(path: str) -> tuple[int, int] | None:
-    try:
-        return file_identity(path)
-    except OSError:
-        return None
-
-
-def _pick(slots: list[WeightSlot], name: str) -> WeightSlot:
-    """Of several engines of one base, the one a request for `name` goes to: the least loaded of
-    those holding it, else an idle one (the longest resident: it swaps), else the least loaded.
-    So a variant stays on the engines holding it, and swaps are rare while others are free."""
-    def load(slot: WeightSlot) -> int:
-        return slot.inflight + sum(slot.queued().values())
-
-    holding = [s for s in slots if s.last_admitted == name]
-    if holding:
-        return min(holding, key=load)
-    idle = [s for s in slots if load(s) == 0]
-    if idle:
-        return min(idle, key=lambda s: s.resident_since)
-    return min(slots, key=load)

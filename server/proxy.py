@@ -1,7 +1,8 @@
-"""Forward an OpenAI request to the engine holding its variant, streaming or not.
+"""Relay an OpenAI request to the engine holding its variant, streaming or not.
 
-The slot admission is held for the whole response (for streams: until the last chunk is sent
-or the client goes away), so a swap never starts under a running generation. The hot path is
+A request is resolved once (server/resolver.py) and admitted once (server/admission.py); the
+admission is held for the whole response (for streams: until the last chunk is sent or the client
+goes away), so a swap never starts under a running generation. The hot path is
 per chunk: bytes from the engine are rewritten at byte level (server/rewrite.py) and passed on
 without parsing JSON; per request, one JSON encode of the payload.
 """
@@ -19,21 +20,14 @@ from fastapi import Response
 from loaders.engine import EngineError
 from loaders.engine_chat import FIELD
 from server.aliases import VARIANT_HEADER, sticky_key
-from server.errors import (
-    BadRequestError,
-    EngineGoneError,
-    InvalidBodyError,
-    NotFoundError,
-    SwapError,
-    UnavailableError,
-)
-from server.gateway import Gateway, Resolved
+from server.errors import BadRequestError, InvalidBodyError, NotFoundError
+from server.gateway import Gateway
 from server.metrics import Metrics
+from server.resolver import Target
 from server.rewrite import StreamRewriter, rewrite_body
 from server.schemas import InferenceBody, parse_inference_body
 from server.stored import Stored
 from server.streaming import RelayStream, StallWatch
-from server.swap import WeightSlot
 
 # W3C trace context: passed to the engine so its spans join the client's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
@@ -64,7 +58,7 @@ TOKENIZE_CHAT = Route("/tokenize", chat=True, template=True, stops=True, stream_
 TOKENIZE_TEXT = Route("/tokenize", chat=False, template=False, stops=True, stream_usage=False)
 
 
-def engine_payload(body: InferenceBody, target: Resolved, route: Route) -> dict:
+def engine_payload(body: InferenceBody, target: Target, route: Route, variant_chat: bool = True) -> dict:
     """The request as the engine must see it: engine model name, the variant's template/stops."""
     payload = body.model_dump()
     for field in ("chat_template", FIELD):
@@ -79,7 +73,7 @@ def engine_payload(body: InferenceBody, target: Resolved, route: Route) -> dict:
     if route.template and template:
         payload["chat_template"] = template
     elif template or (stops and not route.stops):  # the engine takes them through loaders/engine_chat.py
-        if target.slot is not None and not target.slot.client.variant_chat:
+        if not variant_chat:
             raise BadRequestError(
                 f"{target.variant.name!r} has its own chat template or end-of-turn tokens, and its engine "
                 f"cannot apply them on {route.path} (it was not started by deltagate); "
@@ -103,14 +97,14 @@ async def forward(
     *,
     watch: StallWatch = UNWATCHED,
 ) -> Response:
-    """Admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
+    """Resolve, admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
     start = time.perf_counter()
     target = gateway.resolve(body.model, sticky_key(headers, body.model_extra or {}),
-                             target=_continued_variant(gateway, route, body))  # fmt: skip
-    variant, engine = target.variant.name, target.engine
+                             continued=_continued_variant(gateway, route, body))  # fmt: skip
+    variant, engine = target.variant.name, target.group
     answers_as = target.engine_model  # the model name in the engine's answers
     endpoint = route.path
-    payload = engine_payload(body, target, route)
+    payload = engine_payload(body, target, route, gateway.variant_chat(target.group))
     keep_usage = _wants_usage(payload) or not route.stream_usage
     if body.stream and not keep_usage:  # ask for usage anyway (token metrics); the client won't see it
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
@@ -118,87 +112,80 @@ async def forward(
     forwarded["Content-Type"] = "application/json"
 
     only = _stored_engine(gateway, route, payload, target)
-    deadline = time.monotonic() + gateway.settings.engine_wait
-    while True:
-        slot = await _admit(gateway, target, deadline, only)
+    async with gateway.admission(target, only=only) as admitted:
         try:
-            upstream = await slot.client.relay.post(endpoint, data=json.dumps(payload), headers=forwarded)
-            break
-        except aiohttp.ClientError as exc:
-            slot.release()
-            metrics.upstream_errors.labels(engine, "connect").inc()
-            if await gateway.pool.died(slot.id):
-                gateway.pool.wake()
-                continue  # it died before anything was sent: send the request again (restarted, or another)
+            upstream = await admitted.post(endpoint, payload, forwarded)
+        except EngineError:
             metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
-            raise EngineError(f"engine for {engine!r} unreachable: {exc}") from exc
-    served_by = {ENGINE_HEADER: slot.id, VARIANT_HEADER: variant}
-    remember = route is RESPONSES and gateway.settings.responses_store and upstream.status == 200
-    stored = Stored(slot.id, variant, answers_as) if remember else None
-    metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
-    released = False
+            raise
+        served_by = {ENGINE_HEADER: admitted.engine_id, VARIANT_HEADER: variant}
+        remember = route is RESPONSES and gateway.responses.enabled and upstream.status == 200
+        stored = Stored(admitted.engine_id, variant, answers_as) if remember else None
+        metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
+        released = False
 
-    def release(status: int, usage: dict | None) -> None:
-        nonlocal released
-        if not released:
-            released = True
-            slot.release()
-            metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
-            if target.alias is not None:
-                metrics.observe_alias(target.alias, variant, status)
-            if usage:
-                metrics.observe_usage(variant, usage)
+        def release(status: int, usage: dict | None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                admitted.release()
+                metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
+                if target.alias is not None:
+                    metrics.observe_alias(target.alias, variant, status)
+                if usage:
+                    metrics.observe_usage(variant, usage)
 
-    if not body.stream or upstream.status != 200:
-        status = upstream.status  # read before release()
-        try:
-            raw = await upstream.read()
-        except aiohttp.ClientError as exc:
-            metrics.upstream_errors.labels(engine, "stream").inc()
-            release(502, None)
-            raise EngineError(f"engine for {engine!r} broke off its answer: {exc}") from exc
-        finally:
-            upstream.release()
-        if status >= 500:
-            metrics.upstream_errors.labels(engine, "status").inc()
-        if remember:
-            gateway.responses.add(raw, stored)
-        raw, usage = rewrite_body(raw, answers_as, body.model)
-        release(status, usage)
-        return Response(raw, status_code=status, media_type=upstream.content_type, headers=served_by)
-
-    rewriter = StreamRewriter(answers_as, body.model, keep_usage=keep_usage)
-
-    async def relay() -> AsyncIterator[bytes]:
-        nonlocal remember
-        status, first = CLIENT_CLOSED, True
-        try:
-            while data := await upstream.content.readany():
-                if remember:  # until the first event (response.created) names the response
-                    remember = not gateway.responses.add(data, stored)
-                out = rewriter.feed(data)
-                if out:
-                    if first:
-                        first = False
-                        metrics.ttft_seconds.labels(variant).observe(time.perf_counter() - start)
-                    yield out
-            if tail := rewriter.flush():
-                yield tail
-            status = 200
-        except aiohttp.ClientError as exc:
-            status = 502
-            metrics.upstream_errors.labels(engine, "stream").inc()
-            yield error_event(f"engine for {engine!r} broke off the stream: {exc}")
-        finally:
-            if status == 200:
+        if not body.stream or upstream.status != 200:
+            status = upstream.status  # read before release()
+            try:
+                raw = await upstream.read()
+            except aiohttp.ClientError as exc:
+                metrics.upstream_errors.labels(engine, "stream").inc()
+                release(502, None)
+                raise EngineError(f"engine for {engine!r} broke off its answer: {exc}") from exc
+            finally:
                 upstream.release()
-            else:
-                upstream.close()  # the client left (or the engine broke): drop the connection
-            release(status, rewriter.usage)
+            if status >= 500:
+                metrics.upstream_errors.labels(engine, "status").inc()
+            if remember:
+                gateway.responses.add(raw, stored)
+            raw, usage = rewrite_body(raw, answers_as, body.model)
+            release(status, usage)
+            return Response(raw, status_code=status, media_type=upstream.content_type, headers=served_by)
 
-    stream = RelayStream(relay(), watch, variant)
-    stream.headers.update(served_by)
-    return stream
+        rewriter = StreamRewriter(answers_as, body.model, keep_usage=keep_usage)
+
+        async def relay() -> AsyncIterator[bytes]:
+            nonlocal remember
+            status, first = CLIENT_CLOSED, True
+            try:
+                while data := await upstream.content.readany():
+                    if remember:  # until the first event (response.created) names the response
+                        remember = not gateway.responses.add(data, stored)
+                    out = rewriter.feed(data)
+                    if out:
+                        if first:
+                            first = False
+                            metrics.ttft_seconds.labels(variant).observe(time.perf_counter() - start)
+                        yield out
+                if tail := rewriter.flush():
+                    yield tail
+                status = 200
+            except aiohttp.ClientError as exc:
+                status = 502
+                metrics.upstream_errors.labels(engine, "stream").inc()
+                yield error_event(f"engine for {engine!r} broke off the stream: {exc}")
+            finally:
+                if status == 200:
+                    upstream.release()
+                else:
+                    upstream.close()  # the client left (or the engine broke): drop the connection
+                release(status, rewriter.usage)
+
+        admitted.detach()  # released by the stream, when it ends
+        stream = RelayStream(relay(), watch, variant)
+        stream.headers.update(served_by)
+        return stream
 
 
 def _continued_variant(gateway: Gateway, route: Route, body: InferenceBody) -> str | None:
@@ -208,7 +195,7 @@ def _continued_variant(gateway: Gateway, route: Route, body: InferenceBody) -> s
     return gateway.responses.variant_of(previous) if isinstance(previous, str) else None
 
 
-def _stored_engine(gateway: Gateway, route: Route, payload: dict, target: Resolved) -> str | None:
+def _stored_engine(gateway: Gateway, route: Route, payload: dict, target: Target) -> str | None:
     """For a Responses request continuing a stored response: the engine holding it (and a 400 if
     it was made by another variant); None for any other request."""
     if route is not RESPONSES:
@@ -233,7 +220,7 @@ async def stored_call(gateway: Gateway, response_id: str, action: str = "") -> R
     """GET a stored response (action "") or POST its `/cancel`, on the engine that made it; the
     answer names the variant that made it."""
     stored = gateway.responses.get(response_id)
-    slot = gateway.slots.get(stored.engine)
+    slot = gateway.slot(stored.engine)
     if slot is None:
         raise NotFoundError(f"the engine that made response {response_id!r} is gone")
     path = f"/v1/responses/{response_id}{action}"
@@ -246,23 +233,6 @@ async def stored_call(gateway: Gateway, response_id: str, action: str = "") -> R
     raw, _ = rewrite_body(raw, stored.answers_as, stored.variant)
     headers = {ENGINE_HEADER: slot.id}
     return Response(raw, status_code=status, media_type="application/json", headers=headers)
-
-
-async def _admit(gateway: Gateway, target: Resolved, deadline: float, only: str | None = None) -> WeightSlot:
-    """Admit on an engine holding (or swapping to) the variant's weights (`only`: that engine);
-    while its engines are down (restarting, or replaced), wait for one up to `deadline`, then 503 —
-    rather than failing at once or blaming the weights."""
-    while True:
-        slot = await gateway.engine_for(target, deadline, only)
-        try:
-            await gateway.admit(target, slot)
-            return slot
-        except EngineGoneError:
-            pass  # it left the pool (dead, or scaled down) while this request waited on it
-        except SwapError:
-            if not await gateway.pool.died(slot.id):
-                raise
-        gateway.pool.wake()
 
 
 async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Response:
@@ -280,13 +250,11 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
     target = gateway.resolve(body.model)
     route = TOKENIZE_CHAT if "messages" in request else TOKENIZE_TEXT
     route = COUNT_TOKENS if endpoint == COUNT_TOKENS.path else route
-    payload = engine_payload(body, target, route)
-    payload["model"] = target.engine  # an adapter has its base's tokenizer
+    client = gateway.any_slot(target).client  # no weights needed: any engine of the group
+    payload = engine_payload(body, target, route, client.variant_chat)
+    payload["model"] = target.group  # an adapter has its base's tokenizer
     payload.pop("stop_token_ids", None)  # a generation parameter; the tokenizer endpoints refuse it
     payload.pop("stream", None)
-    if target.slot is None:
-        raise UnavailableError(f"no engine for {target.engine!r} is up; retry shortly")
-    client = target.slot.client
     try:
         async with client.relay.post(endpoint, data=json.dumps(payload), headers=JSON_HEADERS) as upstream:
             raw = await upstream.read()

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from deltas.merge_methods import MethodName, check_terms
+from deltas.recipe import DeltaTerm, Recipe
 from server.aliases import AliasRecord, AliasTarget
 from server.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 from server.statedb import Store, metadata, shared
@@ -115,6 +116,27 @@ class RegistryState(BaseModel):
         for kind, names in (("base", self.bases), ("variant", self.variants), ("alias", self.aliases)):
             if name in names:
                 raise ConflictError(f"model name {name!r} is taken by a {kind}")
+
+    def variant(self, name: str) -> VariantRecord:
+        """A variant by name, in this state; a base's name is the variant of the plain base."""
+        if name in self.variants:
+            return self.variants[name]
+        if name in self.bases:
+            return VariantRecord(name=name, base=name)
+        raise NotFoundError(f"unknown model {name!r}; list them with GET /v1/models")
+
+    def deltas_of(self, variant: VariantRecord) -> list[DeltaRecord]:
+        """The registered deltas `variant` adds, in order."""
+        return [_get(self.deltas, t.delta, f"unknown delta {t.delta!r}; list them with GET /v1/deltas")
+                for t in variant.deltas]  # fmt: skip
+
+    def recipe(self, variant: VariantRecord) -> Recipe:
+        """The weights `variant` stands for: its base's checkpoint and its deltas' registered paths."""
+        base = _get(self.bases, variant.base, f"unknown base {variant.base!r}; known: {sorted(self.bases)}")
+        terms = [DeltaTerm(path=d.path, alpha=t.alpha, density=t.density)
+                 for t, d in zip(variant.deltas, self.deltas_of(variant), strict=True)]  # fmt: skip
+        return Recipe(base=base.path, deltas=terms, method=variant.method, normalize=variant.normalize,
+                      seed=variant.seed)  # fmt: skip
 
     def routed_by(self, model: str) -> list[str]:
         """The aliases that send requests to `model`."""
@@ -233,16 +255,20 @@ class Registry(Store):
 
     def variant(self, name: str) -> VariantRecord:
         """A variant by name; a base's name is the variant of the plain base."""
-        if name in self.state.aliases:
-            targets = ", ".join(t.variant for t in self.state.aliases[name].targets)
+        state = self.snapshot(name)
+        if name in state.aliases:
+            targets = ", ".join(t.variant for t in state.aliases[name].targets)
             raise BadRequestError(f"{name!r} is an alias (of {targets}); name a variant here")
-        if name not in self.state.variants and name not in self.state.bases:
-            self.refresh()  # pulled when a request names it: defined by another gateway
-        if name in self.state.variants:
-            return self.state.variants[name]
-        if name in self.state.bases:
-            return VariantRecord(name=name, base=name)
-        raise NotFoundError(f"unknown model {name!r}; list them with GET /v1/models")
+        return state.variant(name)
+
+    def snapshot(self, name: str | None = None) -> RegistryState:
+        """The registry as this gateway knows it, pulled from the database first if it does not know
+        model `name` (another gateway may have defined it). Never changed in place (a change makes a
+        new state), so a request reads one consistent state however long it holds it."""
+        state = self.state
+        if name is not None and not (name in state.aliases or name in state.variants or name in state.bases):
+            self.refresh()
+        return self.state
 
     def remove_variant(self, name: str) -> None:
         def change(state: RegistryState) -> None:
@@ -256,15 +282,6 @@ class Registry(Store):
         return sorted(self.state.bases) + sorted(self.state.variants) + sorted(self.state.aliases)
 
     # aliases -----------------------------------------------------------
-    def alias_of(self, name: str) -> AliasRecord | None:
-        """The alias `name` (None: not an alias). A name this gateway does not know is pulled from the
-        database (defined by another gateway); changes to a known alias arrive with the registry poll
-        (`state_poll_seconds`), so the request path for a known name stays a dict lookup."""
-        state = self.state
-        if name not in state.aliases and name not in state.variants and name not in state.bases:
-            self.refresh()
-        return self.state.aliases.get(name)
-
     def alias(self, name: str) -> AliasRecord:
         if name not in self.state.aliases:
             self.refresh()

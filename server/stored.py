@@ -26,8 +26,11 @@ class Stored:
 
 
 class StoredResponses:
-    def __init__(self, limit: int = 100_000):
-        self.limit = limit
+    """Which engine and variant made each stored response (`enabled`: engines store them, serve
+    --responses-store)."""
+
+    def __init__(self, enabled: bool = False, limit: int = 100_000):
+        self.enabled, self.limit = enabled, limit
         self._where: OrderedDict[str, Stored] = OrderedDict()
 
     def add(self, raw: bytes, stored: Stored) -> bool:

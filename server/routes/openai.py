@@ -33,11 +33,12 @@ _BODY_SCHEMA = {"requestBody": {"required": True, "content": {
 def _model(gateway: Gateway, name: str) -> dict:
     """One model as OpenAI lists it, and the base it is served on (a base: itself); an alias also
     lists its targets' shares (`base`: its first target's)."""
-    alias = gateway.registry.alias_of(name)
+    state = gateway.registry.snapshot(name)
+    alias = state.aliases.get(name)
     if alias is None:
-        base = gateway.registry.variant(name).base
+        base = state.variant(name).base
         return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
-    base = gateway.registry.variant(alias.targets[0].variant).base
+    base = state.variant(alias.targets[0].variant).base
     return {"id": name, "object": "model", "created": int(alias.updated_at), "owned_by": "deltagate",
             "base": base, "alias_of": alias.split()}  # fmt: skip
 

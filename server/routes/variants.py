@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/variants", tags=["admin"], dependencies=[Depends(
 def _public(gateway: Gateway, name: str) -> VariantPublic:
     record = gateway.registry.variant(name)
     slot = gateway.slot_of(record.base)
-    lane, note = gateway.lane(name)
+    lane, note = gateway.resolver.lane(name)
     if lane == "adapter":  # served beside the plain base: "resident" while the base is
         resident = bool(slot and slot.last_admitted == record.base)
     else:
