@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -46,6 +47,23 @@ def is_uri(path: str | Path) -> bool:
     """Whether `path` names an object in a remote store (s3://…), not a file on this node."""
     text = str(path)
     return "://" in text and not text.startswith("file://")
+
+
+class FileIdentity(NamedTuple):
+    """What tells a file from another under the same path (replaced in place, or renamed over)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+def file_identity(path: str | Path) -> FileIdentity:
+    """The identity of the file at `path` (OSError if there is none); an artifact-store URI names its
+    content, which never changes: all zeros."""
+    if is_uri(path):
+        return FileIdentity(0, 0, 0)
+    stat = os.stat(path)
+    return FileIdentity(stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 def named_digest(uri: str) -> str | None:
@@ -132,12 +150,13 @@ class NodeCache:
         self.budget_bytes = budget_bytes
 
     @classmethod
-    def from_env(cls) -> NodeCache:
-        """The cache `DELTAGATE_ARTIFACT_CACHE` names (default ~/.cache/deltagate/artifacts), with a
-        budget of `DELTAGATE_ARTIFACT_CACHE_MIB` (default 0: unbounded)."""
-        default = Path.home() / ".cache" / "deltagate" / "artifacts"
-        mib = float(os.environ.get(CACHE_MIB_ENV, "0") or 0)
-        return cls(Path(os.environ.get(CACHE_ENV) or default), int(mib * (1 << 20)))
+    def from_env(cls, default: Path | None = None, budget_mib: float | None = None) -> NodeCache:
+        """The cache `DELTAGATE_ARTIFACT_CACHE` names, else `default` (else ~/.cache/deltagate/artifacts),
+        with a budget of `budget_mib`, else `DELTAGATE_ARTIFACT_CACHE_MIB` (default 0: unbounded)."""
+        directory = os.environ.get(CACHE_ENV) or default or Path.home() / ".cache" / "deltagate" / "artifacts"
+        if budget_mib is None:
+            budget_mib = float(os.environ.get(CACHE_MIB_ENV, "0") or 0)
+        return cls(Path(directory).resolve(), int(budget_mib * (1 << 20)))
 
     def path_of(self, sha256: str) -> Path:
         return self.directory / f"{sha256}.safetensors"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from deltas import Checkpoint, DeltaArtifact, IncompatibleError, Recipe, open_ar
 from deltas.merge_methods import MergeTerm
 from deltas.merge_methods.linear import LinearMerge
 from deltas.mix import Delta, merge_tensor
-from deltas.store import is_uri
+from deltas.store import file_identity
 from deltas.stream_writer import StreamingSafetensorsWriter
 from loaders.shards import Shard
 
@@ -36,15 +35,6 @@ def check_recipe(recipe: Recipe) -> None:
                 raise IncompatibleError(
                     f"delta {term.path}: tensor {entry.name!r} is {entry.shape}, base has {shape}"
                 )
-
-
-def file_identity(path: str) -> tuple[int, int, int]:
-    """(inode, mtime, size): another file under the same path (replaced in place or renamed over)
-    is another identity. An artifact-store URI names its content: it never changes."""
-    if is_uri(path):
-        return (0, 0, 0)
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 class CheckpointSource:

@@ -16,27 +16,44 @@ from typing import Literal
 import torch
 
 from deltas.mix import Delta
-from loaders.merge import CheckpointSource, file_identity
+from deltas.store import file_identity
+from loaders.merge import CheckpointSource
 
 Residency = Literal["host", "device", "none"]
 
 
+RESIDENCY_ENV, DELTA_CACHE_ENV, SWAP_MODE_ENV = (
+    "DELTAGATE_SWAP_RESIDENCY", "DELTAGATE_DELTA_CACHE_MIB", "DELTAGATE_SWAP_MODE"
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ResidencyConfig:
-    """Where base tensors stay between swaps and how many bytes of decoded deltas are cached."""
+    """How an engine's workers keep what swaps need: where base tensors stay between swaps, how many
+    bytes of decoded deltas are cached, and whether a swap rewrites only what changed. The gateway
+    sets it (GatewaySettings.engine_env: `to_env`), the workers read it (`from_env`); the defaults
+    here are the settings' defaults."""
 
     residency: Residency = "host"
     delta_cache_bytes: int = 1 << 30
     max_bases: int = 2  # the start-up base and one hot-loaded base, say
+    full_swaps: bool = False  # every tensor merged inside the pause (benchmarks' baseline)
 
     @classmethod
     def from_env(cls) -> ResidencyConfig:
-        """DELTAGATE_SWAP_RESIDENCY (host|device|none) and DELTAGATE_DELTA_CACHE_MIB, set by the gateway."""
-        residency = os.environ.get("DELTAGATE_SWAP_RESIDENCY", "host")
+        """The config the gateway gave this engine in its environment."""
+        default = cls()
+        residency = os.environ.get(RESIDENCY_ENV, default.residency)
         if residency not in ("host", "device", "none"):
-            raise ValueError(f"DELTAGATE_SWAP_RESIDENCY={residency!r}: use host, device or none")
-        mib = float(os.environ.get("DELTAGATE_DELTA_CACHE_MIB", "1024"))
-        return cls(residency, int(mib * (1 << 20)))
+            raise ValueError(f"{RESIDENCY_ENV}={residency!r}: use host, device or none")
+        mib = float(os.environ.get(DELTA_CACHE_ENV, default.delta_cache_bytes / (1 << 20)))
+        full = os.environ.get(SWAP_MODE_ENV, "incremental") == "full"
+        return cls(residency, int(mib * (1 << 20)), full_swaps=full)
+
+    def to_env(self) -> dict[str, str]:
+        """This config as an engine's environment."""
+        return {RESIDENCY_ENV: self.residency, DELTA_CACHE_ENV: str(self.delta_cache_bytes / (1 << 20)),
+                SWAP_MODE_ENV: "full" if self.full_swaps else "incremental"}  # fmt: skip
 
 
 class ResidentWeights(CheckpointSource):

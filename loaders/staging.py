@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from deltas import Recipe
-from loaders.merge import CheckpointSource, file_identity, merged_tensors
+from deltas.store import file_identity
+from loaders.merge import CheckpointSource, merged_tensors
 from loaders.resident import ResidentWeights
 from loaders.shards import Shard
 

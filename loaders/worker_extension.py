@@ -10,7 +10,6 @@ engine knows: its modules, its device and its reload.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 
@@ -89,10 +88,11 @@ class DeltaWorkerExtension:
             names = source.checkpoint(start_model).tensor_names()
             packed = getattr(model, "packed_modules_mapping", None) or {}
             groups = module_groups(names, packed)
-            full = os.environ.get("DELTAGATE_SWAP_MODE", "incremental") == "full"
+            config = ResidencyConfig.from_env()  # what the gateway set (GatewaySettings.engine_env)
+            full = config.full_swaps
             shards = {}
             if not full:
-                source = ResidentWeights(_device_of(self), ResidencyConfig.from_env())
+                source = ResidentWeights(_device_of(self), config)
                 shards = rank_shards(model, names, packed)
             swapper = Swapper(Recipe(base=start_model), names, groups, source, incremental=not full,
                               shards=shards)  # fmt: skip

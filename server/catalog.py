@@ -17,12 +17,12 @@ from pathlib import Path
 from deltas import DeltaError, IncompatibleError, open_artifact
 from deltas.checkpoint import vocabulary_digest
 from deltas.lora import adapter_rank
-from deltas.store import ArtifactStore, is_uri, materialize
+from deltas.store import ArtifactStore, file_identity, is_uri, materialize
 from loaders.merge import check_recipe
 from server.adapters import AdapterLane
 from server.bases import vocabulary_problem
 from server.errors import BadRequestError, ConflictError
-from server.registry import DeltaRecord, Registry, VariantRecord, VariantTerm, check_name, file_identity
+from server.registry import DeltaRecord, Registry, VariantRecord, VariantTerm, check_name
 from server.settings import GatewaySettings, StartupVariant
 from server.uploads import receive_to_file
 
@@ -58,7 +58,7 @@ class Catalog:
         if self.store is None:
             return record
         stored = await asyncio.to_thread(self.store.put, local)
-        size, mtime = (stored.size, 0) if is_uri(stored.uri) else file_identity(stored.uri)
+        size, mtime = (stored.size, 0) if is_uri(stored.uri) else file_identity(stored.uri)[:2]
         moved = {"path": stored.uri, "size_bytes": size, "mtime_ns": mtime, "source": str(local),
                  "source_mtime_ns": record.mtime_ns}  # fmt: skip
         return record.model_copy(update=moved)
@@ -160,7 +160,7 @@ class Catalog:
         for record in self.registry.state.deltas.values():
             if Path(record.source or record.path) == path:
                 mtime = record.mtime_ns if record.source is None else record.source_mtime_ns
-                if file_identity(path) != (record.size_bytes, mtime):
+                if file_identity(path)[:2] != (record.size_bytes, mtime):
                     self.registry.remove_delta(record.name)  # re-extracted since: re-verify
                     break
                 return record.name
@@ -194,7 +194,7 @@ def eos_ids(generation_config: dict) -> list[int]:
 def _describe_delta(name: str, path: Path, uploaded: bool) -> DeltaRecord:
     artifact = open_artifact(path, verify=True)
     m = artifact.manifest
-    size, mtime = file_identity(path)
+    size, mtime = file_identity(path)[:2]
     try:
         rank, unfit = adapter_rank(m), None
     except DeltaError as exc:

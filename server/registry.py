@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal, TypeVar
 
 import sqlalchemy as sa
@@ -385,8 +384,3 @@ def import_json(engine: sa.Engine, text: str) -> None:
             current.bases, current.deltas, current.variants = state.bases, state.deltas, state.variants
 
         registry._change(change)
-
-
-def file_identity(path: str | Path) -> tuple[int, int]:
-    st = Path(path).stat()
-    return st.st_size, st.st_mtime_ns

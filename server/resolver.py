@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltas import Recipe
-from deltas.store import is_uri
+from deltas.store import file_identity, is_uri
 from server.adapters import Adapter, AdapterLane
 from server.aliases import choose
 from server.errors import ConflictError, GatewayError
-from server.registry import DeltaRecord, Registry, RegistryState, VariantRecord, file_identity
+from server.registry import DeltaRecord, Registry, RegistryState, VariantRecord
 
 # A base's checkpoint, read once: (its end-of-sequence token ids, its chat template).
 BaseInfo = Callable[[str], tuple[set[int], str | None]]
@@ -108,7 +108,7 @@ def _unchanged(record: DeltaRecord) -> None:
     if is_uri(record.path):
         return
     try:
-        identity = file_identity(record.path)
+        identity = file_identity(record.path)[:2]
     except OSError:
         identity = None
     if identity != (record.size_bytes, record.mtime_ns):

@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deltas.merge_methods import MethodName
-from deltas.store import NodeCache
+from deltas.store import CACHE_ENV, CACHE_MIB_ENV, NodeCache
+from loaders.resident import ResidencyConfig
 
 
 class BaseSpec(BaseModel):
@@ -41,6 +42,7 @@ class StartupVariant(BaseModel):
     seed: int = 0
 
 
+_WORKER = ResidencyConfig()  # the engine workers' defaults (loaders/resident.py), declared there
 # vLLM's --max-lora-rank accepts only these (vllm/config/lora.py MaxLoRARanks).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -164,13 +166,18 @@ class GatewaySettings(BaseSettings):
         "released, so it cannot hold off other variants' swaps (0: never)", ge=0,
     )  # fmt: skip
     swap_residency: Literal["host", "device", "none"] = _setting(
-        "host", "Where each engine keeps the base weights swaps merge onto: host (memory; pinned on GPUs), "
+        _WORKER.residency,
+        "Where each engine keeps the base weights swaps merge onto: host (memory; pinned on GPUs), "
         "device (GPU memory: fastest, one more copy of the base there) or none (re-read from the checkpoint "
         "at every swap)",
     )  # fmt: skip
     delta_cache_mib: float = _setting(
-        1024.0, "Decoded deltas each engine worker keeps between swaps (MiB)", ge=0
+        _WORKER.delta_cache_bytes / 2**20, "Decoded deltas each engine worker keeps between swaps (MiB)", ge=0
     )
+    swap_mode: Literal["incremental", "full"] = _setting(
+        "incremental", "Benchmarks: full merges every tensor inside the engine's pause (the baseline "
+        "incremental swaps are measured against)", hidden=True,
+    )  # fmt: skip
     artifact_store: str | None = _setting(
         None, "Keep every registered delta in this artifact store, by sha256: a directory or an s3:// URI "
         "(any S3-compatible endpoint: AWS_ENDPOINT_URL and the usual AWS_* credentials); engines read "
@@ -211,20 +218,17 @@ class GatewaySettings(BaseSettings):
 
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""
-        env = {
-            "DELTAGATE_SWAP_RESIDENCY": self.swap_residency,
-            "DELTAGATE_DELTA_CACHE_MIB": str(self.delta_cache_mib),
-            "DELTAGATE_ARTIFACT_CACHE_MIB": str(self.artifact_cache_mib),
-        }
-        env["DELTAGATE_ARTIFACT_CACHE"] = str(self.artifact_cache().directory)  # one cache on a node
+        worker = ResidencyConfig(self.swap_residency, int(self.delta_cache_mib * 2**20),
+                                 full_swaps=self.swap_mode == "full")  # fmt: skip
+        cache = self.artifact_cache()  # one cache on a node: the gateway's and its engines'
+        env = worker.to_env() | {CACHE_ENV: str(cache.directory), CACHE_MIB_ENV: str(self.artifact_cache_mib)}
         if self.responses_store:
             env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
         return env
 
     def artifact_cache(self) -> NodeCache:
         """This node's cache of stored artifacts (DELTAGATE_ARTIFACT_CACHE, else in the state dir)."""
-        directory = os.environ.get("DELTAGATE_ARTIFACT_CACHE") or self.state_dir / "artifact-cache"
-        return NodeCache(Path(directory).resolve(), int(self.artifact_cache_mib * 2**20))
+        return NodeCache.from_env(self.state_dir / "artifact-cache", self.artifact_cache_mib)
 
     @property
     def store_dir(self) -> Path:
