@@ -40,6 +40,7 @@ TEST_WORKERS ?= 2
 
 test: install system-deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .  # one formatter, applied everywhere (pyproject.toml)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet  # broken links, missing pages fail
 	@git status --porcelain > $(VENV)/git-status-before 2>/dev/null || true
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests

@@ -30,9 +30,17 @@ from training.default import DEFAULT_SFT, prepare_default  # noqa: E402
 from training.evaluate import task_accuracy  # noqa: E402
 
 ROWS = [
-    "dense", "int8", "int4", "int4:group=32", "sparse:density=0.1", "sparse:density=0.1,select=gradient",
-    "sparse:density=0.3", "dare:density=0.3", "bitdelta", "lowrank:rank=64",
-]  # fmt: skip
+    "dense",
+    "int8",
+    "int4",
+    "int4:group=32",
+    "sparse:density=0.1",
+    "sparse:density=0.1,select=gradient",
+    "sparse:density=0.3",
+    "dare:density=0.3",
+    "bitdelta",
+    "lowrank:rank=64",
+]
 QUICK = ["dense", "int8", "int4"]
 
 
@@ -79,8 +87,9 @@ def build_rows(specs: list[str], base: Path, post: Path, work: Path) -> dict[str
         report = extract_delta(base, post, out, plan=plan, gradients=grads)
         seconds = time.perf_counter() - start
         # the same payloads under the lossless zstd layer
-        zstd = extract_delta(base, post, work / ("z-" + out.name), plan=CodecPlan.uniform(spec, zstd=True),
-                             gradients=grads)  # fmt: skip
+        zstd = extract_delta(
+            base, post, work / ("z-" + out.name), plan=CodecPlan.uniform(spec, zstd=True), gradients=grads
+        )
         rows[spec] = (out, Row(spec, report.size_bytes, zstd.size_bytes, seconds))
         mb, zmb = report.size_bytes / 1e6, zstd.size_bytes / 1e6
         print(f"{spec}: {mb:.1f} MB (zstd {zmb:.1f} MB), extract {seconds:.1f} s", flush=True)
@@ -96,8 +105,9 @@ async def serve_rows(base: Path, rows: dict[str, tuple[Path, Row]], exact: Path,
         return task_accuracy(url, model, held)
 
     try:
-        reference = await fid.record_reference(client, prober, str(base), exact, list(fid.DEFAULT_PROMPTS),
-                                               args.max_tokens, task)  # fmt: skip
+        reference = await fid.record_reference(
+            client, prober, str(base), exact, list(fid.DEFAULT_PROMPTS), args.max_tokens, task
+        )
         for spec, (path, row) in rows.items():
             measured = await fid.score_variant(client, prober, str(base), path, reference, task)
             row.swap_s, row.agreement, row.kl, row.task = (
@@ -106,8 +116,11 @@ async def serve_rows(base: Path, rows: dict[str, tuple[Path, Row]], exact: Path,
                 measured.mean_kl,
                 measured.task_score,
             )
-            print(f"{spec}: swap {row.swap_s:.2f} s, agreement {100 * row.agreement:.2f}%, "
-                  f"KL {row.kl:.2e}, task {100 * row.task:.1f}%", flush=True)  # fmt: skip
+            print(
+                f"{spec}: swap {row.swap_s:.2f} s, agreement {100 * row.agreement:.2f}%, "
+                f"KL {row.kl:.2e}, task {100 * row.task:.1f}%",
+                flush=True,
+            )
         print(f"compared positions per row: {measured.positions}")
     finally:
         await client.close()
@@ -117,14 +130,25 @@ async def serve_rows(base: Path, rows: dict[str, tuple[Path, Row]], exact: Path,
 
 def print_table(rows: list[Row], bf16_bytes: int) -> None:
     print(f"\nbf16 delta reference size: {bf16_bytes / 1e6:.1f} MB (2 bytes x {bf16_bytes // 2} elements)")
-    columns = ["codec", "size MB", "% of bf16", "+ zstd MB (% of bf16)", "extract s", "swap s",
-               "token agreement", "KL (nats)", "task"]  # fmt: skip
+    columns = [
+        "codec",
+        "size MB",
+        "% of bf16",
+        "+ zstd MB (% of bf16)",
+        "extract s",
+        "swap s",
+        "token agreement",
+        "KL (nats)",
+        "task",
+    ]
     print("| " + " | ".join(columns) + " |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| `{r.spec}` | {r.size / 1e6:.1f} | {100 * r.size / bf16_bytes:.1f}% | "
-              f"{r.zstd_size / 1e6:.1f} ({100 * r.zstd_size / bf16_bytes:.1f}%) | {r.extract_s:.1f} | "
-              f"{r.swap_s:.2f} | {100 * r.agreement:.2f}% | {r.kl:.2e} | {100 * r.task:.1f}% |")  # fmt: skip
+        print(
+            f"| `{r.spec}` | {r.size / 1e6:.1f} | {100 * r.size / bf16_bytes:.1f}% | "
+            f"{r.zstd_size / 1e6:.1f} ({100 * r.zstd_size / bf16_bytes:.1f}%) | {r.extract_s:.1f} | "
+            f"{r.swap_s:.2f} | {100 * r.agreement:.2f}% | {r.kl:.2e} | {100 * r.task:.1f}% |"
+        )
 
 
 def main() -> None:

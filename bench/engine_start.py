@@ -70,8 +70,12 @@ def start_once(model: Path, config: str, log: Path) -> dict:
         proc.terminate()
         proc.wait(timeout=60)
     spawned = sorted((c for pid, c in cpu.items() if role[pid] == "spawned"), reverse=True)
-    return {"wall": wall, "cpu": sum(cpu.values()), "api": sum(c for p, c in cpu.items() if role[p] == "api"),
-            "spawned": spawned[:2]}  # fmt: skip
+    return {
+        "wall": wall,
+        "cpu": sum(cpu.values()),
+        "api": sum(c for p, c in cpu.items() if role[p] == "api"),
+        "spawned": spawned[:2],
+    }
 
 
 def main() -> None:

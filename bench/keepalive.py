@@ -100,8 +100,10 @@ async def main(requests: int, clients: int, repeats: int) -> None:
     server.should_exit = True
     await serving
     total = requests * clients * repeats
-    print(f"\nserver keep-alive {SERVER_KEEPALIVE_S} s (vLLM's {VLLM_KEEPALIVE_S} s scaled by {SCALE:g}); "
-          f"{total} requests per setting after idle gaps of 0.9-1.1x the server's keep-alive")  # fmt: skip
+    print(
+        f"\nserver keep-alive {SERVER_KEEPALIVE_S} s (vLLM's {VLLM_KEEPALIVE_S} s scaled by {SCALE:g}); "
+        f"{total} requests per setting after idle gaps of 0.9-1.1x the server's keep-alive"
+    )
     print(f"{'setting':<24} {'client keep-alive':>18} {'failed':>8}")
     for name, (_, ka) in SETTINGS.items():
         print(f"{name:<24} {ka * SCALE:>16.2f} s {failed[name]:>5}/{total}")

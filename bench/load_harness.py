@@ -75,9 +75,12 @@ class Bench:
         self.lane_refs: dict[str, dict[str, list[str]]] = {}  # lane -> the low-rank models' references
         self.cluster = False  # serving through Ray Serve (scenario replicas)
         spec = EngineSpec(
-            model=str(base), served_name=self.name, max_model_len=1024, log_path=work / "engine.log",
+            model=str(base),
+            served_name=self.name,
+            max_model_len=1024,
+            log_path=work / "engine.log",
             extra_args=LORA_ENGINE if lowrank else (),
-        )  # fmt: skip
+        )
         self.engine = EngineProcess(spec)
         self.engines = {"incremental": self.engine}  # scenario swaps: one engine per swap design
         self.engine.start()
@@ -90,12 +93,26 @@ class Bench:
     def _start_gateway(self, extra: list[str]) -> Service:
         """`deltagate serve` attached to the bench's engine, with the bench's variants."""
         d = self.delta
-        args = ["--base", f"{self.name}={self.base_dir}", "--engine-url", f"{self.name}={self.engine.url}",
-                "--variant", f"{self.models[1]}={d}", "--variant", f"{self.models[2]}={d}:0.5",
-                "--variant", f"{self.models[3]}={d}:1.5", *extra]  # fmt: skip
+        args = [
+            "--base",
+            f"{self.name}={self.base_dir}",
+            "--engine-url",
+            f"{self.name}={self.engine.url}",
+            "--variant",
+            f"{self.models[1]}={d}",
+            "--variant",
+            f"{self.models[2]}={d}:0.5",
+            "--variant",
+            f"{self.models[3]}={d}:1.5",
+            *extra,
+        ]
         if self.lowrank:
-            args += ["--variant", f"{self.models[4]}={self.lowrank}",
-                     "--variant", f"{self.models[5]}={self.lowrank}:0.5"]  # fmt: skip
+            args += [
+                "--variant",
+                f"{self.models[4]}={self.lowrank}",
+                "--variant",
+                f"{self.models[5]}={self.lowrank}:0.5",
+            ]
         return start_gateway(args, self.work, ADMIN).wait(300)
 
     def use_lane(self, lane: str) -> None:
@@ -317,9 +334,18 @@ class Bench:
             httpx.post(f"{url}/v1/bases", json=body, headers=auth, timeout=300).raise_for_status()
         task = {"name": "addition", "data_source": {"type": "builtin", "task": "addition"}}
         eval_id = httpx.post(f"{url}/v1/evals", json=task, headers=auth).json()["id"]
-        body = {"from_base": self.name, "to_base": "updated", "variants": [variant], "eval_id": eval_id,
-                "alphas": [0.5, 1.0, 1.5], "validation": 100, "holdout": 100, "max_tokens": 8,
-                "gate": {"min_difference": -1}, "concurrency": 2}  # outlasts the load  # fmt: skip
+        body = {
+            "from_base": self.name,
+            "to_base": "updated",
+            "variants": [variant],
+            "eval_id": eval_id,
+            "alphas": [0.5, 1.0, 1.5],
+            "validation": 100,
+            "holdout": 100,
+            "max_tokens": 8,
+            "gate": {"min_difference": -1},
+            "concurrency": 2,
+        }  # outlasts the load
         r = httpx.post(f"{url}/v1/rebases", json=body, headers=auth)
         r.raise_for_status()
         rebase_id = r.json()["id"]
@@ -332,8 +358,10 @@ class Bench:
         auth = {"Authorization": f"Bearer {ADMIN}"}
         url = self.gateway.url
         job = httpx.post(f"{url}/v1/rebases/{rebase_id}/cancel", headers=auth).json()
-        say(f"    rebase beside it: phase {job['report']['phase']}, {job['progress']['done']}/"
-            f"{job['progress']['total']} items of the phase; canceled")  # fmt: skip
+        say(
+            f"    rebase beside it: phase {job['report']['phase']}, {job['progress']['done']}/"
+            f"{job['progress']['total']} items of the phase; canceled"
+        )
         time.sleep(1.0)  # its eval run is canceled by the job (it polls twice a second), which then stops
         for entry in job["report"]["variants"].values():
             for name in {*entry["candidates"].values(), entry["variant"]} - {None}:
@@ -361,8 +389,11 @@ class Bench:
     def use_swap_mode(self, mode: str) -> None:
         """Attach the gateway to an engine whose workers swap the `mode` way (started on first use)."""
         if mode not in self.engines:
-            spec = replace(self.engine.spec, log_path=self.work / f"engine-{mode}.log",
-                           env=(("DELTAGATE_SWAP_MODE", mode),))  # fmt: skip
+            spec = replace(
+                self.engine.spec,
+                log_path=self.work / f"engine-{mode}.log",
+                env=(("DELTAGATE_SWAP_MODE", mode),),
+            )
             self.engines[mode] = EngineProcess(spec)
             self.engines[mode].start()
             say(f"starting a second engine, swap mode {mode} (log: {spec.log_path})")
@@ -379,10 +410,19 @@ class Bench:
         if on:
             self.engine.stop()
             d = self.delta
-            args = ["--ray", "--replicas", "2", "--max-model-len", "1024",
-                    "--base", f"{self.name}={self.base_dir}",
-                    "--variant", f"{self.models[1]}={d}",
-                    "--variant", f"{self.models[2]}={d}:0.5"]  # fmt: skip
+            args = [
+                "--ray",
+                "--replicas",
+                "2",
+                "--max-model-len",
+                "1024",
+                "--base",
+                f"{self.name}={self.base_dir}",
+                "--variant",
+                f"{self.models[1]}={d}",
+                "--variant",
+                f"{self.models[2]}={d}:0.5",
+            ]
             say("starting Ray Serve with two engine replicas ...")
             (self.work / "ray").mkdir(exist_ok=True)
             self.gateway = start_gateway(args, self.work / "ray", ADMIN).wait(900)
@@ -417,7 +457,6 @@ def schedule(models: list[str], n: int, kind: str, rng: random.Random) -> list[s
 
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
 
 
 def lowrank_copy(delta: Path, cache: Path) -> Path:

@@ -98,8 +98,9 @@ def _paired(runs: list[Run], prefix: str, modes: tuple[str, str]):
     tok/s, TTFT p50 and p99; None unless every group has runs."""
     groups = {
         (mode, k): [r for r in runs if r.name.startswith(f"{prefix}-{mode}-{k}-")]
-        for mode in modes for k in ("1", "2")
-    }  # fmt: skip
+        for mode in modes
+        for k in ("1", "2")
+    }
     if not all(groups.values()):
         return None
 
@@ -163,8 +164,9 @@ def _replica_lines(runs: list[Run]) -> list[str]:
         f"{100 * tok[mode, k] / tok[ref]:.0f}% of one engine with one variant; "
         f"TTFT p99 {p99[mode, k]:.0f} ms (x{p99[mode, k] / p99[ref]:.1f}) "
         f"(medians of {len(groups[mode, k])} repeats)"
-        for mode in ("one", "ray") for k in ("1", "2")
-    ]  # fmt: skip
+        for mode in ("one", "ray")
+        for k in ("1", "2")
+    ]
     for r in runs:
         if r.name == "replicas-kill":
             lines.append(
@@ -264,4 +266,3 @@ def timeline(run: Run | None, work: Path, plt) -> None:
 
 def _schedule_of(work: Path, run: Run) -> list[str]:
     return json.loads((work / "runs" / f"{run.name}.schedule.json").read_text())
-

@@ -39,8 +39,9 @@ def overhead(p: Plan) -> list[Run]:
     b.run("warmup", "warmup", [b.name] * p.n, concurrency=p.c)  # base resident, engine warm
     for rep in range(p.args.repeats):
         for target in ("direct", "gateway") if rep % 2 == 0 else ("gateway", "direct"):
-            runs.append(b.run(f"overhead-{target}-{rep}", "overhead", [b.name] * p.n, target=target,
-                              concurrency=p.c))  # fmt: skip
+            runs.append(
+                b.run(f"overhead-{target}-{rep}", "overhead", [b.name] * p.n, target=target, concurrency=p.c)
+            )
     return runs
 
 
@@ -79,8 +80,15 @@ def _beside(p: Plan, scenario: str, what: str, start: Callable[[str], object], c
         for beside in (False, True) if rep % 2 == 0 else (True, False):
             job = start(b.models[1]) if beside else None
             kind = f"with-{what}" if beside else "alone"
-            runs.append(b.run(f"{scenario}-{'on' if beside else 'off'}-{rep}", scenario, [b.models[1]] * p.n,
-                              concurrency=p.c, kind=kind))  # fmt: skip
+            runs.append(
+                b.run(
+                    f"{scenario}-{'on' if beside else 'off'}-{rep}",
+                    scenario,
+                    [b.models[1]] * p.n,
+                    concurrency=p.c,
+                    kind=kind,
+                )
+            )
             if job:
                 cancel(job)
     return runs
@@ -139,6 +147,15 @@ def kill(p: Plan) -> list[Run]:
 
 # In the order they run; the keys are --scenarios' choices.
 SCENARIOS: dict[str, Callable[[Plan], list[Run]]] = {
-    "overhead": overhead, "mixed": mixed, "poisson": poisson, "change": change, "eval": eval_,
-    "rebase": rebase, "swaps": swaps, "policy": policy, "lanes": lanes, "replicas": replicas, "kill": kill,
-}  # fmt: skip
+    "overhead": overhead,
+    "mixed": mixed,
+    "poisson": poisson,
+    "change": change,
+    "eval": eval_,
+    "rebase": rebase,
+    "swaps": swaps,
+    "policy": policy,
+    "lanes": lanes,
+    "replicas": replicas,
+    "kill": kill,
+}

@@ -65,24 +65,47 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def _spawn(name: str, cmd: list[str], port: int, log: Path) -> Service:
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT
+    )
     return Service(name, f"http://127.0.0.1:{port}", proc, log)
 
 
 def start_mock(served_name: str, work: Path, tokens_per_second: float, swap_seconds: float = 0.0) -> Service:
     """A mock engine (loaders/mock_engine.py) on a free loopback port."""
     port = free_port()
-    cmd = [PY, "-m", "loaders.mock_engine", "--port", str(port), "--served-name", served_name,
-           "--tokens-per-second", str(tokens_per_second), "--swap-seconds", str(swap_seconds)]  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "loaders.mock_engine",
+        "--port",
+        str(port),
+        "--served-name",
+        served_name,
+        "--tokens-per-second",
+        str(tokens_per_second),
+        "--swap-seconds",
+        str(swap_seconds),
+    ]
     return _spawn("mock engine", cmd, port, work / "mock-engine.log").wait(60)
 
 
 def start_gateway(args: list[str], work: Path, admin_token: str = "bench-admin") -> Service:
     """`deltagate serve ARGS` on a free port with a state dir under `work`."""
     port = free_port()
-    cmd = [PY, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(work / "state"),
-           "--admin-token", admin_token, *args]  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "cli",
+        "serve",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(work / "state"),
+        "--admin-token",
+        admin_token,
+        *args,
+    ]
     return _spawn("gateway", cmd, port, work / "gateway.log")
 
 
@@ -124,16 +147,56 @@ def vllm_bench(
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     if prompts is None:
-        dataset = ["--dataset-name", "random", "--random-input-len", str(input_len),
-                   "--random-output-len", str(output_len)]  # fmt: skip
+        dataset = [
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(input_len),
+            "--random-output-len",
+            str(output_len),
+        ]
     else:
-        dataset = ["--dataset-name", "custom", "--dataset-path", str(prompts), "--custom-output-len",
-                   str(output_len), "--skip-chat-template", "--disable-shuffle"]  # fmt: skip
-    cmd = [PY, str(ROOT / "bench" / "vllm_bench.py"), "--backend", "openai", "--base-url", url,
-           "--model", model, "--tokenizer", tokenizer, *dataset, "--num-prompts", str(num_prompts),
-           "--request-rate", str(request_rate), "--seed", str(seed), "--ignore-eos", "--temperature", "0",
-           "--disable-tqdm", "--num-warmups", str(warmups), "--save-result", "--save-detailed",
-           "--result-dir", str(out.parent), "--result-filename", out.name]  # fmt: skip
+        dataset = [
+            "--dataset-name",
+            "custom",
+            "--dataset-path",
+            str(prompts),
+            "--custom-output-len",
+            str(output_len),
+            "--skip-chat-template",
+            "--disable-shuffle",
+        ]
+    cmd = [
+        PY,
+        str(ROOT / "bench" / "vllm_bench.py"),
+        "--backend",
+        "openai",
+        "--base-url",
+        url,
+        "--model",
+        model,
+        "--tokenizer",
+        tokenizer,
+        *dataset,
+        "--num-prompts",
+        str(num_prompts),
+        "--request-rate",
+        str(request_rate),
+        "--seed",
+        str(seed),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--disable-tqdm",
+        "--num-warmups",
+        str(warmups),
+        "--save-result",
+        "--save-detailed",
+        "--result-dir",
+        str(out.parent),
+        "--result-filename",
+        out.name,
+    ]
     if concurrency:
         cmd += ["--max-concurrency", str(concurrency)]
     if models:
@@ -147,11 +210,27 @@ def vllm_bench(
     return json.loads(out.read_text())
 
 
-def nonstream_bench(url: str, model: str, out: Path, *, num_prompts: int, concurrency: int,
-                    output_len: int) -> dict:  # fmt: skip
+def nonstream_bench(
+    url: str, model: str, out: Path, *, num_prompts: int, concurrency: int, output_len: int
+) -> dict:
     """Non-streaming completions at fixed concurrency, in a process of its own."""
-    cmd = [PY, __file__, "nonstream", "--url", url, "--model", model, "--num-prompts", str(num_prompts),
-           "--concurrency", str(concurrency), "--output-len", str(output_len), "--out", str(out)]  # fmt: skip
+    cmd = [
+        PY,
+        __file__,
+        "nonstream",
+        "--url",
+        url,
+        "--model",
+        model,
+        "--num-prompts",
+        str(num_prompts),
+        "--concurrency",
+        str(concurrency),
+        "--output-len",
+        str(output_len),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"non-streaming client failed:\n{done.stderr[-3000:]}")
@@ -164,8 +243,13 @@ async def _nonstream(url: str, model: str, num_prompts: int, concurrency: int, o
     latencies: list[float] = []
     tokens = failed = 0
     queue = list(range(num_prompts))
-    body = {"model": model, "prompt": "hello " * 32, "max_tokens": output_len, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": "hello " * 32,
+        "max_tokens": output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
     async def warmup(session: aiohttp.ClientSession) -> None:  # one request per connection, untimed
         async with session.post(url + "/v1/completions", json=body) as resp:
@@ -191,9 +275,14 @@ async def _nonstream(url: str, model: str, num_prompts: int, concurrency: int, o
         await asyncio.gather(*(worker(s) for _ in range(concurrency)))
         duration = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
-    return {"completed": len(latencies), "failed": failed, "duration": duration,
-            "output_throughput": tokens / duration, "median_ttft_ms": 1000 * statistics.median(latencies),
-            "p99_ttft_ms": 1000 * q[98]}  # fmt: skip
+    return {
+        "completed": len(latencies),
+        "failed": failed,
+        "duration": duration,
+        "output_throughput": tokens / duration,
+        "median_ttft_ms": 1000 * statistics.median(latencies),
+        "p99_ttft_ms": 1000 * q[98],
+    }
 
 
 def main() -> None:

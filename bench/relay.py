@@ -40,18 +40,32 @@ def run_once(url: str, mode: str, concurrency: int, args, tokenizer: Path, out: 
     num_prompts = args.requests_per_stream * concurrency
     if mode == "stream":
         # warm-up requests open the client's connections on both sides before the timed part
-        r = vllm_bench(url, SERVED, str(tokenizer), out, num_prompts=num_prompts, concurrency=concurrency,
-                       input_len=32, output_len=args.output_len, warmups=concurrency)  # fmt: skip
+        r = vllm_bench(
+            url,
+            SERVED,
+            str(tokenizer),
+            out,
+            num_prompts=num_prompts,
+            concurrency=concurrency,
+            input_len=32,
+            output_len=args.output_len,
+            warmups=concurrency,
+        )
         return {
             "tok_s": r["output_throughput"],
             "ttft_p50": r["median_ttft_ms"],
             "ttft_p99": r["p99_ttft_ms"],
             "failed": r["num_prompts"] - r["completed"],
         }
-    r = nonstream_bench(url, SERVED, out, num_prompts=num_prompts, concurrency=concurrency,
-                        output_len=args.output_len)  # fmt: skip
-    return {"tok_s": r["output_throughput"], "ttft_p50": r["median_ttft_ms"], "ttft_p99": r["p99_ttft_ms"],
-            "failed": r["failed"]}  # fmt: skip
+    r = nonstream_bench(
+        url, SERVED, out, num_prompts=num_prompts, concurrency=concurrency, output_len=args.output_len
+    )
+    return {
+        "tok_s": r["output_throughput"],
+        "ttft_p50": r["median_ttft_ms"],
+        "ttft_p99": r["p99_ttft_ms"],
+        "failed": r["failed"],
+    }
 
 
 def main() -> None:
@@ -80,8 +94,10 @@ def main() -> None:
     try:
         gateway.wait(120)
         # target: (URL, CPU seconds of its engine, CPU seconds of the gateway in front of it)
-        targets = {"direct": (mock.url, mock.cpu_seconds, lambda: 0.0),
-                   "gateway": (gateway.url, mock.cpu_seconds, gateway.cpu_seconds)}  # fmt: skip
+        targets = {
+            "direct": (mock.url, mock.cpu_seconds, lambda: 0.0),
+            "gateway": (gateway.url, mock.cpu_seconds, gateway.cpu_seconds),
+        }
         if args.ray:
             targets["ray"] = _ray_target(base, work, args.tokens_per_second, services)
         for concurrency in args.concurrency:
@@ -97,11 +113,14 @@ def main() -> None:
                         requests = (args.requests_per_stream + 1) * concurrency  # one warm-up per stream
                         r |= cpu_use(before, (engine_cpu(), gateway_cpu()), requests)
                         runs[target].append(r)
-                        print(f"  {mode:9s} c={concurrency:<4d} rep {rep + 1}/{args.repeats} {target:7s} "
-                              f"{r['tok_s']:8.0f} tok/s  TTFT p50 {r['ttft_p50']:7.1f} ms  "
-                              f"p99 {r['ttft_p99']:7.1f} ms  failed {r['failed']}  CPU per request: "
-                              f"engine {r['engine_us_per_request']:.0f} µs, gateway "
-                              f"{r['gateway_us_per_request']:.0f} µs", flush=True)  # fmt: skip
+                        print(
+                            f"  {mode:9s} c={concurrency:<4d} rep {rep + 1}/{args.repeats} {target:7s} "
+                            f"{r['tok_s']:8.0f} tok/s  TTFT p50 {r['ttft_p50']:7.1f} ms  "
+                            f"p99 {r['ttft_p99']:7.1f} ms  failed {r['failed']}  CPU per request: "
+                            f"engine {r['engine_us_per_request']:.0f} µs, gateway "
+                            f"{r['gateway_us_per_request']:.0f} µs",
+                            flush=True,
+                        )
                 rows += [summarise(mode, concurrency, t, runs) for t in targets if t != "direct"]
     finally:
         for service in reversed(services):
@@ -116,8 +135,10 @@ def _ray_target(base: Path, work: Path, tokens_per_second: float, services: list
     import httpx
 
     (work / "ray").mkdir(exist_ok=True)
-    ray = start_gateway(["--ray", "--replicas", "1", "--base", f"{SERVED}={base}",
-                         "--mock-engine", str(tokens_per_second)], work / "ray")  # fmt: skip
+    ray = start_gateway(
+        ["--ray", "--replicas", "1", "--base", f"{SERVED}={base}", "--mock-engine", str(tokens_per_second)],
+        work / "ray",
+    )
     services.append(ray)
     ray.wait(300)
     auth = {"Authorization": "Bearer bench-admin"}
@@ -140,16 +161,25 @@ def summarise(mode: str, concurrency: int, target: str, runs: dict[str, list[dic
     keys = ("tok_s", "ttft_p50", "ttft_p99", "engine_us_per_request", "gateway_us_per_request")
     med = {t: {k: statistics.median(r[k] for r in rs) for k in keys} for t, rs in runs.items()}
     d, g = med["direct"], med[target]
-    return {"mode": mode, "concurrency": concurrency, "target": target, "direct": d, "gateway": g,
-            "throughput_ratio": g["tok_s"] / d["tok_s"],
-            "ttft_p50_added_ms": g["ttft_p50"] - d["ttft_p50"],
-            "ttft_p99_added_ms": g["ttft_p99"] - d["ttft_p99"],
-            "failed": sum(r["failed"] for r in runs["direct"] + runs[target]), "runs": runs}  # fmt: skip
+    return {
+        "mode": mode,
+        "concurrency": concurrency,
+        "target": target,
+        "direct": d,
+        "gateway": g,
+        "throughput_ratio": g["tok_s"] / d["tok_s"],
+        "ttft_p50_added_ms": g["ttft_p50"] - d["ttft_p50"],
+        "ttft_p99_added_ms": g["ttft_p99"] - d["ttft_p99"],
+        "failed": sum(r["failed"] for r in runs["direct"] + runs[target]),
+        "runs": runs,
+    }
 
 
 def print_table(rows: list[dict], args) -> None:
-    print(f"\nrelay overhead, mock engine at {args.tokens_per_second:g} tok/s per stream, "
-          f"{args.output_len}-token outputs, medians of {args.repeats} alternating repeats")  # fmt: skip
+    print(
+        f"\nrelay overhead, mock engine at {args.tokens_per_second:g} tok/s per stream, "
+        f"{args.output_len}-token outputs, medians of {args.repeats} alternating repeats"
+    )
     print(
         "| mode | streams | through | direct tok/s | gateway tok/s | ratio | TTFT p50 direct → gateway (ms) "
         "| added p50 | TTFT p99 direct → gateway (ms) | added p99 | failed | engine CPU µs/request "
@@ -158,11 +188,13 @@ def print_table(rows: list[dict], args) -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         d, g = r["direct"], r["gateway"]
-        print(f"| {r['mode']} | {r['concurrency']} | {r['target']} | {d['tok_s']:.0f} | {g['tok_s']:.0f} | "
-              f"{100 * r['throughput_ratio']:.1f}% | {d['ttft_p50']:.1f} → {g['ttft_p50']:.1f} | "
-              f"{r['ttft_p50_added_ms']:+.1f} | {d['ttft_p99']:.1f} → {g['ttft_p99']:.1f} | "
-              f"{r['ttft_p99_added_ms']:+.1f} | {r['failed']} | "
-              f"{g['engine_us_per_request']:.0f} | {g['gateway_us_per_request']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['mode']} | {r['concurrency']} | {r['target']} | {d['tok_s']:.0f} | {g['tok_s']:.0f} | "
+            f"{100 * r['throughput_ratio']:.1f}% | {d['ttft_p50']:.1f} → {g['ttft_p50']:.1f} | "
+            f"{r['ttft_p50_added_ms']:+.1f} | {d['ttft_p99']:.1f} → {g['ttft_p99']:.1f} | "
+            f"{r['ttft_p99_added_ms']:+.1f} | {r['failed']} | "
+            f"{g['engine_us_per_request']:.0f} | {g['gateway_us_per_request']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -76,11 +76,13 @@ class SoakResult:
 
     def line(self) -> str:
         """One line, never wrapped: what a log or a CI step greps."""
-        return (f"soak {self.seconds:.0f}s {self.streams} streams: {self.requests} requests, "
-                f"{self.failed} failed, {self.differ} differ from reference ({self.near_ties} at near-ties), "
-                f"RSS "
-                f"{self.rss_mb_after_warmup:.0f}->{self.rss_mb_end:.0f} MiB ({self.rss_growth:+.1%}), fds "
-                f"{self.fds_after_warmup}->{self.fds_end}, {self.swaps} swaps")  # fmt: skip
+        return (
+            f"soak {self.seconds:.0f}s {self.streams} streams: {self.requests} requests, "
+            f"{self.failed} failed, {self.differ} differ from reference ({self.near_ties} at near-ties), "
+            f"RSS "
+            f"{self.rss_mb_after_warmup:.0f}->{self.rss_mb_end:.0f} MiB ({self.rss_growth:+.1%}), fds "
+            f"{self.fds_after_warmup}->{self.fds_end}, {self.swaps} swaps"
+        )
 
 
 def compare(got: dict, want: dict, tol: float = 2e-3) -> str:
@@ -117,9 +119,21 @@ async def _ask(client: httpx.AsyncClient, body: dict, stream: bool) -> dict:
     return {"tokens": tokens}
 
 
-async def soak(url: str, admin: dict, refs: dict[str, list[dict]], prompts: list[str], params: Params, *,
-               duration: float, streams: int, change_every: float, gateway_pid: int,
-               actions: list[Action] = (), log=print, seed: int = 0) -> SoakResult:  # fmt: skip
+async def soak(
+    url: str,
+    admin: dict,
+    refs: dict[str, list[dict]],
+    prompts: list[str],
+    params: Params,
+    *,
+    duration: float,
+    streams: int,
+    change_every: float,
+    gateway_pid: int,
+    actions: list[Action] = (),
+    log=print,
+    seed: int = 0,
+) -> SoakResult:
     """Drive `streams` clients over `refs`' models for `duration` seconds; check every answer."""
     result = SoakResult(duration, streams)
     pool = dict(refs)  # model -> reference answers per prompt; actions add and remove models
@@ -175,8 +189,10 @@ async def soak(url: str, admin: dict, refs: dict[str, list[dict]], prompts: list
                     result.rss_mb_after_warmup, result.fds_after_warmup = rss, fds
                 result.rss_mb_end, result.fds_end = rss, fds
                 result.samples.append((round(time.monotonic() - start, 1), round(rss, 1), fds))
-                log(f"  {time.monotonic() - start:5.0f}s {result.requests} requests, {result.failed} failed, "
-                    f"{result.differ} differ, RSS {rss:.0f} MiB, {fds} fds")  # fmt: skip
+                log(
+                    f"  {time.monotonic() - start:5.0f}s {result.requests} requests, {result.failed} failed, "
+                    f"{result.differ} differ, RSS {rss:.0f} MiB, {fds} fds"
+                )
 
         before = await _swap_count(client, admin)
         await asyncio.gather(*(one_client(k) for k in range(streams)), registry_changes(), monitor())
@@ -208,8 +224,11 @@ def upload_and_delete(admin: dict, name: str, artifact: Path, base: str, ref: li
     variant = f"{name}-v"
 
     async def add(client: httpx.AsyncClient) -> dict:
-        r = await client.post(f"/v1/deltas?name={name}", content=artifact.read_bytes(),
-                              headers={**admin, "content-type": "application/octet-stream"})  # fmt: skip
+        r = await client.post(
+            f"/v1/deltas?name={name}",
+            content=artifact.read_bytes(),
+            headers={**admin, "content-type": "application/octet-stream"},
+        )
         r.raise_for_status()
         body = {"name": variant, "base": base, "deltas": [{"delta": name}]}
         (await client.post("/v1/variants", json=body, headers=admin)).raise_for_status()
@@ -220,8 +239,10 @@ def upload_and_delete(admin: dict, name: str, artifact: Path, base: str, ref: li
         (await client.delete(f"/v1/deltas/{name}", headers=admin)).raise_for_status()
         return {}
 
-    return [Action(0.3, f"uploaded delta {name}, defined variant {variant}", add),
-            Action(0.65, f"deleted variant {variant}, delta {name}", delete, leave=(variant,))]  # fmt: skip
+    return [
+        Action(0.3, f"uploaded delta {name}, defined variant {variant}", add),
+        Action(0.65, f"deleted variant {variant}, delta {name}", delete, leave=(variant,)),
+    ]
 
 
 def add_and_delete_base(admin: dict, name: str, path: Path, ref: list[dict]) -> list[Action]:
@@ -236,8 +257,10 @@ def add_and_delete_base(admin: dict, name: str, path: Path, ref: list[dict]) -> 
         (await client.delete(f"/v1/bases/{name}", headers=admin)).raise_for_status()
         return {}
 
-    return [Action(0.5, f"added runtime base {name}", add),
-            Action(0.8, f"deleted runtime base {name}", delete, leave=(name,))]  # fmt: skip
+    return [
+        Action(0.5, f"added runtime base {name}", add),
+        Action(0.8, f"deleted runtime base {name}", delete, leave=(name,)),
+    ]
 
 
 def strays(marker: str) -> list[str]:
@@ -251,7 +274,10 @@ def strays(marker: str) -> list[str]:
 
 
 PROMPTS = [f"What is {a} + {b}? Answer with the number only." for a, b in ((12, 30), (45, 27), (81, 9))] + [
-    "The capital of France is", "def fibonacci(n):", "Once upon a time"]  # fmt: skip
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+]
 
 
 def smollm2_params(model: str, prompt: str) -> dict:
@@ -282,23 +308,46 @@ def main() -> None:
     token = "soak-admin"
     admin = {"Authorization": f"Bearer {token}"}
     gateway = start_gateway(
-        ["--base", f"smollm2={models.base}", "--lora-slots", "2", "--max-lora-rank", "16",
-         "--variant", f"sft={models.delta}", "--variant", f"sft-half={models.delta}:0.5",
-         "--variant", f"sft-lr={lowrank}"],
-        work, admin_token=token,
-    ).wait()  # fmt: skip
+        [
+            "--base",
+            f"smollm2={models.base}",
+            "--lora-slots",
+            "2",
+            "--max-lora-rank",
+            "16",
+            "--variant",
+            f"sft={models.delta}",
+            "--variant",
+            f"sft-half={models.delta}:0.5",
+            "--variant",
+            f"sft-lr={lowrank}",
+        ],
+        work,
+        admin_token=token,
+    ).wait()
     try:
         print(f"references: 4 models x {len(PROMPTS)} prompts, one at a time")
         names = ["smollm2", "sft", "sft-half", "sft-lr"]
         refs = references(gateway.url, names, PROMPTS, smollm2_params)
-        actions = [*upload_and_delete(admin, "soak-d", models.delta, "smollm2", refs["sft"]),
-                   *add_and_delete_base(admin, "smollm2-copy", base_copy, refs["smollm2"])]  # fmt: skip
+        actions = [
+            *upload_and_delete(admin, "soak-d", models.delta, "smollm2", refs["sft"]),
+            *add_and_delete_base(admin, "smollm2-copy", base_copy, refs["smollm2"]),
+        ]
         print(
             f"soak: {args.duration:.0f}s, {args.streams} streams, traffic moves every {args.change_every:g}s"
         )
-        run = soak(gateway.url, admin, refs, PROMPTS, smollm2_params, duration=args.duration,
-                   streams=args.streams, change_every=args.change_every, gateway_pid=gateway.proc.pid,
-                   actions=actions)  # fmt: skip
+        run = soak(
+            gateway.url,
+            admin,
+            refs,
+            PROMPTS,
+            smollm2_params,
+            duration=args.duration,
+            streams=args.streams,
+            change_every=args.change_every,
+            gateway_pid=gateway.proc.pid,
+            actions=actions,
+        )
         result = asyncio.run(run)
     finally:
         gateway.stop()

@@ -60,8 +60,9 @@ def sample(seen: dict[tuple[int, float], Seen], before: set[tuple[int, float]]) 
                 entry = seen.get(key)
                 if entry is None:
                     cmdline = " ".join(proc.cmdline())
-                    entry = Seen(proc.pid, proc.info["ppid"], os.getpgid(proc.pid), proc.info["name"],
-                                 cmdline, 0.0)  # fmt: skip
+                    entry = Seen(
+                        proc.pid, proc.info["ppid"], os.getpgid(proc.pid), proc.info["name"], cmdline, 0.0
+                    )
                     seen[key] = entry
                 entry.name = proc.info["name"]  # vLLM renames its processes after they start
                 entry.cpu_s = times.user + times.system
@@ -126,8 +127,13 @@ def report(seen: dict[tuple[int, float], Seen], busy: float, wall: float) -> dic
         print(f"{w + ' / ' + k:50s} {s:7.0f}")
     started = ", ".join(f"{w} {n}" for w, n in engines.most_common() if n)
     print(f"\nvLLM API servers started, by where: {started}")
-    return {"wall_s": wall, "machine_busy_cpu_s": busy, "kinds": dict(kinds), "where": dict(places),
-            "processes": [asdict(e) for e in seen.values()]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "machine_busy_cpu_s": busy,
+        "kinds": dict(kinds),
+        "where": dict(places),
+        "processes": [asdict(e) for e in seen.values()],
+    }
 
 
 def main() -> int:

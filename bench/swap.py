@@ -68,8 +68,13 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
     procs = {}
     for mode in ("before", "after"):
         env = (("DELTAGATE_SWAP_MODE", "full" if mode == "before" else "incremental"),)
-        spec = EngineSpec(model=str(base), served_name="m", max_model_len=args.max_model_len,
-                          log_path=work / f"engine-{mode}.log", env=env)  # fmt: skip
+        spec = EngineSpec(
+            model=str(base),
+            served_name="m",
+            max_model_len=args.max_model_len,
+            log_path=work / f"engine-{mode}.log",
+            env=env,
+        )
         procs[mode] = EngineProcess(spec)
         procs[mode].start()
     for proc in procs.values():
@@ -78,13 +83,20 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
     plain = Recipe(base=str(base))
     variant = Recipe(base=str(base), deltas=[DeltaTerm(path=str(delta))])
     part = Recipe(base=str(base), deltas=[DeltaTerm(path=str(partial))])
-    swaps = {"variant": (plain, variant), "base": (variant, plain), "partial": (plain, part),
-             "partial->base": (part, plain)}  # fmt: skip
+    swaps = {
+        "variant": (plain, variant),
+        "base": (variant, plain),
+        "partial": (plain, part),
+        "partial->base": (part, plain),
+    }
     rows = []
     try:
         after = clients["after"]
-        floors = {kind: (await after.collective_rpc("deltagate_floors", to.model_dump_json()))[0]
-                  for kind, (_, to) in swaps.items() if to is not plain}  # fmt: skip
+        floors = {
+            kind: (await after.collective_rpc("deltagate_floors", to.model_dump_json()))[0]
+            for kind, (_, to) in swaps.items()
+            if to is not plain
+        }
         floors["base"] = floors["variant"]
         floors["partial->base"] = floors["partial"]
         for rep in range(args.repeats):
@@ -103,12 +115,24 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
                     result = await client.apply(target)
                     pause = time.perf_counter() - start
                     await asyncio.to_thread(complete, proc.url)
-                    rows.append({"rep": rep, "kind": kind, "mode": mode, "pause": pause,
-                                 "staged": result.staged, "staging": result.staging_seconds,
-                                 "tensors": result.tensors, "of": result.of_tensors, "bytes": result.bytes,
-                                 **result.phases})  # fmt: skip
-                    print(f"  rep {rep} {kind:>13} {mode:>6}: pause {pause:.3f} s, {result.tensors} tensors",
-                          flush=True)  # fmt: skip
+                    rows.append(
+                        {
+                            "rep": rep,
+                            "kind": kind,
+                            "mode": mode,
+                            "pause": pause,
+                            "staged": result.staged,
+                            "staging": result.staging_seconds,
+                            "tensors": result.tensors,
+                            "of": result.of_tensors,
+                            "bytes": result.bytes,
+                            **result.phases,
+                        }
+                    )
+                    print(
+                        f"  rep {rep} {kind:>13} {mode:>6}: pause {pause:.3f} s, {result.tensors} tensors",
+                        flush=True,
+                    )
         memory = result.memory
     finally:
         for client in clients.values():
@@ -125,8 +149,19 @@ def report(rows: list[dict], extra: dict) -> None:
         return statistics.median(r[key] for r in rows if r["kind"] == kind and r["mode"] == mode)
 
     print("\nmedians of the repeats (seconds); floors measured in the 'after' engine's worker")
-    head = ("kind", "mode", "pause", "merge", "reload", "staging", "tensors", "MB", "copy floor", "add floor",
-            "merge/add")  # fmt: skip
+    head = (
+        "kind",
+        "mode",
+        "pause",
+        "merge",
+        "reload",
+        "staging",
+        "tensors",
+        "MB",
+        "copy floor",
+        "add floor",
+        "merge/add",
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for kind in KINDS:
@@ -135,32 +170,44 @@ def report(rows: list[dict], extra: dict) -> None:
             merge = med(kind, mode, "staging" if mode == "staged" else "merge_seconds")
             ratio = f"{merge / floor['add_seconds']:.1f}x" if kind in ("variant", "partial") else "-"
             cells = [
-                kind, mode, f"{med(kind, mode, 'pause'):.3f}", f"{merge:.3f}",
+                kind,
+                mode,
+                f"{med(kind, mode, 'pause'):.3f}",
+                f"{merge:.3f}",
                 f"{med(kind, mode, 'reload_seconds'):.3f}",
                 f"{med(kind, mode, 'staging'):.3f}" if mode == "staged" else "-",
-                f"{med(kind, mode, 'tensors'):.0f}/{rows[0]['of']}", f"{med(kind, mode, 'bytes') / 1e6:.1f}",
-                f"{floor['copy_seconds']:.3f}", f"{floor['add_seconds']:.3f}", ratio,
-            ]  # fmt: skip
+                f"{med(kind, mode, 'tensors'):.0f}/{rows[0]['of']}",
+                f"{med(kind, mode, 'bytes') / 1e6:.1f}",
+                f"{floor['copy_seconds']:.3f}",
+                f"{floor['add_seconds']:.3f}",
+                ratio,
+            ]
             print("| " + " | ".join(cells) + " |")
     print("\nratios")
     for mode in ("direct", "staged"):
         for kind, target in TARGETS.items():
             now, was = med(kind, mode, "pause"), med(kind, "before", "pause")
-            print(f"pause to {kind} ({mode}): {now:.3f} s vs {was:.3f} s before ({was / now:.1f}x less); "
-                  f"target <= {target:.2f} s: {'met' if now <= target else 'NOT met'}")  # fmt: skip
+            print(
+                f"pause to {kind} ({mode}): {now:.3f} s vs {was:.3f} s before ({was / now:.1f}x less); "
+                f"target <= {target:.2f} s: {'met' if now <= target else 'NOT met'}"
+            )
         share = med("partial", mode, "pause") / med("variant", mode, "pause")
         tensors = med("partial", mode, "tensors") / rows[0]["of"]
-        print(f"partial ({tensors:.0%} of tensors) / full pause ({mode}): {share:.0%}; target <= 40%: "
-              f"{'met' if share <= 0.40 else 'NOT met'}")  # fmt: skip
+        print(
+            f"partial ({tensors:.0%} of tensors) / full pause ({mode}): {share:.0%}; target <= 40%: "
+            f"{'met' if share <= 0.40 else 'NOT met'}"
+        )
     merge = med("variant", "direct", "merge_seconds") / floors["variant"]["add_seconds"]
     verdict = "met" if merge <= 2 else "NOT met"
     print(f"merge (variant, direct) / add floor: {merge:.1f}x; target <= 2x: {verdict}")
     memory = extra["memory"]
     base_mb = memory.get("base_bytes", 0) / 1e6
-    print(f"memory kept for swaps: base {base_mb:.0f} MB ({memory.get('residency')}), "
-          f"delta cache {memory.get('delta_cache_bytes', 0) / 1e6:.0f} MB of "
-          f"{memory.get('delta_cache_budget_bytes', 0) / 1e6:.0f} MB budget; worker threads "
-          f"{floors['variant'].get('threads')}")  # fmt: skip
+    print(
+        f"memory kept for swaps: base {base_mb:.0f} MB ({memory.get('residency')}), "
+        f"delta cache {memory.get('delta_cache_bytes', 0) / 1e6:.0f} MB of "
+        f"{memory.get('delta_cache_budget_bytes', 0) / 1e6:.0f} MB budget; worker threads "
+        f"{floors['variant'].get('threads')}"
+    )
 
 
 def main() -> None:
@@ -191,8 +238,12 @@ def main() -> None:
         args.base, args.delta = models.base, models.delta
     work = args.cache_dir / "bench" / "swap"
     work.mkdir(parents=True, exist_ok=True)
-    partial = partial_copy(args.delta, args.base, args.partial_layers,
-                           work / f"{args.delta.stem}-layers{args.partial_layers}.safetensors")  # fmt: skip
+    partial = partial_copy(
+        args.delta,
+        args.base,
+        args.partial_layers,
+        work / f"{args.delta.stem}-layers{args.partial_layers}.safetensors",
+    )
     print(f"model: {args.base}  delta: {args.delta}  partial: {partial}  logs: {work}", flush=True)
     rows, extra = asyncio.run(
         measure(args, args.base.resolve(), args.delta.resolve(), partial.resolve(), work)

@@ -42,11 +42,17 @@ def shapes(c: dict) -> dict[str, list[int]]:
     h, out = c["hidden"], {"model.embed_tokens.weight": [c["vocab"], c["hidden"]]}
     for i in range(c["layers"]):
         p = f"model.layers.{i}."
-        out |= {p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
-                p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [c["kv"], h],
-                p + "self_attn.v_proj.weight": [c["kv"], h], p + "self_attn.o_proj.weight": [h, h],
-                p + "mlp.gate_proj.weight": [c["mlp"], h], p + "mlp.up_proj.weight": [c["mlp"], h],
-                p + "mlp.down_proj.weight": [h, c["mlp"]]}  # fmt: skip
+        out |= {
+            p + "input_layernorm.weight": [h],
+            p + "post_attention_layernorm.weight": [h],
+            p + "self_attn.q_proj.weight": [h, h],
+            p + "self_attn.k_proj.weight": [c["kv"], h],
+            p + "self_attn.v_proj.weight": [c["kv"], h],
+            p + "self_attn.o_proj.weight": [h, h],
+            p + "mlp.gate_proj.weight": [c["mlp"], h],
+            p + "mlp.up_proj.weight": [c["mlp"], h],
+            p + "mlp.down_proj.weight": [h, c["mlp"]],
+        }
     return out | {"model.norm.weight": [h], "lm_head.weight": [c["vocab"], h]}
 
 
@@ -116,7 +122,7 @@ def main() -> None:
         "HBM copy": timed(device, lambda: [out[n].copy_(t) for n, t in base.items()]),
         "HBM add": timed(device, lambda: [torch.add(t, t, out=out[n]) for n, t in base.items()]),
         "host->device copy": timed(device, upload),
-    }  # fmt: skip
+    }
     print("\n| what | seconds | GB/s of the base's bytes | x floor |")
     print("|---|---:|---:|---:|")
     for what, seconds in floors.items():
@@ -126,8 +132,11 @@ def main() -> None:
             seconds = timed(device, lambda kind=kind, from_host=from_host: merge_all(kind, from_host))
             floor = floors["host->device copy"] if from_host else floors["HBM copy"]
             where = "pinned host" if from_host else "device"
-            print(f"| merge {kind} delta, base on {where} | {seconds:.4f} | {nbytes / seconds / 1e9:.0f} | "
-                  f"{seconds / floor:.1f}x {'H2D' if from_host else 'HBM copy'} |", flush=True)  # fmt: skip
+            print(
+                f"| merge {kind} delta, base on {where} | {seconds:.4f} | {nbytes / seconds / 1e9:.0f} | "
+                f"{seconds / floor:.1f}x {'H2D' if from_host else 'HBM copy'} |",
+                flush=True,
+            )
 
     names = list(base)
     step = max(1, len(names) // args.sample)
@@ -138,8 +147,9 @@ def main() -> None:
         sync(device)
         for name in sample:
             host_payload = {k: v.cpu() for k, v in payloads[kind][name].items()}
-            host = merge_tensor(base[name].cpu(), [(codecs[kind].decode(host_payload, layout[name]), 1.0)],
-                                torch.bfloat16)  # fmt: skip
+            host = merge_tensor(
+                base[name].cpu(), [(codecs[kind].decode(host_payload, layout[name]), 1.0)], torch.bfloat16
+            )
             equal = torch.equal(host, out[name].cpu())
             same += equal
             if not equal:

@@ -41,8 +41,10 @@ def main() -> None:
     after = ops.onednn_mm(handle, x, None)
     fresh = ops.onednn_mm(ops.create_onednn_mm(weight.t(), 32), x, None)
     print(f"copy_ into the weight changes the handle's answer: {not torch.equal(before, after)}")
-    print(f"a handle built from the new weight answers differently from the old handle: "
-          f"{not torch.equal(after, fresh)}")  # fmt: skip
+    print(
+        f"a handle built from the new weight answers differently from the old handle: "
+        f"{not torch.equal(after, fresh)}"
+    )
 
     weights = [torch.randn(n, k) for _ in range(LAYERS) for n, k in SHAPES]
     targets = [torch.empty_like(w) for w in weights]
@@ -50,8 +52,9 @@ def main() -> None:
     pack = median_seconds(lambda: [ops.create_onednn_mm(w.t(), 32) for w in weights])
     copy = median_seconds(lambda: [t.copy_(w) for t, w in zip(targets, weights, strict=True)])
     print(f"linear weights: {len(weights)} tensors, {nbytes / 1e6:.0f} MB")
-    print(f"build oneDNN handles: {pack:.3f} s; copy_ of the same bytes: {copy:.3f} s; "
-          f"ratio {pack / copy:.1f}x")  # fmt: skip
+    print(
+        f"build oneDNN handles: {pack:.3f} s; copy_ of the same bytes: {copy:.3f} s; ratio {pack / copy:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,11 @@ def cli_errors(*extra: type[Exception]) -> Iterator[None]:
 # The admin commands' --state-dir: where a gateway on this machine wrote its admin token.
 StateDir = Annotated[
     Path | None,
-    typer.Option(envvar="DELTAGATE_STATE_DIR", help="Where to read the admin token if not given "
-                 "(default: the gateway's, ~/.local/state/deltagate)"),
-]  # fmt: skip
+    typer.Option(
+        envvar="DELTAGATE_STATE_DIR",
+        help="Where to read the admin token if not given (default: the gateway's, ~/.local/state/deltagate)",
+    ),
+]
 
 
 def read_admin_token(state_dir: Path | None) -> str:
@@ -119,8 +121,12 @@ def show_result(
 
 def progress_bar() -> Progress:
     """A transient bar: description, bar, done/total, elapsed time."""
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     return Progress(*columns, console=console, transient=True)
 
 

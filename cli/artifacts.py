@@ -14,9 +14,11 @@ from cli.app import app, cli_errors, console, fail, tensor_progress
 
 CodecOpt = Annotated[
     str | None,
-    typer.Option(help="Codec for matrices: dense | int8 | int4[:group=N] | sparse[:density=F] | "
-                      "dare[:density=F,seed=N] | bitdelta | lowrank[:rank=N]"),
-]  # fmt: skip
+    typer.Option(
+        help="Codec for matrices: dense | int8 | int4[:group=N] | sparse[:density=F] | "
+        "dare[:density=F,seed=N] | bitdelta | lowrank[:rank=N]"
+    ),
+]
 CodecRecipeOpt = Annotated[
     Path | None,
     typer.Option(help="YAML codec recipe: default, vectors, rules [{match, codec}], exclude, zstd"),
@@ -66,10 +68,15 @@ def gradients_for(plan, calib: Path | None, model_dir: Path | None, artifact: Pa
 def report(report, verb: str) -> None:
     from deltas.extract import describe
 
-    quality = "verified base + Δ == post exactly" if report.lossless else (
-        f"lossy: max per-tensor relative error {report.max_rel_error:.4f}")  # fmt: skip
-    console.print(f"{verb} {report.path} ({report.size_bytes / 1e6:.2f} MB, {report.tensors} tensors) "
-                  f"in {report.seconds:.1f}s; {quality}")  # fmt: skip
+    quality = (
+        "verified base + Δ == post exactly"
+        if report.lossless
+        else (f"lossy: max per-tensor relative error {report.max_rel_error:.4f}")
+    )
+    console.print(
+        f"{verb} {report.path} ({report.size_bytes / 1e6:.2f} MB, {report.tensors} tensors) "
+        f"in {report.seconds:.1f}s; {quality}"
+    )
     print(describe(report))
 
 
@@ -143,12 +150,16 @@ def inspect(
     out.print(
         f"[bold]{artifact}[/bold]  format v{m.format_version}, deltagate {m.tool_version}, {m.created_at}"
     )
-    out.print(f"size {summary['size_bytes'] / 1e6:.2f} MB, {len(m.tensors)} tensors, "
-              f"encodings {', '.join(summary['encodings'])}, lossless: {m.lossless}, "
-              f"{m.total_corrections} exact corrections, verified: {verify}")  # fmt: skip
+    out.print(
+        f"size {summary['size_bytes'] / 1e6:.2f} MB, {len(m.tensors)} tensors, "
+        f"encodings {', '.join(summary['encodings'])}, lossless: {m.lossless}, "
+        f"{m.total_corrections} exact corrections, verified: {verify}"
+    )
     for role, ident in (("base", m.base), ("post", m.post)):
-        out.print(f"{role}: {ident.architecture} {ident.source}\n  content {ident.content_hash[:16]}… "
-                  f"config {ident.config_fingerprint[:16]}…")  # fmt: skip
+        out.print(
+            f"{role}: {ident.architecture} {ident.source}\n  content {ident.content_hash[:16]}… "
+            f"config {ident.config_fingerprint[:16]}…"
+        )
     out.print(
         f"side files: {', '.join(m.files) or 'none'}; chat template: {'yes' if m.chat_template else 'no'}"
     )
@@ -158,8 +169,14 @@ def inspect(
         codec = t.encoding + (":" + ",".join(f"{k}={v}" for k, v in t.params.items()) if t.params else "")
         codec += "+zstd" if t.compression == "zstd" else ""
         numbers = (t.delta_l2, t.delta_max_abs, rel, t.rel_error)
-        table.add_row(t.name, "×".join(map(str, t.shape)), t.dtype, codec,
-                      *(f"{x:.4g}" for x in numbers), str(t.corrections))  # fmt: skip
+        table.add_row(
+            t.name,
+            "×".join(map(str, t.shape)),
+            t.dtype,
+            codec,
+            *(f"{x:.4g}" for x in numbers),
+            str(t.corrections),
+        )
     out.print(table)
 
 

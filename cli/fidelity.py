@@ -81,7 +81,7 @@ def fidelity(
                     prompt_set,
                     max_tokens,
                     scorer,
-                )  # fmt: skip
+                )
             )
         finally:
             engine.stop()
@@ -113,5 +113,7 @@ def _print(errors, served: dict | None, worst: int) -> None:
             f"{100 * served['agreement']:.2f}%, mean KL(exact ‖ compressed) {served['mean_kl']:.3g} nats"
         )
         if served["task_score"] is not None:
-            console.print(f"task score: exact {100 * served['reference_task_score']:.1f}%, "
-                          f"compressed {100 * served['task_score']:.1f}%")  # fmt: skip
+            console.print(
+                f"task score: exact {100 * served['reference_task_score']:.1f}%, "
+                f"compressed {100 * served['task_score']:.1f}%"
+            )

@@ -116,14 +116,16 @@ def settings_reference() -> list[dict[str, str]]:
         default = _default(field)
         if isinstance(default, Path):
             default = str(default)
-        rows.append({
-            "setting": name,
-            "flag": flag_of(name, field) or "",
-            "env": f"DELTAGATE_{name.upper()}",
-            "type": _type_name(field.annotation),
-            "default": "" if default in (None, []) else repr(default),
-            "help": field.description or "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "setting": name,
+                "flag": flag_of(name, field) or "",
+                "env": f"DELTAGATE_{name.upper()}",
+                "type": _type_name(field.annotation),
+                "default": "" if default in (None, []) else repr(default),
+                "help": field.description or "",
+            }
+        )
     return rows
 
 

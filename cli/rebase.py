@@ -16,8 +16,9 @@ Url = Annotated[str, typer.Option(help="The gateway")]
 Token = Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN", help="Its admin token")]
 GATEWAY = "http://127.0.0.1:8000"
 
-alias_app = typer.Typer(help="Aliases: stable model names over one variant or a weighted split.",
-                        no_args_is_help=True)  # fmt: skip
+alias_app = typer.Typer(
+    help="Aliases: stable model names over one variant or a weighted split.", no_args_is_help=True
+)
 app.add_typer(alias_app, name="alias")
 
 
@@ -43,9 +44,7 @@ def alias_rollback(
 
 
 @alias_app.command("list")
-def alias_list(
-    url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = None
-) -> None:
+def alias_list(url: Url = GATEWAY, admin_token: Token = None, state_dir: StateDir = None) -> None:
     """Every alias and its shares."""
     for alias in call(admin_client(url, admin_token, state_dir).get("/v1/aliases"))["data"]:
         _show_alias(alias)
@@ -106,10 +105,20 @@ def rebase_cmd(
     except ValueError:
         raise fail(f"--steps {steps!r}: comma-separated percentages, e.g. 5,50,100") from None
     gate = {"criterion": criterion, "min_difference": min_difference, "min_ratio": min_ratio}
-    body = {"from_base": from_base, "to_base": to_base, "variants": variant or None, "eval_id": eval_id,
-            "alphas": alpha or [1.0], "validation": validation, "holdout": holdout, "seed": seed,
-            "gate": gate, "promote": {"steps": canary, "hold_seconds": hold}, "concurrency": concurrency,
-            "max_tokens": max_tokens}  # fmt: skip
+    body = {
+        "from_base": from_base,
+        "to_base": to_base,
+        "variants": variant or None,
+        "eval_id": eval_id,
+        "alphas": alpha or [1.0],
+        "validation": validation,
+        "holdout": holdout,
+        "seed": seed,
+        "gate": gate,
+        "promote": {"steps": canary, "hold_seconds": hold},
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+    }
     client = admin_client(url, admin_token, state_dir)
     try:
         job = call(client.post("/v1/rebases", json=body))
@@ -119,8 +128,12 @@ def rebase_cmd(
                 time.sleep(1)
                 job = call(client.get(f"/v1/rebases/{job['id']}"))
                 progress = job["progress"]
-                bar.update(task, description=f"rebase {job['id']}: {job['report']['phase']}",
-                           completed=progress["done"], total=progress["total"] or None)  # fmt: skip
+                bar.update(
+                    task,
+                    description=f"rebase {job['id']}: {job['report']['phase']}",
+                    completed=progress["done"],
+                    total=progress["total"] or None,
+                )
     except httpx.HTTPError as exc:
         raise fail(f"gateway at {url} unreachable: {exc}") from None
     show_result(job, as_json, print_report, plot, plot_report)
@@ -132,13 +145,18 @@ def print_report(job: dict) -> None:
     """Per variant: α chosen, held-out scores with intervals, the paired difference, the gate."""
     report = job["report"]
     unit = _unit(report)
-    table = Table("variant", "α", f"θ variant ({unit})", "θ′ + α·Δ", "θ′ alone", "difference [95%]",
-                  "gate", "promoted")  # fmt: skip
+    table = Table(
+        "variant", "α", f"θ variant ({unit})", "θ′ + α·Δ", "θ′ alone", "difference [95%]", "gate", "promoted"
+    )
     for name, entry in report["variants"].items():
         scores, diff = entry["scores"], entry["difference"]
         cells = [_fmt(scores.get(k), report) for k in ("from", "candidate", "to_base")]
-        gap = f"{_num(diff['value'], report, sign=True)} [{_num(diff['ci95'][0], report, sign=True)}, " \
-              f"{_num(diff['ci95'][1], report, sign=True)}]" if diff else "–"  # fmt: skip
+        gap = (
+            f"{_num(diff['value'], report, sign=True)} [{_num(diff['ci95'][0], report, sign=True)}, "
+            f"{_num(diff['ci95'][1], report, sign=True)}]"
+            if diff
+            else "–"
+        )
         verdict = "–" if entry["gate"] is None else ("pass" if entry["gate"]["passed"] else "fail")
         alpha = f"{entry['alpha']:g}" if entry["alpha"] is not None else "–"
         promoted = ", ".join(entry["aliases"]) if entry["promoted"] else "no"
@@ -202,8 +220,9 @@ def plot_report(job: dict, path: Path) -> None:
         keys = [k for k in labels if k in entry["scores"]]
         _bars(held, [labels[k] for k in keys], [entry["scores"][k] for k in keys], scale)
         passed = entry["gate"] and entry["gate"]["passed"]
-        for bar, color in zip(held.patches, ["tab:gray", "tab:green" if passed else "tab:red", "tab:blue"],
-                              strict=False):  # fmt: skip
+        for bar, color in zip(
+            held.patches, ["tab:gray", "tab:green" if passed else "tab:red", "tab:blue"], strict=False
+        ):
             bar.set_color(color)
         verdict = "gate passed" if passed else "gate failed"
         held.set(title=f"{name}, held out (n = {entry['scores']['from']['n']}): {verdict}", ylabel=unit)
@@ -213,8 +232,7 @@ def plot_report(job: dict, path: Path) -> None:
             for bar, a in zip(tried.patches, alphas, strict=True):
                 bar.set_color("tab:orange" if float(a) == entry["alpha"] else "tab:olive")
             n = entry["validation"][alphas[0]]["n"]
-            tried.set(title=f"θ′ + α·Δ, validation (n = {n}): α = {entry['alpha']:g} chosen",
-                      ylabel=unit)  # fmt: skip
+            tried.set(title=f"θ′ + α·Δ, validation (n = {n}): α = {entry['alpha']:g} chosen", ylabel=unit)
         else:
             tried.axis("off")
     request = job["request"]

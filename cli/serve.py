@@ -48,8 +48,10 @@ def parse_recipe_file(path: Path) -> StartupVariant:
         candidate = path.parent / delta
         return str(candidate) if candidate.exists() else delta
 
-    terms = [StartupTerm(ref=ref(t.delta), alpha=t.parameters.weight, density=t.parameters.density)
-             for t in spec.deltas]  # fmt: skip
+    terms = [
+        StartupTerm(ref=ref(t.delta), alpha=t.parameters.weight, density=t.parameters.density)
+        for t in spec.deltas
+    ]
     return StartupVariant(
         name=spec.name or path.stem,
         terms=terms,
@@ -187,8 +189,10 @@ def check_settings(settings: GatewaySettings) -> None:
         except SandboxUnavailable as exc:
             raise fail(f"--allow-code-execution: cannot sandbox programs on this machine: {exc}") from None
     if settings.state_db and not (settings.admin_token and settings.artifact_store):
-        raise fail("--state-db: gateways sharing a database need the same --admin-token and an "
-                   "--artifact-store every one of them reaches (s3://…)")  # fmt: skip
+        raise fail(
+            "--state-db: gateways sharing a database need the same --admin-token and an "
+            "--artifact-store every one of them reaches (s3://…)"
+        )
     ensure_admin_token(settings)
 
 

@@ -37,10 +37,23 @@ _PUBLIC = {
     "IncompatibleError": "deltas.errors",
 }
 __all__ = [
-    "__version__", "open_artifact", "DeltaArtifact", "extract_delta", "compress_artifact", "CodecPlan",
-    "merge_tensor", "Recipe", "DeltaTerm", "RecipeFile", "get_method", "Checkpoint", "ArtifactStore",
-    "DeltaError", "InvalidArtifactError", "IncompatibleError",
-]  # fmt: skip
+    "__version__",
+    "open_artifact",
+    "DeltaArtifact",
+    "extract_delta",
+    "compress_artifact",
+    "CodecPlan",
+    "merge_tensor",
+    "Recipe",
+    "DeltaTerm",
+    "RecipeFile",
+    "get_method",
+    "Checkpoint",
+    "ArtifactStore",
+    "DeltaError",
+    "InvalidArtifactError",
+    "IncompatibleError",
+]
 
 if TYPE_CHECKING:
     from deltas.artifact import DeltaArtifact, open_artifact

@@ -161,9 +161,16 @@ def check_compatible(base: Checkpoint, post: Checkpoint) -> None:
 # engine's base only in these (and in tensor values) can be hot-loaded into that engine,
 # which keeps the config it started with: rope, norm eps, activation must all match.
 NON_SERVING_FIELDS = frozenset(
-    {"_name_or_path", "transformers_version", "torch_dtype", "use_cache", "bos_token_id", "eos_token_id",
-     "pad_token_id"}
-)  # fmt: skip
+    {
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "use_cache",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    }
+)
 
 
 def serving_difference(engine_base: Checkpoint, other: Checkpoint) -> str | None:

@@ -54,8 +54,11 @@ class Delta:
     @property
     def nbytes(self) -> int:
         """Bytes held (dense and sparse terms)."""
-        return sum(t.numel() * t.element_size() for t in (self.dense, self.extra_idx, self.extra_val)
-                   if t is not None)  # fmt: skip
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.dense, self.extra_idx, self.extra_val)
+            if t is not None
+        )
 
     def full(self) -> torch.Tensor:
         """One fp32 tensor (the sparse term folded in; exact to fp32 rounding, not to the bit)."""

@@ -217,8 +217,12 @@ class NodeCache:
         """Files and bytes this cache holds, and its budget."""
         files = list(self.directory.glob("*.safetensors")) if self.directory.is_dir() else []
         size = sum(p.stat().st_size for p in files)
-        return {"dir": str(self.directory), "files": len(files), "bytes": size,
-                "budget_bytes": self.budget_bytes}  # fmt: skip
+        return {
+            "dir": str(self.directory),
+            "files": len(files),
+            "bytes": size,
+            "budget_bytes": self.budget_bytes,
+        }
 
 
 _cache: NodeCache | None = None

@@ -11,9 +11,11 @@ import time
 from _gateway import URL, admin_token
 from openai import OpenAI
 
-ITEMS = [{"question": "The capital of France is", "answer": "Paris"},
-         {"question": "1, 2, 3, 4,", "answer": "5"},
-         {"question": "The opposite of hot is", "answer": "cold"}]  # fmt: skip
+ITEMS = [
+    {"question": "The capital of France is", "answer": "Paris"},
+    {"question": "1, 2, 3, 4,", "answer": "5"},
+    {"question": "The opposite of hot is", "answer": "cold"},
+]
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--models", nargs=2, required=True)
@@ -32,7 +34,7 @@ ev = client.evals.create(
             "reference": "{{item.answer}}",
             "operation": "ilike",
         }
-    ],  # fmt: skip
+    ],
 )
 runs = {
     model: client.evals.runs.create(
@@ -48,7 +50,7 @@ runs = {
             "sampling_params": {"temperature": 0, "max_completion_tokens": 8},
             "source": {"type": "file_content", "content": [{"item": item} for item in ITEMS]},
         },
-    )  # fmt: skip
+    )
     for model in args.models
 }
 for model, run in runs.items():

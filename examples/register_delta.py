@@ -21,8 +21,12 @@ args = parser.parse_args()
 
 admin = httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {admin_token()}"}, timeout=300)
 with args.artifact.open("rb") as body:  # streamed: an artifact can be gigabytes
-    r = admin.post("/v1/deltas", params={"name": args.name}, content=body,
-                   headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    r = admin.post(
+        "/v1/deltas",
+        params={"name": args.name},
+        content=body,
+        headers={"Content-Type": "application/octet-stream"},
+    )
 r.raise_for_status()
 print("delta:  ", r.json()["name"], r.json()["tensors"], "tensors,", r.json()["size_bytes"], "bytes")
 

@@ -91,20 +91,37 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
     """The command line of a stock vLLM OpenAI server for `spec` (or of the mock engine)."""
     if spec.mock_tokens_per_second is not None:
         tps = str(spec.mock_tokens_per_second)
-        return [sys.executable, "-m", "loaders.mock_engine", "--host", spec.host, "--port", str(port),
-                "--served-name", spec.served_name, "--tokens-per-second", tps]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "loaders.mock_engine",
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+            "--served-name",
+            spec.served_name,
+            "--tokens-per-second",
+            tps,
+        ]
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", spec.model,
-        "--served-model-name", spec.served_name,
-        "--host", spec.host,
-        "--port", str(port),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        spec.model,
+        "--served-model-name",
+        spec.served_name,
+        "--host",
+        spec.host,
+        "--port",
+        str(port),
         # No --disable-log-stats: it also turns off vLLM's Prometheus metrics, which the gateway
         # relays at /metrics/engines/<base>.
         # The gateway sends each variant's chat template (from its artifact) and refuses
         # templates from clients, so the engine may trust the ones it receives.
         "--trust-request-chat-template",
-    ]  # fmt: skip
+    ]
     if spec.max_model_len:
         cmd += ["--max-model-len", str(spec.max_model_len)]
     # vLLM's "auto" dtype downcasts fp32 checkpoints to 16 bits; serve the weights as stored
@@ -289,9 +306,18 @@ class ApplyResult:
         """From a worker's deltagate_apply reply."""
         get = result.get
         phases = {k: result[k] for k in PHASES if k in result}
-        return cls(result["tensors"], result["seconds"], get("repaired", []), get("bytes", 0),
-                   get("of_tensors", 0), get("staged", False), get("staging_seconds", 0.0),
-                   get("memory", {}), phases, get("sharded", 0))  # fmt: skip
+        return cls(
+            result["tensors"],
+            result["seconds"],
+            get("repaired", []),
+            get("bytes", 0),
+            get("of_tensors", 0),
+            get("staged", False),
+            get("staging_seconds", 0.0),
+            get("memory", {}),
+            phases,
+            get("sharded", 0),
+        )
 
 
 def engine_http(url: str) -> httpx.AsyncClient:
@@ -340,9 +366,12 @@ class EngineClient:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout)
             # No cookie jar, no automatic decompression: per-request work the relay does not need.
             self._relay = aiohttp.ClientSession(
-                self.url, connector=connector, timeout=timeout, auto_decompress=False,
+                self.url,
+                connector=connector,
+                timeout=timeout,
+                auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
-            )  # fmt: skip
+            )
         return self._relay
 
     async def close(self) -> None:

@@ -84,8 +84,10 @@ class VariantChatMiddleware:
             return await self.app(scope, receive, send)
         if not self._patched:
             state = scope["app"].state
-            for handler in (getattr(state, name, None) for name in ("openai_serving_responses",
-                                                                    "anthropic_serving_messages")):
+            for handler in (
+                getattr(state, name, None)
+                for name in ("openai_serving_responses", "anthropic_serving_messages")
+            ):
                 _patch(handler)
                 _patch(getattr(handler, "online_renderer", None))  # renders Responses; shared by all routes
             self._patched = True

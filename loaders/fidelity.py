@@ -176,9 +176,14 @@ class Reference:
 
 
 async def record_reference(
-    client: EngineClient, prober: Prober, base: str, exact: Path, prompts: list[str], max_tokens: int,
+    client: EngineClient,
+    prober: Prober,
+    base: str,
+    exact: Path,
+    prompts: list[str],
+    max_tokens: int,
     task: TaskScore | None = None,
-) -> Reference:  # fmt: skip
+) -> Reference:
     """Apply the exact delta and record what every compressed variant is compared with."""
     await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(exact))]))
     probes = list(await asyncio.gather(*(prober.probe(p, max_tokens) for p in prompts)))
@@ -188,9 +193,13 @@ async def record_reference(
 
 
 async def score_variant(
-    client: EngineClient, prober: Prober, base: str, artifact: Path, reference: Reference,
+    client: EngineClient,
+    prober: Prober,
+    base: str,
+    artifact: Path,
+    reference: Reference,
     task: TaskScore | None = None,
-) -> ServedFidelity:  # fmt: skip
+) -> ServedFidelity:
     """Swap `artifact` in and compare it with `reference` on the same token sequences."""
     start = time.perf_counter()
     await client.apply(Recipe(base=base, deltas=[DeltaTerm(path=str(artifact))]))
@@ -204,9 +213,15 @@ async def score_variant(
 
 
 async def measure_served(
-    url: str, model: str, base: str, exact: Path, compressed: Path, prompts: list[str], max_tokens: int = 32,
+    url: str,
+    model: str,
+    base: str,
+    exact: Path,
+    compressed: Path,
+    prompts: list[str],
+    max_tokens: int = 32,
     task: TaskScore | None = None,
-) -> ServedFidelity:  # fmt: skip
+) -> ServedFidelity:
     """Exact then compressed variant on a running deltagate engine, compared."""
     client, prober = EngineClient(url, model), Prober(url, model)
     try:
@@ -223,8 +238,12 @@ def start_engine(base: str, log_dir: Path, max_model_len: int | None = None) -> 
     if max_model_len is None:
         config = json.loads((Path(base) / "config.json").read_text())
         max_model_len = min(2048, int(config.get("max_position_embeddings", 2048)))
-    spec = EngineSpec(model=base, served_name="fidelity", max_model_len=max_model_len,
-                      log_path=log_dir / "fidelity-engine.log")  # fmt: skip
+    spec = EngineSpec(
+        model=base,
+        served_name="fidelity",
+        max_model_len=max_model_len,
+        log_path=log_dir / "fidelity-engine.log",
+    )
     proc = EngineProcess(spec)
     proc.start()
     proc.wait_ready(timeout=1800)

@@ -51,18 +51,20 @@ class MockEngine:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.add_routes([
-            web.get("/health", self.health),
-            web.get("/v1/models", self.models),
-            web.get("/metrics", self.metrics),
-            web.post("/v1/completions", self.completions),
-            web.post("/v1/chat/completions", self.chat),
-            web.post("/pause", self.pause),
-            web.post("/resume", self.resume),
-            web.post("/reset_prefix_cache", self.ok),
-            web.post("/collective_rpc", self.collective_rpc),
-            web.get("/mock/requests", self.seen),
-        ])  # fmt: skip
+        app.add_routes(
+            [
+                web.get("/health", self.health),
+                web.get("/v1/models", self.models),
+                web.get("/metrics", self.metrics),
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.chat),
+                web.post("/pause", self.pause),
+                web.post("/resume", self.resume),
+                web.post("/reset_prefix_cache", self.ok),
+                web.post("/collective_rpc", self.collective_rpc),
+                web.get("/mock/requests", self.seen),
+            ]
+        )
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -141,8 +143,11 @@ class MockEngine:
         prompt = body.get("messages") if chat else body.get("prompt")
         if prompt == "mock:500":
             return _error(500, "mock engine failure", "InternalServerError")
-        usage = {"prompt_tokens": _count_prompt(prompt), "completion_tokens": n,
-                 "total_tokens": _count_prompt(prompt) + n}  # fmt: skip
+        usage = {
+            "prompt_tokens": _count_prompt(prompt),
+            "completion_tokens": n,
+            "total_tokens": _count_prompt(prompt) + n,
+        }
         word = " " + weights_tag(self.recipe)
         self.running += 1
         try:
@@ -161,10 +166,18 @@ class MockEngine:
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = f'data: {{"id":"{rid}","object":"{kind}","created":{created},"model":"{self.served_name}",'
         piece = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
-        chunk = (head + '"choices":[' + json.dumps({**piece, "logprobs": None, "finish_reason": None},
-                                                   separators=(",", ":")) + "]}\n\n").encode()  # fmt: skip
-        last = (head + '"choices":[' + json.dumps({**piece, "logprobs": None, "finish_reason": "length"},
-                                                  separators=(",", ":")) + "]}\n\n").encode()  # fmt: skip
+        chunk = (
+            head
+            + '"choices":['
+            + json.dumps({**piece, "logprobs": None, "finish_reason": None}, separators=(",", ":"))
+            + "]}\n\n"
+        ).encode()
+        last = (
+            head
+            + '"choices":['
+            + json.dumps({**piece, "logprobs": None, "finish_reason": "length"}, separators=(",", ":"))
+            + "]}\n\n"
+        ).encode()
         for i in range(n):
             if i == 2 and body.get("prompt") == "mock:break":
                 request.transport.close()  # an engine crash mid-stream, as the client sees it
@@ -174,8 +187,9 @@ class MockEngine:
             await resp.write(last if i == n - 1 else chunk)
             self.generation_tokens += 1
         if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write((head + '"choices":[],"usage":' + json.dumps(usage, separators=(",", ":"))
-                              + "}\n\n").encode())  # fmt: skip
+            await resp.write(
+                (head + '"choices":[],"usage":' + json.dumps(usage, separators=(",", ":")) + "}\n\n").encode()
+            )
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -196,13 +210,20 @@ def _full_response(model: str, chat: bool, text: str, usage: dict) -> dict:
     choice = {"index": 0, "logprobs": None, "finish_reason": "length"}
     choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
     kind = "chat.completion" if chat else "text_completion"
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage}  # fmt: skip
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                             status=status)  # fmt: skip
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}}, status=status
+    )
 
 
 def main() -> None:

@@ -23,8 +23,10 @@ Residency = Literal["host", "device", "none"]
 
 
 RESIDENCY_ENV, DELTA_CACHE_ENV, SWAP_MODE_ENV = (
-    "DELTAGATE_SWAP_RESIDENCY", "DELTAGATE_DELTA_CACHE_MIB", "DELTAGATE_SWAP_MODE"
-)  # fmt: skip
+    "DELTAGATE_SWAP_RESIDENCY",
+    "DELTAGATE_DELTA_CACHE_MIB",
+    "DELTAGATE_SWAP_MODE",
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,11 @@ class ResidencyConfig:
 
     def to_env(self) -> dict[str, str]:
         """This config as an engine's environment."""
-        return {RESIDENCY_ENV: self.residency, DELTA_CACHE_ENV: str(self.delta_cache_bytes / (1 << 20)),
-                SWAP_MODE_ENV: "full" if self.full_swaps else "incremental"}  # fmt: skip
+        return {
+            RESIDENCY_ENV: self.residency,
+            DELTA_CACHE_ENV: str(self.delta_cache_bytes / (1 << 20)),
+            SWAP_MODE_ENV: "full" if self.full_swaps else "incremental",
+        }
 
 
 class ResidentWeights(CheckpointSource):

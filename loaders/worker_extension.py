@@ -94,8 +94,9 @@ class DeltaWorkerExtension:
             if not full:
                 source = ResidentWeights(_device_of(self), config)
                 shards = rank_shards(model, names, packed)
-            swapper = Swapper(Recipe(base=start_model), names, groups, source, incremental=not full,
-                              shards=shards)  # fmt: skip
+            swapper = Swapper(
+                Recipe(base=start_model), names, groups, source, incremental=not full, shards=shards
+            )
             if self.deltagate_recipe() is not None:  # a worker that applied before this code ran
                 swapper.resident = None
             self._deltagate_swapper_ = swapper

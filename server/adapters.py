@@ -32,6 +32,7 @@ from server.registry import DeltaRecord, VariantRecord
 
 log = logging.getLogger("deltagate.adapters")
 
+
 @dataclass(frozen=True)
 class Adapter:
     """One variant as a LoRA adapter: the name the engine knows it by, its files, what it holds."""

@@ -130,5 +130,11 @@ def serve_app(
     import uvicorn
 
     app = create_app(settings, pool)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
-                timeout_keep_alive=settings.keep_alive_seconds)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=access_log,
+        timeout_keep_alive=settings.keep_alive_seconds,
+    )

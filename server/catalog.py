@@ -59,8 +59,13 @@ class Catalog:
             return record
         stored = await asyncio.to_thread(self.store.put, local)
         size, mtime = (stored.size, 0) if is_uri(stored.uri) else file_identity(stored.uri)[:2]
-        moved = {"path": stored.uri, "size_bytes": size, "mtime_ns": mtime, "source": str(local),
-                 "source_mtime_ns": record.mtime_ns}  # fmt: skip
+        moved = {
+            "path": stored.uri,
+            "size_bytes": size,
+            "mtime_ns": mtime,
+            "source": str(local),
+            "source_mtime_ns": record.mtime_ns,
+        }
         return record.model_copy(update=moved)
 
     async def register_delta_upload(self, name: str, chunks: AsyncIterator[bytes]) -> DeltaRecord:

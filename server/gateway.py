@@ -267,7 +267,7 @@ class Gateway:
                 tuple(served.get(slot.engine, ())),
                 slot.inflight,
                 sum(slot.queued().values()),
-            )  # fmt: skip
+            )
             for id, slot in self.slots.items()
         ]
 
@@ -287,8 +287,11 @@ class Gateway:
             raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
         record = await asyncio.to_thread(describe_base, name, resolved)
         # A tool parser asked for: only an engine running it may host the base (else one of its own).
-        engines = {e: self.registry.base(e).path for e in self.engines()
-                   if tool_parser in (None, self.registry.base(e).tool_parser)}  # fmt: skip
+        engines = {
+            e: self.registry.base(e).path
+            for e in self.engines()
+            if tool_parser in (None, self.registry.base(e).tool_parser)
+        }
         host, reasons = await asyncio.to_thread(place, resolved, engines)
         if host is None and not self.pool.can_launch():
             why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())

@@ -41,9 +41,10 @@ class _SlotCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         resident = GaugeMetricFamily(
-            "deltagate_resident_variant", "1 for the variant whose weights an engine holds, 0 for its others",
+            "deltagate_resident_variant",
+            "1 for the variant whose weights an engine holds, 0 for its others",
             labels=["engine", "variant"],
-        )  # fmt: skip
+        )
         inflight = GaugeMetricFamily(
             "deltagate_inflight_requests",
             "Requests admitted on an engine and not finished",
@@ -71,45 +72,65 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         Info("deltagate_build", "deltagate version", registry=r).info({"version": version})
         self.requests = Counter(
-            "deltagate_requests_total", "Inference requests by variant, endpoint and status class",
-            ["variant", "endpoint", "status_class"], registry=r,
-        )  # fmt: skip
+            "deltagate_requests_total",
+            "Inference requests by variant, endpoint and status class",
+            ["variant", "endpoint", "status_class"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
-            "deltagate_request_duration_seconds", "End-to-end inference latency, swap wait included",
-            ["variant"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "deltagate_request_duration_seconds",
+            "End-to-end inference latency, swap wait included",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ttft_seconds = Histogram(
-            "deltagate_time_to_first_token_seconds", "Arrival to the first streamed chunk",
-            ["variant"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "deltagate_time_to_first_token_seconds",
+            "Arrival to the first streamed chunk",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "deltagate_prompt_tokens_total", "Prompt tokens, from the engine's usage", ["variant"], registry=r
         )
         self.generation_tokens = Counter(
-            "deltagate_generation_tokens_total", "Generated tokens, from the engine's usage", ["variant"],
+            "deltagate_generation_tokens_total",
+            "Generated tokens, from the engine's usage",
+            ["variant"],
             registry=r,
-        )  # fmt: skip
+        )
         self.swap_wait_seconds = Histogram(
-            "deltagate_swap_wait_seconds", "Time a request waited for its variant's weights to be resident",
-            ["variant"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "deltagate_swap_wait_seconds",
+            "Time a request waited for its variant's weights to be resident",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.swaps = Counter(
             "deltagate_swaps_total", "Weight swaps by engine and result", ["engine", "result"], registry=r
         )
         self.swap_seconds = Histogram(
-            "deltagate_swap_duration_seconds", "Engine pause of successful weight swaps", ["engine"],
-            buckets=SWAP_BUCKETS, registry=r,
-        )  # fmt: skip
+            "deltagate_swap_duration_seconds",
+            "Engine pause of successful weight swaps",
+            ["engine"],
+            buckets=SWAP_BUCKETS,
+            registry=r,
+        )
         self.swap_staging_seconds = Histogram(
             "deltagate_swap_staging_seconds",
             "Time the engine merged a swap's tensors in the background while still serving the previous "
             "variant (swaps staged so; the pause itself is deltagate_swap_duration_seconds)",
-            ["engine"], buckets=SWAP_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.swap_bytes = Counter(
-            "deltagate_swap_bytes_total", "Bytes of weights rewritten by successful swaps", ["engine"],
+            ["engine"],
+            buckets=SWAP_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
+        self.swap_bytes = Counter(
+            "deltagate_swap_bytes_total",
+            "Bytes of weights rewritten by successful swaps",
+            ["engine"],
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "deltagate_engine_restarts_total",
             "Managed engines restarted after exiting",
@@ -119,19 +140,23 @@ class Metrics:
         self.upstream_errors = Counter(
             "deltagate_upstream_errors_total",
             "Engine failures seen by the relay: connect, status (engine 5xx), stream (broke mid-response)",
-            ["engine", "kind"], registry=r,
-        )  # fmt: skip
+            ["engine", "kind"],
+            registry=r,
+        )
 
         self.alias_requests = Counter(
             "deltagate_alias_requests_total",
             "Inference requests that named an alias, by alias, the target variant that served them and "
-            "status class", ["alias", "variant", "status_class"], registry=r,
-        )  # fmt: skip
+            "status class",
+            ["alias", "variant", "status_class"],
+            registry=r,
+        )
         self.stalled_streams = Counter(
             "deltagate_stalled_streams_total",
             "Streams ended because the client read nothing for --stream-write-timeout seconds",
-            ["variant"], registry=r,
-        )  # fmt: skip
+            ["variant"],
+            registry=r,
+        )
 
     def watch_engines(self, states: Callable[[], Iterable[EngineState]]) -> None:
         """Report resident variant and in-flight requests per engine from `states()` at each scrape."""

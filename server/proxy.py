@@ -99,8 +99,11 @@ async def forward(
 ) -> Response:
     """Resolve, admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
     start = time.perf_counter()
-    target = gateway.resolve(body.model, sticky_key(headers, body.model_extra or {}),
-                             continued=_continued_variant(gateway, route, body))  # fmt: skip
+    target = gateway.resolve(
+        body.model,
+        sticky_key(headers, body.model_extra or {}),
+        continued=_continued_variant(gateway, route, body),
+    )
     variant, engine = target.variant.name, target.group
     answers_as = target.engine_model  # the model name in the engine's answers
     endpoint = route.path

@@ -68,8 +68,9 @@ class DeltaRecord(BaseModel):
     adapter_rank: int | None = Field(None, description="LoRA rank that carries it exactly (None: cannot)")
     adapter_unfit: str | None = Field(None, description="why it cannot be a LoRA adapter")
     vocab_digest: str | None = Field(None, description="its post model's tokenizer (token -> id map)")
-    source: str | None = Field(None, description="the local file it was registered from, when `path` is "
-                               "its artifact-store URI")
+    source: str | None = Field(
+        None, description="the local file it was registered from, when `path` is its artifact-store URI"
+    )
     source_mtime_ns: int | None = Field(None, description="that file's mtime (a newer one is re-registered)")
 
 
@@ -126,16 +127,25 @@ class RegistryState(BaseModel):
 
     def deltas_of(self, variant: VariantRecord) -> list[DeltaRecord]:
         """The registered deltas `variant` adds, in order."""
-        return [_get(self.deltas, t.delta, f"unknown delta {t.delta!r}; list them with GET /v1/deltas")
-                for t in variant.deltas]  # fmt: skip
+        return [
+            _get(self.deltas, t.delta, f"unknown delta {t.delta!r}; list them with GET /v1/deltas")
+            for t in variant.deltas
+        ]
 
     def recipe(self, variant: VariantRecord) -> Recipe:
         """The weights `variant` stands for: its base's checkpoint and its deltas' registered paths."""
         base = _get(self.bases, variant.base, f"unknown base {variant.base!r}; known: {sorted(self.bases)}")
-        terms = [DeltaTerm(path=d.path, alpha=t.alpha, density=t.density)
-                 for t, d in zip(variant.deltas, self.deltas_of(variant), strict=True)]  # fmt: skip
-        return Recipe(base=base.path, deltas=terms, method=variant.method, normalize=variant.normalize,
-                      seed=variant.seed)  # fmt: skip
+        terms = [
+            DeltaTerm(path=d.path, alpha=t.alpha, density=t.density)
+            for t, d in zip(variant.deltas, self.deltas_of(variant), strict=True)
+        ]
+        return Recipe(
+            base=base.path,
+            deltas=terms,
+            method=variant.method,
+            normalize=variant.normalize,
+            seed=variant.seed,
+        )
 
     def routed_by(self, model: str) -> list[str]:
         """The aliases that send requests to `model`."""
@@ -367,9 +377,9 @@ def _swap(conn: sa.Connection, state: RegistryState, version: int) -> bool:
             return False
         return True
     done = conn.execute(
-        sa.update(_table).where(_table.c.id == 1, _table.c.version == version).values(
-            version=version + 1, body=body
-        )
+        sa.update(_table)
+        .where(_table.c.id == 1, _table.c.version == version)
+        .values(version=version + 1, body=body)
     )
     return done.rowcount == 1
 

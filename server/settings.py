@@ -80,9 +80,11 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DELTAGATE_")
 
     state_dir: Path = _setting(
-        None, "Registry, uploaded deltas, logs and the admin token (default: $XDG_STATE_HOME/deltagate, "
-        "else ~/.local/state/deltagate)", default_factory=default_state_dir,
-    )  # fmt: skip
+        None,
+        "Registry, uploaded deltas, logs and the admin token (default: $XDG_STATE_HOME/deltagate, "
+        "else ~/.local/state/deltagate)",
+        default_factory=default_state_dir,
+    )
     state_db: str | None = _setting(
         None,
         "A database shared by several gateways for the registry and the evals "
@@ -94,18 +96,23 @@ class GatewaySettings(BaseSettings):
         2.0, "With --state-db: how often other gateways' changes are read (s)", ge=0.1
     )
     run_lease_seconds: float = _setting(
-        15.0, "With --state-db: an eval run or rebase whose gateway renewed nothing this long (s) is "
-        "taken over by another gateway", gt=0,
-    )  # fmt: skip
+        15.0,
+        "With --state-db: an eval run or rebase whose gateway renewed nothing this long (s) is "
+        "taken over by another gateway",
+        gt=0,
+    )
     admin_token: str | None = _setting(
         None, "Bearer token of the admin API; default: generated once, kept in the state dir (admin_token)"
     )
     api_keys: Annotated[list[str], NoDecode] = _setting(
-        None, "Inference key (repeatable; DELTAGATE_API_KEYS: separated by spaces); none: inference is open",
-        flag="api-key", default_factory=list,
-    )  # fmt: skip
-    bases: list[BaseSpec] = _setting(None, "From --base, --engine-url, --tool-parser", cli=False,
-                                     default_factory=list)  # fmt: skip
+        None,
+        "Inference key (repeatable; DELTAGATE_API_KEYS: separated by spaces); none: inference is open",
+        flag="api-key",
+        default_factory=list,
+    )
+    bases: list[BaseSpec] = _setting(
+        None, "From --base, --engine-url, --tool-parser", cli=False, default_factory=list
+    )
     variants: list[StartupVariant] = _setting(
         None, "From --variant, --recipe", cli=False, default_factory=list
     )
@@ -115,38 +122,51 @@ class GatewaySettings(BaseSettings):
     kv_cache_gib: float = _setting(1.0, "KV cache per engine (GiB; vLLM CPU: VLLM_CPU_KVCACHE_SPACE)", gt=0)
     engine_start_timeout: float = _setting(900.0, "Seconds an engine may take to start", gt=0)
     supervise_seconds: float = _setting(
-        2.0, "How often engines are checked, a dead one restarted (s; 0: no supervision, e.g. under Ray "
-        "Serve, which replaces a replica instead)", ge=0,
-    )  # fmt: skip
+        2.0,
+        "How often engines are checked, a dead one restarted (s; 0: no supervision, e.g. under Ray "
+        "Serve, which replaces a replica instead)",
+        ge=0,
+    )
     engine_wait: float = _setting(
-        60.0, "Seconds a request waits for an engine that is restarting (or, with --ray, for a replica "
-        "able to serve it), then 503 with Retry-After", ge=0,
-    )  # fmt: skip
+        60.0,
+        "Seconds a request waits for an engine that is restarting (or, with --ray, for a replica "
+        "able to serve it), then 503 with Retry-After",
+        ge=0,
+    )
     engine_args: list[str] = _setting(
-        None, "A vLLM flag for every managed engine (repeatable: --engine-arg=--enforce-eager; "
-        "DELTAGATE_ENGINE_ARGS: a JSON list)", flag="engine-arg", default_factory=list,
-    )  # fmt: skip
+        None,
+        "A vLLM flag for every managed engine (repeatable: --engine-arg=--enforce-eager; "
+        "DELTAGATE_ENGINE_ARGS: a JSON list)",
+        flag="engine-arg",
+        default_factory=list,
+    )
     allow_code_execution: bool = _setting(
         False,
         "Let evals run model-written code (HumanEval), each program sandboxed (docs/guides/evaluate.md)",
     )
     swap_quantum: float = _setting(
-        2.0, "Seconds a busy variant stays resident while other variants wait (the swap policy; 2 s was the "
-        "best of 0/2/5 s measured)", ge=0,
-    )  # fmt: skip
+        2.0,
+        "Seconds a busy variant stays resident while other variants wait (the swap policy; 2 s was the "
+        "best of 0/2/5 s measured)",
+        ge=0,
+    )
     swap_max_wait: float = _setting(
         30.0, "Seconds a request may wait for its variant before the quantum ends", ge=0
     )
     lora_slots: int = _setting(
-        0, "Adapter lane: engines run vLLM multi-LoRA with this many adapters per batch, and variants whose "
+        0,
+        "Adapter lane: engines run vLLM multi-LoRA with this many adapters per batch, and variants whose "
         "deltas are all lowrank projections are served as adapters beside the base, no swap (0: off; "
-        "attached engines must be started with --enable-lora)", ge=0,
-    )  # fmt: skip
+        "attached engines must be started with --enable-lora)",
+        ge=0,
+    )
     max_lora_rank: int = _setting(16, f"Largest adapter rank (vLLM's --max-lora-rank: {VLLM_RANKS})")
     engine_read_timeout: float = _setting(
-        3600.0, "Seconds an engine may send nothing mid-answer (a long prefill included) before the relay "
-        "gives up: 502, or an error event in a stream (0: wait forever)", ge=0,
-    )  # fmt: skip
+        3600.0,
+        "Seconds an engine may send nothing mid-answer (a long prefill included) before the relay "
+        "gives up: 502, or an error event in a stream (0: wait forever)",
+        ge=0,
+    )
     max_body_bytes: int = _setting(
         32 * 2**20, "Largest request body but an upload; larger gets 413 (0: no limit)", ge=0
     )
@@ -157,44 +177,54 @@ class GatewaySettings(BaseSettings):
         60.0, "An upload sending nothing for this long (s) is dropped with 408", ge=0
     )
     keep_alive_seconds: int = _setting(
-        75, "Seconds the gateway keeps an idle client connection open. Longer than clients and load "
+        75,
+        "Seconds the gateway keeps an idle client connection open. Longer than clients and load "
         "balancers keep theirs (the openai SDK 5 s, AWS ALB 60 s), so that they, not the gateway, hang up "
-        "first: a request sent as the server closes fails (bench/keepalive.py)", gt=0,
-    )  # fmt: skip
+        "first: a request sent as the server closes fails (bench/keepalive.py)",
+        gt=0,
+    )
     stream_write_timeout: float = _setting(
-        60.0, "A stream whose client reads nothing for this long (s) is ended and its variant's admission "
-        "released, so it cannot hold off other variants' swaps (0: never)", ge=0,
-    )  # fmt: skip
+        60.0,
+        "A stream whose client reads nothing for this long (s) is ended and its variant's admission "
+        "released, so it cannot hold off other variants' swaps (0: never)",
+        ge=0,
+    )
     swap_residency: Literal["host", "device", "none"] = _setting(
         _WORKER.residency,
         "Where each engine keeps the base weights swaps merge onto: host (memory; pinned on GPUs), "
         "device (GPU memory: fastest, one more copy of the base there) or none (re-read from the checkpoint "
         "at every swap)",
-    )  # fmt: skip
+    )
     delta_cache_mib: float = _setting(
         _WORKER.delta_cache_bytes / 2**20, "Decoded deltas each engine worker keeps between swaps (MiB)", ge=0
     )
     swap_mode: Literal["incremental", "full"] = _setting(
-        "incremental", "Benchmarks: full merges every tensor inside the engine's pause (the baseline "
-        "incremental swaps are measured against)", hidden=True,
-    )  # fmt: skip
+        "incremental",
+        "Benchmarks: full merges every tensor inside the engine's pause (the baseline "
+        "incremental swaps are measured against)",
+        hidden=True,
+    )
     artifact_store: str | None = _setting(
-        None, "Keep every registered delta in this artifact store, by sha256: a directory or an s3:// URI "
+        None,
+        "Keep every registered delta in this artifact store, by sha256: a directory or an s3:// URI "
         "(any S3-compatible endpoint: AWS_ENDPOINT_URL and the usual AWS_* credentials); engines read "
         "deltas through a verified node-local cache. Default: the state dir",
-    )  # fmt: skip
+    )
     artifact_cache_mib: float = _setting(
         0.0, "Each node's cache of stored artifacts, evicted LRU (MiB; 0: no budget)", ge=0
     )
     mock_engine_tps: float | None = _setting(
-        None, "Benchmarks: managed engines are mock engines streaming this many tokens/s",
-        flag="mock-engine", hidden=True,
-    )  # fmt: skip
+        None,
+        "Benchmarks: managed engines are mock engines streaming this many tokens/s",
+        flag="mock-engine",
+        hidden=True,
+    )
     responses_store: bool = _setting(
-        False, "Engines keep the Responses-API responses they make (vLLM's VLLM_ENABLE_RESPONSES_API_STORE), "
+        False,
+        "Engines keep the Responses-API responses they make (vLLM's VLLM_ENABLE_RESPONSES_API_STORE), "
         "so clients can retrieve and continue them (previous_response_id) on the engine that made them; "
         "kept in the engines' memory until they restart",
-    )  # fmt: skip
+    )
 
     _api_keys = field_validator("api_keys", mode="before")(_words)
 
@@ -210,16 +240,22 @@ class GatewaySettings(BaseSettings):
         tool-call parser of the base an engine is started on."""
         lora = tools = ()
         if self.lora_slots and "--enable-lora" not in self.engine_args:
-            lora = ("--enable-lora", "--max-loras", str(self.lora_slots),
-                    "--max-lora-rank", str(self.max_lora_rank))  # fmt: skip
+            lora = (
+                "--enable-lora",
+                "--max-loras",
+                str(self.lora_slots),
+                "--max-lora-rank",
+                str(self.max_lora_rank),
+            )
         if tool_parser and "--tool-call-parser" not in self.engine_args:
             tools = ("--enable-auto-tool-choice", "--tool-call-parser", tool_parser)
         return (*self.engine_args, *lora, *tools)
 
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""
-        worker = ResidencyConfig(self.swap_residency, int(self.delta_cache_mib * 2**20),
-                                 full_swaps=self.swap_mode == "full")  # fmt: skip
+        worker = ResidencyConfig(
+            self.swap_residency, int(self.delta_cache_mib * 2**20), full_swaps=self.swap_mode == "full"
+        )
         cache = self.artifact_cache()  # one cache on a node: the gateway's and its engines'
         env = worker.to_env() | {CACHE_ENV: str(cache.directory), CACHE_MIB_ENV: str(self.artifact_cache_mib)}
         if self.responses_store:

@@ -71,8 +71,9 @@ class StallWatch:
                 if stream.since and now - stream.since > self.timeout:
                     log.warning(
                         "client of a %s stream read nothing for %.0f s: stream ended, admission released",
-                        stream.label, self.timeout,
-                    )  # fmt: skip
+                        stream.label,
+                        self.timeout,
+                    )
                     self.on_stall(stream.label)
                     stream.end("stalled")
 

@@ -257,15 +257,29 @@ class WeightSlot:
         self.resident, self.lane = recipe, lane
         self.resident_since = time.monotonic()
         record = SwapRecord(
-            variant, started_at, start, time.perf_counter() - start, result.tensors, ok=True,
-            of_tensors=result.of_tensors, bytes=result.bytes, staged=result.staged,
+            variant,
+            started_at,
+            start,
+            time.perf_counter() - start,
+            result.tensors,
+            ok=True,
+            of_tensors=result.of_tensors,
+            bytes=result.bytes,
+            staged=result.staged,
             staging_seconds=result.staging_seconds,
-        )  # fmt: skip
+        )
         self.last_swap, self.memory = record, result.memory
         self._report(record)
         staging = f"staged in {record.staging_seconds:.2f}s while serving" if record.staged else "not staged"
-        log.info("swapped to %s: engine paused %.3fs (%s; %d of %d tensors, %.1f MB)", variant,
-                 record.seconds, staging, result.tensors, result.of_tensors, result.bytes / 1e6)  # fmt: skip
+        log.info(
+            "swapped to %s: engine paused %.3fs (%s; %d of %d tensors, %.1f MB)",
+            variant,
+            record.seconds,
+            staging,
+            result.tensors,
+            result.of_tensors,
+            result.bytes / 1e6,
+        )
 
     async def _restore(self, previous: Recipe) -> ApplyResult | None:
         """After a failed swap, put the previous weights back (a failed apply may be partial)."""

@@ -51,8 +51,10 @@ def pytest_configure(config) -> None:
     own (twice the engines: more memory than this machine has)."""
     version = tuple(map(int, pytest.__version__.split(".")[:2]))
     if config.getoption("dist", None) == "loadgroup" and version >= (9, 2):  # None: xdist not loaded
-        raise pytest.UsageError(f"pytest {pytest.__version__}: pytest-xdist 3.8 cannot group tests on pytest "
-                                ">= 9.2 (--dist loadgroup); install the versions pyproject.toml pins")
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__}: pytest-xdist 3.8 cannot group tests on pytest "
+            ">= 9.2 (--dist loadgroup); install the versions pyproject.toml pins"
+        )
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,9 @@ def untied(tmp_path_factory) -> PicoFamily:
 @pytest.fixture(scope="session")
 def tied_updated(tied, tmp_path_factory) -> Path:
     """θ′ for `tied`: its base moved by a small seeded update, as continued pre-training would."""
-    return make_pico_post(tied.base, tmp_path_factory.mktemp("tied-updated") / "base", seed=50, scale=0.1,
-                          chat_template=None)  # fmt: skip
+    return make_pico_post(
+        tied.base, tmp_path_factory.mktemp("tied-updated") / "base", seed=50, scale=0.1, chat_template=None
+    )
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,11 @@ class PartialDeltas:
     part2_rewrites: tuple[str, ...]
 
 
-PART1 = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-         "model.layers.0.mlp.gate_proj.weight")  # fmt: skip
+PART1 = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.mlp.gate_proj.weight",
+)
 PART2 = ("model.layers.1.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight")
 
 
@@ -124,8 +130,12 @@ def tied_parts(tied, tmp_path_factory) -> PartialDeltas:
         plan = CodecPlan(exclude=[n for n in names if n not in part])
         compress_artifact(tied.delta, work / f"part{1 + (part is PART2)}.safetensors", plan)
     qkv = ("q_proj", "k_proj", "v_proj")
-    part1 = (PART1[0], *(f"model.layers.0.self_attn.{p}.weight" for p in qkv),
-             "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")  # fmt: skip
+    part1 = (
+        PART1[0],
+        *(f"model.layers.0.self_attn.{p}.weight" for p in qkv),
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    )
     part2 = (*(f"model.layers.1.self_attn.{p}.weight" for p in qkv), *PART2[1:])
     return PartialDeltas(work / "part1.safetensors", work / "part2.safetensors", part1, part2)
 
@@ -227,8 +237,10 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         shared = {"untied-inst"} if one == two else set()  # the post model's answers serve both
         excluded = shared | {"tied-inst"}  # recorded by the jobs above
         checkpoints = stack_references(tied, untied, tied_updated, tied_parts, stack.work, excluded)
-        jobs += [RefJob(name, path, answers, cores=ref_cores(k, engines=2))
-                 for k, (name, path) in enumerate(checkpoints.items())]  # fmt: skip
+        jobs += [
+            RefJob(name, path, answers, cores=ref_cores(k, engines=2))
+            for k, (name, path) in enumerate(checkpoints.items())
+        ]
         got = record_references(jobs, work)
         refs = {name: got[name] for name in ("lr", "lr-mix", "post", "post-lora")} | got["peft"]
         stack_answers = {name: got[name] for name in (*checkpoints, "tied-inst")}
@@ -238,8 +250,12 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
             stack.refs["untied-inst"] = got["post"]
         stack.api_refs = {"tied": got["lm-tied"]["apis"], "tied-inst": got["tied-inst"]["apis"]}
         stack.chat_refs["tied"] = got["lm-tied"]["chat"]
-        lm = {"tied": got["lm-tied"]["lm-eval"], "tied-inst": got["tied-inst"]["lm-eval"],
-              "tokenize": got["tied-inst"]["tokenize"], "tasks": tasks}  # fmt: skip
+        lm = {
+            "tied": got["lm-tied"]["lm-eval"],
+            "tied-inst": got["tied-inst"]["lm-eval"],
+            "tokenize": got["tied-inst"]["tokenize"],
+            "tasks": tasks,
+        }
         yield Fleet(LowRank(lr, lr2, adapter, refs, threads=one), stack, lm)
     finally:
         stop_gateway(stack.proc)
@@ -276,11 +292,16 @@ def s3_server(tmp_path_factory) -> S3Server:
     port = free_port()
     log = tmp_path_factory.mktemp("s3") / "moto.log"
     moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "wb"), stderr=subprocess.STDOUT
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -340,14 +361,30 @@ class Postgres:
         import subprocess
         import time
 
-        cmd = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
-               "-c", "listen_addresses=127.0.0.1"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, user="postgres")  # our child: reaped by wait()
+        cmd = [
+            str(self.bin / "postgres"),
+            "-D",
+            str(self.data),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.root),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user="postgres",
+        )  # our child: reaped by wait()
         deadline = time.monotonic() + 60
         while True:
-            ready = subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
-                                    "-U", "deltagate"], capture_output=True)  # fmt: skip
+            ready = subprocess.run(
+                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "deltagate"],
+                capture_output=True,
+            )
             if ready.returncode == 0:
                 return
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -64,8 +64,12 @@ def build(cache: Path, seeds: list[int], log=print) -> dict:
         updated_deltas[s] = cache / "deltas" / f"{out.name}.safetensors"
         if not updated_deltas[s].is_file():
             extract_delta(updated, out, updated_deltas[s])
-    return {"base": base, "updated": updated, "deltas": {s: posts[s].delta for s in seeds},
-            "updated_deltas": updated_deltas}  # fmt: skip
+    return {
+        "base": base,
+        "updated": updated,
+        "deltas": {s: posts[s].delta for s in seeds},
+        "updated_deltas": updated_deltas,
+    }
 
 
 def api(method: str, url: str, body: dict | None = None) -> dict:
@@ -79,10 +83,23 @@ def api(method: str, url: str, body: dict | None = None) -> dict:
 def start_gateway(base: Path, work: Path) -> tuple[subprocess.Popen, str]:
     """`deltagate serve --base smollm2=BASE` on a free port with state in `work`, once healthy."""
     port = free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(work),
-           "--admin-token", ADMIN, "--base", f"smollm2={base}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "serve",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(work),
+        "--admin-token",
+        ADMIN,
+        "--base",
+        f"smollm2={base}",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, 1800, "gateway", work / "gateway.log")
     return proc, url
@@ -101,8 +118,10 @@ def serve(paths: dict, work: Path, log=print) -> tuple[subprocess.Popen, str]:
         for name, path in ((f"addition-s{s}", delta), (f"py-addition-s{s}", paths["updated_deltas"][s])):
             if name not in have:
                 api("POST", f"{url}/v1/deltas", {"name": name, "path": str(path)})
-        wanted = {f"sft-s{s}": ("smollm2", f"addition-s{s}", 1.0),
-                  f"py-sft-s{s}": ("smollm2-py", f"py-addition-s{s}", 1.0)}  # fmt: skip
+        wanted = {
+            f"sft-s{s}": ("smollm2", f"addition-s{s}", 1.0),
+            f"py-sft-s{s}": ("smollm2-py", f"py-addition-s{s}", 1.0),
+        }
         wanted |= {f"paramdelta-{a}-s{s}": ("smollm2-py", f"addition-s{s}", a) for a in ALPHAS}
         for name, (base, delta, alpha) in wanted.items():
             if name not in variants:
@@ -112,8 +131,11 @@ def serve(paths: dict, work: Path, log=print) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-PROMPTS = ["What is 37 + 45? Answer with the number only.", "What is the capital of France?",
-           "def fibonacci(n):"]  # fmt: skip
+PROMPTS = [
+    "What is 37 + 45? Answer with the number only.",
+    "What is the capital of France?",
+    "def fibonacci(n):",
+]
 
 
 def _greedy(url: str, model: str) -> list[dict]:
@@ -143,10 +165,15 @@ def check_exact(url: str, paths: dict, seed: int, work: Path, log=print) -> str:
     finally:
         stock.stop()
     same = sum(a == b for a, b in zip(served, reference, strict=True))
-    diff = max(abs(x - y) for a, b in zip(served, reference, strict=True)
-               for x, y in zip(a["token_logprobs"], b["token_logprobs"], strict=False))  # fmt: skip
-    line = (f"served `paramdelta-1.0-s{seed}` vs stock vLLM on the offline merge: {same}/{len(PROMPTS)} "
-            f"prompts identical (16 greedy tokens and logprobs), max |Δ logprob| = {diff:.3g}")  # fmt: skip
+    diff = max(
+        abs(x - y)
+        for a, b in zip(served, reference, strict=True)
+        for x, y in zip(a["token_logprobs"], b["token_logprobs"], strict=False)
+    )
+    line = (
+        f"served `paramdelta-1.0-s{seed}` vs stock vLLM on the offline merge: {same}/{len(PROMPTS)} "
+        f"prompts identical (16 greedy tokens and logprobs), max |Δ logprob| = {diff:.3g}"
+    )
     log(line)
     return line
 
@@ -164,8 +191,10 @@ def run_eval(
         run = api("GET", f"{url}/v1/evals/{ev['id']}/runs/{run['id']}")
         done = run["progress"]["done"]
         if done != last:
-            log(f"  {source['task']}: {done}/{run['progress']['total']} answers "
-                f"({time.monotonic() - start:.0f}s)")  # fmt: skip
+            log(
+                f"  {source['task']}: {done}/{run['progress']['total']} answers "
+                f"({time.monotonic() - start:.0f}s)"
+            )
             last = done
     if run["status"] != "completed":
         raise RuntimeError(f"eval run {run['id']} {run['status']}: {run.get('error')}")
@@ -206,14 +235,23 @@ def addition_tables(runs: dict[int, dict], criterion: str = "exact_match") -> st
                 continue  # θ and θ′ do not depend on the seed; shown once
             c = result["criteria"][criterion]
             lines.append(f"| {_label(name)} | `{name}` | {seed if name not in LABELS else '–'} | {_pct(c)} |")
-    lines += ["", "Paired differences on the same items (ParamΔ α = 1 minus the other model, 95% CI):", "",
-              "| seed | ParamΔ(1.0) − θ_post | ParamΔ(1.0) − θ′_sft | ParamΔ(1.0) − θ′ "
-              "| ParamΔ(1.0) − ParamΔ(0.5) | ParamΔ(1.0) − ParamΔ(1.5) |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Paired differences on the same items (ParamΔ α = 1 minus the other model, 95% CI):",
+        "",
+        "| seed | ParamΔ(1.0) − θ_post | ParamΔ(1.0) − θ′_sft | ParamΔ(1.0) − θ′ "
+        "| ParamΔ(1.0) − ParamΔ(0.5) | ParamΔ(1.0) − ParamΔ(1.5) |",
+        "|---|---|---|---|---|---|",
+    ]
     for seed, run in runs.items():
         by = {c["variant"]: c for c in run["comparisons"] if c["criterion"] == criterion}
-        cols = [f"sft-s{seed}", f"py-sft-s{seed}", "smollm2-py", f"paramdelta-0.5-s{seed}",
-                f"paramdelta-1.5-s{seed}"]  # fmt: skip
+        cols = [
+            f"sft-s{seed}",
+            f"py-sft-s{seed}",
+            "smollm2-py",
+            f"paramdelta-0.5-s{seed}",
+            f"paramdelta-1.5-s{seed}",
+        ]
         lines.append(f"| {seed} | " + " | ".join(_diff(by[c]) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -225,8 +263,13 @@ def gsm8k_table(run: dict) -> str:
         lines.append(
             f"| {_label(name)} | `{name}` | {_pct(c['strict_match'])} | {_pct(c['flexible_match'])} |"
         )
-    lines += ["", f"Paired differences, `{next(iter(run['per_variant']))}` minus each model (95% CI):", "",
-              "| other model | strict | flexible |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"Paired differences, `{next(iter(run['per_variant']))}` minus each model (95% CI):",
+        "",
+        "| other model | strict | flexible |",
+        "|---|---|---|",
+    ]
     by: dict[str, dict] = {}
     for c in run["comparisons"]:
         by.setdefault(c["variant"], {})[c["criterion"]] = c
@@ -244,8 +287,10 @@ def perplexity_table(url: str, tokenizer_dir: Path, models: list[str], n: int, w
         chunks(tok, python_files(held_out=True), window, n),
         chunks(tok, general_files(), window, n),
     )
-    lines = [f"| model | served as | Python ppl ({n}×{window} tok, held out) | general ppl (licenses) |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| model | served as | Python ppl ({n}×{window} tok, held out) | general ppl (licenses) |",
+        "|---|---|---|---|",
+    ]
     for model in models:
         pc, pg = perplexity(url, model, code), perplexity(url, model, general)
         log(f"  perplexity {model}: {pc:.3f} / {pg:.3f}")
@@ -302,8 +347,15 @@ def main() -> None:
         runs = {}
         for s in args.seeds:
             print(f"addition, seed {s}")
-            variants = [f"paramdelta-1.0-s{s}", f"sft-s{s}", f"py-sft-s{s}", "smollm2-py",
-                        f"paramdelta-0.5-s{s}", f"paramdelta-1.5-s{s}", "smollm2"]  # fmt: skip
+            variants = [
+                f"paramdelta-1.0-s{s}",
+                f"sft-s{s}",
+                f"py-sft-s{s}",
+                "smollm2-py",
+                f"paramdelta-0.5-s{s}",
+                f"paramdelta-1.5-s{s}",
+                "smollm2",
+            ]
             runs[s] = run_eval(url, {"type": "builtin", "task": "addition"}, variants, 8, args.tasks)
         s0 = args.seeds[0]
         gsm = None
@@ -312,22 +364,31 @@ def main() -> None:
             variants = [f"paramdelta-1.0-s{s0}", f"sft-s{s0}", f"py-sft-s{s0}", "smollm2-py", "smollm2"]
             gsm = run_eval(url, {"type": "builtin", "task": "gsm8k"}, variants, 256, args.gsm8k)
         print("perplexity")
-        ppl_models = ["smollm2", "smollm2-py", f"sft-s{s0}", *(f"paramdelta-{a}-s{s0}" for a in ALPHAS),
-                      f"py-sft-s{s0}"]  # fmt: skip
+        ppl_models = [
+            "smollm2",
+            "smollm2-py",
+            f"sft-s{s0}",
+            *(f"paramdelta-{a}-s{s0}" for a in ALPHAS),
+            f"py-sft-s{s0}",
+        ]
         ppl = perplexity_table(url, paths["base"], ppl_models, args.windows, args.window_len)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
     (work / "runs.json").write_text(json.dumps({"addition": runs, "gsm8k": gsm}, indent=1))
     section = "\n\n".join(
-        [f"Measured {time.strftime('%Y-%m-%d')} in {(time.monotonic() - started) / 60:.0f} minutes with "
-         f"`python -m training.paramdelta_table --seeds {' '.join(map(str, args.seeds))} "
-         f"--tasks {args.tasks} --gsm8k {args.gsm8k}`.",
-         f"Exactness: {exact}.",
-         f"### Addition (n = {args.tasks} held-out problems, greedy, exact match)", addition_tables(runs),
-         *([f"### GSM8K (n = {args.gsm8k}, 5-shot, greedy, 256 tokens)", gsm8k_table(gsm)] if gsm else []),
-         "### Perplexity (seed 0): does θ′'s domain gain survive the delta?", ppl]
-    )  # fmt: skip
+        [
+            f"Measured {time.strftime('%Y-%m-%d')} in {(time.monotonic() - started) / 60:.0f} minutes with "
+            f"`python -m training.paramdelta_table --seeds {' '.join(map(str, args.seeds))} "
+            f"--tasks {args.tasks} --gsm8k {args.gsm8k}`.",
+            f"Exactness: {exact}.",
+            f"### Addition (n = {args.tasks} held-out problems, greedy, exact match)",
+            addition_tables(runs),
+            *([f"### GSM8K (n = {args.gsm8k}, 5-shot, greedy, 256 tokens)", gsm8k_table(gsm)] if gsm else []),
+            "### Perplexity (seed 0): does θ′'s domain gain survive the delta?",
+            ppl,
+        ]
+    )
     write_doc(args.out, section)
     print(section)
 

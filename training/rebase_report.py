@@ -51,18 +51,55 @@ def serve(cache: Path, work: Path, log=print) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def rebase(url: str, eval_id: str, args: argparse.Namespace, alphas: list[float], gate: dict,
-           plot: Path | None = None) -> dict:  # fmt: skip
+def rebase(
+    url: str,
+    eval_id: str,
+    args: argparse.Namespace,
+    alphas: list[float],
+    gate: dict,
+    plot: Path | None = None,
+) -> dict:
     """One rebase of sft-s0 as a user runs it, `deltagate rebase` (its progress on stderr, the job as
     JSON on stdout), and the report's plot where `plot` says."""
     flags = {"--min-difference": gate.get("min_difference"), "--min-ratio": gate.get("min_ratio")}
-    cmd = [sys.executable, "-m", "cli", "rebase", "--from", "smollm2", "--to", "smollm2-py",
-           "--variant", "sft-s0", "--eval", eval_id, *(f"--alpha={a}" for a in alphas),
-           "--validation", str(args.validation), "--holdout", str(args.holdout), "--seed", "0",
-           "--criterion", gate["criterion"], "--steps", "10,100", "--hold", "5", "--concurrency", "8",
-           "--max-tokens", "8", "--url", url, "--admin-token", ADMIN, "--json",
-           *(f"{flag}={value}" for flag, value in flags.items() if value is not None),
-           *(["--plot", str(plot)] if plot else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "rebase",
+        "--from",
+        "smollm2",
+        "--to",
+        "smollm2-py",
+        "--variant",
+        "sft-s0",
+        "--eval",
+        eval_id,
+        *(f"--alpha={a}" for a in alphas),
+        "--validation",
+        str(args.validation),
+        "--holdout",
+        str(args.holdout),
+        "--seed",
+        "0",
+        "--criterion",
+        gate["criterion"],
+        "--steps",
+        "10,100",
+        "--hold",
+        "5",
+        "--concurrency",
+        "8",
+        "--max-tokens",
+        "8",
+        "--url",
+        url,
+        "--admin-token",
+        ADMIN,
+        "--json",
+        *(f"{flag}={value}" for flag, value in flags.items() if value is not None),
+        *(["--plot", str(plot)] if plot else []),
+    ]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # a failed gate exits 2, job printed
     if not done.stdout.strip():
         raise SystemExit(f"deltagate rebase printed no job (exit {done.returncode}): see its error above")
@@ -79,36 +116,48 @@ def markdown(strict: dict, ratio: dict, minutes: float, args: argparse.Namespace
     def verdict(job: dict, e: dict, gate: dict) -> str:
         moved = "moved to " + e["variant"] if e["promoted"] else "not moved"
         passed = "passed" if e["gate"]["passed"] else "failed"
-        return (f"rebase `{job['id']}`, gate `{json.dumps(gate)}`: **{passed}** — "
-                f"{'; '.join(e['gate']['reasons'])}. Alias `assistant`: {moved}.")  # fmt: skip
+        return (
+            f"rebase `{job['id']}`, gate `{json.dumps(gate)}`: **{passed}** — "
+            f"{'; '.join(e['gate']['reasons'])}. Alias `assistant`: {moved}."
+        )
 
-    rows = [f"| θ′ + {a}·Δ | validation | {entry['validation'][a]['n']} | {pct(entry['validation'][a])} |"
-            for a in sorted(entry["validation"], key=float)]  # fmt: skip
-    names = {"from": "θ + Δ (`sft-s0`)", "candidate": f"θ′ + {entry['alpha']:g}·Δ (`{entry['variant']}`)",
-             "to_base": "θ′ alone (`smollm2-py`)"}  # fmt: skip
+    rows = [
+        f"| θ′ + {a}·Δ | validation | {entry['validation'][a]['n']} | {pct(entry['validation'][a])} |"
+        for a in sorted(entry["validation"], key=float)
+    ]
+    names = {
+        "from": "θ + Δ (`sft-s0`)",
+        "candidate": f"θ′ + {entry['alpha']:g}·Δ (`{entry['variant']}`)",
+        "to_base": "θ′ alone (`smollm2-py`)",
+    }
     rows += [f"| {names[k]} | held out | {s['n']} | {pct(s)} |" for k, s in entry["scores"].items()]
     d = entry["difference"]
     log = ratio["report"]["log"]
     steps = [line.split(" ", 1)[1] for line in log if " step " in line or "promoting" in line]
-    return "\n".join([
-        f"Measured {time.strftime('%Y-%m-%d')} in {minutes:.0f} minutes with `python -m "
-        f"training.rebase_report --validation {args.validation} --holdout {args.holdout}`.",
-        "",
-        "| model | split | n | exact match [95% CI] |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        f"α chosen on the validation split: **{entry['alpha']:g}**. Paired difference on the held-out "
-        f"split, {entry['variant']} − sft-s0: {100 * d['value']:+.1f} points, 95% CI "
-        f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (n = {d['n']}).",
-        "",
-        "- First, α searched, " + verdict(strict, entry, STRICT),
-        f"- Then α fixed at {second['alpha']:g} (the search's choice, the same held-out items, scores "
-        f"{pct(second['scores']['from'])} and {pct(second['scores']['candidate'])} again), "
-        + verdict(ratio, second, RATIO) + " Its log: " + "; ".join(steps) + ".",
-        "",
-        "![the rebase report](../img/rebase-smollm2.png)",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"Measured {time.strftime('%Y-%m-%d')} in {minutes:.0f} minutes with `python -m "
+            f"training.rebase_report --validation {args.validation} --holdout {args.holdout}`.",
+            "",
+            "| model | split | n | exact match [95% CI] |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"α chosen on the validation split: **{entry['alpha']:g}**. Paired difference on the held-out "
+            f"split, {entry['variant']} − sft-s0: {100 * d['value']:+.1f} points, 95% CI "
+            f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (n = {d['n']}).",
+            "",
+            "- First, α searched, " + verdict(strict, entry, STRICT),
+            f"- Then α fixed at {second['alpha']:g} (the search's choice, the same held-out items, scores "
+            f"{pct(second['scores']['from'])} and {pct(second['scores']['candidate'])} again), "
+            + verdict(ratio, second, RATIO)
+            + " Its log: "
+            + "; ".join(steps)
+            + ".",
+            "",
+            "![the rebase report](../img/rebase-smollm2.png)",
+        ]
+    )
 
 
 def main() -> None:
@@ -136,8 +185,10 @@ def main() -> None:
         question = [{"role": "user", "content": "What is 37 + 45? Answer with the number only."}]
         ask = {"model": "assistant", "max_tokens": 8, "temperature": 0, "messages": question}
         answer = httpx.post(f"{url}/v1/chat/completions", timeout=600, json=ask)
-        print(f"assistant now served by {answer.headers.get('x-deltagate-variant')}: "
-              f"{answer.json()['choices'][0]['message']['content']!r}")  # fmt: skip
+        print(
+            f"assistant now served by {answer.headers.get('x-deltagate-variant')}: "
+            f"{answer.json()['choices'][0]['message']['content']!r}"
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)

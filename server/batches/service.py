@@ -36,8 +36,16 @@ MAX_LINES = 50_000  # as OpenAI's
 class BatchService:
     """Runs the batches this gateway holds the lease of; every batch's state is in the store."""
 
-    def __init__(self, store: BatchStore, files: FileStore, gateway: Gateway, metrics: Metrics,
-                 owner: str, lease: float, concurrency: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        store: BatchStore,
+        files: FileStore,
+        gateway: Gateway,
+        metrics: Metrics,
+        owner: str,
+        lease: float,
+        concurrency: int = 8,
+    ):
         self.store, self.files, self.gateway, self.metrics = store, files, gateway, metrics
         self.owner, self.lease = owner, lease  # this gateway, and how long its leases last (as evals')
         self.concurrency = concurrency
@@ -88,15 +96,28 @@ class BatchService:
             raise BadRequestError(f"file {input_file_id!r} has purpose {record['purpose']!r}, not 'batch'")
         now = int(time.time())
         batch = {
-            "id": f"batch_{secrets.token_hex(12)}", "object": "batch", "endpoint": endpoint, "errors": None,
-            "input_file_id": input_file_id, "completion_window": completion_window, "status": "validating",
-            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+            "id": f"batch_{secrets.token_hex(12)}",
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": input_file_id,
+            "completion_window": completion_window,
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
             "expires_at": now + WINDOW_SECONDS[completion_window],
-            "finalizing_at": None, "completed_at": None,
-            "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata,
             "usage": _usage({}),
-        }  # fmt: skip
+        }
         lines, errors = _parse(self.files.content(input_file_id), endpoint)
         if errors:
             listed = {"object": "list", "data": errors[:100]}
@@ -168,8 +189,12 @@ class BatchService:
                 "message": f"{type(exc).__name__}: {exc}",
                 "param": None,
             }
-            self._update(batch_id, status="failed", failed_at=int(time.time()),
-                         errors={"object": "list", "data": [error]})  # fmt: skip
+            self._update(
+                batch_id,
+                status="failed",
+                failed_at=int(time.time()),
+                errors={"object": "list", "data": [error]},
+            )
 
     async def _ask(self, route, line: dict) -> dict:
         """One line through the relay: OpenAI's output line (an error line for a non-2xx answer)."""
@@ -263,6 +288,10 @@ def _add_usage(total: dict, body) -> None:
 def _usage(counts: dict) -> dict:
     """OpenAI's batch usage from prompt and completion token counts."""
     prompt, completion = counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + completion}  # fmt: skip
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }

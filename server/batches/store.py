@@ -67,9 +67,17 @@ class FileStore(Store):
     def add(self, data: bytes, filename: str, purpose: str) -> dict:
         """Store `data` as a new file; its OpenAI file object."""
         file_id = f"file-{secrets.token_hex(12)}"
-        record = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                  "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
-                  "status_details": None}  # fmt: skip
+        record = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
         row = {"id": file_id, "created_at": time.time(), "purpose": purpose, "record": json.dumps(record)}
 
         def insert(conn: sa.Connection) -> None:
@@ -111,8 +119,14 @@ class BatchStore(Store):
     """Batch objects, their leases and their answers."""
 
     def add(self, batch: dict, owner: str, lease: float) -> None:
-        row = {"id": batch["id"], "created_at": time.time(), "status": batch["status"],
-               "batch": json.dumps(batch), "owner": owner, "lease_until": time.time() + lease}  # fmt: skip
+        row = {
+            "id": batch["id"],
+            "created_at": time.time(),
+            "status": batch["status"],
+            "batch": json.dumps(batch),
+            "owner": owner,
+            "lease_until": time.time() + lease,
+        }
         self._run(lambda c: c.execute(sa.insert(_batches).values(row)))
 
     def get(self, batch_id: str) -> dict:
@@ -177,8 +191,12 @@ def import_dir(engine: sa.Engine, files_dir: Path, batches_dir: Path) -> int:
         for path in sorted(files_dir.glob("file-*.json")) if files_dir.is_dir() else []:
             record = json.loads(path.read_text())
             file_id, data = record["id"], path.with_suffix(".data").read_bytes()
-            row = {"id": file_id, "created_at": record["created_at"], "purpose": record["purpose"],
-                   "record": json.dumps(record)}  # fmt: skip
+            row = {
+                "id": file_id,
+                "created_at": record["created_at"],
+                "purpose": record["purpose"],
+                "record": json.dumps(record),
+            }
             conn.execute(sa.insert(_files).values(row))
             conn.execute(sa.insert(_file_data).values(id=file_id, data=data))
             count += 1

@@ -116,13 +116,18 @@ class Scaling:
             options["max_replicas_per_node"] = self.replicas_per_node
         if not self.max_replicas or self.max_replicas <= self.replicas:
             return options | {"num_replicas": self.replicas}
-        return options | {"autoscaling_config": {
-            "min_replicas": self.replicas, "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_requests,
-            "metrics_interval_s": 1.0, "look_back_period_s": 5.0,
-            "upscale_delay_s": 2.0, "downscale_delay_s": self.scale_down_delay,
-            "policy": {"policy_function": engine_load_policy},
-        }}  # fmt: skip
+        return options | {
+            "autoscaling_config": {
+                "min_replicas": self.replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_requests,
+                "metrics_interval_s": 1.0,
+                "look_back_period_s": 5.0,
+                "upscale_delay_s": 2.0,
+                "downscale_delay_s": self.scale_down_delay,
+                "policy": {"policy_function": engine_load_policy},
+            }
+        }
 
 
 def engine_load_policy(ctx: AutoscalingContext) -> tuple[int, dict]:

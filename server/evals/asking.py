@@ -140,9 +140,7 @@ class Asker:
         prompt = render(task.prompt, item)
         try:
             payload = {"prompt": prompt, "max_tokens": task.probe_tokens, "return_token_ids": True}
-            choice = (
-                await self._complete(self._greedy(task.reference, payload))
-            )["choices"][0]
+            choice = (await self._complete(self._greedy(task.reference, payload)))["choices"][0]
             prompt_ids = list(choice["prompt_token_ids"])
             probe = Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
             return ReferenceProbe(prompt, probe, await self._distributions(task.reference, probe))

@@ -86,10 +86,13 @@ def run_result(store: EvalStore, run: dict) -> RunPublic:
     }
     measured = {k: v for k, v in run["measured"].items() if k != "item_indices"}
     per_criterion = [
-        CriterionCounts(testing_criteria=g, passed=sum(r.criteria[g].passed for r in per_variant.values()),
-                        failed=sum(r.criteria[g].n - r.criteria[g].passed for r in per_variant.values()))
+        CriterionCounts(
+            testing_criteria=g,
+            passed=sum(r.criteria[g].passed for r in per_variant.values()),
+            failed=sum(r.criteria[g].n - r.criteria[g].passed for r in per_variant.values()),
+        )
         for g in graders
-    ]  # fmt: skip
+    ]
     if body.data_source is not None:  # OpenAI's shape: echoed without its items (they can be large)
         source = body.data_source.model_dump(exclude_none=True)
         source["source"] = {"type": "file_content", "items": len(body.data_source.source.content)}
@@ -145,17 +148,39 @@ def output_items(
             "top_p": body.top_p if body.top_p is not None else 1.0,
             "seed": body.seed,
         }
-        results = [GraderResult(name=name, type=graders.get(name, ""), passed=bool(passed),
-                                score=r["scores"].get(name, float(bool(passed))))
-                   for name, passed in r["grades"].items()]  # fmt: skip
+        results = [
+            GraderResult(
+                name=name,
+                type=graders.get(name, ""),
+                passed=bool(passed),
+                score=r["scores"].get(name, float(bool(passed))),
+            )
+            for name, passed in r["grades"].items()
+        ]
         page.append(
             OutputItem(
-                id=str(r["seq"]), eval_id=run["eval_id"], run_id=run["id"], created_at=int(run["created_at"]),
-                status=r["status"], datasource_item_id=r["idx"], datasource_item=item, results=results,
-                sample=sample, variant=r["variant"], index=r["idx"], input=r["input"], output=r["output"],
-                grades=r["grades"], scores=r["scores"], error=r["error"],
-            )  # fmt: skip
+                id=str(r["seq"]),
+                eval_id=run["eval_id"],
+                run_id=run["id"],
+                created_at=int(run["created_at"]),
+                status=r["status"],
+                datasource_item_id=r["idx"],
+                datasource_item=item,
+                results=results,
+                sample=sample,
+                variant=r["variant"],
+                index=r["idx"],
+                input=r["input"],
+                output=r["output"],
+                grades=r["grades"],
+                scores=r["scores"],
+                error=r["error"],
+            )
         )
     ids = [item.id for item in page]
-    return OutputItems(data=page, has_more=len(rows) > limit, first_id=ids[0] if ids else None,
-                       last_id=ids[-1] if ids else None)  # fmt: skip
+    return OutputItems(
+        data=page,
+        has_more=len(rows) > limit,
+        first_id=ids[0] if ids else None,
+        last_id=ids[-1] if ids else None,
+    )

@@ -88,7 +88,7 @@ def _command(limits: Limits) -> list[str]:
                     "-I",
                     "-",
                 ]
-            ),  # fmt: skip
+            ),
         ]
     )
     return ["unshare", "--pid", "--fork", "--kill-child", "--net", "--mount", "--", "/bin/sh", "-c", inner]

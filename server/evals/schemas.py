@@ -48,8 +48,10 @@ class CustomDataSourceConfig(BaseModel):
         properties = {"item": self.item_schema}
         if self.include_sample_schema:
             properties["sample"] = {"type": "object", "properties": {"output_text": {"type": "string"}}}
-        return {"type": "custom", "schema": {"type": "object", "properties": properties,
-                                             "required": list(properties)}}  # fmt: skip
+        return {
+            "type": "custom",
+            "schema": {"type": "object", "properties": properties, "required": list(properties)},
+        }
 
 
 class EvalCreate(BaseModel):

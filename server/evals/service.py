@@ -89,8 +89,9 @@ class EvalService:
     async def _follow(self) -> None:
         """Keep this gateway's leases, stop runs canceled through another gateway, resume runs
         whose gateway is gone (server/leases.py)."""
-        await leases.follow(self.store, self.owner, self.lease, self._tasks, self._launch, "eval run",
-                            lost=self._cancel.add)  # fmt: skip
+        await leases.follow(
+            self.store, self.owner, self.lease, self._tasks, self._launch, "eval run", lost=self._cancel.add
+        )
 
     async def stop(self) -> None:
         await leases.stop(self._follower, self._tasks)
@@ -164,8 +165,13 @@ class EvalService:
             "stop": task.stop,
             "graders": [g.model_dump() for g in task.graders],
             "metrics": [dataclasses.asdict(m) for m in task.metrics],
-            "sampling": {"max_tokens": body.max_tokens, "temperature": body.temperature, "seed": body.seed,
-                         "top_p": body.top_p, **task.extra_body},  # fmt: skip
+            "sampling": {
+                "max_tokens": body.max_tokens,
+                "temperature": body.temperature,
+                "seed": body.seed,
+                "top_p": body.top_p,
+                **task.extra_body,
+            },
             "seed": body.seed,
             "item_count": len(indices),
             "item_indices": indices,

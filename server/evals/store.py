@@ -97,9 +97,17 @@ class EvalStore(Store):
     def add_run(self, eval_id: str, body: dict, total: int, measured: dict, owner: str, lease: float) -> str:
         """A queued run, leased to `owner` for `lease` seconds."""
         run_id = f"evalrun_{uuid.uuid4().hex[:16]}"
-        row = {"id": run_id, "eval_id": eval_id, "created_at": time.time(), "body": json.dumps(body),
-               "status": "queued", "total": total, "measured": json.dumps(measured), "owner": owner,
-               "lease_until": time.time() + lease}  # fmt: skip
+        row = {
+            "id": run_id,
+            "eval_id": eval_id,
+            "created_at": time.time(),
+            "body": json.dumps(body),
+            "status": "queued",
+            "total": total,
+            "measured": json.dumps(measured),
+            "owner": owner,
+            "lease_until": time.time() + lease,
+        }
         self._run(lambda c: c.execute(sa.insert(_runs).values(row)))
         return run_id
 
@@ -168,8 +176,10 @@ class EvalStore(Store):
         if limit:
             query = query.limit(int(limit))
         rows = self._run(lambda c: c.execute(query).all())
-        return [{**r._asdict(), "grades": json.loads(r.grades), "scores": json.loads(r.scores or "{}")}
-                for r in rows]  # fmt: skip
+        return [
+            {**r._asdict(), "grades": json.loads(r.grades), "scores": json.loads(r.scores or "{}")}
+            for r in rows
+        ]
 
 
 def _run_dict(row) -> dict:
@@ -182,8 +192,10 @@ def import_sqlite(engine: sa.Engine, old: sqlite3.Connection) -> None:
     evals = [dict(r) for r in old.execute("SELECT * FROM evals")]
     runs = [{**dict(r), "owner": None, "lease_until": 0.0} for r in old.execute("SELECT * FROM runs")]
     item_columns = [c.name for c in _items.columns if c.name != "seq"]
-    items = [{c: r[c] if c in r.keys() else None for c in item_columns}
-             for r in old.execute("SELECT * FROM items ORDER BY rowid")]  # fmt: skip
+    items = [
+        {c: r[c] if c in r.keys() else None for c in item_columns}
+        for r in old.execute("SELECT * FROM items ORDER BY rowid")
+    ]
     with engine.begin() as conn:
         for table, rows in ((_evals, evals), (_runs, runs), (_items, items)):
             if rows:

@@ -273,8 +273,16 @@ def messages_task(items: list[dict], messages: list[dict], graders: list[Grader]
     """A task over items that come with the run (OpenAI's custom data source): chat messages
     rendered per item."""
     last = messages[-1]["content"] if messages else ""
-    return TaskSpec("custom", "custom-v1", items, "chat", last, graders=graders, messages=tuple(messages),
-                    extra_body=extra)  # fmt: skip
+    return TaskSpec(
+        "custom",
+        "custom-v1",
+        items,
+        "chat",
+        last,
+        graders=graders,
+        messages=tuple(messages),
+        extra_body=extra,
+    )
 
 
 def jsonl_task(source: JsonlSource, prompt: str, endpoint: Endpoint, graders: list[Grader]) -> TaskSpec:

@@ -39,9 +39,11 @@ class Promotion(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: list[float] = Field(
-        default_factory=lambda: [100.0], min_length=1, max_length=10,
+        default_factory=lambda: [100.0],
+        min_length=1,
+        max_length=10,
         description="canary percentages of the θ variant's share moved at each step, ending at 100",
-    )  # fmt: skip
+    )
     hold_seconds: float = Field(0.0, ge=0, le=86_400, description="time at each step before the next")
 
     @field_validator("steps")
@@ -62,8 +64,12 @@ class RebaseCreate(BaseModel):
     to_base: str
     variants: list[str] | None = Field(None, min_length=1, description="None: every variant of from_base")
     eval_id: str = Field(description="an eval holding its items (a built-in task, JSONL, perplexity, ...)")
-    alphas: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8,
-                                description="α grid; each scales every delta term of a variant")  # fmt: skip
+    alphas: list[float] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        max_length=8,
+        description="α grid; each scales every delta term of a variant",
+    )
     validation: int = Field(0, ge=0, description="items of the validation split (α search)")
     holdout: int = Field(ge=1, description="items of the held-out split (the gate)")
     seed: int = Field(0, ge=0, description="shuffles the eval's items into the two splits")

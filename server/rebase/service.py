@@ -87,9 +87,12 @@ class RebaseService:
         order = list(range(len(task.items)))
         random.Random(body.seed).shuffle(order)
         held = order[body.validation : body.validation + body.holdout]
-        report = RebaseReport(criterion=criterion, lower_is_better=criteria[criterion],
-                              validation_items=sorted(order[: body.validation]),
-                              holdout_items=sorted(held))  # fmt: skip
+        report = RebaseReport(
+            criterion=criterion,
+            lower_is_better=criteria[criterion],
+            validation_items=sorted(order[: body.validation]),
+            holdout_items=sorted(held),
+        )
         for v in variants:
             names = _candidate_names(v, body)
             final = f"{v}:{body.to_base}"
@@ -128,9 +131,15 @@ class RebaseService:
             if run is not None:
                 progress = self.evals.public_run(run).progress
                 done, total = done + progress["done"], total + progress["total"]
-        return RebasePublic(id=row["id"], created_at=int(row["created_at"]), status=row["status"],
-                            error=row["error"], request=RebaseCreate.model_validate(row["body"]),
-                            progress={"done": done, "total": total}, report=report)  # fmt: skip
+        return RebasePublic(
+            id=row["id"],
+            created_at=int(row["created_at"]),
+            status=row["status"],
+            error=row["error"],
+            request=RebaseCreate.model_validate(row["body"]),
+            progress={"done": done, "total": total},
+            report=report,
+        )
 
     # the job -----------------------------------------------------------
     def _launch(self, rebase_id: str) -> None:
@@ -268,9 +277,14 @@ class _Job:
         run_id = getattr(entry, field)
         evals = self.service.evals
         if run_id is None:
-            body = RunCreate(name=f"{self.id} {split}: {v}", variants=models, items=items,
-                             max_tokens=self.body.max_tokens, concurrency=self.body.concurrency,
-                             metadata={"rebase": self.id, "split": split})  # fmt: skip
+            body = RunCreate(
+                name=f"{self.id} {split}: {v}",
+                variants=models,
+                items=items,
+                max_tokens=self.body.max_tokens,
+                concurrency=self.body.concurrency,
+                metadata={"rebase": self.id, "split": split},
+            )
             run_id = (await evals.create_run(self.body.eval_id, body))["id"]
             setattr(entry, field, run_id)
             self._note(f"{v}: {split} run {run_id} over {', '.join(models)} ({len(items)} items)")
@@ -297,17 +311,21 @@ class _Job:
         aliases = self.registry.state.aliases
         routed = any(t.variant in moving for a in aliases.values() for t in a.targets)
         if not routed and not report.aliases_before:
-            self._note(f"nothing to promote: no alias routes to {sorted(moving)}" if moving else
-                       "nothing to promote: no variant passed its gate")  # fmt: skip
+            self._note(
+                f"nothing to promote: no alias routes to {sorted(moving)}"
+                if moving
+                else "nothing to promote: no variant passed its gate"
+            )
             return
         if report.aliases_before:  # resumed mid-promotion: start again from the aliases as they were
             self.restore_aliases("resumed")
             report.promotion_step = 0
         else:
             report.aliases_before = {
-                a.name: [t.model_dump() for t in a.targets] for a in aliases.values()
+                a.name: [t.model_dump() for t in a.targets]
+                for a in aliases.values()
                 if any(t.variant in moving for t in a.targets)
-            }  # fmt: skip
+            }
             self._note(f"promoting {sorted(moving)} through aliases {sorted(report.aliases_before)}")
         for k, percent in enumerate(steps):
             self._check_canceled()
@@ -366,8 +384,10 @@ def _verdict(body: RebaseCreate, lower_is_better: bool, entry: VariantReport) ->
         low = -diff.ci95[1] if lower_is_better else diff.ci95[0]
         ok = low >= gate.min_difference
         passed &= ok
-        reasons.append(f"paired improvement's 95% lower bound {low:+.4f} {'≥' if ok else '<'} "
-                       f"{gate.min_difference:+.4f} (n = {diff.n})")  # fmt: skip
+        reasons.append(
+            f"paired improvement's 95% lower bound {low:+.4f} {'≥' if ok else '<'} "
+            f"{gate.min_difference:+.4f} (n = {diff.n})"
+        )
     if gate.min_ratio is not None:
         ok = after <= before / gate.min_ratio if lower_is_better else after >= gate.min_ratio * before
         passed &= ok

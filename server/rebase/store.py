@@ -31,8 +31,15 @@ class RebaseStore(Store):
 
     def add(self, body: dict, report: dict, owner: str, lease: float) -> str:
         rebase_id = f"rebase_{uuid.uuid4().hex[:16]}"
-        row = {"id": rebase_id, "created_at": time.time(), "body": json.dumps(body), "status": "queued",
-               "report": json.dumps(report), "owner": owner, "lease_until": time.time() + lease}  # fmt: skip
+        row = {
+            "id": rebase_id,
+            "created_at": time.time(),
+            "body": json.dumps(body),
+            "status": "queued",
+            "report": json.dumps(report),
+            "owner": owner,
+            "lease_until": time.time() + lease,
+        }
         self._run(lambda c: c.execute(sa.insert(_rebases).values(row)))
         return rebase_id
 

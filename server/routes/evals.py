@@ -75,9 +75,13 @@ async def create_run(eval_id: str, body: RunCreate, service: EvalsDep) -> RunPub
 
 @router.get("/{eval_id}/runs")
 async def list_runs(
-    eval_id: str, service: EvalsDep, after: After = None, limit: Limit = 20, order: Order = "asc",
+    eval_id: str,
+    service: EvalsDep,
+    after: After = None,
+    limit: Limit = 20,
+    order: Order = "asc",
     status: Literal["queued", "in_progress", "completed", "canceled", "failed"] | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     service.get_eval(eval_id)
     runs = [service.public_run(r) for r in service.store.runs(eval_id) if status in (None, r["status"])]
     return cursor_page(runs, after, limit, order)

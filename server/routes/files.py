@@ -33,9 +33,12 @@ async def upload_file(
 
 @router.get("")
 async def list_files(
-    store: FilesDep, purpose: str | None = None, after: After = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, order: Literal["asc", "desc"] = "desc",
-) -> dict:  # fmt: skip
+    store: FilesDep,
+    purpose: str | None = None,
+    after: After = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict:
     return cursor_page([Ided(f) for f in store.list(purpose)], after, limit, order)
 
 

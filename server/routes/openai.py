@@ -26,8 +26,12 @@ _STARTED = int(time.time())
 # The inference routes take the raw request: FastAPI's dependency solving and body handling
 # cost about half of the gateway's per-request CPU (measured with py-spy under bench/relay.py
 # load). The body schema is still published, for clients and schema-driven tests.
-_BODY_SCHEMA = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": InferenceBody.model_json_schema()}}}}  # fmt: skip
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": InferenceBody.model_json_schema()}},
+    }
+}
 
 
 def _model(gateway: Gateway, name: str) -> dict:
@@ -39,8 +43,14 @@ def _model(gateway: Gateway, name: str) -> dict:
         base = state.variant(name).base
         return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
     base = state.variant(alias.targets[0].variant).base
-    return {"id": name, "object": "model", "created": int(alias.updated_at), "owned_by": "deltagate",
-            "base": base, "alias_of": alias.split()}  # fmt: skip
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(alias.updated_at),
+        "owned_by": "deltagate",
+        "base": base,
+        "alias_of": alias.split(),
+    }
 
 
 @router.get("/models")
@@ -113,12 +123,41 @@ async def _forward(request: Request, route: Route) -> Response:
 
 # vLLM serves these at the root, and clients (lm-eval's remote tokenizer) call them there.
 tokenizer = APIRouter(tags=["tokenizer"])
-_TOKENIZE_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"model": {"type": "string"}, "prompt": {"type": "string"},
-    "messages": {"type": "array"}, "add_special_tokens": {"type": "boolean"}}}}}}}  # fmt: skip
-_DETOKENIZE_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["tokens"], "properties": {"model": {"type": "string"},
-    "tokens": {"type": "array", "items": {"type": "integer"}}}}}}}}  # fmt: skip
+_TOKENIZE_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "model": {"type": "string"},
+                        "prompt": {"type": "string"},
+                        "messages": {"type": "array"},
+                        "add_special_tokens": {"type": "boolean"},
+                    },
+                }
+            }
+        },
+    }
+}
+_DETOKENIZE_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["tokens"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "tokens": {"type": "array", "items": {"type": "integer"}},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 @tokenizer.post("/tokenize", openapi_extra=_TOKENIZE_SCHEMA)

@@ -50,10 +50,17 @@ async def engines(gateway: GatewayDep) -> EnginesPublic:
     for state in gateway.engine_states():
         slot = gateway.slots[state.engine]
         endpoint = gateway.endpoint_of(slot)
-        data.append(EnginePublic(
-            id=slot.id, base=slot.engine, url=slot.client.url,
-            node=endpoint.node if endpoint else "", pid=endpoint.pid if endpoint else None,
-            resident_variant=state.resident, inflight=state.inflight, queued=state.queued,
-            swaps=len(slot.recent_swaps),
-        ))  # fmt: skip
+        data.append(
+            EnginePublic(
+                id=slot.id,
+                base=slot.engine,
+                url=slot.client.url,
+                node=endpoint.node if endpoint else "",
+                pid=endpoint.pid if endpoint else None,
+                resident_variant=state.resident,
+                inflight=state.inflight,
+                queued=state.queued,
+                swaps=len(slot.recent_swaps),
+            )
+        )
     return EnginesPublic(data=data)

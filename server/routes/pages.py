@@ -24,5 +24,10 @@ def cursor_page(objects: list, after: str | None, limit: int, order: str) -> dic
     ids = [o.id for o in objects]
     start = ids.index(after) + 1 if after in ids else 0
     data = objects[start : start + limit]
-    return {"object": "list", "data": data, "has_more": start + limit < len(objects),
-            "first_id": data[0].id if data else None, "last_id": data[-1].id if data else None}  # fmt: skip
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": start + limit < len(objects),
+        "first_id": data[0].id if data else None,
+        "last_id": data[-1].id if data else None,
+    }

@@ -158,8 +158,10 @@ def test_errors_are_never_wrapped(tied, tmp_path):
     for extra_env in ({}, {"TERM": "dumb"}):
         done = subprocess.run(
             [sys.executable, "-m", "cli", "inspect", str(bad)],
-            capture_output=True, text=True, env={**env, **extra_env},
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env={**env, **extra_env},
+        )
         assert done.returncode == 2
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1, done.stderr

@@ -48,8 +48,9 @@ def test_a_flag_beats_the_environment_which_beats_the_default(started, monkeypat
     monkeypatch.setenv("DELTAGATE_SWAP_QUANTUM", "5")
     monkeypatch.setenv("DELTAGATE_ENGINE_ARGS", '["--enforce-eager"]')
     monkeypatch.setenv("DELTAGATE_API_KEYS", "k1 k2")
-    result = CliRunner().invoke(app, ["serve", "--base", "b=/models/b", "--swap-max-wait", "7",
-                                      "--swap-residency", "device"])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["serve", "--base", "b=/models/b", "--swap-max-wait", "7", "--swap-residency", "device"]
+    )
     assert result.exit_code == 0, result.output
     settings = started["settings"]
     assert (settings.swap_quantum, settings.swap_max_wait, settings.swap_residency) == (5.0, 7.0, "device")
@@ -57,8 +58,19 @@ def test_a_flag_beats_the_environment_which_beats_the_default(started, monkeypat
     assert settings.lora_slots == GatewaySettings.model_fields["lora_slots"].default
     assert [b.name for b in settings.bases] == ["b"]
 
-    result = CliRunner().invoke(app, ["serve", "--base", "b=/m", "--swap-quantum", "0.5", "--api-key", "x",
-                                      "--engine-arg=--max-num-seqs=4"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "--base",
+            "b=/m",
+            "--swap-quantum",
+            "0.5",
+            "--api-key",
+            "x",
+            "--engine-arg=--max-num-seqs=4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     settings = started["settings"]
     assert (settings.swap_quantum, settings.api_keys, settings.engine_args) == (

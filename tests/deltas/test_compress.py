@@ -17,8 +17,9 @@ def _exact_delta(family, name):
     return Checkpoint(family.post).get(name).float() - Checkpoint(family.base).get(name).float()
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4:group=32", "sparse:density=0.2", "dare:density=0.5",
-                                  "bitdelta", "lowrank:rank=4"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec", ["int8", "int4:group=32", "sparse:density=0.2", "dare:density=0.5", "bitdelta", "lowrank:rank=4"]
+)
 def test_compress_records_codec_and_error_per_tensor(untied, tmp_path, spec):
     out = tmp_path / "c.safetensors"
     report = compress_artifact(untied.delta, out, CodecPlan.uniform(spec))

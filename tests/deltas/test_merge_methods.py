@@ -155,8 +155,12 @@ def test_recipe_key_survives_the_engine_round_trip_and_normalises():
     assert isinstance(sent.key(), RecipeKey) and back.key() == sent.key()
     assert hash(back.key()) == hash(sent.key())
     # the same file spelled another way, the method's default written out: the same weights
-    same = Recipe(base="/m//./base", deltas=[DeltaTerm(path="/d/x/../a.safetensors", alpha=0.5, density=1)],
-                  method="ties", normalize=True)  # fmt: skip
+    same = Recipe(
+        base="/m//./base",
+        deltas=[DeltaTerm(path="/d/x/../a.safetensors", alpha=0.5, density=1)],
+        method="ties",
+        normalize=True,
+    )
     assert same.key() == sent.key()
     assert Recipe(base="/m/base").key() == Recipe(base="/m/base", method="linear", normalize=False).key()
     uri = Recipe(base="/m/base", deltas=[DeltaTerm(path="s3://bucket//a")])
@@ -164,4 +168,3 @@ def test_recipe_key_survives_the_engine_round_trip_and_normalises():
     a6 = [DeltaTerm(path="/d/a.safetensors", alpha=0.6)]
     assert Recipe(base="/m/base", deltas=a6, method="ties").key() != sent.key()
     assert Recipe(base="/m/base", deltas=sent.deltas).key() != sent.key()  # linear, not ties
-

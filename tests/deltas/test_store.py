@@ -91,8 +91,10 @@ def test_concurrent_fetches_on_a_node_download_once(tmp_path, s3_root, monkeypat
 
     monkeypatch.setattr(NodeCache, "_download", counted)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(NodeCache(tmp_path / "c").fetch(stored.uri)))
-               for _ in range(6)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda: results.append(NodeCache(tmp_path / "c").fetch(stored.uri)))
+        for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -136,8 +138,9 @@ def test_deltagate_push_verifies_and_prints_the_uri(tied, s3_root, tmp_path):
     assert s3fs.S3FileSystem().cat(uri) == tied.delta.read_bytes()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not an artifact")
-    failed = subprocess.run([sys.executable, "-m", "cli", "push", str(bad), "--store", s3_root],
-                            capture_output=True, text=True)  # fmt: skip
+    failed = subprocess.run(
+        [sys.executable, "-m", "cli", "push", str(bad), "--store", s3_root], capture_output=True, text=True
+    )
     assert failed.returncode == 2 and "not a readable safetensors file" in failed.stderr
 
 
@@ -176,8 +179,14 @@ def test_engine_workers_on_a_node_fetch_an_artifact_once(tmp_path, s3_root):
 
     stored = ArtifactStore(s3_root).put(_blob(tmp_path, "x.safetensors", 4 << 20, seed=3))
     marks = tmp_path / "downloads.txt"
-    procs = [subprocess.Popen([sys.executable, "-c", FETCH_IN_A_PROCESS, str(tmp_path / "node"), stored.uri,
-                               str(marks)], stdout=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FETCH_IN_A_PROCESS, str(tmp_path / "node"), stored.uri, str(marks)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     paths = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
     assert marks.read_text().count("download") == 1 and len(paths) == 1

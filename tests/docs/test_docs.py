@@ -106,7 +106,9 @@ def test_documented_metrics_exist():
     assert not missing, "documented metrics /metrics does not export:\n" + "\n".join(sorted(missing))
 
 
-@pytest.mark.parametrize("page", ["index.md", "reference/http.md", "reference/cli.md", "reference/metrics.md",
-                                  "reference/settings.md"])  # fmt: skip
+@pytest.mark.parametrize(
+    "page",
+    ["index.md", "reference/http.md", "reference/cli.md", "reference/metrics.md", "reference/settings.md"],
+)
 def test_reference_pages_are_generated_not_committed(page):
     assert not (ROOT / "docs" / page).exists(), f"docs/{page} is written by docs/hooks/reference.py"

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _status(clone: Path, *flags: str) -> list[str]:
-    out = subprocess.run(["git", "status", "--porcelain", *flags], cwd=clone, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["git", "status", "--porcelain", *flags], cwd=clone, check=True, capture_output=True, text=True
+    ).stdout
     return out.splitlines()
 
 
@@ -39,16 +40,23 @@ def test_make_serve_in_a_fresh_clone_leaves_git_status_clean(tmp_path):
     # -o install: the borrowed .venv is installed already (its stamp is older than the clone's files)
     make = subprocess.Popen(
         ["make", "-o", "install", "serve", f"DEMO_ARGS=--model pico --mock-engine 1000 --port {port}"],
-        cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cwd=clone,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline, models = time.monotonic() + 300, set()
         while time.monotonic() < deadline and make.poll() is None:
             try:
                 data = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"]
                 models = {m["id"] for m in data if m.get("ready", True)}
-                answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                                    json={"model": "pico-inst", "prompt": "Hi", "max_tokens": 4})  # fmt: skip
+                answer = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    timeout=60,
+                    json={"model": "pico-inst", "prompt": "Hi", "max_tokens": 4},
+                )
                 if answer.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -60,8 +68,9 @@ def test_make_serve_in_a_fresh_clone_leaves_git_status_clean(tmp_path):
         os.killpg(make.pid, signal.SIGINT)
         make.wait(timeout=60)
     assert _status(clone) == []
-    ignored = {line.removeprefix("!! ") for line in _status(clone, "--ignored")
-               if not line.endswith("__pycache__/")}  # fmt: skip
+    ignored = {
+        line.removeprefix("!! ") for line in _status(clone, "--ignored") if not line.endswith("__pycache__/")
+    }
     assert ignored <= {".venv", ".cache/"}, ignored  # no .deltagate/ (or any state) in the clone
     state = tmp_path / "state-home" / "deltagate"
     assert (state / "admin_token").is_file(), sorted(p.name for p in tmp_path.iterdir())

@@ -52,9 +52,16 @@ def walkthrough(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "DELTAGATE_"))}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
     env["XDG_STATE_HOME"] = str(work / "state-home")  # the gateway's default state dir, not the real home's
-    shell = subprocess.Popen(["bash", "-c", script], cwd=work, env=env, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)  # fmt: skip
+    shell = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=work,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(
         target=lambda: [lines.put(x) for x in shell.stdout] + [lines.put(None)], daemon=True
@@ -92,8 +99,14 @@ def test_the_page_serves_the_variant_the_newcomer_registered(walkthrough):
 def run_example(walkthrough: Walkthrough, name: str, *args: str) -> str:
     """Run examples/`name` as a user would (`python examples/….py`), from the walkthrough's directory."""
     env = walkthrough.env | {"DELTAGATE_URL": walkthrough.url}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=walkthrough.work,
-                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        cwd=walkthrough.work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -111,14 +124,16 @@ def test_example_chat_streams_the_whole_answer(walkthrough):
 def test_example_register_delta_serves_base_plus_the_delta(walkthrough):
     """The demo's own delta at α=1, registered again under a new name: the demo's variant's weights."""
     delta = walkthrough.work / ".cache" / "demo" / "pico-delta.safetensors"
-    out = run_example(walkthrough, "register_delta.py", "--artifact", str(delta), "--base", "pico",
-                      "--name", "example")  # fmt: skip
+    out = run_example(
+        walkthrough, "register_delta.py", "--artifact", str(delta), "--base", "pico", "--name", "example"
+    )
     assert _field(out, "variant:") == "example = pico + 1.0·example"
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{walkthrough.url}/v1", api_key="none")
-    same = client.completions.create(model="pico-inst", prompt="The capital of France", max_tokens=8,
-                                     temperature=0)  # fmt: skip
+    same = client.completions.create(
+        model="pico-inst", prompt="The capital of France", max_tokens=8, temperature=0
+    )
     assert _field(out, "answer:") == repr(same.choices[0].text)
 
 
@@ -129,10 +144,10 @@ def test_example_compare_variants_runs_an_eval_on_both(walkthrough):
 
 
 def test_example_updated_base_serves_the_old_delta_on_it(walkthrough):
-    updated = make_pico_post(walkthrough.work / ".cache" / "demo" / "pico-base", walkthrough.work / "updated",
-                             seed=50, scale=0.1)  # fmt: skip
-    out = run_example(walkthrough, "updated_base.py", "--updated", str(updated),
-                      "--delta", "my-delta")  # fmt: skip
+    updated = make_pico_post(
+        walkthrough.work / ".cache" / "demo" / "pico-base", walkthrough.work / "updated", seed=50, scale=0.1
+    )
+    out = run_example(walkthrough, "updated_base.py", "--updated", str(updated), "--delta", "my-delta")
     assert _field(out, "base:") == "updated on engine pico state ready"
     assert _field(out, "variant:") == "updated-my-delta provenance transferred"
     assert _field(out, "updated-my-delta").startswith("'")

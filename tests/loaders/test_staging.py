@@ -18,8 +18,13 @@ LLAMA_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["ga
 def _swapper(tied, source=None, incremental=True) -> Swapper:
     names = Checkpoint(tied.base).tensor_names()
     source = source or ResidentWeights(torch.device("cpu"))
-    return Swapper(Recipe(base=str(tied.base)), names, module_groups(names, LLAMA_PACKED), source,
-                   incremental=incremental)  # fmt: skip
+    return Swapper(
+        Recipe(base=str(tied.base)),
+        names,
+        module_groups(names, LLAMA_PACKED),
+        source,
+        incremental=incremental,
+    )
 
 
 class Recorder:
@@ -45,9 +50,14 @@ def _equal(weights: dict, recipe: Recipe) -> bool:
 
 
 def test_fused_modules_group_their_checkpoint_tensors():
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
-             "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.up_proj.weight",
-             "model.layers.1.mlp.gate_proj.weight", "model.embed_tokens.weight"]  # fmt: skip
+    names = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.embed_tokens.weight",
+    ]
     groups = module_groups(names, LLAMA_PACKED)
     assert groups[names[0]] == groups[names[1]] == "model.layers.0.self_attn.qkv_proj"
     assert groups[names[2]] == "model.layers.0.self_attn.o_proj"
@@ -83,7 +93,7 @@ def test_every_sequence_of_swaps_leaves_exactly_the_offline_merge(tied, tied_par
         Recipe(
             base=str(tied.base),
             deltas=[DeltaTerm(path=str(tied_parts.part1)), DeltaTerm(path=str(tied.delta2), alpha=0.3)],
-        ),  # fmt: skip
+        ),
         base,
     ]
     for i, recipe in enumerate(sequence):
@@ -154,8 +164,12 @@ def test_the_delta_cache_keeps_to_its_budget_and_forgets_a_replaced_file(tied, t
 def test_no_residency_reads_the_checkpoint_every_time(tied):
     resident = ResidentWeights(torch.device("cpu"), ResidencyConfig(residency="none"))
     recipe = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))])
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(merged_tensors(recipe, source=resident),
-                                                          merged_tensors(recipe), strict=True))  # fmt: skip
+    assert all(
+        torch.equal(a, b)
+        for (_, a), (_, b) in zip(
+            merged_tensors(recipe, source=resident), merged_tensors(recipe), strict=True
+        )
+    )
     assert resident.memory()["base_bytes"] == 0
 
 

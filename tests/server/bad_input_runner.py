@@ -41,16 +41,51 @@ def start(fx: Fixtures) -> tuple[list[subprocess.Popen], str]:
 
     engine_port, port = free_port(), free_port()
     log = open(fx.tmp / "servers.log", "ab")
-    mock = subprocess.Popen([sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port),
-                             "--served-name", "pico", "--tokens-per-second", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    mock = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loaders.mock_engine",
+            "--port",
+            str(engine_port),
+            "--served-name",
+            "pico",
+            "--tokens-per-second",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(fx.tmp / "state"),
-         "--admin-token", ADMIN, "--api-key", KEY, "--base", f"pico={fx.base}",
-         "--engine-url", f"pico=http://127.0.0.1:{engine_port}", "--variant", f"inst={fx.delta}",
-         "--max-body-bytes", str(MAX_BODY), "--max-upload-bytes", str(MAX_UPLOAD)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "serve",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(fx.tmp / "state"),
+            "--admin-token",
+            ADMIN,
+            "--api-key",
+            KEY,
+            "--base",
+            f"pico={fx.base}",
+            "--engine-url",
+            f"pico=http://127.0.0.1:{engine_port}",
+            "--variant",
+            f"inst={fx.delta}",
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--max-upload-bytes",
+            str(MAX_UPLOAD),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(f"http://127.0.0.1:{engine_port}", mock, 60, "mock engine")
     wait_healthy(url, gateway, 120, "gateway", fx.tmp / "servers.log")

@@ -117,21 +117,21 @@ CASES: list[Case] = [
             url="/v1/chat/completions",
             json={"model": "pico", "messages": [], "chat_template": "{{ x }}"},
         ),
-    ),  # fmt: skip
+    ),
     Case(
         "request",
         f"body over --max-body-bytes ({MAX_BODY})",
         413,
         "max-body-bytes",
         http=lambda fx: _completion(prompt="x" * (MAX_BODY + 1)),
-    ),  # fmt: skip
+    ),
     Case(
         "request",
         "no API key",
         401,
         "API key",
         http=lambda fx: {"method": "POST", "url": "/v1/completions", "json": {"model": "pico"}},
-    ),  # fmt: skip
+    ),
     Case(
         "request",
         "the admin token as API key",
@@ -143,14 +143,14 @@ CASES: list[Case] = [
             "json": {"model": "pico"},
             "headers": {"Authorization": f"Bearer {ADMIN}"},
         },
-    ),  # fmt: skip
+    ),
     Case(
         "request",
         "GET on a POST route",
         405,
         "Method Not Allowed",
         http=lambda fx: _infer(method="GET", url="/v1/completions"),
-    ),  # fmt: skip
+    ),
     Case(
         "request",
         "unknown route",
@@ -164,14 +164,14 @@ CASES: list[Case] = [
         404,
         "unknown model",
         http=lambda fx: _infer(method="POST", url="/tokenize", json={"model": "ghost", "prompt": "hi"}),
-    ),  # fmt: skip
+    ),
     Case(
         "request",
         "/tokenize with a non-string model",
         422,
         "model",
         http=lambda fx: _infer(method="POST", url="/tokenize", json={"model": 3, "prompt": "hi"}),
-    ),  # fmt: skip
+    ),
     # uploads
     Case("upload", "no `?name=`", 400, "needs the delta's name", http=lambda fx: _upload(None, b"x")),
     Case("upload", "name `../x`", 400, "invalid name", http=lambda fx: _upload("../x", b"x")),
@@ -181,7 +181,7 @@ CASES: list[Case] = [
         400,
         "application/octet-stream",
         http=lambda fx: _upload("t", b"x", "text/plain"),
-    ),  # fmt: skip
+    ),
     Case("upload", "empty body", 422, "uploaded artifact 'empty'", http=lambda fx: _upload("empty", b"")),
     Case(
         "upload",
@@ -196,7 +196,7 @@ CASES: list[Case] = [
         422,
         "uploaded artifact 'trunc'",
         http=lambda fx: _upload("trunc", fx.truncated.read_bytes()),
-    ),  # fmt: skip
+    ),
     Case(
         "upload", "artifact with a NaN", 422, "NaN", http=lambda fx: _upload("nan", fx.nan_delta.read_bytes())
     ),
@@ -206,7 +206,7 @@ CASES: list[Case] = [
         413,
         "max-upload-bytes",
         http=lambda fx: _upload("big", b"\x00" * (MAX_UPLOAD + 1)),
-    ),  # fmt: skip
+    ),
     Case(
         "upload",
         "a name already registered",
@@ -220,7 +220,7 @@ CASES: list[Case] = [
         422,
         "not a readable safetensors file",
         http=lambda fx: _upload("hdr", (2**63 - 1).to_bytes(8, "little") + b"{}"),
-    ),  # fmt: skip
+    ),
     # artifacts registered by path
     Case(
         "artifact",
@@ -236,14 +236,14 @@ CASES: list[Case] = [
         422,
         "no deltagate manifest",
         http=_register("a3", _path("plain_safetensors")),
-    ),  # fmt: skip
+    ),
     Case(
         "artifact",
         "tensor bytes changed after extraction",
         422,
         "does not match its checksum",
         http=_register("a4", _path("tampered")),
-    ),  # fmt: skip
+    ),
     Case(
         "artifact",
         "truncated file",
@@ -258,7 +258,7 @@ CASES: list[Case] = [
         "changed since it was registered",
         setup=lambda fx: _touch_registered(fx),
         http=lambda fx: _completion(model="v-touched"),
-    ),  # fmt: skip
+    ),
     # variant recipes
     Case("recipe", "unknown delta", 404, "unknown delta 'ghost'", http=_variant(deltas=[{"delta": "ghost"}])),
     Case("recipe", "unknown base", 404, "unknown base 'ghost'", http=_variant(base="ghost")),
@@ -294,7 +294,7 @@ CASES: list[Case] = [
         "model.layers.0.mlp",
         setup=lambda fx: _add(fx, "wide", "wide_delta"),
         http=_variant(deltas=[{"delta": "wide"}]),
-    ),  # fmt: skip
+    ),
     Case(
         "recipe",
         "delta of another architecture",
@@ -302,7 +302,7 @@ CASES: list[Case] = [
         "MistralForCausalLM",
         setup=lambda fx: _add(fx, "mistral", "other_arch_delta"),
         http=_variant(deltas=[{"delta": "mistral"}]),
-    ),  # fmt: skip
+    ),
     Case("recipe", "lane adapter without LoRA slots", 400, "no LoRA slots", http=_variant(lane="adapter")),
     Case(
         "recipe",
@@ -310,7 +310,7 @@ CASES: list[Case] = [
         409,
         "used by variants",
         http=lambda fx: _admin(method="DELETE", url="/v1/deltas/inst"),
-    ),  # fmt: skip
+    ),
     # bases
     Case(
         "base",
@@ -318,7 +318,7 @@ CASES: list[Case] = [
         400,
         "not a checkpoint directory",
         http=lambda fx: _admin(method="POST", url="/v1/bases", json={"name": "b", "path": "/nowhere"}),
-    ),  # fmt: skip
+    ),
     Case(
         "base",
         "another layout, attached engines",
@@ -327,14 +327,14 @@ CASES: list[Case] = [
         http=lambda fx: _admin(
             method="POST", url="/v1/bases", json={"name": "b", "path": str(fx.wide_delta.parent / "base")}
         ),
-    ),  # fmt: skip
+    ),
     Case(
         "base",
         "delete a start-up base",
         409,
         "command line",
         http=lambda fx: _admin(method="DELETE", url="/v1/bases/pico"),
-    ),  # fmt: skip
+    ),
     # evals
     Case(
         "eval",
@@ -346,7 +346,7 @@ CASES: list[Case] = [
             url="/v1/evals",
             json={"name": "e", "data_source": {"type": "builtin", "task": "mmlu"}},
         ),
-    ),  # fmt: skip
+    ),
     Case(
         "eval",
         "jsonl without a prompt",
@@ -357,7 +357,7 @@ CASES: list[Case] = [
             url="/v1/evals",
             json={"name": "e", "data_source": {"type": "jsonl", "content": '{"q": 1}'}},
         ),
-    ),  # fmt: skip
+    ),
     Case(
         "eval",
         "empty perplexity corpus",
@@ -366,10 +366,13 @@ CASES: list[Case] = [
         http=lambda fx: _admin(
             method="POST",
             url="/v1/evals",
-            json={"name": "eval", "data_source": {"type": "perplexity", "content": ""},
-                  "testing_criteria": []},
+            json={
+                "name": "eval",
+                "data_source": {"type": "perplexity", "content": ""},
+                "testing_criteria": [],
+            },
         ),
-    ),  # fmt: skip
+    ),
     # YAML recipe files (deltagate merge --recipe)
     Case("yaml", "not a mapping", 2, "recipe", cli=_yaml("- just\n- a list\n")),
     Case("yaml", "unknown key", 2, "mergeit", cli=_yaml("mergeit: ties\nbase_model: {base}\ndeltas: []\n")),
@@ -379,7 +382,7 @@ CASES: list[Case] = [
         2,
         "weight",
         cli=_yaml("base_model: {base}\ndeltas:\n  - delta: {delta}\n    parameters: {{weight: heavy}}\n"),
-    ),  # fmt: skip
+    ),
     Case("yaml", "invalid YAML", 2, "invalid YAML at line", cli=_yaml("base_model: [unclosed\n")),
     # CLI arguments
     Case(
@@ -388,14 +391,14 @@ CASES: list[Case] = [
         2,
         "--max-lora-rank: must be one of",
         cli=lambda fx: ["serve", "--base", str(fx.base), "--max-lora-rank", "7"],
-    ),  # fmt: skip
+    ),
     Case(
         "cli",
         "serve --engine-url for an unknown base",
         2,
         "unknown bases",
         cli=lambda fx: ["serve", "--base", f"pico={fx.base}", "--engine-url", "other=http://x"],
-    ),  # fmt: skip
+    ),
     Case(
         "cli",
         "merge --delta with a bad alpha",
@@ -410,7 +413,7 @@ CASES: list[Case] = [
             "-o",
             str(fx.tmp / "m"),
         ],
-    ),  # fmt: skip
+    ),
     Case(
         "cli",
         "extract from a missing base",
@@ -425,7 +428,7 @@ CASES: list[Case] = [
             "-o",
             str(fx.tmp / "d"),
         ],
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -490,6 +493,14 @@ def make_fixtures(tmp: Path) -> Fixtures:
     save_file(
         nan, str(tmp / "nan.safetensors"), metadata={**metadata, MANIFEST_KEY: manifest.model_dump_json()}
     )
-    return Fixtures(tmp, base, tmp / "inst.safetensors", tmp / "wide" / "delta.safetensors",
-                    tmp / "mistral.safetensors", tmp / "truncated.safetensors", tmp / "tampered.safetensors",
-                    tmp / "nan.safetensors", base / "model.safetensors")  # fmt: skip
+    return Fixtures(
+        tmp,
+        base,
+        tmp / "inst.safetensors",
+        tmp / "wide" / "delta.safetensors",
+        tmp / "mistral.safetensors",
+        tmp / "truncated.safetensors",
+        tmp / "tampered.safetensors",
+        tmp / "nan.safetensors",
+        base / "model.safetensors",
+    )

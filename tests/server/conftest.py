@@ -86,14 +86,31 @@ def chat_output(url: str, model: str) -> dict:
 # tied's engine with them (launch_stack), and the references of tied and tied-inst with these.
 # No free whitespace in JSON output: a random pico model would otherwise emit only whitespace.
 JSON_COMPACT = '{"backend": "xgrammar", "disable_any_whitespace": true}'
-TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-              "--structured-outputs-config", JSON_COMPACT)  # fmt: skip
+TOOL_FLAGS = (
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "hermes",
+    "--structured-outputs-config",
+    JSON_COMPACT,
+)
 STORE_ENV = (("VLLM_ENABLE_RESPONSES_API_STORE", "1"),)  # as `serve --responses-store` gives engines
-WEATHER = {"name": "get_weather", "description": "Weather in a city", "strict": True, "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-    "required": ["city"], "additionalProperties": False}}  # fmt: skip
-CAPITAL = {"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome"]}},
-           "required": ["capital"], "additionalProperties": False}  # fmt: skip
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "strict": True,
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+CAPITAL = {
+    "type": "object",
+    "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome"]}},
+    "required": ["capital"],
+    "additionalProperties": False,
+}
 API_TEXT = "Tell me about deltas."
 
 
@@ -119,23 +136,39 @@ def client_api_answers(url: str, model: str, tokenizer: Path) -> dict:
     greedy = {"temperature": 0}
     msgs = [{"role": "user", "content": API_TEXT}]
     out: dict = {}
-    r = oa.responses.create(model=model, input=API_TEXT, max_output_tokens=MAX_TOKENS, temperature=0,
-                            top_logprobs=2, include=["message.output_text.logprobs"])  # fmt: skip
+    r = oa.responses.create(
+        model=model,
+        input=API_TEXT,
+        max_output_tokens=MAX_TOKENS,
+        temperature=0,
+        top_logprobs=2,
+        include=["message.output_text.logprobs"],
+    )
     logprobs = [(lp.token, lp.logprob) for lp in r.output[-1].content[0].logprobs]
-    out["responses"] = {"text": r.output_text, "logprobs": logprobs,
-                        "usage": (r.usage.input_tokens, r.usage.output_tokens)}  # fmt: skip
-    c = oa.responses.create(model=model, input="And then?", previous_response_id=r.id,
-                            max_output_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+    out["responses"] = {
+        "text": r.output_text,
+        "logprobs": logprobs,
+        "usage": (r.usage.input_tokens, r.usage.output_tokens),
+    }
+    c = oa.responses.create(
+        model=model, input="And then?", previous_response_id=r.id, max_output_tokens=MAX_TOKENS, temperature=0
+    )
     usage = (c.usage.input_tokens, c.usage.output_tokens)
     retrieved = oa.responses.retrieve(r.id).output_text
     out["responses_continued"] = {"text": c.output_text, "usage": usage, "retrieved": retrieved}
-    events = list(oa.responses.create(model=model, input=API_TEXT, max_output_tokens=MAX_TOKENS,
-                                      temperature=0, stream=True))  # fmt: skip
+    events = list(
+        oa.responses.create(
+            model=model, input=API_TEXT, max_output_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
+    )
     out["responses_stream"] = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     models = {e.response.model for e in events if hasattr(e, "response")}
     m = an.messages.create(model=model, max_tokens=MAX_TOKENS, messages=msgs, extra_body=greedy)
-    out["messages"] = {"text": m.content[0].text, "stop": m.stop_reason,
-                       "usage": (m.usage.input_tokens, m.usage.output_tokens)}  # fmt: skip
+    out["messages"] = {
+        "text": m.content[0].text,
+        "stop": m.stop_reason,
+        "usage": (m.usage.input_tokens, m.usage.output_tokens),
+    }
     with an.messages.stream(model=model, max_tokens=MAX_TOKENS, messages=msgs, extra_body=greedy) as s:
         text, final = "".join(s.text_stream), s.get_final_message()
     models.add(final.model)
@@ -143,28 +176,50 @@ def client_api_answers(url: str, model: str, tokenizer: Path) -> dict:
     out["count_tokens"] = an.messages.count_tokens(model=model, messages=msgs).input_tokens
     bias = _no_whitespace(tokenizer)
     tool = {"type": "function", "function": WEATHER}
-    c = oa.chat.completions.create(model=model, messages=msgs, tools=[tool], max_tokens=150, temperature=0,
-                                   tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                   logit_bias=bias)  # fmt: skip
+    c = oa.chat.completions.create(
+        model=model,
+        messages=msgs,
+        tools=[tool],
+        max_tokens=150,
+        temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        logit_bias=bias,
+    )
     calls = [(t.function.name, t.function.arguments) for t in c.choices[0].message.tool_calls]
     finish, tokens = c.choices[0].finish_reason, c.usage.completion_tokens
     out["tool_call"] = {"calls": calls, "finish": finish, "tokens": tokens}
-    c = oa.chat.completions.create(model=model, messages=msgs, tools=[tool], tool_choice="auto",
-                                   max_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
-    out["tool_auto"] = {"content": c.choices[0].message.content, "calls": c.choices[0].message.tool_calls,
-                        "prompt_tokens": c.usage.prompt_tokens}  # fmt: skip
-    r = oa.responses.create(model=model, input=API_TEXT, tools=[{"type": "function", **WEATHER}],
-                            tool_choice="required", max_output_tokens=150, temperature=0)  # fmt: skip
-    out["responses_tools"] = {"output": [(i.type, getattr(i, "name", None), getattr(i, "arguments", None))
-                                         for i in r.output], "usage": r.usage.input_tokens}  # fmt: skip
+    c = oa.chat.completions.create(
+        model=model, messages=msgs, tools=[tool], tool_choice="auto", max_tokens=MAX_TOKENS, temperature=0
+    )
+    out["tool_auto"] = {
+        "content": c.choices[0].message.content,
+        "calls": c.choices[0].message.tool_calls,
+        "prompt_tokens": c.usage.prompt_tokens,
+    }
+    r = oa.responses.create(
+        model=model,
+        input=API_TEXT,
+        tools=[{"type": "function", **WEATHER}],
+        tool_choice="required",
+        max_output_tokens=150,
+        temperature=0,
+    )
+    out["responses_tools"] = {
+        "output": [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in r.output],
+        "usage": r.usage.input_tokens,
+    }
     schema = {k: WEATHER[k] for k in ("name", "description")} | {"input_schema": WEATHER["parameters"]}
-    m = an.messages.create(model=model, max_tokens=MAX_TOKENS, messages=msgs, tools=[schema],
-                           extra_body=greedy)  # fmt: skip
-    out["messages_tools"] = {"content": [b.model_dump(exclude={"id"}) for b in m.content],
-                             "usage": m.usage.input_tokens}  # fmt: skip
+    m = an.messages.create(
+        model=model, max_tokens=MAX_TOKENS, messages=msgs, tools=[schema], extra_body=greedy
+    )
+    out["messages_tools"] = {
+        "content": [b.model_dump(exclude={"id"}) for b in m.content],
+        "usage": m.usage.input_tokens,
+    }
     json_schema = {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL}}
-    c = oa.chat.completions.create(model=model, messages=msgs, max_tokens=40, temperature=0,
-                                   response_format=json_schema)  # fmt: skip
+    c = oa.chat.completions.create(
+        model=model, messages=msgs, max_tokens=40, temperature=0, response_format=json_schema
+    )
     out["json_schema"] = c.choices[0].message.content
     out["stream_models"] = sorted(models)
     return out
@@ -247,8 +302,10 @@ def stack_references(tied, untied, updated: Path, parts, work: Path, shared: set
         "tied-part2": (tied.base, [str(parts.part2)]),
     }
     with ThreadPoolExecutor(3) as pool:
-        merged = {name: pool.submit(_merge, base, terms, work / name, *extra)
-                  for name, (base, terms, *extra) in merges.items()}  # fmt: skip
+        merged = {
+            name: pool.submit(_merge, base, terms, work / name, *extra)
+            for name, (base, terms, *extra) in merges.items()
+        }
         refs = {"tied-inst": tied.post, "untied-inst": untied.post, "tied-v2": updated}
         refs = {name: path for name, path in refs.items() if name not in shared}
         return {**refs, **{name: future.result() for name, future in merged.items()}}
@@ -271,8 +328,9 @@ def stock_engine(
 ) -> EngineProcess:
     """Stock vLLM (no deltagate worker extension) serving `path` as model "ref"; not started yet."""
     env = (("VLLM_CPU_OMP_THREADS_BIND", cores),) + env if cores else env
-    spec = EngineSpec(model=str(path), served_name="ref", max_model_len=512, extra_args=extra, log_path=log,
-                      env=env)  # fmt: skip
+    spec = EngineSpec(
+        model=str(path), served_name="ref", max_model_len=512, extra_args=extra, log_path=log, env=env
+    )
     return EngineProcess(spec, with_extension=False)
 
 
@@ -317,8 +375,13 @@ def start_gateway(
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(state_dir)]
     cmd += ["--admin-token", ADMIN, "--max-model-len", "512", *args]
-    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
@@ -348,23 +411,32 @@ def launch_stack(tied, untied, parts, work: Path) -> Stack:
     log = work / "gateway.log"
     proc = start_gateway(
         [
-            "--base", f"tied={tied.base}",
-            "--base", f"untied={untied.base}",
-            "--variant", f"tied-inst={tied.delta}",
-            "--variant", f"tied-half={tied.delta}:0.5",
-            "--variant", f"tied-mix={tied.delta}:0.7,{tied.delta2}:0.4",
-            "--variant", f"tied-part1={parts.part1}",
-            "--variant", f"tied-part2={parts.part2}",
-            "--recipe", str(ties_yaml),
+            "--base",
+            f"tied={tied.base}",
+            "--base",
+            f"untied={untied.base}",
+            "--variant",
+            f"tied-inst={tied.delta}",
+            "--variant",
+            f"tied-half={tied.delta}:0.5",
+            "--variant",
+            f"tied-mix={tied.delta}:0.7,{tied.delta2}:0.4",
+            "--variant",
+            f"tied-part1={parts.part1}",
+            "--variant",
+            f"tied-part2={parts.part2}",
+            "--recipe",
+            str(ties_yaml),
             "--allow-code-execution",  # HumanEval through real engines (sandboxed)
-            "--tool-parser", "tied=hermes",
+            "--tool-parser",
+            "tied=hermes",
             "--responses-store",
         ],
         work / "state",
         port,
         log,
         env={"DELTAGATE_ENGINE_ARGS": json.dumps(["--structured-outputs-config", JSON_COMPACT])},
-    )  # fmt: skip
+    )
     return Stack(url=f"http://127.0.0.1:{port}", state_dir=work / "state", proc=proc, work=work, log=log)
 
 
@@ -376,8 +448,9 @@ def stack(fleet, tied, untied) -> Stack:
     wait_healthy(stack.url, stack.proc, stack.log)
     for base in ("tied", "untied"):  # before any swap: the weights as vLLM loaded them
         stack.base_before[base] = completion_outputs(stack.url, base)
-    r = httpx.post(f"{stack.url}/v1/deltas", json={"name": "untied-d", "path": str(untied.delta)},
-                   headers=stack.admin)  # fmt: skip
+    r = httpx.post(
+        f"{stack.url}/v1/deltas", json={"name": "untied-d", "path": str(untied.delta)}, headers=stack.admin
+    )
     assert r.status_code == 201, r.text
     r = httpx.post(
         f"{stack.url}/v1/variants",
@@ -388,8 +461,13 @@ def stack(fleet, tied, untied) -> Stack:
     for name, path in (("tied-d", tied.delta), ("tied-d2", tied.delta2)):
         r = httpx.post(f"{stack.url}/v1/deltas", json={"name": name, "path": str(path)}, headers=stack.admin)
         assert r.status_code == 201, r.text
-    body = {"name": "tied-dare", "base": "tied", "deltas": DARE_TERMS, "method": "dare_ties",
-            "seed": DARE_SEED}  # fmt: skip
+    body = {
+        "name": "tied-dare",
+        "base": "tied",
+        "deltas": DARE_TERMS,
+        "method": "dare_ties",
+        "seed": DARE_SEED,
+    }
     r = httpx.post(f"{stack.url}/v1/variants", json=body, headers=stack.admin)
     assert r.status_code == 201, r.text
     return stack
@@ -451,18 +529,39 @@ def mock_gateway(
     engine_port, port = free_port(), free_port()
     engine_log = work / "mock-engine.log"
     mock = subprocess.Popen(
-        [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "mock",
-         "--tokens-per-second", str(tokens_per_second), "--swap-seconds", "0.05"],
-        stdout=open(engine_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "loaders.mock_engine",
+            "--port",
+            str(engine_port),
+            "--served-name",
+            "mock",
+            "--tokens-per-second",
+            str(tokens_per_second),
+            "--swap-seconds",
+            "0.05",
+        ],
+        stdout=open(engine_log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     engine_url = f"http://127.0.0.1:{engine_port}"
     log = work / "gateway.log"
     proc = None
     try:
         wait_healthy(engine_url, mock, engine_log, timeout=60)
-        args = ["--base", f"mock={tied.base}", "--engine-url", f"mock={engine_url}",
-                "--variant", f"mock-inst={tied.delta}",
-                "--variant", f"mock-half={tied.delta}:0.5", *gateway_args]  # fmt: skip
+        args = [
+            "--base",
+            f"mock={tied.base}",
+            "--engine-url",
+            f"mock={engine_url}",
+            "--variant",
+            f"mock-inst={tied.delta}",
+            "--variant",
+            f"mock-half={tied.delta}:0.5",
+            *gateway_args,
+        ]
         proc = start_gateway(args, work / "state", port, log)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, log, timeout=120)
@@ -479,13 +578,31 @@ def restartable_mock_gateway(tied, tmp_path, *extra: str):
     (or kills) while the engine stays up; yields (url, restart, gateway log)."""
     engine_port = free_port()
     mock = subprocess.Popen(
-        [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "mock",
-         "--tokens-per-second", "50"],
-        stdout=open(tmp_path / "mock.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "loaders.mock_engine",
+            "--port",
+            str(engine_port),
+            "--served-name",
+            "mock",
+            "--tokens-per-second",
+            "50",
+        ],
+        stdout=open(tmp_path / "mock.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     engine_url = f"http://127.0.0.1:{engine_port}"
-    args = ["--base", f"mock={tied.base}", "--engine-url", f"mock={engine_url}", "--variant",
-            f"mock-inst={tied.delta}", *extra]  # fmt: skip
+    args = [
+        "--base",
+        f"mock={tied.base}",
+        "--engine-url",
+        f"mock={engine_url}",
+        "--variant",
+        f"mock-inst={tied.delta}",
+        *extra,
+    ]
     port, log = free_port(), tmp_path / "gateway.log"
     url = f"http://127.0.0.1:{port}"
     gateway = None

@@ -64,8 +64,9 @@ def write_tasks(root: Path) -> Path:
     mc.write_text("".join(line + "\n" for line in items))
     gsm = root / "gsm8k.jsonl"
     rows = gsm8k_rows()[:6]
-    gsm.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
-                           for r in rows))  # fmt: skip
+    gsm.write_text(
+        "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows)
+    )
     (root / "dg_mc.yaml").write_text(MC_TASK.format(path=mc))
     (root / "dg_gsm8k.yaml").write_text(GSM_TASK.format(path=gsm))
     return root
@@ -79,9 +80,24 @@ def lm_eval_samples(
         f"model={model},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
         f"tokenizer={tokenizer},num_concurrent=2,max_retries=1,max_length=512"
     )
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-           "--tasks", "dg_mc,dg_gsm8k", "--include_path", str(task_dir), "--output_path", str(out),
-           "--log_samples", "--seed", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "dg_mc,dg_gsm8k",
+        "--include_path",
+        str(task_dir),
+        "--output_path",
+        str(out),
+        "--log_samples",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(out / "hf")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

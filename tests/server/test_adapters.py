@@ -42,9 +42,20 @@ def lane(untied, lowrank, tmp_path_factory) -> Lane:
     work = tmp_path_factory.mktemp("adapters")
     lr, lr2, refs = lowrank.lowrank, lowrank.lowrank2, lowrank.refs
     port = free_port()
-    args = ["--base", f"untied={untied.base}", "--lora-slots", "2", "--max-lora-rank", "16",
-            "--variant", f"lr={lr}", "--variant", f"lr-mix={lr}:0.5,{lr2}:0.5",
-            "--variant", f"full={untied.delta}"]  # fmt: skip
+    args = [
+        "--base",
+        f"untied={untied.base}",
+        "--lora-slots",
+        "2",
+        "--max-lora-rank",
+        "16",
+        "--variant",
+        f"lr={lr}",
+        "--variant",
+        f"lr-mix={lr}:0.5,{lr2}:0.5",
+        "--variant",
+        f"full={untied.delta}",
+    ]
     proc = start_gateway(args, work / "state", port, work / "gateway.log")
     url = f"http://127.0.0.1:{port}"
     try:

@@ -49,8 +49,9 @@ def tags(gateway) -> dict[str, str]:
 
 def test_an_alias_serves_its_variant_under_its_own_name_and_is_listed(gateway, tags):
     url, _ = gateway
-    r = httpx.post(f"{url}/v1/aliases", json={"name": "chat", "targets": [{"variant": "mock-inst"}]},
-                   headers=AUTH)  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/aliases", json={"name": "chat", "targets": [{"variant": "mock-inst"}]}, headers=AUTH
+    )
     assert r.status_code == 201, r.text
     assert r.json()["shares"] == {"mock-inst": 1.0} and r.json()["previous"] is None
     assert _ask(url, "chat") == ("chat", "mock-inst", tags["mock-inst"])
@@ -131,8 +132,16 @@ def test_metrics_count_requests_by_alias_and_target(gateway):
         _ask(url, "counted")
     families = metric_families(url)
     assert sample_value(families, "deltagate_alias_requests_total", alias="counted") == before + 3
-    assert sample_value(families, "deltagate_alias_requests_total", alias="counted", variant="mock-half",
-                        status_class="2xx") == before + 3  # fmt: skip
+    assert (
+        sample_value(
+            families,
+            "deltagate_alias_requests_total",
+            alias="counted",
+            variant="mock-half",
+            status_class="2xx",
+        )
+        == before + 3
+    )
 
 
 def test_a_switch_under_load_is_atomic_every_answer_from_the_variant_its_header_names(gateway, tags):

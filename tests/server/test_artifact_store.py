@@ -41,8 +41,12 @@ def stored(s3_server, tied, tmp_path_factory):
 
 def test_an_uploaded_delta_is_stored_by_hash_and_served_exactly(stored, stack, tied):
     url, root = stored["url"], stored["root"]
-    r = httpx.post(f"{url}/v1/deltas?name=d1", content=tied.delta.read_bytes(), timeout=60,
-                   headers={**ADMIN_HEADERS, "Content-Type": "application/octet-stream"})  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/deltas?name=d1",
+        content=tied.delta.read_bytes(),
+        timeout=60,
+        headers={**ADMIN_HEADERS, "Content-Type": "application/octet-stream"},
+    )
     assert r.status_code == 201, r.text
     uri = r.json()["path"]
     assert uri.startswith(f"{root}/sha256/") and r.json()["uploaded"]
@@ -81,8 +85,16 @@ def test_a_restart_keeps_stored_start_up_deltas_under_their_names(s3_server, tie
 
     mock, engine_url = _mock(tmp_path, 0)
     root = f"s3://{s3_server.bucket}/restart"
-    args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={engine_url}", "--artifact-store", root,
-            "--variant", f"inst={tied.delta}"]  # fmt: skip
+    args = [
+        "--base",
+        f"pico={tied.base}",
+        "--engine-url",
+        f"pico={engine_url}",
+        "--artifact-store",
+        root,
+        "--variant",
+        f"inst={tied.delta}",
+    ]
     try:
         for _ in range(2):
             port = free_port()

@@ -81,8 +81,12 @@ def test_updated_base_is_hot_loaded_while_other_variants_serve(stack, tied_updat
 
 def test_paramdelta_comparison_is_one_eval_run(stack):
     """θ′ + Δ against θ_post and θ′ on the same items, paired, through the evals API."""
-    ev = _post(stack.url, "/v1/evals", {"name": "paramdelta-pico",
-               "data_source": {"type": "builtin", "task": "addition"}}, stack.admin)  # fmt: skip
+    ev = _post(
+        stack.url,
+        "/v1/evals",
+        {"name": "paramdelta-pico", "data_source": {"type": "builtin", "task": "addition"}},
+        stack.admin,
+    )
     assert ev.status_code == 201, ev.text
     variants = ["tied-v2-inst", "tied-inst", "tied-v2"]
     body = {"variants": variants, "max_tokens": 6, "limit": 4}
@@ -166,8 +170,14 @@ def test_an_attached_gateway_refuses_other_layouts_and_keeps_runtime_bases_acros
     assert completion_outputs(stack.url, "tied-inst") == stack.refs["tied-inst"]
     engine_url = _bases(stack.url, stack.admin)["tied"]["engine_url"]
     port, state, log = free_port(), tmp_path / "state", tmp_path / "gateway.log"
-    args = ["--base", f"tied={tied.base}", "--engine-url", f"tied={engine_url}",
-            "--variant", f"tied-inst={tied.delta}"]  # fmt: skip
+    args = [
+        "--base",
+        f"tied={tied.base}",
+        "--engine-url",
+        f"tied={engine_url}",
+        "--variant",
+        f"tied-inst={tied.delta}",
+    ]
     url = f"http://127.0.0.1:{port}"
     admin = stack.admin
     proc = start_gateway(args, state, port, log)

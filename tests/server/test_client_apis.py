@@ -54,8 +54,11 @@ def test_new_routes_are_counted_with_their_endpoint_and_tokens(stack):
     for stream in (False, True):
         r = httpx.post(f"{stack.url}/v1/messages", json=body | {"stream": stream}, timeout=120)
         assert r.status_code == 200, r.text
-        r = httpx.post(f"{stack.url}/v1/responses", json={"model": "tied-inst", "input": "hi",
-                       "max_output_tokens": 5, "stream": stream}, timeout=120)  # fmt: skip
+        r = httpx.post(
+            f"{stack.url}/v1/responses",
+            json={"model": "tied-inst", "input": "hi", "max_output_tokens": 5, "stream": stream},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
     after = metric_families(stack.url)
 
@@ -71,8 +74,12 @@ def test_new_routes_are_counted_with_their_endpoint_and_tokens(stack):
 
 def test_a_client_cannot_send_a_template_or_the_gateways_own_field(stack):
     for field in ("chat_template", "deltagate_chat"):
-        body = {"model": "tied-inst", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
-                field: "{{ 'x' }}"}  # fmt: skip
+        body = {
+            "model": "tied-inst",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            field: "{{ 'x' }}",
+        }
         r = httpx.post(f"{stack.url}/v1/messages", json=body, timeout=60)
         assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
 
@@ -82,10 +89,13 @@ def test_a_batch_answers_as_stock_vllm_on_a_base_and_a_variant(stack):
     logprobs) is stock vLLM's for the same weights."""
     oa = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="k", max_retries=0)
     models = ["tied", "tied-inst"] * 2
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": chat_params(m)}
-             for i, m in enumerate(models)]  # fmt: skip
-    batch = oa.batches.create(input_file_id=upload(oa, lines).id, endpoint="/v1/chat/completions",
-                              completion_window="24h")  # fmt: skip
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": chat_params(m)}
+        for i, m in enumerate(models)
+    ]
+    batch = oa.batches.create(
+        input_file_id=upload(oa, lines).id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     batch = finished(oa, batch.id, timeout=300)
     assert batch.status == "completed" and batch.request_counts.completed == 4, batch
     out = lines_of(oa, batch.output_file_id)
@@ -102,8 +112,9 @@ def test_a_stored_response_belongs_to_its_engine_and_variant(stack):
     first = oa.responses.create(model="tied-inst", input="hi", max_output_tokens=4, temperature=0)
     again = oa.responses.retrieve(first.id)
     assert again.id == first.id and again.model == "tied-inst" and again.output_text == first.output_text
-    events = list(oa.responses.create(model="tied-inst", input="hi", max_output_tokens=4, temperature=0,
-                                      stream=True))  # fmt: skip
+    events = list(
+        oa.responses.create(model="tied-inst", input="hi", max_output_tokens=4, temperature=0, stream=True)
+    )
     streamed = next(e.response for e in events if e.type == "response.completed")
     assert oa.responses.retrieve(streamed.id).output_text == streamed.output_text
     with pytest.raises(openai.BadRequestError, match="continue it with model 'tied-inst'"):

@@ -60,17 +60,33 @@ def cluster(tied, s3_server, tmp_path_factory) -> Cluster:
     ray_cluster = RayCluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "env_vars": {"DELTAGATE_NODE_DIR": str(dirs[0])}
-        },  # fmt: skip
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "env_vars": {"DELTAGATE_NODE_DIR": str(dirs[0])},
+        },
     )
     ray_cluster.add_node(num_cpus=1, env_vars={"DELTAGATE_NODE_DIR": str(dirs[1])})
     nodes = {n.node_id: d for n, d in zip(ray_cluster.list_all_nodes(), dirs, strict=True)}
     port, log = free_port(), work / "serve.log"
     root = f"s3://{s3_server.bucket}/cluster"
     stored = ArtifactStore(root).put(tied.delta)
-    args = ["--ray", "--ray-address", ray_cluster.address, "--replicas", "2", "--replicas-per-node", "1",
-            "--base", f"tied={tied.base}", "--artifact-store", root,
-            "--variant", f"tied-inst={tied.delta}", "--variant", f"tied-half={stored.uri}:0.5"]  # fmt: skip
+    args = [
+        "--ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--replicas",
+        "2",
+        "--replicas-per-node",
+        "1",
+        "--base",
+        f"tied={tied.base}",
+        "--artifact-store",
+        root,
+        "--variant",
+        f"tied-inst={tied.delta}",
+        "--variant",
+        f"tied-half={stored.uri}:0.5",
+    ]
     proc = start_gateway(args, work / "state", port, log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, log)
@@ -129,14 +145,24 @@ def test_responses_and_messages_through_ray_equal_stock_vllm(cluster, stack):
 
     want = stack.api_refs["tied-inst"]
     oa = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="k", max_retries=0)
-    r = oa.responses.create(model="tied-inst", input=API_TEXT, max_output_tokens=MAX_TOKENS, temperature=0,
-                            top_logprobs=2, include=["message.output_text.logprobs"])  # fmt: skip
+    r = oa.responses.create(
+        model="tied-inst",
+        input=API_TEXT,
+        max_output_tokens=MAX_TOKENS,
+        temperature=0,
+        top_logprobs=2,
+        include=["message.output_text.logprobs"],
+    )
     logprobs = [(lp.token, lp.logprob) for lp in r.output[-1].content[0].logprobs]
     assert r.model == "tied-inst"
     assert (r.output_text, logprobs) == (want["responses"]["text"], want["responses"]["logprobs"])
     an = anthropic.Anthropic(base_url=cluster.url, api_key="k", max_retries=0)
-    m = an.messages.create(model="tied-inst", max_tokens=MAX_TOKENS, extra_body={"temperature": 0},
-                           messages=[{"role": "user", "content": API_TEXT}])  # fmt: skip
+    m = an.messages.create(
+        model="tied-inst",
+        max_tokens=MAX_TOKENS,
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": API_TEXT}],
+    )
     assert (m.model, m.content[0].text) == ("tied-inst", want["messages"]["text"])
 
 
@@ -162,8 +188,12 @@ def test_each_variant_stays_on_its_engine(cluster):
 def test_the_whole_api_through_the_gateway_on_ray(cluster, stack, tied, tied_updated):
     """Upload, define, evaluate, add a base at runtime, delete: the admin API a Ray deployment lacked."""
     url = cluster.url
-    r = httpx.post(f"{url}/v1/deltas?name=d2", content=tied.delta2.read_bytes(), timeout=60,
-                   headers={**HEADERS, "Content-Type": "application/octet-stream"})  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/deltas?name=d2",
+        content=tied.delta2.read_bytes(),
+        timeout=60,
+        headers={**HEADERS, "Content-Type": "application/octet-stream"},
+    )
     assert r.status_code == 201, r.text
     uri = r.json()["path"]
     assert uri.startswith("s3://") and not list((cluster.state / "deltas").glob("*.safetensors"))
@@ -176,19 +206,29 @@ def test_the_whole_api_through_the_gateway_on_ray(cluster, stack, tied, tied_upd
     served = _engines(cluster)[_served_by(cluster, "tied-mix")]
     assert uri.rsplit("/", 1)[1] in _cached(cluster, served)  # fetched from the store by its node
 
-    ev = httpx.post(f"{url}/v1/evals", headers=HEADERS, json={
-        "name": "ray", "data_source": {"type": "jsonl", "content": '{"q": "The capital of France"}'},
-        "prompt": "{{item.q}}", "endpoint": "completions",
-        "testing_criteria": [{"type": "string_check", "name": "any", "reference": "", "operation": "like"}],
-    })  # fmt: skip
+    ev = httpx.post(
+        f"{url}/v1/evals",
+        headers=HEADERS,
+        json={
+            "name": "ray",
+            "data_source": {"type": "jsonl", "content": '{"q": "The capital of France"}'},
+            "prompt": "{{item.q}}",
+            "endpoint": "completions",
+            "testing_criteria": [
+                {"type": "string_check", "name": "any", "reference": "", "operation": "like"}
+            ],
+        },
+    )
     assert ev.status_code == 201, ev.text
     runs = f"{url}/v1/evals/{ev.json()['id']}/runs"
     run = httpx.post(runs, json={"variants": ["tied-mix", "tied"], "max_tokens": 4}, headers=HEADERS)
     assert run.status_code == 201, run.text
     deadline = time.monotonic() + 120
     while (got := httpx.get(f"{runs}/{run.json()['id']}", headers=HEADERS).json())["status"] not in (
-        "completed", "failed", "canceled"
-    ):  # fmt: skip
+        "completed",
+        "failed",
+        "canceled",
+    ):
         assert time.monotonic() < deadline, got
         time.sleep(0.5)
     assert got["status"] == "completed", got
@@ -224,20 +264,36 @@ def test_an_alias_moved_by_a_rebase_on_ray_serves_the_offline_merge(cluster, sta
     assert httpx.put(f"{url}/v1/aliases/ray-chat", json=one, headers=HEADERS).status_code == 200
     base = {"name": "tied-v2", "path": str(tied_updated)}
     assert httpx.post(f"{url}/v1/bases", json=base, headers=HEADERS, timeout=120).status_code == 201
-    ev = httpx.post(f"{url}/v1/evals", headers=HEADERS, json={
-        "name": "ray-gate", "data_source": {"type": "jsonl", "content": '{"q": "a"}\n{"q": "b"}'},
-        "prompt": "{{item.q}}", "endpoint": "completions",
-        "testing_criteria": [{"type": "string_check", "name": "any", "reference": "", "operation": "like"}],
-    })  # fmt: skip
+    ev = httpx.post(
+        f"{url}/v1/evals",
+        headers=HEADERS,
+        json={
+            "name": "ray-gate",
+            "data_source": {"type": "jsonl", "content": '{"q": "a"}\n{"q": "b"}'},
+            "prompt": "{{item.q}}",
+            "endpoint": "completions",
+            "testing_criteria": [
+                {"type": "string_check", "name": "any", "reference": "", "operation": "like"}
+            ],
+        },
+    )
     assert ev.status_code == 201, ev.text
-    body = {"from_base": "tied", "to_base": "tied-v2", "variants": ["tied-inst"], "eval_id": ev.json()["id"],
-            "holdout": 2, "max_tokens": 2, "gate": {"min_difference": -0.5}}  # fmt: skip
+    body = {
+        "from_base": "tied",
+        "to_base": "tied-v2",
+        "variants": ["tied-inst"],
+        "eval_id": ev.json()["id"],
+        "holdout": 2,
+        "max_tokens": 2,
+        "gate": {"min_difference": -0.5},
+    }
     r = httpx.post(f"{url}/v1/rebases", json=body, headers=HEADERS)
     assert r.status_code == 201, r.text
     deadline = time.monotonic() + 300
     while (got := httpx.get(f"{url}/v1/rebases/{r.json()['id']}", headers=HEADERS).json())["status"] in (
-        "queued", "in_progress"
-    ):  # fmt: skip
+        "queued",
+        "in_progress",
+    ):
         assert time.monotonic() < deadline, got
         time.sleep(0.5)
     assert got["status"] == "completed" and got["report"]["variants"]["tied-inst"]["promoted"], got
@@ -249,8 +305,14 @@ def test_an_alias_moved_by_a_rebase_on_ray_serves_the_offline_merge(cluster, sta
 def test_stream_and_client_disconnect_release_the_slot(cluster):
     """A client that goes away mid-stream: the gateway closes the engine's stream and releases the
     slot, as on one machine (the stream never passes through Ray)."""
-    body = {"model": "tied-inst", "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    body = {
+        "model": "tied-inst",
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         engine = r.headers[ENGINE]

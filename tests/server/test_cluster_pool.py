@@ -61,9 +61,23 @@ def _word(url: str, model: str) -> tuple[str, str]:
 def test_engines_follow_load_up_and_down_and_a_new_one_serves_every_variant(tied, tmp_path):
     port = free_port()
     url, log = f"http://127.0.0.1:{port}", tmp_path / "gateway.log"
-    args = ["--ray", "--replicas", "1", "--max-replicas", "2", "--target-requests", "2",
-            "--scale-down-delay", "5", "--mock-engine", str(TOKENS_PER_SECOND),
-            "--base", f"mock={tied.base}", "--variant", f"mock-inst={tied.delta}"]  # fmt: skip
+    args = [
+        "--ray",
+        "--replicas",
+        "1",
+        "--max-replicas",
+        "2",
+        "--target-requests",
+        "2",
+        "--scale-down-delay",
+        "5",
+        "--mock-engine",
+        str(TOKENS_PER_SECOND),
+        "--base",
+        f"mock={tied.base}",
+        "--variant",
+        f"mock-inst={tied.delta}",
+    ]
     proc = start_gateway(args, tmp_path / "state", port, log)
     try:
         wait_healthy(url, proc, log, timeout=300)
@@ -129,8 +143,14 @@ def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_p
     wide = make_pico_base(tmp_path / "wide", PicoSpec(intermediate_size=384), seed=7)
     port = free_port()
     url, log = f"http://127.0.0.1:{port}", tmp_path / "gateway.log"
-    shared = ["--state-db", postgres.database("ray_pool"), "--state-poll-seconds", "0.5",
-              "--artifact-store", f"s3://{s3_server.bucket}/ray-pool"]  # fmt: skip
+    shared = [
+        "--state-db",
+        postgres.database("ray_pool"),
+        "--state-poll-seconds",
+        "0.5",
+        "--artifact-store",
+        f"s3://{s3_server.bucket}/ray-pool",
+    ]
     args = ["--ray", "--replicas", "1", "--mock-engine", "0", "--base", f"mock={tied.base}", *shared]
     proc = start_gateway(args, tmp_path / "state", port, log)
     try:
@@ -173,8 +193,18 @@ def _a_second_gateway_has_engines_of_its_own(tied, tmp_path, url: str, shared: l
     other, port = tmp_path / "other", free_port()
     other.mkdir()
     b, b_log = f"http://127.0.0.1:{port}", other / "gateway.log"
-    args = ["--ray", "--ray-address", "auto", "--replicas", "1", "--mock-engine", "0",
-            "--base", f"mock={tied.base}", *shared]  # fmt: skip
+    args = [
+        "--ray",
+        "--ray-address",
+        "auto",
+        "--replicas",
+        "1",
+        "--mock-engine",
+        "0",
+        "--base",
+        f"mock={tied.base}",
+        *shared,
+    ]
     proc = start_gateway(args, other / "state", port, b_log)
     try:
         wait_healthy(b, proc, b_log, timeout=300)

@@ -229,9 +229,24 @@ def _cli(url: str, *args) -> subprocess.CompletedProcess:
 def test_eval_cli_runs_a_comparison_and_plots_it(mock_stack, tmp_path):
     (tmp_path / "items.jsonl").write_text(_items(4))
     (tmp_path / "criteria.json").write_text(json.dumps([IS_BASE]))
-    done = _cli(mock_stack.url, "--jsonl", tmp_path / "items.jsonl", "--prompt", "{{item.q}}",
-                "--criteria", tmp_path / "criteria.json", "--variant", "mock", "--variant", "mock-inst",
-                "--max-tokens", "2", "--plot", tmp_path / "cmp.png", "--json")  # fmt: skip
+    done = _cli(
+        mock_stack.url,
+        "--jsonl",
+        tmp_path / "items.jsonl",
+        "--prompt",
+        "{{item.q}}",
+        "--criteria",
+        tmp_path / "criteria.json",
+        "--variant",
+        "mock",
+        "--variant",
+        "mock-inst",
+        "--max-tokens",
+        "2",
+        "--plot",
+        tmp_path / "cmp.png",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     run = json.loads(done.stdout)
     assert run["status"] == "completed" and run["per_variant"]["mock"]["criteria"]["is_base"]["score"] == 1.0

@@ -16,14 +16,27 @@ import pytest
 
 from tests.server.conftest import ADMIN
 
-ITEM_SCHEMA = {"type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
-               "required": ["question", "answer"]}  # fmt: skip
-CHECK = {"type": "string_check", "name": "has_answer", "input": "{{sample.output_text}}",
-         "reference": "{{item.answer}}", "operation": "like"}  # fmt: skip
-TEMPLATE = [{"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": "{{item.question}}"}]  # fmt: skip
-ITEMS = [{"question": "The capital of France", "answer": "Paris"},
-         {"question": "Numbers: 1 2 3", "answer": "4"}, {"question": "def add(a, b):", "answer": "return"}]
+ITEM_SCHEMA = {
+    "type": "object",
+    "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+    "required": ["question", "answer"],
+}
+CHECK = {
+    "type": "string_check",
+    "name": "has_answer",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "like",
+}
+TEMPLATE = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "{{item.question}}"},
+]
+ITEMS = [
+    {"question": "The capital of France", "answer": "Paris"},
+    {"question": "Numbers: 1 2 3", "answer": "4"},
+    {"question": "def add(a, b):", "answer": "return"},
+]
 
 
 def _client(url: str) -> openai.OpenAI:
@@ -39,10 +52,13 @@ def _custom_eval(client: openai.OpenAI):
 
 
 def _data_source(model: str, items=ITEMS, max_tokens: int = 8) -> dict:
-    return {"type": "completions", "model": model,
-            "input_messages": {"type": "template", "template": TEMPLATE},
-            "sampling_params": {"temperature": 0, "max_completion_tokens": max_tokens, "seed": 0},
-            "source": {"type": "file_content", "content": [{"item": i} for i in items]}}  # fmt: skip
+    return {
+        "type": "completions",
+        "model": model,
+        "input_messages": {"type": "template", "template": TEMPLATE},
+        "sampling_params": {"temperature": 0, "max_completion_tokens": max_tokens, "seed": 0},
+        "source": {"type": "file_content", "content": [{"item": i} for i in items]},
+    }
 
 
 def _finished(client: openai.OpenAI, eval_id: str, run_id: str, timeout: float = 180):
@@ -72,9 +88,20 @@ def test_the_sdk_runs_an_eval_on_a_base_and_a_variant(stack, model):
         question = ITEMS[item.datasource_item_id]
         assert item.datasource_item == question and item.sample.model == model
         assert [m.content for m in item.sample.input] == ["Answer briefly.", question["question"]]
-        direct = chat.create(model=model, messages=[{"role": "system", "content": "Answer briefly."},
-                             {"role": "user", "content": question["question"]}],
-                             max_tokens=8, temperature=0, seed=0).choices[0].message.content  # fmt: skip
+        direct = (
+            chat.create(
+                model=model,
+                messages=[
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": question["question"]},
+                ],
+                max_tokens=8,
+                temperature=0,
+                seed=0,
+            )
+            .choices[0]
+            .message.content
+        )
         assert item.sample.output[0].content == direct  # the variant's own greedy answer
         [result] = item.results
         assert result.name == "has_answer" and result.passed == (question["answer"] in direct.strip())
@@ -119,8 +146,11 @@ def test_what_a_user_gets_wrong_is_a_clear_4xx(mock_stack):
     with pytest.raises(openai.NotFoundError, match="ghost"):
         client.evals.runs.create(ev.id, data_source=_data_source("ghost"))
     with pytest.raises(openai.UnprocessableEntityError, match="item_schema"):
-        client.evals.create(data_source_config={"type": "custom", "item_schema": {"type": "nope"}},
-                            testing_criteria=[CHECK])  # fmt: skip
+        client.evals.create(
+            data_source_config={"type": "custom", "item_schema": {"type": "nope"}}, testing_criteria=[CHECK]
+        )
     with pytest.raises(openai.UnprocessableEntityError, match="no field 'missing'"):
-        client.evals.create(data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA},
-                            testing_criteria=[CHECK | {"reference": "{{item.missing}}"}])  # fmt: skip
+        client.evals.create(
+            data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA},
+            testing_criteria=[CHECK | {"reference": "{{item.missing}}"}],
+        )

@@ -33,10 +33,21 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 def _mock(work: Path, tokens_per_second: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loaders.mock_engine", "--port", str(port), "--served-name", "pico",
-         "--tokens-per-second", str(tokens_per_second)],
-        stdout=open(work / "mock.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "loaders.mock_engine",
+            "--port",
+            str(port),
+            "--served-name",
+            "pico",
+            "--tokens-per-second",
+            str(tokens_per_second),
+        ],
+        stdout=open(work / "mock.log", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, work / "mock.log", timeout=60)
     return proc, url
@@ -44,8 +55,15 @@ def _mock(work: Path, tokens_per_second: float) -> tuple[subprocess.Popen, str]:
 
 def _gateway(tied, work: Path, engine_url: str, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={engine_url}",
-            "--variant", f"inst={tied.delta}", *extra]  # fmt: skip
+    args = [
+        "--base",
+        f"pico={tied.base}",
+        "--engine-url",
+        f"pico={engine_url}",
+        "--variant",
+        f"inst={tied.delta}",
+        *extra,
+    ]
     proc = start_gateway(args, work / "state", port, work / "gateway.log")
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, work / "gateway.log", timeout=120)
@@ -76,8 +94,12 @@ def test_gateway_killed_mid_upload_restarts_clean(tied, tmp_path, mock):
 
     def upload():
         try:
-            httpx.post(f"{url}/v1/deltas?name=late", content=slow_chunks(),
-                       headers=AUTH | {"content-type": "application/octet-stream"}, timeout=60)  # fmt: skip
+            httpx.post(
+                f"{url}/v1/deltas?name=late",
+                content=slow_chunks(),
+                headers=AUTH | {"content-type": "application/octet-stream"},
+                timeout=60,
+            )
         except httpx.HTTPError:
             pass  # the gateway died under it
 
@@ -107,12 +129,30 @@ def test_gateway_killed_mid_upload_restarts_clean(tied, tmp_path, mock):
 def test_gateway_killed_mid_eval_run_resumes_it(tied, tmp_path, mock):
     proc, url = _gateway(tied, tmp_path, mock)
     items = "\n".join(f'{{"q": "{i}"}}' for i in range(12))
-    ev = httpx.post(f"{url}/v1/evals", headers=AUTH, json={
-        "name": "resume", "data_source": {"type": "jsonl", "content": items}, "prompt": "{{item.q}}",
-        "endpoint": "completions", "testing_criteria": [{"type": "string_check", "name": "w",
-        "input": "{{sample.output_text}}", "reference": "w", "operation": "like"}]}).json()  # fmt: skip
-    run = httpx.post(f"{url}/v1/evals/{ev['id']}/runs", headers=AUTH,
-                     json={"variants": ["inst"], "max_tokens": 8, "concurrency": 1}).json()  # fmt: skip
+    ev = httpx.post(
+        f"{url}/v1/evals",
+        headers=AUTH,
+        json={
+            "name": "resume",
+            "data_source": {"type": "jsonl", "content": items},
+            "prompt": "{{item.q}}",
+            "endpoint": "completions",
+            "testing_criteria": [
+                {
+                    "type": "string_check",
+                    "name": "w",
+                    "input": "{{sample.output_text}}",
+                    "reference": "w",
+                    "operation": "like",
+                }
+            ],
+        },
+    ).json()
+    run = httpx.post(
+        f"{url}/v1/evals/{ev['id']}/runs",
+        headers=AUTH,
+        json={"variants": ["inst"], "max_tokens": 8, "concurrency": 1},
+    ).json()
     path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
     deadline = time.monotonic() + 30
     while httpx.get(path, headers=AUTH).json()["progress"]["done"] < 2:
@@ -179,11 +219,25 @@ def test_a_state_dir_of_the_previous_version_is_imported(tied, tmp_path, mock):
     import sqlite3
 
     proc, url = _gateway(tied, tmp_path, mock)
-    ev = httpx.post(f"{url}/v1/evals", headers=AUTH, json={
-        "name": "old", "data_source": {"type": "jsonl", "content": '{"q": "1"}\n{"q": "2"}'},
-        "prompt": "{{item.q}}", "endpoint": "completions", "testing_criteria": [{"type": "string_check",
-        "name": "w", "input": "{{sample.output_text}}", "reference": "w", "operation": "like"}]},
-        ).json()  # fmt: skip
+    ev = httpx.post(
+        f"{url}/v1/evals",
+        headers=AUTH,
+        json={
+            "name": "old",
+            "data_source": {"type": "jsonl", "content": '{"q": "1"}\n{"q": "2"}'},
+            "prompt": "{{item.q}}",
+            "endpoint": "completions",
+            "testing_criteria": [
+                {
+                    "type": "string_check",
+                    "name": "w",
+                    "input": "{{sample.output_text}}",
+                    "reference": "w",
+                    "operation": "like",
+                }
+            ],
+        },
+    ).json()
     run = httpx.post(f"{url}/v1/evals/{ev['id']}/runs", headers=AUTH, json={"variants": ["inst"]}).json()
     deadline = time.monotonic() + 60
     path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
@@ -198,12 +252,17 @@ def test_a_state_dir_of_the_previous_version_is_imported(tied, tmp_path, mock):
         with sqlite3.connect(state / "evals.sqlite") as old:
             old.executescript(OLD_EVALS_SCHEMA)
             old.executemany("INSERT INTO evals VALUES (?, ?, ?)", db.execute("SELECT * FROM evals"))
-            old.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            db.execute("SELECT id, eval_id, created_at, body, status, error, total, measured "
-                                       "FROM runs"))  # fmt: skip
-            old.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            db.execute("SELECT run_id, variant, idx, input, output, grades, status, error, "
-                                       "scores FROM items ORDER BY seq"))  # fmt: skip
+            old.executemany(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute("SELECT id, eval_id, created_at, body, status, error, total, measured FROM runs"),
+            )
+            old.executemany(
+                "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(
+                    "SELECT run_id, variant, idx, input, output, grades, status, error, "
+                    "scores FROM items ORDER BY seq"
+                ),
+            )
     for leftover in state.glob("state.sqlite*"):
         leftover.unlink()
     proc, url = _gateway(tied, tmp_path, mock, "--variant", f"inst2={tied.delta}:0.5")
@@ -225,8 +284,11 @@ def test_a_slow_engine_times_out_and_is_counted(tied, tmp_path):
             f"{url}/v1/completions", json={"model": "pico", "prompt": "x", "max_tokens": 3}, timeout=30
         )
         assert r.status_code == 502 and time.monotonic() - started < 5, r.text
-        r = httpx.post(f"{url}/v1/completions", timeout=30,
-                       json={"model": "pico", "prompt": "x", "max_tokens": 3, "stream": True})  # fmt: skip
+        r = httpx.post(
+            f"{url}/v1/completions",
+            timeout=30,
+            json={"model": "pico", "prompt": "x", "max_tokens": 3, "stream": True},
+        )
         assert '"type": "engine_error"' in r.text and "broke off" in r.text
         assert sample_value(metric_families(url), "deltagate_upstream_errors_total", engine="pico") >= 2
     finally:
@@ -269,16 +331,25 @@ def test_an_engine_gone_after_start_is_a_502_and_counted(tied, tmp_path):
 
 def test_an_unreachable_artifact_store_fails_the_upload_and_keeps_nothing(tied, tmp_path, mock):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = {"AWS_ENDPOINT_URL": dead, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}  # fmt: skip
+    env = {
+        "AWS_ENDPOINT_URL": dead,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
     port = free_port()
     args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={mock}", "--artifact-store", "s3://b/d"]
     proc = start_gateway(args, tmp_path / "state", port, tmp_path / "gateway.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, tmp_path / "gateway.log", timeout=120)
-        r = httpx.post(f"{url}/v1/deltas?name=d", content=tied.delta.read_bytes(), timeout=120,
-                       headers={**AUTH, "Content-Type": "application/octet-stream"})  # fmt: skip
+        r = httpx.post(
+            f"{url}/v1/deltas?name=d",
+            content=tied.delta.read_bytes(),
+            timeout=120,
+            headers={**AUTH, "Content-Type": "application/octet-stream"},
+        )
         assert r.status_code == 502, r.text
         assert r.json()["error"]["type"] == "artifact_store_error" and "s3://b/d/sha256/" in r.text
         assert str(tmp_path) not in r.text

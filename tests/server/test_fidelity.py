@@ -45,8 +45,16 @@ def test_tensor_errors_are_zero_for_a_copy_and_positive_for_lossy(tied, tmp_path
 
 def test_fidelity_refuses_artifacts_of_different_deltas(tied, tmp_path):
     deltagate("compress", tied.delta2, "-o", tmp_path / "other.safetensors", "--codec", "int8")
-    cmd = [sys.executable, "-m", "cli", "fidelity", str(tmp_path / "other.safetensors"),
-           "--reference", str(tied.delta), "--no-served"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "fidelity",
+        str(tmp_path / "other.safetensors"),
+        "--reference",
+        str(tied.delta),
+        "--no-served",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and "different post models" in done.stderr
 
@@ -57,8 +65,17 @@ def test_fidelity_on_a_served_model(tied, tmp_path):
     deltagate("compress", tied.delta, "-o", tmp_path / "b.safetensors", "--codec", "bitdelta")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "The capital of France"}\n{"text": "def add(a, b):"}\n')
-    done = deltagate("fidelity", tmp_path / "b.safetensors", "--reference", tied.delta,
-                     "--prompts", prompts, "--max-tokens", "8", "--json")  # fmt: skip
+    done = deltagate(
+        "fidelity",
+        tmp_path / "b.safetensors",
+        "--reference",
+        tied.delta,
+        "--prompts",
+        prompts,
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     result = json.loads(done.stdout)
     served = result["served"]
     assert 0 < served["positions"] <= 2 * 8  # greedy runs may stop early at EOS

@@ -39,32 +39,72 @@ def fuzz_target(tied, tmp_path_factory) -> FuzzTarget:
     work = tmp_path_factory.mktemp("fuzz")
     engine_port, port = free_port(), free_port()
     mock = subprocess.Popen(
-        [sys.executable, "-m", "loaders.mock_engine", "--port", str(engine_port), "--served-name", "pico",
-         "--tokens-per-second", "0"],
-        stdout=open(work / "mock.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    args = ["--base", f"pico={tied.base}", "--engine-url", f"pico=http://127.0.0.1:{engine_port}",
-            "--variant", f"pico-inst={tied.delta}", "--variant", f"pico-half={tied.delta}:0.5",
-            "--api-key", KEY]  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "loaders.mock_engine",
+            "--port",
+            str(engine_port),
+            "--served-name",
+            "pico",
+            "--tokens-per-second",
+            "0",
+        ],
+        stdout=open(work / "mock.log", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    args = [
+        "--base",
+        f"pico={tied.base}",
+        "--engine-url",
+        f"pico=http://127.0.0.1:{engine_port}",
+        "--variant",
+        f"pico-inst={tied.delta}",
+        "--variant",
+        f"pico-half={tied.delta}:0.5",
+        "--api-key",
+        KEY,
+    ]
     proc = start_gateway(args, work / "state", port, work / "gateway.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, work / "gateway.log", timeout=120)
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        r = httpx.post(url + "/v1/evals", headers=admin, json={
-            "name": "fuzz", "data_source": {"type": "jsonl", "content": '{"q": "1"}\n{"q": "2"}'},
-            "prompt": "{{item.q}}", "testing_criteria": [
-                {"type": "string_check", "name": "any", "input": "{{sample.output_text}}",
-                 "reference": "w", "operation": "like"}]})  # fmt: skip
+        r = httpx.post(
+            url + "/v1/evals",
+            headers=admin,
+            json={
+                "name": "fuzz",
+                "data_source": {"type": "jsonl", "content": '{"q": "1"}\n{"q": "2"}'},
+                "prompt": "{{item.q}}",
+                "testing_criteria": [
+                    {
+                        "type": "string_check",
+                        "name": "any",
+                        "input": "{{sample.output_text}}",
+                        "reference": "w",
+                        "operation": "like",
+                    }
+                ],
+            },
+        )
         assert r.status_code == 201, r.text
         eval_id = r.json()["id"]
         run = httpx.post(f"{url}/v1/evals/{eval_id}/runs", headers=admin, json={"variants": ["pico"]})
         assert run.status_code == 201, run.text
-        REALISTIC.update({
-            "model": ["pico", "pico-inst", "pico-half"], "name": ["pico-inst", "delta", "pico", "fresh-name"],
-            "delta": ["delta"], "base": ["pico"], "eval_id": [eval_id], "run_id": [run.json()["id"]],
-            "variants": ["pico", "pico-inst"], "path": [str(tied.delta), str(tied.base), "/nonexistent"],
-        })  # fmt: skip
+        REALISTIC.update(
+            {
+                "model": ["pico", "pico-inst", "pico-half"],
+                "name": ["pico-inst", "delta", "pico", "fresh-name"],
+                "delta": ["delta"],
+                "base": ["pico"],
+                "eval_id": [eval_id],
+                "run_id": [run.json()["id"]],
+                "variants": ["pico", "pico-inst"],
+                "path": [str(tied.delta), str(tied.base), "/nonexistent"],
+            }
+        )
         yield FuzzTarget(url, work / "state")
     finally:
         stop_gateway(proc)
@@ -94,8 +134,9 @@ def flatmap_body(ctx, body):
         return st.just(body)
     fields = {k: _realistic(k, v) for k, v in body.items()}
     if isinstance(body.get("deltas"), list):  # variant bodies: terms naming a registered delta
-        term = st.fixed_dictionaries({"delta": st.sampled_from(REALISTIC["delta"])},
-                                     optional={"alpha": st.floats(-2, 2)})  # fmt: skip
+        term = st.fixed_dictionaries(
+            {"delta": st.sampled_from(REALISTIC["delta"])}, optional={"alpha": st.floats(-2, 2)}
+        )
         fields["deltas"] = st.lists(term, min_size=1, max_size=2) | st.just(body["deltas"])
     if "model" in body or ctx.operation.path.endswith("completions"):
         fields["model"] = _realistic("model", body.get("model"))

@@ -122,8 +122,12 @@ def prometheus(mock_stack, tmp_path):
     config = config.replace("scrape_interval: 5s", "scrape_interval: 1s")
     (tmp_path / "prometheus.yml").write_text(config)
     port = free_port()
-    cmd = [_binary("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-           f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    cmd = [
+        _binary("prometheus"),
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     log = open(tmp_path / "prometheus.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -141,8 +145,9 @@ def _query(prometheus: str, expr: str) -> dict:
 
 def test_real_prometheus_scrapes_the_gateway_and_its_engines(mock_stack, prometheus):
     _traffic(mock_stack, "mock-inst", streams=2, plain=1)
-    want = sample_value(metric_families(mock_stack.url), "deltagate_requests_total", variant="mock-inst",
-                        status_class="2xx")  # fmt: skip
+    want = sample_value(
+        metric_families(mock_stack.url), "deltagate_requests_total", variant="mock-inst", status_class="2xx"
+    )
     expr = 'sum(deltagate_requests_total{variant="mock-inst",status_class="2xx"})'
     engine_expr = 'vllm:num_requests_running{model_name="mock",job="deltagate-engine-mock"}'
     deadline = time.monotonic() + 60

@@ -57,8 +57,12 @@ def test_full_then_partial_then_other_partial_then_base_is_exact_and_touches_onl
 async def _queued(stack, n: int, timeout: float = 60) -> None:
     """Wait until `n` requests wait for a swap on tied's engine."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while sample_value(await asyncio.to_thread(metric_families, stack.url), "deltagate_queued_requests",
-                       engine="tied") < n:  # fmt: skip
+    while (
+        sample_value(
+            await asyncio.to_thread(metric_families, stack.url), "deltagate_queued_requests", engine="tied"
+        )
+        < n
+    ):
         assert asyncio.get_running_loop().time() < deadline, f"fewer than {n} requests queued"
         await asyncio.sleep(0.05)
 
@@ -87,8 +91,10 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
             try:
                 part1 = asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part1"))
                 await _queued(stack, 1)  # waits on the gateway, not on a clock: the machine may be busy
-                part2 = [asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part2"))
-                         for _ in range(2)]  # fmt: skip
+                part2 = [
+                    asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part2"))
+                    for _ in range(2)
+                ]
                 await _queued(stack, 3)
             finally:
                 os.killpg(group, signal.SIGCONT)

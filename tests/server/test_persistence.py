@@ -34,13 +34,19 @@ def test_second_gateway_attaches_and_sees_the_registry(stack, tied, untied):
     log = stack.state_dir.parent / "gateway2.log"
     proc = start_gateway(
         [
-            "--base", f"tied={tied.base}", "--base", f"untied={untied.base}",
-            "--engine-url", f"tied={urls['tied']}", "--engine-url", f"untied={urls['untied']}",
+            "--base",
+            f"tied={tied.base}",
+            "--base",
+            f"untied={untied.base}",
+            "--engine-url",
+            f"tied={urls['tied']}",
+            "--engine-url",
+            f"untied={urls['untied']}",
         ],
         stack.state_dir,
         port,
         log,
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log, timeout=120)

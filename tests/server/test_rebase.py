@@ -31,8 +31,13 @@ def gateway(tied, tied_updated, tmp_path_factory):
     with restartable_mock_gateway(tied, work) as (url, restart, _):
         r = httpx.post(f"{url}/v1/bases", json={"name": "mock-v2", "path": str(tied_updated)}, headers=AUTH)
         assert r.status_code == 201, r.text
-        body = {"name": "rebase-gate", "data_source": {"type": "jsonl", "content": ITEMS},
-                "prompt": "{{item.q}}", "endpoint": "completions", "testing_criteria": [IS_BASE]}  # fmt: skip
+        body = {
+            "name": "rebase-gate",
+            "data_source": {"type": "jsonl", "content": ITEMS},
+            "prompt": "{{item.q}}",
+            "endpoint": "completions",
+            "testing_criteria": [IS_BASE],
+        }
         r = httpx.post(f"{url}/v1/evals", json=body, headers=AUTH)
         assert r.status_code == 201, r.text
         yield url, restart, r.json()["id"]
@@ -48,15 +53,26 @@ def _point(url: str, *targets: tuple[str, float], name: str = "assistant") -> No
 
 
 def _rebase(url: str, eval_id: str, **extra) -> dict:
-    body = {"from_base": "mock", "to_base": "mock-v2", "eval_id": eval_id, "holdout": 6, "max_tokens": 2,
-            "gate": {"min_difference": -0.5}, **extra}  # fmt: skip
+    body = {
+        "from_base": "mock",
+        "to_base": "mock-v2",
+        "eval_id": eval_id,
+        "holdout": 6,
+        "max_tokens": 2,
+        "gate": {"min_difference": -0.5},
+        **extra,
+    }
     r = httpx.post(f"{url}/v1/rebases", json=body, headers=AUTH)
     assert r.status_code == 201, r.text
     return r.json()
 
 
-def _wait(url: str, rebase_id: str, until=lambda r: r["status"] not in ("queued", "in_progress"),
-          timeout: float = 120) -> dict:  # fmt: skip
+def _wait(
+    url: str,
+    rebase_id: str,
+    until=lambda r: r["status"] not in ("queued", "in_progress"),
+    timeout: float = 120,
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         r = httpx.get(f"{url}/v1/rebases/{rebase_id}", headers=AUTH, timeout=30)
@@ -69,8 +85,9 @@ def _wait(url: str, rebase_id: str, until=lambda r: r["status"] not in ("queued"
 def test_a_passing_gate_promotes_through_canary_steps_and_rollback_goes_back(gateway):
     url, _, eval_id = gateway
     _point(url, ("mock-inst", 1))
-    job = _rebase(url, eval_id, alphas=[0.5, 1.0], validation=4,
-                  promote={"steps": [50, 100], "hold_seconds": 2})  # fmt: skip
+    job = _rebase(
+        url, eval_id, alphas=[0.5, 1.0], validation=4, promote={"steps": [50, 100], "hold_seconds": 2}
+    )
     # the canary step: half of the θ variant's share on the transferred variant, for the hold time
     mid = _wait(url, job["id"], lambda r: r["report"]["promotion_step"] == 1)
     assert _alias(url)["shares"] == {"mock-inst": 0.5, "mock-inst:mock-v2": 0.5}
@@ -153,8 +170,14 @@ def test_a_gateway_killed_mid_rebase_resumes_it(gateway):
 )
 def test_bad_rebases_are_refused_before_any_work(gateway, change, status, words):
     url, _, eval_id = gateway
-    body = {"from_base": "mock", "to_base": "mock-v2", "eval_id": eval_id, "holdout": 6,
-            "gate": {"min_difference": -0.5}, **change}  # fmt: skip
+    body = {
+        "from_base": "mock",
+        "to_base": "mock-v2",
+        "eval_id": eval_id,
+        "holdout": 6,
+        "gate": {"min_difference": -0.5},
+        **change,
+    }
     r = httpx.post(f"{url}/v1/rebases", json=body, headers=AUTH)
     assert r.status_code == status and words in r.text, r.text
 
@@ -165,16 +188,51 @@ def test_the_cli_sets_aliases_runs_a_rebase_and_plots_its_report(gateway, tmp_pa
     out = deltagate("alias", "set", "cli-chat", "mock-inst=95", "mock=5", *common).stdout
     assert "cli-chat -> mock-inst 95.0%, mock 5.0%" in out
     png = tmp_path / "rebase.png"
-    done = deltagate("rebase", "--from", "mock", "--to", "mock-v2", "--eval", eval_id, "--holdout", "4",
-                     "--variant", "mock-inst", "--min-difference", "-0.5", "--max-tokens", "2",
-                     "--plot", png, *common)  # fmt: skip
+    done = deltagate(
+        "rebase",
+        "--from",
+        "mock",
+        "--to",
+        "mock-v2",
+        "--eval",
+        eval_id,
+        "--holdout",
+        "4",
+        "--variant",
+        "mock-inst",
+        "--min-difference",
+        "-0.5",
+        "--max-tokens",
+        "2",
+        "--plot",
+        png,
+        *common,
+    )
     assert "pass" in done.stdout and "mock-inst:mock-v2" in done.stdout, done.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     listed = deltagate("alias", "list", *common).stdout
     assert "cli-chat -> mock-inst:mock-v2 95.0%, mock 5.0%" in listed
     back = deltagate("alias", "rollback", "cli-chat", *common).stdout
     assert "cli-chat -> mock-inst 95.0%, mock 5.0%" in back
-    failed = subprocess.run([sys.executable, "-m", "cli", "rebase", "--from", "nope", "--to", "mock-v2",
-                             "--eval", eval_id, "--holdout", "2", "--min-ratio", "1", *common],
-                            capture_output=True, text=True)  # fmt: skip
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "rebase",
+            "--from",
+            "nope",
+            "--to",
+            "mock-v2",
+            "--eval",
+            eval_id,
+            "--holdout",
+            "2",
+            "--min-ratio",
+            "1",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert failed.returncode == 2 and "unknown base 'nope'" in failed.stderr

@@ -20,27 +20,46 @@ from tests.server.conftest import completion_outputs
 
 pytestmark = pytest.mark.engine
 TEXTS = [
-    "The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
-    "Numbers: 1 2 3 4 5 6 7 8 9 10", "The capital of France is Paris.", "import os\nprint(os.getcwd())",
-    "A delta is the difference between two sets of weights.", "for i in range(10):\n    print(i)",
-    "Rain falls on the plain in Spain.", "class Point:\n    x: int\n    y: int", "Red, green and blue.",
-    "The model answered the question in one word.", "while True:\n    break",
-]  # fmt: skip
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10",
+    "The capital of France is Paris.",
+    "import os\nprint(os.getcwd())",
+    "A delta is the difference between two sets of weights.",
+    "for i in range(10):\n    print(i)",
+    "Rain falls on the plain in Spain.",
+    "class Point:\n    x: int\n    y: int",
+    "Red, green and blue.",
+    "The model answered the question in one word.",
+    "while True:\n    break",
+]
 
 
 @pytest.fixture(scope="module")
 def setup(stack, tied_updated):
     """θ′ as runtime base tied-next, a perplexity eval over TEXTS; both removed afterwards."""
-    r = httpx.post(f"{stack.url}/v1/bases", json={"name": "tied-next", "path": str(tied_updated)},
-                   headers=stack.admin, timeout=300)  # fmt: skip
+    r = httpx.post(
+        f"{stack.url}/v1/bases",
+        json={"name": "tied-next", "path": str(tied_updated)},
+        headers=stack.admin,
+        timeout=300,
+    )
     assert r.status_code == 201 and r.json()["engine"] == "tied", r.text  # hot-loaded by tied's engine
     content = "\n".join(json.dumps({"text": t}) for t in TEXTS)
-    r = httpx.post(f"{stack.url}/v1/evals", json={"name": "ppl", "data_source": {"type": "perplexity",
-                   "content": content}}, headers=stack.admin)  # fmt: skip
+    r = httpx.post(
+        f"{stack.url}/v1/evals",
+        json={"name": "ppl", "data_source": {"type": "perplexity", "content": content}},
+        headers=stack.admin,
+    )
     assert r.status_code == 201, r.text
     yield r.json()["id"]
-    for path in ("aliases/pico-assistant", "aliases/pico-half", "variants/tied-inst:tied-next",
-                 "variants/tied-half:tied-next", "bases/tied-next"):  # fmt: skip
+    for path in (
+        "aliases/pico-assistant",
+        "aliases/pico-half",
+        "variants/tied-inst:tied-next",
+        "variants/tied-half:tied-next",
+        "bases/tied-next",
+    ):
         httpx.delete(f"{stack.url}/v1/{path}", headers=stack.admin)
 
 
@@ -52,8 +71,9 @@ def _alias(stack, name: str, variant: str) -> None:
 def _finish(stack, path: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while (got := httpx.get(f"{stack.url}{path}", headers=stack.admin).json())["status"] in (
-        "queued", "in_progress"
-    ):  # fmt: skip
+        "queued",
+        "in_progress",
+    ):
         assert time.monotonic() < deadline, got
         time.sleep(0.5)
     return got
@@ -61,8 +81,15 @@ def _finish(stack, path: str, timeout: float = 600) -> dict:
 
 def test_a_passing_rebase_moves_the_alias_to_weights_equal_to_the_offline_merge(stack, setup):
     _alias(stack, "pico-assistant", "tied-inst")
-    body = {"from_base": "tied", "to_base": "tied-next", "variants": ["tied-inst"], "eval_id": setup,
-            "holdout": 6, "seed": 1, "gate": {"min_difference": -1000}}  # fmt: skip
+    body = {
+        "from_base": "tied",
+        "to_base": "tied-next",
+        "variants": ["tied-inst"],
+        "eval_id": setup,
+        "holdout": 6,
+        "seed": 1,
+        "gate": {"min_difference": -1000},
+    }
     r = httpx.post(f"{stack.url}/v1/rebases", json=body, headers=stack.admin)
     assert r.status_code == 201, r.text
     done = _finish(stack, f"/v1/rebases/{r.json()['id']}")
@@ -84,9 +111,17 @@ def test_a_passing_rebase_moves_the_alias_to_weights_equal_to_the_offline_merge(
 
 def test_an_alpha_search_picks_the_validation_best_and_a_failing_gate_moves_nothing(stack, setup):
     _alias(stack, "pico-half", "tied-half")
-    body = {"from_base": "tied", "to_base": "tied-next", "variants": ["tied-half"], "eval_id": setup,
-            "alphas": [0.5, 1.0, 2.0], "validation": 6, "holdout": 6, "gate": {"min_ratio": 100},
-            "concurrency": 2}  # fmt: skip
+    body = {
+        "from_base": "tied",
+        "to_base": "tied-next",
+        "variants": ["tied-half"],
+        "eval_id": setup,
+        "alphas": [0.5, 1.0, 2.0],
+        "validation": 6,
+        "holdout": 6,
+        "gate": {"min_ratio": 100},
+        "concurrency": 2,
+    }
     r = httpx.post(f"{stack.url}/v1/rebases", json=body, headers=stack.admin)
     assert r.status_code == 201, r.text
     done = _finish(stack, f"/v1/rebases/{r.json()['id']}")

@@ -96,12 +96,19 @@ async def test_mixed_streams_are_each_served_by_their_own_weights(mock_stack):
 
 def test_client_disconnect_mid_stream_frees_the_slot(mock_stack):
     """A client that leaves mid-stream is counted out at once, so the next swap can start."""
-    before = _metric(mock_stack, "deltagate_requests_total", variant="mock-inst",
-                     endpoint="/v1/completions", status_class="4xx")  # fmt: skip
+    before = _metric(
+        mock_stack,
+        "deltagate_requests_total",
+        variant="mock-inst",
+        endpoint="/v1/completions",
+        status_class="4xx",
+    )
     with httpx.stream(
-        "POST", mock_stack.url + "/v1/completions", json=_body("mock-inst", stream=True, max_tokens=1000),
+        "POST",
+        mock_stack.url + "/v1/completions",
+        json=_body("mock-inst", stream=True, max_tokens=1000),
         timeout=30,
-    ) as r:  # fmt: skip
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # the stream runs (1000 tokens would take 20 s)
         assert _metric(mock_stack, "deltagate_inflight_requests", engine="mock") == 1
@@ -113,8 +120,13 @@ def test_client_disconnect_mid_stream_frees_the_slot(mock_stack):
     start = time.monotonic()
     assert _tag(mock_stack, "mock-half") != "wbase"
     assert time.monotonic() - start < 5
-    after = _metric(mock_stack, "deltagate_requests_total", variant="mock-inst",
-                    endpoint="/v1/completions", status_class="4xx")  # fmt: skip
+    after = _metric(
+        mock_stack,
+        "deltagate_requests_total",
+        variant="mock-inst",
+        endpoint="/v1/completions",
+        status_class="4xx",
+    )
     assert after == before + 1  # recorded as 499: client closed
 
 
@@ -130,8 +142,10 @@ def test_a_client_that_stops_reading_is_cut_off_and_frees_the_slot(tied, tmp_pat
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: writes block soon
         reader.connect((host, int(port)))
         body = json.dumps(_body("mock-inst", stream=True, max_tokens=65536)).encode()
-        reader.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        reader.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert reader.recv(1024).startswith(b"HTTP/1.1 200")  # then it reads nothing
         deadline = time.monotonic() + 20
         while _metric(gw, "deltagate_stalled_streams_total", variant="mock-inst") != 1:
@@ -152,10 +166,15 @@ def test_requests_waiting_for_a_swap_are_counted_as_queued(mock_stack):
     """While a stream holds one variant's weights, a request for another waits, and /metrics says so."""
     import concurrent.futures
 
-    with httpx.stream(
-        "POST", mock_stack.url + "/v1/completions", json=_body("mock-inst", stream=True, max_tokens=1000),
-        timeout=30,
-    ) as r, concurrent.futures.ThreadPoolExecutor(1) as pool:  # fmt: skip
+    with (
+        httpx.stream(
+            "POST",
+            mock_stack.url + "/v1/completions",
+            json=_body("mock-inst", stream=True, max_tokens=1000),
+            timeout=30,
+        ) as r,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
         lines = r.iter_lines()  # kept: a dropped iterator closes the stream (the client "leaves")
         assert next(lines).startswith("data: ")
         other = pool.submit(_tag, mock_stack, "mock-half")
@@ -166,10 +185,17 @@ def test_requests_waiting_for_a_swap_are_counted_as_queued(mock_stack):
         assert not other.done()
         # routers that place requests by adapter residency read vLLM's lora gauge; the gateway fills it in
         engine_metrics = httpx.get(mock_stack.url + "/metrics/engines/mock").text
-        (info,) = [s for f in text_string_to_metric_families(engine_metrics) for s in f.samples
-                   if s.name == "vllm:lora_requests_info"]  # fmt: skip
-        assert info.labels == {"max_lora": "1", "running_lora_adapters": "mock-inst",
-                               "waiting_lora_adapters": "mock-half"}  # fmt: skip
+        (info,) = [
+            s
+            for f in text_string_to_metric_families(engine_metrics)
+            for s in f.samples
+            if s.name == "vllm:lora_requests_info"
+        ]
+        assert info.labels == {
+            "max_lora": "1",
+            "running_lora_adapters": "mock-inst",
+            "waiting_lora_adapters": "mock-half",
+        }
     assert other.result(timeout=10) != "wbase"  # admitted once the stream ended, after its swap
     assert _metric(mock_stack, "deltagate_queued_requests", engine="mock") == 0
 
@@ -221,8 +247,10 @@ def test_an_engine_that_cannot_take_a_variants_template_there_gets_a_400_not_a_w
     """An engine the gateway did not start (here the mock) may lack loaders/engine_chat.py: on
     /v1/responses and /v1/messages a variant with its own chat template is refused, naming the
     route that works, instead of being rendered with the base's template."""
-    for path, body in (("/v1/messages", {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
-                       ("/v1/responses", {"input": "hi"})):  # fmt: skip
+    for path, body in (
+        ("/v1/messages", {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/responses", {"input": "hi"}),
+    ):
         r = httpx.post(mock_stack.url + path, json={"model": "mock-inst", **body}, timeout=30)
         assert r.status_code == 400 and "/v1/chat/completions" in r.json()["error"]["message"], r.text
 

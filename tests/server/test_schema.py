@@ -61,9 +61,17 @@ def test_files_and_batches_of_the_previous_version_are_imported_with_their_answe
 
     files, batches = tmp_path / "files", tmp_path / "batches"
     files.mkdir(), batches.mkdir()
-    record = {"id": "file-abc", "object": "file", "bytes": 3, "created_at": 1, "filename": "in.jsonl",
-              "purpose": "batch", "status": "processed", "expires_at": None,
-              "status_details": None}  # fmt: skip
+    record = {
+        "id": "file-abc",
+        "object": "file",
+        "bytes": 3,
+        "created_at": 1,
+        "filename": "in.jsonl",
+        "purpose": "batch",
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
     (files / "file-abc.json").write_text(json.dumps(record))
     (files / "file-abc.data").write_bytes(b"{}\n")
     batch = {"id": "batch_1", "status": "in_progress", "created_at": 2, "input_file_id": "file-abc"}

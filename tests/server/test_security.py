@@ -22,11 +22,25 @@ from server.uploads import receive_to_file
 
 ADMIN, KEY = "admin-secret", "inference-key"
 PUBLIC = {"/health", "/metrics", "/metrics/engines/{engine:path}"}  # what Prometheus and probes read
-INFERENCE = {"/v1/models", "/v1/models/{model:path}", "/v1/completions", "/v1/chat/completions",
-             "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
-             "/v1/messages", "/v1/messages/count_tokens",
-             "/tokenize", "/detokenize", "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content",
-             "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}  # fmt: skip
+INFERENCE = {
+    "/v1/models",
+    "/v1/models/{model:path}",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/responses/{response_id}",
+    "/v1/responses/{response_id}/cancel",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/tokenize",
+    "/detokenize",
+    "/v1/files",
+    "/v1/files/{file_id}",
+    "/v1/files/{file_id}/content",
+    "/v1/batches",
+    "/v1/batches/{batch_id}",
+    "/v1/batches/{batch_id}/cancel",
+}
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
@@ -55,8 +69,11 @@ async def test_every_route_but_probes_and_docs_needs_its_credentials(tmp_path):
                 continue
             url = re.sub(r"\{[^}]+\}", "x", path)
             admin_only = path not in INFERENCE
-            for headers in ({}, {"Authorization": "Bearer wrong"},
-                            {"Authorization": f"Bearer {KEY if admin_only else ADMIN}"}):  # fmt: skip
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Bearer {KEY if admin_only else ADMIN}"},
+            ):
                 r = await client.request(method, url, headers=headers, json={})
                 assert r.status_code == 401, (method, path, headers, r.text)
                 assert r.json()["error"]["type"] == "authentication_error"
@@ -107,8 +124,11 @@ async def test_oversized_bodies_are_413_before_reaching_anything(tmp_path):
             "/v1/variants", content=chunked(), headers=admin | {"content-type": "application/json"}
         )
         assert r.status_code == 413, r.text
-        r = await client.post("/v1/deltas?name=big", content=b"z" * 3000,
-                              headers=admin | {"content-type": "application/octet-stream"})  # fmt: skip
+        r = await client.post(
+            "/v1/deltas?name=big",
+            content=b"z" * 3000,
+            headers=admin | {"content-type": "application/octet-stream"},
+        )
         assert r.status_code == 413 and "max-upload-bytes" in r.json()["error"]["message"]
     store = tmp_path / "state" / "deltas"
     assert not any(store.iterdir())  # nothing kept, not even the partial file

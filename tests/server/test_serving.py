@@ -291,9 +291,16 @@ def test_humaneval_and_jsonl_evals_run_through_real_engines(stack):
         "data_source": {"type": "jsonl", "content": items},
         "prompt": "{{item.q}}",
         "endpoint": "completions",
-        "testing_criteria": [{"type": "string_check", "name": "same", "input": "{{sample.output_text}}",
-                              "reference": "{{item.expected}}", "operation": "eq"}],
-    }  # fmt: skip
+        "testing_criteria": [
+            {
+                "type": "string_check",
+                "name": "same",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.expected}}",
+                "operation": "eq",
+            }
+        ],
+    }
     run_body = {"variants": ["tied-inst", "tied"], "max_tokens": MAX_TOKENS}
     _, run = _finished_run(stack, body, run_body)
     assert run["status"] == "completed", run

@@ -36,8 +36,13 @@ class Front:
     port: int
 
     def restart(self) -> None:
-        self.proc = start_gateway(self.args, self.work / "state", self.port, self.work / "gateway.log",
-                                  env={"DELTAGATE_RUN_LEASE_SECONDS": str(LEASE)})  # fmt: skip
+        self.proc = start_gateway(
+            self.args,
+            self.work / "state",
+            self.port,
+            self.work / "gateway.log",
+            env={"DELTAGATE_RUN_LEASE_SECONDS": str(LEASE)},
+        )
         wait_healthy(self.url, self.proc, self.work / "gateway.log", timeout=120)
 
     def kill9(self) -> None:
@@ -55,9 +60,18 @@ def fronts(tied, postgres, s3_server, tmp_path_factory):
             engine, engine_url = _mock(work, 50)
             engines.append(engine)
             port = free_port()
-            args = ["--base", f"pico={tied.base}", "--engine-url", f"pico={engine_url}",
-                    "--state-db", postgres.url, "--state-poll-seconds", str(POLL),
-                    "--artifact-store", f"s3://{s3_server.bucket}/shared"]  # fmt: skip
+            args = [
+                "--base",
+                f"pico={tied.base}",
+                "--engine-url",
+                f"pico={engine_url}",
+                "--state-db",
+                postgres.url,
+                "--state-poll-seconds",
+                str(POLL),
+                "--artifact-store",
+                f"s3://{s3_server.bucket}/shared",
+            ]
             front = Front(f"http://127.0.0.1:{port}", None, args, work, port)
             front.restart()
             fronts.append(front)
@@ -70,8 +84,9 @@ def fronts(tied, postgres, s3_server, tmp_path_factory):
 
 
 def _complete(front: Front, model: str) -> httpx.Response:
-    return httpx.post(f"{front.url}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2},
-                      timeout=30)  # fmt: skip
+    return httpx.post(
+        f"{front.url}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}, timeout=30
+    )
 
 
 def _models(front: Front) -> set[str]:
@@ -80,8 +95,12 @@ def _models(front: Front) -> set[str]:
 
 def test_what_one_gateway_registers_every_gateway_serves(fronts, tied):
     a, b = fronts
-    r = httpx.post(f"{a.url}/v1/deltas?name=shared-d", content=tied.delta.read_bytes(), timeout=60,
-                   headers={**AUTH, "Content-Type": "application/octet-stream"})  # fmt: skip
+    r = httpx.post(
+        f"{a.url}/v1/deltas?name=shared-d",
+        content=tied.delta.read_bytes(),
+        timeout=60,
+        headers={**AUTH, "Content-Type": "application/octet-stream"},
+    )
     assert r.status_code == 201, r.text
     assert r.json()["path"].startswith("s3://")  # uploaded through A, in the store B reads
     body = {"name": "shared-inst", "base": "pico", "deltas": [{"delta": "shared-d", "alpha": 1.0}]}
@@ -118,8 +137,9 @@ def test_concurrent_writes_through_both_gateways_lose_nothing(fronts):
         codes[kind].append(r.status_code)
 
     threads = [threading.Thread(target=define, args=(f, "contested", "same")) for f in (a, b, a, b)]
-    threads += [threading.Thread(target=define, args=(f, f"mine-{i}", "distinct"))
-                for i, f in enumerate([a, b] * 6)]  # fmt: skip
+    threads += [
+        threading.Thread(target=define, args=(f, f"mine-{i}", "distinct")) for i, f in enumerate([a, b] * 6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -144,8 +164,11 @@ def test_one_name_has_one_owner_whichever_gateway_each_request_reaches(fronts, t
     request = {
         "base": ("POST", "/v1/bases", {"name": name, "path": str(tied.base)}),
         "delta": ("POST", "/v1/deltas", {"name": name, "path": str(tied.delta)}),
-        "variant": ("POST", "/v1/variants", {"name": name, "base": "pico",
-                                             "deltas": [{"delta": "shared-d"}]}),
+        "variant": (
+            "POST",
+            "/v1/variants",
+            {"name": name, "base": "pico", "deltas": [{"delta": "shared-d"}]},
+        ),
         "alias": ("POST", "/v1/aliases", {"name": name, "targets": [{"variant": "pico"}]}),
     }[kind]
     codes: list[int] = []
@@ -171,12 +194,30 @@ def test_one_name_has_one_owner_whichever_gateway_each_request_reaches(fronts, t
 
 def _eval_and_run(front: Front, items: int, max_tokens: int) -> tuple[str, str]:
     content = "\n".join(f'{{"q": "{i}"}}' for i in range(items))
-    ev = httpx.post(f"{front.url}/v1/evals", headers=AUTH, json={
-        "name": "shared", "data_source": {"type": "jsonl", "content": content}, "prompt": "{{item.q}}",
-        "endpoint": "completions", "testing_criteria": [{"type": "string_check", "name": "w",
-        "input": "{{sample.output_text}}", "reference": "w", "operation": "like"}]}).json()  # fmt: skip
-    run = httpx.post(f"{front.url}/v1/evals/{ev['id']}/runs", headers=AUTH,
-                     json={"variants": ["shared-inst"], "max_tokens": max_tokens, "concurrency": 1}).json()
+    ev = httpx.post(
+        f"{front.url}/v1/evals",
+        headers=AUTH,
+        json={
+            "name": "shared",
+            "data_source": {"type": "jsonl", "content": content},
+            "prompt": "{{item.q}}",
+            "endpoint": "completions",
+            "testing_criteria": [
+                {
+                    "type": "string_check",
+                    "name": "w",
+                    "input": "{{sample.output_text}}",
+                    "reference": "w",
+                    "operation": "like",
+                }
+            ],
+        },
+    ).json()
+    run = httpx.post(
+        f"{front.url}/v1/evals/{ev['id']}/runs",
+        headers=AUTH,
+        json={"variants": ["shared-inst"], "max_tokens": max_tokens, "concurrency": 1},
+    ).json()
     return ev["id"], run["id"]
 
 
@@ -213,8 +254,9 @@ def test_a_run_whose_gateway_is_killed_is_finished_by_another(fronts):
             assert run["status"] in ("queued", "in_progress") and time.monotonic() < deadline, run
             time.sleep(0.2)
         assert run["progress"] == {"done": 20, "total": 20} and run["result_counts"]["passed"] == 20
-        items = httpx.get(f"{b.url}/v1/evals/{eval_id}/runs/{run_id}/output_items", headers=AUTH,
-                          params={"limit": 100}).json()["data"]  # fmt: skip
+        items = httpx.get(
+            f"{b.url}/v1/evals/{eval_id}/runs/{run_id}/output_items", headers=AUTH, params={"limit": 100}
+        ).json()["data"]
         assert len(items) == 20  # taken over where A stopped, nothing graded twice
     finally:
         a.restart()
@@ -230,8 +272,9 @@ def test_a_batch_is_seen_by_every_gateway_and_finished_by_another_when_its_own_i
     a, b = fronts
     on_a, on_b = client_of(a), client_of(b)
     body = {"model": "shared-inst", "prompt": "x", "max_tokens": 10}  # 0.2 s a line on a 50 tok/s mock
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
-             for i in range(30)]  # fmt: skip
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body} for i in range(30)
+    ]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     infile = on_a.files.create(file=("batch.jsonl", io.BytesIO(data)), purpose="batch")
     assert on_b.files.content(infile.id).content == data  # the bytes, from the other gateway

@@ -26,11 +26,24 @@ def test_thirty_second_soak(stack, tied, tied_updated):
     refs = {m: stack.refs[m] for m in ("tied-inst", "tied-half", "tied-mix", "untied-inst")}
     refs["tied"], refs["untied"] = stack.base_before["tied"], stack.base_before["untied"]
     admin = stack.admin
-    actions = [*upload_and_delete(admin, "soak-d", tied.delta, "tied", stack.refs["tied-inst"]),
-               *add_and_delete_base(admin, "soak-base", tied_updated, stack.refs["tied-v2"])]  # fmt: skip
+    actions = [
+        *upload_and_delete(admin, "soak-d", tied.delta, "tied", stack.refs["tied-inst"]),
+        *add_and_delete_base(admin, "soak-base", tied_updated, stack.refs["tied-v2"]),
+    ]
     engines = _engines(stack.proc.pid)
-    run = soak(stack.url, admin, refs, PROMPTS, completion_params, duration=30, streams=16, change_every=6,
-               gateway_pid=stack.proc.pid, actions=actions, log=lambda _: None)  # fmt: skip
+    run = soak(
+        stack.url,
+        admin,
+        refs,
+        PROMPTS,
+        completion_params,
+        duration=30,
+        streams=16,
+        change_every=6,
+        gateway_pid=stack.proc.pid,
+        actions=actions,
+        log=lambda _: None,
+    )
     result = asyncio.run(run)
     print(result.line())
     assert result.failed == 0, result.errors

@@ -16,8 +16,9 @@ BIND = (("VLLM_CPU_OMP_THREADS_BIND", "0|1"),)  # one core per rank (one NUMA no
 
 
 def _engine(model, log, *, extension: bool) -> EngineProcess:
-    spec = EngineSpec(model=str(model), served_name="ref", max_model_len=512, extra_args=TP, log_path=log,
-                      env=BIND)  # fmt: skip
+    spec = EngineSpec(
+        model=str(model), served_name="ref", max_model_len=512, extra_args=TP, log_path=log, env=BIND
+    )
     return EngineProcess(spec, with_extension=extension)
 
 
