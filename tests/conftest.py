@@ -27,7 +27,7 @@ LONGEST_FIRST = ("stack", "test_tensor_parallel", "test_real_model", "test_fault
 # Ray tests that join a cluster with `--ray-address auto` run in the stack's worker, after it: a
 # Ray started by ray.init() leaves no address file, so `auto` joins any cluster running on the
 # machine — seen joining test_cluster.py's (stack) cluster from the other worker.
-WITH_THE_STACK = {"tests.server.test_cluster_pool"}
+WITH_THE_STACK = {"tests.server.cluster.test_cluster_pool"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (it adds them to the test ids)
@@ -174,7 +174,6 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
     without --enable-lora, the exported adapter through vLLM's own multi-LoRA (and that engine's
     plain base); the stack's variants (post models and offline merges); lm-eval on the base and
     on the post model."""
-    from tests.server import lmeval
     from tests.server.conftest import (
         STORE_ENV,
         TOOL_FLAGS,
@@ -191,6 +190,7 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         stack_references,
         stop_gateway,
     )
+    from tests.server.evals import lmeval
 
     work = tmp_path_factory.mktemp("fleet")
     stack = launch_stack(tied, untied, tied_parts, work / "stack")

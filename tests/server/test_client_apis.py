@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.server.batches.test_batches import finished, lines_of, upload
 from tests.server.conftest import chat_params, client_api_answers, metric_families, sample_value
-from tests.server.test_batches import finished, lines_of, upload
 
 
 @pytest.mark.parametrize("model", ["tied", "tied-inst"])

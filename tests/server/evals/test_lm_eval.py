@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.server.lmeval import MC_ITEMS, MESSAGES, PROMPT, lm_eval_samples
+from tests.server.evals.lmeval import MC_ITEMS, MESSAGES, PROMPT, lm_eval_samples
 
 pytestmark = pytest.mark.engine
 

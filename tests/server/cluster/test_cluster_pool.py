@@ -1,4 +1,4 @@
-"""Ray's control plane with mock engines (the mechanics; tests/server/test_cluster.py serves real vLLM
+"""Ray's control plane with mock engines (the mechanics; tests/server/cluster/test_cluster.py serves real vLLM
 engines on Ray): engines that follow load (`--max-replicas`), a base that gets a deployment of its
 own, a second gateway sharing the cluster and the state. A local Ray, started by each gateway."""
 
