@@ -148,6 +148,12 @@ async def forward(
                 raise EngineError(f"engine for {engine!r} broke off its answer: {exc}") from exc
             finally:
                 upstream.release()
+            if status >= 400 and upstream.content_type != "application/json":  # not vLLM's own error
+                metrics.upstream_errors.labels(engine, "status").inc()
+                release(502, None)
+                raise EngineError(
+                    f"engine for {engine!r} answered {status} on {endpoint} without a JSON error"
+                )
             if status >= 500:
                 metrics.upstream_errors.labels(engine, "status").inc()
             if remember:
