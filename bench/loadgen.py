@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loaders.engine import EngineError, free_port, wait_healthy  # noqa: E402
+from server.launch import gateway_command  # noqa: E402
 
 PY = sys.executable
 
@@ -93,19 +94,7 @@ def start_mock(served_name: str, work: Path, tokens_per_second: float, swap_seco
 def start_gateway(args: list[str], work: Path, admin_token: str = "bench-admin") -> Service:
     """`deltagate serve ARGS` on a free port with a state dir under `work`."""
     port = free_port()
-    cmd = [
-        PY,
-        "-m",
-        "cli",
-        "serve",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(work / "state"),
-        "--admin-token",
-        admin_token,
-        *args,
-    ]
+    cmd = gateway_command(port, work / "state", admin_token, *args)
     return _spawn("gateway", cmd, port, work / "gateway.log")
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ import httpx
 from deltas import DeltaTerm, Recipe, extract_delta
 from loaders.engine import EngineProcess, EngineSpec, free_port, wait_healthy
 from loaders.merge import write_merged_checkpoint
+from server import launch
 from server.evals.addition import addition_split
 from training.corpora import chunks, general_files, python_files
 from training.cpt import CPTConfig, continue_pretraining
@@ -83,23 +83,7 @@ def api(method: str, url: str, body: dict | None = None) -> dict:
 def start_gateway(base: Path, work: Path) -> tuple[subprocess.Popen, str]:
     """`deltagate serve --base smollm2=BASE` on a free port with state in `work`, once healthy."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli",
-        "serve",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(work),
-        "--admin-token",
-        ADMIN,
-        "--base",
-        f"smollm2={base}",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=open(work / "gateway.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    proc = launch.start_gateway(port, work, work / "gateway.log", ADMIN, "--base", f"smollm2={base}")
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc, 1800, "gateway", work / "gateway.log")
     return proc, url

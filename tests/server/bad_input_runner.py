@@ -38,6 +38,7 @@ def run_case(case: Case, fx: Fixtures) -> tuple[int, str]:
 def start(fx: Fixtures) -> tuple[list[subprocess.Popen], str]:
     """A mock engine and a gateway attached to it, with small limits; returns (processes, url)."""
     from loaders.engine import free_port, wait_healthy
+    from server import launch
 
     engine_port, port = free_port(), free_port()
     log = open(fx.tmp / "servers.log", "ab")
@@ -57,35 +58,25 @@ def start(fx: Fixtures) -> tuple[list[subprocess.Popen], str]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    gateway = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "serve",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(fx.tmp / "state"),
-            "--admin-token",
-            ADMIN,
-            "--api-key",
-            KEY,
-            "--base",
-            f"pico={fx.base}",
-            "--engine-url",
-            f"pico=http://127.0.0.1:{engine_port}",
-            "--variant",
-            f"inst={fx.delta}",
-            "--max-body-bytes",
-            str(MAX_BODY),
-            "--max-upload-bytes",
-            str(MAX_UPLOAD),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    gateway = launch.start_gateway(
+        port,
+        fx.tmp / "state",
+        fx.tmp / "servers.log",
+        ADMIN,
+        "--api-key",
+        KEY,
+        "--base",
+        f"pico={fx.base}",
+        "--engine-url",
+        f"pico=http://127.0.0.1:{engine_port}",
+        "--variant",
+        f"inst={fx.delta}",
+        "--max-body-bytes",
+        str(MAX_BODY),
+        "--max-upload-bytes",
+        str(MAX_UPLOAD),
     )
+
     url = f"http://127.0.0.1:{port}"
     wait_healthy(f"http://127.0.0.1:{engine_port}", mock, 60, "mock engine")
     wait_healthy(url, gateway, 120, "gateway", fx.tmp / "servers.log")

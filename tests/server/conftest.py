@@ -21,6 +21,7 @@ import pytest
 
 from loaders import engine
 from loaders.engine import EngineProcess, EngineSpec, cores_for, free_port
+from server import launch
 
 PROMPTS = ["The capital of France", "def add(a, b):", "Numbers: 1 2 3"]
 CHAT = [{"role": "user", "content": "Tell me about deltas."}]
@@ -373,15 +374,8 @@ def answers(url: str) -> dict:
 def start_gateway(
     args: list[str], state_dir: Path, port: int, log: Path, env: dict | None = None
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--state-dir", str(state_dir)]
-    cmd += ["--admin-token", ADMIN, "--max-model-len", "512", *args]
-    return subprocess.Popen(
-        cmd,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
+    """A gateway of the tests: the admin token ADMIN, a 512-token context (pico)."""
+    return launch.start_gateway(port, state_dir, log, ADMIN, "--max-model-len", "512", *args, env=env)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
@@ -391,13 +385,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
         raise RuntimeError(f"{exc}\n{log.read_text()[-4000:]}") from exc
 
 
-def stop_gateway(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)  # uvicorn shuts down; the lifespan stops the engines
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+stop_gateway = launch.stop_gateway
 
 
 def launch_stack(tied, untied, parts, work: Path) -> Stack:
