@@ -74,7 +74,7 @@ class Admission:
                 return await slot.client.relay.post(path, data=data, headers=headers)
             except aiohttp.ClientError as exc:
                 self.release()
-                metrics.upstream_errors.labels(self.target.group, "connect").inc()
+                metrics.upstream_errors.labels(slot.id, "connect").inc()
                 if not await pool.died(slot.id):
                     raise EngineError(f"engine for {self.target.group!r} unreachable: {exc}") from exc
                 pool.wake()

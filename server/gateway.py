@@ -157,7 +157,7 @@ class Gateway:
         if current is not None:
             resident = Recipe.model_validate_json(current)
         await client.probe_variant_chat()
-        on_swap = lambda record: self.metrics.observe_swap(base.name, record)  # noqa: E731
+        on_swap = lambda record: self.metrics.observe_swap(endpoint.id, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
         holding = self.resolver.holding(self.registry.state, base.name, resident) if current else None
@@ -167,7 +167,7 @@ class Gateway:
     async def _restart_in_place(self, id: str, restart: Restart) -> None:
         """The pool's engine `id` died: restart it with its slot's admissions blocked."""
         slot = self.slots[id]
-        self.metrics.engine_restarts.labels(slot.engine).inc()
+        self.metrics.engine_restarts.labels(id).inc()
 
         async def run() -> None:
             self.adapters.forget(id)

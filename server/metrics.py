@@ -108,7 +108,10 @@ class Metrics:
             registry=r,
         )
         self.swaps = Counter(
-            "deltagate_swaps_total", "Weight swaps by engine and result", ["engine", "result"], registry=r
+            "deltagate_swaps_total",
+            "Weight swaps by engine (its id, as on every deltagate metric) and result",
+            ["engine", "result"],
+            registry=r,
         )
         self.swap_seconds = Histogram(
             "deltagate_swap_duration_seconds",

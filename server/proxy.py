@@ -121,9 +121,10 @@ async def forward(
         except EngineError:
             metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
             raise
-        served_by = {ENGINE_HEADER: admitted.engine_id, VARIANT_HEADER: variant}
+        engine_id = admitted.engine_id  # the engine answering (metrics' `engine` label: its id)
+        served_by = {ENGINE_HEADER: engine_id, VARIANT_HEADER: variant}
         remember = route is RESPONSES and gateway.responses.enabled and upstream.status == 200
-        stored = Stored(admitted.engine_id, variant, answers_as) if remember else None
+        stored = Stored(engine_id, variant, answers_as) if remember else None
         metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
         released = False
 
@@ -143,19 +144,19 @@ async def forward(
             try:
                 raw = await upstream.read()
             except aiohttp.ClientError as exc:
-                metrics.upstream_errors.labels(engine, "stream").inc()
+                metrics.upstream_errors.labels(engine_id, "stream").inc()
                 release(502, None)
                 raise EngineError(f"engine for {engine!r} broke off its answer: {exc}") from exc
             finally:
                 upstream.release()
             if status >= 400 and upstream.content_type != "application/json":  # not vLLM's own error
-                metrics.upstream_errors.labels(engine, "status").inc()
+                metrics.upstream_errors.labels(engine_id, "status").inc()
                 release(502, None)
                 raise EngineError(
                     f"engine for {engine!r} answered {status} on {endpoint} without a JSON error"
                 )
             if status >= 500:
-                metrics.upstream_errors.labels(engine, "status").inc()
+                metrics.upstream_errors.labels(engine_id, "status").inc()
             if remember:
                 gateway.responses.add(raw, stored)
             raw, usage = rewrite_body(raw, answers_as, body.model)
@@ -182,7 +183,7 @@ async def forward(
                 status = 200
             except aiohttp.ClientError as exc:
                 status = 502
-                metrics.upstream_errors.labels(engine, "stream").inc()
+                metrics.upstream_errors.labels(engine_id, "stream").inc()
                 yield error_event(f"engine for {engine!r} broke off the stream: {exc}")
             finally:
                 if status == 200:
