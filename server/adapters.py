@@ -27,7 +27,7 @@ from pathlib import Path
 
 from deltas import Recipe
 from deltas.lora import export_lora_mix
-from loaders.engine import EngineClient
+from loaders.engine import EngineClient, EngineError
 from server.registry import DeltaRecord, VariantRecord
 
 log = logging.getLogger("deltagate.adapters")
@@ -50,7 +50,14 @@ class AdapterLane:
         self.slots = slots
         self.max_rank = max_rank
         self._loaded: dict[str, set[str]] = defaultdict(set)  # engine id -> adapter names loaded there
+        self._clients: dict[str, EngineClient] = {}  # engine id -> its client (to unload from it)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def not_adapter(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
+        """Why `variant` is served by swaps rather than as an adapter (None: it is an adapter)."""
+        if variant.lane == "swap":
+            return "its lane is swap"
+        return self.unfit(variant, deltas)
 
     def unfit(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
         """Why `variant` cannot be served as an adapter here (None: it can)."""
@@ -102,18 +109,29 @@ class AdapterLane:
             if adapter.name not in self._loaded[engine_id]:
                 await client.load_adapter(adapter.name, str(adapter.path))
                 self._loaded[engine_id].add(adapter.name)
+                self._clients[engine_id] = client
                 log.info("loaded adapter %s into engine %s", adapter.name, engine_id)
 
-    async def unload(self, engine_id: str, client: EngineClient, adapter: Adapter) -> None:
-        """Unload `adapter` from engine `engine_id`, if it was loaded, and delete its files."""
-        if adapter.name in self._loaded[engine_id]:
-            self._loaded[engine_id].discard(adapter.name)
-            await client.unload_adapter(adapter.name)
+    async def unload(self, adapter: Adapter) -> None:
+        """Unload `adapter` from every engine that loaded it and delete its files (an engine that
+        cannot be reached forgets it when it restarts)."""
+        for engine_id, names in self._loaded.items():
+            if adapter.name in names:
+                names.discard(adapter.name)
+                try:
+                    await self._clients[engine_id].unload_adapter(adapter.name)
+                except EngineError:
+                    log.warning(
+                        "could not unload %s from engine %s; it forgets it on restart",
+                        adapter.name,
+                        engine_id,
+                    )
         shutil.rmtree(adapter.path, ignore_errors=True)
 
     def forget(self, engine_id: str) -> None:
         """Engine `engine_id` restarted: it has no adapters loaded."""
         self._loaded.pop(engine_id, None)
+        self._clients.pop(engine_id, None)
 
     def loaded(self, engine_id: str) -> list[str]:
         return sorted(self._loaded.get(engine_id, ()))

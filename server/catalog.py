@@ -21,7 +21,7 @@ from deltas.store import ArtifactStore, file_identity, is_uri, materialize
 from loaders.merge import check_recipe
 from server.adapters import AdapterLane
 from server.bases import vocabulary_problem
-from server.errors import BadRequestError, ConflictError
+from server.errors import BadRequestError, ConflictError, GatewayError
 from server.registry import DeltaRecord, Registry, VariantRecord, VariantTerm, check_name
 from server.settings import GatewaySettings, StartupVariant
 from server.uploads import receive_to_file
@@ -131,6 +131,20 @@ class Catalog:
                 raise BadRequestError(f"variant {record.name!r} cannot be served as an adapter: {unfit}")
         self.registry.add_variant(record)
         return record
+
+    async def delete_variant(self, name: str) -> None:
+        """Forget a variant; an adapter it was served as is unloaded and its files deleted."""
+        state = self.registry.snapshot(name)
+        variant, adapter = state.variants.get(name), None
+        try:
+            deltas = state.deltas_of(variant) if variant else []
+            if variant and self.adapters.not_adapter(variant, deltas) is None:
+                adapter = self.adapters.adapter(variant, state.recipe(variant), deltas)
+        except GatewayError:  # a delta gone: no adapter of it can be loaded
+            adapter = None
+        self.registry.remove_variant(name)  # 404, or 409 while an alias routes to it
+        if adapter is not None:
+            await self.adapters.unload(adapter)
 
     async def ensure_variant(self, spec: StartupVariant) -> VariantRecord:
         """Define a command-line variant, registering artifact paths as deltas on the way."""

@@ -356,20 +356,6 @@ class Gateway:
         self._base_info.pop(name, None)
         await self.pool.remove(name)
 
-    async def delete_variant(self, name: str) -> None:
-        """Forget a variant; an adapter it was served as is unloaded and its files deleted."""
-        try:
-            target = self.resolve(name) if name in self.registry.state.variants else None
-        except ConflictError:  # its delta file changed: no adapter of it can have been loaded since
-            target = None
-        self.registry.remove_variant(name)
-        if target is not None and target.adapter is not None:
-            for slot in self.group(target.group):
-                try:
-                    await self.adapters.unload(slot.id, slot.client, target.adapter)
-                except EngineError:
-                    log.warning("could not unload %s; the engine forgets it on restart", target.adapter.name)
-
 
 def _base_if_plain(slot: WeightSlot, base: str) -> str | None:
     """Before any request, an engine holds its plain base (unless attached with other weights)."""

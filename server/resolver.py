@@ -70,21 +70,15 @@ class Resolver:
         engine_stops = self.base_info(group)[0]  # the engine stops on these by itself
         eos = [e for e in dict.fromkeys(stops) if e not in engine_stops]
         recipe = state.recipe(variant)
-        lane_adapter = self.not_adapter(variant, deltas) is None
+        lane_adapter = self.adapters.not_adapter(variant, deltas) is None
         adapter = self.adapters.adapter(variant, recipe, deltas) if lane_adapter else None
         return Target(variant, recipe, group, template, eos, adapter, alias.name if alias else None)
-
-    def not_adapter(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
-        """Why `variant` is served by swaps rather than as an adapter (None: it is an adapter)."""
-        if variant.lane == "swap":
-            return "its lane is swap"
-        return self.adapters.unfit(variant, deltas)
 
     def lane(self, name: str) -> tuple[str, str | None]:
         """How `name` is served ("swap" or "adapter") and, if not as an adapter, why."""
         state = self.registry.snapshot(name)
         variant = state.variant(name)
-        why = self.not_adapter(variant, state.deltas_of(variant))
+        why = self.adapters.not_adapter(variant, state.deltas_of(variant))
         return ("swap", why) if why else ("adapter", None)
 
     def holding(self, state: RegistryState, group: str, resident: Recipe) -> str | None:

@@ -252,7 +252,7 @@ class _Job:
         await self._define(self.service._candidate(v, self.body, final, float(best)))
         for name in names:
             if name != final and name in self.registry.state.variants:
-                await self.service.gateway.delete_variant(name)
+                await self.service.gateway.catalog.delete_variant(name)
         self._note(f"{v}: α = {best} on the validation split ({self.report.criterion})")
 
     async def _evaluate(self, v: str, entry: VariantReport) -> None:

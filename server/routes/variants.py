@@ -47,5 +47,5 @@ async def get_variant(name: str, gateway: GatewayDep) -> VariantPublic:
 
 @router.delete("/{name:path}", status_code=204)
 async def delete_variant(name: str, gateway: GatewayDep) -> Response:
-    await gateway.delete_variant(name)
+    await gateway.catalog.delete_variant(name)
     return Response(status_code=204)
