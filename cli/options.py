@@ -104,8 +104,11 @@ def _explain(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""
-        where = flags.get(field) or f"DELTAGATE_{field.upper()}"
-        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+        message = error["msg"].removeprefix("Value error, ")
+        if not field:  # a rule between settings: its message names the flags
+            parts.append(message)
+            continue
+        parts.append(f"{flags.get(field) or f'DELTAGATE_{field.upper()}'}: {message}")
     return "; ".join(parts)
 
 

@@ -112,37 +112,6 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log every HTTP request (costs throughput under load; see bench/relay.py)")
     ] = False,
-    ray: Annotated[
-        bool,
-        typer.Option(
-            help="Engines on Ray Serve: one deployment per base, one vLLM engine per replica, placed by "
-            "Ray on the cluster's nodes; this process serves the same API in front of them (a local "
-            "Ray unless --ray-address)"
-        ),
-    ] = False,
-    replicas: Annotated[
-        int, typer.Option(help="--ray: engine replicas per base (each one vLLM engine)", min=1)
-    ] = 2,
-    replicas_per_node: Annotated[
-        int | None, typer.Option(help="--ray: at most this many engine replicas of a base on one node", min=1)
-    ] = None,
-    max_replicas: Annotated[
-        int | None,
-        typer.Option(
-            help="--ray: autoscale each base's engines between --replicas and this, by the requests its "
-            "engines hold (running + waiting)",
-            min=1,
-        ),
-    ] = None,
-    target_requests: Annotated[
-        float, typer.Option(help="--ray autoscaling: requests per engine to aim at", min=0.1)
-    ] = 8.0,
-    scale_down_delay: Annotated[
-        float, typer.Option(help="--ray autoscaling: seconds of low load before an engine is removed", min=0)
-    ] = 60.0,
-    ray_address: Annotated[
-        str | None, typer.Option(help="--ray: join this Ray cluster (its GCS address HEAD:6379, or auto)")
-    ] = None,
 ) -> None:
     """Start engines for the bases and serve the OpenAI-compatible gateway."""
     bases = [parse_base(b) for b in base]
@@ -160,19 +129,15 @@ def serve(
     settings.variants = [parse_variant(v) for v in variant or []] + [
         parse_recipe_file(r) for r in recipe or []
     ]
-    if not ray:
+    if not settings.ray:
         run_gateway(settings, host, port, access_log)
         return
-    from server.cluster.pool import Scaling
     from server.cluster.run import serve_on_ray
     from server.errors import BadRequestError
 
     check_settings(settings)
-    if max_replicas is not None and max_replicas < replicas:
-        raise fail(f"--max-replicas {max_replicas} is below --replicas {replicas}")
-    scaling = Scaling(replicas, max_replicas, target_requests, scale_down_delay, replicas_per_node)
     try:
-        serve_on_ray(settings, host, port, scaling, ray_address, access_log=access_log)
+        serve_on_ray(settings, host, port, access_log=access_log)
     except BadRequestError as exc:
         raise fail(f"--ray: {exc}") from None
 
@@ -188,11 +153,6 @@ def check_settings(settings: GatewaySettings) -> None:
             check_available()
         except SandboxUnavailable as exc:
             raise fail(f"--allow-code-execution: cannot sandbox programs on this machine: {exc}") from None
-    if settings.state_db and not (settings.admin_token and settings.artifact_store):
-        raise fail(
-            "--state-db: gateways sharing a database need the same --admin-token and an "
-            "--artifact-store every one of them reaches (s3://…)"
-        )
     ensure_admin_token(settings)
 
 

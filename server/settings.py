@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deltas.merge_methods import MethodName
@@ -226,6 +226,31 @@ class GatewaySettings(BaseSettings):
         "kept in the engines' memory until they restart",
     )
 
+    # Ray Serve (`serve --ray`): engines as replicas of one deployment per base (server/cluster/)
+    ray: bool = _setting(
+        False,
+        "Engines on Ray Serve: one deployment per base, one vLLM engine per replica, placed by Ray on the "
+        "cluster's nodes; this process serves the same API in front of them (a local Ray unless "
+        "--ray-address)",
+    )
+    ray_address: str | None = _setting(
+        None, "--ray: join this Ray cluster (its GCS address HEAD:6379, or auto)"
+    )
+    replicas: int = _setting(2, "--ray: engine replicas per base (each one vLLM engine)", ge=1)
+    replicas_per_node: int | None = _setting(
+        None, "--ray: at most this many engine replicas of a base on one node", ge=1
+    )
+    max_replicas: int | None = _setting(
+        None,
+        "--ray: autoscale each base's engines between --replicas and this, by the requests its engines "
+        "hold (running + waiting)",
+        ge=1,
+    )
+    target_requests: float = _setting(8.0, "--ray autoscaling: requests per engine to aim at", ge=0.1)
+    scale_down_delay: float = _setting(
+        60.0, "--ray autoscaling: seconds of low load before an engine is removed", ge=0
+    )
+
     _api_keys = field_validator("api_keys", mode="before")(_words)
 
     @field_validator("max_lora_rank")
@@ -234,6 +259,18 @@ class GatewaySettings(BaseSettings):
         if value not in VLLM_RANKS:
             raise ValueError(f"must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM's choices)")
         return value
+
+    @model_validator(mode="after")
+    def _together(self) -> GatewaySettings:
+        """The rules that hold between settings (each one's own bounds are on its field)."""
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"--max-replicas {self.max_replicas} is below --replicas {self.replicas}")
+        if self.state_db and not (self.admin_token and self.artifact_store):
+            raise ValueError(
+                "--state-db: gateways sharing a database need the same --admin-token and an "
+                "--artifact-store every one of them reaches (s3://…)"
+            )
+        return self
 
     def engine_flags(self, tool_parser: str | None = None) -> tuple[str, ...]:
         """vLLM flags of managed engines: the operator's, multi-LoRA for the adapter lane, and the

@@ -109,6 +109,17 @@ class Scaling:
     scale_down_delay: float = 60.0  # seconds of low load before an engine is removed
     replicas_per_node: int | None = None
 
+    @classmethod
+    def of(cls, settings: GatewaySettings) -> Scaling:
+        """The scaling the settings ask for (serve --replicas, --max-replicas, ...)."""
+        return cls(
+            settings.replicas,
+            settings.max_replicas,
+            settings.target_requests,
+            settings.scale_down_delay,
+            settings.replicas_per_node,
+        )
+
     def options(self) -> dict:
         """The EngineHost deployment's options for this scaling."""
         options: dict = {}

@@ -35,18 +35,17 @@ def portable(settings: GatewaySettings) -> GatewaySettings:
     )
 
 
-def serve_on_ray(
-    settings: GatewaySettings, host: str, port: int, scaling, address: str | None, *, access_log: bool = False
-) -> None:
-    """Run until SIGINT/SIGTERM: Ray (local unless `address`), the gateway on host:port, engine
-    replicas per base as `scaling` says."""
+def serve_on_ray(settings: GatewaySettings, host: str, port: int, *, access_log: bool = False) -> None:
+    """Run until SIGINT/SIGTERM: Ray (local unless --ray-address), the gateway on host:port, engine
+    replicas per base as the settings' scaling says."""
     import ray
     from ray import serve
 
     from server.app import serve_app
-    from server.cluster.pool import RayPool  # scaling: a server.cluster.pool.Scaling
+    from server.cluster.pool import RayPool, Scaling
 
     settings = portable(settings)
+    scaling, address = Scaling.of(settings), settings.ray_address
     if address:
         ray.init(address=address, namespace="deltagate")
     else:  # a local instance: no dashboard (it costs memory and CPU on small machines)
