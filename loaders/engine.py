@@ -6,9 +6,11 @@ open to anyone who reaches its port, so managed engines bind to loopback only.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -31,6 +33,13 @@ CHAT_MIDDLEWARE = "loaders.engine_chat.VariantChatMiddleware"
 # ServerDisconnectedError). bench/keepalive.py measures it; it is the likely cause of a soak run in
 # which a swap and its restore both found the engine "unreachable". So this side hangs up first.
 ENGINE_KEEPALIVE_S = 2.0
+# Control calls that may be sent twice: the same pause, weights, reset or resume leave the engine as
+# once. And transport errors after which the request cannot have reached the engine's handler.
+_IDEMPOTENT = ("/pause", "/resume", "/reset_prefix_cache", "/collective_rpc")
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+log = logging.getLogger("deltagate")
 
 
 class EngineError(Exception):
@@ -391,10 +400,23 @@ class EngineClient:
         return resp.text
 
     async def _post(self, path: str, **kwargs) -> httpx.Response:
-        try:
-            resp = await self.http.post(path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise EngineError(f"engine {self.url} unreachable: {exc}") from exc
+        """A control call; sent once more after a transport error when that cannot change what it
+        does: the request never reached the engine, or the call is idempotent (pausing, resuming,
+        resetting the prefix cache, or a worker RPC that sets the same weights again)."""
+        for attempt in (1, 2):
+            try:
+                resp = await self.http.post(path, **kwargs)
+                break
+            except httpx.HTTPError as exc:
+                again = isinstance(exc, _NOT_SENT) or (
+                    path in _IDEMPOTENT and isinstance(exc, httpx.TransportError)
+                )
+                if attempt == 2 or not again or self._closed:
+                    raise EngineError(
+                        f"engine {self.url} unreachable: {type(exc).__name__} {exc}".rstrip()
+                    ) from exc
+                log.warning("engine %s%s: %s %s; sending it again", self.url, path, type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
         if resp.status_code >= 400:
             raise EngineError(f"engine {self.url}{path} answered {resp.status_code}: {resp.text}")
         return resp

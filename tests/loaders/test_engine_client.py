@@ -35,3 +35,39 @@ def test_a_closed_client_refuses_the_relay_with_an_engine_error():
 
     with pytest.raises(EngineError, match="'tied' left the pool"):
         asyncio.run(after_close())
+
+
+async def _drop_first_request(counts: dict[str, int]):
+    """An HTTP server on loopback that hangs up on the first request to each path without answering
+    (as a server closing an idle keep-alive connection does), then answers 200."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = (await reader.readline()).decode()
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        path = line.split()[1].split("?")[0] if line else ""
+        counts[path] = counts.get(path, 0) + 1
+        if counts[path] > 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_a_control_call_the_engine_hung_up_on_is_sent_again_once():
+    """/pause dropped once without an answer is sent again and succeeds (was: the swap failed, and
+    every request waiting for it got a 502; seen once in a soak run)."""
+
+    async def calls() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        server = await _drop_first_request(counts)
+        client = EngineClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "m")
+        try:
+            await client._post("/pause", params={"mode": "wait"})
+            return counts
+        finally:
+            await client.close()
+            server.close()
+
+    assert asyncio.run(calls()) == {"/pause": 2}
