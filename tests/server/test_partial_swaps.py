@@ -5,6 +5,7 @@ import asyncio
 import os
 import signal
 import time
+from contextlib import AsyncExitStack
 
 import httpx
 import pytest
@@ -76,33 +77,45 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
     The base's quantum (2 s) must still run when the three requests arrive: were it over, part1
     would be picked as it arrives. So another variant is made resident first, and the stream's own
     request swaps the base in: the window starts then, not before a whole reference run."""
-    assert completion_outputs(stack.url, "tied") == stack.base_before["tied"]
-    assert completion_outputs(stack.url, "tied-part1") == stack.refs["tied-part1"]
-    since = time.time()
     group = os.getpgid(engine_leader(stack, "tied").pid)
-    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client:
-        body = {"model": "tied", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
-        async with client.stream("POST", "/v1/completions", json=body) as stream:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client, AsyncExitStack() as held:
+        for _ in range(3):  # until the engine is frozen while the stream still runs (the premise)
+            assert completion_outputs(stack.url, "tied") == stack.base_before["tied"]
+            assert completion_outputs(stack.url, "tied-part1") == stack.refs["tied-part1"]
+            since = time.time()
+            body = {"model": "tied", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            stream = await held.enter_async_context(client.stream("POST", "/v1/completions", json=body))
             lines = stream.aiter_lines()
             async for line in lines:
                 if line.startswith("data: "):
                     break  # the stream is running on the base
             os.killpg(group, signal.SIGSTOP)
-            try:
-                part1 = asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part1"))
-                await _queued(stack, 1)  # waits on the gateway, not on a clock: the machine may be busy
-                part2 = [
-                    asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part2"))
-                    for _ in range(2)
-                ]
-                await _queued(stack, 3)
-            finally:
-                os.killpg(group, signal.SIGCONT)
+            await asyncio.sleep(0.5)  # what the engine sent before it stopped reaches the client meanwhile
+            families = await asyncio.to_thread(metric_families, stack.url)
+            if sample_value(families, "deltagate_inflight_requests", engine="tied") == 1:
+                break
+            # On a busy machine this test can lag the engine: the whole stream was sent before the
+            # engine stopped, and a request arriving now would start a swap on a frozen engine.
+            os.killpg(group, signal.SIGCONT)
             async for _ in lines:
                 pass
-        assert (await part1) == stack.refs["tied-part1"]
-        for answer in part2:  # the two may share a batch: conftest.same_batched
-            assert all(map(same_batched, await answer, stack.refs["tied-part2"]))
+        else:
+            pytest.fail("the stream always ended before its engine was frozen")
+        try:
+            part1 = asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part1"))
+            await _queued(stack, 1)  # waits on the gateway, not on a clock: the machine may be busy
+            part2 = [
+                asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part2"))
+                for _ in range(2)
+            ]
+            await _queued(stack, 3)
+        finally:
+            os.killpg(group, signal.SIGCONT)
+        async for _ in lines:
+            pass
+    assert (await part1) == stack.refs["tied-part1"]
+    for answer in part2:  # the two may share a batch: conftest.same_batched
+        assert all(map(same_batched, await answer, stack.refs["tied-part2"]))
     assert completion_outputs(stack.url, "tied-part2") == stack.refs["tied-part2"]  # one at a time: exact
     swaps = _swaps(stack, since)
     assert [s["variant"] for s in swaps[:3]] == ["tied", "tied-part2", "tied-part1"], swaps
