@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loaders.engine import EngineError, free_port, wait_healthy  # noqa: E402
+from loaders.mock_engine import mock_engine_command  # noqa: E402
 from server.launch import gateway_command  # noqa: E402
 
 PY = sys.executable
@@ -75,19 +76,7 @@ def _spawn(name: str, cmd: list[str], port: int, log: Path) -> Service:
 def start_mock(served_name: str, work: Path, tokens_per_second: float, swap_seconds: float = 0.0) -> Service:
     """A mock engine (loaders/mock_engine.py) on a free loopback port."""
     port = free_port()
-    cmd = [
-        PY,
-        "-m",
-        "loaders.mock_engine",
-        "--port",
-        str(port),
-        "--served-name",
-        served_name,
-        "--tokens-per-second",
-        str(tokens_per_second),
-        "--swap-seconds",
-        str(swap_seconds),
-    ]
+    cmd = mock_engine_command(port, served_name, tokens_per_second, swap_seconds)
     return _spawn("mock engine", cmd, port, work / "mock-engine.log").wait(60)
 
 

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import sys
 import time
 import uuid
 from collections import deque
@@ -224,6 +225,25 @@ def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response(
         {"error": {"message": message, "type": kind, "param": None, "code": status}}, status=status
     )
+
+
+def mock_engine_command(
+    port: int, served_name: str, tokens_per_second: float = 100.0, swap_seconds: float = 0.0
+) -> list[str]:
+    """The command line of a mock engine on loopback `port` (how the tests and benchmarks start one)."""
+    return [
+        sys.executable,
+        "-m",
+        "loaders.mock_engine",
+        "--port",
+        str(port),
+        "--served-name",
+        served_name,
+        "--tokens-per-second",
+        str(tokens_per_second),
+        "--swap-seconds",
+        str(swap_seconds),
+    ]
 
 
 def main() -> None:

@@ -219,11 +219,16 @@ class BatchService:
         """The output and error files from what was answered; `completed` (or `cancelled`)."""
         cancelled = self.get(batch_id)["status"] == "cancelling"
         self._update(batch_id, status="finalizing", finalizing_at=int(time.time()))
+        # Written by a gateway that died before marking the batch done: used, not written again.
+        written = {f["filename"]: f["id"] for f in self.files.list("batch_output")}
         ids = {}
         for kind, lines in zip(("output", "errors"), self.store.answers(batch_id), strict=True):
-            if lines:
+            name = f"{batch_id}_{kind}.jsonl"
+            if lines and name in written:
+                ids[kind] = written[name]
+            elif lines:
                 data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-                ids[kind] = self.files.add(data, f"{batch_id}_{kind}.jsonl", "batch_output")["id"]
+                ids[kind] = self.files.add(data, name, "batch_output")["id"]
         now = int(time.time())
         end = (
             {"status": "cancelled", "cancelled_at": now}

@@ -38,22 +38,13 @@ def run_case(case: Case, fx: Fixtures) -> tuple[int, str]:
 def start(fx: Fixtures) -> tuple[list[subprocess.Popen], str]:
     """A mock engine and a gateway attached to it, with small limits; returns (processes, url)."""
     from loaders.engine import free_port, wait_healthy
+    from loaders.mock_engine import mock_engine_command
     from server import launch
 
     engine_port, port = free_port(), free_port()
     log = open(fx.tmp / "servers.log", "ab")
     mock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loaders.mock_engine",
-            "--port",
-            str(engine_port),
-            "--served-name",
-            "pico",
-            "--tokens-per-second",
-            "0",
-        ],
+        mock_engine_command(engine_port, "pico", 0),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

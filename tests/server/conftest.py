@@ -21,6 +21,7 @@ import pytest
 
 from loaders import engine
 from loaders.engine import EngineProcess, EngineSpec, cores_for, free_port
+from loaders.mock_engine import mock_engine_command
 from server import launch
 
 PROMPTS = ["The capital of France", "def add(a, b):", "Numbers: 1 2 3"]
@@ -517,19 +518,7 @@ def mock_gateway(
     engine_port, port = free_port(), free_port()
     engine_log = work / "mock-engine.log"
     mock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loaders.mock_engine",
-            "--port",
-            str(engine_port),
-            "--served-name",
-            "mock",
-            "--tokens-per-second",
-            str(tokens_per_second),
-            "--swap-seconds",
-            "0.05",
-        ],
+        mock_engine_command(engine_port, "mock", tokens_per_second, 0.05),
         stdout=open(engine_log, "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -566,17 +555,7 @@ def restartable_mock_gateway(tied, tmp_path, *extra: str):
     (or kills) while the engine stays up; yields (url, restart, gateway log)."""
     engine_port = free_port()
     mock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loaders.mock_engine",
-            "--port",
-            str(engine_port),
-            "--served-name",
-            "mock",
-            "--tokens-per-second",
-            "50",
-        ],
+        mock_engine_command(engine_port, "mock", 50),
         stdout=open(tmp_path / "mock.log", "wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from deltas import open_artifact
 from loaders.engine import free_port
+from loaders.mock_engine import mock_engine_command
 from tests.server.conftest import (
     ADMIN,
     metric_families,
@@ -33,17 +33,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 def _mock(work: Path, tokens_per_second: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loaders.mock_engine",
-            "--port",
-            str(port),
-            "--served-name",
-            "pico",
-            "--tokens-per-second",
-            str(tokens_per_second),
-        ],
+        mock_engine_command(port, "pico", tokens_per_second),
         stdout=open(work / "mock.log", "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from loaders.engine import free_port
+from loaders.mock_engine import mock_engine_command
 from tests.server.conftest import ADMIN, start_gateway, stop_gateway, wait_healthy
 
 KEY = "fuzz-inference-key"
@@ -41,17 +41,7 @@ def fuzz_target(tied, tmp_path_factory) -> FuzzTarget:
     work = tmp_path_factory.mktemp("fuzz")
     engine_port, port = free_port(), free_port()
     mock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loaders.mock_engine",
-            "--port",
-            str(engine_port),
-            "--served-name",
-            "pico",
-            "--tokens-per-second",
-            "0",
-        ],
+        mock_engine_command(engine_port, "pico", 0),
         stdout=open(work / "mock.log", "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
