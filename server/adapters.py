@@ -59,6 +59,10 @@ class AdapterLane:
             return "its lane is swap"
         return self.unfit(variant, deltas)
 
+    def serving(self, variant: VariantRecord, recipe: Recipe, deltas: list[DeltaRecord]) -> Adapter | None:
+        """The adapter `variant` is served as (None: it is served by swaps)."""
+        return None if self.not_adapter(variant, deltas) else self.adapter(variant, recipe, deltas)
+
     def unfit(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
         """Why `variant` cannot be served as an adapter here (None: it can)."""
         if not self.slots:

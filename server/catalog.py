@@ -137,9 +137,8 @@ class Catalog:
         state = self.registry.snapshot(name)
         variant, adapter = state.variants.get(name), None
         try:
-            deltas = state.deltas_of(variant) if variant else []
-            if variant and self.adapters.not_adapter(variant, deltas) is None:
-                adapter = self.adapters.adapter(variant, state.recipe(variant), deltas)
+            if variant is not None:
+                adapter = self.adapters.serving(variant, state.recipe(variant), state.deltas_of(variant))
         except GatewayError:  # a delta gone: no adapter of it can be loaded
             adapter = None
         self.registry.remove_variant(name)  # 404, or 409 while an alias routes to it

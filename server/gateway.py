@@ -160,7 +160,7 @@ class Gateway:
         on_swap = lambda record: self.metrics.observe_swap(endpoint.id, record)  # noqa: E731
         policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
-        holding = self.resolver.holding(self.registry.state, base.name, resident) if current else None
+        holding = self.resolver.holding(base.name, resident) if current else None
         slot.last_admitted = holding
         self.slots[endpoint.id] = slot
 
@@ -236,7 +236,7 @@ class Gateway:
 
     def engine_of(self, base: BaseRecord) -> str:
         """The engine serving `base`: its own, or the one that hot-loads it."""
-        return base.engine or base.name
+        return base.group
 
     def slot_of(self, base: str) -> WeightSlot | None:
         """A weight slot of the engine serving base `base` (None: no engine running)."""

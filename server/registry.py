@@ -49,6 +49,11 @@ class BaseRecord(BaseModel):
     files: str = Field("", description="size and mtime of its weight files (content_hash is reused)")
     tool_parser: str | None = Field(None, description="vLLM's tool-call parser its engine runs (None: none)")
 
+    @property
+    def group(self) -> str:
+        """The engine group serving it: its own engines (started on it), or its host's."""
+        return self.engine or self.name
+
 
 class DeltaRecord(BaseModel):
     """A registered artifact; size and mtime detect a file changed after registration."""

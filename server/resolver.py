@@ -14,7 +14,7 @@ from deltas.store import file_identity, is_uri
 from server.adapters import Adapter, AdapterLane
 from server.aliases import choose
 from server.errors import ConflictError, GatewayError
-from server.registry import DeltaRecord, Registry, RegistryState, VariantRecord
+from server.registry import DeltaRecord, Registry, VariantRecord
 
 # A base's checkpoint, read once: (its end-of-sequence token ids, its chat template).
 BaseInfo = Callable[[str], tuple[set[int], str | None]]
@@ -56,7 +56,7 @@ class Resolver:
                 state = self.registry.snapshot(name)  # defined by another gateway since
         variant = state.variant(name)
         base = state.bases[variant.base]
-        group = base.engine or base.name
+        group = base.group
         deltas = state.deltas_of(variant)
         template, stops = None, []
         for record in deltas:
@@ -70,8 +70,7 @@ class Resolver:
         engine_stops = self.base_info(group)[0]  # the engine stops on these by itself
         eos = [e for e in dict.fromkeys(stops) if e not in engine_stops]
         recipe = state.recipe(variant)
-        lane_adapter = self.adapters.not_adapter(variant, deltas) is None
-        adapter = self.adapters.adapter(variant, recipe, deltas) if lane_adapter else None
+        adapter = self.adapters.serving(variant, recipe, deltas)
         return Target(variant, recipe, group, template, eos, adapter, alias.name if alias else None)
 
     def lane(self, name: str) -> tuple[str, str | None]:
@@ -81,12 +80,13 @@ class Resolver:
         why = self.adapters.not_adapter(variant, state.deltas_of(variant))
         return ("swap", why) if why else ("adapter", None)
 
-    def holding(self, state: RegistryState, group: str, resident: Recipe) -> str | None:
+    def holding(self, group: str, resident: Recipe) -> str | None:
         """Which registered model holds the weights `resident` an engine of `group` was found with (a
         gateway restarted, its engines not): for /v1/engines and metrics; admission goes by weights."""
+        state = self.registry.state
         for variant in state.variants.values():
             base = state.bases.get(variant.base)
-            if base is None or (base.engine or base.name) != group or variant.lane == "adapter":
+            if base is None or base.group != group or variant.lane == "adapter":
                 continue
             try:
                 if state.recipe(variant).key() == resident.key():
