@@ -202,7 +202,7 @@ async def soak(
 
 async def _swap_count(client: httpx.AsyncClient, admin: dict) -> int:
     bases = (await client.get("/v1/bases", headers=admin)).json()["data"]
-    return sum(len(b["recent_swaps"]) for b in bases if b["engine"] == b["name"])
+    return sum(len(b["recent_swaps"]) for b in bases if b["group"] == b["name"])
 
 
 def references(url: str, models: list[str], prompts: list[str], params: Params) -> dict[str, list[dict]]:

@@ -57,6 +57,25 @@ class Probe:
     ids: list[int]
     start: int  # positions start..len(ids)-1 are compared
 
+    @staticmethod
+    def request(prompt: str, max_tokens: int) -> dict:
+        """The completion body that draws a probe: the greedy continuation, as token ids."""
+        return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
+
+    @classmethod
+    def of(cls, choice: dict) -> Probe:
+        """The probe in a choice answered to `request`."""
+        prompt_ids = list(choice["prompt_token_ids"])
+        return cls(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
+
+    def distributions_request(self) -> dict:
+        """The completion body that scores the probe's tokens: top-K prompt logprobs, teacher-forced."""
+        return {"prompt": self.ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": TOP_K}
+
+    def distributions(self, choice: dict) -> list[dict[int, float]]:
+        """Top-K next-token logprobs at every compared position, from a choice answered to that."""
+        return [top_logprobs(e) for e in choice["prompt_logprobs"][self.start :]]
+
 
 @dataclass
 class ServedFidelity:
@@ -116,15 +135,19 @@ def kl_topk(p: dict[int, float], q: dict[int, float]) -> float:
     return max(kl, 0.0)
 
 
+def agreement(reference: list[dict[int, float]], other: list[dict[int, float]]) -> tuple[int, float]:
+    """Along one probe: how many top-1 tokens agree, and the summed KL(reference ‖ other)."""
+    pairs = list(zip(reference, other, strict=True))
+    return sum(top1(p) == top1(q) for p, q in pairs), sum(kl_topk(p, q) for p, q in pairs)
+
+
 def compare(reference: list[list[dict[int, float]]], other: list[list[dict[int, float]]]) -> ServedFidelity:
     """Agreement and mean KL over all compared positions."""
-    agree, kls = 0, []
+    agree, kl, n = 0, 0.0, 0
     for ref_seq, seq in zip(reference, other, strict=True):
-        for p, q in zip(ref_seq, seq, strict=True):
-            agree += top1(p) == top1(q)
-            kls.append(kl_topk(p, q))
-    n = len(kls)
-    return ServedFidelity(positions=n, agreement=agree / n if n else 1.0, mean_kl=sum(kls) / n if n else 0.0)
+        a, k = agreement(ref_seq, seq)
+        agree, kl, n = agree + a, kl + k, n + len(seq)
+    return ServedFidelity(positions=n, agreement=agree / n if n else 1.0, mean_kl=kl / n if n else 0.0)
 
 
 class Prober:
@@ -146,18 +169,11 @@ class Prober:
 
     async def probe(self, prompt: str, max_tokens: int) -> Probe:
         """The current weights' greedy continuation of `prompt`, as token ids."""
-        choice = await self._complete(
-            {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
-        )
-        prompt_ids = list(choice["prompt_token_ids"])
-        return Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
+        return Probe.of(await self._complete(Probe.request(prompt, max_tokens)))
 
     async def distributions(self, probe: Probe) -> list[dict[int, float]]:
         """Top-K next-token logprobs at every compared position of `probe`."""
-        choice = await self._complete(
-            {"prompt": probe.ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": TOP_K}
-        )
-        return [top_logprobs(e) for e in choice["prompt_logprobs"][probe.start :]]
+        return probe.distributions(await self._complete(probe.distributions_request()))
 
     async def all_distributions(self, probes: list[Probe]) -> list[list[dict[int, float]]]:
         return list(await asyncio.gather(*(self.distributions(p) for p in probes)))

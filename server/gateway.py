@@ -39,7 +39,7 @@ class Gateway:
         self.metrics = metrics
         self.registry = registry
         self.pool = pool or LocalPool(settings)
-        self.slots: dict[str, WeightSlot] = {}  # engine id -> its slot; slot.engine: the base it serves
+        self.slots: dict[str, WeightSlot] = {}  # engine id -> its slot; slot.group: its base
         self._base_info: dict[str, tuple[set[int], str | None]] = {}  # base -> stop tokens, chat template
         self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
         self._watcher: asyncio.Task | None = None
@@ -68,12 +68,12 @@ class Gateway:
         bases = list(self.registry.state.bases.values())
         if not bases:
             raise BadRequestError("no base model configured; pass --base DIR")
-        own = [b for b in bases if b.engine is None]  # the others are hot-loaded by one of these
+        own = [b for b in bases if b.host is None]  # the others are hot-loaded by one of these
         await self.pool.start(own, self._restart_in_place)
         await self._sync()
         for base in bases:
-            if base.engine is not None and not self.group(base.engine):
-                log.warning("runtime base %s: its engine %s is not configured now", base.name, base.engine)
+            if base.host is not None and not self.group(base.host):
+                log.warning("runtime base %s: its host %s is not configured now", base.name, base.host)
         for spec in self.settings.variants:
             await self.catalog.ensure_variant(spec)
         if not self.pool.supervised:  # engines come and go (Ray replicas): follow them
@@ -99,13 +99,13 @@ class Gateway:
                     continue
                 bases = self.registry.state.bases
                 for base in bases.values():
-                    if base.engine is None and not self.group(base.name) and base.name not in self._starting:
-                        if base.name not in self.pool.engines() and self.pool.can_launch():
+                    if base.host is None and not self.group(base.name) and base.name not in self._starting:
+                        if base.name not in self.pool.groups() and self.pool.can_launch():
                             log.info("base %s was registered by another gateway: its engine", base.name)
                             self._start_engine(base)
-                for engine in [e for e in self.engines() if e not in bases]:
-                    log.info("base %s was deleted by another gateway; stopping its engine", engine)
-                    await self._stop_engine(engine)
+                for group in [g for g in self.groups() if g not in bases]:
+                    log.info("base %s was deleted by another gateway; stopping its engine", group)
+                    await self._stop_engine(group)
             except Exception:  # the database away for a while: keep serving what is known, retry
                 log.exception("following the registry failed; trying again")
 
@@ -124,7 +124,7 @@ class Gateway:
                 return
             for id in [i for i in self.slots if i not in up]:
                 slot = self.slots.pop(id)
-                log.info("engine %s is gone; its requests go to the others of %s", id, slot.engine)
+                log.info("engine %s is gone; its requests go to the others of %s", id, slot.group)
                 self.adapters.forget(id)
                 task = asyncio.create_task(slot.retire())
                 self._retiring.add(task)
@@ -144,7 +144,7 @@ class Gateway:
                 log.exception("following the engines failed; trying again")
 
     async def _attach(self, endpoint: Endpoint) -> None:
-        base = self.registry.base(endpoint.engine)
+        base = self.registry.base(endpoint.group)
         client = EngineClient(
             endpoint.url, served_name=base.name, read_timeout=self.settings.engine_read_timeout or None
         )
@@ -173,15 +173,15 @@ class Gateway:
             self.adapters.forget(id)
             await restart()
 
-        await slot.replace_engine(run, Recipe(base=self.registry.base(slot.engine).path))
+        await slot.replace_engine(run, Recipe(base=self.registry.base(slot.group).path))
 
-    def group(self, engine: str) -> list[WeightSlot]:
-        """The slots of every engine started on base `engine` (one locally; a replica each on Ray)."""
-        return [slot for slot in self.slots.values() if slot.engine == engine]
+    def group(self, group: str) -> list[WeightSlot]:
+        """The slots of every engine started on base `group` (one locally; a replica each on Ray)."""
+        return [slot for slot in self.slots.values() if slot.group == group]
 
-    def engines(self) -> list[str]:
-        """The engines (by the base each was started on) that have a slot now."""
-        return sorted({slot.engine for slot in self.slots.values()})
+    def groups(self) -> list[str]:
+        """The engine groups (the bases engines were started on) that have a slot now."""
+        return sorted({slot.group for slot in self.slots.values()})
 
     def endpoint_of(self, slot: WeightSlot) -> Endpoint | None:
         """Where the engine of `slot` runs (None: it is gone)."""
@@ -195,7 +195,7 @@ class Gateway:
         """503 while the engine of a runtime base is starting; 404 if the group has no engine at all."""
         if not self.group(group) and group in self._starting:
             raise UnavailableError(f"the engine for base {group!r} is starting; retry shortly")
-        if not self.group(group) and group not in self.pool.engines():
+        if not self.group(group) and group not in self.pool.groups():
             raise NotFoundError(f"base {group!r} has no running engine")
 
     def any_slot(self, target: Target) -> WeightSlot:
@@ -234,13 +234,9 @@ class Gateway:
         """What serves `model` (server/resolver.py)."""
         return self.resolver.resolve(model, key, continued=continued)
 
-    def engine_of(self, base: BaseRecord) -> str:
-        """The engine serving `base`: its own, or the one that hot-loads it."""
-        return base.group
-
     def slot_of(self, base: str) -> WeightSlot | None:
         """A weight slot of the engine serving base `base` (None: no engine running)."""
-        slots = self.group(self.engine_of(self.registry.base(base)))
+        slots = self.group(self.registry.base(base).group)
         return slots[0] if slots else None
 
     def model_names(self) -> list[str]:
@@ -248,23 +244,23 @@ class Gateway:
 
     def default_model(self) -> str:
         """The model a request that names none means: the base, when there is exactly one."""
-        engines = self.engines()
-        if len(engines) != 1:
-            raise BadRequestError(f"name a 'model': this gateway serves several bases ({', '.join(engines)})")
-        return engines[0]
+        groups = self.groups()
+        if len(groups) != 1:
+            raise BadRequestError(f"name a 'model': this gateway serves several bases ({', '.join(groups)})")
+        return groups[0]
 
     def engine_states(self) -> list[EngineState]:
         """Per engine: resident variant, every model name it serves, requests in flight (for /metrics)."""
         served: dict[str, list[str]] = {}
         for b in self.registry.state.bases.values():
-            served.setdefault(self.engine_of(b), []).append(b.name)
+            served.setdefault(b.group, []).append(b.name)
         for v in self.registry.state.variants.values():
-            served.setdefault(self.engine_of(self.registry.base(v.base)), []).append(v.name)
+            served.setdefault(self.registry.base(v.base).group, []).append(v.name)
         return [
             EngineState(
                 id,
-                slot.last_admitted or _base_if_plain(slot, slot.engine),
-                tuple(served.get(slot.engine, ())),
+                slot.last_admitted or _base_if_plain(slot, slot.group),
+                tuple(served.get(slot.group, ())),
                 slot.inflight,
                 sum(slot.queued().values()),
             )
@@ -287,12 +283,12 @@ class Gateway:
             raise BadRequestError(f"base {name!r}: {path!r} is not a checkpoint directory (no config.json)")
         record = await asyncio.to_thread(describe_base, name, resolved)
         # A tool parser asked for: only an engine running it may host the base (else one of its own).
-        engines = {
-            e: self.registry.base(e).path
-            for e in self.engines()
-            if tool_parser in (None, self.registry.base(e).tool_parser)
+        hosts = {
+            g: self.registry.base(g).path
+            for g in self.groups()
+            if tool_parser in (None, self.registry.base(g).tool_parser)
         }
-        host, reasons = await asyncio.to_thread(place, resolved, engines)
+        host, reasons = await asyncio.to_thread(place, resolved, hosts)
         if host is None and not self.pool.can_launch():
             why = "; ".join(f"engine {e!r}: {r}" for e, r in reasons.items())
             raise BadRequestError(
@@ -301,7 +297,7 @@ class Gateway:
                 f"--engine-url {name}=URL"
             )
         parser = self.registry.base(host).tool_parser if host else tool_parser  # a hosted base: its host's
-        record = record.model_copy(update={"engine": host, "runtime": True, "tool_parser": parser})
+        record = record.model_copy(update={"host": host, "runtime": True, "tool_parser": parser})
         self.registry.put_base(record)
         if host is None:
             log.info("base %s fits no running engine (%s); starting one", name, reasons)
@@ -326,10 +322,10 @@ class Gateway:
 
     def base_state(self, name: str) -> str:
         """ready | starting | no engine, for GET /v1/bases."""
-        engine = self.engine_of(self.registry.base(name))
-        if self.group(engine):
+        group = self.registry.base(name).group
+        if self.group(group):
             return "ready"
-        return "starting" if engine in self._starting else "no engine"
+        return "starting" if group in self._starting else "no engine"
 
     def provenance(self, delta: str, base: str) -> Provenance:
         """Whether `delta` was extracted on `base` (exact) or on another base (transferred)."""
@@ -340,7 +336,7 @@ class Gateway:
         record = self.registry.base(name)
         if not record.runtime:
             raise ConflictError(f"base {name!r} was given on the command line; restart without it")
-        hosted = [b.name for b in self.registry.state.bases.values() if b.engine == name]
+        hosted = [b.name for b in self.registry.state.bases.values() if b.host == name]
         if hosted:
             raise ConflictError(f"base {name!r}'s engine also serves bases {hosted}; delete them first")
         self.registry.remove_base(name)

@@ -28,7 +28,7 @@ SWAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 class EngineState:
     """What the scrape reads from one engine's slot."""
 
-    engine: str
+    id: str  # the engine's id (the metrics' `engine` label)
     resident: str | None
     variants: tuple[str, ...]  # every model name served by this engine (its base and variants)
     inflight: int
@@ -57,9 +57,9 @@ class _SlotCollector(Collector):
         )
         for s in self._states():
             for variant in s.variants:
-                resident.add_metric([s.engine, variant], 1.0 if variant == s.resident else 0.0)
-            inflight.add_metric([s.engine], s.inflight)
-            queued.add_metric([s.engine], s.queued)
+                resident.add_metric([s.id, variant], 1.0 if variant == s.resident else 0.0)
+            inflight.add_metric([s.id], s.inflight)
+            queued.add_metric([s.id], s.queued)
         yield resident
         yield inflight
         yield queued

@@ -40,10 +40,10 @@ OnDead = Callable[[str, Restart], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One running engine: `id` is unique in the pool; `engine` is the base it was started on."""
+    """One running engine: `id` is unique in the pool; `group` is the base it was started on."""
 
     id: str
-    engine: str
+    group: str
     url: str
     pid: int | None = None  # the engine's API server process, where the pool knows it
     node: str = ""  # where it runs (a Ray node id; "" on this machine)
@@ -86,7 +86,7 @@ class EnginePool(ABC):
         """The engines that are up now."""
 
     @abstractmethod
-    def engines(self) -> set[str]:
+    def groups(self) -> set[str]:
         """The bases that have engines here, up or not (requests for them wait rather than 404)."""
 
     @abstractmethod
@@ -98,8 +98,8 @@ class EnginePool(ABC):
         """Start an engine for runtime base `base`; return once it is ready (raise if it never is)."""
 
     @abstractmethod
-    async def remove(self, engine: str) -> None:
-        """Stop every engine started on base `engine`."""
+    async def remove(self, group: str) -> None:
+        """Stop every engine started on base `group`."""
 
     def down(self, id: str) -> bool:
         """Whether engine `id` is dead or being restarted."""
@@ -160,7 +160,7 @@ class LocalPool(EnginePool):
                 up.append(Endpoint(name, name, proc.url, proc.proc.pid if proc.proc else None))
         return up
 
-    def engines(self) -> set[str]:
+    def groups(self) -> set[str]:
         return set(self.processes) | set(self._urls)
 
     def down(self, id: str) -> bool:
@@ -192,8 +192,8 @@ class LocalPool(EnginePool):
         finally:
             self._launching.discard(base.name)
 
-    async def remove(self, engine: str) -> None:
-        proc = self.processes.pop(engine, None)
+    async def remove(self, group: str) -> None:
+        proc = self.processes.pop(group, None)
         if proc is not None:
             await asyncio.to_thread(proc.stop)
 

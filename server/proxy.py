@@ -223,14 +223,14 @@ def _stored_engine(gateway: Gateway, route: Route, payload: dict, target: Target
         raise BadRequestError(
             f"response {previous!r} was made by {stored.variant!r}; continue it with model {stored.variant!r}"
         )
-    return stored.engine
+    return stored.engine_id
 
 
 async def stored_call(gateway: Gateway, response_id: str, action: str = "") -> Response:
     """GET a stored response (action "") or POST its `/cancel`, on the engine that made it; the
     answer names the variant that made it."""
     stored = gateway.responses.get(response_id)
-    slot = gateway.slot(stored.engine)
+    slot = gateway.slot(stored.engine_id)
     if slot is None:
         raise NotFoundError(f"the engine that made response {response_id!r} is gone")
     path = f"/v1/responses/{response_id}{action}"
@@ -239,7 +239,7 @@ async def stored_call(gateway: Gateway, response_id: str, action: str = "") -> R
         async with call as upstream:
             raw, status = await upstream.read(), upstream.status
     except aiohttp.ClientError as exc:
-        raise EngineError(f"engine {stored.engine!r} unreachable: {exc}") from exc
+        raise EngineError(f"engine {stored.engine_id!r} unreachable: {exc}") from exc
     raw, _ = rewrite_body(raw, stored.answers_as, stored.variant)
     headers = {ENGINE_HEADER: slot.id}
     return Response(raw, status_code=status, media_type="application/json", headers=headers)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 
 from deltas.merge_methods import MethodName, check_terms
 from deltas.recipe import DeltaTerm, Recipe
@@ -39,8 +39,11 @@ class BaseRecord(BaseModel):
 
     name: str
     path: str
-    engine: str | None = Field(
-        None, description="the base whose engine hot-loads this one (None: an engine of its own)"
+    # "engine" in registries written before 0.x: read, never written (one name for one thing).
+    host: str | None = Field(
+        None,
+        validation_alias=AliasChoices("host", "engine"),
+        description="the base whose engines hot-load this one (None: engines of its own)",
     )
     runtime: bool = Field(False, description="registered through the API (not a start-up flag)")
     architecture: str = ""
@@ -52,7 +55,7 @@ class BaseRecord(BaseModel):
     @property
     def group(self) -> str:
         """The engine group serving it: its own engines (started on it), or its host's."""
-        return self.engine or self.name
+        return self.host or self.name
 
 
 class DeltaRecord(BaseModel):

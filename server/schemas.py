@@ -126,7 +126,9 @@ class BasePublic(BaseModel):
     name: str
     path: str
     tool_parser: str | None = Field(description="the tool-call parser its engine runs (tool_choice 'auto')")
-    engine: str = Field(description="the engine serving it: its own (its name) or the one hot-loading it")
+    group: str = Field(
+        description="the engine group serving it: its own name, or the base whose engines hot-load it"
+    )
     runtime: bool = Field(description="registered through the API; DELETE-able")
     state: Literal["ready", "starting", "no engine"]
     architecture: str

@@ -20,7 +20,7 @@ RESPONSE_ID = re.compile(rb'"id":"(resp_[A-Za-z0-9_-]+)"')  # the first one in a
 
 @dataclass(frozen=True)
 class Stored:
-    engine: str  # the engine (slot) id
+    engine_id: str  # the engine (slot) id
     variant: str
     answers_as: str  # the model name the engine put in it
 

@@ -143,7 +143,7 @@ class WeightSlot:
 
     def _refuse_if_retired(self) -> None:
         if self.retired:
-            raise EngineGoneError(f"engine {self.id or self.engine!r} left the pool")
+            raise EngineGoneError(f"engine {self.id or self.group!r} left the pool")
 
     async def retire(self) -> None:
         """Admit nothing more (waiting requests get EngineGoneError and go to another engine); close
@@ -201,7 +201,7 @@ class WeightSlot:
         return {self._names[k]: len(q) for k, q in self._queued.items() if q}
 
     @property
-    def engine(self) -> str:
+    def group(self) -> str:
         """The base the engine was started on: the model name it serves its answers under."""
         return self.client.served_name
 

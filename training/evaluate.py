@@ -12,14 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from server.evals.addition import AdditionExample, score
+from server.evals.addition import MAX_TOKENS, AdditionExample, score
 
 
 def task_accuracy(url: str, model: str, examples: list[AdditionExample], workers: int = 8) -> float:
-    """Fraction of `examples` answered exactly (greedy, 4 tokens max: a 3-digit answer is 3 digit tokens)."""
+    """Fraction of `examples` answered exactly (greedy), scored as the built-in `addition` eval does."""
 
     def one(ex: AdditionExample) -> bool:
-        body = {"model": model, "messages": ex.messages, "max_tokens": 4, "temperature": 0}
+        body = {"model": model, "messages": ex.messages, "max_tokens": MAX_TOKENS, "temperature": 0}
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
         r.raise_for_status()
         return score(r.json()["choices"][0]["message"]["content"], ex)

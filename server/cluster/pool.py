@@ -186,7 +186,7 @@ class EngineHost:
         self.proc = EngineProcess(spec)
         self.id = f"{base.name}@{context.replica_id.unique_id}"
         node = ray.get_runtime_context().get_node_id()
-        self.entry = {"engine": base.name, "app": context.app_name, "node": node}
+        self.entry = {"group": base.name, "app": context.app_name, "node": node}
         self.directory = directory()
         self.leaving = False
         cores = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
@@ -291,7 +291,7 @@ class RayPool(EnginePool):
 
     async def _wait_for(self, base: str) -> None:
         deadline = time.monotonic() + self.settings.engine_start_timeout
-        while not any(e.engine == base for e in self._up.values()):
+        while not any(e.group == base for e in self._up.values()):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no engine replica of {base!r} started within the start timeout")
             await asyncio.sleep(1.0)
@@ -301,7 +301,7 @@ class RayPool(EnginePool):
         answer = await self.directory.list.remote()
         listed = answer["engines"]
         up = {
-            id: Endpoint(id, e["engine"], e["url"], e.get("pid"), e.get("node", ""))
+            id: Endpoint(id, e["group"], e["url"], e.get("pid"), e.get("node", ""))
             for id, e in listed.items()
             if id not in self._dead and e.get("app") in self._apps.values()  # this gateway's only
         }
@@ -336,7 +336,7 @@ class RayPool(EnginePool):
     def endpoints(self) -> list[Endpoint]:
         return list(self._up.values())
 
-    def engines(self) -> set[str]:
+    def groups(self) -> set[str]:
         return set(self._apps)
 
     def can_launch(self) -> bool:
@@ -345,11 +345,11 @@ class RayPool(EnginePool):
     async def launch(self, base: BaseRecord) -> None:
         await self._deploy(base)
 
-    async def remove(self, engine: str) -> None:
-        name = self._apps.pop(engine, None)
+    async def remove(self, group: str) -> None:
+        name = self._apps.pop(group, None)
         if name is not None:
             await asyncio.to_thread(serve.delete, name)
-        self._up = {i: e for i, e in self._up.items() if e.engine != engine}
+        self._up = {i: e for i, e in self._up.items() if e.group != group}
 
     async def died(self, id: str, within: float = 2.0) -> bool:
         """Ask the engine itself: a replica's death reaches the directory only at its next check."""

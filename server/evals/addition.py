@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
+from server.evals.graders import NumericMatch
+
 INSTRUCTION = "What is {a} + {b}? Answer with the number only."
+MAX_TOKENS = 4  # a 3-digit answer is 3 digit tokens
+# The one score of the task: the built-in eval grades with it, `score` (the training and bench
+# clients) calls it.
+GRADER = NumericMatch(name="exact_match", reference="{{item.answer}}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,5 @@ def addition_split(n: int, seed: int, held_out: bool = False) -> list[AdditionEx
 
 
 def score(reply: str, example: AdditionExample) -> bool:
-    """Exact match of the first integer in the reply."""
-    m = re.search(r"-?\d+", reply)
-    return bool(m) and m.group() == example.answer
+    """The first number in the reply equals the sum (the built-in eval's grader)."""
+    return GRADER.grade({"answer": example.answer}, {"output_text": reply})

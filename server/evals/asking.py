@@ -13,7 +13,7 @@ import json
 import math
 
 from loaders.engine import EngineError
-from loaders.fidelity import TOP_K, Probe, kl_topk, top1, top_logprobs
+from loaders.fidelity import Probe, agreement
 from server.evals.graders import ProgramPasses, continuation_logprob, prompt_nll, render
 from server.evals.sandbox import Limits, run_program
 from server.evals.schemas import RunCreate
@@ -132,17 +132,22 @@ class Asker:
     async def _echo(self, variant: str, text: str) -> dict:
         """`text`'s own token logprobs under `variant` (echo + logprobs; the one generated token is
         ignored by the callers, which read only offsets inside the text)."""
-        payload = self._greedy(variant, {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1})
+        payload = {
+            "model": variant,
+            "prompt": text,
+            "max_tokens": 1,
+            "temperature": 0,
+            "echo": True,
+            "logprobs": 1,
+        }
         return (await self._complete(payload))["choices"][0]["logprobs"]
 
     async def reference(self, task: TaskSpec, item: dict) -> ReferenceProbe:
         """The reference variant's greedy continuation of the item's prompt and its distributions."""
         prompt = render(task.prompt, item)
         try:
-            payload = {"prompt": prompt, "max_tokens": task.probe_tokens, "return_token_ids": True}
-            choice = (await self._complete(self._greedy(task.reference, payload)))["choices"][0]
-            prompt_ids = list(choice["prompt_token_ids"])
-            probe = Probe(prompt_ids + list(choice["token_ids"]), len(prompt_ids))
+            payload = {"model": task.reference, **Probe.request(prompt, task.probe_tokens)}
+            probe = Probe.of((await self._complete(payload))["choices"][0])
             return ReferenceProbe(prompt, probe, await self._distributions(task.reference, probe))
         except Exception as exc:
             return ReferenceProbe(prompt, None, None, f"the reference failed: {type(exc).__name__}: {exc}")
@@ -156,21 +161,15 @@ class Asker:
             mine = await self._distributions(variant, ref.probe)
         except Exception as exc:
             return _errored(row, exc)
-        agree = sum(top1(p) == top1(q) for p, q in zip(ref.distributions, mine, strict=True))
-        kl = sum(kl_topk(p, q) for p, q in zip(ref.distributions, mine, strict=True))
+        agree, kl = agreement(ref.distributions, mine)
         row["scores"] = {"agree": agree, "positions": len(mine), "kl": kl}
         row["output"] = f"{agree}/{len(mine)} top-1 tokens agree, mean KL {kl / max(len(mine), 1):.3g}"
         return await self._graded(row, task, item, {"output_text": row["output"], **row["scores"]})
 
     async def _distributions(self, variant: str, probe: Probe) -> list[dict[int, float]]:
         """Top-K next-token logprobs of `variant` at every compared position of `probe`."""
-        payload = self._greedy(variant, {"prompt": probe.ids, "max_tokens": 1, "prompt_logprobs": TOP_K})
-        choice = (await self._complete(payload))["choices"][0]
-        return [top_logprobs(e) for e in choice["prompt_logprobs"][probe.start :]]
-
-    @staticmethod
-    def _greedy(variant: str, payload: dict) -> dict:
-        return {"model": variant, "temperature": 0, **payload}
+        payload = {"model": variant, **probe.distributions_request()}
+        return probe.distributions((await self._complete(payload))["choices"][0])
 
     async def _graded(self, row: dict, task: TaskSpec, item: dict, sample: dict) -> dict:
         """Grade a sample on every criterion; programs (HumanEval) run in the sandbox."""

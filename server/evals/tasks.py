@@ -21,7 +21,6 @@ from server.evals.graders import (
     Grader,
     GreedyMatch,
     GSM8KMatch,
-    NumericMatch,
     ProgramPasses,
 )
 from server.evals.stats import RatioMetric
@@ -171,7 +170,7 @@ def parse_jsonl(content: str) -> list[dict]:
 def builtin_task(source: BuiltinSource) -> TaskSpec:
     """The items, prompt and graders of a built-in task."""
     if source.task == "addition":
-        from server.evals.addition import addition_split
+        from server.evals.addition import GRADER, addition_split
 
         items = [
             {"question": e.messages[0]["content"], "answer": e.answer}
@@ -183,7 +182,7 @@ def builtin_task(source: BuiltinSource) -> TaskSpec:
             items,
             "chat",
             "{{item.question}}",
-            graders=[NumericMatch(name="exact_match", reference="{{item.answer}}")],
+            graders=[GRADER],
         )
     if source.task == "humaneval" and source.style == "instruct":
         return TaskSpec(

@@ -19,7 +19,7 @@ def _public(gateway: Gateway, name: str) -> BasePublic:
         name=record.name,
         path=record.path,
         tool_parser=record.tool_parser,
-        engine=gateway.engine_of(record),
+        group=record.group,
         runtime=record.runtime,
         state=gateway.base_state(name),
         architecture=record.architecture,

@@ -38,7 +38,7 @@ async def engine_metrics(engine: str, gateway: GatewayDep) -> Response:
         raise NotFoundError(f"no engine {engine!r}; engines: {sorted(gateway.slots)}")
     text = await slot.client.metrics_text()
     if "vllm:lora_requests_info" not in text:  # an engine without --enable-lora: say what the slot holds
-        resident = next(s.resident for s in gateway.engine_states() if s.engine == slot.id)
+        resident = next(s.resident for s in gateway.engine_states() if s.id == slot.id)
         text += lora_requests_info([(resident, slot.queued(), {})], time.time())
     return Response(text, media_type=PROMETHEUS_TEXT)
 
@@ -48,12 +48,12 @@ async def engines(gateway: GatewayDep) -> EnginesPublic:
     """Every engine that is up: its base, where it runs, what it holds, its load and swaps."""
     data = []
     for state in gateway.engine_states():
-        slot = gateway.slots[state.engine]
+        slot = gateway.slots[state.id]
         endpoint = gateway.endpoint_of(slot)
         data.append(
             EnginePublic(
                 id=slot.id,
-                base=slot.engine,
+                base=slot.group,
                 url=slot.client.url,
                 node=endpoint.node if endpoint else "",
                 pid=endpoint.pid if endpoint else None,

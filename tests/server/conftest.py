@@ -510,24 +510,54 @@ def mock_stack(tied, tmp_path_factory) -> Iterator[MockStack]:
         yield stack
 
 
+def start_mock_engine(
+    work: Path, served_name: str, tokens_per_second: float, swap_seconds: float = 0.0
+) -> tuple[subprocess.Popen, str]:
+    """A mock engine on a free port, answering health (its log: work/mock-engine.log); (process, URL)."""
+    port, log = free_port(), work / "mock-engine.log"
+    proc = subprocess.Popen(
+        mock_engine_command(port, served_name, tokens_per_second, swap_seconds),
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, log, timeout=60)
+    return proc, url
+
+
+def jsonl_eval(url: str, headers: dict, name: str, items: int) -> str:
+    """An eval of `items` JSONL items {"q": i}, completions, passing when the answer holds a "w"
+    (the mock engine's words do); its id."""
+    content = "\n".join(f'{{"q": "{i}"}}' for i in range(items))
+    criterion = {
+        "type": "string_check",
+        "name": "w",
+        "input": "{{sample.output_text}}",
+        "reference": "w",
+        "operation": "like",
+    }
+    body = {
+        "name": name,
+        "data_source": {"type": "jsonl", "content": content},
+        "prompt": "{{item.q}}",
+        "endpoint": "completions",
+        "testing_criteria": [criterion],
+    }
+    r = httpx.post(f"{url}/v1/evals", headers=headers, json=body)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
 @contextmanager
 def mock_gateway(
     tied, work: Path, tokens_per_second: float, gateway_args: tuple[str, ...] = ()
 ) -> Iterator[MockStack]:
     """A mock engine and `deltagate serve` attached to it, with the mock stack's variants."""
-    engine_port, port = free_port(), free_port()
-    engine_log = work / "mock-engine.log"
-    mock = subprocess.Popen(
-        mock_engine_command(engine_port, "mock", tokens_per_second, 0.05),
-        stdout=open(engine_log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    engine_url = f"http://127.0.0.1:{engine_port}"
-    log = work / "gateway.log"
+    mock, engine_url = start_mock_engine(work, "mock", tokens_per_second, 0.05)
+    port, log = free_port(), work / "gateway.log"
     proc = None
     try:
-        wait_healthy(engine_url, mock, engine_log, timeout=60)
         args = [
             "--base",
             f"mock={tied.base}",
@@ -553,14 +583,7 @@ def mock_gateway(
 def restartable_mock_gateway(tied, tmp_path, *extra: str):
     """A mock engine (50 tok/s) and a gateway on it (base mock, variant mock-inst) that a test restarts
     (or kills) while the engine stays up; yields (url, restart, gateway log)."""
-    engine_port = free_port()
-    mock = subprocess.Popen(
-        mock_engine_command(engine_port, "mock", 50),
-        stdout=open(tmp_path / "mock.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    engine_url = f"http://127.0.0.1:{engine_port}"
+    mock, engine_url = start_mock_engine(tmp_path, "mock", 50)
     args = [
         "--base",
         f"mock={tied.base}",
@@ -583,7 +606,6 @@ def restartable_mock_gateway(tied, tmp_path, *extra: str):
         wait_healthy(url, gateway, log, timeout=120)
 
     try:
-        wait_healthy(engine_url, mock, tmp_path / "mock.log", timeout=60)
         restart(kill=False)
         yield url, restart, log
     finally:

@@ -81,9 +81,9 @@ def test_an_uploaded_delta_is_stored_by_hash_and_served_exactly(stored, stack, t
 def test_a_restart_keeps_stored_start_up_deltas_under_their_names(s3_server, tied, tmp_path):
     """Start-up variants from local files with a store: registered once, by URI, across restarts
     (a mock engine: this is the catalogue's part)."""
-    from tests.server.test_faults import _mock
+    from tests.server.conftest import start_mock_engine
 
-    mock, engine_url = _mock(tmp_path, 0)
+    mock, engine_url = start_mock_engine(tmp_path, "pico", 0)
     root = f"s3://{s3_server.bucket}/restart"
     args = [
         "--base",

@@ -59,7 +59,7 @@ def test_updated_base_is_hot_loaded_while_other_variants_serve(stack, tied_updat
         assert r.status_code == 201, r.text
         assert all(out == stack.refs["untied-inst"] for out in busy.result())
     base = r.json()
-    assert (base["engine"], base["runtime"], base["state"]) == ("tied", True, "ready")
+    assert (base["group"], base["runtime"], base["state"]) == ("tied", True, "ready")
     assert base["engine_url"] == before["tied"]["engine_url"]  # no new engine, no restart
     assert set(httpx.get(stack.url + "/health").json()["engines"]) == {"tied", "untied"}
     assert base["content_hash"] != before["tied"]["content_hash"]
@@ -146,7 +146,7 @@ def test_another_architecture_gets_an_engine_of_its_own_and_delete_stops_it(stac
     wide = make_pico_base(tmp_path / "wide", PicoSpec(intermediate_size=384), seed=7)
     r = _post(stack.url, "/v1/bases", {"name": "wide", "path": str(wide)}, stack.admin)
     assert r.status_code == 201, r.text
-    assert r.json()["engine"] == "wide" and r.json()["state"] in ("starting", "ready")
+    assert r.json()["group"] == "wide" and r.json()["state"] in ("starting", "ready")
     deadline = time.monotonic() + 600
     while _bases(stack.url, stack.admin)["wide"]["state"] != "ready":
         assert time.monotonic() < deadline
@@ -188,13 +188,13 @@ def test_an_attached_gateway_refuses_other_layouts_and_keeps_runtime_bases_acros
         message = r.json()["error"]["message"]
         assert "fits no running engine" in message and "tie_word_embeddings" in message
         r = _post(url, "/v1/bases", {"name": "tied-v2", "path": str(tied_updated)}, admin)
-        assert r.status_code == 201 and r.json()["engine"] == "tied", r.text
+        assert r.status_code == 201 and r.json()["group"] == "tied", r.text
         stop_gateway(proc)
 
         proc = start_gateway(args, state, port, log)
         wait_healthy(url, proc, log, timeout=120)
         base = _bases(url, admin)["tied-v2"]
-        assert (base["runtime"], base["engine"], base["state"]) == (True, "tied", "ready")
+        assert (base["runtime"], base["group"], base["state"]) == (True, "tied", "ready")
         body = {
             "name": "tied-v2-inst",
             "base": "tied-v2",

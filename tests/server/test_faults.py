@@ -17,30 +17,18 @@ import pytest
 
 from deltas import open_artifact
 from loaders.engine import free_port
-from loaders.mock_engine import mock_engine_command
 from tests.server.conftest import (
     ADMIN,
+    jsonl_eval,
     metric_families,
     sample_value,
     start_gateway,
+    start_mock_engine,
     stop_gateway,
     wait_healthy,
 )
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-
-
-def _mock(work: Path, tokens_per_second: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        mock_engine_command(port, "pico", tokens_per_second),
-        stdout=open(work / "mock.log", "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, work / "mock.log", timeout=60)
-    return proc, url
 
 
 def _gateway(tied, work: Path, engine_url: str, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -67,7 +55,7 @@ def _kill9(proc: subprocess.Popen) -> None:
 
 @pytest.fixture()
 def mock(tmp_path):
-    proc, url = _mock(tmp_path, 20)
+    proc, url = start_mock_engine(tmp_path, "pico", 20)
     yield url
     stop_gateway(proc)
 
@@ -118,32 +106,13 @@ def test_gateway_killed_mid_upload_restarts_clean(tied, tmp_path, mock):
 
 def test_gateway_killed_mid_eval_run_resumes_it(tied, tmp_path, mock):
     proc, url = _gateway(tied, tmp_path, mock)
-    items = "\n".join(f'{{"q": "{i}"}}' for i in range(12))
-    ev = httpx.post(
-        f"{url}/v1/evals",
-        headers=AUTH,
-        json={
-            "name": "resume",
-            "data_source": {"type": "jsonl", "content": items},
-            "prompt": "{{item.q}}",
-            "endpoint": "completions",
-            "testing_criteria": [
-                {
-                    "type": "string_check",
-                    "name": "w",
-                    "input": "{{sample.output_text}}",
-                    "reference": "w",
-                    "operation": "like",
-                }
-            ],
-        },
-    ).json()
+    eval_id = jsonl_eval(url, AUTH, "resume", 12)
     run = httpx.post(
-        f"{url}/v1/evals/{ev['id']}/runs",
+        f"{url}/v1/evals/{eval_id}/runs",
         headers=AUTH,
         json={"variants": ["inst"], "max_tokens": 8, "concurrency": 1},
     ).json()
-    path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
+    path = f"{url}/v1/evals/{eval_id}/runs/{run['id']}"
     deadline = time.monotonic() + 30
     while httpx.get(path, headers=AUTH).json()["progress"]["done"] < 2:
         assert time.monotonic() < deadline
@@ -151,7 +120,7 @@ def test_gateway_killed_mid_eval_run_resumes_it(tied, tmp_path, mock):
     _kill9(proc)
 
     proc, url = _gateway(tied, tmp_path, mock)
-    path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
+    path = f"{url}/v1/evals/{eval_id}/runs/{run['id']}"
     try:
         deadline = time.monotonic() + 60
         while (run := httpx.get(path, headers=AUTH).json())["status"] != "completed":
@@ -209,28 +178,10 @@ def test_a_state_dir_of_the_previous_version_is_imported(tied, tmp_path, mock):
     import sqlite3
 
     proc, url = _gateway(tied, tmp_path, mock)
-    ev = httpx.post(
-        f"{url}/v1/evals",
-        headers=AUTH,
-        json={
-            "name": "old",
-            "data_source": {"type": "jsonl", "content": '{"q": "1"}\n{"q": "2"}'},
-            "prompt": "{{item.q}}",
-            "endpoint": "completions",
-            "testing_criteria": [
-                {
-                    "type": "string_check",
-                    "name": "w",
-                    "input": "{{sample.output_text}}",
-                    "reference": "w",
-                    "operation": "like",
-                }
-            ],
-        },
-    ).json()
-    run = httpx.post(f"{url}/v1/evals/{ev['id']}/runs", headers=AUTH, json={"variants": ["inst"]}).json()
+    eval_id = jsonl_eval(url, AUTH, "old", 2)
+    run = httpx.post(f"{url}/v1/evals/{eval_id}/runs", headers=AUTH, json={"variants": ["inst"]}).json()
     deadline = time.monotonic() + 60
-    path = f"{url}/v1/evals/{ev['id']}/runs/{run['id']}"
+    path = f"{url}/v1/evals/{eval_id}/runs/{run['id']}"
     while httpx.get(path, headers=AUTH).json()["status"] != "completed":
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -258,7 +209,7 @@ def test_a_state_dir_of_the_previous_version_is_imported(tied, tmp_path, mock):
     proc, url = _gateway(tied, tmp_path, mock, "--variant", f"inst2={tied.delta}:0.5")
     try:
         assert {"inst", "inst2"} <= {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
-        after = httpx.get(f"{url}/v1/evals/{ev['id']}/runs/{run['id']}", headers=AUTH).json()
+        after = httpx.get(f"{url}/v1/evals/{eval_id}/runs/{run['id']}", headers=AUTH).json()
         assert after["status"] == "completed" and after["per_variant"] == before["per_variant"]
         assert (state / "registry.json.imported").is_file() and not (state / "evals.sqlite").exists()
     finally:
@@ -266,7 +217,7 @@ def test_a_state_dir_of_the_previous_version_is_imported(tied, tmp_path, mock):
 
 
 def test_a_slow_engine_times_out_and_is_counted(tied, tmp_path):
-    engine, engine_url = _mock(tmp_path, 0.5)  # one token every 2 s
+    engine, engine_url = start_mock_engine(tmp_path, "pico", 0.5)  # one token every 2 s
     proc, url = _gateway(tied, tmp_path, engine_url, "--engine-read-timeout", "0.5")
     try:
         started = time.monotonic()
@@ -306,7 +257,7 @@ def test_an_attached_engine_that_never_answers_stops_the_start_with_one_clear_li
 
 
 def test_an_engine_gone_after_start_is_a_502_and_counted(tied, tmp_path):
-    engine, engine_url = _mock(tmp_path, 0)
+    engine, engine_url = start_mock_engine(tmp_path, "pico", 0)
     proc, url = _gateway(tied, tmp_path, engine_url)
     try:
         stop_gateway(engine)

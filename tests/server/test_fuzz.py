@@ -10,7 +10,6 @@ are drawn from none, wrong, inference key and admin token. Any answer: no 5xx bu
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,14 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from loaders.engine import free_port
-from loaders.mock_engine import mock_engine_command
-from tests.server.conftest import ADMIN, start_gateway, stop_gateway, wait_healthy
+from tests.server.conftest import (
+    ADMIN,
+    jsonl_eval,
+    start_gateway,
+    start_mock_engine,
+    stop_gateway,
+    wait_healthy,
+)
 
 KEY = "fuzz-inference-key"
 REALISTIC: dict[str, list[str]] = {}  # filled by the fixture: field name -> registered values
@@ -39,18 +44,13 @@ class FuzzTarget:
 @pytest.fixture(scope="module")
 def fuzz_target(tied, tmp_path_factory) -> FuzzTarget:
     work = tmp_path_factory.mktemp("fuzz")
-    engine_port, port = free_port(), free_port()
-    mock = subprocess.Popen(
-        mock_engine_command(engine_port, "pico", 0),
-        stdout=open(work / "mock.log", "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    port = free_port()
+    mock, engine_url = start_mock_engine(work, "pico", 0)
     args = [
         "--base",
         f"pico={tied.base}",
         "--engine-url",
-        f"pico=http://127.0.0.1:{engine_port}",
+        f"pico={engine_url}",
         "--variant",
         f"pico-inst={tied.delta}",
         "--variant",
@@ -63,26 +63,7 @@ def fuzz_target(tied, tmp_path_factory) -> FuzzTarget:
     try:
         wait_healthy(url, proc, work / "gateway.log", timeout=120)
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        r = httpx.post(
-            url + "/v1/evals",
-            headers=admin,
-            json={
-                "name": "fuzz",
-                "data_source": {"type": "jsonl", "content": '{"q": "1"}\n{"q": "2"}'},
-                "prompt": "{{item.q}}",
-                "testing_criteria": [
-                    {
-                        "type": "string_check",
-                        "name": "any",
-                        "input": "{{sample.output_text}}",
-                        "reference": "w",
-                        "operation": "like",
-                    }
-                ],
-            },
-        )
-        assert r.status_code == 201, r.text
-        eval_id = r.json()["id"]
+        eval_id = jsonl_eval(url, admin, "fuzz", 2)
         run = httpx.post(f"{url}/v1/evals/{eval_id}/runs", headers=admin, json={"variants": ["pico"]})
         assert run.status_code == 201, run.text
         alias = httpx.post(

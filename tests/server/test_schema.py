@@ -83,3 +83,22 @@ def test_files_and_batches_of_the_previous_version_are_imported_with_their_answe
     assert BatchStore(engine).get("batch_1") == batch
     assert BatchStore(engine).answers("batch_1") == ([answer], [])
     assert (tmp_path / "files.imported").is_dir() and not files.exists() and not batches.exists()
+
+
+def test_a_registry_that_named_the_host_engine_is_read_with_its_host(tmp_path):
+    """Registries before one-name-per-thing called a hosted base's host `engine`: read as `host`,
+    written back as `host` only."""
+    import json
+
+    from server.registry import Registry
+
+    bases = {
+        "old": {"name": "old", "path": "/m/old"},
+        "new": {"name": "new", "path": "/m/new", "engine": "old", "runtime": True},
+    }
+    (tmp_path / "registry.json").write_text(json.dumps({"bases": bases}))
+    registry = Registry(open_state(None, tmp_path))
+    registry.refresh(force=True)
+    new = registry.base("new")
+    assert (new.host, new.group, registry.base("old").group) == ("old", "old", "old")
+    assert "engine" not in new.model_dump() and new.model_dump()["host"] == "old"

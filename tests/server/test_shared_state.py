@@ -17,8 +17,14 @@ import pytest
 
 from loaders.engine import free_port
 from loaders.mock_engine import weights_tag
-from tests.server.conftest import ADMIN, start_gateway, stop_gateway, wait_healthy
-from tests.server.test_faults import _mock
+from tests.server.conftest import (
+    ADMIN,
+    jsonl_eval,
+    start_gateway,
+    start_mock_engine,
+    stop_gateway,
+    wait_healthy,
+)
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 POLL = 0.5  # --state-poll-seconds of these gateways
@@ -57,7 +63,7 @@ def fronts(tied, postgres, s3_server, tmp_path_factory):
     try:
         for name in ("a", "b"):
             work = tmp_path_factory.mktemp(f"front-{name}")
-            engine, engine_url = _mock(work, 50)
+            engine, engine_url = start_mock_engine(work, "pico", 50)
             engines.append(engine)
             port = free_port()
             args = [
@@ -193,32 +199,13 @@ def test_one_name_has_one_owner_whichever_gateway_each_request_reaches(fronts, t
 
 
 def _eval_and_run(front: Front, items: int, max_tokens: int) -> tuple[str, str]:
-    content = "\n".join(f'{{"q": "{i}"}}' for i in range(items))
-    ev = httpx.post(
-        f"{front.url}/v1/evals",
-        headers=AUTH,
-        json={
-            "name": "shared",
-            "data_source": {"type": "jsonl", "content": content},
-            "prompt": "{{item.q}}",
-            "endpoint": "completions",
-            "testing_criteria": [
-                {
-                    "type": "string_check",
-                    "name": "w",
-                    "input": "{{sample.output_text}}",
-                    "reference": "w",
-                    "operation": "like",
-                }
-            ],
-        },
-    ).json()
+    eval_id = jsonl_eval(front.url, AUTH, "shared", items)
     run = httpx.post(
-        f"{front.url}/v1/evals/{ev['id']}/runs",
+        f"{front.url}/v1/evals/{eval_id}/runs",
         headers=AUTH,
         json={"variants": ["shared-inst"], "max_tokens": max_tokens, "concurrency": 1},
     ).json()
-    return ev["id"], run["id"]
+    return eval_id, run["id"]
 
 
 def _run(front: Front, eval_id: str, run_id: str) -> dict:

@@ -236,7 +236,7 @@ def test_the_whole_api_through_the_gateway_on_ray(cluster, stack, tied, tied_upd
 
     base = {"name": "tied-v2", "path": str(tied_updated)}
     r = httpx.post(f"{url}/v1/bases", json=base, headers=HEADERS, timeout=120)
-    assert r.status_code == 201 and r.json()["engine"] == "tied", r.text  # hot-loaded by the tied engines
+    assert r.status_code == 201 and r.json()["group"] == "tied", r.text  # hot-loaded by the tied engines
     assert completion_outputs(url, "tied-v2") == stack.refs["tied-v2"]
     for path in ("/v1/variants/tied-mix", "/v1/bases/tied-v2", "/v1/deltas/d2"):
         assert httpx.delete(url + path, headers=HEADERS).status_code == 204, path

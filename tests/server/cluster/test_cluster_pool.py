@@ -157,7 +157,7 @@ def test_a_base_of_another_architecture_gets_a_deployment_of_its_own(tied, tmp_p
         wait_healthy(url, proc, log, timeout=300)
         body = {"name": "wide", "path": str(wide)}
         r = httpx.post(f"{url}/v1/bases", json=body, headers=HEADERS, timeout=60)
-        assert r.status_code == 201 and r.json()["engine"] == "wide", r.text  # an engine of its own
+        assert r.status_code == 201 and r.json()["group"] == "wide", r.text  # an engine of its own
         deadline = time.monotonic() + 120
         while httpx.get(f"{url}/v1/bases/wide", headers=HEADERS).json()["state"] != "ready":
             assert time.monotonic() < deadline

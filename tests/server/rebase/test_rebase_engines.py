@@ -44,7 +44,7 @@ def setup(stack, tied_updated):
         headers=stack.admin,
         timeout=300,
     )
-    assert r.status_code == 201 and r.json()["engine"] == "tied", r.text  # hot-loaded by tied's engine
+    assert r.status_code == 201 and r.json()["group"] == "tied", r.text  # hot-loaded by tied's engine
     content = "\n".join(json.dumps({"text": t}) for t in TEXTS)
     r = httpx.post(
         f"{stack.url}/v1/evals",
