@@ -34,9 +34,19 @@ Reload = Callable[[Tensors], None]
 
 def module_groups(names: Iterable[str], packed: dict[str, list[str]]) -> dict[str, str]:
     """Checkpoint tensor name -> the engine module it loads into (`packed`: the model's
-    packed_modules_mapping, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]})."""
+    packed_modules_mapping, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}). Every expert's
+    tensors (`...experts.3.w1.weight`, `...experts.3.gate_proj.weight`) load into one fused-experts
+    module (`...experts`: w13/w2 of all experts), so a swap sends all of them or none."""
     fused = {part: whole for whole, parts in packed.items() for part in parts}
-    return {name: ".".join(fused.get(p, p) for p in name.split(".")[:-1]) for name in names}
+
+    def module(name: str) -> str:
+        parts = name.split(".")[:-1]
+        for i, part in enumerate(parts[:-1]):
+            if part == "experts" and parts[i + 1].isdigit():
+                return ".".join(parts[: i + 1])
+        return ".".join(fused.get(p, p) for p in parts)
+
+    return {name: module(name) for name in names}
 
 
 def tensor_identity(recipe: Recipe, terms: list[tuple]) -> tuple:

@@ -39,7 +39,8 @@ class DeltaWorkerExtension:
         def reload(tensors: Tensors) -> None:
             model = self.model_runner.get_model()
             sent = {swapper.groups[name] for name, _ in tensors}
-            with torch.inference_mode(), _quiet_partial_reload(len(tensors) < len(swapper.names)):
+            partial = len(tensors) < len(swapper.names)
+            with torch.inference_mode(), _quiet_partial_reload(partial), _expert_kernels_prepared(model):
                 self.model_runner.reload_weights(weights_iterator=iter(tensors))
                 repaired.extend(reprocess_tied_modules(model, only=sent))
 
@@ -132,6 +133,39 @@ class _quiet_partial_reload:
 
     def __exit__(self, *exc) -> None:
         _FILTER.active = False
+
+
+class _expert_kernels_prepared:
+    """Around a reload: prepare each MoE layer's expert kernel again after its weights' processing.
+
+    vLLM 0.32's unquantized MoE method runs its expert kernel's own preparation only at the first
+    load (`moe_kernel.fused_experts.process_weights_after_loading`: on the CPU build, the prepack
+    into its grouped-gemm layout). On a weight update it copies the new weights in unpacked, and
+    the reload copies them into the packed tensors: the kernel reads them as packed. Found by the
+    model matrix: Mixtral and Qwen3-MoE variants answered 0 of 3 prompts as stock vLLM on the
+    merged weights, every tensor rewritten. The base class's step is a no-op (most GPU kernels).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.methods = [
+            m
+            for m in (getattr(module, "quant_method", None) for module in model.modules())
+            if getattr(getattr(m, "moe_kernel", None), "fused_experts", None) is not None
+        ]
+
+    def __enter__(self) -> None:
+        for method in self.methods:
+            processed = method.process_weights_after_loading  # the class's, bound
+
+            def process(layer, processed=processed, method=method) -> None:
+                processed(layer)
+                method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+            method.process_weights_after_loading = process  # this instance only, for this reload
+
+    def __exit__(self, *exc) -> None:
+        for method in self.methods:
+            method.__dict__.pop("process_weights_after_loading", None)
 
 
 def _within(module: str, groups: set[str]) -> bool:

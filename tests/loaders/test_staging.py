@@ -234,3 +234,24 @@ def test_each_tensor_parallel_rank_merges_only_the_slice_its_loader_takes(tied):
     sliced = dict(merged_tensors(recipe, [name], shards={name: Shard(1, 64, 128)}))[name]
     assert torch.equal(sliced[:, 64:192], whole[:, 64:192])
     assert sliced[:, :64].isnan().all() and sliced[:, 192:].isnan().all()  # never read by the loader
+
+
+def test_every_expert_of_a_layer_loads_into_one_module():
+    """MoE checkpoints store a tensor per expert; vLLM loads them all into one fused-experts module,
+    so a swap plans them together (Mixtral's and Qwen3-MoE's names)."""
+    names = [
+        "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+        "model.layers.0.block_sparse_moe.experts.3.w2.weight",
+        "model.layers.0.block_sparse_moe.gate.weight",
+        "model.layers.1.mlp.experts.12.gate_proj.weight",
+        "model.layers.1.mlp.experts.2.up_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+    ]
+    assert module_groups(names, {**LLAMA_PACKED, "experts": ["experts"]}) == {
+        names[0]: "model.layers.0.block_sparse_moe.experts",
+        names[1]: "model.layers.0.block_sparse_moe.experts",
+        names[2]: "model.layers.0.block_sparse_moe.gate",
+        names[3]: "model.layers.1.mlp.experts",
+        names[4]: "model.layers.1.mlp.experts",
+        names[5]: "model.layers.1.self_attn.qkv_proj",
+    }

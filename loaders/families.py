@@ -1,0 +1,175 @@
+"""Tiny random checkpoints of the model families people fine-tune, built offline from each family's
+`transformers` config (fixed seeds, the pico tokenizer, head_dim 32 for vLLM's CPU attention).
+
+What each family has that Llama does not is what a weight swap must get right: biases on q/k/v
+(Qwen2), per-head q/k norms (Qwen3, OLMo 2), a sliding window (Mistral), tied embeddings with a
+scale and extra norms and soft-capping (Gemma 2), projections already fused in the checkpoint
+(Phi-3), experts loaded into fused expert weights through an expert mapping (Mixtral, Qwen3-MoE).
+Used by the model matrix (tests/loaders/test_families.py) and `deltagate families` is not a thing:
+the supported-models page is generated from the matrix's results.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loaders.pico import CHAT_TEMPLATE, perturb, save_checkpoint, write_tokenizer
+
+VOCAB = 384
+# The attention of every family: 4 heads of 32 (vLLM's CPU attention rejects 16), 2 KV heads.
+ATTENTION = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its `transformers` model type and the config that makes it tiny."""
+
+    name: str
+    model_type: str
+    architecture: str
+    config: dict = field(default_factory=dict)
+    moe: bool = False
+    why: str = ""  # what it has that Llama does not
+
+    def attention_only(self, tensor: str) -> bool:
+        """Whether a checkpoint tensor is an attention projection (a partial fine-tune's reach)."""
+        return re.search(r"\.self_attn\.(q|k|v|o|qkv)_proj\.", tensor) is not None
+
+    def experts_only(self, tensor: str) -> bool:
+        """Whether a checkpoint tensor belongs to an MoE expert (not the router)."""
+        return ".experts." in tensor
+
+
+FAMILIES = {
+    f.name: f
+    for f in [
+        Family("llama", "llama", "LlamaForCausalLM", {"intermediate_size": 256}, why="the reference family"),
+        Family(
+            "qwen2",
+            "qwen2",
+            "Qwen2ForCausalLM",
+            {"intermediate_size": 256},
+            why="q/k/v biases (a delta on a bias; fused qkv with bias)",
+        ),
+        Family(
+            "qwen3", "qwen3", "Qwen3ForCausalLM", {"intermediate_size": 256}, why="per-head q_norm / k_norm"
+        ),
+        Family(
+            "mistral",
+            "mistral",
+            "MistralForCausalLM",
+            {"intermediate_size": 256, "sliding_window": 64},
+            why="sliding-window attention",
+        ),
+        Family(
+            "gemma2",
+            "gemma2",
+            "Gemma2ForCausalLM",
+            {
+                "intermediate_size": 256,
+                "query_pre_attn_scalar": 32,
+                "sliding_window": 64,
+                "final_logit_softcapping": 30.0,
+                "attn_logit_softcapping": 50.0,
+            },
+            why="tied embeddings scaled by sqrt(hidden), pre/post feed-forward norms, soft-capping",
+        ),
+        Family(
+            "phi3",
+            "phi3",
+            "Phi3ForCausalLM",
+            {"intermediate_size": 256},
+            why="qkv_proj and gate_up_proj fused in the checkpoint",
+        ),
+        Family("olmo2", "olmo2", "Olmo2ForCausalLM", {"intermediate_size": 256}, why="post-norms, q/k norms"),
+        Family(
+            "mixtral",
+            "mixtral",
+            "MixtralForCausalLM",
+            {"intermediate_size": 128, "num_local_experts": 4, "num_experts_per_tok": 2},
+            moe=True,
+            why="per-expert tensors loaded into fused expert weights (w13/w2); a router",
+        ),
+        Family(
+            "qwen3_moe",
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            {
+                "intermediate_size": 256,
+                "moe_intermediate_size": 128,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "decoder_sparse_step": 1,
+                "norm_topk_prob": True,
+            },
+            moe=True,
+            why="per-expert tensors in fused expert weights, q/k norms",
+        ),
+    ]
+}
+
+
+def family_config(family: Family, dtype: str, eos_id: int, tie: bool = True):
+    """The family's `transformers` config, tiny."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        family.model_type,
+        **ATTENTION,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=eos_id,
+        pad_token_id=0,
+        dtype=dtype,
+        architectures=[family.architecture],
+        **family.config,
+    )
+
+
+def make_family_base(family: Family, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """A complete base checkpoint of `family` in `out`: config, pico tokenizer, seeded weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(out, VOCAB)
+    eos_id = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]["<|im_end|>"]
+    config = family_config(family, dtype, eos_id, tie=family.name != "phi3")  # Phi-3 unties its head
+    torch.manual_seed(seed)
+    config.initializer_range = 0.08  # transformers' 0.02 gives near-uniform answers: nothing to compare
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(str(out))  # the hub's naming (per-expert tensors), as users' checkpoints have
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": eos_id}))
+    state = load_file(str(out / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, t in state.items():  # norms start at 1 (Gemma's at 0): move them, so a delta on them shows
+        if t.dim() == 1:
+            state[name] = (t.float() + 0.1 * torch.randn(t.shape, generator=g)).to(t.dtype)
+    return save_checkpoint(out, state)
+
+
+def make_family_post(
+    base: Path,
+    out: Path,
+    seed: int,
+    scale: float = 0.3,
+    only: str | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """A "post-trained" model of `base`: its tensors (those whose names match `only`, a regex)
+    moved by a seeded relative amount; the rest bit-equal to the base."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(base / "model.safetensors"))
+    moved = perturb({k: v for k, v in sd.items() if only is None or re.search(only, k)}, seed, scale)
+    save_checkpoint(out, sd | moved, like=base)
+    (out / "chat_template.jinja").write_text(chat_template or CHAT_TEMPLATE)
+    return out
