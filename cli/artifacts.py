@@ -73,8 +73,9 @@ def report(report, verb: str) -> None:
         if report.lossless
         else (f"lossy: max per-tensor relative error {report.max_rel_error:.4f}")
     )
+    unchanged = f"; {report.unchanged} tensors bit-equal to the base, not stored" if report.unchanged else ""
     console.print(
-        f"{verb} {report.path} ({report.size_bytes / 1e6:.2f} MB, {report.tensors} tensors) "
+        f"{verb} {report.path} ({report.size_bytes / 1e6:.2f} MB, {report.tensors} tensors{unchanged}) "
         f"in {report.seconds:.1f}s; {quality}"
     )
     print(describe(report))

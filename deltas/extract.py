@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -36,6 +37,7 @@ class ExtractReport:
     seconds: float
     lossless: bool = True
     max_rel_error: float = 0.0
+    unchanged: int = 0  # tensors bit-equal in base and post: not stored (a swap leaves them alone)
 
 
 def extract_delta(
@@ -54,6 +56,7 @@ def extract_delta(
     builder = ArtifactBuilder(out, plan or CodecPlan())
     names = base.tensor_names()
     base_hash, post_hash = hashlib.sha256(), hashlib.sha256()
+    unchanged = 0
     try:
         for i, name in enumerate(names):
             if progress:
@@ -65,9 +68,14 @@ def extract_delta(
             tensor_digest(post_hash, name, p)  # over every tensor: the identity of the whole model
             if builder.plan.excludes(name):
                 continue
+            if torch.equal(b, p):  # frozen in the fine-tune (LoRA merges, GMT's masks): Δ is 0, not stored
+                unchanged += 1
+                continue
             delta = (p.double() - b.double()).float()
             src = TensorSource(name, delta, b, p, gradients(name) if gradients else None)
             builder.add(src, dtype=p.dtype, base_l2=float(b.double().norm()))
+        if unchanged == len(names):
+            raise InvalidArtifactError("the post model equals its base: every tensor is bit-equal, no delta")
         size = builder.finish(
             base=_identity(base, base_hash.hexdigest()),
             post=_identity(post, post_hash.hexdigest()),
@@ -79,7 +87,7 @@ def extract_delta(
         builder.abort()
         raise
     verify_reconstruction(out, base, post)
-    return report_for(out, size, time.perf_counter() - start)
+    return dataclasses.replace(report_for(out, size, time.perf_counter() - start), unchanged=unchanged)
 
 
 def verify_reconstruction(path: str | Path, base: Checkpoint, post: Checkpoint) -> None:
@@ -135,5 +143,6 @@ def describe(report: ExtractReport) -> str:
             "seconds": round(report.seconds, 2),
             "lossless": report.lossless,
             "max_rel_error": round(report.max_rel_error, 6),
+            "unchanged": report.unchanged,
         }
     )

@@ -5,8 +5,8 @@ What each family has that Llama does not is what a weight swap must get right: b
 (Qwen2), per-head q/k norms (Qwen3, OLMo 2), a sliding window (Mistral), tied embeddings with a
 scale and extra norms and soft-capping (Gemma 2), projections already fused in the checkpoint
 (Phi-3), experts loaded into fused expert weights through an expert mapping (Mixtral, Qwen3-MoE).
-Used by the model matrix (tests/loaders/test_families.py) and `deltagate families` is not a thing:
-the supported-models page is generated from the matrix's results.
+The model matrix (tests/server/test_model_matrix.py) serves every MATRIX row on every PATH; the
+docs' supported-models page is generated from these declarations, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ class Family:
     config: dict = field(default_factory=dict)
     moe: bool = False
     why: str = ""  # what it has that Llama does not
-
-    def attention_only(self, tensor: str) -> bool:
-        """Whether a checkpoint tensor is an attention projection (a partial fine-tune's reach)."""
-        return re.search(r"\.self_attn\.(q|k|v|o|qkv)_proj\.", tensor) is not None
-
-    def experts_only(self, tensor: str) -> bool:
-        """Whether a checkpoint tensor belongs to an MoE expert (not the router)."""
-        return ".experts." in tensor
 
 
 FAMILIES = {
@@ -173,3 +165,38 @@ def make_family_post(
     save_checkpoint(out, sd | moved, like=base)
     (out / "chat_template.jinja").write_text(chat_template or CHAT_TEMPLATE)
     return out
+
+
+@dataclass(frozen=True)
+class MatrixRow:
+    """One row of the model matrix: a family in a dtype, served through a gateway on every PATH."""
+
+    family: str
+    dtype: str = "bfloat16"
+
+    @property
+    def id(self) -> str:
+        return self.family if self.dtype == "bfloat16" else f"{self.family}-{self.dtype}"
+
+
+# What the matrix checks on every row, each answer against stock vLLM cold-started on the merge
+# (`deltagate merge`) with the same flags: greedy tokens and logprobs, bit-identical.
+PATHS = {
+    "base": "the base before any swap, and back to it after variants",
+    "full": "a full delta (every tensor of a post model moved)",
+    "part": "a partial delta (the attention only; the experts only on MoE), swapped from the base: "
+    "only the modules it covers are rewritten",
+    "half": "an α change (0.5·Δ)",
+    "mix": "a two-delta mix (0.5·Δ₁ + 0.5·Δ₂)",
+    "runtime-base": "an updated base registered while serving (POST /v1/bases), hot-loaded by the engine",
+    "transfer": "the delta on that updated base (ParamΔ: θ′ + Δ)",
+}
+# bf16 is what people serve; fp16 and fp32 on one family each, instead of bf16 there (a row costs an
+# engine start and seven stock ones: measured 13.4 min for eleven rows, 2 cores).
+OTHER_DTYPES = {"qwen2": "float16", "phi3": "float32"}
+MATRIX = [MatrixRow(name, OTHER_DTYPES.get(name, "bfloat16")) for name in FAMILIES]
+
+
+def partial_pattern(family: Family) -> str:
+    """The tensors a partial fine-tune of `family` moves: the experts of an MoE, else the attention."""
+    return r"\.experts\." if family.moe else r"\.self_attn\."

@@ -23,7 +23,14 @@ from loaders.pico import PicoSpec, make_pico_base, make_pico_post
 # is one group, so the fleet starts once; any other module is a group of its own, run by whichever
 # worker is free. The longest go first, so that the last ones are short (measured alone, 2 cores:
 # the stack ~1150 s, tensor parallel ~200 s, SmolLM2 ~180 s, the Ray pool ~150 s).
-LONGEST_FIRST = ("stack", "test_tensor_parallel", "test_real_model", "test_faults", "test_fidelity")
+LONGEST_FIRST = (
+    "stack",
+    "test_model_matrix",
+    "test_tensor_parallel",
+    "test_real_model",
+    "test_faults",
+    "test_fidelity",
+)
 # Ray tests that join a cluster with `--ray-address auto` run in the stack's worker, after it: a
 # Ray started by ray.init() leaves no address file, so `auto` joins any cluster running on the
 # machine — seen joining test_cluster.py's (stack) cluster from the other worker.
