@@ -150,11 +150,60 @@ def content_hash(ckpt: Checkpoint) -> str:
     return hasher.hexdigest()
 
 
+def refuse_quantized(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint quantized on disk (AWQ, GPTQ, compressed-tensors, FP8...): a delta is added
+    onto the weights themselves, and a quantized checkpoint does not hold them."""
+    quant = ckpt.config.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
+    raise InvalidArtifactError(
+        f"the checkpoint is quantized ({method}): deltas are added onto unquantized weights. Use its "
+        "unquantized checkpoint and let the engine quantize at load (online quantization; on vLLM's CPU "
+        "build: --engine-arg=--quantization=int8_per_channel_weight_only)"
+    )
+
+
 def check_compatible(base: Checkpoint, post: Checkpoint) -> None:
     """Refuse, naming the field or tensor, when two checkpoints cannot form a delta."""
+    refuse_quantized(base)
+    refuse_quantized(post)
+    added = added_tokens(base.side_files(), post.side_files())
+    if added:
+        shown = ", ".join(repr(t) for t in added[:5]) + (", ..." if len(added) > 5 else "")
+        raise IncompatibleError(
+            f"the post model's tokenizer adds {len(added)} tokens to the base's ({shown}); a variant is "
+            "served with its base's tokenizer, which would never read or write them: serve the post model "
+            "as a base of its own, or fine-tune without adding tokens"
+        )
     problem = layout_difference(base, post, "base", "post", STRUCTURAL_FIELDS)
     if problem:
         raise IncompatibleError(problem)
+
+
+def _token_map(side_files: dict[str, str]) -> dict[str, int] | None:
+    """A tokenizer.json's tokens (its vocabulary and added tokens) -> ids; None without one."""
+    text = side_files.get("tokenizer.json")
+    if text is None:
+        return None
+    try:
+        tokenizer = json.loads(text)
+        tokens = dict(tokenizer["model"]["vocab"])
+        tokens.update({t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArtifactError(
+            f"tokenizer.json has no readable vocabulary ({type(exc).__name__})"
+        ) from None
+    return tokens
+
+
+def added_tokens(base_files: dict[str, str], post_files: dict[str, str]) -> list[str]:
+    """Tokens the post model's tokenizer has and the base's has not, by id (none when either has no
+    tokenizer.json: nothing to compare)."""
+    base, post = _token_map(base_files), _token_map(post_files)
+    if base is None or post is None:
+        return []
+    return sorted((t for t in post if t not in base), key=post.__getitem__)
 
 
 # Config fields that do not change what a checkpoint computes. A base that differs from an
@@ -217,6 +266,7 @@ def check_checkpoint(ckpt: Checkpoint) -> None:
     for field in ("architectures", "model_type", "vocab_size"):
         if field not in config:
             raise InvalidArtifactError(f"config.json has no {field!r}")
+    refuse_quantized(ckpt)
     try:
         names = ckpt.tensor_names()
         layout = {name: ckpt.shape_and_dtype(name) for name in names}

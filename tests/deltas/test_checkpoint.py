@@ -69,6 +69,7 @@ def test_another_tokenizer_does_not_fit(tied, tmp_path):
         ("no_tokenizer", "no tokenizer"),
         ("garbage_weights", "weights are unreadable"),
         ("tokenizer_without_vocab", "tokenizer.json has no readable vocabulary"),
+        ("quantized", r"the checkpoint is quantized \(awq\): deltas are added onto unquantized weights"),
     ],
 )
 def test_broken_checkpoints_are_refused_naming_the_problem(tmp_path, breakage, message):
@@ -85,6 +86,8 @@ def test_broken_checkpoints_are_refused_naming_the_problem(tmp_path, breakage, m
         save_file(sd, str(weights))
     elif breakage == "no_tokenizer":
         (path / "tokenizer.json").unlink()
+    elif breakage == "quantized":
+        _edit_config(path, quantization_config={"quant_method": "awq", "bits": 4})
     elif breakage == "garbage_weights":
         weights.write_bytes(b"\xff" * 64)
     else:

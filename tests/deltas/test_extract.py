@@ -73,8 +73,9 @@ def test_extract_refuses_other_shape_naming_the_field(tied, tmp_path):
 
 
 def test_extract_refuses_other_vocab(tied, tmp_path):
+    """A tokenizer trained to 400 tokens has tokens the base's has not: named first."""
     other = make_pico_base(tmp_path / "vocab", PicoSpec(vocab_size=400), seed=0)
-    with pytest.raises(IncompatibleError, match="'vocab_size' differs"):
+    with pytest.raises(IncompatibleError, match="adds 16 tokens to the base's"):
         extract_delta(tied.base, other, tmp_path / "x.safetensors")
 
 
@@ -153,3 +154,47 @@ def test_disk_full_during_extraction_leaves_nothing(tied, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         extract_delta(tied.base, tied.post, out)
     assert list(out.parent.iterdir()) == []
+
+
+def _grow_tokenizer(post, tokens: list[str]) -> None:
+    """Add `tokens` to `post`'s tokenizer and resize its embedding, as an instruct model that added
+    chat tokens does."""
+    tok = json.loads((post / "tokenizer.json").read_text())
+    size = len(tok["model"]["vocab"]) + len(tok["added_tokens"])
+    for i, content in enumerate(tokens):
+        tok["added_tokens"].append({"id": size + i, "content": content, "special": True})
+    (post / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((post / "config.json").read_text())
+    config["vocab_size"] += len(tokens)
+    (post / "config.json").write_text(json.dumps(config))
+    sd = load_file(str(post / "model.safetensors"))
+    emb = sd["model.embed_tokens.weight"]
+    sd["model.embed_tokens.weight"] = torch.cat([emb, emb[: len(tokens)]])
+    save_file(sd, str(post / "model.safetensors"))
+
+
+def test_a_post_model_whose_tokenizer_grew_is_refused_naming_the_added_tokens(tied, tmp_path):
+    post = tmp_path / "post"
+    shutil.copytree(tied.post, post)
+    _grow_tokenizer(post, ["<|tool_call|>", "<|tool_result|>"])
+    with pytest.raises(
+        IncompatibleError, match=r"adds 2 tokens to the base's \('<\|tool_call\|>', '<\|tool_res"
+    ):
+        extract_delta(tied.base, post, tmp_path / "d.safetensors")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_tensors_a_fine_tune_left_alone_are_not_stored_and_merge_as_the_base(tied, tmp_path):
+    """An attention-only fine-tune: only the attention is stored; merged, every tensor is the post's."""
+    base = Checkpoint(tied.base)
+    post_sd = {n: base.get(n) for n in base.tensor_names()}
+    moved = [n for n in post_sd if ".self_attn." in n]
+    for n in moved:
+        post_sd[n] = (post_sd[n].float() * 1.5).to(post_sd[n].dtype)
+    post = save_checkpoint(tmp_path / "post", post_sd, like=tied.base)
+    report = extract_delta(tied.base, post, tmp_path / "d.safetensors")
+    art = open_artifact(tmp_path / "d.safetensors", verify=True)
+    assert sorted(art.tensor_names) == sorted(moved) and report.unchanged == len(post_sd) - len(moved)
+    assert art.manifest.post.content_hash == content_hash(Checkpoint(post))  # the whole post model's identity
+    with pytest.raises(InvalidArtifactError, match="equals its base"):
+        extract_delta(tied.base, tied.base, tmp_path / "same.safetensors")

@@ -330,6 +330,16 @@ CASES: list[Case] = [
     ),
     Case(
         "base",
+        "a checkpoint quantized on disk",
+        422,
+        "the checkpoint is quantized (gptq)",
+        setup=lambda fx: _quantized_copy(fx),
+        http=lambda fx: _admin(
+            method="POST", url="/v1/bases", json={"name": "b", "path": str(fx.tmp / "gptq")}
+        ),
+    ),
+    Case(
+        "base",
         "delete a start-up base",
         409,
         "command line",
@@ -435,6 +445,15 @@ CASES: list[Case] = [
 def _add(fx: Fixtures, name: str, attr: str) -> None:
     r = httpx.post(fx.url + "/v1/deltas", **_admin(json={"name": name, "path": str(getattr(fx, attr))}))
     assert r.status_code in (201, 409), r.text
+
+
+def _quantized_copy(fx: Fixtures) -> None:
+    """The base as a GPTQ export names itself (its weights left as they are: refused on the config)."""
+    if not (fx.tmp / "gptq").exists():
+        shutil.copytree(fx.base, fx.tmp / "gptq")
+        config = json.loads((fx.tmp / "gptq" / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+        (fx.tmp / "gptq" / "config.json").write_text(json.dumps(config))
 
 
 def _touch_registered(fx: Fixtures) -> None:
