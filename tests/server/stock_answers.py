@@ -2,9 +2,10 @@
 another (imports and the compile cache paid once; 6-16 s a tiny model here, against 42-57 CPU-s for an
 API server engine), no deltagate code in the engine.
 
-    python -m tests.server.stock_answers OUT.json MAX_MODEL_LEN CHECKPOINT...
+    python -m tests.server.stock_answers OUT.json MAX_MODEL_LEN JOBS.json
 
-Writes {checkpoint: [{"token_ids", "token_logprobs"} per prompt]}: greedy, one prompt at a time,
+JOBS.json: [{"model": CHECKPOINT, "quantization": None or vLLM's --quantization}]. Writes
+{checkpoint: [{"token_ids", "token_logprobs"} per prompt]}: greedy, one prompt at a time,
 the same prompts and lengths the gateway's answers are asked with (tests/server/conftest.py).
 """
 
@@ -27,16 +28,18 @@ if __name__ == "__main__":
 
     from tests.server.conftest import MAX_TOKENS, PROMPTS
 
-    out, max_model_len, *models = sys.argv[1:]
+    out, max_model_len, jobs = sys.argv[1:]
+    jobs = json.loads(open(jobs).read())
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=3)
     answers = {}
-    for i, model in enumerate(models):
-        start = time.monotonic()
+    for i, job in enumerate(jobs):
+        start, model = time.monotonic(), job["model"]
         llm = LLM(
             model=model,
             max_model_len=int(max_model_len),
             dtype=checkpoint_dtype(model) or "auto",
             seed=0,
+            quantization=job["quantization"],
         )
         answers[model] = []
         for prompt in PROMPTS:
@@ -45,7 +48,7 @@ if __name__ == "__main__":
             answers[model].append({"token_ids": list(got.token_ids), "token_logprobs": logprobs})
         del llm
         gc.collect()
-        print(f"stock answers {i + 1}/{len(models)}: {model} in {time.monotonic() - start:.1f}s", flush=True)
+        print(f"stock answers {i + 1}/{len(jobs)}: {model} in {time.monotonic() - start:.1f}s", flush=True)
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(answers, f)

@@ -114,9 +114,14 @@ def matrix(request, tmp_path_factory) -> Matrix:
     specs = (getattr(item, "callspec", None) for item in request.session.items)
     chosen = {spec.params["row"] for spec in specs if spec and "row" in spec.params}  # the rows -k selected
     rows = {row.id: build_row(row, work / row.id) for row in MATRIX if row in chosen}
-    checkpoints = [str(p) for r in rows.values() for p in r.references.values()]
-    out, log = work / "stock.json", work / "stock.log"
-    cmd = [sys.executable, "-m", "tests.server.stock_answers", str(out), str(MAX_MODEL_LEN), *checkpoints]
+    jobs = [
+        {"model": str(p), "quantization": r.row.quantization}
+        for r in rows.values()
+        for p in r.references.values()
+    ]
+    out, log, spec = work / "stock.json", work / "stock.log", work / "stock-jobs.json"
+    spec.write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "tests.server.stock_answers", str(out), str(MAX_MODEL_LEN), str(spec)]
     stock = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     yield Matrix(rows, stock, out, log)
     if stock.poll() is None:
@@ -157,6 +162,7 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, m
         *("--variant", f"{name}-part={r.part}"),
         *("--variant", f"{name}-half={r.delta}:0.5"),
         *("--variant", f"{name}-mix={r.delta}:0.5,{r.delta2}:0.5"),
+        *(f"--engine-arg={arg}" for arg in row.engine_args),
     ]
     proc = start_gateway(args, tmp_path / "state", port, log)
     url = f"http://127.0.0.1:{port}"
