@@ -214,3 +214,29 @@ MATRIX = [MatrixRow(name, OTHER_DTYPES.get(name, "bfloat16"), QUANTIZED.get(name
 def partial_pattern(family: Family) -> str:
     """The tensors a partial fine-tune of `family` moves: the experts of an MoE, else the attention."""
     return r"\.experts\." if family.moe else r"\.self_attn\."
+
+
+# Refused with the reason (tested: tests/deltas/test_extract.py, test_checkpoint.py, the bad-input
+# catalogue) rather than served wrong.
+REFUSED = {
+    "A checkpoint quantized on disk (AWQ, GPTQ, compressed-tensors, FP8 exports)": "extract and "
+    "registration refuse it: a delta is added onto the weights, and a quantized checkpoint does not "
+    "hold them. Register the unquantized checkpoint and let the engine quantize at load.",
+    "A post model whose tokenizer added tokens": "extract refuses it, naming the added tokens: a variant "
+    "is served with its base's tokenizer, which would never read or write them. Serve such a model as "
+    "a base of its own.",
+    "`--quantization fp8_per_tensor` on vLLM's CPU build": "stock vLLM's engine does not start with it "
+    "there (`_C::static_scaled_fp8_quant` is not built for CPU); `int8_per_channel_weight_only` works.",
+}
+# Not run on this project's machines (2 CPU cores, no GPU, no downloads).
+NOT_RUN = {
+    "CUDA": "every row ran on vLLM's CPU build only; the swap goes through vLLM's own reload on both "
+    "builds, but the MoE repair (the expert kernel prepared again) was written for the CPU kernel's "
+    "prepack and is a no-op for kernels without a preparation step.",
+    "Real checkpoints": "the rows are tiny random models built from each family's config (2 layers, "
+    "hidden 128); SmolLM2-135M (Llama) is the one real model served.",
+    "Tensor parallelism beyond Llama": "TP=2 is tested on the Llama pico models only "
+    "(tests/server/test_tensor_parallel.py).",
+    "The adapter lane beyond Llama": "LoRA adapters are tested on the Llama pico models only "
+    "(tests/server/test_adapters.py).",
+}

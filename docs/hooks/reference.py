@@ -4,8 +4,9 @@ index.md is README.md with its links made relative to docs/ (one landing page, t
 
 reference/http.md (and openapi.json) from the app's OpenAPI schema, reference/cli.md from the typer
 app, reference/metrics.md from the gateway's Prometheus registry, reference/settings.md from
-GatewaySettings. tests/docs/test_docs.py checks that the hand-written pages name only routes, flags
-and metrics these still have.
+GatewaySettings, models.md from the model matrix's declarations (loaders/families.py), which
+tests/server/test_model_matrix.py serves row by row. tests/docs/test_docs.py checks that the
+hand-written pages name only routes, flags and metrics these still have.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def on_files(files: Files, config) -> Files:
         "reference/cli.md": cli_page(),
         "reference/metrics.md": metrics_page(),
         "reference/settings.md": settings_page(),
+        "models.md": models_page(),
         "index.md": home_page(Path(config["docs_dir"]).parent / "README.md"),
     }
     for uri, content in pages.items():
@@ -168,4 +170,35 @@ def settings_page() -> str:
         if row["default"]:
             facts.append(f"default `{row['default']}`")
         out += [" · ".join(facts), "", row["help"], ""]
+    return "\n".join(out) + "\n"
+
+
+def models_page() -> str:
+    """Supported models: the model matrix's rows and paths (what make test serves), what is refused
+    and why, what was not run."""
+    from loaders.families import FAMILIES, MATRIX, NOT_RUN, PATHS, REFUSED
+
+    out = [
+        GENERATED + "# Supported models",
+        "",
+        "Every row below is served by `make test` (`tests/server/test_model_matrix.py`): a tiny "
+        "checkpoint of the family built offline from its `transformers` config, a base and three "
+        "post models, deltas from `deltagate extract`, one gateway and one vLLM engine per row taking "
+        "every path in turn. Each answer (greedy tokens and their logprobs, three prompts) is compared "
+        "with stock vLLM cold-started on the offline merge (`deltagate merge`) with the same flags: "
+        "all bit-identical.",
+        "",
+        "| family | architecture | dtype | quantization | what it has that Llama does not |",
+        "|---|---|---|---|---|",
+    ]
+    for row in MATRIX:
+        family = FAMILIES[row.family]
+        quant = f"`{row.quantization}` (online)" if row.quantization else "none"
+        out.append(f"| {row.family} | `{family.architecture}` | {row.dtype} | {quant} | {_md(family.why)} |")
+    out += ["", "## Paths verified on every row", "", "| path | what |", "|---|---|"]
+    out += [f"| {name} | {_md(what)} |" for name, what in PATHS.items()]
+    out += ["", "## Refused, with the reason", "", "| what | why |", "|---|---|"]
+    out += [f"| {_md(what)} | {_md(why)} |" for what, why in REFUSED.items()]
+    out += ["", "## Not run here", "", "| what | why |", "|---|---|"]
+    out += [f"| {_md(what)} | {_md(why)} |" for what, why in NOT_RUN.items()]
     return "\n".join(out) + "\n"
