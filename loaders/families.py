@@ -174,20 +174,19 @@ class MatrixRow:
     family: str
     dtype: str = "bfloat16"
     quantization: str | None = None  # vLLM's --quantization, applied at load (online) on both sides
+    tensor_parallel: int = 1
 
     @property
     def id(self) -> str:
-        parts = [
-            self.family,
-            *([self.dtype] if self.dtype != "bfloat16" else []),
-            *filter(None, [self.quantization]),
-        ]
-        return "-".join(parts)
+        dtype = self.dtype if self.dtype != "bfloat16" else ""
+        tp = f"tp{self.tensor_parallel}" if self.tensor_parallel > 1 else ""
+        return "-".join(filter(None, [self.family, dtype, self.quantization or "", tp]))
 
     @property
     def engine_args(self) -> list[str]:
         """The vLLM flags of this row's engines (the gateway's and stock vLLM's)."""
-        return [f"--quantization={self.quantization}"] if self.quantization else []
+        args = [f"--quantization={self.quantization}"] if self.quantization else []
+        return args + ([f"--tensor-parallel-size={self.tensor_parallel}"] if self.tensor_parallel > 1 else [])
 
 
 # What the matrix checks on every row, each answer against stock vLLM cold-started on the merge
@@ -208,7 +207,12 @@ OTHER_DTYPES = {"qwen2": "float16", "phi3": "float32"}
 # Online quantization: what vLLM's CPU build quantizes at load from unquantized weights. fp8_per_tensor
 # does not start there (measured: "_C::static_scaled_fp8_quant() expected at most 0 argument(s)").
 QUANTIZED = {"qwen3": "int8_per_channel_weight_only"}
-MATRIX = [MatrixRow(name, OTHER_DTYPES.get(name, "bfloat16"), QUANTIZED.get(name)) for name in FAMILIES]
+# Tensor parallelism on a dense family and an MoE (TP=2: a rank per core here).
+TENSOR_PARALLEL = {"mistral": 2, "qwen3_moe": 2}
+MATRIX = [
+    MatrixRow(name, OTHER_DTYPES.get(name, "bfloat16"), QUANTIZED.get(name), TENSOR_PARALLEL.get(name, 1))
+    for name in FAMILIES
+]
 
 
 def partial_pattern(family: Family) -> str:
@@ -235,8 +239,6 @@ NOT_RUN = {
     "prepack and is a no-op for kernels without a preparation step.",
     "Real checkpoints": "the rows are tiny random models built from each family's config (2 layers, "
     "hidden 128); SmolLM2-135M (Llama) is the one real model served.",
-    "Tensor parallelism beyond Llama": "TP=2 is tested on the Llama pico models only "
-    "(tests/server/test_tensor_parallel.py).",
     "The adapter lane beyond Llama": "LoRA adapters are tested on the Llama pico models only "
     "(tests/server/test_adapters.py).",
 }

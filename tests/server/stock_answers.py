@@ -4,7 +4,8 @@ API server engine), no deltagate code in the engine.
 
     python -m tests.server.stock_answers OUT.json MAX_MODEL_LEN JOBS.json
 
-JOBS.json: [{"model": CHECKPOINT, "quantization": None or vLLM's --quantization}]. Writes
+JOBS.json: [{"model": CHECKPOINT, "quantization": None or vLLM's --quantization, "tensor_parallel": N}].
+Writes
 {checkpoint: [{"token_ids", "token_logprobs"} per prompt]}: greedy, one prompt at a time,
 the same prompts and lengths the gateway's answers are asked with (tests/server/conftest.py).
 """
@@ -34,12 +35,17 @@ if __name__ == "__main__":
     answers = {}
     for i, job in enumerate(jobs):
         start, model = time.monotonic(), job["model"]
+        if job["tensor_parallel"] > 1:  # a rank per core (one NUMA node here: vLLM does not bind by itself)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c) for c in range(job["tensor_parallel"]))
+        else:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         llm = LLM(
             model=model,
             max_model_len=int(max_model_len),
             dtype=checkpoint_dtype(model) or "auto",
             seed=0,
             quantization=job["quantization"],
+            tensor_parallel_size=job["tensor_parallel"],
         )
         answers[model] = []
         for prompt in PROMPTS:

@@ -115,7 +115,7 @@ def matrix(request, tmp_path_factory) -> Matrix:
     chosen = {spec.params["row"] for spec in specs if spec and "row" in spec.params}  # the rows -k selected
     rows = {row.id: build_row(row, work / row.id) for row in MATRIX if row in chosen}
     jobs = [
-        {"model": str(p), "quantization": r.row.quantization}
+        {"model": str(p), "quantization": r.row.quantization, "tensor_parallel": r.row.tensor_parallel}
         for r in rows.values()
         for p in r.references.values()
     ]
@@ -164,7 +164,8 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, m
         *("--variant", f"{name}-mix={r.delta}:0.5,{r.delta2}:0.5"),
         *(f"--engine-arg={arg}" for arg in row.engine_args),
     ]
-    proc = start_gateway(args, tmp_path / "state", port, log)
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if row.tensor_parallel == 2 else None  # a rank per core
+    proc = start_gateway(args, tmp_path / "state", port, log, env=env)
     url = f"http://127.0.0.1:{port}"
     served: list[tuple[str, str, list[dict]]] = []  # (path, model, answers) in the order asked
     try:
