@@ -2,9 +2,11 @@
 a real gateway and a real engine on every path of families.PATHS, each answer bit-identical (greedy
 tokens and logprobs) to stock vLLM cold-started on the offline merge with the same flags.
 
-One gateway engine per row runs the whole sequence; stock vLLM's answers for every reference
-checkpoint come from one process (tests/server/stock_answers.py), started first and running while
-the gateways do. The checkpoints are built offline from each family's `transformers` config, the
+One gateway engine per row runs the whole sequence; stock vLLM's answers for the row's reference
+checkpoints come from one process (tests/server/stock_answers.py) running beside it. A process per
+row, not one for the matrix: the matrix then holds two engines at a time beside the shared fleet
+(one process for all rows, running ahead, ran out of memory once beside it: its engine could not
+get its KV cache). The checkpoints are built offline from each family's `transformers` config, the
 deltas by `deltagate extract` and the references by `deltagate merge`, run in this process through
 the CLI's own entry point (its imports paid once).
 """
@@ -95,37 +97,35 @@ def build_row(row: MatrixRow, work: Path) -> Row:
 
 
 @dataclass
-class Matrix:
-    rows: dict[str, Row]
-    stock: subprocess.Popen
+class Stock:
+    """Stock vLLM answering a row's reference checkpoints, one `vllm.LLM` after another in one process
+    (tests/server/stock_answers.py), while the row's gateway runs."""
+
+    proc: subprocess.Popen
     out: Path
     log: Path
 
-    def stock_answers(self) -> dict:
+    @classmethod
+    def start(cls, r: Row, work: Path) -> Stock:
+        jobs = [
+            {"model": str(p), "quantization": r.row.quantization, "tensor_parallel": r.row.tensor_parallel}
+            for p in r.references.values()
+        ]
+        out, log, spec = work / "stock.json", work / "stock.log", work / "stock-jobs.json"
+        spec.write_text(json.dumps(jobs))
+        cmd = [sys.executable, "-m", "tests.server.stock_answers", str(out), str(MAX_MODEL_LEN), str(spec)]
+        proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        return cls(proc, out, log)
+
+    def answers(self) -> dict:
         """Stock vLLM's answers per reference checkpoint (waits for the process)."""
-        code = self.stock.wait(timeout=3600)
+        code = self.proc.wait(timeout=1800)
         assert code == 0, f"stock answers exited with {code}:\n{self.log.read_text()[-4000:]}"
         return json.loads(self.out.read_text())
 
-
-@pytest.fixture(scope="module")
-def matrix(request, tmp_path_factory) -> Matrix:
-    work = tmp_path_factory.mktemp("matrix")
-    specs = (getattr(item, "callspec", None) for item in request.session.items)
-    chosen = {spec.params["row"] for spec in specs if spec and "row" in spec.params}  # the rows -k selected
-    rows = {row.id: build_row(row, work / row.id) for row in MATRIX if row in chosen}
-    jobs = [
-        {"model": str(p), "quantization": r.row.quantization, "tensor_parallel": r.row.tensor_parallel}
-        for r in rows.values()
-        for p in r.references.values()
-    ]
-    out, log, spec = work / "stock.json", work / "stock.log", work / "stock-jobs.json"
-    spec.write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "tests.server.stock_answers", str(out), str(MAX_MODEL_LEN), str(spec)]
-    stock = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    yield Matrix(rows, stock, out, log)
-    if stock.poll() is None:
-        stock.kill()
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
 
 
 def answers(url: str, model: str) -> list[dict]:
@@ -153,8 +153,9 @@ def last_swap(url: str, base: str) -> dict:
 
 
 @pytest.mark.parametrize("row", MATRIX, ids=[row.id for row in MATRIX])
-def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, matrix: Matrix, tmp_path):
-    r, name = matrix.rows[row.id], row.family
+def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, tmp_path):
+    r, name = build_row(row, tmp_path / "checkpoints"), row.family
+    stock = Stock.start(r, tmp_path)  # one row at a time: the machine's memory holds the suite beside it
     port, log = free_port(), tmp_path / "gateway.log"
     args = [
         *("--base", f"{name}={r.base}"),
@@ -196,13 +197,19 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, m
             ("full", f"{name}-full"),
         ]:
             served.append((path, model, answers(url, model)))
+    except BaseException:
+        stock.stop()
+        raise
     finally:
         stop_gateway(proc)
-    stock = matrix.stock_answers()
+    try:
+        want = stock.answers()
+    finally:
+        stock.stop()
     wrong = [
-        f"{model} ({path}): {got} != stock {stock[str(r.references[path])]}"
+        f"{model} ({path}): {got} != stock {want[str(r.references[path])]}"
         for path, model, got in served
-        if got != stock[str(r.references[path])]
+        if got != want[str(r.references[path])]
     ]
     assert not wrong, "\n".join(wrong)
     assert {path for path, _, _ in served} == set(PATHS)
