@@ -142,7 +142,7 @@ def make_family_base(family: Family, out: Path, dtype: str = "bfloat16", seed: i
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": eos_id}))
     state = load_file(str(out / "model.safetensors"))
     g = torch.Generator().manual_seed(seed + 1)
-    for name, t in state.items():  # norms start at 1 (Gemma's at 0): move them, so a delta on them shows
+    for name, t in state.items():  # norms start at 1 (Gemma 2 at 0), biases at 0: move them, so Δ shows
         if t.dim() == 1:
             state[name] = (t.float() + 0.1 * torch.randn(t.shape, generator=g)).to(t.dtype)
     return save_checkpoint(out, state)
