@@ -24,7 +24,7 @@ args = parser.parse_args()
 admin = httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {admin_token()}"}, timeout=900)
 r = admin.post("/v1/bases", json={"name": args.name, "path": args.updated})
 r.raise_for_status()
-print("base:      ", r.json()["name"], "on engine", r.json()["engine"], "state", r.json()["state"])
+print("base:      ", r.json()["name"], "in engine group", r.json()["group"], "state", r.json()["state"])
 
 variant = f"{args.name}-{args.delta}"
 r = admin.post("/v1/variants", json={"name": variant, "base": args.name, "deltas": [{"delta": args.delta}]})

@@ -95,7 +95,7 @@ def serve(paths: dict, work: Path, log=print) -> tuple[subprocess.Popen, str]:
     have = {b["name"] for b in api("GET", f"{url}/v1/bases")["data"]}
     if "smollm2-py" not in have:
         base = api("POST", f"{url}/v1/bases", {"name": "smollm2-py", "path": str(paths["updated"])})
-        log(f"registered θ′ as smollm2-py: engine {base['engine']}, state {base['state']}")
+        log(f"registered θ′ as smollm2-py: engine group {base['group']}, state {base['state']}")
     have = {d["name"] for d in api("GET", f"{url}/v1/deltas")["data"]}
     variants = {v["name"] for v in api("GET", f"{url}/v1/variants")["data"]}
     for s, delta in paths["deltas"].items():

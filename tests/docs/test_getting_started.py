@@ -148,6 +148,6 @@ def test_example_updated_base_serves_the_old_delta_on_it(walkthrough):
         walkthrough.work / ".cache" / "demo" / "pico-base", walkthrough.work / "updated", seed=50, scale=0.1
     )
     out = run_example(walkthrough, "updated_base.py", "--updated", str(updated), "--delta", "my-delta")
-    assert _field(out, "base:") == "updated on engine pico state ready"
+    assert _field(out, "base:") == "updated in engine group pico state ready"
     assert _field(out, "variant:") == "updated-my-delta provenance transferred"
     assert _field(out, "updated-my-delta").startswith("'")
