@@ -181,20 +181,29 @@ def check_compatible(base: Checkpoint, post: Checkpoint) -> None:
         raise IncompatibleError(problem)
 
 
-def _token_map(side_files: dict[str, str]) -> dict[str, int] | None:
-    """A tokenizer.json's tokens (its vocabulary and added tokens) -> ids; None without one."""
+def _vocabulary(side_files: dict[str, str]) -> tuple[dict, list[tuple[int, str]]] | None:
+    """A tokenizer.json's vocabulary and its added tokens as sorted (id, content); None without one."""
     text = side_files.get("tokenizer.json")
     if text is None:
         return None
     try:
         tokenizer = json.loads(text)
-        tokens = dict(tokenizer["model"]["vocab"])
-        tokens.update({t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])})
+        vocab = tokenizer["model"]["vocab"]
+        added = sorted((t["id"], t["content"]) for t in tokenizer.get("added_tokens", []))
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArtifactError(
             f"tokenizer.json has no readable vocabulary ({type(exc).__name__})"
         ) from None
-    return tokens
+    return vocab, added
+
+
+def _token_map(side_files: dict[str, str]) -> dict[str, int] | None:
+    """A tokenizer's tokens (its vocabulary and added tokens) -> ids; None without a tokenizer.json."""
+    vocabulary = _vocabulary(side_files)
+    if vocabulary is None:
+        return None
+    vocab, added = vocabulary
+    return {**dict(vocab), **{content: id for id, content in added}}
 
 
 def added_tokens(base_files: dict[str, str], post_files: dict[str, str]) -> list[str]:
@@ -296,16 +305,9 @@ def vocabulary_digest(side_files: dict[str, str]) -> str | None:
     Two checkpoints with the same digest read and write token ids the same way, so a delta's
     embedding rows mean the same tokens on either.
     """
-    text = side_files.get("tokenizer.json")
-    if text is None:
+    vocabulary = _vocabulary(side_files)
+    if vocabulary is None:
         return None
-    try:
-        tokenizer = json.loads(text)
-        vocab = tokenizer["model"]["vocab"]
-        added = sorted((t["id"], t["content"]) for t in tokenizer.get("added_tokens", []))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidArtifactError(
-            f"tokenizer.json has no readable vocabulary ({type(exc).__name__})"
-        ) from None
+    vocab, added = vocabulary
     blob = json.dumps({"vocab": vocab, "added": added}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()

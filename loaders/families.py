@@ -154,7 +154,6 @@ def make_family_post(
     seed: int,
     scale: float = 0.3,
     only: str | None = None,
-    chat_template: str | None = None,
 ) -> Path:
     """A "post-trained" model of `base`: its tensors (those whose names match `only`, a regex)
     moved by a seeded relative amount; the rest bit-equal to the base."""
@@ -163,7 +162,7 @@ def make_family_post(
     sd = load_file(str(base / "model.safetensors"))
     moved = perturb({k: v for k, v in sd.items() if only is None or re.search(only, k)}, seed, scale)
     save_checkpoint(out, sd | moved, like=base)
-    (out / "chat_template.jinja").write_text(chat_template or CHAT_TEMPLATE)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
 
 

@@ -141,9 +141,10 @@ class _expert_kernels_prepared:
     vLLM 0.32's unquantized MoE method runs its expert kernel's own preparation only at the first
     load (`moe_kernel.fused_experts.process_weights_after_loading`: on the CPU build, the prepack
     into its grouped-gemm layout). On a weight update it copies the new weights in unpacked, and
-    the reload copies them into the packed tensors: the kernel reads them as packed. Found by the
-    model matrix: Mixtral and Qwen3-MoE variants answered 0 of 3 prompts as stock vLLM on the
-    merged weights, every tensor rewritten. The base class's step is a no-op (most GPU kernels).
+    the reload copies them into the packed tensors: the kernel reads them as packed. Seen on tiny
+    Mixtral and Qwen3-MoE models (issue 36; the model matrix fails without it): their variants
+    answered 0 of 3 prompts as stock vLLM on the merged weights, every tensor rewritten. The base
+    class's step is a no-op (most GPU kernels).
     """
 
     def __init__(self, model: torch.nn.Module):
