@@ -5,6 +5,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -89,11 +90,8 @@ def test_an_engine_killed_while_staging_comes_back_exact(stack):
     assert completion_outputs(stack.url, "untied") == stack.base_before["untied"]  # resident: the base
     restarts = sample_value(metric_families(stack.url), "deltagate_engine_restarts_total", engine="untied")
     group = os.getpgid(engine_leader(stack, "untied").pid)
-    body = {"model": "untied", "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert '"text"' in next(line for line in lines if line.startswith("data: "))
-        asked = _ask_frozen_then_kill(stack, group, "untied-inst", ["untied-inst", "untied"] * 2)
+    with _a_stream_held_by_the_frozen_engine(stack, group) as lines:
+        asked = _ask_frozen_then_kill(stack, group, "untied-inst", ["untied-inst", "untied"] * 2, held=1)
         rest = list(lines)  # a hang would be a read timeout here
     # cut mid-way: an error event; a pico engine may also finish the 400 tokens before the kill lands
     cut = any('"type": "engine_error"' in line and "broke off" in line for line in rest)
@@ -108,10 +106,35 @@ def test_an_engine_killed_while_staging_comes_back_exact(stack):
     assert "could not stage untied-inst" in gateway_log
 
 
-def _ask_frozen_then_kill(stack, group: int, model: str, then: list[str] = ()) -> list:
+@contextmanager
+def _a_stream_held_by_the_frozen_engine(stack, group: int):
+    """A long stream on `untied` whose engine is frozen after its first token, so the base stays
+    resident (in flight) until the engine dies; its remaining lines. A pico engine can finish the
+    400 tokens before the freeze lands; then the stream is read out and another one tried."""
+    body = {"model": "untied", "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    for _ in range(5):
+        with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert '"text"' in next(line for line in lines if line.startswith("data: "))
+            os.killpg(group, signal.SIGSTOP)
+            time.sleep(0.5)  # what the engine had sent before it froze reaches the gateway
+            if _inflight(stack) >= 1:
+                yield lines
+                return
+            os.killpg(group, signal.SIGCONT)
+            list(lines)
+    raise AssertionError("the engine finished every stream before it could be frozen")
+
+
+def _inflight(stack) -> float:
+    return sample_value(metric_families(stack.url), "deltagate_inflight_requests", engine="untied")
+
+
+def _ask_frozen_then_kill(stack, group: int, model: str, then: list[str] = (), held: int = 0) -> list:
     """Freeze the engine's process group, ask for `model` (which needs the engine: a swap or a stage
     request then hangs with it), kill the group, ask for each of `then` while it is down; the answers
-    (status, Retry-After, body), once the engine is back."""
+    (status, Retry-After, body), once the engine is back. `held`: requests in flight on the frozen
+    engine when `model` waits (with one, the gateway stages `model` rather than swapping)."""
     os.killpg(group, signal.SIGSTOP)
     with ThreadPoolExecutor(1 + len(then)) as pool:
         asked = pool.submit(_ask_while_down, model, stack.url)
@@ -119,6 +142,7 @@ def _ask_frozen_then_kill(stack, group: int, model: str, then: list[str] = ()) -
         while sample_value(metric_families(stack.url), "deltagate_queued_requests", engine="untied") < 1:
             assert time.monotonic() < deadline, "the request never waited for its swap"
             time.sleep(0.05)
+        assert _inflight(stack) == held, "what held the engine when the request arrived was not in flight"
         time.sleep(1.0)  # what the engine was asked is now with the frozen engine
         os.killpg(group, signal.SIGKILL)
         down = [pool.submit(_ask_while_down, other, stack.url) for other in then]
