@@ -22,7 +22,17 @@ from deltas.errors import DeltaError
 from deltas.manifest import DeltaManifest
 from deltas.stream_writer import StreamingSafetensorsWriter
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+)
 
 
 @dataclass(frozen=True)

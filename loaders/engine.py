@@ -169,6 +169,28 @@ def cpu_build() -> bool:
     return True
 
 
+# Where `transformers` configs count a mixture-of-experts model's routed experts.
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+@functools.cache
+def lora_refusal(model_dir: str) -> str | None:
+    """Why engines serving this checkpoint must not run LoRA (None: they may). vLLM's CPU build
+    wraps a mixture-of-experts layer for LoRA in a layer whose kernel is Triton's, which has no CPU
+    backend: every request to such an engine fails, plain ones too (the model matrix's MoE rows
+    check this on each run, so it is lifted when vLLM changes)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):  # not readable here (an engine elsewhere): nothing known against it
+        return None
+    if cpu_build() and any(config.get(k) for k in EXPERT_KEYS):
+        return (
+            "vLLM's CPU build cannot run LoRA on a mixture-of-experts model (its fused-MoE LoRA "
+            "kernel is Triton's, which has no CPU backend), so its engines run without LoRA"
+        )
+    return None
+
+
 def cores_for(index: int, count: int, cpus: list[int]) -> str:
     """The cores engine `index` of `count` on this machine binds to (VLLM_CPU_OMP_THREADS_BIND): an
     equal share of `cpus`. vLLM's CPU auto-binding does not know of other engines, so every engine on

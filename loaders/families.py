@@ -215,6 +215,34 @@ MATRIX = [
 ]
 
 
+# The adapter lane (server/adapters.py: a low-rank variant served as a vLLM LoRA adapter beside the
+# base, no swap), checked on every row of a family that can run it, through a second gateway started
+# with --lora-slots, against stock vLLM with the same multi-LoRA flags given the same adapters. Its
+# numerics are LoRA's (x·Wᵀ + x·Aᵀ·Bᵀ), not the merge's: in bf16 the two differ by rounding, enough
+# to flip a near-tie (measured: 0.03 in logprobs, one greedy text of three on Qwen2 and Qwen3).
+ADAPTER_PATHS = {
+    "lora-base": "the plain base on a LoRA-enabled engine",
+    "adapter": "a rank-8 delta of every projection (Phi-3: its fused qkv_proj and gate_up_proj) served "
+    "as a LoRA adapter beside the base, with no swap",
+    "adapter-mix": "two such deltas mixed (0.5·Δ₁ + 0.5·Δ₂): one adapter of rank 16",
+    "lora-full": "a full delta swapped into the LoRA-enabled engine, then an adapter again (a swap back)",
+}
+# Checked on the Llama pico models in more depth (tests/server/test_adapters.py: against the offline
+# merge in fp32, concurrency, refusals) rather than here.
+ADAPTERS_ELSEWHERE = {"llama"}
+
+
+def adapter_lane(family: Family) -> bool:
+    """Whether the matrix checks `family`'s adapter lane (MoE: the gateway refuses LoRA on vLLM's CPU
+    build, loaders/engine.lora_refusal, and the MoE rows check that refusal and its cause)."""
+    return not family.moe and family.name not in ADAPTERS_ELSEWHERE
+
+
+def projection_pattern() -> str:
+    """The tensors a LoRA fine-tune moves: the projections' weights (no biases, norms, embeddings)."""
+    return r"_proj\.weight$"
+
+
 def partial_pattern(family: Family) -> str:
     """The tensors a partial fine-tune of `family` moves: the experts of an MoE, else the attention."""
     return r"\.experts\." if family.moe else r"\.self_attn\."
@@ -229,6 +257,11 @@ REFUSED = {
     "A post model whose tokenizer added tokens": "extract refuses it, naming the added tokens: a variant "
     "is served with its base's tokenizer, which would never read or write them. Serve such a model as "
     "a base of its own.",
+    "LoRA (the adapter lane) on a mixture-of-experts base, vLLM's CPU build": "an engine started with "
+    "--enable-lora on Mixtral or Qwen3-MoE fails on every request, plain ones too: vLLM wraps the "
+    "MoE layer for LoRA in a layer whose kernel is Triton's, which has no CPU backend (checked on each "
+    "run by the MoE rows). A gateway with --lora-slots starts such a base's engines without LoRA, "
+    "serves its low-rank variants by swaps, and answers a variant asked to be an adapter with 400.",
     "`--quantization fp8_per_tensor` on vLLM's CPU build": "stock vLLM's engine does not start with it "
     "there (`_C::static_scaled_fp8_quant` is not built for CPU); `int8_per_channel_weight_only` works.",
 }
@@ -239,6 +272,8 @@ NOT_RUN = {
     "prepack and is a no-op for kernels without a preparation step.",
     "Real checkpoints": "the rows are tiny random models built from each family's config (2 layers, "
     "hidden 128); SmolLM2-135M (Llama) is the one real model served.",
-    "The adapter lane beyond Llama": "LoRA adapters are tested on the Llama pico models only "
-    "(tests/server/test_adapters.py).",
+    "The adapter lane against the offline merge, beyond Llama": "each family's adapters are checked "
+    "against stock vLLM given the same adapters; that an adapter equals its delta's offline merge up "
+    "to LoRA's rounding is checked on the Llama pico models in fp32 (tests/server/test_adapters.py) "
+    "and per family in the export (tests/deltas/test_lora_export.py).",
 }

@@ -11,7 +11,9 @@ and loaded into an engine on first use (vLLM's /v1/load_lora_adapter); after an 
 again.
 
 Numerics: LoRA adds x·Aᵀ·Bᵀ beside x·Wᵀ instead of computing x·(W + BA)ᵀ, so an adapter answer
-has the offline merge's greedy tokens with logprobs within LoRA's rounding, not bit for bit.
+is the offline merge's within LoRA's rounding, not bit for bit: in fp32 the same greedy tokens; in
+bf16 enough to flip a near-tie (docs/concepts/lanes.md). A base whose engines cannot run LoRA
+(loaders/engine.lora_refusal: mixture-of-experts models on vLLM's CPU build) has no adapter lane.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from pathlib import Path
 
 from deltas import Recipe
 from deltas.lora import export_lora_mix
-from loaders.engine import EngineClient, EngineError
-from server.registry import DeltaRecord, VariantRecord
+from loaders.engine import EngineClient, EngineError, lora_refusal
+from server.registry import BaseRecord, DeltaRecord, VariantRecord
 
 log = logging.getLogger("deltagate.adapters")
 
@@ -53,22 +55,27 @@ class AdapterLane:
         self._clients: dict[str, EngineClient] = {}  # engine id -> its client (to unload from it)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    def not_adapter(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
+    def not_adapter(self, variant: VariantRecord, base: BaseRecord, deltas: list[DeltaRecord]) -> str | None:
         """Why `variant` is served by swaps rather than as an adapter (None: it is an adapter)."""
         if variant.lane == "swap":
             return "its lane is swap"
-        return self.unfit(variant, deltas)
+        return self.unfit(variant, base, deltas)
 
-    def serving(self, variant: VariantRecord, recipe: Recipe, deltas: list[DeltaRecord]) -> Adapter | None:
+    def serving(
+        self, variant: VariantRecord, base: BaseRecord, recipe: Recipe, deltas: list[DeltaRecord]
+    ) -> Adapter | None:
         """The adapter `variant` is served as (None: it is served by swaps)."""
-        return None if self.not_adapter(variant, deltas) else self.adapter(variant, recipe, deltas)
+        return None if self.not_adapter(variant, base, deltas) else self.adapter(variant, recipe, deltas)
 
-    def unfit(self, variant: VariantRecord, deltas: list[DeltaRecord]) -> str | None:
-        """Why `variant` cannot be served as an adapter here (None: it can)."""
+    def unfit(self, variant: VariantRecord, base: BaseRecord, deltas: list[DeltaRecord]) -> str | None:
+        """Why `variant` (on `base`) cannot be served as an adapter here (None: it can)."""
         if not self.slots:
             return "this gateway has no LoRA slots (serve --lora-slots N)"
         if not deltas:
             return "the plain base needs no adapter"
+        refusal = lora_refusal(base.path)
+        if refusal:
+            return refusal
         if variant.method != "linear":
             return f"method {variant.method!r} is not a linear mix of the deltas"
         for record in deltas:

@@ -126,7 +126,7 @@ class Catalog:
             if problem:
                 raise BadRequestError(f"variant {record.name!r}: {problem}")
         if record.lane == "adapter":
-            unfit = self.adapters.unfit(record, self.registry.state.deltas_of(record))
+            unfit = self.adapters.unfit(record, base, self.registry.state.deltas_of(record))
             if unfit:
                 raise BadRequestError(f"variant {record.name!r} cannot be served as an adapter: {unfit}")
         self.registry.add_variant(record)
@@ -138,7 +138,10 @@ class Catalog:
         variant, adapter = state.variants.get(name), None
         try:
             if variant is not None:
-                adapter = self.adapters.serving(variant, state.recipe(variant), state.deltas_of(variant))
+                base = state.bases[variant.base]
+                adapter = self.adapters.serving(
+                    variant, base, state.recipe(variant), state.deltas_of(variant)
+                )
         except GatewayError:  # a delta gone: no adapter of it can be loaded
             adapter = None
         self.registry.remove_variant(name)  # 404, or 409 while an alias routes to it

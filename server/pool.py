@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.engine import EngineProcess, EngineSpec, cores_for, wait_healthy
+from loaders.engine import EngineProcess, EngineSpec, cores_for, lora_refusal, wait_healthy
 from server.registry import BaseRecord
 from server.settings import GatewaySettings
 
@@ -54,13 +54,16 @@ def managed_spec(
 ) -> EngineSpec:
     """How a gateway starts an engine for `base`, wherever it runs: its flags, environment, and its
     log and pid files at `stem`.log / `stem`.pgid."""
+    refusal = lora_refusal(base.path)
+    if refusal and settings.lora_slots:
+        log.warning("base %s: %s (its low-rank variants are served by swaps)", base.name, refusal)
     return EngineSpec(
         model=base.path,
         served_name=base.name,
         host=host,
         max_model_len=settings.max_model_len,
         kv_cache_gib=settings.kv_cache_gib,
-        extra_args=settings.engine_flags(base.tool_parser),
+        extra_args=settings.engine_flags(base.tool_parser, lora=refusal is None),
         log_path=stem.parent / f"{stem.name}.log",  # not with_suffix: base names may hold dots
         pid_path=stem.parent / f"{stem.name}.pgid",
         env=tuple(env.items()),

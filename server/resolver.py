@@ -70,14 +70,14 @@ class Resolver:
         engine_stops = self.base_info(group)[0]  # the engine stops on these by itself
         eos = [e for e in dict.fromkeys(stops) if e not in engine_stops]
         recipe = state.recipe(variant)
-        adapter = self.adapters.serving(variant, recipe, deltas)
+        adapter = self.adapters.serving(variant, base, recipe, deltas)
         return Target(variant, recipe, group, template, eos, adapter, alias.name if alias else None)
 
     def lane(self, name: str) -> tuple[str, str | None]:
         """How `name` is served ("swap" or "adapter") and, if not as an adapter, why."""
         state = self.registry.snapshot(name)
         variant = state.variant(name)
-        why = self.adapters.not_adapter(variant, state.deltas_of(variant))
+        why = self.adapters.not_adapter(variant, state.bases[variant.base], state.deltas_of(variant))
         return ("swap", why) if why else ("adapter", None)
 
     def holding(self, group: str, resident: Recipe) -> str | None:

@@ -272,12 +272,13 @@ class GatewaySettings(BaseSettings):
             )
         return self
 
-    def engine_flags(self, tool_parser: str | None = None) -> tuple[str, ...]:
-        """vLLM flags of managed engines: the operator's, multi-LoRA for the adapter lane, and the
-        tool-call parser of the base an engine is started on."""
-        lora = tools = ()
-        if self.lora_slots and "--enable-lora" not in self.engine_args:
-            lora = (
+    def engine_flags(self, tool_parser: str | None = None, lora: bool = True) -> tuple[str, ...]:
+        """vLLM flags of managed engines: the operator's, multi-LoRA for the adapter lane (unless
+        `lora` is False: the base's engines cannot run it), and the tool-call parser of the base
+        an engine is started on."""
+        adapters = tools = ()
+        if lora and self.lora_slots and "--enable-lora" not in self.engine_args:
+            adapters = (
                 "--enable-lora",
                 "--max-loras",
                 str(self.lora_slots),
@@ -286,7 +287,7 @@ class GatewaySettings(BaseSettings):
             )
         if tool_parser and "--tool-call-parser" not in self.engine_args:
             tools = ("--enable-auto-tool-choice", "--tool-call-parser", tool_parser)
-        return (*self.engine_args, *lora, *tools)
+        return (*self.engine_args, *adapters, *tools)
 
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""

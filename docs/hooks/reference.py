@@ -176,7 +176,16 @@ def settings_page() -> str:
 def models_page() -> str:
     """Supported models: the model matrix's rows and paths (what make test serves), what is refused
     and why, what was not run."""
-    from loaders.families import FAMILIES, MATRIX, NOT_RUN, PATHS, REFUSED
+    from loaders.families import (
+        ADAPTER_PATHS,
+        ADAPTERS_ELSEWHERE,
+        FAMILIES,
+        MATRIX,
+        NOT_RUN,
+        PATHS,
+        REFUSED,
+        adapter_lane,
+    )
 
     out = [
         GENERATED + "# Supported models",
@@ -197,6 +206,22 @@ def models_page() -> str:
         out.append(f"| {row.family} | `{family.architecture}` | {row.dtype} | {quant} | {_md(family.why)} |")
     out += ["", "## Paths verified on every row", "", "| path | what |", "|---|---|"]
     out += [f"| {name} | {_md(what)} |" for name, what in PATHS.items()]
+    lane = ", ".join(f.name for f in FAMILIES.values() if adapter_lane(f))
+    moe = ", ".join(f.name for f in FAMILIES.values() if f.moe)
+    elsewhere = ", ".join(sorted(ADAPTERS_ELSEWHERE))
+    out += [
+        "",
+        "## The adapter lane",
+        "",
+        f"On the rows of {lane}, a second gateway with `--lora-slots 2` takes these paths, each "
+        "answer bit-identical to stock vLLM with the same multi-LoRA flags given the same adapters "
+        f"(LoRA's numerics, not the merge's: [Lanes](concepts/lanes.md)). {elsewhere}: "
+        f"`tests/server/test_adapters.py`. {moe}: refused on vLLM's CPU build (below).",
+        "",
+        "| path | what |",
+        "|---|---|",
+    ]
+    out += [f"| {name} | {_md(what)} |" for name, what in ADAPTER_PATHS.items()]
     out += ["", "## Refused, with the reason", "", "| what | why |", "|---|---|"]
     out += [f"| {_md(what)} | {_md(why)} |" for what, why in REFUSED.items()]
     out += ["", "## Not run here", "", "| what | why |", "|---|---|"]

@@ -1,13 +1,15 @@
 """PEFT LoRA export: keys, shapes and B·A against the artifact's own low-rank delta."""
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltas import CodecPlan, DeltaError, compress_artifact, open_artifact
+from deltas import CodecPlan, DeltaError, compress_artifact, extract_delta, open_artifact
 from deltas.lora import adapter_rank, export_lora, export_lora_mix
+from loaders.families import FAMILIES, make_family_base, make_family_post, projection_pattern
 
 MODULE = "model.layers.1.mlp.down_proj"
 
@@ -68,3 +70,28 @@ def test_mixed_adapter_is_the_weighted_sum_of_its_deltas(untied, tmp_path):
     assert torch.allclose(got, want, atol=1e-6)
     with pytest.raises(DeltaError, match="not lowrank|not a projection"):
         export_lora_mix([(untied.delta, 1.0)], tmp_path / "refused")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES.values() if not f.moe], ids=lambda f: f.name)
+def test_every_family_exports_the_modules_its_checkpoint_names(family, tmp_path):
+    """A LoRA fine-tune of a family (its projections moved), compressed and exported: the adapter
+    names exactly the checkpoint's projection modules (Phi-3's fused qkv_proj and gate_up_proj
+    included), leaves nothing out, and each B·A is the artifact's delta. vLLM (and PEFT) look an
+    adapter's modules up by these names: a name the model lacks would be ignored or refused."""
+    base = make_family_base(family, tmp_path / "base", "float32")
+    post = make_family_post(base, tmp_path / "post", seed=1, only=projection_pattern())
+    extract_delta(base, post, tmp_path / "d.safetensors")
+    lowrank = tmp_path / "lr.safetensors"
+    compress_artifact(tmp_path / "d.safetensors", lowrank, CodecPlan.uniform("lowrank:rank=4"))
+    result = export_lora(lowrank, tmp_path / "adapter")
+    assert result.left_out == [] and adapter_rank(open_artifact(lowrank).manifest) == 4
+    projections = {
+        name.removesuffix(".weight")
+        for name in load_file(base / "model.safetensors")
+        if re.search(projection_pattern(), name)
+    }
+    assert set(result.modules) == projections
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for module in projections:
+        b, a = (weights[f"base_model.model.{module}.lora_{x}.weight"] for x in "BA")
+        assert torch.allclose(b @ a, open_artifact(lowrank).delta(module + ".weight").full(), atol=1e-6)

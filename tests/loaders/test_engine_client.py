@@ -1,11 +1,12 @@
 """The gateway's engine clients against the engine's HTTP server (bench/keepalive.py measures the race)."""
 
 import asyncio
+import json
 
 import pytest
 import vllm.envs
 
-from loaders.engine import ENGINE_KEEPALIVE_S, EngineClient, EngineError
+from loaders.engine import ENGINE_KEEPALIVE_S, EngineClient, EngineError, cpu_build, lora_refusal
 
 
 def test_idle_engine_connections_close_on_the_gateway_side_first():
@@ -71,3 +72,34 @@ def test_a_control_call_the_engine_hung_up_on_is_sent_again_once():
             server.close()
 
     assert asyncio.run(calls()) == {"/pause": 2}
+
+
+def test_engines_of_a_mixture_of_experts_base_run_without_lora_on_the_cpu_build(tmp_path):
+    """vLLM's CPU build fails every request of an MoE engine started with --enable-lora (the model
+    matrix's MoE rows show the cause on each run): the gateway starts it without, and its variants
+    cannot be adapters. A dense base keeps the adapter lane; an unreadable one is not refused here."""
+    from server.adapters import AdapterLane
+    from server.pool import managed_spec
+    from server.registry import BaseRecord, DeltaRecord, VariantRecord
+    from server.settings import GatewaySettings
+
+    dense, moe = tmp_path / "dense", tmp_path / "moe"
+    for path, config in ((dense, {"num_hidden_layers": 2}), (moe, {"num_local_experts": 4})):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config))
+    assert lora_refusal(str(dense)) is None and lora_refusal(str(tmp_path / "nowhere")) is None
+    if not cpu_build():  # the GPU build runs LoRA on MoE
+        assert lora_refusal(str(moe)) is None
+        return
+    assert "mixture-of-experts" in lora_refusal(str(moe))
+    settings = GatewaySettings(lora_slots=2)
+    for path, lora in ((dense, True), (moe, False)):
+        spec = managed_spec(settings, BaseRecord(name=path.name, path=str(path)), tmp_path / path.name, {})
+        assert ("--enable-lora" in spec.extra_args) is lora
+    lane = AdapterLane(tmp_path / "lanes", slots=2, max_rank=16)
+    variant = VariantRecord(name="v", base="moe", deltas=[{"delta": "d"}])
+    delta = DeltaRecord(
+        name="d", path="d", size_bytes=1, mtime_ns=0, base_architecture="", base_content_hash="", tensors=1
+    )
+    why = lane.unfit(variant, BaseRecord(name="moe", path=str(moe)), [delta])
+    assert "mixture-of-experts" in why

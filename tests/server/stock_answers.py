@@ -4,10 +4,13 @@ API server engine), no deltagate code in the engine.
 
     python -m tests.server.stock_answers OUT.json MAX_MODEL_LEN JOBS.json
 
-JOBS.json: [{"model": CHECKPOINT, "quantization": None or vLLM's --quantization, "tensor_parallel": N}].
-Writes
-{checkpoint: [{"token_ids", "token_logprobs"} per prompt]}: greedy, one prompt at a time,
-the same prompts and lengths the gateway's answers are asked with (tests/server/conftest.py).
+JOBS.json: [{"model": CHECKPOINT, "quantization": None or vLLM's --quantization, "tensor_parallel": N,
+optional "lora": true (vLLM's multi-LoRA on, with LORA's flags), "adapters": {LABEL: PEFT DIR},
+"key": what to file the answers under (default: CHECKPOINT), "probe": true (the last job: ask once and
+record what fails, not the answers)}]. Writes
+{key: [{"token_ids", "token_logprobs"} per prompt], key+LABEL: the same through that adapter}: greedy,
+one prompt at a time, the same prompts and lengths the gateway's answers are asked with
+(tests/server/conftest.py).
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ import time
 
 from loaders.engine import checkpoint_dtype
 
+# The multi-LoRA flags of a "lora" job: those of a gateway started with --lora-slots 2 (its default
+# --max-lora-rank 16), so the two engines run the same kernels.
+LORA = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 16}
+
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as EngineProcess starts engines
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
 
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
 
     from tests.server.conftest import MAX_TOKENS, PROMPTS
 
@@ -46,12 +54,26 @@ if __name__ == "__main__":
             seed=0,
             quantization=job["quantization"],
             tensor_parallel_size=job["tensor_parallel"],
+            **(LORA if job.get("lora") else {}),
         )
-        answers[model] = []
-        for prompt in PROMPTS:
-            got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-            logprobs = [entry[t].logprob for t, entry in zip(got.token_ids, got.logprobs, strict=True)]
-            answers[model].append({"token_ids": list(got.token_ids), "token_logprobs": logprobs})
+        key = job.get("key", model)
+        if job.get("probe"):  # an engine that may fail on every request: what it answers or raises
+            try:
+                llm.generate([PROMPTS[0]], params, use_tqdm=False)
+                answers[key] = "answered"
+            except Exception as exc:  # what vLLM raised is the finding
+                answers[key] = f"{type(exc).__name__}: {exc}"
+            break  # a failed engine core leaves this process unfit for another
+        adapters = {"": None} | {
+            label: LoRARequest(label, n, path)
+            for n, (label, path) in enumerate(job.get("adapters", {}).items(), 1)
+        }
+        for label, adapter in adapters.items():
+            answers[key + label] = []
+            for prompt in PROMPTS:
+                got = llm.generate([prompt], params, use_tqdm=False, lora_request=adapter)[0].outputs[0]
+                logprobs = [entry[t].logprob for t, entry in zip(got.token_ids, got.logprobs, strict=True)]
+                answers[key + label].append({"token_ids": list(got.token_ids), "token_logprobs": logprobs})
         del llm
         gc.collect()
         print(f"stock answers {i + 1}/{len(jobs)}: {model} in {time.monotonic() - start:.1f}s", flush=True)
