@@ -60,7 +60,7 @@ class ArtifactBuilder:
             shape=shape,
             dtype=str(dtype).removeprefix("torch."),
             encoding=codec.name,
-            params=codec.params.model_dump(),
+            params=codec.recorded_params(encoded),
             compression="zstd" if self.plan.zstd else "none",
             storage_dtype=encoded.storage_dtype,
             corrections=encoded.corrections,

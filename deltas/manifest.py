@@ -13,10 +13,11 @@ from pydantic import BaseModel, Field, field_validator
 
 from deltas.codecs import CODECS
 
-# v1: dense tensors only. v2: any codec, optional zstd. Exact, uncompressed artifacts are still
-# written as v1 so older deltagate releases keep reading them.
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# v1: dense tensors only. v2: any codec, optional zstd. v3: dense tensors in the sparse layout
+# (nonzero entries and their indices). Each artifact is written as the oldest version that describes
+# it, so older deltagate releases keep reading what they can and name the upgrade for the rest.
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 MANIFEST_KEY = "deltagate.manifest"
 FILE_KEY_PREFIX = "deltagate.file/"
 
@@ -96,8 +97,10 @@ class DeltaManifest(BaseModel):
     @staticmethod
     def version_for(tensors: list[TensorEntry]) -> int:
         """The oldest format version that can describe these tensors."""
+        if any(t.encoding == "dense" and t.params.get("layout") == "sparse" for t in tensors):
+            return 3
         plain = all(t.encoding == "dense" and t.compression == "none" for t in tensors)
-        return 1 if plain else FORMAT_VERSION
+        return 1 if plain else 2
 
     def tensor(self, name: str) -> TensorEntry:
         """The entry for `name`; KeyError naming the tensor if absent."""

@@ -154,13 +154,21 @@ def make_family_post(
     seed: int,
     scale: float = 0.3,
     only: str | None = None,
+    density: float = 1.0,
 ) -> Path:
     """A "post-trained" model of `base`: its tensors (those whose names match `only`, a regex)
-    moved by a seeded relative amount; the rest bit-equal to the base."""
+    moved by a seeded relative amount, each entry with probability `density` (as gradient-mask
+    tuning leaves the masked entries exactly as they were); the rest bit-equal to the base."""
     from safetensors.torch import load_file
 
     sd = load_file(str(base / "model.safetensors"))
     moved = perturb({k: v for k, v in sd.items() if only is None or re.search(only, k)}, seed, scale)
+    if density < 1:
+        g = torch.Generator().manual_seed(seed)
+        moved = {
+            k: torch.where(torch.rand(v.shape, generator=g) < density, v, sd[k])
+            for k, v in sorted(moved.items())
+        }
     save_checkpoint(out, sd | moved, like=base)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
@@ -193,8 +201,8 @@ class MatrixRow:
 PATHS = {
     "base": "the base before any swap, and back to it after variants",
     "full": "a full delta (every tensor of a post model moved)",
-    "part": "a partial delta (the attention only; the experts only on MoE), swapped from the base: "
-    "only the modules it covers are rewritten",
+    "part": "a partial delta (a tenth of the entries of the attention; of the experts on MoE), swapped "
+    "from the base: only the modules it covers are rewritten; stored in the sparse layout",
     "half": "an α change (0.5·Δ)",
     "mix": "a two-delta mix (0.5·Δ₁ + 0.5·Δ₂)",
     "runtime-base": "an updated base registered while serving (POST /v1/bases), hot-loaded by the engine",

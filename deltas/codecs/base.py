@@ -72,6 +72,10 @@ class Codec(ABC):
     def suffixes(self, corrections: int) -> list[str]:
         """Payload key suffixes this codec stores for one tensor."""
 
+    def recorded_params(self, encoded: Encoded) -> dict:
+        """The parameters the manifest records for a tensor this codec encoded (what decodes it)."""
+        return self.params.model_dump()
+
     def spec(self) -> str:
         """`name:key=value,...`, the form the CLI accepts."""
         items = ",".join(f"{k}={v}" for k, v in self.params.model_dump().items())

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from deltas import Checkpoint, compress_artifact, extract_delta, open_artifact
 from deltas.codecs.plan import CodecPlan, CodecRule
 from deltas.errors import CodecError, InvalidArtifactError
-from deltas.manifest import MANIFEST_KEY
+from deltas.manifest import FORMAT_VERSION, MANIFEST_KEY
 from deltas.stream_writer import StreamingSafetensorsWriter
 
 
@@ -134,8 +134,8 @@ def test_format_version_is_1_for_exact_and_2_for_compressed(tied, tmp_path):
     assert open_artifact(tmp_path / "q.safetensors").manifest.format_version == 2
 
     def future(m):
-        m["format_version"] = 3
+        m["format_version"] = FORMAT_VERSION + 1
 
     _rewrite_manifest(tmp_path / "q.safetensors", tmp_path / "f.safetensors", future)
-    with pytest.raises(InvalidArtifactError, match="format version 3 is not supported"):
+    with pytest.raises(InvalidArtifactError, match=f"format version {FORMAT_VERSION + 1} is not supported"):
         open_artifact(tmp_path / "f.safetensors")

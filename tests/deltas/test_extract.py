@@ -8,8 +8,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from deltas import IncompatibleError, InvalidArtifactError, extract_delta, merge_tensor, open_artifact
+from deltas import (
+    CodecPlan,
+    IncompatibleError,
+    InvalidArtifactError,
+    compress_artifact,
+    extract_delta,
+    merge_tensor,
+    open_artifact,
+)
 from deltas.checkpoint import Checkpoint, content_hash
+from deltas.codecs import get_codec
+from deltas.codecs.dense import NZ_IDX, NZ_VAL
 from deltas.stream_writer import StreamingSafetensorsWriter
 from loaders.pico import PicoSpec, make_pico_base, save_checkpoint
 
@@ -198,3 +208,47 @@ def test_tensors_a_fine_tune_left_alone_are_not_stored_and_merge_as_the_base(tie
     assert art.manifest.post.content_hash == content_hash(Checkpoint(post))  # the whole post model's identity
     with pytest.raises(InvalidArtifactError, match="equals its base"):
         extract_delta(tied.base, tied.base, tmp_path / "same.safetensors")
+
+
+def test_a_delta_of_mostly_exact_zeros_is_stored_sparse_and_rebuilds_exactly(tied, tmp_path):
+    """GMT-like: a tenth of each MLP entry moved, the rest frozen. Those tensors are stored as their
+    nonzero entries (smaller; format v3), rebuild the post model bit for bit, and are copied as they
+    are by `compress`; a tensor that moved everywhere stays full; the layout can be forced."""
+    base = Checkpoint(tied.base)
+    post_sd = {n: base.get(n) for n in base.tensor_names()}
+    g = torch.Generator().manual_seed(0)
+    masked = [n for n in post_sd if ".mlp." in n]
+    for n in masked:
+        keep = torch.rand(post_sd[n].shape, generator=g) < 0.1
+        post_sd[n] = torch.where(keep, post_sd[n].float() * 1.5 + 0.01, post_sd[n].float()).to(
+            post_sd[n].dtype
+        )
+    everywhere = "model.layers.0.self_attn.q_proj.weight"
+    post_sd[everywhere] = (post_sd[everywhere].float() + 0.01).to(post_sd[everywhere].dtype)
+    post = save_checkpoint(tmp_path / "post", post_sd, like=tied.base)
+    extract_delta(tied.base, post, tmp_path / "sparse.safetensors")  # verifies base + Δ == post
+    extract_delta(tied.base, post, tmp_path / "full.safetensors", plan=CodecPlan.uniform("dense:layout=full"))
+    sparse, full = (
+        open_artifact(tmp_path / "sparse.safetensors", verify=True),
+        open_artifact(tmp_path / "full.safetensors"),
+    )
+    assert {e.name for e in sparse.manifest.tensors if e.params == {"layout": "sparse"}} == set(masked)
+    assert sparse.manifest.tensor(everywhere).params == {}  # full: recorded as before the layout existed
+    assert sparse.manifest.format_version == 3 and full.manifest.format_version == 1
+    assert (tmp_path / "sparse.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "full.safetensors"
+    ).stat().st_size
+    for name in masked + [everywhere]:
+        assert torch.equal(sparse.delta(name).full(), full.delta(name).full()), name
+    compress_artifact(tmp_path / "sparse.safetensors", tmp_path / "copied.safetensors", CodecPlan())
+    copied = open_artifact(tmp_path / "copied.safetensors", verify=True)
+    assert [e.params for e in copied.manifest.tensors] == [e.params for e in sparse.manifest.tensors]
+
+
+def test_a_sparse_payload_out_of_range_is_refused(tied, tmp_path):
+    codec = get_codec("dense", {"layout": "sparse"})
+    payload = {NZ_IDX: torch.tensor([0, 7], dtype=torch.int32), NZ_VAL: torch.ones(2, dtype=torch.bfloat16)}
+    assert torch.equal(codec.decode(payload, [2, 4]).full().flatten()[[0, 7]], torch.ones(2))
+    payload[NZ_IDX] = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(InvalidArtifactError, match="out of range"):
+        codec.decode(payload, [2, 4])

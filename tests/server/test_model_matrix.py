@@ -29,6 +29,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from deltas import open_artifact
 from deltas.lora import export_lora_mix
 from loaders.engine import free_port
 from loaders.families import (
@@ -80,7 +81,7 @@ def build_row(row: MatrixRow, work: Path) -> Row:
     base = make_family_base(family, work / "base", row.dtype)
     posts = {
         "post": make_family_post(base, work / "post", seed=1),
-        "part": make_family_post(base, work / "post-part", seed=2, only=partial_pattern(family)),
+        "part": make_family_post(base, work / "post-part", seed=2, only=partial_pattern(family), density=0.1),
         "post2": make_family_post(base, work / "post2", seed=3),
     }
     updated = make_family_post(base, work / "updated", seed=4, scale=0.1)  # a base update: every tensor
@@ -104,6 +105,8 @@ def build_row(row: MatrixRow, work: Path) -> Row:
         "transfer": merge("transfer", updated, str(deltas["post"])),
     }
     assert set(references) == set(PATHS)
+    layouts = {e.params.get("layout") for e in open_artifact(deltas["part"]).manifest.tensors}
+    assert layouts == {"sparse"}, layouts  # a tenth of the entries moved: stored as its nonzeros
     return Row(row, base, updated, deltas["post"], deltas["part"], deltas["post2"], references)
 
 
