@@ -12,8 +12,11 @@ Two engines with the worker extension, on the same base, used one at a time:
 - direct: resident base and delta cache, only the tensors that change, merged inside the pause.
 - staged: the same, but the swap is staged first (merged in the background while the engine
   serves), so the pause covers only the commit.
-Swap kinds: base -> variant (the delta covers every tensor), variant -> base, base -> partial (a
-copy of the delta covering the first --partial-layers decoder layers only) and partial -> base.
+Swap kinds: base -> variant (the delta covers every tensor), variant -> base, base -> partial and
+partial -> base. The partial delta is what a user's partial fine-tune gives: a post model that is
+base + the delta on the tensors matching --partial (the attention: 20% of SmolLM2's parameters), on a
+seeded --partial-density of their entries (< 1: GMT-like masked entries, stored in the sparse
+layout), extracted by `deltagate extract`'s function; its size is printed beside the full delta's.
 Kinds and modes alternate; every measured swap is preceded by an untimed swap to its starting
 point. `pause` is timed by the gateway's client: /pause, the apply RPC, prefix-cache reset, /resume.
 Floors: a copy_ and an add of the bytes the swap rewrites, in the engine worker (deltagate_floors).
@@ -23,37 +26,54 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import re
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deltas import (  # noqa: E402
-    Checkpoint,  # noqa: E402
-    CodecPlan,  # noqa: E402
+    Checkpoint,
     DeltaTerm,
     Recipe,
-    compress_artifact,  # noqa: E402
+    extract_delta,
+    merge_tensor,
+    open_artifact,
 )
 from loaders.engine import EngineClient, EngineProcess, EngineSpec  # noqa: E402
+from loaders.pico import save_checkpoint  # noqa: E402
 
 MODES = ("before", "direct", "staged")
 KINDS = ("variant", "base", "partial", "partial->base")
 TARGETS = {"variant": 0.45, "base": 0.40}  # issue 19, SmolLM2 fp32 on this machine
 
 
-def partial_copy(delta: Path, base: Path, layers: int, out: Path) -> Path:
-    """A copy of `delta` covering only decoder layers 0..layers-1 (cached)."""
+def extracted_partial(base: Path, delta: Path, only: str, density: float, out: Path) -> Path:
+    """The artifact `deltagate extract` writes for a post model that is base + `delta` on the tensors
+    matching `only`, on a seeded `density` of their entries (cached)."""
     if out.is_file():
         return out
-    keep = tuple(f"model.layers.{i}." for i in range(layers))
-    names = Checkpoint(base).tensor_names()
-    plan = CodecPlan(exclude=[n for n in names if not n.startswith(keep)])
-    compress_artifact(delta, out, plan)
+    ckpt, art = Checkpoint(base), open_artifact(delta)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name in ckpt.tensor_names():
+        t = ckpt.get(name)
+        if re.search(only, name) and name in art.tensor_names:
+            moved = merge_tensor(t, [(art.delta(name), 1.0)], t.dtype)
+            t = torch.where(torch.rand(t.shape, generator=g) < density, moved, t) if density < 1 else moved
+        state[name] = t
+    post = save_checkpoint(out.parent / f"{out.stem}.post", state, like=base)
+    try:
+        extract_delta(base, post, out)
+    finally:
+        shutil.rmtree(post)
     return out
 
 
@@ -218,8 +238,9 @@ def main() -> None:
     parser.add_argument("--base", type=Path)
     parser.add_argument("--delta", type=Path)
     parser.add_argument(
-        "--partial-layers", type=int, default=7, help="decoder layers the partial delta covers"
+        "--partial", default=r"\.self_attn\.", help="regex of the tensors a partial fine-tune moves"
     )
+    parser.add_argument("--partial-density", type=float, default=1.0, help="share of their entries it moves")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stage-wait", type=float, default=1.5, help="seconds between stage and commit")
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -234,17 +255,26 @@ def main() -> None:
             from loaders.demo import prepare_demo
 
             models = prepare_demo(args.cache_dir / "demo")
-            args.partial_layers = min(args.partial_layers, 1)
         args.base, args.delta = models.base, models.delta
     work = args.cache_dir / "bench" / "swap"
     work.mkdir(parents=True, exist_ok=True)
-    partial = partial_copy(
-        args.delta,
+    tag = hashlib.sha256(f"{args.partial}|{args.partial_density}".encode()).hexdigest()[:8]
+    partial = extracted_partial(
         args.base,
-        args.partial_layers,
-        work / f"{args.delta.stem}-layers{args.partial_layers}.safetensors",
+        args.delta,
+        args.partial,
+        args.partial_density,
+        work / f"{args.delta.stem}-part-{tag}.safetensors",
     )
     print(f"model: {args.base}  delta: {args.delta}  partial: {partial}  logs: {work}", flush=True)
+    full_mb, part_mb = args.delta.stat().st_size / 1e6, partial.stat().st_size / 1e6
+    share = part_mb / full_mb
+    verdict = "met" if share <= 0.25 else "NOT met"
+    print(
+        f"artifacts: full {full_mb:.1f} MB, partial ({args.partial!r}, density {args.partial_density}) "
+        f"{part_mb:.1f} MB = {share:.0%} of the full one; target <= 25%: {verdict}",
+        flush=True,
+    )
     rows, extra = asyncio.run(
         measure(args, args.base.resolve(), args.delta.resolve(), partial.resolve(), work)
     )

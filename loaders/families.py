@@ -224,20 +224,24 @@ MATRIX = [
 
 
 # The adapter lane (server/adapters.py: a low-rank variant served as a vLLM LoRA adapter beside the
-# base, no swap), checked on every row of a family that can run it, through a second gateway started
-# with --lora-slots, against stock vLLM with the same multi-LoRA flags given the same adapters. Its
-# numerics are LoRA's (x·Wᵀ + x·Aᵀ·Bᵀ), not the merge's: in bf16 the two differ by rounding, enough
-# to flip near-ties (bench/lora_families.py: 0.03 in logprobs, one or two greedy texts of three kept).
+# base, no swap), checked on the row of each family whose LoRA layers in vLLM are its own, through a
+# second gateway started with --lora-slots, against stock vLLM with the same multi-LoRA flags given
+# the same adapter. Its numerics are LoRA's (x·Wᵀ + x·Aᵀ·Bᵀ), not the merge's: in bf16 the two differ
+# by rounding, enough to flip near-ties (bench/lora_families.py: 0.03 in logprobs, one or two greedy
+# texts of three kept).
 ADAPTER_PATHS = {
     "lora-base": "the plain base on a LoRA-enabled engine",
     "adapter": "a rank-8 delta of every projection (Phi-3: its fused qkv_proj and gate_up_proj) served "
     "as a LoRA adapter beside the base, with no swap",
-    "adapter-mix": "two such deltas mixed (0.5·Δ₁ + 0.5·Δ₂): one adapter of rank 16",
-    "lora-full": "a full delta swapped into the LoRA-enabled engine, then an adapter again (a swap back)",
 }
-# Checked on the Llama pico models in more depth (tests/server/test_adapters.py: against the offline
-# merge in fp32, concurrency, refusals) rather than here.
-ADAPTERS_ELSEWHERE = {"llama"}
+# Families whose adapter lane runs through another family's vLLM LoRA layers, checked there (an
+# adapter engine start costs about a matrix row's stock references; the suite's 30 minutes hold them
+# for four families): vLLM's Mistral is its Llama class (a subclass, LoRA on the same modules), and
+# Qwen3's LoRA wraps the same linear layers as Qwen2's, with the same packed modules (its q/k norms
+# are outside LoRA). tests/loaders/test_engine_client.py pins both facts on the vLLM installed. Llama's
+# lane: tests/server/test_adapters.py, in more depth (the offline merge in fp32, concurrency, mixes of
+# adapters, swaps on a LoRA engine, refusals).
+ADAPTERS_ELSEWHERE = {"llama": "tests/server/test_adapters.py", "mistral": "llama", "qwen3": "qwen2"}
 
 
 def adapter_lane(family: Family) -> bool:
@@ -280,8 +284,9 @@ NOT_RUN = {
     "prepack and is a no-op for kernels without a preparation step.",
     "Real checkpoints": "the rows are tiny random models built from each family's config (2 layers, "
     "hidden 128); SmolLM2-135M (Llama) is the one real model served.",
-    "The adapter lane against the offline merge, beyond Llama": "each family's adapters are checked "
-    "against stock vLLM given the same adapters; that an adapter equals its delta's offline merge up "
-    "to LoRA's rounding is checked on the Llama pico models in fp32 (tests/server/test_adapters.py) "
-    "and per family in the export (tests/deltas/test_lora_export.py).",
+    "The adapter lane beyond one adapter, beyond Llama": "each family's adapter is checked against "
+    "stock vLLM given the same adapter; mixes of adapters, swaps on a LoRA-enabled engine, concurrency "
+    "and the comparison with the offline merge (fp32) on the Llama pico models only "
+    "(tests/server/test_adapters.py); per family, the export's modules and factors "
+    "(tests/deltas/test_lora_export.py) and LoRA against the merge in stock vLLM (bench/lora_families.py).",
 }

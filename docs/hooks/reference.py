@@ -208,15 +208,16 @@ def models_page() -> str:
     out += [f"| {name} | {_md(what)} |" for name, what in PATHS.items()]
     lane = ", ".join(f.name for f in FAMILIES.values() if adapter_lane(f))
     moe = ", ".join(f.name for f in FAMILIES.values() if f.moe)
-    elsewhere = ", ".join(sorted(ADAPTERS_ELSEWHERE))
+    elsewhere = "; ".join(f"{family}: checked on {where}" for family, where in ADAPTERS_ELSEWHERE.items())
     out += [
         "",
         "## The adapter lane",
         "",
         f"On the rows of {lane}, a second gateway with `--lora-slots 2` takes these paths, each "
-        "answer bit-identical to stock vLLM with the same multi-LoRA flags given the same adapters "
-        f"(LoRA's numerics, not the merge's: [Lanes](concepts/lanes.md)). {elsewhere}: "
-        f"`tests/server/test_adapters.py`. {moe}: refused on vLLM's CPU build (below).",
+        "answer bit-identical to stock vLLM with the same multi-LoRA flags given the same adapter "
+        f"(LoRA's numerics, not the merge's: [Lanes](concepts/lanes.md)). {elsewhere} (vLLM builds "
+        f"them from the same LoRA-wrapped layers; a test pins it). {moe}: refused on vLLM's CPU build "
+        "(below).",
         "",
         "| path | what |",
         "|---|---|",

@@ -103,3 +103,25 @@ def test_engines_of_a_mixture_of_experts_base_run_without_lora_on_the_cpu_build(
     )
     why = lane.unfit(variant, BaseRecord(name="moe", path=str(moe)), [delta])
     assert "mixture-of-experts" in why
+
+
+def test_families_whose_adapter_lane_is_checked_on_another_share_its_vllm_lora_layers():
+    """loaders/families.ADAPTERS_ELSEWHERE: the matrix checks Mistral's adapter lane on Llama's and
+    Qwen3's on Qwen2's. That holds while vLLM builds them from the same LoRA-wrapped layers."""
+    import inspect
+
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+    from vllm.model_executor.models import llama, mistral, qwen2, qwen3
+
+    from loaders.families import ADAPTERS_ELSEWHERE
+
+    assert ADAPTERS_ELSEWHERE["mistral"] == "llama" and ADAPTERS_ELSEWHERE["qwen3"] == "qwen2"
+    assert issubclass(mistral.MistralForCausalLM, llama.LlamaForCausalLM)
+    assert mistral.MistralForCausalLM.packed_modules_mapping == llama.LlamaForCausalLM.packed_modules_mapping
+    assert qwen3.Qwen3ForCausalLM.packed_modules_mapping == qwen2.Qwen2ForCausalLM.packed_modules_mapping
+    assert qwen3.Qwen3MLP is qwen2.Qwen2MLP  # gate_up_proj, down_proj
+    attention = inspect.getsource(qwen3.Qwen3Attention.__init__)  # its q/k norms are outside LoRA
+    assert (
+        "self.qkv_proj = QKVParallelLinear(" in attention and "self.o_proj = RowParallelLinear(" in attention
+    )
+    assert (qwen3.QKVParallelLinear, qwen3.RowParallelLinear) == (QKVParallelLinear, RowParallelLinear)

@@ -30,7 +30,6 @@ import pytest
 from typer.testing import CliRunner
 
 from deltas import open_artifact
-from deltas.lora import export_lora_mix
 from loaders.engine import free_port
 from loaders.families import (
     ADAPTER_PATHS,
@@ -145,48 +144,37 @@ def reference_jobs(r: Row) -> list[dict]:
 
 
 @dataclass
-class Adapters:
-    """Two rank-8 deltas of a family's projections (from `deltagate extract` and `compress`), and
-    the adapters stock vLLM is given for the adapter lane's paths."""
+class Adapter:
+    """A rank-8 delta of a family's projections (`deltagate extract`, then `compress`), and the
+    adapter stock vLLM is given for it (`deltagate export-lora`)."""
 
-    lr: Path
-    lr2: Path
-    adapter: Path  # `deltagate export-lora` of lr
-    mix: Path  # 0.5·lr + 0.5·lr2 as one adapter, written as the gateway writes it
+    lowrank: Path
+    exported: Path
 
     @classmethod
-    def build(cls, r: Row, work: Path) -> Adapters:
+    def build(cls, r: Row, work: Path) -> Adapter:
         work.mkdir(parents=True)
         (work / "codecs.yaml").write_text("default: lowrank:rank=8\n")
-        lowrank = []
-        for seed in (5, 6):
-            post = make_family_post(r.base, work / f"post-{seed}", seed=seed, only=projection_pattern())
-            dense, lr = work / f"dense-{seed}.delta", work / f"lowrank-{seed}.delta"
-            deltagate("extract", "--base", r.base, "--post", post, "-o", dense)
-            deltagate("compress", dense, "-o", lr, "--codec-recipe", work / "codecs.yaml")
-            lowrank.append(lr)
-        exported = deltagate("export-lora", lowrank[0], "-o", work / "adapter")
+        post = make_family_post(r.base, work / "post", seed=5, only=projection_pattern())
+        deltagate("extract", "--base", r.base, "--post", post, "-o", work / "dense.delta")
+        lowrank = work / "lowrank.delta"
+        deltagate("compress", work / "dense.delta", "-o", lowrank, "--codec-recipe", work / "codecs.yaml")
+        exported = deltagate("export-lora", lowrank, "-o", work / "adapter")
         assert "left out" not in exported, exported  # the adapter carries every tensor of the delta
-        export_lora_mix([(lowrank[0], 0.5), (lowrank[1], 0.5)], work / "adapter-mix")
-        return cls(lowrank[0], lowrank[1], work / "adapter", work / "adapter-mix")
+        return cls(lowrank, work / "adapter")
 
     def jobs(self, r: Row) -> list[dict]:
-        """Stock vLLM with multi-LoRA on: the base, plain and given each adapter; the full merge."""
+        """Stock vLLM with multi-LoRA on: the base, plain and given the adapter."""
         lora = {"quantization": None, "tensor_parallel": 1, "lora": True}
-        adapters = {"+adapter": str(self.adapter), "+mix": str(self.mix)}
         return [
-            {"model": str(r.base), **lora, "key": "lora:base", "adapters": adapters},
-            {"model": str(r.references["full"]), **lora, "key": "lora:full"},
+            {"model": str(r.base), **lora, "key": "lora:base", "adapters": {"+adapter": str(self.exported)}}
         ]
 
 
-# The stock answers each adapter path is compared with (keys of Adapters.jobs).
-ADAPTER_REFERENCES = {
-    "lora-base": "lora:base",
-    "adapter": "lora:base+adapter",
-    "adapter-mix": "lora:base+mix",
-    "lora-full": "lora:full",
-}
+# The stock answers each adapter path is compared with (keys of Adapter.jobs).
+ADAPTER_REFERENCES = {"lora-base": "lora:base", "adapter": "lora:base+adapter"}
+# What a gateway answered on a path: (the stock answers' key, path, model, answers).
+Served = tuple[str, str, str, list[dict]]
 # An MoE row's last stock job: an engine with multi-LoRA on, asked once (loaders/engine.lora_refusal).
 LORA_PROBE = "lora-probe"
 
@@ -215,7 +203,7 @@ def last_swap(url: str, base: str) -> dict:
     return next(b for b in bases if b["name"] == base)["recent_swaps"][-1]
 
 
-def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[tuple[str, str, str, list[dict]]]:
+def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[Served]:
     """Every path of PATHS through a gateway on the row's base: (reference, path, model, answers) in
     the order asked. An MoE row's gateway has LoRA slots, which it must not give the MoE engine."""
     name, moe = row.family, FAMILIES[row.family].moe
@@ -232,7 +220,7 @@ def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[tuple[str, str, str,
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if row.tensor_parallel == 2 else None  # a rank per core
     proc = start_gateway(args, work / "state", port, log, env=env)
     url = f"http://127.0.0.1:{port}"
-    served: list[tuple[str, str, str, list[dict]]] = []
+    served: list[Served] = []
 
     def ask(path: str, model: str) -> None:
         served.append((str(r.references[path]), path, model, answers(url, model)))
@@ -288,39 +276,25 @@ def assert_lora_refused(url: str, name: str) -> None:
     assert "mixture-of-experts" in listed[f"{name}-full"]["lane_note"], listed[f"{name}-full"]
 
 
-def serve_adapter_paths(
-    row: MatrixRow, r: Row, a: Adapters, work: Path
-) -> list[tuple[str, str, str, list[dict]]]:
+def serve_adapter_paths(row: MatrixRow, r: Row, a: Adapter, work: Path) -> list[Served]:
     """Every path of ADAPTER_PATHS through a gateway with LoRA slots on the row's base (its dtype; no
-    quantization, one rank): (reference, path, model, answers) in the order asked."""
+    quantization, one rank), in the order asked."""
     name = row.family
     port, log = free_port(), work / "gateway-lora.log"
-    args = [
-        *("--base", f"{name}={r.base}"),
-        *("--variant", f"{name}-lr={a.lr}"),
-        *("--variant", f"{name}-lr-mix={a.lr}:0.5,{a.lr2}:0.5"),
-        *("--variant", f"{name}-full={r.delta}"),
-        *LORA_SLOTS,
-    ]
+    args = [*("--base", f"{name}={r.base}"), *("--variant", f"{name}-lr={a.lowrank}"), *LORA_SLOTS]
     proc = start_gateway(args, work / "state-lora", port, log)
     url = f"http://127.0.0.1:{port}"
-    served: list[tuple[str, str, str, list[dict]]] = []
     try:
         wait_healthy(url, proc, log)
         lanes = {
             v["name"]: v["serving_lane"] for v in httpx.get(f"{url}/v1/variants", headers=AUTH).json()["data"]
         }
-        assert lanes == {f"{name}-lr": "adapter", f"{name}-lr-mix": "adapter", f"{name}-full": "swap"}, lanes
-        for path, model in [
-            ("lora-base", name),
-            ("adapter", f"{name}-lr"),
-            ("adapter-mix", f"{name}-lr-mix"),
-        ]:
-            served.append((ADAPTER_REFERENCES[path], path, model, answers(url, model)))
-        assert swaps(url, name) == 0  # adapters are served beside the base: nothing reloaded
-        for path, model in [("lora-full", f"{name}-full"), ("adapter", f"{name}-lr")]:
-            served.append((ADAPTER_REFERENCES[path], path, model, answers(url, model)))
-        assert swaps(url, name) == 2  # to the full delta, and back to the base for the adapter
+        assert lanes == {f"{name}-lr": "adapter"}, lanes
+        served = [
+            (ADAPTER_REFERENCES[path], path, model, answers(url, model))
+            for path, model in [("lora-base", name), ("adapter", f"{name}-lr"), ("lora-base", name)]
+        ]
+        assert swaps(url, name) == 0  # the adapter is served beside the base: nothing reloaded
     finally:
         stop_gateway(proc)
     return served
@@ -335,7 +309,7 @@ def swaps(url: str, base: str) -> int:
 def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, tmp_path):
     family = FAMILIES[row.family]
     r = build_row(row, tmp_path / "checkpoints")
-    adapters = Adapters.build(r, tmp_path / "adapters") if adapter_lane(family) else None
+    adapter = Adapter.build(r, tmp_path / "adapter") if adapter_lane(family) else None
     jobs = reference_jobs(r)
     if family.moe:  # last: a failed engine core leaves the process unfit for another
         jobs.append(
@@ -346,10 +320,10 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     stocks = [Stock.start(jobs, tmp_path)]
     try:
         served = serve_paths(row, r, tmp_path)
-        if adapters:  # a process of their own: a LoRA engine after compiled ones in one process answered
+        if adapter:  # a process of their own: a LoRA engine after compiled ones in one process answered
             # otherwise (0.016 off in bf16) than in a process of its own, as the gateway's engine does
-            stocks.append(Stock.start(adapters.jobs(r), tmp_path, "stock-lora"))
-            served += serve_adapter_paths(row, r, adapters, tmp_path)
+            stocks.append(Stock.start(adapter.jobs(r), tmp_path, "stock-lora"))
+            served += serve_adapter_paths(row, r, adapter, tmp_path)
         want = {k: v for stock in stocks for k, v in stock.answers().items()}
     finally:
         for stock in stocks:
@@ -361,16 +335,14 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     ]
     assert not wrong, "\n".join(wrong)
     paths = {path for _, path, _, _ in served}
-    assert paths == set(PATHS) | (set(ADAPTER_PATHS) if adapters else set())
+    assert paths == set(PATHS) | (set(ADAPTER_PATHS) if adapter else set())
     differs = {
         json.dumps(got) for _, path, _, got in served if path in ("base", "full", "part", "half", "mix")
     }
     assert len(differs) == 5, "a variant answered as another: the matrix would not see a missed swap"
-    if adapters:
-        lora = {
-            json.dumps(got) for _, path, _, got in served if path in ("lora-base", "adapter", "adapter-mix")
-        }
-        assert len(lora) == 3, "an adapter answered as the base or as the other adapter"
+    if adapter:
+        lora = {json.dumps(got) for _, path, _, got in served if path in ADAPTER_PATHS}
+        assert len(lora) == 2, "the adapter answered as the base"
     if family.moe:  # the reason loaders/engine.lora_refusal gives, seen in stock vLLM on this run
         assert want[LORA_PROBE] != "answered", "vLLM's CPU build now runs LoRA on MoE: lift lora_refusal"
         assert "triton" in want[LORA_PROBE].lower(), want[LORA_PROBE]
