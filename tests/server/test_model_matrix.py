@@ -119,8 +119,8 @@ class Stock:
     log: Path
 
     @classmethod
-    def start(cls, jobs: list[dict], work: Path, name: str = "stock") -> Stock:
-        out, log, spec = work / f"{name}.json", work / f"{name}.log", work / f"{name}-jobs.json"
+    def start(cls, jobs: list[dict], work: Path) -> Stock:
+        out, log, spec = work / "stock.json", work / "stock.log", work / "stock-jobs.json"
         spec.write_text(json.dumps(jobs))
         cmd = [sys.executable, "-m", "tests.server.stock_answers", str(out), str(MAX_MODEL_LEN), str(spec)]
         proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -310,24 +310,22 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     family = FAMILIES[row.family]
     r = build_row(row, tmp_path / "checkpoints")
     adapter = Adapter.build(r, tmp_path / "adapter") if adapter_lane(family) else None
-    jobs = reference_jobs(r)
+    # The LoRA engine first: started after compiled ones in one process, it answered otherwise (0.016
+    # off in bf16) than alone, as the gateway's engine does.
+    jobs = (adapter.jobs(r) if adapter else []) + reference_jobs(r)
     if family.moe:  # last: a failed engine core leaves the process unfit for another
         jobs.append(
             {"model": str(r.base), "quantization": None, "tensor_parallel": 1, "lora": True}
             | {"key": LORA_PROBE, "probe": True}
         )
-    # One row at a time: the machine's memory holds the suite beside it.
-    stocks = [Stock.start(jobs, tmp_path)]
+    stock = Stock.start(jobs, tmp_path)  # one row at a time: the machine's memory holds the suite beside it
     try:
         served = serve_paths(row, r, tmp_path)
-        if adapter:  # a process of their own: a LoRA engine after compiled ones in one process answered
-            # otherwise (0.016 off in bf16) than in a process of its own, as the gateway's engine does
-            stocks.append(Stock.start(adapter.jobs(r), tmp_path, "stock-lora"))
+        if adapter:
             served += serve_adapter_paths(row, r, adapter, tmp_path)
-        want = {k: v for stock in stocks for k, v in stock.answers().items()}
+        want = stock.answers()
     finally:
-        for stock in stocks:
-            stock.stop()
+        stock.stop()
     wrong = [
         f"{model} ({path}): {got} != stock {want[ref]}"
         for ref, path, model, got in served
