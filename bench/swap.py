@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,7 +47,7 @@ from deltas import (  # noqa: E402
     open_artifact,
 )
 from loaders.engine import EngineClient, EngineProcess, EngineSpec  # noqa: E402
-from loaders.pico import save_checkpoint  # noqa: E402
+from loaders.pico import keep_entries, save_checkpoint  # noqa: E402
 
 MODES = ("before", "direct", "staged")
 KINDS = ("variant", "base", "partial", "partial->base")
@@ -61,14 +60,13 @@ def extracted_partial(base: Path, delta: Path, only: str, density: float, out: P
     if out.is_file():
         return out
     ckpt, art = Checkpoint(base), open_artifact(delta)
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for name in ckpt.tensor_names():
-        t = ckpt.get(name)
-        if re.search(only, name) and name in art.tensor_names:
-            moved = merge_tensor(t, [(art.delta(name), 1.0)], t.dtype)
-            t = torch.where(torch.rand(t.shape, generator=g) < density, moved, t) if density < 1 else moved
-        state[name] = t
+    state = {name: ckpt.get(name) for name in ckpt.tensor_names()}
+    moved = {
+        name: merge_tensor(t, [(art.delta(name), 1.0)], t.dtype)
+        for name, t in state.items()
+        if re.search(only, name) and name in art.tensor_names
+    }
+    state |= keep_entries(moved, state, density, seed=0) if density < 1 else moved
     post = save_checkpoint(out.parent / f"{out.stem}.post", state, like=base)
     try:
         extract_delta(base, post, out)

@@ -86,12 +86,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def checkpoint_config(model_dir: str) -> dict:
+    """A checkpoint's config.json ({} where it cannot be read here: an engine elsewhere, no file)."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def checkpoint_dtype(model_dir: str) -> str | None:
     """The dtype a checkpoint was saved in, from its config (None if not stated)."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    config = checkpoint_config(model_dir)
     dtype = config.get("torch_dtype") or config.get("dtype")
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
 
@@ -179,10 +184,7 @@ def lora_refusal(model_dir: str) -> str | None:
     wraps a mixture-of-experts layer for LoRA in a layer whose kernel is Triton's, which has no CPU
     backend: every request to such an engine fails, plain ones too (the model matrix's MoE rows
     check this on each run, so it is lifted when vLLM changes)."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):  # not readable here (an engine elsewhere): nothing known against it
-        return None
+    config = checkpoint_config(model_dir)  # unreadable here: nothing known against it
     if cpu_build() and any(config.get(k) for k in EXPERT_KEYS):
         return (
             "vLLM's CPU build cannot run LoRA on a mixture-of-experts model (its fused-MoE LoRA "

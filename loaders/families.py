@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from loaders.pico import CHAT_TEMPLATE, perturb, save_checkpoint, write_tokenizer
+from loaders.pico import CHAT_TEMPLATE, keep_entries, perturb, save_checkpoint, write_tokenizer
 
 VOCAB = 384
 # The attention of every family: 4 heads of 32 (vLLM's CPU attention rejects 16), 2 KV heads.
@@ -164,11 +164,7 @@ def make_family_post(
     sd = load_file(str(base / "model.safetensors"))
     moved = perturb({k: v for k, v in sd.items() if only is None or re.search(only, k)}, seed, scale)
     if density < 1:
-        g = torch.Generator().manual_seed(seed)
-        moved = {
-            k: torch.where(torch.rand(v.shape, generator=g) < density, v, sd[k])
-            for k, v in sorted(moved.items())
-        }
+        moved = keep_entries(moved, sd, density, seed)
     save_checkpoint(out, sd | moved, like=base)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out

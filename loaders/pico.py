@@ -140,6 +140,18 @@ def perturb(sd: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict
     return out
 
 
+def keep_entries(
+    moved: dict[str, torch.Tensor], original: dict[str, torch.Tensor], density: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """`moved` where a seeded `density` of each tensor's entries keep their move, the rest exactly as
+    in `original` (gradient-mask tuning leaves masked entries as they were)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.where(torch.rand(v.shape, generator=g) < density, v, original[k])
+        for k, v in sorted(moved.items())
+    }
+
+
 def save_checkpoint(out: Path, sd: dict[str, torch.Tensor], like: Path | None = None) -> Path:
     """Write `sd` as model.safetensors into `out`, copying config/tokenizer from `like`."""
     out.mkdir(parents=True, exist_ok=True)

@@ -165,10 +165,12 @@ class Adapter:
 
     def jobs(self, r: Row) -> list[dict]:
         """Stock vLLM with multi-LoRA on: the base, plain and given the adapter."""
-        lora = {"quantization": None, "tensor_parallel": 1, "lora": True}
-        return [
-            {"model": str(r.base), **lora, "key": "lora:base", "adapters": {"+adapter": str(self.exported)}}
-        ]
+        return [lora_job(r) | {"key": "lora:base", "adapters": {"+adapter": str(self.exported)}}]
+
+
+def lora_job(r: Row) -> dict:
+    """A stock job on the row's base with multi-LoRA on (one rank, no quantization)."""
+    return {"model": str(r.base), "quantization": None, "tensor_parallel": 1, "lora": True}
 
 
 # The stock answers each adapter path is compared with (keys of Adapter.jobs).
@@ -314,10 +316,7 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     # off in bf16) than alone, as the gateway's engine does.
     jobs = (adapter.jobs(r) if adapter else []) + reference_jobs(r)
     if family.moe:  # last: a failed engine core leaves the process unfit for another
-        jobs.append(
-            {"model": str(r.base), "quantization": None, "tensor_parallel": 1, "lora": True}
-            | {"key": LORA_PROBE, "probe": True}
-        )
+        jobs.append(lora_job(r) | {"key": LORA_PROBE, "probe": True})
     stock = Stock.start(jobs, tmp_path)  # one row at a time: the machine's memory holds the suite beside it
     try:
         served = serve_paths(row, r, tmp_path)
