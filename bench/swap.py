@@ -5,13 +5,16 @@ the memory floors measured inside the same engine.
     .venv/bin/python bench/swap.py --model pico          # a generated pico model, seconds
     .venv/bin/python bench/swap.py --base DIR --delta F  # your model and delta
 
-Two engines with the worker extension, on the same base, used one at a time:
+Three engines with the worker extension, on the same base, used one at a time:
 - before: DELTAGATE_SWAP_MODE=full — every swap re-reads every base tensor from the checkpoint,
   decodes and merges on the host, and reloads every tensor, all inside the engine's pause (the
   design before swaps were incremental; kept for this comparison).
-- direct: resident base and delta cache, only the tensors that change, merged inside the pause.
-- staged: the same, but the swap is staged first (merged in the background while the engine
-  serves), so the pause covers only the commit.
+- reload: resident base and delta cache, only the tensors that change, staged (merged in the
+  background while the engine serves); the commit is vLLM's in-place reload of those tensors
+  (DELTAGATE_PREPARE_MIB=0: the commit before prepared modules).
+- direct: the same engine as staged, the swap not staged: merged and prepared inside the pause.
+- staged: staged, and the changed modules prepared in kernel form while serving
+  (loaders/prepared.py): the pause copies and re-binds them.
 Swap kinds: base -> variant (the delta covers every tensor), variant -> base, base -> partial and
 partial -> base. The partial delta is what a user's partial fine-tune gives: a post model that is
 base + the delta on the tensors matching --partial (the attention: 20% of SmolLM2's parameters), on a
@@ -49,7 +52,14 @@ from deltas import (  # noqa: E402
 from loaders.engine import EngineClient, EngineProcess, EngineSpec  # noqa: E402
 from loaders.pico import keep_entries, save_checkpoint  # noqa: E402
 
-MODES = ("before", "direct", "staged")
+MODES = ("before", "reload", "direct", "staged")
+ENGINES = {  # mode -> the engine it runs on, and that engine's environment
+    "before": ("before", (("DELTAGATE_SWAP_MODE", "full"),)),
+    "reload": ("reload", (("DELTAGATE_PREPARE_MIB", "0"),)),
+    "direct": ("prepared", ()),
+    "staged": ("prepared", ()),
+}
+STAGED = ("reload", "staged")
 KINDS = ("variant", "base", "partial", "partial->base")
 TARGETS = {"variant": 0.45, "base": 0.40}  # issue 19, SmolLM2 fp32 on this machine
 
@@ -84,17 +94,16 @@ def complete(url: str) -> str:
 
 async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> tuple[list[dict], dict]:
     procs = {}
-    for mode in ("before", "after"):
-        env = (("DELTAGATE_SWAP_MODE", "full" if mode == "before" else "incremental"),)
+    for engine, env in dict(ENGINES.values()).items():
         spec = EngineSpec(
             model=str(base),
             served_name="m",
             max_model_len=args.max_model_len,
-            log_path=work / f"engine-{mode}.log",
+            log_path=work / f"engine-{engine}.log",
             env=env,
         )
-        procs[mode] = EngineProcess(spec)
-        procs[mode].start()
+        procs[engine] = EngineProcess(spec)
+        procs[engine].start()
     for proc in procs.values():
         await asyncio.to_thread(proc.wait_ready, 1800)
     clients = {mode: EngineClient(procs[mode].url, "m") for mode in procs}
@@ -109,7 +118,7 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
     }
     rows = []
     try:
-        after = clients["after"]
+        after = clients["prepared"]
         floors = {
             kind: (await after.collective_rpc("deltagate_floors", to.model_dump_json()))[0]
             for kind, (_, to) in swaps.items()
@@ -122,17 +131,16 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
             for kind in KINDS:
                 source, target = swaps[kind]
                 for mode in modes:
-                    proc = procs["before" if mode == "before" else "after"]
-                    client = clients["before" if mode == "before" else "after"]
+                    proc, client = procs[ENGINES[mode][0]], clients[ENGINES[mode][0]]
                     await client.apply(source)  # untimed: the starting point
-                    if mode == "staged":
+                    if mode in STAGED:
                         await client.stage(target)
                         await asyncio.to_thread(complete, proc.url)  # the engine serves meanwhile
                         await asyncio.sleep(args.stage_wait)
                     start = time.perf_counter()
                     result = await client.apply(target)
                     pause = time.perf_counter() - start
-                    await asyncio.to_thread(complete, proc.url)
+                    text = await asyncio.to_thread(complete, proc.url)
                     rows.append(
                         {
                             "rep": rep,
@@ -144,11 +152,15 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
                             "tensors": result.tensors,
                             "of": result.of_tensors,
                             "bytes": result.bytes,
+                            "prepared": result.prepared_modules,
+                            "reloaded": result.fallback_modules,
+                            "text": text,
                             **result.phases,
                         }
                     )
                     print(
-                        f"  rep {rep} {kind:>13} {mode:>6}: pause {pause:.3f} s, {result.tensors} tensors",
+                        f"  rep {rep} {kind:>13} {mode:>6}: pause {pause:.3f} s, {result.tensors} tensors, "
+                        f"{result.prepared_modules} modules prepared, {result.fallback_modules} reloaded",
                         flush=True,
                     )
         memory = result.memory
@@ -166,15 +178,16 @@ def report(rows: list[dict], extra: dict) -> None:
     def med(kind: str, mode: str, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["kind"] == kind and r["mode"] == mode)
 
-    print("\nmedians of the repeats (seconds); floors measured in the 'after' engine's worker")
+    print("\nmedians of the repeats (seconds); floors measured in the prepared engine's worker")
     head = (
         "kind",
         "mode",
         "pause",
         "merge",
-        "reload",
+        "commit",
         "staging",
         "tensors",
+        "modules prepared/reloaded",
         "MB",
         "copy floor",
         "add floor",
@@ -185,7 +198,7 @@ def report(rows: list[dict], extra: dict) -> None:
     for kind in KINDS:
         floor = floors[kind]
         for mode in MODES:
-            merge = med(kind, mode, "staging" if mode == "staged" else "merge_seconds")
+            merge = med(kind, mode, "staging" if mode in STAGED else "merge_seconds")
             ratio = f"{merge / floor['add_seconds']:.1f}x" if kind in ("variant", "partial") else "-"
             cells = [
                 kind,
@@ -193,8 +206,9 @@ def report(rows: list[dict], extra: dict) -> None:
                 f"{med(kind, mode, 'pause'):.3f}",
                 f"{merge:.3f}",
                 f"{med(kind, mode, 'reload_seconds'):.3f}",
-                f"{med(kind, mode, 'staging'):.3f}" if mode == "staged" else "-",
+                f"{med(kind, mode, 'staging'):.3f}" if mode in STAGED else "-",
                 f"{med(kind, mode, 'tensors'):.0f}/{rows[0]['of']}",
+                f"{med(kind, mode, 'prepared'):.0f}/{med(kind, mode, 'reloaded'):.0f}",
                 f"{med(kind, mode, 'bytes') / 1e6:.1f}",
                 f"{floor['copy_seconds']:.3f}",
                 f"{floor['add_seconds']:.3f}",
@@ -202,6 +216,12 @@ def report(rows: list[dict], extra: dict) -> None:
             ]
             print("| " + " | ".join(cells) + " |")
     print("\nratios")
+    for kind in ("variant", "base", "partial", "partial->base"):
+        floor = floors[kind]["add_seconds"]
+        for mode in ("reload", "staged"):
+            pause = med(kind, mode, "pause")
+            verdict = "met" if pause <= floor else "NOT met"
+            print(f"pause to {kind} ({mode}) / add floor: {pause / floor:.1f}x; target <= 1x: {verdict}")
     for mode in ("direct", "staged"):
         for kind, target in TARGETS.items():
             now, was = med(kind, mode, "pause"), med(kind, "before", "pause")
@@ -215,6 +235,9 @@ def report(rows: list[dict], extra: dict) -> None:
             f"partial ({tensors:.0%} of tensors) / full pause ({mode}): {share:.0%}; target <= 40%: "
             f"{'met' if share <= 0.40 else 'NOT met'}"
         )
+    texts = {(r["kind"], r["mode"]): r["text"] for r in rows}
+    same = all(texts[(kind, mode)] == texts[(kind, "before")] for kind in KINDS for mode in MODES)
+    print(f"answers after each swap equal across the four modes: {'yes' if same else 'NO'}")
     merge = med("variant", "direct", "merge_seconds") / floors["variant"]["add_seconds"]
     verdict = "met" if merge <= 2 else "NOT met"
     print(f"merge (variant, direct) / add floor: {merge:.1f}x; target <= 2x: {verdict}")

@@ -316,7 +316,8 @@ def _group_alive(group: int) -> bool:
         return True
 
 
-PHASES = ("merge_seconds", "reload_seconds", "staging_wait_seconds")  # of a swap, inside the worker
+# of a swap, inside the worker
+PHASES = ("merge_seconds", "prepare_seconds", "reload_seconds", "staging_wait_seconds")
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,10 @@ class ApplyResult:
     memory: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)  # merge_seconds, reload_seconds, staging_wait_seconds
     sharded: int = 0  # tensors merged on this tensor-parallel rank's slice only
+    prepared_modules: int = 0  # modules committed from their prepared kernel form (loaders/prepared.py)
+    fallback_modules: int = 0  # modules vLLM's reload rewrote in the pause instead
+    prepared_bytes: int = 0  # what the prepared modules held while staged
+    fallback_reason: str = ""  # why nothing was prepared, if so
 
     @classmethod
     def of(cls, result: dict) -> ApplyResult:
@@ -350,6 +355,10 @@ class ApplyResult:
             get("memory", {}),
             phases,
             get("sharded", 0),
+            get("prepared_modules", 0),
+            get("fallback_modules", 0),
+            get("prepared_bytes", 0),
+            get("fallback_reason", ""),
         )
 
 

@@ -22,10 +22,11 @@ from loaders.merge import CheckpointSource
 Residency = Literal["host", "device", "none"]
 
 
-RESIDENCY_ENV, DELTA_CACHE_ENV, SWAP_MODE_ENV = (
+RESIDENCY_ENV, DELTA_CACHE_ENV, SWAP_MODE_ENV, PREPARE_ENV = (
     "DELTAGATE_SWAP_RESIDENCY",
     "DELTAGATE_DELTA_CACHE_MIB",
     "DELTAGATE_SWAP_MODE",
+    "DELTAGATE_PREPARE_MIB",
 )
 
 
@@ -40,6 +41,7 @@ class ResidencyConfig:
     delta_cache_bytes: int = 1 << 30
     max_bases: int = 2  # the start-up base and one hot-loaded base, say
     full_swaps: bool = False  # every tensor merged inside the pause (benchmarks' baseline)
+    prepare_bytes: int = 4 << 30  # kernel-form copies a stage may hold (loaders/prepared.py); 0: off
 
     @classmethod
     def from_env(cls) -> ResidencyConfig:
@@ -50,7 +52,8 @@ class ResidencyConfig:
             raise ValueError(f"{RESIDENCY_ENV}={residency!r}: use host, device or none")
         mib = float(os.environ.get(DELTA_CACHE_ENV, default.delta_cache_bytes / (1 << 20)))
         full = os.environ.get(SWAP_MODE_ENV, "incremental") == "full"
-        return cls(residency, int(mib * (1 << 20)), full_swaps=full)
+        prepare = float(os.environ.get(PREPARE_ENV, default.prepare_bytes / (1 << 20)))
+        return cls(residency, int(mib * (1 << 20)), full_swaps=full, prepare_bytes=int(prepare * (1 << 20)))
 
     def to_env(self) -> dict[str, str]:
         """This config as an engine's environment."""
@@ -58,6 +61,7 @@ class ResidencyConfig:
             RESIDENCY_ENV: self.residency,
             DELTA_CACHE_ENV: str(self.delta_cache_bytes / (1 << 20)),
             SWAP_MODE_ENV: "full" if self.full_swaps else "incremental",
+            PREPARE_ENV: str(self.prepare_bytes / (1 << 20)),
         }
 
 

@@ -30,6 +30,8 @@ log = logging.getLogger("vllm.deltagate.staging")  # inside an engine: in its lo
 
 Tensors = list[tuple[str, torch.Tensor]]
 Reload = Callable[[Tensors], None]
+# Tensors -> their modules loaded and processed off the live model (loaders/prepared.PreparedCommit)
+Prepare = Callable[[Tensors], object]
 
 
 def module_groups(names: Iterable[str], packed: dict[str, list[str]]) -> dict[str, str]:
@@ -68,6 +70,7 @@ class _Stage:
     seconds: float = 0.0
     error: BaseException | None = None
     thread: threading.Thread | None = None
+    prepared: object | None = None  # a PreparedCommit, when the swapper prepares
 
 
 class Swapper:
@@ -82,6 +85,7 @@ class Swapper:
         *,
         incremental: bool = True,
         shards: dict[str, Shard] | None = None,
+        prepare: Prepare | None = None,
     ):
         self.resident = resident  # None: unknown (a failed reload), so the next swap rewrites all
         self.names = names  # the base checkpoint's tensors, in checkpoint order
@@ -89,6 +93,7 @@ class Swapper:
         self.source = source
         self.incremental = incremental  # False: rewrite every tensor, every swap (the pre-staging design)
         self.shards = shards or {}  # this tensor-parallel rank's slices: merged only there
+        self.prepare = prepare  # None: every commit hands its tensors to the reload
         # merge outputs reused from swap to swap (the engine copies what it is given), unless memory is
         # what the user saves (residency none)
         keep = isinstance(source, ResidentWeights) and source.config.residency != "none"
@@ -144,6 +149,8 @@ class Swapper:
                         stage.tensors = []
                         return
                     stage.tensors.append(item)
+                if self.prepare is not None and not stage.cancel.is_set():
+                    stage.prepared = self.prepare(stage.tensors)
         except BaseException as exc:  # reported at commit, which then merges again itself
             stage.error = exc
         stage.seconds = time.perf_counter() - start
@@ -177,15 +184,24 @@ class Swapper:
             if stage.error is not None:
                 log.warning("staging the swap failed (%s); merging it now", stage.error)
                 staged = False
+        prepared = stage.prepared if staged else None
         if staged:
             tensors = stage.tensors
         else:
             with torch.inference_mode():
                 tensors = list(self._merged(target))
         merged_at = time.perf_counter()
+        if prepared is None and self.prepare is not None and tensors:  # not staged: prepared in the pause
+            prepared = self.prepare(tensors)
+        prepared_at = time.perf_counter()
         self.resident = None  # until the reload has finished: a failure leaves the weights unknown
-        if tensors:
-            reload(tensors)
+        rest = tensors
+        if prepared is not None:
+            with torch.inference_mode():
+                prepared.commit()
+            rest = prepared.fallback
+        if rest:
+            reload(rest)
         self.resident = target
         end = time.perf_counter()
         return {
@@ -195,7 +211,9 @@ class Swapper:
             "sharded": sum(name in self.shards for name, _ in tensors),  # merged on this rank's slice only
             "seconds": end - start,
             "merge_seconds": merged_at - start,
-            "reload_seconds": end - merged_at,
+            "prepare_seconds": prepared_at - merged_at,  # 0 when staged: prepared while serving
+            "reload_seconds": end - prepared_at,  # the commit: re-binding the prepared, reloading the rest
+            **_prepared_report(prepared),
             "staged": staged,
             "staging_seconds": stage.seconds if staged else 0.0,
             "staging_wait_seconds": waited,
@@ -209,6 +227,18 @@ class Swapper:
         report["staged_bytes"] = sum(t.numel() * t.element_size() for _, t in stage.tensors) if stage else 0
         report["buffer_bytes"] = sum(t.numel() * t.element_size() for t in (self._buffers or {}).values())
         return report
+
+
+def _prepared_report(prepared) -> dict:
+    """A commit's account of its prepared modules and of those vLLM's reload rewrote."""
+    if prepared is None:
+        return {"prepared_modules": 0, "fallback_modules": 0, "prepared_bytes": 0}
+    return {
+        "prepared_modules": len(prepared.prepared_modules) if not prepared.reason else 0,
+        "fallback_modules": len(prepared.fallback_modules),
+        "prepared_bytes": prepared.bytes,
+        "fallback_reason": prepared.reason,
+    }
 
 
 def _short(key: str) -> str:

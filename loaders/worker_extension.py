@@ -9,6 +9,7 @@ engine knows: its modules, its device and its reload.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -17,6 +18,7 @@ import torch
 
 from deltas import Recipe
 from loaders.merge import CheckpointSource
+from loaders.prepared import prepare as prepare_commit
 from loaders.resident import ResidencyConfig, ResidentWeights
 from loaders.shards import rank_shards
 from loaders.staging import Swapper, Tensors, module_groups
@@ -45,8 +47,15 @@ class DeltaWorkerExtension:
                 repaired.extend(reprocess_tied_modules(model, only=sent))
 
         result = swapper.commit(recipe, reload)
+        if result.get("prepared_modules"):
+            self._deltagate_weights_replaced()
         self._deltagate_recipe = recipe_json
         return {**result, "repaired": repaired}
+
+    def _deltagate_weights_replaced(self) -> None:
+        """What vLLM's reload_weights invalidates after replacing weights, after a prepared commit."""
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            getattr(self.model_runner, reset, lambda: None)()
 
     def deltagate_floors(self, recipe_json: str, repeats: int = 3) -> dict:
         """The memory floors of a swap from the base to `recipe_json`, measured here (bench/swap.py): a
@@ -95,8 +104,17 @@ class DeltaWorkerExtension:
             if not full:
                 source = ResidentWeights(_device_of(self), config)
                 shards = rank_shards(model, names, packed)
+            prepare = None
+            if not full and config.prepare_bytes > 0:
+                prepare = functools.partial(prepare_commit, model, groups=groups, budget=config.prepare_bytes)
             swapper = Swapper(
-                Recipe(base=start_model), names, groups, source, incremental=not full, shards=shards
+                Recipe(base=start_model),
+                names,
+                groups,
+                source,
+                incremental=not full,
+                shards=shards,
+                prepare=prepare,
             )
             if self.deltagate_recipe() is not None:  # a worker that applied before this code ran
                 swapper.resident = None

@@ -128,6 +128,20 @@ class Metrics:
             buckets=SWAP_BUCKETS,
             registry=r,
         )
+        self.swap_modules = Counter(
+            "deltagate_swap_modules_total",
+            "Modules rewritten by successful swaps, by how: prepared (committed from the kernel form staged "
+            "while serving) or reloaded (vLLM's reload in the pause: the fallback)",
+            ["engine", "how"],
+            registry=r,
+        )
+        self.swap_prepared_bytes = Histogram(
+            "deltagate_swap_prepared_bytes",
+            "Memory a swap's prepared modules held while staged",
+            ["engine"],
+            buckets=(2**20, 2**24, 2**26, 2**28, 2**30, 2**32, 2**34),
+            registry=r,
+        )
         self.swap_bytes = Counter(
             "deltagate_swap_bytes_total",
             "Bytes of weights rewritten by successful swaps",
@@ -171,6 +185,10 @@ class Metrics:
         if record.ok:
             self.swap_seconds.labels(engine=engine).observe(record.seconds)
             self.swap_bytes.labels(engine=engine).inc(record.bytes)
+            self.swap_modules.labels(engine=engine, how="prepared").inc(record.prepared_modules)
+            self.swap_modules.labels(engine=engine, how="reloaded").inc(record.fallback_modules)
+            if record.prepared_modules:
+                self.swap_prepared_bytes.labels(engine=engine).observe(record.prepared_bytes)
             if record.staged:
                 self.swap_staging_seconds.labels(engine=engine).observe(record.staging_seconds)
 

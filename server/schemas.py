@@ -106,6 +106,10 @@ class SwapPublic(BaseModel):
     bytes: int = Field(0, description="bytes of the tensors rewritten")
     staged: bool = Field(False, description="merged while the previous variant still served")
     staging_seconds: float = Field(0.0, description="the background merge's time, when staged")
+    prepared_modules: int = Field(0, description="modules committed from their prepared kernel form")
+    fallback_modules: int = Field(0, description="modules vLLM's reload rewrote in the pause instead")
+    prepared_bytes: int = Field(0, description="memory the prepared modules held while staged")
+    fallback_reason: str = Field("", description="why nothing was prepared (over the budget, an error)")
 
 
 class BaseCreate(BaseModel):

@@ -198,6 +198,12 @@ class GatewaySettings(BaseSettings):
     delta_cache_mib: float = _setting(
         _WORKER.delta_cache_bytes / 2**20, "Decoded deltas each engine worker keeps between swaps (MiB)", ge=0
     )
+    prepare_mib: float = _setting(
+        _WORKER.prepare_bytes / 2**20,
+        "Memory each engine worker may hold for a staged swap's modules in kernel form, so the commit "
+        "only re-binds them (MiB); a swap needing more is reloaded by vLLM in the pause, as with 0",
+        ge=0,
+    )
     swap_mode: Literal["incremental", "full"] = _setting(
         "incremental",
         "Benchmarks: full merges every tensor inside the engine's pause (the baseline "
@@ -292,7 +298,10 @@ class GatewaySettings(BaseSettings):
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""
         worker = ResidencyConfig(
-            self.swap_residency, int(self.delta_cache_mib * 2**20), full_swaps=self.swap_mode == "full"
+            self.swap_residency,
+            int(self.delta_cache_mib * 2**20),
+            full_swaps=self.swap_mode == "full",
+            prepare_bytes=int(self.prepare_mib * 2**20),
         )
         cache = self.artifact_cache()  # one cache on a node: the gateway's and its engines'
         env = worker.to_env() | {CACHE_ENV: str(cache.directory), CACHE_MIB_ENV: str(self.artifact_cache_mib)}

@@ -45,6 +45,10 @@ class SwapRecord:
     bytes: int = 0
     staged: bool = False
     staging_seconds: float = 0.0
+    prepared_modules: int = 0
+    fallback_modules: int = 0
+    prepared_bytes: int = 0
+    fallback_reason: str = ""
 
 
 SwapHook = Callable[[SwapRecord], None]
@@ -267,18 +271,26 @@ class WeightSlot:
             bytes=result.bytes,
             staged=result.staged,
             staging_seconds=result.staging_seconds,
+            prepared_modules=result.prepared_modules,
+            fallback_modules=result.fallback_modules,
+            prepared_bytes=result.prepared_bytes,
+            fallback_reason=result.fallback_reason,
         )
         self.last_swap, self.memory = record, result.memory
         self._report(record)
         staging = f"staged in {record.staging_seconds:.2f}s while serving" if record.staged else "not staged"
         log.info(
-            "swapped to %s: engine paused %.3fs (%s; %d of %d tensors, %.1f MB)",
+            "swapped to %s: engine paused %.3fs (%s; %d of %d tensors, %.1f MB; %d modules prepared, "
+            "%d reloaded%s)",
             variant,
             record.seconds,
             staging,
             result.tensors,
             result.of_tensors,
             result.bytes / 1e6,
+            result.prepared_modules,
+            result.fallback_modules,
+            f": {result.fallback_reason}" if result.fallback_reason else "",
         )
 
     async def _restore(self, previous: Recipe) -> ApplyResult | None:

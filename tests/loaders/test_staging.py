@@ -1,6 +1,7 @@
 """What a swap rewrites, staging and commit, and the resident weights — without vLLM (pico tensors)."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -104,6 +105,49 @@ def test_every_sequence_of_swaps_leaves_exactly_the_offline_merge(tied, tied_par
         assert result["staged"] is staged
         assert _equal(recorder.weights, recipe), f"step {i}"
     assert recorder.calls[-1] == [n for n in swapper.names if n in set(recorder.calls[-1])]  # ordered
+
+
+class Prepared:
+    """A prepared commit over the Recorder: the modules it prepares are written at commit, not
+    reloaded; the rest (`fallback`) go to the reload."""
+
+    def __init__(self, recorder: "Recorder", tensors, reloaded: str):
+        self.thread = threading.current_thread().name
+        self.recorder = recorder
+        self.mine = [(n, t.clone()) for n, t in tensors if reloaded not in n]
+        self.fallback = [(n, t) for n, t in tensors if reloaded in n]
+        self.prepared_modules, self.fallback_modules = (
+            [n for n, _ in self.mine],
+            [n for n, _ in self.fallback],
+        )
+        self.bytes, self.reason, self.committed = 1, "", False
+
+    def commit(self) -> None:
+        self.committed = True
+        self.recorder.weights.update(self.mine)
+
+
+def test_a_stage_prepares_its_modules_while_serving_and_the_commit_reloads_only_the_rest(tied, tied_parts):
+    recorder = Recorder(Checkpoint(tied.base))
+    made: list[Prepared] = []
+
+    def prepare(tensors):
+        made.append(Prepared(recorder, tensors, reloaded="mlp"))
+        return made[-1]
+
+    swapper = _swapper(tied)
+    swapper.prepare = prepare
+    full = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))])
+    assert swapper.stage(full)
+    result = swapper.commit(full, recorder)
+    assert result["staged"] and made[0].thread == "deltagate-stage" and made[0].committed
+    assert recorder.calls == [[n for n in swapper.names if "mlp" in n]]  # the fallback alone is reloaded
+    assert result["prepared_modules"] == len(made[0].mine) and result["fallback_modules"] > 0
+    assert _equal(recorder.weights, full)
+    base = Recipe(base=str(tied.base))
+    result = swapper.commit(base, recorder)  # not staged: prepared in the pause, the same way
+    assert not result["staged"] and made[1].thread != "deltagate-stage" and made[1].committed
+    assert _equal(recorder.weights, base) and result["prepare_seconds"] > 0
 
 
 def test_a_stage_for_another_swap_is_abandoned_and_its_tensors_never_used(tied, tied_parts):

@@ -255,11 +255,27 @@ def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[Served]:
             ("full", f"{name}-full"),
         ]:
             ask(path, model)
+        assert_prepared(url, row)
         if moe:
             assert_lora_refused(url, name)
     finally:
         stop_gateway(proc)
     return served
+
+
+def assert_prepared(url: str, row: MatrixRow) -> None:
+    """Every swap of the row committed prepared modules (loaders/prepared.py) where it could: all of a
+    dense unquantized family's; an MoE family's experts and a quantized engine's linear layers through
+    vLLM's reload instead, in the same pause."""
+    bases = httpx.get(f"{url}/v1/bases", headers=AUTH).json()["data"]
+    swaps = next(b for b in bases if b["name"] == row.family)["recent_swaps"]
+    assert swaps and all(s["ok"] and not s["fallback_reason"] for s in swaps), swaps
+    assert sum(s["prepared_modules"] for s in swaps) > 0, swaps
+    reloaded = sum(s["fallback_modules"] for s in swaps)
+    if FAMILIES[row.family].moe or row.quantization:
+        assert reloaded > 0, swaps
+    else:
+        assert reloaded == 0, swaps
 
 
 def assert_lora_refused(url: str, name: str) -> None:

@@ -51,6 +51,8 @@ def test_full_then_partial_then_other_partial_then_base_is_exact_and_touches_onl
         if swaps:  # a variant resident already needs no swap (the first one may be)
             assert [s["tensors"] for s in swaps] == [tensors], (model, swaps)
             assert swaps[-1]["of_tensors"] == 20 and swaps[-1]["bytes"] > 0
+            # every module committed from its prepared kernel form, none reloaded by vLLM
+            assert swaps[-1]["prepared_modules"] > 0 and swaps[-1]["fallback_modules"] == 0, swaps
     memory = _base(stack)["swap_memory"]
     assert memory["residency"] == "host" and memory["base_bytes"] > 0 and memory["delta_cache_bytes"] > 0
 
@@ -120,8 +122,12 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
     swaps = _swaps(stack, since)
     assert [s["variant"] for s in swaps[:3]] == ["tied", "tied-part2", "tied-part1"], swaps
     assert swaps[1]["staged"] and swaps[1]["staging_seconds"] > 0, swaps[1]
+    assert swaps[1]["prepared_bytes"] > 0 and swaps[1]["fallback_modules"] == 0, swaps[
+        1
+    ]  # prepared while serving
     engine_log = (stack.state_dir / "logs" / "engine-tied.log").read_text()
     assert "abandoned the staged swap" in engine_log
     families = metric_families(stack.url)
     assert sample_value(families, "deltagate_swap_staging_seconds_count", engine="tied") >= 1
     assert sample_value(families, "deltagate_swap_bytes_total", engine="tied") > 0
+    assert sample_value(families, "deltagate_swap_modules_total", engine="tied", how="prepared") > 0

@@ -15,9 +15,16 @@ TP = ("--tensor-parallel-size", "2")
 BIND = (("VLLM_CPU_OMP_THREADS_BIND", "0|1"),)  # one core per rank (one NUMA node: no auto-binding)
 
 
+# The engine's staging budget for prepared modules (loaders/prepared.py): 1 KiB, less than any swap
+# here needs, so every commit falls back to vLLM's reload and says why. The prepared path at TP=2 is
+# the model matrix's (its Qwen3-MoE row).
+BUDGET = (("DELTAGATE_PREPARE_MIB", str(1 / 1024)),)
+
+
 def _engine(model, log, *, extension: bool) -> EngineProcess:
+    env = BIND + BUDGET if extension else BIND
     spec = EngineSpec(
-        model=str(model), served_name="ref", max_model_len=512, extra_args=TP, log_path=log, env=BIND
+        model=str(model), served_name="ref", max_model_len=512, extra_args=TP, log_path=log, env=env
     )
     return EngineProcess(spec, with_extension=extension)
 
@@ -68,3 +75,6 @@ def test_tp2_swaps_merge_per_rank_and_equal_stock_vllm_tp2(tied, tied_parts, tmp
     assert (part_result.tensors, part_result.sharded) == (20, 15)  # mix covered all: all change
     rewrites = len(tied_parts.part1_rewrites)  # the embedding, qkv and gate_up of layer 0: all split
     assert (back_result.tensors, back_result.sharded) == (rewrites, rewrites)
+    for result in (mix_result, part_result, back_result):  # over the budget: reloaded, and said so
+        assert result.prepared_modules == 0 and result.fallback_modules > 0, result
+        assert "over the 0.000977 MiB budget" in result.fallback_reason, result.fallback_reason
