@@ -95,8 +95,10 @@ def prepare(model: torch.nn.Module, tensors: Tensors, groups: dict[str, str], bu
         for path in targets:
             _restore(shadows[path], targets[path])
         sent = [item for group in result.prepared_modules for item in by_group[group]]
+        held = _held_tensors(model)
         with torch.inference_mode(), _LiveWriteGuard(model, shadows, targets) as guard:
             root.load_weights(iter(sent))
+            _check_held(model, held)
             short = [p for p in targets if guard.loaded(shadows[p]) < _load_size(shadows[p])]
             if short:
                 raise _Unprepared(f"{short[0]} not fully loaded ({len(short)} modules)")
@@ -200,13 +202,18 @@ def _restore(shadow: torch.nn.Module, live: torch.nn.Module) -> None:
     with info.restore_device:
         for name, meta in info.restore_metadata[0].items():
             fresh = materialize_meta_tensor(meta)
-            for key, value in list(fresh.__dict__.items()):
-                if key == "weight_loader":
-                    value = _get_original_loader(fresh)
+
+            def rebound(value):
                 bound_to = getattr(value, "__self__", None)
                 if hasattr(value, "__func__") and bound_to in (live, layer_ref_sentinel):
-                    value = value.__func__.__get__(shadow)
-                fresh.__dict__[key] = value
+                    return value.__func__.__get__(shadow)
+                return value
+
+            for key, value in list(fresh.__dict__.items()):
+                fresh.__dict__[key] = rebound(value)
+            if hasattr(fresh, "weight_loader"):  # a vLLM parameter's is a property over `_weight_loader`
+                # without the wrapper a reload of the live layer left (it would buffer into the live layer)
+                fresh.weight_loader = rebound(_get_original_loader(fresh))
             shadow._parameters[name] = fresh
         bias = live._parameters.get("bias")
         if bias is not None:
@@ -249,6 +256,20 @@ def _process(shadow: torch.nn.Module) -> None:
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in module._parameters.items() if t is not None}
+
+
+def _held_tensors(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict]]:
+    return [(m, dict(m._parameters)) for m in model.modules()]
+
+
+def _check_held(model: torch.nn.Module, held: list[tuple[torch.nn.Module, dict]]) -> None:
+    """The live modules still hold their own tensors (a loader that reached a live layer would have
+    replaced them): put back and refuse if not."""
+    moved = [m for m, params in held if any(m._parameters.get(k) is not v for k, v in params.items())]
+    for m, params in held:
+        m._parameters.update(params)
+    if moved:
+        raise _Unprepared(f"loading replaced a live module's tensors ({type(moved[0]).__name__})")
 
 
 def _storage(t: torch.Tensor) -> int:
