@@ -176,7 +176,7 @@ class MatrixRow:
 
     family: str
     dtype: str = "bfloat16"
-    quantization: str | None = None  # vLLM's --quantization, applied at load (online) on both sides
+    quantization: str | None = None  # a key of ONLINE_QUANTIZATION: applied at load on both sides
     tensor_parallel: int = 1
 
     @property
@@ -186,9 +186,16 @@ class MatrixRow:
         return "-".join(filter(None, [self.family, dtype, self.quantization or "", tp]))
 
     @property
+    def vllm_quantization(self) -> tuple[str | None, dict | None]:
+        """vLLM's `quantization` and `hf_overrides` for this row (None, None: unquantized)."""
+        return ONLINE_QUANTIZATION[self.quantization] if self.quantization else (None, None)
+
+    @property
     def engine_args(self) -> list[str]:
         """The vLLM flags of this row's engines (the gateway's and stock vLLM's)."""
-        args = [f"--quantization={self.quantization}"] if self.quantization else []
+        method, overrides = self.vllm_quantization
+        args = [f"--quantization={method}"] if method else []
+        args += [f"--hf-overrides={json.dumps(overrides)}"] if overrides else []
         return args + ([f"--tensor-parallel-size={self.tensor_parallel}"] if self.tensor_parallel > 1 else [])
 
 
@@ -207,9 +214,27 @@ PATHS = {
 # bf16 is what people serve; fp16 and fp32 on one family each, instead of bf16 there (a row costs an
 # engine start and seven stock ones: measured 13.4 min for eleven rows, 2 cores).
 OTHER_DTYPES = {"qwen2": "float16", "phi3": "float32"}
-# Online quantization: what vLLM's CPU build quantizes at load from unquantized weights. fp8_per_tensor
-# does not start there (measured: "_C::static_scaled_fp8_quant() expected at most 0 argument(s)").
-QUANTIZED = {"qwen3": "int8_per_channel_weight_only"}
+# Online quantization: what vLLM's CPU build quantizes at load from unquantized weights. Its own
+# shorthands do not run there on these models (measured on the tiny Mixtral, `--quantization X`):
+# fp8 / fp8_per_tensor / fp8_per_channel fail in `_C::*fp8_quant` (not built for CPU), fp8_per_block,
+# mxfp8 and mxfp4 find no linear kernel, int8_per_channel_weight_only and experts_int8 find no int8
+# MoE backend, and int8_per_channel_weight_only leaves linear layers unquantized (MoE experts only):
+# on a dense model it is a no-op. torchao's int8 weight-only config quantizes every linear layer at
+# load (vLLM's `--quantization torchao`, the config through `--hf-overrides`): name -> (quantization,
+# hf_overrides).
+TORCHAO_INT8_WEIGHT_ONLY = {
+    "_type": "Int8WeightOnlyConfig",
+    "_version": 2,
+    "_data": {
+        "group_size": None,
+        "granularity": {"_type": "PerRow", "_version": 1, "_data": {"dim": -1}},
+        "set_inductor_config": False,
+    },
+}
+ONLINE_QUANTIZATION = {
+    "torchao-int8": ("torchao", {"quantization_config_dict_json": json.dumps(TORCHAO_INT8_WEIGHT_ONLY)})
+}
+QUANTIZED = {"qwen3": "torchao-int8"}
 # Tensor parallelism (TP=2: a rank per core here) on a non-Llama MoE. Mistral at TP=2 passed too
 # (2 rows in 333 s alone) but a TP=2 row costs 3-4 TP=1 rows: the suite keeps one.
 TENSOR_PARALLEL = {"qwen3_moe": 2}
@@ -270,8 +295,11 @@ REFUSED = {
     "MoE layer for LoRA in a layer whose kernel is Triton's, which has no CPU backend (checked on each "
     "run by the MoE rows). A gateway with --lora-slots starts such a base's engines without LoRA, "
     "serves its low-rank variants by swaps, and answers a variant asked to be an adapter with 400.",
-    "`--quantization fp8_per_tensor` on vLLM's CPU build": "stock vLLM's engine does not start with it "
-    "there (`_C::static_scaled_fp8_quant` is not built for CPU); `int8_per_channel_weight_only` works.",
+    "vLLM's own online quantization shorthands on its CPU build (`--quantization fp8`, `fp8_per_tensor`, "
+    "`fp8_per_channel`, `fp8_per_block`, `mxfp8`, `mxfp4`, `int8_per_channel_weight_only`, "
+    "`experts_int8`)": "none runs there on these models (no CPU kernel: stock vLLM's engine does not "
+    "start), and int8_per_channel_weight_only quantizes MoE experts only. The matrix serves torchao's "
+    "int8 weight-only quantization instead (`--quantization torchao` and its config in `--hf-overrides`).",
 }
 # Not run on this project's machines (2 CPU cores, no GPU, no downloads).
 NOT_RUN = {

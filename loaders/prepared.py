@@ -95,10 +95,15 @@ def prepare(model: torch.nn.Module, tensors: Tensors, groups: dict[str, str], bu
         for path in targets:
             _restore(shadows[path], targets[path])
         sent = [item for group in result.prepared_modules for item in by_group[group]]
+        # vLLM reloads a torchao-quantized model whole from inside its load_weights (every layer restored
+        # to checkpoint form, the live ones included): the shadow root loads as a model loading once
+        root.__dict__["_do_torchao_reload"] = False
         held = _held_tensors(model)
         with torch.inference_mode(), _LiveWriteGuard(model, shadows, targets) as guard:
-            root.load_weights(iter(sent))
-            _check_held(model, held)
+            try:
+                root.load_weights(iter(sent))
+            finally:
+                _check_held(model, held)
             short = [p for p in targets if guard.loaded(shadows[p]) < _load_size(shadows[p])]
             if short:
                 raise _Unprepared(f"{short[0]} not fully loaded ({len(short)} modules)")

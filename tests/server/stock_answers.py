@@ -4,11 +4,13 @@ API server engine), no deltagate code in the engine.
 
     python -m tests.server.stock_answers OUT.json MAX_MODEL_LEN JOBS.json
 
-JOBS.json: [{"model": CHECKPOINT, "quantization": None or vLLM's --quantization, "tensor_parallel": N,
+JOBS.json: [{"model": CHECKPOINT, "quantization": None or vLLM's --quantization, optional "hf_overrides"
+(its config, for torchao), "tensor_parallel": N,
 optional "lora": true (vLLM's multi-LoRA on, with LORA's flags), "adapters": {LABEL: PEFT DIR},
 "key": what to file the answers under (default: CHECKPOINT), "probe": true (the last job: ask once and
 record what fails, not the answers)}]. Writes
-{key: [{"token_ids", "token_logprobs"} per prompt], key+LABEL: the same through that adapter}: greedy,
+{key: [{"token_ids", "token_logprobs"} per prompt], key+LABEL: the same through that adapter,
+key+WEIGHTS: a quantized job's linear weight types}: greedy,
 one prompt at a time, the same prompts and lengths the gateway's answers are asked with
 (tests/server/conftest.py).
 """
@@ -26,6 +28,19 @@ from loaders.engine import checkpoint_dtype
 # The multi-LoRA flags of a "lora" job: those of a gateway started with --lora-slots 2 (its default
 # --max-lora-rank 16), so the two engines run the same kernels.
 LORA = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 16}
+WEIGHTS = "#weights"  # a quantized job's key + this: the linear layers' weight types
+
+
+def linear_weight_types(worker) -> list[str]:
+    """On an engine worker: the type of each linear layer's weight once loaded (a quantization's
+    tensor subclass, or Parameter)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    model = worker.model_runner.get_model()
+    return [
+        type(m.weight).__name__ for m in model.modules() if isinstance(m, LinearBase) and hasattr(m, "weight")
+    ]
+
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as EngineProcess starts engines
@@ -53,10 +68,13 @@ if __name__ == "__main__":
             dtype=checkpoint_dtype(model) or "auto",
             seed=0,
             quantization=job["quantization"],
+            hf_overrides=job.get("hf_overrides"),
             tensor_parallel_size=job["tensor_parallel"],
             **(LORA if job.get("lora") else {}),
         )
         key = job.get("key", model)
+        if job["quantization"]:  # what the engine made of the linear layers' weights: quantized or not
+            answers[key + WEIGHTS] = sorted(set(sum(llm.collective_rpc(linear_weight_types), [])))
         if job.get("probe"):  # an engine that may fail on every request: what it answers or raises
             try:
                 llm.generate([PROMPTS[0]], params, use_tqdm=False)

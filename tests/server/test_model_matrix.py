@@ -44,6 +44,7 @@ from loaders.families import (
     projection_pattern,
 )
 from tests.server.conftest import ADMIN, MAX_TOKENS, PROMPTS, start_gateway, stop_gateway, wait_healthy
+from tests.server.stock_answers import WEIGHTS
 
 pytestmark = pytest.mark.engine
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -139,7 +140,8 @@ class Stock:
 
 def reference_jobs(r: Row) -> list[dict]:
     """Stock vLLM's jobs for the row's paths: each reference checkpoint with the row's flags."""
-    flags = {"quantization": r.row.quantization, "tensor_parallel": r.row.tensor_parallel}
+    method, overrides = r.row.vllm_quantization
+    flags = {"quantization": method, "hf_overrides": overrides, "tensor_parallel": r.row.tensor_parallel}
     return [{"model": str(p), **flags} for p in r.references.values()]
 
 
@@ -356,6 +358,9 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     if adapter:
         lora = {json.dumps(got) for _, path, _, got in served if path in ADAPTER_PATHS}
         assert len(lora) == 2, "the adapter answered as the base"
+    if row.quantization:  # the engine really quantized: its linear weights are the quantization's type
+        weights = want[str(r.base) + WEIGHTS]
+        assert weights and "Parameter" not in weights, weights
     if family.moe:  # the reason loaders/engine.lora_refusal gives, seen in stock vLLM on this run
         assert want[LORA_PROBE] != "answered", "vLLM's CPU build now runs LoRA on MoE: lift lora_refusal"
         assert "triton" in want[LORA_PROBE].lower(), want[LORA_PROBE]
