@@ -15,6 +15,16 @@ device tensors, from
 against floors measured in the same run: a device copy_ and an add of the same bytes (HBM), and a
 pinned host -> device copy of the base (PCIe). Then a sample of tensors is merged again on the
 host from the same payloads, and compared bit for bit with the device's result.
+
+Last, the prepared commit's two forms on this device (loaders/prepared.py), from the staged (merged)
+tensors into the live weights, as nn.Parameters:
+- copy: `live.data.copy_(staged)` per tensor, what loaders/prepared.PreparedCommit.commit runs. On the
+  CUDA build the unquantized linear method has no post-load processing, so the staged tensor *is* the
+  kernel's input; a copy keeps every pointer a CUDA graph captured valid. Costs the HBM copy floor.
+- pointer swap: `live.data = staged` per tensor: no bytes move, but a CUDA graph captured the old
+  addresses and would go on reading them: safe only for an engine run eagerly (--enforce-eager), and
+  the staged memory becomes the live one (no second copy freed). Not what the engine does; measured
+  to show what the copy costs beside it.
 """
 
 from __future__ import annotations
@@ -137,6 +147,19 @@ def main() -> None:
                 f"{seconds / floor:.1f}x {'H2D' if from_host else 'HBM copy'} |",
                 flush=True,
             )
+
+    live = {n: torch.nn.Parameter(torch.empty_like(t), requires_grad=False) for n, t in out.items()}
+    commits = {
+        "commit by copy_ (CUDA graph safe)": lambda: [live[n].data.copy_(t) for n, t in out.items()],
+        "commit by pointer swap (eager only)": lambda: [setattr(live[n], "data", t) for n, t in out.items()],
+    }
+    for what, commit in commits.items():
+        seconds = timed(device, commit)
+        print(
+            f"| {what} | {seconds:.4f} | {nbytes / seconds / 1e9:.0f} | "
+            f"{seconds / floors['HBM copy']:.2f}x HBM copy |",
+            flush=True,
+        )
 
     names = list(base)
     step = max(1, len(names) // args.sample)

@@ -378,9 +378,14 @@ class EngineClient:
     streams, and aiohttp's C HTTP parser costs less per streamed chunk.
     """
 
-    def __init__(self, url: str, served_name: str, read_timeout: float | None = None):
+    def __init__(
+        self, url: str, served_name: str, read_timeout: float | None = None, keep_prefix_cache: bool = False
+    ):
         self.url = url.rstrip("/")
         self.served_name = served_name
+        # True: a swap keeps the engine's prefix cache, because every request carries a cache_salt of
+        # the weights it runs on (server/admission.py), so no KV is ever reused across weights
+        self.keep_prefix_cache = keep_prefix_cache
         self.read_timeout = read_timeout  # the relay gives up on an engine silent this long in an answer
         self.http = engine_http(self.url)
         self._relay: aiohttp.ClientSession | None = None
@@ -465,14 +470,19 @@ class EngineClient:
         return resp.json()["results"]
 
     async def apply(self, recipe: Recipe) -> ApplyResult:
-        """Pause (draining), rewrite weights, reset prefix cache, resume — always resuming."""
+        """Pause (draining), rewrite weights, reset prefix cache (unless kept), resume — always resuming."""
         await self._post("/pause", params={"mode": "wait"})
         try:
             results = await self.collective_rpc("deltagate_apply", recipe.model_dump_json())
-            await self._post("/reset_prefix_cache")
+            if not self.keep_prefix_cache:
+                await self._post("/reset_prefix_cache")
         finally:
             await self._post("/resume")
         return ApplyResult.of(results[0])
+
+    async def warm(self, recipe: Recipe) -> dict:
+        """Have the workers read `recipe`'s inputs into memory (returns at once): {warming, memory}."""
+        return (await self.collective_rpc("deltagate_warm", recipe.model_dump_json()))[0]
 
     async def stage(self, recipe: Recipe) -> bool:
         """Have the workers merge `recipe`'s changed tensors while the engine serves (returns at once)."""

@@ -265,6 +265,16 @@ ADAPTER_PATHS = {
 ADAPTERS_ELSEWHERE = {"llama": "tests/server/test_adapters.py", "mistral": "llama", "qwen3": "qwen2"}
 
 
+def commit_modules(row: MatrixRow) -> str:
+    """Which modules a swap on this row commits prepared, and which vLLM's reload rewrites
+    (loaders/prepared.py: MoE experts and quantized layers are not prepared)."""
+    reloaded = [
+        *(["the experts"] if FAMILIES[row.family].moe else []),
+        *(["the linear layers (quantized)"] if row.quantization else []),
+    ]
+    return f"{' and '.join(reloaded)} reloaded; the rest prepared" if reloaded else "all prepared"
+
+
 def adapter_lane(family: Family) -> bool:
     """Whether the matrix checks `family`'s adapter lane (MoE: the gateway refuses LoRA on vLLM's CPU
     build, loaders/engine.lora_refusal, and the MoE rows check that refusal and its cause)."""

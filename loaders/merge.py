@@ -72,6 +72,25 @@ class CheckpointSource:
         return self.artifact(path).delta(name, device)
 
 
+def _decode_device(recipe: Recipe, source: CheckpointSource) -> torch.device:
+    # ties/dare_* select entries with top-k and seeded masks, defined on the host: they combine
+    # there; linear (the exact ParamΔ method) decodes and merges on the device.
+    return source.device if isinstance(recipe.merge_method(), LinearMerge) else torch.device("cpu")
+
+
+def read_inputs(recipe: Recipe, names: Iterable[str], source: CheckpointSource) -> None:
+    """Read what merging `recipe`'s `names` needs through `source` — base tensors, decoded deltas, as
+    merged_tensors asks for them — without merging: a source that keeps them (loaders/resident.py)
+    has them ready for the first swap to the recipe."""
+    decode_on = _decode_device(recipe, source)
+    artifacts = [(source.artifact(t.path), t) for t in recipe.deltas]
+    for name in names:
+        source.base_tensor(recipe.base, name)
+        for artifact, term in artifacts:
+            if artifact.has_tensor(name):
+                source.delta(term.path, name, decode_on)
+
+
 def merged_tensors(
     recipe: Recipe,
     names: Iterable[str] | None = None,
@@ -88,9 +107,7 @@ def merged_tensors(
     yielded buffer is overwritten by the next call that merges that tensor."""
     source = source or CheckpointSource()
     method = recipe.merge_method()
-    # ties/dare_* select entries with top-k and seeded masks, defined on the host: they combine
-    # there; linear (the exact ParamΔ method) decodes and merges on the device.
-    decode_on = source.device if isinstance(method, LinearMerge) else torch.device("cpu")
+    decode_on = _decode_device(recipe, source)
     artifacts = [(source.artifact(t.path), t) for t in recipe.deltas]
     for name in names if names is not None else source.checkpoint(recipe.base).tensor_names():
         tensor = source.base_tensor(recipe.base, name)

@@ -2,9 +2,9 @@
 
 It speaks what the gateway uses of a real engine — `/v1/completions` and `/v1/chat/completions`
 (streaming or not, vLLM's compact JSON, usage when asked), `/health`, `/metrics` (a few `vllm:`
-series), and the dev-mode swap routes (`/pause`, `/resume`, `/reset_prefix_cache`,
-`/collective_rpc` with `deltagate_apply` / `deltagate_recipe`). Every generated token is a word
-derived from the resident weights' recipe (` w1a2b3c`), so a test can tell which weights answered.
+series), and the dev-mode swap routes (`/pause`, `/resume`, `/reset_prefix_cache`, `/collective_rpc`
+with `deltagate_apply` / `deltagate_recipe` / `deltagate_stage` / `deltagate_warm`). Every generated token
+is a word derived from the resident weights' recipe (` w1a2b3c`), so a test can tell which weights answered.
 Tokens stream at `--tokens-per-second` per request (0: as fast as possible). Two prompts fail
 on purpose, for tests of the relay's error paths: `mock:500` (an engine error) and `mock:break`
 (the connection drops after two streamed chunks).
@@ -45,6 +45,7 @@ class MockEngine:
         self.swap_seconds = swap_seconds
         self.recipe: str | None = None
         self.staged: str | None = None  # the recipe deltagate_stage was last asked for
+        self.warmed: list[str] = []  # the recipes deltagate_warm was asked for
         self.paused = False
         self.requests_seen: deque[dict] = deque(maxlen=64)
         self.generation_tokens = 0
@@ -107,6 +108,9 @@ class MockEngine:
         if body["method"] == "deltagate_stage":  # staging takes no time here; a swap still takes its time
             self.staged = body["args"][0] if body["args"][0] != self.recipe else None
             return web.json_response({"results": [{"staging": self.staged is not None}]})
+        if body["method"] == "deltagate_warm":  # nothing to read here
+            self.warmed.append(body["args"][0])
+            return web.json_response({"results": [{"warming": False, "memory": {"residency": "none"}}]})
         if body["method"] == "deltagate_apply":
             start = time.perf_counter()
             await asyncio.sleep(self.swap_seconds)

@@ -9,6 +9,7 @@ from an LRU cache with a byte budget. Pure torch: no vLLM here.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -76,15 +77,17 @@ class ResidentWeights(CheckpointSource):
         self._deltas: OrderedDict[tuple, Delta] = OrderedDict()
         self._delta_bytes = 0
         self.hits = self.misses = 0
+        self._lock = threading.RLock()  # a warm-up thread reads beside the stage and the commit
 
     def base_tensor(self, path: str, name: str) -> torch.Tensor:
         if self.config.residency == "none":
             return super().base_tensor(path, name)
-        tensors = self._bases.get(path)
-        if tensors is None:
-            tensors = self._load_base(path)
-        self._bases.move_to_end(path)
-        return tensors[name]
+        with self._lock:
+            tensors = self._bases.get(path)
+            if tensors is None:
+                tensors = self._load_base(path)
+            self._bases.move_to_end(path)
+            return tensors[name]
 
     def _load_base(self, path: str) -> dict[str, torch.Tensor]:
         """Read a base once, into memory that outlives the file's mmap (evicting the oldest base)."""
@@ -102,6 +105,10 @@ class ResidentWeights(CheckpointSource):
         return tensors
 
     def delta(self, path: str, name: str, device: torch.device) -> Delta:
+        with self._lock:
+            return self._delta(path, name, device)
+
+    def _delta(self, path: str, name: str, device: torch.device) -> Delta:
         key = (path, *file_identity(path), name, str(device))  # a file replaced under the path: another delta
         cached = self._deltas.get(key)
         if cached is not None:

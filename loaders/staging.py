@@ -22,7 +22,7 @@ import torch
 
 from deltas import Recipe
 from deltas.store import file_identity
-from loaders.merge import CheckpointSource, merged_tensors
+from loaders.merge import CheckpointSource, merged_tensors, read_inputs
 from loaders.resident import ResidentWeights
 from loaders.shards import Shard
 
@@ -99,6 +99,7 @@ class Swapper:
         keep = isinstance(source, ResidentWeights) and source.config.residency != "none"
         self._buffers: dict[str, torch.Tensor] | None = {} if keep else None
         self._stage: _Stage | None = None
+        self._warming: tuple | None = None  # (recipe key, thread) of the last warm-up
 
     # what changes ----------------------------------------------------
     def plan(self, target: Recipe, resident: Recipe | None = None) -> list[str]:
@@ -119,6 +120,28 @@ class Swapper:
             n: tensor_identity(recipe, [terms[i] for i, a in enumerate(artifacts) if a.has_tensor(n)])
             for n in self.names
         }
+
+    # warm ------------------------------------------------------------
+    def warm(self, target: Recipe) -> bool:
+        """Read `target`'s inputs (base tensors, decoded deltas) into the resident weights in the
+        background (returns at once), so its first swap finds them; False if nothing keeps them."""
+        if not isinstance(self.source, ResidentWeights) or self.source.config.residency == "none":
+            return False
+
+        def read() -> None:
+            try:
+                with torch.inference_mode():
+                    read_inputs(target, self.names, self.source)
+            except Exception as exc:  # a swap to it reads them again, and reports what fails
+                log.warning("warming %s failed: %s", _short(target.key()), exc)
+
+        running = self._warming
+        if running is not None and running[0] == target.key() and running[1].is_alive():
+            return True  # already reading it
+        thread = threading.Thread(target=read, name="deltagate-warm", daemon=True)
+        self._warming = (target.key(), thread)
+        thread.start()
+        return True
 
     # stage -----------------------------------------------------------
     def stage(self, target: Recipe) -> bool:

@@ -31,6 +31,11 @@ class DeltaWorkerExtension:
         """Start merging `recipe_json`'s changed tensors in the background while the engine serves."""
         return {"staging": self._deltagate_swapper().stage(Recipe.model_validate_json(recipe_json))}
 
+    def deltagate_warm(self, recipe_json: str) -> dict:
+        """Read `recipe_json`'s base tensors and decoded deltas into memory in the background."""
+        swapper = self._deltagate_swapper()
+        return {"warming": swapper.warm(Recipe.model_validate_json(recipe_json)), "memory": swapper.memory()}
+
     def deltagate_apply(self, recipe_json: str) -> dict:
         """Rewrite the model's weights to `recipe_json` (a Recipe) in place: only what changes, from
         the staged tensors when a stage for this swap exists."""

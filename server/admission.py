@@ -15,6 +15,7 @@ stream ends.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from typing import TYPE_CHECKING
@@ -67,9 +68,9 @@ class Admission:
         """Send the request to the admitted engine; if that engine is found dead before anything was
         sent, admit on another (restarted, or another replica) and send it there."""
         pool, metrics = self.gateway.pool, self.gateway.metrics
-        data = json.dumps(payload)
         while True:
             slot = self.slot
+            data = json.dumps(salted(payload, slot.resident) if slot.client.keep_prefix_cache else payload)
             try:
                 return await slot.client.relay.post(path, data=data, headers=headers)
             except aiohttp.ClientError as exc:
@@ -135,6 +136,14 @@ class Admission:
         except BaseException:
             slot.release()
             raise
+
+
+def salted(payload: dict, weights: Recipe) -> dict:
+    """`payload` with a vLLM cache_salt naming `weights` (joined to the client's own salt): KV cached
+    under one set of weights is never reused under another, so swaps need not reset the prefix cache."""
+    own = payload.get("cache_salt")
+    salt = hashlib.sha256(repr((weights.key(), own)).encode()).hexdigest()[:32]  # vLLM allows 128 chars
+    return {**payload, "cache_salt": salt}
 
 
 def pick(slots: list[WeightSlot], name: str) -> WeightSlot:

@@ -146,7 +146,10 @@ class Gateway:
     async def _attach(self, endpoint: Endpoint) -> None:
         base = self.registry.base(endpoint.group)
         client = EngineClient(
-            endpoint.url, served_name=base.name, read_timeout=self.settings.engine_read_timeout or None
+            endpoint.url,
+            served_name=base.name,
+            read_timeout=self.settings.engine_read_timeout or None,
+            keep_prefix_cache=self.settings.kv_across_swaps,
         )
         resident = Recipe(base=base.path)
         try:
@@ -197,6 +200,17 @@ class Gateway:
             raise UnavailableError(f"the engine for base {group!r} is starting; retry shortly")
         if not self.group(group) and group not in self.pool.groups():
             raise NotFoundError(f"base {group!r} has no running engine")
+
+    async def warm(self, name: str) -> list[dict]:
+        """Have each engine of `name`'s group read its weights' inputs (base tensors, decoded deltas)
+        into memory in the background, ahead of its first swap: per engine, {engine, warming, memory}."""
+        target = self.resolve(name)
+        if target.adapter is not None:  # served beside the base as a LoRA adapter: no swap to warm
+            return []
+        self.check_servable(target.group)
+        return [
+            {"engine": slot.id, **await slot.client.warm(target.recipe)} for slot in self.group(target.group)
+        ]
 
     def any_slot(self, target: Target) -> WeightSlot:
         """A slot of the target's engine group, for calls that need no weights (its tokenizer)."""

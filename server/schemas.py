@@ -112,6 +112,21 @@ class SwapPublic(BaseModel):
     fallback_reason: str = Field("", description="why nothing was prepared (over the budget, an error)")
 
 
+class EngineWarmPublic(BaseModel):
+    """One engine asked to read a variant's inputs into memory ahead of its first swap."""
+
+    engine: str
+    warming: bool = Field(description="false: the engine keeps nothing between swaps (--swap-residency none)")
+    memory: dict = Field(description="what the engine's workers hold for swaps as of the request")
+
+
+class VariantWarmPublic(BaseModel):
+    """A variant's inputs being read on the engines of its base (at registration too)."""
+
+    variant: str
+    engines: list[EngineWarmPublic] = Field(description="none for a variant served as an adapter")
+
+
 class BaseCreate(BaseModel):
     """Register a base checkpoint (a directory on the gateway's disk) while serving."""
 

@@ -198,6 +198,12 @@ class GatewaySettings(BaseSettings):
     delta_cache_mib: float = _setting(
         _WORKER.delta_cache_bytes / 2**20, "Decoded deltas each engine worker keeps between swaps (MiB)", ge=0
     )
+    kv_across_swaps: bool = _setting(
+        True,
+        "Keep each engine's prefix cache across swaps: every request carries a cache_salt naming the "
+        "weights it runs on (with the client's own salt, if any), so KV is only reused under the same "
+        "weights and a variant that comes back finds its prefixes cached; off: reset at every swap",
+    )
     prepare_mib: float = _setting(
         _WORKER.prepare_bytes / 2**20,
         "Memory each engine worker may hold for a staged swap's modules in kernel form, so the commit "

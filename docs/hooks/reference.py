@@ -185,6 +185,7 @@ def models_page() -> str:
         PATHS,
         REFUSED,
         adapter_lane,
+        commit_modules,
     )
 
     out = [
@@ -197,13 +198,21 @@ def models_page() -> str:
         "with stock vLLM cold-started on the offline merge (`deltagate merge`) with the same flags: "
         "all bit-identical.",
         "",
-        "| family | architecture | dtype | quantization | what it has that Llama does not |",
-        "|---|---|---|---|---|",
+        "The commit column says which modules a swap commits from the kernel form it prepared while "
+        "serving and which vLLM's reload rewrites in the pause ([Swaps](concepts/swaps.md)); the row "
+        "checks it from the swap records.",
+        "",
+        "| family | architecture | dtype | quantization | commit | what it has that Llama does not |",
+        "|---|---|---|---|---|---|",
     ]
     for row in MATRIX:
         family = FAMILIES[row.family]
-        quant = f"`{row.quantization}` (online)" if row.quantization else "none"
-        out.append(f"| {row.family} | `{family.architecture}` | {row.dtype} | {quant} | {_md(family.why)} |")
+        method = row.vllm_quantization[0]
+        quant = f"`--quantization {method}` ({row.quantization}, at load)" if method else "none"
+        out.append(
+            f"| {row.family} | `{family.architecture}` | {row.dtype} | {quant} | {_md(commit_modules(row))} "
+            f"| {_md(family.why)} |"
+        )
     out += ["", "## Paths verified on every row", "", "| path | what |", "|---|---|"]
     out += [f"| {name} | {_md(what)} |" for name, what in PATHS.items()]
     lane = ", ".join(f.name for f in FAMILIES.values() if adapter_lane(f))

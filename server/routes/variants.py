@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Depends, Response
 
+from loaders.engine import EngineError
 from server.deps import GatewayDep, require_admin
+from server.errors import NotFoundError, UnavailableError
 from server.gateway import Gateway
 from server.registry import VariantRecord
-from server.schemas import VariantCreate, VariantPublic, VariantsPublic, VariantTermPublic
+from server.schemas import VariantCreate, VariantPublic, VariantsPublic, VariantTermPublic, VariantWarmPublic
 
+log = logging.getLogger("deltagate.variants")
 router = APIRouter(prefix="/v1/variants", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
@@ -30,9 +35,25 @@ def _public(gateway: Gateway, name: str) -> VariantPublic:
 
 @router.post("", status_code=201)
 async def create_variant(body: VariantCreate, gateway: GatewayDep) -> VariantPublic:
-    """Check the deltas fit the base (names, shapes, architecture), then register."""
+    """Check the deltas fit the base (names, shapes, architecture), register, and have its engines
+    read its inputs into memory (so its first swap does not)."""
     await gateway.catalog.define_variant(VariantRecord(**body.model_dump()))
+    try:
+        await gateway.warm(body.name)
+    except (
+        EngineError,
+        UnavailableError,
+        NotFoundError,
+    ) as exc:  # registered all the same: its first swap reads them
+        log.warning("could not warm %s: %s", body.name, exc)
     return _public(gateway, body.name)
+
+
+@router.post("/{name:path}/warm", status_code=202)
+async def warm_variant(name: str, gateway: GatewayDep) -> VariantWarmPublic:
+    """Read the variant's inputs (base tensors, decoded deltas) into its engines' memory in the
+    background, ahead of its first swap; GET /v1/bases shows what is held (`swap_memory`)."""
+    return VariantWarmPublic(variant=name, engines=await gateway.warm(name))
 
 
 @router.get("")

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from deltas import Checkpoint, DeltaTerm, Recipe
+from deltas import Checkpoint, DeltaTerm, Recipe, open_artifact
 from deltas.mix import Delta, merge_tensor
 from loaders.merge import CheckpointSource, merged_tensors
 from loaders.resident import ResidencyConfig, ResidentWeights
@@ -299,3 +299,17 @@ def test_every_expert_of_a_layer_loads_into_one_module():
         names[4]: "model.layers.1.mlp.experts",
         names[5]: "model.layers.1.self_attn.qkv_proj",
     }
+
+
+def test_warming_reads_a_recipes_inputs_so_its_first_swap_decodes_nothing(tied):
+    source = ResidentWeights(torch.device("cpu"))
+    swapper = _swapper(tied, source)
+    full = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))])
+    assert swapper.warm(full)
+    swapper._warming[1].join()
+    misses = source.misses
+    assert misses == len(open_artifact(tied.delta).tensor_names)  # each delta tensor decoded once
+    recorder = Recorder(Checkpoint(tied.base))
+    swapper.commit(full, recorder)
+    assert source.misses == misses and _equal(recorder.weights, full)  # the swap decoded nothing
+    assert not _swapper(tied, CheckpointSource()).warm(full)  # nothing kept: nothing to warm

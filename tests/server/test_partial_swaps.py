@@ -3,6 +3,7 @@ offline merge through real engines (pico, tied embeddings)."""
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -10,6 +11,7 @@ from contextlib import AsyncExitStack
 import httpx
 import pytest
 
+from deltas import open_artifact
 from tests.server.conftest import (
     completion_outputs,
     engine_leader,
@@ -131,3 +133,38 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
     assert sample_value(families, "deltagate_swap_staging_seconds_count", engine="tied") >= 1
     assert sample_value(families, "deltagate_swap_bytes_total", engine="tied") > 0
     assert sample_value(families, "deltagate_swap_modules_total", engine="tied", how="prepared") > 0
+
+
+def test_a_registered_variant_is_read_into_memory_before_its_first_swap(stack, tied, tmp_path):
+    """Registering a variant has its engine decode its delta in the background (POST
+    /v1/variants/{name}/warm does it again and reports the memory): its first swap decodes nothing."""
+    delta = tmp_path / "warm.safetensors"
+    shutil.copy(tied.delta2, delta)  # a file the engine has never read
+    tensors = len(open_artifact(delta).tensor_names)
+    admin = stack.admin
+    r = httpx.post(stack.url + "/v1/deltas", headers=admin, json={"name": "warm-d", "path": str(delta)})
+    assert r.status_code == 201, r.text
+    misses = _base(stack)["swap_memory"][
+        "delta_cache_misses"
+    ]  # as of the last swap; only swaps and warms read
+    variant = {"name": "tied-warm", "base": "tied", "deltas": [{"delta": "warm-d"}]}
+    assert httpx.post(stack.url + "/v1/variants", headers=admin, json=variant).status_code == 201
+    deadline = time.monotonic() + 60
+    while True:  # the warm-up runs in the engine's background
+        r = httpx.post(stack.url + "/v1/variants/tied-warm/warm", headers=admin)
+        assert r.status_code == 202, r.text
+        (engine,) = r.json()["engines"]
+        assert engine["warming"] and engine["engine"] == "tied"
+        if engine["memory"]["delta_cache_misses"] >= misses + tensors:
+            break
+        assert time.monotonic() < deadline, engine
+        time.sleep(0.2)
+    assert engine["memory"]["delta_cache_misses"] == misses + tensors  # each decoded once
+    since = time.time()
+    assert completion_outputs(stack.url, "tied-warm") != stack.base_before["tied"]
+    (swap,) = _swaps(stack, since)
+    assert swap["variant"] == "tied-warm"
+    assert _base(stack)["swap_memory"]["delta_cache_misses"] == misses + tensors  # the swap decoded nothing
+    assert httpx.post(stack.url + "/v1/variants/nope/warm", headers=admin).status_code == 404
+    assert httpx.delete(stack.url + "/v1/variants/tied-warm", headers=admin).status_code == 204
+    assert httpx.delete(stack.url + "/v1/deltas/warm-d", headers=admin).status_code == 204

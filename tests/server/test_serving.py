@@ -42,6 +42,47 @@ def test_no_stale_prefix_cache_after_swap(stack):
         assert completion_outputs(stack.url, variant)[0] == expected[0], variant
 
 
+def _prefix_cache(stack) -> tuple[float, float]:
+    """tied's engine's prefix-cache counters (queries, hits), in tokens, through the gateway."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(stack.url + "/metrics/engines/tied").text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return samples["vllm:prefix_cache_queries_total"], samples["vllm:prefix_cache_hits_total"]
+
+
+def _long_prompt(stack, tokens: int) -> str:
+    """A prompt of at least `tokens` tokens for the pico tokenizer (counted by the gateway)."""
+    words = []
+    while True:
+        words += [f"fact {len(words)} is that deltas add"]
+        body = {"model": "tied", "prompt": " ".join(words)}
+        if httpx.post(stack.url + "/tokenize", json=body).json()["count"] >= tokens:
+            return " ".join(words)
+
+
+def test_a_returning_variant_finds_its_prefix_cached_and_another_variant_never_does(stack):
+    """Swaps keep the engine's prefix cache (--kv-across-swaps, the default): each request carries
+    a cache_salt of its weights, so a prompt cached under tied-part1 is never reused under
+    tied-part2 (whose swap left it cached), and is reused when tied-part1 comes back."""
+    prompt = _long_prompt(stack, 420)  # above the engine's KV block (up to 256 tokens on the CPU build)
+
+    def ask(model: str) -> dict:
+        body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1}
+        r = httpx.post(stack.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    first = ask("tied-part1")
+    queries, hits = _prefix_cache(stack)
+    ask("tied-part2")  # a swap: tied-part1's blocks stay cached, under its salt
+    other_queries, other_hits = _prefix_cache(stack)
+    assert other_queries > queries and other_hits == hits  # asked, never reused across weights
+    again = ask("tied-part1")  # a swap back: its prefix is found
+    assert _prefix_cache(stack)[1] > hits
+    assert again["text"] == first["text"] and again["logprobs"]["tokens"] == first["logprobs"]["tokens"]
+
+
 def test_chat_uses_the_variants_chat_template(stack):
     """The post model's template (carried in the artifact) differs from the base's."""
     assert chat_output(stack.url, "tied-inst") == stack.chat_refs["tied-inst"]
