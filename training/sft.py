@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,12 +58,16 @@ def finetune(base: Path, out: Path, train: list[AdditionExample], cfg: SFTConfig
     torch.set_num_threads(cfg.threads)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    batches = (
+    train_steps(model, addition_batches(tokenizer, train, cfg), cfg.steps, cfg.lr, "sft", log)
+    return save_like(model, base, out)
+
+
+def addition_batches(tokenizer, train: list[AdditionExample], cfg: SFTConfig) -> Iterator[dict]:
+    """cfg.steps batches of cfg.batch_size examples, in order, wrapping around `train`."""
+    return (
         _batch(tokenizer, (train + train)[i : i + cfg.batch_size])
         for i in ((step * cfg.batch_size) % len(train) for step in range(cfg.steps))
     )
-    train_steps(model, batches, cfg.steps, cfg.lr, "sft", log)
-    return save_like(model, base, out)
 
 
 def train_steps(model, batches, steps: int, lr: float, tag: str, log=print) -> None:
