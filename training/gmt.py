@@ -11,7 +11,7 @@ happened for them. An entry never selected in any step therefore ends bit-equal 
 delta is exactly zero — what `deltagate extract` stores in the sparse layout, and what a swap never
 rewrites when a whole tensor stayed still.
 
-    python -m training.gmt --base DIR -o DIR [--steps N] [--keep 0.2]
+    python -m training.sft --base DIR -o DIR [--steps N] --gmt-keep 0.2
 
 Same data, batches, seed, learning rate and steps as training.sft (its `finetune`), so the two are
 compared like for like.
@@ -86,27 +86,3 @@ def gmt_finetune(base: Path, out: Path, train: list[AdditionExample], cfg: GMTCo
     save_like(model, base, out)
     total = sum(m.numel() for m in ever.values())
     return {"updated_share": sum(int(m.sum()) for m in ever.values()) / total}
-
-
-def main() -> None:
-    """`python -m training.gmt --base DIR -o DIR [--steps N] [--keep F]`: GMT on addition."""
-    import argparse
-
-    from server.evals.addition import addition_split
-
-    parser = argparse.ArgumentParser(description="Gradient-mask tuning on two-digit addition (CPU).")
-    parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=GMTConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=GMTConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=GMTConfig.lr)
-    parser.add_argument("--seed", type=int, default=GMTConfig.seed)
-    parser.add_argument("--keep", type=float, default=GMTConfig.keep)
-    a = parser.parse_args()
-    cfg = GMTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, keep=a.keep)
-    report = gmt_finetune(a.base, a.output, addition_split(2000, seed=a.seed), cfg)
-    print(f"entries updated at least once: {report['updated_share']:.1%}")
-
-
-if __name__ == "__main__":
-    main()

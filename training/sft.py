@@ -112,7 +112,7 @@ def save_like(model, base: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    """`python -m training.sft --base DIR -o DIR [--steps N]`: fine-tune on addition."""
+    """`python -m training.sft --base DIR -o DIR [--steps N] [--gmt-keep F]`: fine-tune on addition."""
     import argparse
 
     from server.evals.addition import addition_split
@@ -124,9 +124,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=SFTConfig.batch_size)
     parser.add_argument("--lr", type=float, default=SFTConfig.lr)
     parser.add_argument("--seed", type=int, default=SFTConfig.seed)
+    parser.add_argument(
+        "--gmt-keep",
+        type=float,
+        help="gradient-mask tuning (training/gmt.py): share of entries each step updates",
+    )
     a = parser.parse_args()
     cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    finetune(a.base, a.output, addition_split(2000, seed=a.seed), cfg)
+    train = addition_split(2000, seed=a.seed)
+    if a.gmt_keep is None:
+        finetune(a.base, a.output, train, cfg)
+        return
+    from training.gmt import GMTConfig, gmt_finetune
+
+    report = gmt_finetune(a.base, a.output, train, GMTConfig(**vars(cfg), keep=a.gmt_keep))
+    print(f"entries updated at least once: {report['updated_share']:.1%}")
 
 
 if __name__ == "__main__":
