@@ -471,7 +471,9 @@ class EngineClient:
 
     async def apply(self, recipe: Recipe) -> ApplyResult:
         """Pause (draining), rewrite weights, reset prefix cache (unless kept), resume — always resuming."""
-        await self._post("/pause", params={"mode": "wait"})
+        # vLLM's /pause clears the KV and prefix caches unless told not to
+        keep = {"clear_cache": "false"} if self.keep_prefix_cache else {}
+        await self._post("/pause", params={"mode": "wait", **keep})
         try:
             results = await self.collective_rpc("deltagate_apply", recipe.model_dump_json())
             if not self.keep_prefix_cache:

@@ -65,6 +65,7 @@ class MockEngine:
                 web.post("/reset_prefix_cache", self.ok),
                 web.post("/collective_rpc", self.collective_rpc),
                 web.get("/mock/requests", self.seen),
+                web.get("/mock/warmed", self.warmed_recipes),
             ]
         )
         return app
@@ -120,6 +121,9 @@ class MockEngine:
             result = {"tensors": 0, "seconds": seconds, "repaired": [], "staged": staged}
             return web.json_response({"results": [result]})
         return web.json_response({"error": {"message": f"unknown method {body['method']}"}}, status=400)
+
+    async def warmed_recipes(self, request: web.Request) -> web.Response:
+        return web.json_response(self.warmed)
 
     async def seen(self, request: web.Request) -> web.Response:
         return web.json_response(list(self.requests_seen))

@@ -204,6 +204,12 @@ class GatewaySettings(BaseSettings):
         "weights it runs on (with the client's own salt, if any), so KV is only reused under the same "
         "weights and a variant that comes back finds its prefixes cached; off: reset at every swap",
     )
+    warm_on_register: bool = _setting(
+        True,
+        "Have the engines of a variant registered while serving read its base tensors and decoded deltas "
+        "into memory right away, in the background, so its first swap does not (POST "
+        "/v1/variants/{name}/warm does it on demand)",
+    )
     prepare_mib: float = _setting(
         _WORKER.prepare_bytes / 2**20,
         "Memory each engine worker may hold for a staged swap's modules in kernel form, so the commit "

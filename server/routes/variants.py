@@ -35,9 +35,11 @@ def _public(gateway: Gateway, name: str) -> VariantPublic:
 
 @router.post("", status_code=201)
 async def create_variant(body: VariantCreate, gateway: GatewayDep) -> VariantPublic:
-    """Check the deltas fit the base (names, shapes, architecture), register, and have its engines
-    read its inputs into memory (so its first swap does not)."""
+    """Check the deltas fit the base (names, shapes, architecture), register, and (--warm-on-register)
+    have its engines read its inputs into memory, so its first swap does not."""
     await gateway.catalog.define_variant(VariantRecord(**body.model_dump()))
+    if not gateway.settings.warm_on_register:
+        return _public(gateway, body.name)
     try:
         await gateway.warm(body.name)
     except (

@@ -269,3 +269,21 @@ def test_an_idle_client_connection_outlives_the_clients_own_keep_alive(mock_stac
         assert conn.sock is sock
     finally:
         conn.close()
+
+
+def test_a_variant_registered_while_serving_is_warmed_on_its_engine(mock_stack, tied):
+    """POST /v1/variants has the base's engine read the variant's inputs (--warm-on-register, the
+    default); the warm endpoint asks again and reports what the engine said."""
+    body = {"name": "mock-warm", "base": "mock", "deltas": [{"delta": "mock-inst", "alpha": 0.25}]}
+    delta = httpx.get(mock_stack.url + "/v1/variants/mock-inst", headers=mock_stack.admin).json()["deltas"][0]
+    body["deltas"][0]["delta"] = delta["delta"]
+    r = httpx.post(mock_stack.url + "/v1/variants", json=body, headers=mock_stack.admin)
+    assert r.status_code == 201, r.text
+    try:
+        warmed = [json.loads(w) for w in httpx.get(mock_stack.engine_url + "/mock/warmed").json()]
+        assert any(w["deltas"] and w["deltas"][0]["alpha"] == 0.25 for w in warmed), warmed
+        r = httpx.post(mock_stack.url + "/v1/variants/mock-warm/warm", headers=mock_stack.admin)
+        assert r.status_code == 202 and r.json()["engines"][0]["engine"] == "mock", r.text
+        assert len(httpx.get(mock_stack.engine_url + "/mock/warmed").json()) == len(warmed) + 1
+    finally:
+        httpx.delete(mock_stack.url + "/v1/variants/mock-warm", headers=mock_stack.admin)
