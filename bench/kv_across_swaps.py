@@ -1,6 +1,6 @@
 """A returning variant's time to first token, with the prefix cache kept across swaps (every request
-salted with its weights: `serve --kv-across-swaps true`, the default) and reset at every swap
-(`--kv-across-swaps false`), side by side in one run.
+salted with its weights: `serve --kv-across-swaps`, the default) and reset at every swap
+(`--no-kv-across-swaps`), side by side in one run.
 
     .venv/bin/python bench/kv_across_swaps.py                 # SmolLM2-135M fp32 + its addition delta
     .venv/bin/python bench/kv_across_swaps.py --model pico    # a generated pico model, seconds
@@ -29,7 +29,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 from loadgen import start_gateway  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-MODES = {"kept": "true", "reset": "false"}
+MODES = {"kept": "--kv-across-swaps", "reset": "--no-kv-across-swaps"}
 
 
 def ttft(url: str, model: str, system: str, question: str) -> float:
@@ -95,10 +95,7 @@ def main() -> None:
         "--max-model-len",
         "2048",
     ]
-    gateways = {
-        mode: start_gateway([*flags, "--kv-across-swaps", value], work / mode)
-        for mode, value in MODES.items()
-    }
+    gateways = {mode: start_gateway([*flags, value], work / mode) for mode, value in MODES.items()}
     try:
         for gateway in gateways.values():
             gateway.wait()

@@ -56,8 +56,11 @@ def _option(name: str, field: FieldInfo) -> inspect.Parameter:
     if typing.get_origin(annotation) is list:
         annotation, default = list[typing.get_args(annotation)[0]] | None, None
     extra = field.json_schema_extra or {}
+    flag = flag_of(name, field)
+    if annotation is bool:  # a switch: --x turns it on, --no-x off (a default of True needs the second)
+        flag = f"{flag}/--no-{flag[2:]}"
     option = typer.Option(
-        flag_of(name, field),
+        flag,
         help=field.description,
         min=_bound(field, "ge") if _bound(field, "ge") is not None else _bound(field, "gt"),
         hidden=bool(extra.get("hidden")),

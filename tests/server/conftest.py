@@ -419,8 +419,7 @@ def launch_stack(tied, untied, parts, work: Path) -> Stack:
             "--allow-code-execution",  # HumanEval through real engines (sandboxed)
             # a variant registered while serving is read at its first swap, not at registration: the
             # failed-swap tests break its file in between (warming: test_partial_swaps.py, test_aliases.py)
-            "--warm-on-register",
-            "false",
+            "--no-warm-on-register",
             "--tool-parser",
             "tied=hermes",
             "--responses-store",

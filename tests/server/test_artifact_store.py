@@ -29,8 +29,8 @@ def stored(s3_server, tied, tmp_path_factory):
     root = f"s3://{s3_server.bucket}/store"
     # the thread count of the stack's reference engines, whose answers this engine must equal
     env = {"VLLM_CPU_OMP_THREADS_BIND": ref_cores(0, engines=2)}
-    # --warm-on-register false: the engine fetches the delta at the first swap, where the test sees it
-    args = ["--base", f"tied={tied.base}", "--artifact-store", root, "--warm-on-register", "false"]
+    # --no-warm-on-register: the engine fetches the delta at the first swap, where the test sees it
+    args = ["--base", f"tied={tied.base}", "--artifact-store", root, "--no-warm-on-register"]
     proc = start_gateway(args, work / "state", port, work / "gateway.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
