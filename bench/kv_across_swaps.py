@@ -86,7 +86,9 @@ def main() -> None:
         from loaders.demo import prepare_demo
 
         models = prepare_demo(args.cache_dir / "demo")
-    work = args.cache_dir / "bench" / "kv_across_swaps"
+    work = (args.cache_dir / "bench" / "kv_across_swaps").resolve()
+    for mode in MODES:
+        (work / mode).mkdir(parents=True, exist_ok=True)
     flags = [
         "--base",
         f"base={models.base}",
