@@ -257,7 +257,7 @@ def _prepared_report(prepared) -> dict:
     if prepared is None:
         return {"prepared_modules": 0, "fallback_modules": 0, "prepared_bytes": 0}
     return {
-        "prepared_modules": len(prepared.prepared_modules) if not prepared.reason else 0,
+        "prepared_modules": len(prepared.prepared_modules),  # empty when nothing was prepared
         "fallback_modules": len(prepared.fallback_modules),
         "prepared_bytes": prepared.bytes,
         "fallback_reason": prepared.reason,
