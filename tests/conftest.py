@@ -189,7 +189,6 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         answers,
         chat_output,
         client_api_answers,
-        completion_outputs,
         deltagate,
         launch_stack,
         record_references,
@@ -198,6 +197,7 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         stop_gateway,
     )
     from tests.server.evals import lmeval
+    from tests.server.stock_answers import Stock
 
     work = tmp_path_factory.mktemp("fleet")
     stack = launch_stack(tied, untied, tied_parts, work / "stack")
@@ -207,19 +207,12 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
         deltagate("compress", untied.delta, "-o", lr, "--codec-recipe", work / "codecs.yaml")
         deltagate("compress", untied.delta2, "-o", lr2, "--codec-recipe", work / "codecs.yaml")
         deltagate("export-lora", lr, "-o", adapter)
-        lora = ("--enable-lora", "--max-lora-rank", "16")
         one = len(ref_cores(0).split(","))  # threads of an engine compared with a one-engine gateway
         two = len(ref_cores(0, engines=2).split(","))  # ... with one of the stack's two engines
         tasks = lmeval.write_tasks(work / "lm-eval-tasks")
 
         def lm_eval(name: str):
             return lambda url: lmeval.lm_eval_samples(url, "ref", tied.base, tasks, work / f"lm-{name}")
-
-        def plain(url: str) -> list[dict]:
-            return completion_outputs(url, "ref")
-
-        def peft(url: str) -> dict:
-            return {"peft": completion_outputs(url, "lowrank"), "peft-base": plain(url)}
 
         def tied_inst(url: str) -> dict:
             lm = lm_eval("tied-inst")(url)
@@ -230,31 +223,47 @@ def fleet(tied, untied, tied_updated, tied_parts, tmp_path_factory) -> Fleet:
             apis = client_api_answers(url, "ref", tied.base)
             return {"lm-eval": lm_eval("tied")(url), "apis": apis, "chat": chat_output(url, "ref")}
 
-        adapter_args = (*lora, "--max-loras", "1", "--lora-modules", f"lowrank={adapter}")
         mix = [f"{lr}:0.5", f"{lr2}:0.5"]
+        shared = {"untied-inst"} if one == two else set()  # the post model's answers serve both
+        excluded = shared | {"tied-inst"}  # recorded by the jobs below
+        checkpoints = stack_references(tied, untied, tied_updated, tied_parts, stack.work, excluded)
+        # API server engines where a test needs more than completions (chat, tools, lm-eval); every
+        # completions-only reference from one process of `vllm.LLM` instances beside them (an engine
+        # start each of ~12 CPU-s, against ~45 for an API server), formatted by vLLM's own server code
+        chats = {"tied-v2-inst"}
         jobs = [  # the longest first: the pipeline ends with short ones
             RefJob("tied-inst", tied.post, tied_inst, TOOL_FLAGS, ref_cores(0, engines=2), STORE_ENV),
             RefJob("lm-tied", tied.base, tied_base, TOOL_FLAGS, ref_cores(1, engines=2), STORE_ENV),
-            RefJob("lr", _merge(untied.base, [str(lr)], work / "m-lr"), plain, cores=ref_cores(0)),
-            RefJob("lr-mix", _merge(untied.base, mix, work / "m-mix"), plain, cores=ref_cores(1)),
-            RefJob("post", untied.post, plain, cores=ref_cores(2)),
-            RefJob("post-lora", untied.post, plain, lora, cores=ref_cores(3)),
-            RefJob("peft", untied.base, peft, adapter_args, cores=ref_cores(4)),
         ]
-        shared = {"untied-inst"} if one == two else set()  # the post model's answers serve both
-        excluded = shared | {"tied-inst"}  # recorded by the jobs above
-        checkpoints = stack_references(tied, untied, tied_updated, tied_parts, stack.work, excluded)
-        jobs += [
-            RefJob(name, path, answers, cores=ref_cores(k, engines=2))
-            for k, (name, path) in enumerate(checkpoints.items())
+        jobs += [RefJob(name, checkpoints[name], answers, cores=ref_cores(1, engines=2)) for name in chats]
+        completions = {"openai": True}
+        stock_jobs = [
+            {"key": "lr", "model": str(_merge(untied.base, [str(lr)], work / "m-lr")), "cores": ref_cores(0)},
+            {"key": "lr-mix", "model": str(_merge(untied.base, mix, work / "m-mix")), "cores": ref_cores(0)},
+            {"key": "post", "model": str(untied.post), "cores": ref_cores(0)},
+            {"key": "post-lora", "model": str(untied.post), "cores": ref_cores(0), "lora": True},
+            {"key": "peft", "model": str(untied.base), "cores": ref_cores(0), "lora": True},
         ]
-        got = record_references(jobs, work)
-        refs = {name: got[name] for name in ("lr", "lr-mix", "post", "post-lora")} | got["peft"]
-        stack_answers = {name: got[name] for name in (*checkpoints, "tied-inst")}
+        stock_jobs[-1]["adapters"] = {"-adapter": str(adapter)}  # answers "peft" (plain), "peft-adapter"
+        stock_jobs += [
+            {"key": name, "model": str(path), "cores": ref_cores(0, engines=2)}
+            for name, path in checkpoints.items()
+            if name not in chats
+        ]
+        stock = Stock.start([job | completions for job in stock_jobs], work / "stock", max_model_len=512)
+        try:
+            got = record_references(jobs, work)
+            done = stock.answers()
+        finally:
+            stock.stop()
+        refs = {name: done[name] for name in ("lr", "lr-mix", "post", "post-lora")}
+        refs |= {"peft": done["peft-adapter"], "peft-base": done["peft"]}
+        stack_answers = {name: got[name] for name in (*chats, "tied-inst")}
         stack.refs = {name: a["completions"] for name, a in stack_answers.items()}
+        stack.refs |= {name: done[name] for name in checkpoints if name not in chats}
         stack.chat_refs = {name: a["chat"] for name, a in stack_answers.items()}
         if shared:
-            stack.refs["untied-inst"] = got["post"]
+            stack.refs["untied-inst"] = done["post"]
         stack.api_refs = {"tied": got["lm-tied"]["apis"], "tied-inst": got["tied-inst"]["apis"]}
         stack.chat_refs["tied"] = got["lm-tied"]["chat"]
         lm = {

@@ -20,8 +20,6 @@ path), its variants say why, and stock vLLM shows the cause on the same run.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from loaders.families import (
     projection_pattern,
 )
 from tests.server.conftest import ADMIN, MAX_TOKENS, PROMPTS, start_gateway, stop_gateway, wait_healthy
-from tests.server.stock_answers import WEIGHTS
+from tests.server.stock_answers import WEIGHTS, Stock
 
 pytestmark = pytest.mark.engine
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -108,34 +106,6 @@ def build_row(row: MatrixRow, work: Path) -> Row:
     layouts = {e.params.get("layout") for e in open_artifact(deltas["part"]).manifest.tensors}
     assert layouts == {"sparse"}, layouts  # a tenth of the entries moved: stored as its nonzeros
     return Row(row, base, updated, deltas["post"], deltas["part"], deltas["post2"], references)
-
-
-@dataclass
-class Stock:
-    """Stock vLLM answering a row's reference checkpoints, one `vllm.LLM` after another in one process
-    (tests/server/stock_answers.py), while the row's gateway runs."""
-
-    proc: subprocess.Popen
-    out: Path
-    log: Path
-
-    @classmethod
-    def start(cls, jobs: list[dict], work: Path) -> Stock:
-        out, log, spec = work / "stock.json", work / "stock.log", work / "stock-jobs.json"
-        spec.write_text(json.dumps(jobs))
-        cmd = [sys.executable, "-m", "tests.server.stock_answers", str(out), str(MAX_MODEL_LEN), str(spec)]
-        proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        return cls(proc, out, log)
-
-    def answers(self) -> dict:
-        """Stock vLLM's answers per reference checkpoint (waits for the process)."""
-        code = self.proc.wait(timeout=1800)
-        assert code == 0, f"stock answers exited with {code}:\n{self.log.read_text()[-4000:]}"
-        return json.loads(self.out.read_text())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
 
 
 def reference_jobs(r: Row) -> list[dict]:
@@ -335,7 +305,8 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     jobs = (adapter.jobs(r) if adapter else []) + reference_jobs(r)
     if family.moe:  # last: a failed engine core leaves the process unfit for another
         jobs.append(lora_job(r) | {"key": LORA_PROBE, "probe": True})
-    stock = Stock.start(jobs, tmp_path)  # one row at a time: the machine's memory holds the suite beside it
+    # one row at a time: the machine's memory holds the suite beside it
+    stock = Stock.start(jobs, tmp_path, MAX_MODEL_LEN)
     try:
         served = serve_paths(row, r, tmp_path)
         if adapter:
