@@ -1,9 +1,9 @@
 """The `deltagate` command: serve, demo, extract, compress, inspect, merge, export-lora, fidelity, eval,
-alias, rebase."""
+alias, rebase, keys."""
 
 from __future__ import annotations
 
-from cli import artifacts, evals, fidelity, rebase, serve  # noqa: F401  (registers the commands)
+from cli import artifacts, evals, fidelity, keys, rebase, serve  # noqa: F401  (registers the commands)
 from cli.app import app
 
 

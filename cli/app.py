@@ -67,6 +67,11 @@ StateDir = Annotated[
 ]
 
 
+Url = Annotated[str, typer.Option(help="The gateway")]
+Token = Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN", help="Its admin token")]
+GATEWAY = "http://127.0.0.1:8000"
+
+
 def read_admin_token(state_dir: Path | None) -> str:
     """The admin token a gateway wrote into `state_dir` (default: the gateway's default state dir)."""
     from server.settings import default_state_dir

@@ -10,11 +10,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.app import StateDir, admin_client, app, call, console, fail, progress_bar, show_result
-
-Url = Annotated[str, typer.Option(help="The gateway")]
-Token = Annotated[str | None, typer.Option(envvar="DELTAGATE_ADMIN_TOKEN", help="Its admin token")]
-GATEWAY = "http://127.0.0.1:8000"
+from cli.app import (
+    GATEWAY,
+    StateDir,
+    Token,
+    Url,
+    admin_client,
+    app,
+    call,
+    console,
+    fail,
+    progress_bar,
+    show_result,
+)
 
 alias_app = typer.Typer(
     help="Aliases: stable model names over one variant or a weighted split.", no_args_is_help=True

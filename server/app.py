@@ -25,7 +25,7 @@ from server.pool import EnginePool
 from server.rebase.service import RebaseService
 from server.rebase.store import RebaseStore
 from server.registry import Registry
-from server.routes import aliases, bases, batches, deltas, files, openai, ops, rebases, variants
+from server.routes import aliases, bases, batches, deltas, files, keys, openai, ops, rebases, usage, variants
 from server.routes import evals as evals_routes
 from server.schema import open_state
 from server.settings import GatewaySettings
@@ -118,7 +118,8 @@ def create_app(settings: GatewaySettings, pool: EnginePool | None = None) -> Fas
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(openai.inference)
     app.include_router(openai.tokenizer)
-    for module in (openai, bases, deltas, variants, aliases, rebases, ops, evals_routes, files, batches):
+    routers = (openai, bases, deltas, variants, aliases, keys, usage, rebases, ops, evals_routes)
+    for module in (*routers, files, batches):
         app.include_router(module.router)
     return app
 

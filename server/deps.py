@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.errors import UnauthorizedError
+from server.errors import ForbiddenError
 from server.gateway import Gateway
 from server.metrics import Metrics
+from server.tenancy import Principal
 
 _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -30,28 +30,53 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def _matches(token: str | None, allowed: list[str]) -> bool:
-    return token is not None and any(secrets.compare_digest(token, a) for a in allowed)
+async def require_admin(request: Request, gateway: GatewayDep, creds: Credentials) -> Principal:
+    """Admin routes need the admin token (root), or a project key with admin scope, which manages
+    only its project's names (the route's `{name}`, a created name, the deltas and variants it uses)."""
+    caller = check_admin(gateway, f"Bearer {creds.credentials}" if creds else None)
+    if not caller.root:
+        await _check_manages(request, caller)
+    request.state.caller = caller
+    return caller
 
 
-async def require_admin(gateway: GatewayDep, creds: Credentials) -> None:
-    """Admin routes need the admin bearer token (separate from inference keys)."""
-    check_admin(gateway, f"Bearer {creds.credentials}" if creds else None)
+def check_admin(gateway: Gateway, authorization: str | None) -> Principal:
+    """The admin check on a raw `Authorization` header: root or a project admin key."""
+    return gateway.keys.principal(authorization, admin=True)
 
 
-def check_admin(gateway: Gateway, authorization: str | None) -> None:
-    """The admin-token check on a raw `Authorization` header."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not _matches(
-        token.strip() or None, [gateway.settings.admin_token or ""]
+async def _check_manages(request: Request, caller: Principal) -> None:
+    """403 unless every name the admin call acts on is under `caller`'s project prefix."""
+    route = request.scope.get("route")
+    prefix = getattr(getattr(route, "path", None), "split", lambda _: [""])("/{")[0]
+    if prefix not in PROJECT_ROUTES:
+        raise ForbiddenError(f"{prefix or request.url.path} needs the admin token (root)")
+    names = [request.path_params["name"]] if "name" in request.path_params else []
+    if request.method in ("POST", "PUT") and request.headers.get("content-type", "").startswith(
+        "application/json"
     ):
-        raise UnauthorizedError("admin token missing or wrong: send 'Authorization: Bearer <admin token>'")
+        body = await request.json()
+        if isinstance(body, dict):
+            names += [body["name"]] if isinstance(body.get("name"), str) else []
+            for term in body.get("deltas") or body.get("targets") or []:
+                used = term.get("delta") or term.get("variant") if isinstance(term, dict) else None
+                names += [used] if isinstance(used, str) else []
+    elif request.method == "POST" and "name" in request.query_params:
+        names.append(request.query_params["name"])
+    for name in names:
+        if not caller.may_manage(name):
+            raise ForbiddenError(
+                f"key {caller.name!r} manages only names under {caller.project}/; {name!r} is not one"
+            )
 
 
-async def require_api_key(request: Request, gateway: GatewayDep, _: Credentials) -> None:
-    """Inference routes need an API key only if the gateway was given some (`_`: the scheme, for
-    the OpenAPI schema)."""
-    check_api_key(gateway, credential(request.headers))
+# Admin routes a project's admin key may call, on its own names; every other one is root's.
+PROJECT_ROUTES = frozenset({"/v1/deltas", "/v1/variants", "/v1/aliases", "/v1/usage"})
+
+
+async def require_api_key(request: Request, gateway: GatewayDep, _: Credentials) -> Principal:
+    """Inference routes need a key if the gateway has any (`_`: the scheme, for the OpenAPI schema)."""
+    return check_api_key(gateway, credential(request.headers))
 
 
 def credential(headers) -> str | None:
@@ -63,13 +88,18 @@ def credential(headers) -> str | None:
     return f"Bearer {key}" if key else None
 
 
-def check_api_key(gateway: Gateway, authorization: str | None) -> None:
-    """The API-key check on a raw `Authorization` header (for routes that skip dependencies)."""
-    keys = gateway.settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not _matches(token.strip() or None, keys):
-        raise UnauthorizedError(
-            "API key missing or wrong: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
-        )
+def check_api_key(gateway: Gateway, authorization: str | None) -> Principal:
+    """Who calls an inference route, from a raw `Authorization` header (for routes that skip
+    dependencies); 401 if a key is needed and this one is missing or unknown."""
+    return gateway.keys.principal(authorization)
+
+
+Caller = Annotated[Principal, Depends(require_api_key)]
+AdminCaller = Annotated[Principal, Depends(require_admin)]
+
+
+async def require_root(gateway: GatewayDep, creds: Credentials) -> None:
+    """Routes only the admin token may call (keys: the platform team hands them out)."""
+    caller = check_admin(gateway, f"Bearer {creds.credentials}" if creds else None)
+    if not caller.root:
+        raise ForbiddenError("managing keys needs the admin token (root)")

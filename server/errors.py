@@ -63,6 +63,16 @@ class UnavailableError(GatewayError):
     status, kind = 503, "unavailable"
 
 
+class RateLimitError(GatewayError):
+    """A key over one of its limits: 429 with Retry-After and the x-ratelimit-* headers."""
+
+    status, kind = 429, "rate_limit_exceeded"
+
+    def __init__(self, message: str, headers: dict[str, str]):
+        super().__init__(message)
+        self.headers = headers
+
+
 class EngineGoneError(UnavailableError):
     """The engine a request was about to be admitted on left the pool (died, or was scaled down):
     the request goes to another engine; answered 503 only if it ever escapes."""
@@ -114,7 +124,9 @@ def install_error_handlers(app: FastAPI, hide: str | None = None) -> None:
 
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc.status, exc.kind, text(exc))
+        response = error_response(exc.status, exc.kind, text(exc))
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
 
     @app.exception_handler(DeltaError)
     async def _delta(_: Request, exc: DeltaError) -> JSONResponse:

@@ -19,11 +19,14 @@ from server.errors import BadRequestError, ConflictError, NotFoundError, Unavail
 from server.metrics import EngineState, Metrics
 from server.policy import SwapPolicy
 from server.pool import Endpoint, EnginePool, LocalPool, Restart
+from server.quota import Quotas, RateStore
 from server.registry import BaseRecord, Registry
 from server.resolver import Resolver, Target
 from server.settings import GatewaySettings
 from server.stored import StoredResponses
 from server.swap import UnknownWeights, WeightSlot
+from server.tenancy import ROOT, Keys, KeyStore, Principal
+from server.usage import Usage, UsageStore
 
 log = logging.getLogger("deltagate")
 
@@ -44,6 +47,7 @@ class Gateway:
         self._starting: dict[str, asyncio.Task] = {}  # runtime bases whose own engine is starting
         self._watcher: asyncio.Task | None = None
         self._follower: asyncio.Task | None = None
+        self._usage_writer: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()  # slots of engines gone, closed once their requests end
         self._sync_lock = asyncio.Lock()
         lanes = settings.state_dir / "adapters"
@@ -51,6 +55,13 @@ class Gateway:
         self.catalog = Catalog(self.registry, settings, self.adapters)
         self.resolver = Resolver(self.registry, self.adapters, self._info)  # model name -> what to serve
         self.responses = StoredResponses(settings.responses_store)  # stored responses: engine, variant
+        self.usage = Usage(UsageStore(registry.engine))  # per key and model
+        self.quotas = Quotas(
+            RateStore(registry.engine), self.usage.front, settings.state_poll_seconds, self.usage.write
+        )
+        self.keys = Keys(
+            KeyStore(registry.engine), settings.admin_token, settings.api_keys, settings.state_poll_seconds
+        )
 
     # lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -80,6 +91,16 @@ class Gateway:
             self._watcher = asyncio.create_task(self._watch())
         if self.registry.shared:  # other gateways change the registry: follow it
             self._follower = asyncio.create_task(self._follow_registry())
+        self._usage_writer = asyncio.create_task(self._write_usage())
+
+    async def _write_usage(self) -> None:
+        """Every `state_poll_seconds`, write the usage counted since (also when no request came since)."""
+        while True:
+            await asyncio.sleep(self.settings.state_poll_seconds)
+            try:
+                self.usage.write()
+            except Exception as exc:  # kept for the next write
+                log.warning("could not write usage: %s", exc)
 
     def _info(self, name: str) -> tuple[set[int], str | None]:
         """What requests need from a base's checkpoint (read once): its stop tokens and chat template."""
@@ -232,7 +253,7 @@ class Gateway:
         return Admission(self, target, only)
 
     async def stop(self) -> None:
-        for task in (self._watcher, self._follower):
+        for task in (self._watcher, self._follower, self._usage_writer):
             if task is not None:
                 task.cancel()
         for task in self._retiring:
@@ -242,19 +263,28 @@ class Gateway:
         for slot in self.slots.values():
             await slot.client.close()
         await self.pool.stop()
+        try:
+            self.usage.write()
+        except Exception as exc:  # the database is gone: what was not written is lost, said so
+            log.warning("could not write the last usage counts: %s", exc)
 
     # resolving ---------------------------------------------------------
-    def resolve(self, model: str, key: str | None = None, *, continued: str | None = None) -> Target:
-        """What serves `model` (server/resolver.py)."""
-        return self.resolver.resolve(model, key, continued=continued)
+    def resolve(
+        self, model: str, key: str | None = None, *, continued: str | None = None, caller: Principal = ROOT
+    ) -> Target:
+        """What serves `model` (server/resolver.py), if `caller` may use it (else 404, as unknown)."""
+        return self.resolver.resolve(model, key, continued=continued, caller=caller)
 
     def slot_of(self, base: str) -> WeightSlot | None:
         """A weight slot of the engine serving base `base` (None: no engine running)."""
         slots = self.group(self.registry.base(base).group)
         return slots[0] if slots else None
 
-    def model_names(self) -> list[str]:
-        return self.registry.model_names()
+    def model_names(self, caller: Principal = ROOT) -> list[str]:
+        """Every model name `caller` may use."""
+        state = self.registry.state
+        bases = {name: v.base for name, v in state.variants.items()}
+        return [n for n in self.registry.model_names() if caller.may_use(n, bases.get(n))]
 
     def default_model(self) -> str:
         """The model a request that names none means: the base, when there is exactly one."""

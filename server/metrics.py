@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from server.swap import SwapRecord
+    from server.tenancy import Principal
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SWAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -168,6 +169,19 @@ class Metrics:
             ["alias", "variant", "status_class"],
             registry=r,
         )
+        # Labelled by key name: as many series as keys root creates (and "root", "api-key", "anonymous")
+        self.key_requests = Counter(
+            "deltagate_key_requests_total",
+            "Inference requests by project, key name, model and status class",
+            ["project", "key", "model", "status_class"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "deltagate_key_tokens_total",
+            "Tokens by project, key name, model and kind (prompt, completion), from the engine's usage",
+            ["project", "key", "model", "kind"],
+            registry=r,
+        )
         self.stalled_streams = Counter(
             "deltagate_stalled_streams_total",
             "Streams ended because the client read nothing for --stream-write-timeout seconds",
@@ -200,6 +214,15 @@ class Metrics:
     def observe_request(self, variant: str, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(variant, endpoint, f"{status // 100}xx").inc()
         self.request_seconds.labels(variant).observe(seconds)
+
+    def observe_key(self, caller: Principal, model: str, status: int, usage: dict | None) -> None:
+        """Count a request and its tokens under the caller's key name (never its secret)."""
+        project = caller.project or ""
+        self.key_requests.labels(project, caller.name, model, f"{status // 100}xx").inc()
+        for kind in ("prompt_tokens", "completion_tokens"):
+            self.key_tokens.labels(project, caller.name, model, kind.split("_")[0]).inc(
+                (usage or {}).get(kind) or 0
+            )
 
     def observe_alias(self, alias: str, variant: str, status: int) -> None:
         self.alias_requests.labels(alias, variant, f"{status // 100}xx").inc()

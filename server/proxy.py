@@ -20,7 +20,7 @@ from fastapi import Response
 from loaders.engine import EngineError
 from loaders.engine_chat import FIELD
 from server.aliases import VARIANT_HEADER, sticky_key
-from server.errors import BadRequestError, InvalidBodyError, NotFoundError
+from server.errors import BadRequestError, InvalidBodyError, NotFoundError, RateLimitError
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.resolver import Target
@@ -28,6 +28,7 @@ from server.rewrite import StreamRewriter, rewrite_body
 from server.schemas import InferenceBody, parse_inference_body
 from server.stored import Stored
 from server.streaming import RelayStream, StallWatch
+from server.tenancy import ROOT, Principal
 
 # W3C trace context: passed to the engine so its spans join the client's trace.
 TRACE_HEADERS = ("traceparent", "tracestate")
@@ -96,13 +97,16 @@ async def forward(
     route: Route,
     *,
     watch: StallWatch = UNWATCHED,
+    caller: Principal = ROOT,
 ) -> Response:
-    """Resolve, admit on the variant's weights (swapping if needed), call the engine, relay the answer."""
+    """Resolve (for `caller`), admit on the variant's weights (swapping if needed), call the engine,
+    relay the answer."""
     start = time.perf_counter()
     target = gateway.resolve(
         body.model,
         sticky_key(headers, body.model_extra or {}),
         continued=_continued_variant(gateway, route, body),
+        caller=caller,
     )
     variant, engine = target.variant.name, target.group
     answers_as = target.engine_model  # the model name in the engine's answers
@@ -115,87 +119,100 @@ async def forward(
     forwarded["Content-Type"] = "application/json"
 
     only = _stored_engine(gateway, route, payload, target)
-    async with gateway.admission(target, only=only) as admitted:
-        try:
-            upstream = await admitted.post(endpoint, payload, forwarded)
-        except EngineError:
-            metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
-            raise
-        engine_id = admitted.engine_id  # the engine answering (metrics' `engine` label: its id)
-        served_by = {ENGINE_HEADER: engine_id, VARIANT_HEADER: variant}
-        remember = route is RESPONSES and gateway.responses.enabled and upstream.status == 200
-        stored = Stored(engine_id, variant, answers_as) if remember else None
-        metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
-        released = False
-
-        def release(status: int, usage: dict | None) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                admitted.release()
-                metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
-                if target.alias is not None:
-                    metrics.observe_alias(target.alias, variant, status)
-                if usage:
-                    metrics.observe_usage(variant, usage)
-
-        if not body.stream or upstream.status != 200:
-            status = upstream.status  # read before release()
+    try:
+        grant = gateway.quotas.admit(caller.name, caller.limits)
+    except RateLimitError:  # over one of the key's limits: counted, not sent
+        metrics.observe_key(caller, variant, 429, None)
+        raise
+    limited = gateway.quotas.headers(caller.name, caller.limits)  # x-ratelimit-* on every answer
+    try:
+        async with gateway.admission(target, only=only) as admitted:
             try:
-                raw = await upstream.read()
-            except aiohttp.ClientError as exc:
-                metrics.upstream_errors.labels(engine_id, "stream").inc()
-                release(502, None)
-                raise EngineError(f"engine for {engine!r} broke off its answer: {exc}") from exc
-            finally:
-                upstream.release()
-            if status >= 400 and upstream.content_type != "application/json":  # not vLLM's own error
-                metrics.upstream_errors.labels(engine_id, "status").inc()
-                release(502, None)
-                raise EngineError(
-                    f"engine for {engine!r} answered {status} on {endpoint} without a JSON error"
-                )
-            if status >= 500:
-                metrics.upstream_errors.labels(engine_id, "status").inc()
-            if remember:
-                gateway.responses.add(raw, stored)
-            raw, usage = rewrite_body(raw, answers_as, body.model)
-            release(status, usage)
-            return Response(raw, status_code=status, media_type=upstream.content_type, headers=served_by)
+                upstream = await admitted.post(endpoint, payload, forwarded)
+            except EngineError:
+                metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
+                raise
+            engine_id = admitted.engine_id  # the engine answering (metrics' `engine` label: its id)
+            served_by = {ENGINE_HEADER: engine_id, VARIANT_HEADER: variant, **limited}
+            remember = route is RESPONSES and gateway.responses.enabled and upstream.status == 200
+            stored = Stored(engine_id, variant, answers_as) if remember else None
+            metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)
+            released = False
 
-        rewriter = StreamRewriter(answers_as, body.model, keep_usage=keep_usage)
+            def release(status: int, usage: dict | None) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    admitted.release()
+                    metrics.observe_request(variant, endpoint, status, time.perf_counter() - start)
+                    if target.alias is not None:
+                        metrics.observe_alias(target.alias, variant, status)
+                    if usage:
+                        metrics.observe_usage(variant, usage)
+                    metrics.observe_key(caller, variant, status, usage)
+                    gateway.usage.add(caller, variant, usage)
+                    grant.done(usage)
 
-        async def relay() -> AsyncIterator[bytes]:
-            nonlocal remember
-            status, first = CLIENT_CLOSED, True
-            try:
-                while data := await upstream.content.readany():
-                    if remember:  # until the first event (response.created) names the response
-                        remember = not gateway.responses.add(data, stored)
-                    out = rewriter.feed(data)
-                    if out:
-                        if first:
-                            first = False
-                            metrics.ttft_seconds.labels(variant).observe(time.perf_counter() - start)
-                        yield out
-                if tail := rewriter.flush():
-                    yield tail
-                status = 200
-            except aiohttp.ClientError as exc:
-                status = 502
-                metrics.upstream_errors.labels(engine_id, "stream").inc()
-                yield error_event(f"engine for {engine!r} broke off the stream: {exc}")
-            finally:
-                if status == 200:
+            if not body.stream or upstream.status != 200:
+                status = upstream.status  # read before release()
+                try:
+                    raw = await upstream.read()
+                except aiohttp.ClientError as exc:
+                    metrics.upstream_errors.labels(engine_id, "stream").inc()
+                    release(502, None)
+                    raise EngineError(f"engine for {engine!r} broke off its answer: {exc}") from exc
+                finally:
                     upstream.release()
-                else:
-                    upstream.close()  # the client left (or the engine broke): drop the connection
-                release(status, rewriter.usage)
+                if status >= 400 and upstream.content_type != "application/json":  # not vLLM's own error
+                    metrics.upstream_errors.labels(engine_id, "status").inc()
+                    release(502, None)
+                    raise EngineError(
+                        f"engine for {engine!r} answered {status} on {endpoint} without a JSON error"
+                    )
+                if status >= 500:
+                    metrics.upstream_errors.labels(engine_id, "status").inc()
+                if remember:
+                    gateway.responses.add(raw, stored)
+                raw, usage = rewrite_body(raw, answers_as, body.model)
+                release(status, usage)
+                return Response(raw, status_code=status, media_type=upstream.content_type, headers=served_by)
 
-        admitted.detach()  # released by the stream, when it ends
-        stream = RelayStream(relay(), watch, variant)
-        stream.headers.update(served_by)
-        return stream
+            rewriter = StreamRewriter(answers_as, body.model, keep_usage=keep_usage)
+
+            async def relay() -> AsyncIterator[bytes]:
+                nonlocal remember
+                status, first = CLIENT_CLOSED, True
+                try:
+                    while data := await upstream.content.readany():
+                        if remember:  # until the first event (response.created) names the response
+                            remember = not gateway.responses.add(data, stored)
+                        out = rewriter.feed(data)
+                        if out:
+                            if first:
+                                first = False
+                                metrics.ttft_seconds.labels(variant).observe(time.perf_counter() - start)
+                            yield out
+                    if tail := rewriter.flush():
+                        yield tail
+                    status = 200
+                except aiohttp.ClientError as exc:
+                    status = 502
+                    metrics.upstream_errors.labels(engine_id, "stream").inc()
+                    yield error_event(f"engine for {engine!r} broke off the stream: {exc}")
+                finally:
+                    if status == 200:
+                        upstream.release()
+                    else:
+                        upstream.close()  # the client left (or the engine broke): drop the connection
+                    release(status, rewriter.usage)
+
+            admitted.detach()  # released by the stream, when it ends
+            stream = RelayStream(relay(), watch, variant)
+            stream.headers.update(served_by)
+            return stream
+    except BaseException:
+        grant.done(None)  # not admitted, or failed before its answer: its place in the limits is freed
+        raise
 
 
 def _continued_variant(gateway: Gateway, route: Route, body: InferenceBody) -> str | None:
@@ -245,7 +262,7 @@ async def stored_call(gateway: Gateway, response_id: str, action: str = "") -> R
     return Response(raw, status_code=status, media_type="application/json", headers=headers)
 
 
-async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Response:
+async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes, caller: Principal = ROOT) -> Response:
     """/tokenize or /detokenize for the named variant: its engine's tokenizer (the base's; that it
     equals the artifact's own is not checked yet, see README) and, for chat messages, the variant's
     chat template. Needs no weights, so it never waits for a swap. Without `model`, the only base."""
@@ -257,7 +274,7 @@ async def tokenizer_call(gateway: Gateway, endpoint: str, raw: bytes) -> Respons
         raise InvalidBodyError("body must be a JSON object")
     request["model"] = request.get("model") or gateway.default_model()
     body = parse_inference_body(json.dumps(request).encode())
-    target = gateway.resolve(body.model)
+    target = gateway.resolve(body.model, caller=caller)
     route = TOKENIZE_CHAT if "messages" in request else TOKENIZE_TEXT
     route = COUNT_TOKENS if endpoint == COUNT_TOKENS.path else route
     client = gateway.any_slot(target).client  # no weights needed: any engine of the group

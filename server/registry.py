@@ -26,6 +26,11 @@ Lane = Literal["auto", "swap", "adapter"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
+def unknown_model(name: str) -> NotFoundError:
+    """The 404 for a model name nobody registered (or one the caller may not see)."""
+    return NotFoundError(f"unknown model {name!r}; list them with GET /v1/models")
+
+
 def check_name(value: str) -> str:
     if not _NAME.match(value):
         raise ValueError(
@@ -131,7 +136,7 @@ class RegistryState(BaseModel):
             return self.variants[name]
         if name in self.bases:
             return VariantRecord(name=name, base=name)
-        raise NotFoundError(f"unknown model {name!r}; list them with GET /v1/models")
+        raise unknown_model(name)
 
     def deltas_of(self, variant: VariantRecord) -> list[DeltaRecord]:
         """The registered deltas `variant` adds, in order."""

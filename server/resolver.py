@@ -14,7 +14,8 @@ from deltas.store import file_identity, is_uri
 from server.adapters import Adapter, AdapterLane
 from server.aliases import choose
 from server.errors import ConflictError, GatewayError
-from server.registry import DeltaRecord, Registry, VariantRecord
+from server.registry import DeltaRecord, Registry, VariantRecord, unknown_model
+from server.tenancy import ROOT, Principal
 
 # A base's checkpoint, read once: (its end-of-sequence token ids, its chat template).
 BaseInfo = Callable[[str], tuple[set[int], str | None]]
@@ -44,9 +45,12 @@ class Resolver:
     def __init__(self, registry: Registry, adapters: AdapterLane, base_info: BaseInfo):
         self.registry, self.adapters, self.base_info = registry, adapters, base_info
 
-    def resolve(self, model: str, key: str | None = None, *, continued: str | None = None) -> Target:
+    def resolve(
+        self, model: str, key: str | None = None, *, continued: str | None = None, caller: Principal = ROOT
+    ) -> Target:
         """The target serving `model`; an alias picks one of its targets (sticky for the client `key`;
-        `continued`: that one, if the alias still routes to it)."""
+        `continued`: that one, if the alias still routes to it). A model outside `caller`'s scopes is
+        unknown to it: the same 404 as a name nobody registered."""
         state = self.registry.snapshot(model)
         alias = state.aliases.get(model)
         name = model
@@ -55,6 +59,8 @@ class Resolver:
             if name not in state.variants and name not in state.bases:
                 state = self.registry.snapshot(name)  # defined by another gateway since
         variant = state.variant(name)
+        if not caller.may_use(model, variant.base):
+            raise unknown_model(model)
         base = state.bases[variant.base]
         group = base.group
         deltas = state.deltas_of(variant)

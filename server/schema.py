@@ -20,8 +20,11 @@ import sqlalchemy as sa
 
 import server.batches.store as batches_store
 import server.evals.store as evals_store
+import server.quota  # noqa: F401  (its table)
 import server.rebase.store  # noqa: F401  (its tables)
 import server.registry as registry
+import server.tenancy  # noqa: F401  (its table)
+import server.usage  # noqa: F401  (its table)
 from server.errors import UnavailableError
 from server.statedb import connect, metadata, unreachable
 

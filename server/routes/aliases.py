@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 
 from server.catalog import require_name
-from server.deps import GatewayDep, require_admin
+from server.deps import AdminCaller, GatewayDep, require_admin
 from server.schemas import AliasCreate, AliasesPublic, AliasPublic, AliasUpdate
 
 router = APIRouter(prefix="/v1/aliases", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -18,8 +18,10 @@ async def create_alias(body: AliasCreate, gateway: GatewayDep) -> AliasPublic:
 
 
 @router.get("")
-async def list_aliases(gateway: GatewayDep) -> AliasesPublic:
-    return AliasesPublic(data=[AliasPublic.of(a) for _, a in sorted(gateway.registry.state.aliases.items())])
+async def list_aliases(gateway: GatewayDep, caller: AdminCaller) -> AliasesPublic:
+    """Every alias (a project's admin key: its project's)."""
+    aliases = sorted(gateway.registry.state.aliases.items())
+    return AliasesPublic(data=[AliasPublic.of(a) for name, a in aliases if caller.may_manage(name)])
 
 
 @router.post("/{name:path}/rollback")

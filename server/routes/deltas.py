@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from server.deps import GatewayDep, require_admin
+from server.deps import AdminCaller, GatewayDep, require_admin
 from server.errors import BadRequestError
 from server.schemas import DeltaCreate, DeltaPublic, DeltasPublic
 
@@ -36,8 +36,10 @@ async def register_delta(
 
 
 @router.get("")
-async def list_deltas(gateway: GatewayDep) -> DeltasPublic:
-    return DeltasPublic(data=[DeltaPublic.of(r) for r in gateway.registry.state.deltas.values()])
+async def list_deltas(gateway: GatewayDep, caller: AdminCaller) -> DeltasPublic:
+    """Every registered delta (a project's admin key: its project's)."""
+    records = [r for r in gateway.registry.state.deltas.values() if caller.may_manage(r.name)]
+    return DeltasPublic(data=[DeltaPublic.of(r) for r in records])
 
 
 @router.get("/{name:path}")

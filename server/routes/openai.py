@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from server.deps import GatewayDep, check_api_key, credential, require_api_key
+from server.deps import Caller, GatewayDep, check_api_key, credential, require_api_key
 from server.gateway import Gateway
 from server.proxy import (
     CHAT,
@@ -19,7 +19,9 @@ from server.proxy import (
     stored_call,
     tokenizer_call,
 )
+from server.registry import unknown_model
 from server.schemas import InferenceBody, parse_inference_body
+from server.tenancy import Principal
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 _STARTED = int(time.time())
@@ -34,15 +36,19 @@ _BODY_SCHEMA = {
 }
 
 
-def _model(gateway: Gateway, name: str) -> dict:
+def _model(gateway: Gateway, name: str, caller: Principal) -> dict:
     """One model as OpenAI lists it, and the base it is served on (a base: itself); an alias also
-    lists its targets' shares (`base`: its first target's)."""
+    lists its targets' shares (`base`: its first target's). 404 if `caller` may not use it."""
     state = gateway.registry.snapshot(name)
     alias = state.aliases.get(name)
     if alias is None:
         base = state.variant(name).base
+        if not caller.may_use(name, base):
+            raise unknown_model(name)
         return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
     base = state.variant(alias.targets[0].variant).base
+    if not caller.may_use(name, base):
+        raise unknown_model(name)
     return {
         "id": name,
         "object": "model",
@@ -54,15 +60,15 @@ def _model(gateway: Gateway, name: str) -> dict:
 
 
 @router.get("/models")
-async def list_models(gateway: GatewayDep) -> dict:
-    """Every servable model: each base and each variant."""
-    return {"object": "list", "data": [_model(gateway, name) for name in gateway.model_names()]}
+async def list_models(gateway: GatewayDep, caller: Caller) -> dict:
+    """Every servable model the caller may use: bases, variants, aliases."""
+    return {"object": "list", "data": [_model(gateway, name, caller) for name in gateway.model_names(caller)]}
 
 
 @router.get("/models/{model:path}")
-async def retrieve_model(gateway: GatewayDep, model: str) -> dict:
+async def retrieve_model(gateway: GatewayDep, caller: Caller, model: str) -> dict:
     """One model (a base, a variant or an alias); 404 for a name the gateway does not serve."""
-    return _model(gateway, model)
+    return _model(gateway, model, caller)
 
 
 inference = APIRouter(prefix="/v1", tags=["openai"])
@@ -109,16 +115,18 @@ async def messages(request: Request) -> Response:
 async def count_tokens(request: Request) -> Response:
     """Anthropic's token count of a Messages request, with the variant's chat template."""
     gateway: Gateway = request.app.state.gateway
-    check_api_key(gateway, credential(request.headers))
-    return await tokenizer_call(gateway, COUNT_TOKENS.path, await request.body())
+    caller = check_api_key(gateway, credential(request.headers))
+    return await tokenizer_call(gateway, COUNT_TOKENS.path, await request.body(), caller)
 
 
 async def _forward(request: Request, route: Route) -> Response:
     gateway: Gateway = request.app.state.gateway
-    check_api_key(gateway, credential(request.headers))
+    caller = check_api_key(gateway, credential(request.headers))
     body = parse_inference_body(await request.body())
     state = request.app.state
-    return await forward(gateway, state.metrics, body, request.headers, route, watch=state.streams)
+    return await forward(
+        gateway, state.metrics, body, request.headers, route, watch=state.streams, caller=caller
+    )
 
 
 # vLLM serves these at the root, and clients (lm-eval's remote tokenizer) call them there.
@@ -174,5 +182,5 @@ async def detokenize(request: Request) -> Response:
 
 async def _tokenizer(request: Request, endpoint: str) -> Response:
     gateway: Gateway = request.app.state.gateway
-    check_api_key(gateway, credential(request.headers))
-    return await tokenizer_call(gateway, endpoint, await request.body())
+    caller = check_api_key(gateway, credential(request.headers))
+    return await tokenizer_call(gateway, endpoint, await request.body(), caller)

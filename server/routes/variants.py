@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Depends, Response
 
 from loaders.engine import EngineError
-from server.deps import GatewayDep, require_admin
+from server.deps import AdminCaller, GatewayDep, require_admin
 from server.errors import NotFoundError, UnavailableError
 from server.gateway import Gateway
 from server.registry import VariantRecord
@@ -59,8 +59,10 @@ async def warm_variant(name: str, gateway: GatewayDep) -> VariantWarmPublic:
 
 
 @router.get("")
-async def list_variants(gateway: GatewayDep) -> VariantsPublic:
-    return VariantsPublic(data=[_public(gateway, n) for n in gateway.registry.state.variants])
+async def list_variants(gateway: GatewayDep, caller: AdminCaller) -> VariantsPublic:
+    """Every variant (a project's admin key: its project's)."""
+    names = [n for n in gateway.registry.state.variants if caller.may_manage(n)]
+    return VariantsPublic(data=[_public(gateway, n) for n in names])
 
 
 @router.get("/{name:path}")

@@ -330,3 +330,45 @@ def test_an_alias_moved_through_one_gateway_is_followed_by_the_other_within_the_
         time.sleep(0.05)
     assert r.json()["choices"][0]["text"].split()[0] == weights_tag(None)
     assert httpx.delete(f"{a.url}/v1/aliases/front", headers=AUTH).status_code == 204
+
+
+# Last in this module: once a key exists on the shared database, every inference call needs one.
+def test_keys_revokes_and_rate_limits_hold_across_gateways(fronts):
+    """A key made through A works on B; revoked through B, A refuses it within the poll; a
+    requests-per-minute limit holds over both gateways within one poll of admissions each (the
+    stated tolerance: server/quota.py), and the usage of both is summed."""
+    a, b = fronts
+    r = httpx.post(
+        f"{a.url}/v1/projects/team/keys",
+        json={"name": "shared", "models": ["pico"], "limits": {"rpm": 6}},
+        headers=AUTH,
+    )
+    assert r.status_code == 201, r.text
+    key = r.json()
+    auth = {"Authorization": f"Bearer {key['secret']}"}
+
+    def ask(front: Front) -> httpx.Response:
+        body = {"model": "pico", "prompt": "x", "max_tokens": 1}
+        return httpx.post(f"{front.url}/v1/completions", json=body, headers=auth, timeout=30)
+
+    made = time.monotonic()
+    while (first := ask(b)).status_code == 401:  # B reads the new key within its poll
+        assert time.monotonic() - made < 4 * POLL + 2, first.text
+        time.sleep(0.05)
+    assert first.status_code == 200
+    # 16 requests alternating between the gateways, one every POLL / 2: 6 a minute allowed in all
+    answers = [first]
+    for i in range(15):
+        time.sleep(POLL / 2)
+        answers.append(ask((a, b)[i % 2]))
+    ok = sum(r.status_code == 200 for r in answers)
+    assert {r.status_code for r in answers} == {200, 429}
+    assert 6 <= ok <= 6 + 2, [r.status_code for r in answers]  # each gateway may miss the other's last poll
+    time.sleep(2 * POLL)  # A writes its counts within a poll of its last request
+    usage = httpx.get(f"{b.url}/v1/usage", params={"project": "team"}, headers=AUTH).json()["data"]
+    assert sum(u["requests"] for u in usage) == ok
+    assert httpx.delete(f"{b.url}/v1/keys/{key['id']}", headers=AUTH).status_code == 200
+    revoked = time.monotonic()
+    while (r := _complete(a, "pico")).status_code != 401 or ask(a).status_code != 401:
+        assert time.monotonic() - revoked < 4 * POLL + 2, "A still takes the revoked key"
+        time.sleep(0.05)
