@@ -277,6 +277,14 @@ class Keys:
             self._used[found.key_id] = time.time()
         return found
 
+    def of(self, key_id: str | None) -> Principal:
+        """The principal of stored key `key_id` (work it started runs with its scopes); without a key
+        (no keys, an --api-key key, root), every model; a key revoked since, no model at all."""
+        if key_id is None:
+            return Principal("batch")
+        found = next((p for p in self._current().values() if p.key_id == key_id), None)
+        return found or Principal("revoked key", models=())
+
     def changed(self) -> None:
         """A key was created, revoked or rotated here: reload at the next call."""
         self._loaded = float("-inf")

@@ -19,14 +19,16 @@ import time
 
 from loaders.engine import EngineError
 from server import leases
-from server.batches.store import ACTIVE, BatchStore, FileStore
+from server.batches.store import ACTIVE, PROJECT, BatchStore, FileStore, public
 from server.errors import BadRequestError, GatewayError
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.proxy import CHAT, COMPLETIONS, MESSAGES, RESPONSES, forward
 from server.rewrite import usage_counts
 from server.schemas import InferenceBody
+from server.tenancy import ROOT, Principal
 
+KEY = "_key"  # the id of the key that made a batch (stored, never shown): its lines run with its scopes
 log = logging.getLogger("deltagate.batches")
 ROUTES = {route.path: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES)}
 WINDOW_SECONDS = {"24h": 24 * 3600}
@@ -72,26 +74,34 @@ class BatchService:
             task.cancel()
 
     # the batch objects ---------------------------------------------------
-    def get(self, batch_id: str) -> dict:
-        return self.store.get(batch_id)
+    def get(self, batch_id: str, project: str | None = None) -> dict:
+        """The batch object (404 unless it is `project`'s; None: any)."""
+        return public(self.store.get(batch_id, project))
 
-    def list(self) -> list[dict]:
-        return self.store.all()
+    def list(self, project: str | None = None) -> list[dict]:
+        return [public(b) for b in self.store.all(project=project)]
 
     def _update(self, batch_id: str, **fields) -> dict:
         return self.store.update(batch_id, **fields)
 
     # creating ------------------------------------------------------------
     def create(
-        self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict | None,
+        caller: Principal = ROOT,
     ) -> dict:
-        """Check the input file line by line and queue the batch; a file with bad lines makes a
+        """Check the input file line by line and queue the batch, run as `caller` (its lines answer as
+        its own requests would: a model out of its scopes is unknown); a file with bad lines makes a
         batch `failed` with each line's error (as OpenAI reports them), nothing run."""
         if endpoint not in ROUTES:
             raise BadRequestError(f"endpoint {endpoint!r}: batches run on {', '.join(ROUTES)}")
         if completion_window not in WINDOW_SECONDS:
             raise BadRequestError(f"completion_window {completion_window!r}: only '24h' is supported")
-        record = self.files.get(input_file_id)
+        project = caller.project or ""
+        record = self.files.get(input_file_id, project)
         if record["purpose"] != "batch":
             raise BadRequestError(f"file {input_file_id!r} has purpose {record['purpose']!r}, not 'batch'")
         now = int(time.time())
@@ -117,23 +127,25 @@ class BatchService:
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
             "metadata": metadata,
             "usage": _usage({}),
+            PROJECT: project,
+            KEY: caller.key_id,
         }
         lines, errors = _parse(self.files.content(input_file_id), endpoint)
         if errors:
             listed = {"object": "list", "data": errors[:100]}
             failed = batch | {"status": "failed", "failed_at": now, "errors": listed}
             self.store.add(failed, self.owner, self.lease)
-            return failed
+            return public(failed)
         batch["request_counts"]["total"] = len(lines)
         self.store.add(batch | {"status": "in_progress", "in_progress_at": now}, self.owner, self.lease)
         self._launch(batch["id"])
         return self.get(batch["id"])
 
-    def cancel(self, batch_id: str) -> dict:
+    def cancel(self, batch_id: str, project: str | None = None) -> dict:
         """Stop starting lines; those in flight finish; then `cancelled`, with the files so far."""
-        batch = self.get(batch_id)
+        batch = self.get(batch_id, project)
         if batch["status"] in ("validating", "in_progress"):
-            batch = self._update(batch_id, status="cancelling", cancelling_at=int(time.time()))
+            batch = public(self._update(batch_id, status="cancelling", cancelling_at=int(time.time())))
             # Its gateway sees it at its next line; a batch nobody runs now is finished here.
             if batch_id not in self._tasks and self.store.claim(batch_id, self.owner, self.lease):
                 self._launch(batch_id)
@@ -146,7 +158,8 @@ class BatchService:
         task.add_done_callback(lambda _: self._tasks.pop(batch_id, None))
 
     async def _execute(self, batch_id: str) -> None:
-        batch = self.get(batch_id)
+        batch = self.store.get(batch_id)
+        caller = self.gateway.keys.of(batch.get(KEY))  # its lines answer as its key's requests
         try:
             lines, _ = _parse(self.files.content(batch["input_file_id"]), batch["endpoint"])
             outputs, failures = self.store.answers(batch_id)
@@ -166,7 +179,7 @@ class BatchService:
                 async with gate:
                     if self.get(batch_id)["status"] == "cancelling":
                         return
-                    result = await self._ask(route, line)
+                    result = await self._ask(route, line, caller)
                 ok = result["error"] is None
                 self.store.add_answer(batch_id, line["custom_id"], ok, result)
                 counts["completed" if ok else "failed"] += 1
@@ -196,12 +209,17 @@ class BatchService:
                 errors={"object": "list", "data": [error]},
             )
 
-    async def _ask(self, route, line: dict) -> dict:
+    async def _ask(self, route, line: dict, caller: Principal) -> dict:
         """One line through the relay: OpenAI's output line (an error line for a non-2xx answer)."""
         request_id = f"batch_req_{secrets.token_hex(12)}"
         try:
             resp = await forward(
-                self.gateway, self.metrics, InferenceBody.model_validate(line["body"]), {}, route
+                self.gateway,
+                self.metrics,
+                InferenceBody.model_validate(line["body"]),
+                {},
+                route,
+                caller=caller,
             )
             status, body = resp.status_code, json.loads(resp.body)
         except GatewayError as exc:
@@ -228,7 +246,8 @@ class BatchService:
                 ids[kind] = written[name]
             elif lines:
                 data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-                ids[kind] = self.files.add(data, name, "batch_output")["id"]
+                project = self.store.get(batch_id).get(PROJECT, "")
+                ids[kind] = self.files.add(data, name, "batch_output", project)["id"]
         now = int(time.time())
         end = (
             {"status": "cancelled", "cancelled_at": now}

@@ -61,11 +61,26 @@ _answers = sa.Table(
 )
 
 
+# Files and batches belong to the project of the key that made them (PROJECT in the stored object,
+# never shown): a project's keys see only theirs; keys of no project (--api-key, or none) see those of
+# no project. `project=None` in the calls below: the gateway's own calls (every one).
+PROJECT = "_project"
+
+
+def public(record: dict) -> dict:
+    """The stored object as clients see it (without the gateway's own fields: PROJECT, ...)."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def _owned(record: dict | None, project: str | None) -> bool:
+    return record is not None and (project is None or record.get(PROJECT, "") == project)
+
+
 class FileStore(Store):
     """Files by id (`file-<hex>`): OpenAI's file objects and their bytes."""
 
-    def add(self, data: bytes, filename: str, purpose: str) -> dict:
-        """Store `data` as a new file; its OpenAI file object."""
+    def add(self, data: bytes, filename: str, purpose: str, project: str = "") -> dict:
+        """Store `data` as a new file of `project`; its OpenAI file object."""
         file_id = f"file-{secrets.token_hex(12)}"
         record = {
             "id": file_id,
@@ -78,7 +93,8 @@ class FileStore(Store):
             "expires_at": None,
             "status_details": None,
         }
-        row = {"id": file_id, "created_at": time.time(), "purpose": purpose, "record": json.dumps(record)}
+        stored = json.dumps(record | {PROJECT: project})
+        row = {"id": file_id, "created_at": time.time(), "purpose": purpose, "record": stored}
 
         def insert(conn: sa.Connection) -> None:
             conn.execute(sa.insert(_files).values(row))
@@ -87,26 +103,32 @@ class FileStore(Store):
         self._run(insert)
         return record
 
-    def get(self, file_id: str) -> dict:
+    def get(self, file_id: str, project: str | None = None) -> dict:
+        """The file's object; 404 if there is none of `project`'s by that id."""
         row = self._run(lambda c: c.execute(sa.select(_files.c.record).where(_files.c.id == file_id)).first())
-        if row is None:
+        record = json.loads(row.record) if row is not None else None
+        if not _owned(record, project):
             raise NotFoundError(f"file {file_id!r} not found")
-        return json.loads(row.record)
+        return public(record)
 
-    def content(self, file_id: str) -> bytes:
+    def content(self, file_id: str, project: str | None = None) -> bytes:
+        self.get(file_id, project)
         query = sa.select(_file_data.c.data).where(_file_data.c.id == file_id)
         row = self._run(lambda c: c.execute(query).first())
         if row is None:
             raise NotFoundError(f"file {file_id!r} not found")
         return bytes(row.data)
 
-    def list(self, purpose: str | None = None) -> list[dict]:
+    def list(self, purpose: str | None = None, project: str | None = None) -> list[dict]:
         query = sa.select(_files.c.record).order_by(_files.c.created_at, _files.c.id)
         if purpose is not None:
             query = query.where(_files.c.purpose == purpose)
-        return [json.loads(r.record) for r in self._run(lambda c: c.execute(query).all())]
+        records = [json.loads(r.record) for r in self._run(lambda c: c.execute(query).all())]
+        return [public(r) for r in records if _owned(r, project)]
 
-    def delete(self, file_id: str) -> None:
+    def delete(self, file_id: str, project: str | None = None) -> None:
+        self.get(file_id, project)
+
         def remove(conn: sa.Connection) -> int:
             conn.execute(sa.delete(_file_data).where(_file_data.c.id == file_id))
             return conn.execute(sa.delete(_files).where(_files.c.id == file_id)).rowcount
@@ -129,18 +151,21 @@ class BatchStore(Store):
         }
         self._run(lambda c: c.execute(sa.insert(_batches).values(row)))
 
-    def get(self, batch_id: str) -> dict:
+    def get(self, batch_id: str, project: str | None = None) -> dict:
+        """The stored batch object (with its project); 404 if there is none of `project`'s by that id."""
         query = sa.select(_batches.c.batch).where(_batches.c.id == batch_id)
         row = self._run(lambda c: c.execute(query).first())
-        if row is None:
+        batch = json.loads(row.batch) if row is not None else None
+        if not _owned(batch, project):
             raise NotFoundError(f"batch {batch_id!r} not found")
-        return json.loads(row.batch)
+        return batch
 
-    def all(self, statuses: tuple[str, ...] = ()) -> list[dict]:
+    def all(self, statuses: tuple[str, ...] = (), project: str | None = None) -> list[dict]:
         query = sa.select(_batches.c.batch).order_by(_batches.c.created_at, _batches.c.id)
         if statuses:
             query = query.where(_batches.c.status.in_(statuses))
-        return [json.loads(r.batch) for r in self._run(lambda c: c.execute(query).all())]
+        batches = [json.loads(r.batch) for r in self._run(lambda c: c.execute(query).all())]
+        return [b for b in batches if _owned(b, project)]
 
     def update(self, batch_id: str, **fields) -> dict:
         """Change fields of the batch object in one transaction (read, merge, write); the new object."""

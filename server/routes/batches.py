@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict
 
 from server.batches.service import BatchService
-from server.deps import require_api_key
+from server.deps import Caller, require_api_key
 from server.routes.pages import After, Ided, cursor_page
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(require_api_key)])
@@ -32,24 +32,25 @@ class BatchCreate(BaseModel):
 
 
 @router.post("")
-async def create_batch(body: BatchCreate, service: BatchesDep) -> dict:
-    """Queue the file's requests; they run variant by variant (one swap each), `concurrency` at once."""
-    return service.create(body.input_file_id, body.endpoint, body.completion_window, body.metadata)
+async def create_batch(body: BatchCreate, service: BatchesDep, caller: Caller) -> dict:
+    """Queue the file's requests; they run variant by variant (one swap each), `concurrency` at once,
+    as the caller's own requests (its key's scopes; its project's files and batches only)."""
+    return service.create(body.input_file_id, body.endpoint, body.completion_window, body.metadata, caller)
 
 
 @router.get("")
 async def list_batches(
-    service: BatchesDep, after: After = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    service: BatchesDep, caller: Caller, after: After = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict:
-    return cursor_page([Ided(b) for b in service.list()], after, limit, "desc")
+    return cursor_page([Ided(b) for b in service.list(caller.project or "")], after, limit, "desc")
 
 
 @router.get("/{batch_id}")
-async def get_batch(batch_id: str, service: BatchesDep) -> dict:
+async def get_batch(batch_id: str, service: BatchesDep, caller: Caller) -> dict:
     """Status, request counts, token usage, and the output and error files once done."""
-    return service.get(batch_id)
+    return service.get(batch_id, caller.project or "")
 
 
 @router.post("/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, service: BatchesDep) -> dict:
-    return service.cancel(batch_id)
+async def cancel_batch(batch_id: str, service: BatchesDep, caller: Caller) -> dict:
+    return service.cancel(batch_id, caller.project or "")

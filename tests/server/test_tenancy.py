@@ -282,3 +282,52 @@ def test_a_daily_token_budget_and_the_usage_api(gw):
     )
     assert printed.returncode == 0, printed.stderr
     assert any(u["key"] == "team-f/budget" for u in __import__("json").loads(printed.stdout)["data"])
+
+
+def test_files_and_batches_belong_to_their_project_and_run_with_its_scopes(gw):
+    """Team G's batch over its own model and another project's: the other's lines answer 404 as an
+    unknown model would; team H sees none of team G's files or batches."""
+    url = gw[0].url
+    g = _auth(_key(url, "team-g", "batch", models=["mock-half"]))
+    h = _auth(_key(url, "team-h", "batch", models=["*"]))
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": m, "prompt": "x", "max_tokens": 2},
+        }
+        for i, m in enumerate(["mock-half", "mock-inst", "no-such-model"])
+    ]
+    data = "".join(__import__("json").dumps(line) + "\n" for line in lines)
+    up = httpx.post(
+        f"{url}/v1/files", files={"file": ("in.jsonl", data)}, data={"purpose": "batch"}, headers=g
+    )
+    assert up.status_code == 200, up.text
+    file_id = up.json()["id"]
+    assert "_project" not in up.json()
+    body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+    assert httpx.post(f"{url}/v1/batches", json=body, headers=h).status_code == 404  # not its file
+    batch = httpx.post(f"{url}/v1/batches", json=body, headers=g).json()
+    assert "_project" not in batch and "_key" not in batch
+    deadline = time.monotonic() + 60
+    while (got := httpx.get(f"{url}/v1/batches/{batch['id']}", headers=g).json())["status"] != "completed":
+        assert time.monotonic() < deadline, got
+        time.sleep(0.2)
+    assert got["request_counts"] == {"total": 3, "completed": 1, "failed": 2}
+    errors = httpx.get(f"{url}/v1/files/{got['error_file_id']}/content", headers=g).text.splitlines()
+    by_id = {e["custom_id"]: e["response"] for e in map(__import__("json").loads, errors)}
+    assert by_id["r1"]["status_code"] == by_id["r2"]["status_code"] == 404
+    assert by_id["r1"]["body"]["error"]["message"] == by_id["r2"]["body"]["error"]["message"].replace(
+        "no-such-model", "mock-inst"
+    )
+    # the other project sees nothing of it
+    assert httpx.get(f"{url}/v1/batches/{batch['id']}", headers=h).status_code == 404
+    assert httpx.get(f"{url}/v1/files/{file_id}/content", headers=h).status_code == 404
+    assert httpx.delete(f"{url}/v1/files/{file_id}", headers=h).status_code == 404
+    assert all(b["id"] != batch["id"] for b in httpx.get(f"{url}/v1/batches", headers=h).json()["data"])
+    assert httpx.get(f"{url}/v1/files", headers=h).json()["data"] == []
+    assert {f["id"] for f in httpx.get(f"{url}/v1/files", headers=g).json()["data"]} >= {
+        file_id,
+        got["output_file_id"],
+    }
