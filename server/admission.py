@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 class Admission:
     """A request admitted on one engine (its `slot`) under its target's weights."""
 
-    def __init__(self, gateway: Gateway, target: Target, only: str | None = None):
+    def __init__(self, gateway: Gateway, target: Target, only: str | None = None, background: bool = False):
         self.gateway, self.target, self.only = gateway, target, only  # only: that engine (holds state)
+        self.background = background  # the swap policy serves interactive requests' variants first
         self.deadline = time.monotonic() + gateway.settings.engine_wait
         self.slot: WeightSlot | None = None
         self._detached = False
@@ -125,12 +126,12 @@ class Admission:
         base + its adapter."""
         target, adapters = self.target, self.gateway.adapters
         if target.adapter is None:
-            await slot.acquire(target.variant.name, target.recipe)
+            await slot.acquire(target.variant.name, target.recipe, background=self.background)
             return
         await adapters.prepare(target.adapter)
         # Not in one batch with plain requests: on vLLM CPU, plain rows batched with LoRA rows were
         # seen answering differently (a logprob 0.17 off, a greedy token flipped; README).
-        await slot.acquire(target.variant.base, Recipe(base=target.recipe.base), lane="adapters")
+        await slot.acquire(target.variant.base, Recipe(base=target.recipe.base), "adapters", self.background)
         try:
             await adapters.load(slot.id, slot.client, target.adapter)
         except BaseException:

@@ -182,7 +182,9 @@ class Gateway:
             resident = Recipe.model_validate_json(current)
         await client.probe_variant_chat()
         on_swap = lambda record: self.metrics.observe_swap(endpoint.id, record)  # noqa: E731
-        policy = SwapPolicy(self.settings.swap_quantum, self.settings.swap_max_wait)
+        policy = SwapPolicy(
+            self.settings.swap_quantum, self.settings.swap_max_wait, self.settings.background_max_wait
+        )
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
         holding = self.resolver.holding(base.name, resident) if current else None
         slot.last_admitted = holding
@@ -247,10 +249,11 @@ class Gateway:
         slots = self.group(group)
         return not slots or slots[0].client.variant_chat
 
-    def admission(self, target: Target, *, only: str | None = None) -> Admission:
+    def admission(self, target: Target, *, only: str | None = None, background: bool = False) -> Admission:
         """The one way a request gets an engine with its weights (server/admission.py):
-        `async with gateway.admission(target) as admitted: ...`."""
-        return Admission(self, target, only)
+        `async with gateway.admission(target) as admitted: ...`; `background` work waits for
+        interactive requests' variants (server/policy.py)."""
+        return Admission(self, target, only, background)
 
     async def stop(self) -> None:
         for task in (self._watcher, self._follower, self._usage_writer):

@@ -9,6 +9,12 @@ or two. The policy makes the trade explicit:
 - `max_wait_seconds`: a request that has waited this long ends the quantum at once (no starvation);
 - the next variant is the one with the most queued requests (ties: the one waiting longest);
 - a resident variant with nothing in flight and nothing queued is swapped away from at once.
+
+Priorities: requests are interactive (the default) or background (keys of class batch, batches, eval
+runs, rebases). A variant with interactive requests waiting goes before one only background work
+wants, and only interactive requests end a quantum after `max_wait_seconds`; background requests do
+after `background_max_wait_seconds`, and a variant whose background request has waited that long
+goes next, whatever waits: background work runs in the gaps and still finishes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class SwapPolicy:
 
     quantum_seconds: float = _DEFAULTS["swap_quantum"].default
     max_wait_seconds: float = _DEFAULTS["swap_max_wait"].default
+    background_max_wait_seconds: float = _DEFAULTS["background_max_wait"].default
 
     def decide(
         self,
@@ -37,30 +44,44 @@ class SwapPolicy:
         inflight: int,
         resident_queued: int,
         queued: dict[K, list[float]],
+        urgent: dict[K, int] | None = None,
     ) -> tuple[K | None, float | None]:
         """(variant to swap to now, None) or (None, seconds until the question is worth asking again;
         None: until a request finishes).
 
         `queued` maps each waiting non-resident variant to its requests' arrival times (oldest
         first); `resident_queued` counts requests for the resident variant not yet admitted (just
-        woken by the swap that made it resident): they go first, whatever the quantum.
+        woken by the swap that made it resident): they go first, whatever the quantum. `urgent`: how
+        many of each variant's waiting requests are interactive (None: all of them).
         """
         waiting = {key: times for key, times in queued.items() if times}
         if not waiting:
             return None, None
-        oldest = min(times[0] for times in waiting.values())
-        wait_left = oldest + self.max_wait_seconds - now
+        wait_left = min(times[0] + self._max_wait(key, urgent) - now for key, times in waiting.items())
         if resident_queued and wait_left > 0:
             return None, wait_left
         quantum_left = resident_since + self.quantum_seconds - now
         if inflight == 0 or quantum_left <= 0 or wait_left <= 0:
-            return self.next(waiting), None
+            return self.next(waiting, urgent, now), None
         return None, min(quantum_left, wait_left)
 
-    @staticmethod
-    def next(queued: dict[K, list[float]]) -> K | None:
-        """The variant the next swap goes to: the most queued requests (ties: the one waiting longest)."""
+    def next(
+        self, queued: dict[K, list[float]], urgent: dict[K, int] | None = None, now: float = 0.0
+    ) -> K | None:
+        """The variant the next swap goes to: a background-only one whose request waited past its
+        bound, else one with interactive requests waiting, the most queued requests first (ties: the
+        one waiting longest)."""
         waiting = {key: times for key, times in queued.items() if times}
         if not waiting:
             return None
-        return max(waiting, key=lambda k: (len(waiting[k]), -waiting[k][0]))
+
+        def rank(k: K) -> tuple:
+            interactive = urgent is None or urgent.get(k, 0) > 0
+            overdue = not interactive and now >= waiting[k][0] + self.background_max_wait_seconds
+            return (overdue, interactive, len(waiting[k]), -waiting[k][0])
+
+        return max(waiting, key=rank)
+
+    def _max_wait(self, key: K, urgent: dict[K, int] | None) -> float:
+        interactive = urgent is None or urgent.get(key, 0) > 0
+        return self.max_wait_seconds if interactive else self.background_max_wait_seconds

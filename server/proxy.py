@@ -98,9 +98,11 @@ async def forward(
     *,
     watch: StallWatch = UNWATCHED,
     caller: Principal = ROOT,
+    background: bool = False,
 ) -> Response:
     """Resolve (for `caller`), admit on the variant's weights (swapping if needed), call the engine,
-    relay the answer."""
+    relay the answer. Background work (`background`, or a key of priority batch) yields to
+    interactive requests: in the swap policy, and in the engine under --priority-scheduling."""
     start = time.perf_counter()
     target = gateway.resolve(
         body.model,
@@ -119,6 +121,9 @@ async def forward(
     forwarded["Content-Type"] = "application/json"
 
     only = _stored_engine(gateway, route, payload, target)
+    background = background or caller.priority == "batch"
+    if gateway.settings.priority_scheduling:  # vLLM: lower is earlier; a client's own is not trusted
+        payload["priority"] = int(background)
     try:
         grant = gateway.quotas.admit(caller.name, caller.limits)
     except RateLimitError:  # over one of the key's limits: counted, not sent
@@ -126,7 +131,7 @@ async def forward(
         raise
     limited = gateway.quotas.headers(caller.name, caller.limits)  # x-ratelimit-* on every answer
     try:
-        async with gateway.admission(target, only=only) as admitted:
+        async with gateway.admission(target, only=only, background=background) as admitted:
             try:
                 upstream = await admitted.post(endpoint, payload, forwarded)
             except EngineError:

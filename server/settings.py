@@ -153,6 +153,18 @@ class GatewaySettings(BaseSettings):
     swap_max_wait: float = _setting(
         30.0, "Seconds a request may wait for its variant before the quantum ends", ge=0
     )
+    background_max_wait: float = _setting(
+        120.0,
+        "Seconds a background request (keys of priority batch, batches, eval runs, rebases) may wait for "
+        "its variant while interactive requests are served first; then its variant goes next",
+        ge=0,
+    )
+    priority_scheduling: bool = _setting(
+        False,
+        "Start managed engines with vLLM's priority scheduling (--scheduling-policy priority) and send "
+        "each request's priority (interactive 0, background 1; a client's own is replaced); attached "
+        "engines must be started with it",
+    )
     lora_slots: int = _setting(
         0,
         "Adapter lane: engines run vLLM multi-LoRA with this many adapters per batch, and variants whose "
@@ -305,7 +317,10 @@ class GatewaySettings(BaseSettings):
             )
         if tool_parser and "--tool-call-parser" not in self.engine_args:
             tools = ("--enable-auto-tool-choice", "--tool-call-parser", tool_parser)
-        return (*self.engine_args, *adapters, *tools)
+        priority = ()
+        if self.priority_scheduling and "--scheduling-policy" not in self.engine_args:
+            priority = ("--scheduling-policy", "priority")
+        return (*self.engine_args, *adapters, *tools, *priority)
 
     def engine_env(self) -> dict[str, str]:
         """Environment of managed engines: how their workers keep what swaps need (loaders/resident.py)."""

@@ -93,6 +93,7 @@ class WeightSlot:
         self._notifiers: set[asyncio.Task] = set()
         self._pending: AdmissionKey | None = None
         self._queued: dict[AdmissionKey, list[float]] = {}  # -> arrival times of waiting requests
+        self._urgent: dict[AdmissionKey, int] = {}  # -> how many of them are interactive (server/policy.py)
         self._names: dict[AdmissionKey, str] = {}  # -> the variant name its waiters asked for
         self._recipes: dict[AdmissionKey, Recipe] = {}  # -> its recipe (what to stage)
         self._staging: RecipeKey | None = None  # the weights the engine was last asked to stage
@@ -101,11 +102,12 @@ class WeightSlot:
         self.retired = False  # its engine left the pool: nothing more is admitted here
         self._cond = asyncio.Condition()
 
-    async def acquire(self, variant: str, recipe: Recipe, lane: str = "") -> None:
+    async def acquire(self, variant: str, recipe: Recipe, lane: str = "", background: bool = False) -> None:
         """Wait until `recipe` is resident (swapping if needed), then count one request in.
 
         `lane` separates requests on the same weights that must not share a batch: LoRA adapter
         requests ("adapters") and plain ones. Changing lanes on the same weights reloads nothing.
+        `background`: the swap policy serves interactive requests' variants first.
         """
         key = _key(recipe, lane)
         async with self._cond:
@@ -119,6 +121,7 @@ class WeightSlot:
             self._recipes[key] = recipe
             queue = self._queued.setdefault(key, [])
             queue.append(arrived)
+            self._urgent[key] = self._urgent.get(key, 0) + (not background)
             try:
                 while not self._admissible(key):
                     self._refuse_if_retired()
@@ -141,6 +144,7 @@ class WeightSlot:
                 self.last_admitted = variant
             finally:
                 queue.remove(arrived)
+                self._urgent[key] -= not background
                 if self._pending == key and not queue:  # its last waiter left (client gone): unblock
                     self._pending = None
                     self._cond.notify_all()
@@ -170,12 +174,13 @@ class WeightSlot:
 
     def _decide(self) -> tuple[Hashable | None, float | None]:
         mine = len(self._queued.get(_key(self.resident, self.lane), ()))
-        return self.policy.decide(time.monotonic(), self.resident_since, self.inflight, mine, self._others())
+        now, others = time.monotonic(), self._others()
+        return self.policy.decide(now, self.resident_since, self.inflight, mine, others, self._urgent)
 
     def _stage_next(self) -> None:
         """Ask the engine to stage the weights the next swap will bring (the pending swap's, else the
         policy's pick among waiting variants), unless they are already staged or resident."""
-        upcoming = self._pending or self.policy.next(self._others())
+        upcoming = self._pending or self.policy.next(self._others(), self._urgent, time.monotonic())
         recipe = self._recipes.get(upcoming) if upcoming else None
         if recipe is None or recipe.key() in (self.resident.key(), self._staging):
             return

@@ -220,6 +220,7 @@ class BatchService:
                 {},
                 route,
                 caller=caller,
+                background=True,  # yields to interactive requests (server/policy.py)
             )
             status, body = resp.status_code, json.loads(resp.body)
         except GatewayError as exc:

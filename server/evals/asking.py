@@ -186,7 +186,8 @@ class Asker:
         from server.proxy import CHAT, COMPLETIONS, forward
 
         body = InferenceBody.model_validate(payload)
-        resp = await forward(self.gateway, self.metrics, body, {}, CHAT if chat else COMPLETIONS)
+        route = CHAT if chat else COMPLETIONS
+        resp = await forward(self.gateway, self.metrics, body, {}, route, background=True)  # yields to users
         data = json.loads(resp.body)
         if resp.status_code != 200:
             message = data.get("error", {}).get("message", data) if isinstance(data, dict) else data

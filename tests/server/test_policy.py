@@ -4,9 +4,12 @@ queued work — as a pure decision, and on a weight slot over a fake engine."""
 import asyncio
 import time
 
+from deltas import DeltaTerm, Recipe
 from server.policy import SwapPolicy
 from server.swap import WeightSlot
 from tests.server.test_swap import BASE, A, B, FakeEngine, _request
+
+C = Recipe(base="/b", deltas=[DeltaTerm(path="/c")])
 
 
 def test_decide_holds_the_quantum_then_picks_the_most_queued():
@@ -32,6 +35,51 @@ def test_decide_ends_the_quantum_when_a_request_waited_too_long():
 def test_ties_go_to_the_variant_waiting_longest():
     policy = SwapPolicy()
     assert policy.decide(10.0, 0.0, 1, 0, {"a": [5.0], "b": [4.0]}) == ("b", None)
+
+
+def test_interactive_requests_go_first_and_background_work_still_finishes():
+    """Priorities: a variant only background work wants waits while interactive requests are served;
+    its requests end no quantum until they waited background_max_wait; then it goes next."""
+    policy = SwapPolicy(quantum_seconds=2.0, max_wait_seconds=5.0, background_max_wait_seconds=20.0)
+    queued = {"batch": [100.0, 100.1, 100.2], "user": [101.0]}
+    urgent = {"batch": 0, "user": 1}
+    # the quantum over: the interactive variant goes first, though the batch has more queued
+    assert policy.decide(103.0, 100.0, 1, 0, queued, urgent) == ("user", None)
+    # only background work waits: its requests do not end the quantum at max_wait...
+    only = {"batch": queued["batch"]}
+    assert policy.decide(101.0, 100.5, 1, 0, only, {"batch": 0}) == (None, 1.5)
+    assert policy.decide(110.0, 109.0, 4, 0, only, {"batch": 0}) == (None, 1.0)
+    # ... but it is still served when the resident has nothing in flight
+    assert policy.decide(110.0, 109.0, 0, 0, only, {"batch": 0}) == ("batch", None)
+    # waited past background_max_wait: its variant goes next, whatever waits
+    assert policy.decide(120.0, 119.5, 4, 0, queued, urgent) == ("batch", None)
+    # without priorities (urgent None): as before, the most queued
+    assert policy.decide(103.0, 100.0, 1, 0, queued) == ("batch", None)
+
+
+async def test_a_slot_serves_interactive_waiters_before_background_ones():
+    """On a weight slot over a fake engine: with A resident and busy, a background request for B and
+    then an interactive one for C wait; C is swapped to first, B after."""
+    engine = FakeEngine()
+    slot = WeightSlot(engine, BASE, policy=SwapPolicy(quantum_seconds=0.2, max_wait_seconds=10.0))
+    order = []
+
+    async def ask(name, recipe, background, delay):
+        await asyncio.sleep(delay)
+        await slot.acquire(name, recipe, background=background)
+        order.append(name)
+        await asyncio.sleep(0.05)
+        slot.release()
+
+    await slot.acquire("a", A)  # resident and in flight for the quantum
+    waiting = [
+        asyncio.create_task(ask("b", B, True, 0.0)),
+        asyncio.create_task(ask("c", C, False, 0.05)),
+    ]
+    await asyncio.sleep(0.3)
+    slot.release()
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    assert order == ["c", "b"]
 
 
 async def _steady(slot, engine, name, recipe, until: float, log: list) -> None:
@@ -95,3 +143,16 @@ async def test_a_waiter_that_leaves_does_not_block_the_slot():
     slot.release()
     slot.release()
     assert engine.applied == [] and slot.inflight == 0
+
+
+def test_priority_scheduling_starts_engines_with_vllms_priority_policy(tmp_path):
+    from server.settings import GatewaySettings
+
+    plain = GatewaySettings(state_dir=tmp_path)
+    assert "--scheduling-policy" not in plain.engine_flags()
+    flags = GatewaySettings(state_dir=tmp_path, priority_scheduling=True).engine_flags()
+    assert flags[flags.index("--scheduling-policy") + 1] == "priority"
+    own = GatewaySettings(
+        state_dir=tmp_path, priority_scheduling=True, engine_args=["--scheduling-policy", "fcfs"]
+    )
+    assert own.engine_flags().count("--scheduling-policy") == 1  # the operator's own choice stands

@@ -331,3 +331,17 @@ def test_files_and_batches_belong_to_their_project_and_run_with_its_scopes(gw):
         file_id,
         got["output_file_id"],
     }
+
+
+def test_priorities_reach_the_engine_and_clients_cannot_jump_the_queue(tied, tmp_path):
+    """--priority-scheduling: each request carries vLLM's `priority`, 0 for interactive keys, 1 for
+    keys of priority batch (and the gateway's own background work); a client's own value is replaced."""
+    with mock_gateway(tied, tmp_path, 500, ("--priority-scheduling",)) as stack:
+        url = stack.url
+        batch = _auth(_key(url, "team-i", "nightly", models=["*"], priority="batch"))
+        user = _auth(_key(url, "team-i", "chat", models=["*"]))
+        for key in (batch, user):
+            body = {"model": "mock", "prompt": "x", "max_tokens": 1, "priority": -100}
+            assert httpx.post(f"{url}/v1/completions", json=body, headers=key, timeout=60).status_code == 200
+        seen = httpx.get(f"{stack.engine_url}/mock/requests").json()
+        assert [r["body"]["priority"] for r in seen[-2:]] == [1, 0]
