@@ -61,7 +61,13 @@ def _commands() -> dict[str, set[str]]:
     flags = {}
     for name in group.list_commands(ctx):
         command = group.get_command(ctx, name)
-        opts = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        # a group (`deltagate keys create ...`): the flags of any of its subcommands
+        subs = (
+            [command.get_command(ctx, s) for s in command.list_commands(ctx)]
+            if hasattr(command, "list_commands")
+            else []
+        )
+        opts = {o for c in (command, *subs) for p in c.params for o in (*p.opts, *p.secondary_opts)}
         flags[name] = opts | {"--help"}
     return flags
 
