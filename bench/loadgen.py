@@ -115,13 +115,14 @@ def vllm_bench(
     models: list[str] | None = None,
     seed: int = 0,
     warmups: int = 0,
+    api_key: str | None = None,
 ) -> dict:
     """Run `vllm bench serve` (ignore_eos, greedy) and return its detailed result.
 
     Prompts: random ones of `input_len` tokens, or the `prompts` JSONL file ({"prompt"} per line,
     sent as written and in order). `models`: the model name of each request in order (vLLM's
     `--lora-modules` with round-robin assignment over a list as long as the run is exactly that
-    schedule).
+    schedule). `api_key`: sent as `Authorization: Bearer` (vLLM's bench reads OPENAI_API_KEY).
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     if prompts is None:
@@ -180,7 +181,8 @@ def vllm_bench(
     if models:
         cmd += ["--lora-modules", *models, "--lora-assignment", "round-robin"]
     out.unlink(missing_ok=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, preexec_fn=_all_cpus)
+    env = {**os.environ, "OPENAI_API_KEY": api_key} if api_key else None
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, preexec_fn=_all_cpus, env=env)
     if done.returncode != 0 or not out.exists():
         raise SystemExit(
             f"vllm bench serve failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -189,9 +191,17 @@ def vllm_bench(
 
 
 def nonstream_bench(
-    url: str, model: str, out: Path, *, num_prompts: int, concurrency: int, output_len: int
+    url: str,
+    model: str,
+    out: Path,
+    *,
+    num_prompts: int,
+    concurrency: int,
+    output_len: int,
+    api_key: str | None = None,
 ) -> dict:
-    """Non-streaming completions at fixed concurrency, in a process of its own."""
+    """Non-streaming completions at fixed concurrency, in a process of its own (`api_key`: sent as
+    `Authorization: Bearer`, through OPENAI_API_KEY)."""
     cmd = [
         PY,
         __file__,
@@ -209,7 +219,8 @@ def nonstream_bench(
         "--out",
         str(out),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "OPENAI_API_KEY": api_key} if api_key else None
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"non-streaming client failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -247,7 +258,10 @@ async def _nonstream(url: str, model: str, num_prompts: int, concurrency: int, o
             tokens += data["usage"]["completion_tokens"]
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as s:
+    key = os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as s:
         await asyncio.gather(*(warmup(s) for _ in range(concurrency)))
         start = time.perf_counter()
         await asyncio.gather(*(worker(s) for _ in range(concurrency)))

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/relay.py                    # 64 and 256 streams, stream + non-stream, 2 repeats
     .venv/bin/python bench/relay.py --concurrency 64 --repeats 3 --modes stream
+    .venv/bin/python bench/relay.py --concurrency 256 --scoped-key   # + a project's key with a limit
 
 The mock engine (loaders/mock_engine.py) streams --tokens-per-second per request and does no
 model work, so what differs between the two columns is the relay. `deltagate serve --engine-url`
@@ -9,7 +10,9 @@ attaches to that same mock. With --ray, a third target: `deltagate serve --ray -
 --mock-engine TPS` (a local Ray; the replica hosts a mock engine of its own). Targets alternate
 (A B C, then C B A, ...) and the figures are medians over repeats. Streaming load is `vllm bench
 serve` (random 32-token prompts, --output-len tokens); non-streaming load is bench/loadgen.py's
-client (latency counted as TTFT).
+client (latency counted as TTFT). With --scoped-key, the gateway runs with an --api-key (its
+"gateway" column sends it) and a fourth target, "scoped", sends a project's key scoped to the model
+with a requests- and tokens-per-minute limit the run never reaches (docs: "Share a gateway").
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ from loadgen import (  # noqa: E402
 from loaders.pico import make_pico_base  # noqa: E402
 
 SERVED = "mock"
+LEGACY_KEY = "bench-key"  # with --scoped-key: the gateway's --api-key
 
 
-def run_once(url: str, mode: str, concurrency: int, args, tokenizer: Path, out: Path) -> dict:
+def run_once(
+    url: str, mode: str, concurrency: int, args, tokenizer: Path, out: Path, key: str | None
+) -> dict:
     num_prompts = args.requests_per_stream * concurrency
     if mode == "stream":
         # warm-up requests open the client's connections on both sides before the timed part
@@ -50,6 +56,7 @@ def run_once(url: str, mode: str, concurrency: int, args, tokenizer: Path, out: 
             input_len=32,
             output_len=args.output_len,
             warmups=concurrency,
+            api_key=key,
         )
         return {
             "tok_s": r["output_throughput"],
@@ -58,7 +65,13 @@ def run_once(url: str, mode: str, concurrency: int, args, tokenizer: Path, out: 
             "failed": r["num_prompts"] - r["completed"],
         }
     r = nonstream_bench(
-        url, SERVED, out, num_prompts=num_prompts, concurrency=concurrency, output_len=args.output_len
+        url,
+        SERVED,
+        out,
+        num_prompts=num_prompts,
+        concurrency=concurrency,
+        output_len=args.output_len,
+        api_key=key,
     )
     return {
         "tok_s": r["output_throughput"],
@@ -79,6 +92,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--requests-per-stream", type=int, default=4, help="requests = this x concurrency")
     parser.add_argument("--ray", action="store_true", help="also `serve --ray` (local Ray, one mock replica)")
+    parser.add_argument(
+        "--scoped-key",
+        action="store_true",
+        help="also through a project's scoped key with an unreached limit",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps logs and JSON (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = parser.parse_args()
@@ -88,16 +106,21 @@ def main() -> None:
     print(f"work dir {work}", flush=True)
     base = make_pico_base(work / "pico") if not (work / "pico" / "config.json").exists() else work / "pico"
     mock = start_mock(SERVED, work, args.tokens_per_second)
-    gateway = start_gateway(["--base", f"{SERVED}={base}", "--engine-url", f"{SERVED}={mock.url}"], work)
+    keyed = ["--api-key", LEGACY_KEY] if args.scoped_key else []
+    gateway = start_gateway(
+        ["--base", f"{SERVED}={base}", "--engine-url", f"{SERVED}={mock.url}", *keyed], work
+    )
     services = [mock, gateway]
     rows = []
     try:
         gateway.wait(120)
-        # target: (URL, CPU seconds of its engine, CPU seconds of the gateway in front of it)
+        # target: (URL, CPU seconds of its engine, CPU seconds of the gateway in front of it, API key)
         targets = {
-            "direct": (mock.url, mock.cpu_seconds, lambda: 0.0),
-            "gateway": (gateway.url, mock.cpu_seconds, gateway.cpu_seconds),
+            "direct": (mock.url, mock.cpu_seconds, lambda: 0.0, None),
+            "gateway": (gateway.url, mock.cpu_seconds, gateway.cpu_seconds, LEGACY_KEY if keyed else None),
         }
+        if args.scoped_key:
+            targets["scoped"] = (gateway.url, mock.cpu_seconds, gateway.cpu_seconds, _scoped_key(gateway.url))
         if args.ray:
             targets["ray"] = _ray_target(base, work, args.tokens_per_second, services)
         for concurrency in args.concurrency:
@@ -106,10 +129,10 @@ def main() -> None:
                 for rep in range(args.repeats):
                     order = list(targets) if rep % 2 == 0 else list(reversed(targets))
                     for target in order:
-                        url, engine_cpu, gateway_cpu = targets[target]
+                        url, engine_cpu, gateway_cpu, key = targets[target]
                         out = work / f"{mode}-c{concurrency}-{target}-{rep}.json"
                         before = (engine_cpu(), gateway_cpu())
-                        r = run_once(url, mode, concurrency, args, base, out)
+                        r = run_once(url, mode, concurrency, args, base, out, key)
                         requests = (args.requests_per_stream + 1) * concurrency  # one warm-up per stream
                         r |= cpu_use(before, (engine_cpu(), gateway_cpu()), requests)
                         runs[target].append(r)
@@ -144,7 +167,18 @@ def _ray_target(base: Path, work: Path, tokens_per_second: float, services: list
     auth = {"Authorization": "Bearer bench-admin"}
     engine = httpx.get(ray.url + "/v1/engines", headers=auth, timeout=30).json()["data"][0]
     print(f"ray: gateway {ray.url}, mock engine {engine['id']} at {engine['url']}", flush=True)
-    return ray.url, lambda: process_cpu_seconds(engine["pid"]), ray.cpu_seconds
+    return ray.url, lambda: process_cpu_seconds(engine["pid"]), ray.cpu_seconds, None
+
+
+def _scoped_key(url: str) -> str:
+    """A key of project `bench`, scoped to the served model, with per-minute limits never reached."""
+    import httpx
+
+    body = {"name": "relay", "models": [SERVED], "limits": {"rpm": 10**9, "tpm": 10**12}}
+    auth = {"Authorization": "Bearer bench-admin"}
+    r = httpx.post(f"{url}/v1/projects/bench/keys", json=body, headers=auth, timeout=30)
+    r.raise_for_status()
+    return r.json()["secret"]
 
 
 def cpu_use(before: tuple, after: tuple, requests: int) -> dict:

@@ -40,7 +40,7 @@ def keys_create(
     """Create a key in PROJECT; its secret is printed once (on stdout), never stored in clear."""
     limits = {"rpm": rpm, "tpm": tpm, "concurrent": concurrent}
     limits |= {"tokens_per_day": tokens_per_day, "tokens_per_month": tokens_per_month}
-    body = {"name": name, "models": model or [f"{project}/*"], "admin": admin, "priority": priority}
+    body = {"name": name, "models": model, "admin": admin, "priority": priority}  # None: PROJECT/*
     body["limits"] = {k: v for k, v in limits.items() if v is not None}
     key = call(admin_client(url, admin_token, state_dir).post(f"/v1/projects/{project}/keys", json=body))
     console.print(f"created {key['id']} ({project}/{name}) for {', '.join(key['models'])}; its secret:")

@@ -242,8 +242,36 @@ class EngineProcess:
             self.spec.pid_path.write_text(f"{self.proc.pid}\n")
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        """Block until /health answers; raise EngineError if the process dies or times out."""
-        wait_healthy(self.url, self.proc, timeout, f"engine for {self.spec.model}", self.spec.log_path)
+        """Block until /health answers; raise EngineError if the process dies or times out.
+
+        A port this process picked (not the spec's) can be taken between its pick and the engine's
+        bind (by any process's connection: ephemeral ports are shared): the engine exits with "Address
+        already in use" and starts again on another port, up to three times."""
+        deadline = time.monotonic() + timeout
+        for attempt in range(4):
+            try:
+                left = max(1.0, deadline - time.monotonic())
+                wait_healthy(self.url, self.proc, left, f"engine for {self.spec.model}", self.spec.log_path)
+                return
+            except EngineError:
+                if attempt == 3 or self.spec.port or not self._port_was_taken():
+                    raise
+                log.warning(
+                    "engine for %s: port %d was taken before it bound it; another", self.spec.model, self.port
+                )
+                self.port = 0
+                self.start()
+
+    def _port_was_taken(self) -> bool:
+        if self.proc is None or self.proc.poll() is None or self.spec.log_path is None:
+            return False
+        try:
+            with open(self.spec.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                return b"address already in use" in f.read().lower()
+        except OSError:
+            return False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

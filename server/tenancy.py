@@ -65,7 +65,7 @@ class KeyCreate(BaseModel):
     project's names, its priority class."""
 
     name: str = Field(min_length=1, max_length=128)
-    models: list[str] = Field(default_factory=lambda: ["*"], max_length=64)
+    models: list[str] | None = Field(None, max_length=64, description="Default: the project's own names")
     admin: bool = False
     priority: str = "interactive"
     limits: Limits = Field(default_factory=Limits)
@@ -162,6 +162,7 @@ class KeyStore(Store):
             "secret_hash": hashed(secret),
             "created_at": time.time(),
             **body.model_dump(),
+            "models": body.models if body.models is not None else [f"{project}/*"],
         }
 
         def work(conn):

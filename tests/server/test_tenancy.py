@@ -44,7 +44,7 @@ def _complete(url: str, model: str, headers: dict) -> httpx.Response:
 def test_a_project_admin_key_manages_its_names_and_nothing_else(gw, tied):
     url = gw[0].url
     admin = _key(url, "team-a", "ops", admin=True)
-    assert admin["models"] == ["*"] and admin["secret"].startswith("dg-")
+    assert admin["models"] == ["team-a/*"] and admin["secret"].startswith("dg-")  # by default, its own
     a = _auth(admin)
     r = httpx.post(f"{url}/v1/deltas", json={"name": "team-a/d", "path": str(tied.delta)}, headers=a)
     assert r.status_code == 201, r.text
