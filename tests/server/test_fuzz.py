@@ -86,6 +86,8 @@ def fuzz_target(tied, tmp_path_factory) -> FuzzTarget:
         body = {"input_file_id": infile.json()["id"], "endpoint": "/v1/completions"}
         batch = httpx.post(url + "/v1/batches", headers={"Authorization": f"Bearer {KEY}"}, json=body)
         assert batch.status_code == 200, batch.text
+        key = httpx.post(url + "/v1/projects/fuzz/keys", headers=admin, json={"name": "k", "models": ["*"]})
+        assert key.status_code == 201, key.text
         REALISTIC.update(
             {
                 "model": ["pico", "pico-inst", "pico-half", "chat"],
@@ -102,6 +104,8 @@ def fuzz_target(tied, tmp_path_factory) -> FuzzTarget:
                 "base": ["pico"],
                 "eval_id": [eval_id],
                 "run_id": [run.json()["id"]],
+                "key_id": [key.json()["id"]],
+                "project": ["fuzz"],
                 "variants": ["pico", "pico-inst"],
                 "path": [str(tied.delta), str(tied.base), "/nonexistent"],
             }
