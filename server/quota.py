@@ -60,7 +60,14 @@ class Limits(BaseModel):
     tokens_per_month: int | None = Field(None, ge=1, description="Tokens per UTC month")
 
     def any(self) -> bool:
-        return any(v is not None for v in self.model_dump().values())
+        """Whether any limit is set (on every request of a key: plain attribute reads)."""
+        return (
+            self.rpm is not None
+            or self.tpm is not None
+            or self.concurrent is not None
+            or self.tokens_per_day is not None
+            or self.tokens_per_month is not None
+        )
 
 
 NO_LIMITS = Limits()
@@ -120,6 +127,7 @@ class RateStore(Store):
 @dataclass
 class _Window:
     entries: deque = field(default_factory=deque)  # [admitted at (monotonic), tokens] of the last WINDOW s
+    token_sum: int = 0  # the entries' tokens (kept as they change: a window may hold thousands)
     inflight: int = 0
     remote: tuple[int, int] = (0, 0)  # the other gateways' (requests, tokens), as last read
     budget: tuple[int, int] = (0, 0)  # (day, month) tokens as last read from the usage table
@@ -127,13 +135,13 @@ class _Window:
 
     def trim(self, now: float) -> None:
         while self.entries and self.entries[0][0] <= now - WINDOW:
-            self.entries.popleft()
+            self.token_sum -= self.entries.popleft()[1]
 
     def requests(self) -> int:
         return len(self.entries) + self.remote[0]
 
     def tokens(self) -> int:
-        return sum(e[1] for e in self.entries) + self.remote[1]
+        return self.token_sum + self.remote[1]
 
 
 class Grant:
@@ -149,7 +157,9 @@ class Grant:
         tokens = int((usage or {}).get("prompt_tokens") or 0) + int(
             (usage or {}).get("completion_tokens") or 0
         )
-        self.entry[1] = tokens
+        if self.entry[0] > time.monotonic() - WINDOW:  # still in the window (else trimmed with 0 tokens)
+            self.entry[1] = tokens
+            window.token_sum += tokens
         window.inflight -= 1
         window.since_read += tokens
 
@@ -234,7 +244,7 @@ class Quotas:
             mine = {}
             for key, window in self._windows.items():
                 window.trim(now)
-                mine[key] = (len(window.entries), sum(e[1] for e in window.entries))
+                mine[key] = (len(window.entries), window.token_sum)
             try:
                 self.write_usage()
                 remote = self.store.exchange(self.front, mine, stale=max(3 * self.poll, 5.0))
