@@ -48,9 +48,9 @@ def check_admin(gateway: Gateway, authorization: str | None) -> Principal:
 async def _check_manages(request: Request, caller: Principal) -> None:
     """403 unless every name the admin call acts on is under `caller`'s project prefix."""
     route = request.scope.get("route")
-    prefix = getattr(getattr(route, "path", None), "split", lambda _: [""])("/{")[0]
+    prefix = getattr(route, "path", request.url.path).split("/{")[0]  # "/v1/variants/{name:path}"
     if prefix not in PROJECT_ROUTES:
-        raise ForbiddenError(f"{prefix or request.url.path} needs the admin token (root)")
+        raise ForbiddenError(f"{prefix} needs the admin token (root)")
     names = [request.path_params["name"]] if "name" in request.path_params else []
     if request.method in ("POST", "PUT") and request.headers.get("content-type", "").startswith(
         "application/json"

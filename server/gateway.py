@@ -286,8 +286,7 @@ class Gateway:
     def model_names(self, caller: Principal = ROOT) -> list[str]:
         """Every model name `caller` may use."""
         state = self.registry.state
-        bases = {name: v.base for name, v in state.variants.items()}
-        return [n for n in self.registry.model_names() if caller.may_use(n, bases.get(n))]
+        return [n for n in self.registry.model_names() if caller.may_use(n, state.base_of(n))]
 
     def default_model(self) -> str:
         """The model a request that names none means: the base, when there is exactly one."""

@@ -129,7 +129,6 @@ async def forward(
     except RateLimitError:  # over one of the key's limits: counted, not sent
         metrics.observe_key(caller, variant, 429, None)
         raise
-    limited = gateway.quotas.headers(caller.name, caller.limits)  # x-ratelimit-* on every answer
     try:
         async with gateway.admission(target, only=only, background=background) as admitted:
             try:
@@ -138,7 +137,8 @@ async def forward(
                 metrics.observe_request(variant, endpoint, 502, time.perf_counter() - start)
                 raise
             engine_id = admitted.engine_id  # the engine answering (metrics' `engine` label: its id)
-            served_by = {ENGINE_HEADER: engine_id, VARIANT_HEADER: variant, **limited}
+            # x-ratelimit-* on every answer of a limited key
+            served_by = {ENGINE_HEADER: engine_id, VARIANT_HEADER: variant, **grant.headers}
             remember = route is RESPONSES and gateway.responses.enabled and upstream.status == 200
             stored = Stored(engine_id, variant, answers_as) if remember else None
             metrics.swap_wait_seconds.labels(variant).observe(time.perf_counter() - start)

@@ -145,10 +145,11 @@ class _Window:
 
 
 class Grant:
-    """One admitted request's place in its key's window: `done(usage)` once, when it ends."""
+    """One admitted request's place in its key's window: `done(usage)` once, when it ends; `headers`:
+    the x-ratelimit-* headers of its answer (counting it)."""
 
-    def __init__(self, window: _Window | None, entry: list | None):
-        self.window, self.entry = window, entry
+    def __init__(self, window: _Window | None, entry: list | None, headers: dict[str, str] | None = None):
+        self.window, self.entry, self.headers = window, entry, headers or {}
 
     def done(self, usage: dict | None) -> None:
         window, self.window = self.window, None
@@ -189,20 +190,16 @@ class Quotas:
         refusal = self._refusal(window, limits, now)
         if refusal is not None:
             message, retry = refusal
-            headers = self.headers(key, limits) | {"Retry-After": str(max(1, math.ceil(retry)))}
+            headers = self._headers(window, limits, now) | {"Retry-After": str(max(1, math.ceil(retry)))}
             raise RateLimitError(f"key {key!r}: {message}; retry in {retry:.0f} s", headers)
         entry = [now, 0]
         window.entries.append(entry)
         window.inflight += 1
-        return Grant(window, entry)
+        return Grant(window, entry, self._headers(window, limits, now))
 
-    def headers(self, key: str, limits: Limits) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for `key`, for its per-minute limits."""
-        window = self._windows.get(key)
-        if limits is NO_LIMITS or window is None or not limits.any():
-            return {}
-        now = time.monotonic()
-        window.trim(now)
+    @staticmethod
+    def _headers(window: _Window, limits: Limits, now: float) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers of the window (trimmed at `now`), for its per-minute limits."""
         reset = f"{max(0.0, window.entries[0][0] + WINDOW - now):.3f}s" if window.entries else "0s"
         out = {}
         for kind, limit, used in (

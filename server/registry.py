@@ -138,6 +138,11 @@ class RegistryState(BaseModel):
             return VariantRecord(name=name, base=name)
         raise unknown_model(name)
 
+    def base_of(self, name: str) -> str:
+        """The base model `name` is served on: a variant's, a base itself, an alias's first target's."""
+        alias = self.aliases.get(name)
+        return self.variant(alias.targets[0].variant if alias else name).base
+
     def deltas_of(self, variant: VariantRecord) -> list[DeltaRecord]:
         """The registered deltas `variant` adds, in order."""
         return [

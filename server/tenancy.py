@@ -245,6 +245,7 @@ class Keys:
     def __init__(self, store: KeyStore, admin_token: str | None, api_keys: list[str], poll: float):
         self.store, self.poll = store, poll
         self._fixed = {hashed(k): LEGACY for k in api_keys}
+        self._api_keyed = bool(api_keys)  # --api-key given: inference needs a key
         if admin_token:
             self._fixed[hashed(admin_token)] = ROOT
         self._stored: dict[str, Principal] = {}
@@ -259,17 +260,17 @@ class Keys:
         stored = self._current()
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
-        found = self._fixed.get(hashed(token)) or stored.get(hashed(token)) if token else None
+        digest = hashed(token) if token else None
+        found = self._fixed.get(digest) or stored.get(digest) if digest else None
         if admin:
             if found is None or not (found.root or found.admin):
                 raise UnauthorizedError(
                     "admin token missing or wrong: send 'Authorization: Bearer <admin token>' "
                     "(or a project key with admin scope)"
                 )
-        elif (
-            found is None or found.root
-        ):  # the admin token is no inference key: it never travels with traffic
-            if len(self._fixed) > (1 if self._has_root() else 0) or self._keyed:
+        # the admin token is no inference key: it never travels with traffic
+        elif found is None or found.root:
+            if self._api_keyed or self._keyed:
                 raise UnauthorizedError(
                     "API key missing or wrong: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
                 )
@@ -289,9 +290,6 @@ class Keys:
     def changed(self) -> None:
         """A key was created, revoked or rotated here: reload at the next call."""
         self._loaded = float("-inf")
-
-    def _has_root(self) -> bool:
-        return any(p.root for p in self._fixed.values())
 
     def _current(self) -> dict[str, Principal]:
         if time.monotonic() - self._loaded < self.poll:

@@ -236,7 +236,8 @@ class BatchService:
 
     def _finish(self, batch_id: str) -> None:
         """The output and error files from what was answered; `completed` (or `cancelled`)."""
-        cancelled = self.get(batch_id)["status"] == "cancelling"
+        batch = self.store.get(batch_id)
+        cancelled, project = batch["status"] == "cancelling", batch.get(PROJECT, "")
         self._update(batch_id, status="finalizing", finalizing_at=int(time.time()))
         # Written by a gateway that died before marking the batch done: used, not written again.
         written = {f["filename"]: f["id"] for f in self.files.list("batch_output")}
@@ -247,7 +248,6 @@ class BatchService:
                 ids[kind] = written[name]
             elif lines:
                 data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-                project = self.store.get(batch_id).get(PROJECT, "")
                 ids[kind] = self.files.add(data, name, "batch_output", project)["id"]
         now = int(time.time())
         end = (

@@ -40,15 +40,11 @@ def _model(gateway: Gateway, name: str, caller: Principal) -> dict:
     """One model as OpenAI lists it, and the base it is served on (a base: itself); an alias also
     lists its targets' shares (`base`: its first target's). 404 if `caller` may not use it."""
     state = gateway.registry.snapshot(name)
-    alias = state.aliases.get(name)
-    if alias is None:
-        base = state.variant(name).base
-        if not caller.may_use(name, base):
-            raise unknown_model(name)
-        return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
-    base = state.variant(alias.targets[0].variant).base
+    alias, base = state.aliases.get(name), state.base_of(name)
     if not caller.may_use(name, base):
         raise unknown_model(name)
+    if alias is None:
+        return {"id": name, "object": "model", "created": _STARTED, "owned_by": "deltagate", "base": base}
     return {
         "id": name,
         "object": "model",
