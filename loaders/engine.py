@@ -12,9 +12,11 @@ import importlib.metadata
 import json
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +82,41 @@ class EngineSpec:
     mock_tokens_per_second: float | None = None  # benches: loaders/mock_engine.py instead of vLLM
 
 
+_handed_out: set[int] = set()
+_handing = threading.Lock()
+_pick = random.SystemRandom()  # never the same sequence in two processes (tests seed `random`)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, for a server this process starts: drawn below the kernel's
+    ephemeral range. The port binding 0 gives is from that range, the one every outgoing connection
+    of any process draws from, so it could be taken between the pick and the server's bind (CI saw
+    "address already in use" for an engine's and a gateway's port); one below it is only ever taken
+    by a server binding it by number. Never the same port twice in one process."""
+    low = _ephemeral_low()
+    with _handing:
+        for _ in range(200 if low > 2048 else 0):
+            port = _pick.randrange(max(1024, low - 12000), low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # nothing free below the range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (Linux; 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def checkpoint_config(model_dir: str) -> dict:

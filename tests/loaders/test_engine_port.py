@@ -1,4 +1,5 @@
-"""An engine whose port was taken between its pick and its bind starts again on another one."""
+"""Ports for the servers a gateway starts: picked where no connection takes them, and an engine whose
+port was taken between its pick and its bind starts again on another one."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def test_a_taken_port_is_replaced(tmp_path):
     finally:
         proc.stop()
         taken.close()
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_repeat():
+    """No outgoing connection can take a picked port before its server binds it (CI saw that)."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < low for p in ports)
+    for port in ports[:20]:  # each one free to bind
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
