@@ -21,8 +21,10 @@ from loadgen import Service, start_gateway, vllm_bench  # noqa: E402
 from loaders.engine import EngineProcess, EngineSpec  # noqa: E402
 
 ADMIN = "bench-admin"
+DONE = ("completed", "failed", "canceled", "cancelled", "expired")  # a job's end states
 LORA_ENGINE = ("--enable-lora", "--max-loras", "2", "--max-lora-rank", "16")
 LORA_GATEWAY = ["--lora-slots", "2", "--max-lora-rank", "16"]
+PRIORITY_ENGINE = ("--scheduling-policy", "priority")  # what `serve --priority-scheduling` starts with
 GENERAL = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -56,6 +58,7 @@ class Run:
     diverged: int = 0
     requests: int = 0
     failed_after_kill: int = -1  # replicas-kill: failed requests that started after the kill (-1: none)
+    background_done_s: float = -1.0  # priorities: s from the online run's end to its job's (-1: none)
     swap_events: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -74,12 +77,13 @@ class Bench:
         self.refs: dict[str, list[str]] = {}
         self.lane_refs: dict[str, dict[str, list[str]]] = {}  # lane -> the low-rank models' references
         self.cluster = False  # serving through Ray Serve (scenario replicas)
+        self.priorities = "priorities" in args.scenarios  # the engine and the gateway: on for the run
         spec = EngineSpec(
             model=str(base),
             served_name=self.name,
             max_model_len=1024,
             log_path=work / "engine.log",
-            extra_args=LORA_ENGINE if lowrank else (),
+            extra_args=(LORA_ENGINE if lowrank else ()) + (PRIORITY_ENGINE if self.priorities else ()),
         )
         self.engine = EngineProcess(spec)
         self.engines = {"incremental": self.engine}  # scenario swaps: one engine per swap design
@@ -106,6 +110,8 @@ class Bench:
             f"{self.models[3]}={d}:1.5",
             *extra,
         ]
+        if self.priorities:
+            args.append("--priority-scheduling")
         if self.lowrank:
             args += [
                 "--variant",
@@ -294,12 +300,13 @@ class Bench:
         distinct = len({tuple(v) for v in self.refs.values()})
         say(f"  {distinct} of {len(self.models)} models give distinct answer sets")
 
-    def start_eval(self, variant: str) -> tuple[str, str]:
-        """Start an eval run on `variant` (GSM8K 5-shot, 2 in flight); return once it has graded items."""
+    def start_eval(self, variant: str, limit: int | None = None) -> tuple[str, str]:
+        """Start an eval run on `variant` (GSM8K 5-shot, 2 in flight; all 1314 items, which outlasts the
+        load, or `limit` of them); return once it has graded items."""
         auth = {"Authorization": f"Bearer {ADMIN}"}
         body = {"name": "beside online traffic", "data_source": {"type": "builtin", "task": "gsm8k"}}
         eval_id = httpx.post(self.gateway.url + "/v1/evals", json=body, headers=auth).json()["id"]
-        run = {"variants": [variant], "max_tokens": 64, "concurrency": 2}  # all 1314 items: outlasts the load
+        run = {"variants": [variant], "max_tokens": 64, "concurrency": 2, "limit": limit}
         r = httpx.post(f"{self.gateway.url}/v1/evals/{eval_id}/runs", json=run, headers=auth)
         r.raise_for_status()
         ids = eval_id, r.json()["id"]
@@ -318,8 +325,9 @@ class Bench:
         overlap = "still running" if progress["done"] < progress["total"] else "FINISHED EARLY: no overlap"
         say(f"    eval beside it: {progress['done']}/{progress['total']} items graded, {overlap}; canceled")
 
-    def start_rebase(self, variant: str) -> str:
-        """Start a rebase of `variant` onto θ′ (registered once); return once its eval has graded items."""
+    def start_rebase(self, variant: str, items: int = 100) -> str:
+        """Start a rebase of `variant` onto θ′ (registered once; `items` validation and as many holdout
+        problems: 100 outlast the load); return once its eval has graded items."""
         from training.cpt import continue_pretraining
         from training.paramdelta_table import CPT
 
@@ -340,8 +348,8 @@ class Bench:
             "variants": [variant],
             "eval_id": eval_id,
             "alphas": [0.5, 1.0, 1.5],
-            "validation": 100,
-            "holdout": 100,
+            "validation": items,
+            "holdout": items,
             "max_tokens": 8,
             "gate": {"min_difference": -1},
             "concurrency": 2,
@@ -363,9 +371,53 @@ class Bench:
             f"{job['progress']['total']} items of the phase; canceled"
         )
         time.sleep(1.0)  # its eval run is canceled by the job (it polls twice a second), which then stops
+        self._delete_candidates(job)
+
+    def _delete_candidates(self, job: dict) -> None:
+        auth = {"Authorization": f"Bearer {ADMIN}"}
         for entry in job["report"]["variants"].values():
             for name in {*entry["candidates"].values(), entry["variant"]} - {None}:
-                httpx.delete(f"{url}/v1/variants/{name}", headers=auth)
+                httpx.delete(f"{self.gateway.url}/v1/variants/{name}", headers=auth)
+
+    def start_batch(self, variant: str, n: int) -> str:
+        """Start a Batch API batch of `n` completions on `variant` (the bench's prompts, --output-len
+        tokens each); return once it is in progress."""
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        prompts = [json.loads(x)["prompt"] for x in self.prompts.read_text().splitlines()]
+        out = self.args.output_len
+        lines = [
+            {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
+            for i in range(n)
+            for body in [{"model": variant, "prompt": prompts[i % len(prompts)], "max_tokens": out}]
+        ]
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        files = {"file": ("batch.jsonl", data)}
+        url = self.gateway.url
+        uploaded = httpx.post(f"{url}/v1/files", files=files, data={"purpose": "batch"}, headers=auth)
+        file_id = uploaded.json()["id"]
+        body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+        r = httpx.post(f"{url}/v1/batches", json=body, headers=auth)
+        r.raise_for_status()
+        return r.json()["id"]
+
+    def finish(self, kind: str, job, timeout: float = 1800.0) -> float:
+        """Wait for a background job started above (kind rebase, eval or batch) to complete; the
+        seconds it took from this call. Its rebase candidates are deleted after."""
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        url = self.gateway.url
+        where = f"{url}/v1/evals/{job[0]}/runs/{job[1]}" if kind == "eval" else f"{url}/v1/{kind}es/{job}"
+        start = time.monotonic()
+        while (state := httpx.get(where, headers=auth, timeout=60).json())["status"] not in DONE:
+            if time.monotonic() - start > timeout:
+                raise SystemExit(f"the {kind} beside the load did not finish in {timeout:.0f} s: {state}")
+            time.sleep(0.5)
+        took = time.monotonic() - start
+        if state["status"] != "completed":
+            raise SystemExit(f"the {kind} beside the load ended {state['status']}: {state}")
+        say(f"    the {kind} beside it completed {took:.1f} s after the online load")
+        if kind == "rebase":
+            self._delete_candidates(state)
+        return took
 
     def _eval_progress(self, ids: tuple[str, str]) -> dict:
         r = httpx.get(

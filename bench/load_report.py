@@ -59,7 +59,13 @@ def report(runs: list[Run], work: Path, args) -> None:
                 f"online beside {what}: TTFT p50 {p50[key]:.0f} vs {p50['alone']:.0f} ms alone, "
                 f"{tok[key]:.1f} vs {tok['alone']:.1f} tok/s (medians of {len(beside['alone'])} runs)"
             )
-    lines += _policy_lines(runs) + _swap_lines(runs) + _lane_lines(runs) + _replica_lines(runs)
+    lines += (
+        _priority_lines(runs)
+        + _policy_lines(runs)
+        + _swap_lines(runs)
+        + _lane_lines(runs)
+        + _replica_lines(runs)
+    )
     checked = [r for r in runs if r.target == "gateway"]
     lines.append(
         f"answers checked: {sum(r.exact for r in checked)} exact, "
@@ -71,6 +77,30 @@ def report(runs: list[Run], work: Path, args) -> None:
     print("\n" + text, flush=True)
     plot(runs, work)
     say(f"results in {work}")
+
+
+def _priority_lines(runs: list[Run]) -> list[str]:
+    """Priorities on: online TTFT beside each background job against alone (medians of the repeats),
+    and how long each job took to finish after the online load."""
+    alone = [r for r in runs if r.scenario == "priorities" and r.schedule == "alone"]
+    if not alone:
+        return []
+    p99 = statistics.median(r.ttft_p99_ms for r in alone)
+    tok = statistics.median(r.tok_s for r in alone)
+    lines = [
+        f"priorities on, online alone: TTFT p99 {p99:.0f} ms, {tok:.1f} tok/s (median of {len(alone)} runs)"
+    ]
+    for what in ("rebase", "eval", "batch"):
+        beside = [r for r in runs if r.scenario == "priorities" and r.schedule == f"with-{what}"]
+        if beside:
+            b99 = statistics.median(r.ttft_p99_ms for r in beside)
+            done = ", ".join(f"{r.background_done_s:.0f}" for r in beside)
+            lines.append(
+                f"priorities on, online beside a {what}: TTFT p99 {b99:.0f} ms (x{b99 / p99:.2f} of alone), "
+                f"{statistics.median(r.tok_s for r in beside):.1f} tok/s; the {what} completed {done} s "
+                f"after the online load (medians of {len(beside)} runs)"
+            )
+    return lines
 
 
 def _policy_lines(runs: list[Run]) -> list[str]:

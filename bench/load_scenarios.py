@@ -104,6 +104,31 @@ def rebase(p: Plan) -> list[Run]:
     return _beside(p, "rebase", "rebase", p.bench.start_rebase, p.bench.cancel_rebase)
 
 
+def priorities(p: Plan) -> list[Run]:
+    """Online load alone and beside each kind of background work on its variant, with priorities on
+    (the engine's priority scheduling, the swap policy's background class); each job is then left to
+    finish, and how long that took is said."""
+    b, runs = p.bench, []
+    say(f"priorities: online traffic on {b.models[1]} alone and beside a rebase, an eval run, a batch")
+    jobs = {
+        "rebase": lambda: b.start_rebase(b.models[1], items=20),
+        "eval": lambda: b.start_eval(b.models[1], limit=24),
+        "batch": lambda: b.start_batch(b.models[1], 2 * p.n),
+    }
+    order = ["alone", *jobs]
+    for rep in range(p.args.repeats):
+        for what in order if rep % 2 == 0 else order[::-1]:
+            job = jobs[what]() if what in jobs else None
+            kind = f"with-{what}" if job else "alone"
+            run = b.run(
+                f"priorities-{what}-{rep}", "priorities", [b.models[1]] * p.n, concurrency=p.c, kind=kind
+            )
+            if job:
+                run.background_done_s = b.finish(what, job)
+            runs.append(run)
+    return runs
+
+
 def swaps(p: Plan) -> list[Run]:
     b = p.bench
     say("swap design: before (full reload in the pause) vs after (incremental, staged)")
@@ -153,6 +178,7 @@ SCENARIOS: dict[str, Callable[[Plan], list[Run]]] = {
     "change": change,
     "eval": eval_,
     "rebase": rebase,
+    "priorities": priorities,
     "swaps": swaps,
     "policy": policy,
     "lanes": lanes,

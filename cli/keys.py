@@ -18,30 +18,50 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 
 
+Models = Annotated[
+    list[str] | None,
+    typer.Option(help="A model it may use: NAME, PREFIX/* or base:BASE (every variant of it); repeat"),
+]
+Rpm = Annotated[int | None, typer.Option(help="Requests per minute")]
+Tpm = Annotated[int | None, typer.Option(help="Tokens (prompt + completion) per minute")]
+Concurrent = Annotated[int | None, typer.Option(help="Requests in flight at once")]
+PerDay = Annotated[int | None, typer.Option(help="Tokens per UTC day")]
+PerMonth = Annotated[int | None, typer.Option(help="Tokens per UTC month")]
+
+
+def _limits(**given: int | None) -> dict[str, int]:
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _said(limits: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in _limits(**limits).items()) or "no limits"
+
+
 @keys_app.command("create")
 def keys_create(
     project: str,
     name: str,
-    model: Annotated[
-        list[str] | None,
-        typer.Option(help="A model it may use: NAME, PREFIX/* or base:BASE (every variant of it); repeat"),
-    ] = None,
+    model: Models = None,
     admin: Annotated[bool, typer.Option(help="Also manage the project's names (PROJECT/...)")] = False,
     priority: Annotated[str, typer.Option(help="interactive or batch")] = "interactive",
-    rpm: Annotated[int | None, typer.Option(help="Requests per minute")] = None,
-    tpm: Annotated[int | None, typer.Option(help="Tokens (prompt + completion) per minute")] = None,
-    concurrent: Annotated[int | None, typer.Option(help="Requests in flight at once")] = None,
-    tokens_per_day: Annotated[int | None, typer.Option(help="Tokens per UTC day")] = None,
-    tokens_per_month: Annotated[int | None, typer.Option(help="Tokens per UTC month")] = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    concurrent: Concurrent = None,
+    tokens_per_day: PerDay = None,
+    tokens_per_month: PerMonth = None,
     url: Url = GATEWAY,
     admin_token: Token = None,
     state_dir: StateDir = None,
 ) -> None:
     """Create a key in PROJECT; its secret is printed once (on stdout), never stored in clear."""
-    limits = {"rpm": rpm, "tpm": tpm, "concurrent": concurrent}
-    limits |= {"tokens_per_day": tokens_per_day, "tokens_per_month": tokens_per_month}
     body = {"name": name, "models": model, "admin": admin, "priority": priority}  # None: PROJECT/*
-    body["limits"] = {k: v for k, v in limits.items() if v is not None}
+    body["limits"] = _limits(
+        rpm=rpm,
+        tpm=tpm,
+        concurrent=concurrent,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+    )
     key = call(admin_client(url, admin_token, state_dir).post(f"/v1/projects/{project}/keys", json=body))
     console.print(f"created {key['id']} ({project}/{name}) for {', '.join(key['models'])}; its secret:")
     print(key["secret"])
@@ -75,6 +95,74 @@ def keys_list(
             _when(k["revoked_at"]),
         )
     console.print(table)
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: str,
+    model: Models = None,
+    admin: Annotated[
+        bool | None, typer.Option("--admin/--no-admin", help="Manage the project's names")
+    ] = None,
+    priority: Annotated[str | None, typer.Option(help="interactive or batch")] = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    concurrent: Concurrent = None,
+    tokens_per_day: PerDay = None,
+    tokens_per_month: PerMonth = None,
+    no_limits: Annotated[bool, typer.Option("--no-limits", help="Drop every limit of the key")] = False,
+    url: Url = GATEWAY,
+    admin_token: Token = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Change a key: models given replace its models; limits given change those limits, keeping the others."""
+    client = admin_client(url, admin_token, state_dir)
+    body: dict = {"models": model, "admin": admin, "priority": priority}
+    given = _limits(
+        rpm=rpm,
+        tpm=tpm,
+        concurrent=concurrent,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+    )
+    if no_limits or given:
+        kept = {} if no_limits else call(client.get(f"/v1/keys/{key_id}"))["limits"]
+        body["limits"] = _limits(**kept) | given
+    body = {k: v for k, v in body.items() if v is not None}
+    if not body:
+        raise typer.BadParameter("nothing to change: give --model, --admin/--no-admin, --priority or a limit")
+    key = call(client.patch(f"/v1/keys/{key_id}", json=body))
+    models = ", ".join(key["models"])
+    console.print(f"updated {key_id} ({key['project']}/{key['name']}): {models}; {_said(key['limits'])}")
+
+
+@keys_app.command("project-limits")
+def keys_project_limits(
+    project: str,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    concurrent: Concurrent = None,
+    tokens_per_day: PerDay = None,
+    tokens_per_month: PerMonth = None,
+    no_limits: Annotated[bool, typer.Option("--no-limits", help="Drop every limit of the project")] = False,
+    url: Url = GATEWAY,
+    admin_token: Token = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Show PROJECT's limits over all its keys, or change them (limits given; the others kept)."""
+    client = admin_client(url, admin_token, state_dir)
+    path = f"/v1/projects/{project}/limits"
+    given = _limits(
+        rpm=rpm,
+        tpm=tpm,
+        concurrent=concurrent,
+        tokens_per_day=tokens_per_day,
+        tokens_per_month=tokens_per_month,
+    )
+    got = call(client.get(path))
+    if no_limits or given:
+        got = call(client.put(path, json=({} if no_limits else _limits(**got["limits"])) | given))
+    console.print(f"project {project}: {_said(got['limits'])} (over all its keys, beside each key's own)")
 
 
 @keys_app.command("revoke")

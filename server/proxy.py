@@ -125,7 +125,7 @@ async def forward(
     if gateway.settings.priority_scheduling:  # vLLM: lower is earlier; a client's own is not trusted
         payload["priority"] = int(background)
     try:
-        grant = gateway.quotas.admit(caller.name, caller.limits)
+        grant = gateway.quotas.admit(caller.quotas())
     except RateLimitError:  # over one of the key's limits: counted, not sent
         metrics.observe_key(caller, variant, 429, None)
         raise

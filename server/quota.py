@@ -1,4 +1,6 @@
-"""Limits per key: requests and tokens per minute, concurrent requests, tokens per day and per month.
+"""Limits per key and per project: requests and tokens per minute, concurrent requests, tokens per
+day and per month. A request counts in its key's window and in its project's (each where limited) and
+is admitted only while both are under their limits.
 
 Per minute: a sliding window of the last 60 s of admitted requests (and the tokens each used, known
 when it ends: the engine's usage), so a closed loop far over the limit gets exactly `rpm` requests
@@ -41,7 +43,7 @@ rate_windows = sa.Table(
     "rate_windows",
     metadata,
     sa.Column("front", sa.String(32), primary_key=True),
-    sa.Column("key", sa.String(200), primary_key=True),  # the key's name (PROJECT/NAME)
+    sa.Column("key", sa.String(200), primary_key=True),  # the window: a key (PROJECT/NAME) or a PROJECT
     sa.Column("requests", sa.Integer, nullable=False),
     sa.Column("tokens", sa.BigInteger, nullable=False),
     sa.Column("written_at", sa.Float, nullable=False),
@@ -49,7 +51,7 @@ rate_windows = sa.Table(
 
 
 class Limits(BaseModel):
-    """A key's limits (none: unlimited)."""
+    """A key's or a project's limits (none: unlimited)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -101,27 +103,30 @@ class RateStore(Store):
 
         return self._run(work)
 
-    def budget_used(self, keys: list[str]) -> dict[str, tuple[int, int]]:
-        """Tokens each key used this UTC day and this UTC month, summed over every gateway."""
+    def budget_used(self, names: list[str]) -> dict[str, tuple[int, int]]:
+        """Tokens each window (a key PROJECT/NAME, or a PROJECT) used this UTC day and this UTC month,
+        summed over every gateway."""
         from server.usage import usage_table
 
-        if not keys:
-            return {}
         now = datetime.now(UTC)
         day = now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
         month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
         c = usage_table.c
         tokens = c.prompt_tokens + c.completion_tokens
-        query = (
-            sa.select(
-                c.key,
-                sa.func.sum(sa.case((c.hour >= day, tokens), else_=0)),
-                sa.func.sum(tokens),
+        day_and_month = (sa.func.sum(sa.case((c.hour >= day, tokens), else_=0)), sa.func.sum(tokens))
+        queries = [
+            sa.select(column, *day_and_month).where(column.in_(chosen), c.hour >= month).group_by(column)
+            for column, chosen in (
+                (c.key, [n for n in names if "/" in n]),
+                (c.project, [n for n in names if "/" not in n]),
             )
-            .where(c.key.in_(keys), c.hour >= month)
-            .group_by(c.key)
-        )
-        return self._run(lambda conn: {k: (int(d or 0), int(m or 0)) for k, d, m in conn.execute(query)})
+            if chosen
+        ]
+
+        def work(conn):
+            return {k: (int(d or 0), int(m or 0)) for q in queries for k, d, m in conn.execute(q)}
+
+        return self._run(work) if queries else {}
 
 
 @dataclass
@@ -145,27 +150,26 @@ class _Window:
 
 
 class Grant:
-    """One admitted request's place in its key's window: `done(usage)` once, when it ends; `headers`:
-    the x-ratelimit-* headers of its answer (counting it)."""
+    """One admitted request's place in its windows (its key's, its project's): `done(usage)` once, when
+    it ends; `headers`: the x-ratelimit-* headers of its answer (counting it)."""
 
-    def __init__(self, window: _Window | None, entry: list | None, headers: dict[str, str] | None = None):
-        self.window, self.entry, self.headers = window, entry, headers or {}
+    def __init__(self, places: list[tuple[_Window, list]], headers: dict[str, str] | None = None):
+        self.places, self.headers = places, headers or {}
 
     def done(self, usage: dict | None) -> None:
-        window, self.window = self.window, None
-        if window is None:
-            return
+        places, self.places = self.places, []
         tokens = int((usage or {}).get("prompt_tokens") or 0) + int(
             (usage or {}).get("completion_tokens") or 0
         )
-        if self.entry[0] > time.monotonic() - WINDOW:  # still in the window (else trimmed with 0 tokens)
-            self.entry[1] = tokens
-            window.token_sum += tokens
-        window.inflight -= 1
-        window.since_read += tokens
+        for window, entry in places:
+            if entry[0] > time.monotonic() - WINDOW:  # still in the window (else trimmed with 0 tokens)
+                entry[1] = tokens
+                window.token_sum += tokens
+            window.inflight -= 1
+            window.since_read += tokens
 
 
-UNLIMITED = Grant(None, None)
+UNLIMITED = Grant([])
 
 
 class Quotas:
@@ -178,24 +182,34 @@ class Quotas:
         self._exchanged = float("-inf")
         self._lock = threading.Lock()
 
-    def admit(self, key: str, limits: Limits) -> Grant:
-        """A place for one request of `key` under `limits`, or a 429 saying which limit and when to retry."""
-        if limits is NO_LIMITS or not limits.any():
+    def admit(self, quotas: list[tuple[str, Limits]]) -> Grant:
+        """A place for one request in each of its windows (name, limits: Principal.quotas), or a 429
+        saying which limit of which and when to retry. The headers are the first window's (the key's
+        where it is limited)."""
+        if not quotas:
             return UNLIMITED
-        self._limits[key] = limits
-        window = self._windows.setdefault(key, _Window())
+        for name, limits in quotas:
+            self._limits[name] = limits
+            self._windows.setdefault(name, _Window())
         self._exchange()
         now = time.monotonic()
-        window.trim(now)
-        refusal = self._refusal(window, limits, now)
-        if refusal is not None:
-            message, retry = refusal
-            headers = self._headers(window, limits, now) | {"Retry-After": str(max(1, math.ceil(retry)))}
-            raise RateLimitError(f"key {key!r}: {message}; retry in {retry:.0f} s", headers)
-        entry = [now, 0]
-        window.entries.append(entry)
-        window.inflight += 1
-        return Grant(window, entry, self._headers(window, limits, now))
+        for name, limits in quotas:
+            window = self._windows[name]
+            window.trim(now)
+            refusal = self._refusal(window, limits, now)
+            if refusal is not None:
+                message, retry = refusal
+                headers = self._headers(window, limits, now) | {"Retry-After": str(max(1, math.ceil(retry)))}
+                what = "key" if "/" in name else "project"
+                raise RateLimitError(f"{what} {name!r}: {message}; retry in {retry:.0f} s", headers)
+        places = []
+        for name, _ in quotas:
+            entry = [now, 0]
+            self._windows[name].entries.append(entry)
+            self._windows[name].inflight += 1
+            places.append((self._windows[name], entry))
+        first, limits = self._windows[quotas[0][0]], quotas[0][1]
+        return Grant(places, self._headers(first, limits, now))
 
     @staticmethod
     def _headers(window: _Window, limits: Limits, now: float) -> dict[str, str]:

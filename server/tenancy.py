@@ -33,9 +33,9 @@ import uuid
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.errors import BadRequestError, ConflictError, NotFoundError, UnauthorizedError
+from server.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError, UnauthorizedError
 from server.quota import NO_LIMITS, Limits
 from server.statedb import Store, metadata
 
@@ -59,6 +59,14 @@ api_keys = sa.Table(
     sa.Column("revoked_at", sa.Float, nullable=True),
 )
 
+projects = sa.Table(  # a project's own limits, over all its keys (a project exists by its keys alone)
+    "projects",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("limits", sa.JSON, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
 
 class KeyCreate(BaseModel):
     """A key to create in a project: its name, the models it may use, whether it administers the
@@ -76,6 +84,32 @@ class KeyCreate(BaseModel):
         if value not in PRIORITIES:
             raise ValueError(f"priority is one of {', '.join(PRIORITIES)}")
         return value
+
+
+class KeyUpdate(BaseModel):
+    """What to change on a live key (each field given replaces the key's: `limits` as a whole)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] | None = Field(None, min_length=1, max_length=64)
+    admin: bool | None = None
+    priority: str | None = None
+    limits: Limits | None = None
+
+    @field_validator("priority")
+    @classmethod
+    def _known_priority(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRIORITIES:
+            raise ValueError(f"priority is one of {', '.join(PRIORITIES)}")
+        return value
+
+
+class ProjectLimits(BaseModel):
+    """A project's limits over all its keys' requests, beside each key's own."""
+
+    project: str
+    limits: Limits
+    updated_at: float | None = None
 
 
 class KeyPublic(BaseModel):
@@ -124,6 +158,15 @@ class Principal:
     priority: str = "interactive"
     key_id: str | None = None
     limits: Limits = field(default_factory=lambda: NO_LIMITS)
+    project_limits: Limits = field(default_factory=lambda: NO_LIMITS)  # the project's, over all its keys
+
+    def quotas(self) -> list[tuple[str, Limits]]:
+        """The windows a request of this caller counts in: its key's and its project's, where limited
+        (window names: PROJECT/NAME for a key, PROJECT for a project)."""
+        out = [(self.name, self.limits)] if self.limits.any() else []
+        if self.project is not None and self.project_limits.any():
+            out.append((self.project, self.project_limits))
+        return out
 
     def may_use(self, name: str, base: str | None = None) -> bool:
         """Whether inference on model `name` (a variant of `base`, or a base) is in scope."""
@@ -132,6 +175,13 @@ class Principal:
     def may_manage(self, name: str) -> bool:
         """Whether this caller may register, change or delete `name`."""
         return self.root or (self.admin and self.project is not None and name.startswith(self.project + "/"))
+
+
+def not_managed(caller: Principal, name: str) -> ForbiddenError:
+    """The 403 for a name outside what `caller` manages."""
+    return ForbiddenError(
+        f"key {caller.name!r} manages only names under {caller.project}/; {name!r} is not one"
+    )
 
 
 ROOT = Principal("root", root=True)
@@ -206,10 +256,49 @@ class KeyStore(Store):
         self._run(lambda conn: conn.execute(update))
         return KeyCreated(**key.model_dump(), secret=secret)
 
+    def update(self, key_id: str, body: KeyUpdate) -> KeyPublic:
+        """Change a live key's scopes, class or limits (every front follows within a poll)."""
+        if self.get(key_id).revoked_at is not None:
+            raise ConflictError(f"key {key_id!r} is revoked; create a new one")
+        values = body.model_dump(exclude_unset=True, exclude_none=True)
+        if values:
+            update = api_keys.update().where(api_keys.c.id == key_id).values(**values)
+            self._run(lambda conn: conn.execute(update))
+        return self.get(key_id)
+
+    def project_limits(self, project: str) -> ProjectLimits:
+        """A project's limits (none set: no limits)."""
+        check_project(project)
+        query = sa.select(projects).where(projects.c.name == project)
+        row = self._run(lambda conn: conn.execute(query).first())
+        if row is None:
+            return ProjectLimits(project=project, limits=Limits())
+        return ProjectLimits(project=project, limits=Limits(**row.limits), updated_at=row.updated_at)
+
+    def set_project_limits(self, project: str, limits: Limits) -> ProjectLimits:
+        """Set (replace) a project's limits."""
+        check_project(project)
+        values = {"limits": limits.model_dump(exclude_none=True), "updated_at": time.time()}
+
+        def work(conn):
+            where = projects.c.name == project
+            if conn.execute(projects.update().where(where).values(**values)).rowcount == 0:
+                conn.execute(projects.insert().values(name=project, **values))
+
+        self._run(work)
+        return self.project_limits(project)
+
     def live(self) -> tuple[dict[str, Principal], bool]:
         """Secret hash -> principal for every key not revoked; whether any key was ever made."""
-        rows = self._run(lambda conn: list(conn.execute(sa.select(api_keys)).mappings()))
-        return {r["secret_hash"]: _principal(r) for r in rows if r["revoked_at"] is None}, bool(rows)
+
+        def work(conn):
+            return list(conn.execute(sa.select(api_keys)).mappings()), {
+                r.name: Limits(**r.limits) for r in conn.execute(sa.select(projects))
+            }
+
+        rows, limits = self._run(work)
+        live = {r["secret_hash"]: _principal(r, limits) for r in rows if r["revoked_at"] is None}
+        return live, bool(rows)
 
     def touch(self, used: dict[str, float]) -> None:
         """Record last-used times (key id -> time)."""
@@ -226,7 +315,7 @@ def _public(row) -> KeyPublic:
     return KeyPublic(**{k: v for k, v in dict(row).items() if k != "secret_hash"})
 
 
-def _principal(row) -> Principal:
+def _principal(row, project_limits: dict[str, Limits]) -> Principal:
     return Principal(
         f"{row['project']}/{row['name']}",
         row["project"],
@@ -235,6 +324,7 @@ def _principal(row) -> Principal:
         priority=row["priority"],
         key_id=row["id"],
         limits=Limits(**(row["limits"] or {})),
+        project_limits=project_limits.get(row["project"], NO_LIMITS),
     )
 
 

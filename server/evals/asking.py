@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from contextvars import ContextVar
 
 from loaders.engine import EngineError
 from loaders.fidelity import Probe, agreement
@@ -21,6 +22,11 @@ from server.evals.tasks import TaskSpec
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.schemas import InferenceBody
+from server.tenancy import ROOT, Principal
+
+# Whose requests a run's items are: set once in the run's task (EvalService._execute) and inherited by
+# the item tasks it gathers, so the asker, shared by every run, needs no caller argument on each path.
+CALLER: ContextVar[Principal] = ContextVar("eval_caller", default=ROOT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +193,8 @@ class Asker:
 
         body = InferenceBody.model_validate(payload)
         route = CHAT if chat else COMPLETIONS
-        resp = await forward(self.gateway, self.metrics, body, {}, route, background=True)  # yields to users
+        caller = CALLER.get()  # yields to users (background), with the scopes of the run's key
+        resp = await forward(self.gateway, self.metrics, body, {}, route, caller=caller, background=True)
         data = json.loads(resp.body)
         if resp.status_code != 200:
             message = data.get("error", {}).get("message", data) if isinstance(data, dict) else data

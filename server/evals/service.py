@@ -21,7 +21,7 @@ import uuid
 from deltas.store import materialize, named_digest
 from server import leases
 from server.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
-from server.evals.asking import Asker, ReferenceProbe
+from server.evals.asking import CALLER, Asker, ReferenceProbe
 from server.evals.results import output_items, run_result
 from server.evals.sandbox import Limits
 from server.evals.schemas import (
@@ -50,6 +50,7 @@ from server.evals.tasks import (
 from server.gateway import Gateway
 from server.leases import ACTIVE
 from server.metrics import Metrics
+from server.tenancy import ROOT, Principal
 
 log = logging.getLogger("deltagate.evals")
 
@@ -97,18 +98,25 @@ class EvalService:
         await leases.stop(self._follower, self._tasks)
 
     # evals
-    def create_eval(self, body: EvalCreate) -> dict:
+    def create_eval(self, body: EvalCreate, caller: Principal = ROOT) -> dict:
+        """A new eval, `caller`'s project's (root's: no project's)."""
         self._check_execution(self.task_of(body))  # a built-in task's data must load
-        return self.store.eval(self.store.add_eval(body.model_dump()))
+        return self.store.eval(self.store.add_eval(body.model_dump(), caller.project))
 
-    def get_eval(self, eval_id: str) -> dict:
+    def get_eval(self, eval_id: str, caller: Principal = ROOT) -> dict:
+        """An eval `caller` may see (root: every one; a project admin key: its project's), else 404."""
         row = self.store.eval(eval_id)
-        if row is None:
+        if row is None or not self.visible(row, caller):
             raise NotFoundError(f"eval {eval_id!r} not found")
         return row
 
-    def delete_eval(self, eval_id: str) -> None:
-        self.get_eval(eval_id)
+    @staticmethod
+    def visible(row: dict, caller: Principal) -> bool:
+        """Whether `caller` may see eval `row`."""
+        return caller.root or (caller.project is not None and row["project"] == caller.project)
+
+    def delete_eval(self, eval_id: str, caller: Principal = ROOT) -> None:
+        self.get_eval(eval_id, caller)
         if self.store.runs(eval_id, ACTIVE):
             raise ConflictError(f"eval {eval_id!r} has runs in progress; cancel them first")
         self.store.delete_eval(eval_id)
@@ -143,11 +151,14 @@ class EvalService:
             )
 
     # runs
-    async def create_run(self, eval_id: str, body: RunCreate) -> dict:
-        """Check the variants, record what will be measured, queue the run."""
-        spec = EvalCreate.model_validate(self.get_eval(eval_id)["body"])
+    async def create_run(self, eval_id: str, body: RunCreate, caller: Principal = ROOT) -> dict:
+        """Check the variants (each in `caller`'s scopes, else 404 as unknown), record what will be
+        measured, queue the run (it runs with `caller`'s scopes)."""
+        spec = EvalCreate.model_validate(self.get_eval(eval_id, caller)["body"])
         task = self.task_of(spec, body)
         self._check_execution(task)
+        for name in [*body.variants, *([task.reference] if task.reference else [])]:
+            self.gateway.resolve(name, caller=caller)
         recipes = {v: await self._recipe_record(v) for v in body.variants}  # 404 for unknown names
         indices = list(range(len(task.items)))
         if body.items is not None:
@@ -184,7 +195,8 @@ class EvalService:
             }
             measured["sampling"]["reference_tokens"] = task.probe_tokens
         total = len(indices) * len(body.variants)
-        run_id = self.store.add_run(eval_id, body.model_dump(), total, measured, self.owner, self.lease)
+        dumped = body.model_dump()
+        run_id = self.store.add_run(eval_id, dumped, total, measured, self.owner, self.lease, caller.key_id)
         self._launch(run_id)
         return self.store.run(run_id)
 
@@ -207,20 +219,22 @@ class EvalService:
             raise NotFoundError(f"output item {item_id!r} of run {run['id']!r} not found")
         return page[0]
 
-    def get_run(self, eval_id: str, run_id: str) -> dict:
+    def get_run(self, eval_id: str, run_id: str, caller: Principal = ROOT) -> dict:
+        """A run of an eval `caller` may see, else 404."""
+        self.get_eval(eval_id, caller)
         run = self.store.run(run_id)
         if run is None or run["eval_id"] != eval_id:
             raise NotFoundError(f"run {run_id!r} of eval {eval_id!r} not found")
         return run
 
-    def delete_run(self, eval_id: str, run_id: str) -> None:
+    def delete_run(self, eval_id: str, run_id: str, caller: Principal = ROOT) -> None:
         """Forget a run and its items (409 while it runs: cancel it first)."""
-        if self.get_run(eval_id, run_id)["status"] in ACTIVE:
+        if self.get_run(eval_id, run_id, caller)["status"] in ACTIVE:
             raise ConflictError(f"run {run_id!r} is {self.store.run(run_id)['status']}; cancel it first")
         self.store.delete_run(run_id)
 
-    def cancel(self, eval_id: str, run_id: str) -> dict:
-        run = self.get_run(eval_id, run_id)
+    def cancel(self, eval_id: str, run_id: str, caller: Principal = ROOT) -> dict:
+        run = self.get_run(eval_id, run_id, caller)
         if run["status"] in ACTIVE:
             self.store.set_status(run_id, "canceled")  # another gateway running it stops at its renewal
             if run_id in self._tasks:
@@ -235,6 +249,7 @@ class EvalService:
     async def _execute(self, run_id: str) -> None:
         run = self.store.run(run_id)
         body = RunCreate.model_validate(run["body"])
+        CALLER.set(self.gateway.keys.of(run["key"]) if run["key"] else ROOT)  # this task's requests
         try:
             task = self.task_of(EvalCreate.model_validate(self.get_eval(run["eval_id"])["body"]), body)
             self._check_execution(task)  # a resumed run on a server started without the flag fails

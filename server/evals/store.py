@@ -21,6 +21,10 @@ import sqlalchemy as sa
 from server import leases
 from server.statedb import Store, metadata
 
+# Kept in an eval's and a run's stored body, out of the dicts' "body": the project owning an eval (a
+# project admin key sees only its project's), the key a run was started with (it runs with its scopes).
+OWNER, KEY = "_project", "_key"
+
 _evals = sa.Table(
     "evals",
     metadata,
@@ -63,19 +67,21 @@ class EvalStore(Store):
     """Rows in, dicts out."""
 
     # evals
-    def add_eval(self, body: dict) -> str:
+    def add_eval(self, body: dict, project: str | None = None) -> str:
+        """A new eval, owned by `project` (None: root's)."""
         eval_id = f"eval_{uuid.uuid4().hex[:16]}"
-        row = {"id": eval_id, "created_at": time.time(), "body": json.dumps(body)}
+        stored = {**body, OWNER: project} if project else body
+        row = {"id": eval_id, "created_at": time.time(), "body": json.dumps(stored)}
         self._run(lambda c: c.execute(sa.insert(_evals).values(row)))
         return eval_id
 
     def eval(self, eval_id: str) -> dict | None:
         row = self._run(lambda c: c.execute(sa.select(_evals).where(_evals.c.id == eval_id)).first())
-        return {"id": row.id, "created_at": row.created_at, "body": json.loads(row.body)} if row else None
+        return _eval_dict(row) if row else None
 
     def evals(self) -> list[dict]:
         rows = self._run(lambda c: c.execute(sa.select(_evals).order_by(_evals.c.created_at)).all())
-        return [{"id": r.id, "created_at": r.created_at, "body": json.loads(r.body)} for r in rows]
+        return [_eval_dict(r) for r in rows]
 
     def delete_run(self, run_id: str) -> None:
         def work(conn: sa.Connection) -> None:
@@ -94,14 +100,23 @@ class EvalStore(Store):
         self._run(work)
 
     # runs
-    def add_run(self, eval_id: str, body: dict, total: int, measured: dict, owner: str, lease: float) -> str:
-        """A queued run, leased to `owner` for `lease` seconds."""
+    def add_run(
+        self,
+        eval_id: str,
+        body: dict,
+        total: int,
+        measured: dict,
+        owner: str,
+        lease: float,
+        key: str | None = None,
+    ) -> str:
+        """A queued run, leased to `owner` for `lease` seconds; run with the scopes of key `key`."""
         run_id = f"evalrun_{uuid.uuid4().hex[:16]}"
         row = {
             "id": run_id,
             "eval_id": eval_id,
             "created_at": time.time(),
-            "body": json.dumps(body),
+            "body": json.dumps({**body, KEY: key} if key else body),
             "status": "queued",
             "total": total,
             "measured": json.dumps(measured),
@@ -182,8 +197,14 @@ class EvalStore(Store):
         ]
 
 
+def _eval_dict(row) -> dict:
+    body = json.loads(row.body)
+    return {"id": row.id, "created_at": row.created_at, "project": body.pop(OWNER, None), "body": body}
+
+
 def _run_dict(row) -> dict:
-    return {**row._asdict(), "body": json.loads(row.body), "measured": json.loads(row.measured)}
+    body = json.loads(row.body)
+    return {**row._asdict(), "key": body.pop(KEY, None), "body": body, "measured": json.loads(row.measured)}
 
 
 def import_sqlite(engine: sa.Engine, old: sqlite3.Connection) -> None:

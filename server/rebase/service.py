@@ -35,6 +35,7 @@ from server.leases import ACTIVE
 from server.rebase.schemas import RebaseCreate, RebasePublic, RebaseReport, Score, VariantReport, Verdict
 from server.rebase.store import RebaseStore
 from server.registry import VariantRecord, VariantTerm
+from server.tenancy import ROOT, Principal, not_managed
 
 log = logging.getLogger("deltagate.rebase")
 POLL_SECONDS = 0.5
@@ -68,11 +69,18 @@ class RebaseService:
         await leases.stop(self._follower, self._tasks)
 
     # the API -----------------------------------------------------------
-    def create(self, body: RebaseCreate) -> RebasePublic:
-        """Check everything that can be checked before any work, then queue the rebase."""
-        self.registry.base(body.from_base), self.registry.base(body.to_base)  # 404s
-        variants = self._variants(body)
-        task = EvalService.task_of(EvalCreate.model_validate(self.evals.get_eval(body.eval_id)["body"]))
+    def create(self, body: RebaseCreate, caller: Principal = ROOT) -> RebasePublic:
+        """Check everything that can be checked before any work, then queue the rebase. A project's
+        admin key rebases its own variants, onto a base its scopes allow, with its own eval; its eval
+        runs have its scopes and the aliases it moves are its own."""
+        for base in (body.from_base, body.to_base):
+            if not caller.may_use(base, base):
+                raise NotFoundError(f"unknown base {base!r}")  # as unknown: no other project's names
+            self.registry.base(base)  # 404s
+        variants = self._variants(body, caller)
+        task = EvalService.task_of(
+            EvalCreate.model_validate(self.evals.get_eval(body.eval_id, caller)["body"])
+        )
         if not task.items:
             raise BadRequestError("a rebase needs an eval that holds its items (built-in, JSONL, perplexity)")
         criteria = {g.name: False for g in task.graders} | {m.name: m.lower_is_better for m in task.metrics}
@@ -105,20 +113,24 @@ class RebaseService:
                     raise ConflictError(f"variant {name!r} exists with other weights; delete it or rename")
                 if existing is None:
                     self.registry.state.require_free(name)
-            report.variants[v] = VariantReport(candidates=names, aliases=self.registry.state.routed_by(v))
-        rebase_id = self.store.add(body.model_dump(), report.model_dump(), self.owner, self.lease)
+            aliases = [a for a in self.registry.state.routed_by(v) if caller.may_manage(a)]  # it may move
+            report.variants[v] = VariantReport(candidates=names, aliases=aliases)
+        rebase_id = self.store.add(
+            body.model_dump(), report.model_dump(), self.owner, self.lease, caller.project, caller.key_id
+        )
         self._launch(rebase_id)
         return self.public(self.get(rebase_id))
 
-    def get(self, rebase_id: str) -> dict:
+    def get(self, rebase_id: str, caller: Principal = ROOT) -> dict:
+        """A rebase `caller` may see (root: every one; a project admin key: its project's), else 404."""
         row = self.store.get(rebase_id)
-        if row is None:
+        if row is None or not EvalService.visible(row, caller):
             raise NotFoundError(f"rebase {rebase_id!r} not found")
         return row
 
-    def cancel(self, rebase_id: str) -> RebasePublic:
+    def cancel(self, rebase_id: str, caller: Principal = ROOT) -> RebasePublic:
         """Stop a rebase: its eval run is canceled, aliases it moved go back; nothing more is promoted."""
-        row = self.get(rebase_id)
+        row = self.get(rebase_id, caller)
         if row["status"] in ACTIVE:
             self.store.set_status(rebase_id, "canceled", "canceled through the API")
         return self.public(self.get(rebase_id))
@@ -150,7 +162,8 @@ class RebaseService:
     async def _execute(self, rebase_id: str) -> None:
         row = self.get(rebase_id)
         body = RebaseCreate.model_validate(row["body"])
-        job = _Job(self, rebase_id, body, RebaseReport.model_validate(row["report"]))
+        caller = self.gateway.keys.of(row["key"]) if row["key"] else ROOT
+        job = _Job(self, rebase_id, body, RebaseReport.model_validate(row["report"]), caller)
         try:
             if not self.store.set_status(rebase_id, "in_progress"):
                 return
@@ -169,14 +182,22 @@ class RebaseService:
                 error += f"; and putting the aliases back failed: {again}"
             self.store.set_status(rebase_id, "failed", error)
 
-    def _variants(self, body: RebaseCreate) -> list[str]:
+    def _variants(self, body: RebaseCreate, caller: Principal) -> list[str]:
+        """The variants to rebase: those named (each `caller`'s to manage, else 403), or every variant
+        of from_base it manages."""
         state = self.registry.state
         if body.variants is None:
-            names = [v.name for v in state.variants.values() if v.base == body.from_base and v.deltas]
+            names = [
+                v.name
+                for v in state.variants.values()
+                if v.base == body.from_base and v.deltas and caller.may_manage(v.name)
+            ]
             if not names:
                 raise BadRequestError(f"base {body.from_base!r} has no variants to rebase")
             return sorted(names)
         for name in body.variants:
+            if not caller.may_manage(name):
+                raise not_managed(caller, name)
             record = self.registry.variant(name)
             if record.base != body.from_base or not record.deltas:
                 raise BadRequestError(f"{name!r} is not a variant of base {body.from_base!r}")
@@ -192,8 +213,16 @@ class RebaseService:
 class _Job:
     """One rebase executing: its phases, each saved to the report when done."""
 
-    def __init__(self, service: RebaseService, rebase_id: str, body: RebaseCreate, report: RebaseReport):
+    def __init__(
+        self,
+        service: RebaseService,
+        rebase_id: str,
+        body: RebaseCreate,
+        report: RebaseReport,
+        caller: Principal,
+    ):
         self.service, self.id, self.body, self.report = service, rebase_id, body, report
+        self.caller = caller  # whose rebase: its eval runs' scopes, the aliases it may move
         self.registry = service.registry
 
     async def run(self) -> None:
@@ -285,7 +314,7 @@ class _Job:
                 concurrency=self.body.concurrency,
                 metadata={"rebase": self.id, "split": split},
             )
-            run_id = (await evals.create_run(self.body.eval_id, body))["id"]
+            run_id = (await evals.create_run(self.body.eval_id, body, self.caller))["id"]
             setattr(entry, field, run_id)
             self._note(f"{v}: {split} run {run_id} over {', '.join(models)} ({len(items)} items)")
         while True:
@@ -308,7 +337,7 @@ class _Job:
         """Move every alias routing to a passing variant onto its transferred one, step by step."""
         report, steps = self.report, self.body.promote.steps
         moving = {v: e.variant for v, e in report.variants.items() if e.gate and e.gate.passed}
-        aliases = self.registry.state.aliases
+        aliases = {n: a for n, a in self.registry.state.aliases.items() if self.caller.may_manage(n)}
         routed = any(t.variant in moving for a in aliases.values() for t in a.targets)
         if not routed and not report.aliases_before:
             self._note(

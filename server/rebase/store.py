@@ -10,6 +10,7 @@ import uuid
 import sqlalchemy as sa
 
 from server import leases
+from server.evals.store import KEY, OWNER
 from server.statedb import Store, metadata
 
 _rebases = sa.Table(
@@ -29,12 +30,23 @@ _rebases = sa.Table(
 class RebaseStore(Store):
     """Rebase rows in, dicts out."""
 
-    def add(self, body: dict, report: dict, owner: str, lease: float) -> str:
+    def add(
+        self,
+        body: dict,
+        report: dict,
+        owner: str,
+        lease: float,
+        project: str | None = None,
+        key: str | None = None,
+    ) -> str:
+        """A queued rebase leased to gateway `owner`: `project`'s (None: root's), run with key `key`'s
+        scopes."""
         rebase_id = f"rebase_{uuid.uuid4().hex[:16]}"
+        stored = {**body, OWNER: project, KEY: key} if project else body
         row = {
             "id": rebase_id,
             "created_at": time.time(),
-            "body": json.dumps(body),
+            "body": json.dumps(stored),
             "status": "queued",
             "report": json.dumps(report),
             "owner": owner,
@@ -74,4 +86,6 @@ class RebaseStore(Store):
 
 
 def _dict(row) -> dict:
-    return {**row._asdict(), "body": json.loads(row.body), "report": json.loads(row.report)}
+    body = json.loads(row.body)
+    project, key = body.pop(OWNER, None), body.pop(KEY, None)
+    return {**row._asdict(), "project": project, "key": key, "body": body, "report": json.loads(row.report)}

@@ -1,11 +1,13 @@
-"""Admin (root): a project's keys, created with their scopes, listed, revoked and rotated."""
+"""Admin (root): a project's keys, created with their scopes, listed, changed, revoked and rotated;
+a project's own limits."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
 from server.deps import GatewayDep, require_root
-from server.tenancy import KeyCreate, KeyCreated, KeyPublic
+from server.quota import Limits
+from server.tenancy import KeyCreate, KeyCreated, KeyPublic, KeyUpdate, ProjectLimits
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_root)])
 
@@ -33,6 +35,29 @@ async def list_keys(gateway: GatewayDep) -> dict:
 @router.get("/keys/{key_id}")
 async def get_key(key_id: str, gateway: GatewayDep) -> KeyPublic:
     return gateway.keys.store.get(key_id)
+
+
+@router.patch("/keys/{key_id}")
+async def update_key(key_id: str, body: KeyUpdate, gateway: GatewayDep) -> KeyPublic:
+    """Change a key's models, admin scope, priority class or limits (each field given replaces the
+    key's); every gateway of a shared database follows within a poll."""
+    updated = gateway.keys.store.update(key_id, body)
+    gateway.keys.changed()
+    return updated
+
+
+@router.get("/projects/{project}/limits")
+async def get_project_limits(project: str, gateway: GatewayDep) -> ProjectLimits:
+    """The project's limits over all its keys (beside each key's own)."""
+    return gateway.keys.store.project_limits(project)
+
+
+@router.put("/projects/{project}/limits")
+async def set_project_limits(project: str, body: Limits, gateway: GatewayDep) -> ProjectLimits:
+    """Set (replace) the project's limits: every request of its keys counts in them, and in its key's."""
+    limits = gateway.keys.store.set_project_limits(project, body)
+    gateway.keys.changed()
+    return limits
 
 
 @router.delete("/keys/{key_id}")

@@ -345,3 +345,92 @@ def test_priorities_reach_the_engine_and_clients_cannot_jump_the_queue(tied, tmp
             assert httpx.post(f"{url}/v1/completions", json=body, headers=key, timeout=60).status_code == 200
         seen = httpx.get(f"{stack.engine_url}/mock/requests").json()
         assert [r["body"]["priority"] for r in seen[-2:]] == [1, 0]
+
+
+def test_a_keys_scopes_and_limits_change_in_place(gw):
+    """PATCH /v1/keys/{id} (and `deltagate keys update`): new models, a limit, the class; the secret
+    stays; a revoked key cannot be changed."""
+    url = gw[0].url
+    key = _key(url, "team-i", "app", models=["mock"])
+    auth = _auth(key)
+    assert _complete(url, "mock-half", auth).status_code == 404
+    r = httpx.patch(f"{url}/v1/keys/{key['id']}", json={"models": ["base:mock"]}, headers=ROOT)
+    assert r.status_code == 200 and r.json()["models"] == ["base:mock"] and "secret" not in r.json()
+    assert _complete(url, "mock-half", auth).status_code == 200  # at once on this gateway
+    r = httpx.patch(f"{url}/v1/keys/{key['id']}", json={"limits": {"rpm": 1}}, headers=ROOT)
+    assert r.json()["limits"]["rpm"] == 1 and r.json()["models"] == ["base:mock"]  # the rest kept
+    answers = [_complete(url, "mock", auth) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 429]
+    env = {**os.environ, "COLUMNS": "300"}
+    cmd = [sys.executable, "-m", "cli", "keys", "update", key["id"], "--no-limits", "--priority", "batch"]
+    done = subprocess.run(
+        [*cmd, "--url", url, "--admin-token", ADMIN], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and "no limits" in done.stderr, done.stderr
+    got = httpx.get(f"{url}/v1/keys/{key['id']}", headers=ROOT).json()
+    assert got["priority"] == "batch" and not any(got["limits"].values())
+    assert _complete(url, "mock", auth).status_code == 200
+    bad = httpx.patch(f"{url}/v1/keys/{key['id']}", json={"priority": "urgent"}, headers=ROOT)
+    assert bad.status_code == 422 and "priority" in bad.text
+    bad = httpx.patch(f"{url}/v1/keys/{key['id']}", json={"secret": "mine"}, headers=ROOT)
+    assert bad.status_code == 422
+    assert httpx.patch(f"{url}/v1/keys/{key['id']}", json={}, headers=_auth(key)).status_code == 401
+    httpx.delete(f"{url}/v1/keys/{key['id']}", headers=ROOT)
+    gone = httpx.patch(f"{url}/v1/keys/{key['id']}", json={"models": ["*"]}, headers=ROOT)
+    assert gone.status_code == 409 and "revoked" in gone.text
+
+
+def test_a_projects_limits_hold_over_all_its_keys(gw):
+    """PUT /v1/projects/{p}/limits: two keys of one project share its rpm; another project does not."""
+    url = gw[0].url
+    a, b = (_auth(_key(url, "team-j", name, models=["mock"])) for name in ("a", "b"))
+    other = _auth(_key(url, "team-k", "a", models=["mock"]))
+    assert httpx.get(f"{url}/v1/projects/team-j/limits", headers=ROOT).json()["limits"]["rpm"] is None
+    r = httpx.put(f"{url}/v1/projects/team-j/limits", json={"rpm": 3}, headers=ROOT)
+    assert r.status_code == 200 and r.json()["limits"]["rpm"] == 3
+    answers = [_complete(url, "mock", k) for k in (a, b, a, b)]
+    assert [x.status_code for x in answers] == [200, 200, 200, 429]
+    assert "project 'team-j'" in answers[-1].json()["error"]["message"]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "3"  # the project's, the key having none
+    assert _complete(url, "mock", other).status_code == 200
+    assert httpx.put(f"{url}/v1/projects/team-j/limits", json={"rpm": 0}, headers=ROOT).status_code == 422
+    assert httpx.put(f"{url}/v1/projects/bad name/limits", json={}, headers=ROOT).status_code == 400
+    assert httpx.put(f"{url}/v1/projects/team-j/limits", json={}, headers=a).status_code == 401
+    cmd = [sys.executable, "-m", "cli", "keys", "project-limits", "team-j", "--no-limits"]
+    done = subprocess.run([*cmd, "--url", url, "--admin-token", ADMIN], capture_output=True, text=True)
+    assert done.returncode == 0 and "project team-j: no limits" in done.stderr, done.stderr
+    assert _complete(url, "mock", b).status_code == 200
+
+
+def test_a_project_admin_key_runs_evals_on_its_models_only(gw):
+    """Evals for a project's admin key: its variants and the ones its scopes allow; another project's
+    variant is unknown (404); it sees only its project's evals and runs, and root sees all; the run's
+    requests count as the key's."""
+    from tests.server.conftest import jsonl_eval
+
+    url = gw[0].url
+    ops = _auth(_key(url, "team-l", "ops", admin=True, models=["team-l/*", "mock-half"]))
+    peer = _auth(_key(url, "team-m", "ops", admin=True))
+    eval_id = jsonl_eval(url, ops, "team-l's eval", 3)
+    runs = f"{url}/v1/evals/{eval_id}/runs"
+    r = httpx.post(runs, json={"variants": ["mock-inst"], "max_tokens": 4}, headers=ops)
+    assert r.status_code == 404 and "mock-inst" in r.text  # out of its scopes: as unknown
+    r = httpx.post(runs, json={"variants": ["mock-half"], "max_tokens": 4}, headers=ops)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["id"]
+    deadline = time.monotonic() + 60
+    while (run := httpx.get(f"{runs}/{run_id}", headers=ops).json())["status"] != "completed":
+        assert run["status"] in ("queued", "in_progress") and time.monotonic() < deadline, run
+        time.sleep(0.2)
+    assert run["result_counts"]["passed"] == 3
+    # another project: none of it; root: all of it
+    assert eval_id not in [e["id"] for e in httpx.get(f"{url}/v1/evals", headers=peer).json()["data"]]
+    for path in ("", "/runs", f"/runs/{run_id}", f"/runs/{run_id}/output_items"):
+        assert httpx.get(f"{url}/v1/evals/{eval_id}{path}", headers=peer).status_code == 404, path
+    assert httpx.post(f"{runs}/{run_id}/cancel", headers=peer).status_code == 404
+    assert httpx.delete(f"{url}/v1/evals/{eval_id}", headers=peer).status_code == 404
+    assert eval_id in [e["id"] for e in httpx.get(f"{url}/v1/evals", headers=ROOT).json()["data"]]
+    assert [e["id"] for e in httpx.get(f"{url}/v1/evals", headers=ops).json()["data"]] == [eval_id]
+    usage = httpx.get(f"{url}/v1/usage", params={"project": "team-l"}, headers=ROOT).json()["data"]
+    assert [(u["key"], u["model"], u["requests"]) for u in usage] == [("team-l/ops", "mock-half", 3)]
+    assert httpx.delete(f"{url}/v1/evals/{eval_id}", headers=ops).status_code == 200

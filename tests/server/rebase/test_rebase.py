@@ -236,3 +236,65 @@ def test_the_cli_sets_aliases_runs_a_rebase_and_plots_its_report(gateway, tmp_pa
         text=True,
     )
     assert failed.returncode == 2 and "unknown base 'nope'" in failed.stderr
+
+
+# Last in this module: once a key exists, every inference call needs one.
+def test_a_project_admin_key_rebases_its_own_variants_with_its_own_eval(gateway, tied):
+    """A project's admin key rebases the variants it manages, with its own eval, onto a base its scopes
+    allow, and moves only its own aliases; another project sees none of it; root sees all of it."""
+    url = gateway[0]
+
+    def key(project: str, models: list[str]) -> dict:
+        body = {"name": "ops", "admin": True, "models": models}
+        r = httpx.post(f"{url}/v1/projects/{project}/keys", json=body, headers=AUTH)
+        assert r.status_code == 201, r.text
+        return {"Authorization": f"Bearer {r.json()['secret']}"}
+
+    ops = key("team-r", ["team-r/*", "base:mock", "base:mock-v2"])
+    peer = key("team-s", ["team-s/*", "base:mock"])
+    assert httpx.post(
+        f"{url}/v1/deltas", json={"name": "team-r/d", "path": str(tied.delta)}, headers=ops
+    ).is_success
+    body = {"name": "team-r/inst", "base": "mock", "deltas": [{"delta": "team-r/d"}]}
+    assert httpx.post(f"{url}/v1/variants", json=body, headers=ops, timeout=60).status_code == 201
+    _point(url, ("team-r/inst", 1), name="team-r/prod")
+    _point(url, ("team-r/inst", 1), name="root-owned")  # root's alias onto team R's variant: not R's to move
+    own = {
+        "name": "team-r's gate",
+        "data_source": {"type": "jsonl", "content": ITEMS},
+        "prompt": "{{item.q}}",
+        "endpoint": "completions",
+        "testing_criteria": [IS_BASE],
+    }
+    eval_id = httpx.post(f"{url}/v1/evals", json=own, headers=ops).json()["id"]
+    base = {"from_base": "mock", "to_base": "mock-v2", "holdout": 6, "max_tokens": 2}
+    base |= {"gate": {"min_difference": -0.5}, "eval_id": eval_id}
+    refused = [
+        (
+            httpx.post(f"{url}/v1/rebases", json=base | {"variants": ["mock-inst"]}, headers=ops),
+            403,
+            "team-r/",
+        ),
+        (httpx.post(f"{url}/v1/rebases", json=base | {"eval_id": gateway[2]}, headers=ops), 404, "eval"),
+        (httpx.post(f"{url}/v1/rebases", json=base, headers=peer), 404, "unknown base 'mock-v2'"),
+    ]
+    for r, status, words in refused:
+        assert r.status_code == status and words in r.text, r.text
+    r = httpx.post(f"{url}/v1/rebases", json=base, headers=ops)  # every variant of mock it manages
+    assert r.status_code == 201, r.text
+    assert list(r.json()["report"]["variants"]) == ["team-r/inst"]
+    done = _wait(url, r.json()["id"])
+    assert done["status"] == "completed", done
+    entry = done["report"]["variants"]["team-r/inst"]
+    assert entry["gate"]["passed"] and entry["aliases"] == ["team-r/prod"] and entry["promoted"]
+    assert httpx.get(f"{url}/v1/aliases/team-r/prod", headers=ops).json()["shares"] == {
+        "team-r/inst:mock-v2": 1.0
+    }
+    assert _alias(url, "root-owned")["shares"] == {"team-r/inst": 1.0}
+    assert httpx.get(f"{url}/v1/rebases/{done['id']}", headers=peer).status_code == 404
+    assert httpx.post(f"{url}/v1/rebases/{done['id']}/cancel", headers=peer).status_code == 404
+    assert done["id"] not in [x["id"] for x in httpx.get(f"{url}/v1/rebases", headers=peer).json()["data"]]
+    assert [x["id"] for x in httpx.get(f"{url}/v1/rebases", headers=ops).json()["data"]] == [done["id"]]
+    assert done["id"] in [x["id"] for x in httpx.get(f"{url}/v1/rebases", headers=AUTH).json()["data"]]
+    usage = httpx.get(f"{url}/v1/usage", params={"project": "team-r"}, headers=AUTH).json()["data"]
+    assert {u["key"] for u in usage} == {"team-r/ops"} and sum(u["requests"] for u in usage) >= 18  # its runs
