@@ -178,12 +178,14 @@ class MatrixRow:
     dtype: str = "bfloat16"
     quantization: str | None = None  # a key of ONLINE_QUANTIZATION: applied at load on both sides
     tensor_parallel: int = 1
+    priority_scheduling: bool = False  # `serve --priority-scheduling`; stock vLLM's policy the same
 
     @property
     def id(self) -> str:
         dtype = self.dtype if self.dtype != "bfloat16" else ""
         tp = f"tp{self.tensor_parallel}" if self.tensor_parallel > 1 else ""
-        return "-".join(filter(None, [self.family, dtype, self.quantization or "", tp]))
+        prio = "priority" if self.priority_scheduling else ""
+        return "-".join(filter(None, [self.family, dtype, self.quantization or "", tp, prio]))
 
     @property
     def vllm_quantization(self) -> tuple[str | None, dict | None]:
@@ -238,10 +240,25 @@ QUANTIZED = {"qwen3": "torchao-int8"}
 # Tensor parallelism (TP=2: a rank per core here) on a non-Llama MoE. Mistral at TP=2 passed too
 # (2 rows in 333 s alone) but a TP=2 row costs 3-4 TP=1 rows: the suite keeps one.
 TENSOR_PARALLEL = {"qwen3_moe": 2}
+# vLLM's priority scheduling (`serve --priority-scheduling`) on one row: its engine runs the priority
+# policy, and a path is asked as background work (priority 1), which an engine without it refuses.
+PRIORITY_SCHEDULING = {"mistral"}
 MATRIX = [
-    MatrixRow(name, OTHER_DTYPES.get(name, "bfloat16"), QUANTIZED.get(name), TENSOR_PARALLEL.get(name, 1))
+    MatrixRow(
+        name,
+        OTHER_DTYPES.get(name, "bfloat16"),
+        QUANTIZED.get(name),
+        TENSOR_PARALLEL.get(name, 1),
+        name in PRIORITY_SCHEDULING,
+    )
     for name in FAMILIES
 ]
+# The path asked on a priority-scheduling row, beside PATHS.
+PRIORITY_PATH = {
+    "background": "the full delta asked through the Batch API (background: vLLM request priority 1) on an "
+    "engine the gateway started with `--scheduling-policy priority` (`serve --priority-scheduling`), "
+    "against stock vLLM with the same policy"
+}
 
 
 # The adapter lane (server/adapters.py: a low-rank variant served as a vLLM LoRA adapter beside the

@@ -122,6 +122,7 @@ if __name__ == "__main__":
             quantization=quantization,
             hf_overrides=job.get("hf_overrides"),
             tensor_parallel_size=tp,
+            scheduling_policy=job.get("scheduling_policy", "fcfs"),
             **(LORA if job.get("lora") else {}),
         )
         key = job.get("key", model)

@@ -20,6 +20,7 @@ path), its variants say why, and stock vLLM shows the cause on the same run.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from loaders.families import (
     FAMILIES,
     MATRIX,
     PATHS,
+    PRIORITY_PATH,
     MatrixRow,
     adapter_lane,
     make_family_base,
@@ -112,6 +114,7 @@ def reference_jobs(r: Row) -> list[dict]:
     """Stock vLLM's jobs for the row's paths: each reference checkpoint with the row's flags."""
     method, overrides = r.row.vllm_quantization
     flags = {"quantization": method, "hf_overrides": overrides, "tensor_parallel": r.row.tensor_parallel}
+    flags["scheduling_policy"] = "priority" if r.row.priority_scheduling else "fcfs"
     return [{"model": str(p), **flags} for p in r.references.values()]
 
 
@@ -172,6 +175,35 @@ def answers(url: str, model: str) -> list[dict]:
     return out
 
 
+def batch_answers(url: str, model: str) -> list[dict]:
+    """answers(), asked as one Batch API batch: background work, sent to the engine with priority 1."""
+    lines = [
+        {"custom_id": str(i), "method": "POST", "url": "/v1/completions", "body": body}
+        for i, prompt in enumerate(PROMPTS)
+        for body in [
+            {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            | {"logprobs": 3, "return_token_ids": True}
+        ]
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = httpx.post(f"{url}/v1/files", files={"file": ("b.jsonl", data)}, data={"purpose": "batch"})
+    assert upload.status_code == 200, upload.text
+    body = {"input_file_id": upload.json()["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
+    batch = httpx.post(f"{url}/v1/batches", json=body).json()
+    deadline = time.monotonic() + 300
+    while (batch := httpx.get(f"{url}/v1/batches/{batch['id']}").json())["status"] != "completed":
+        assert batch["status"] in ("validating", "in_progress", "finalizing"), batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch["request_counts"] == {"total": 3, "completed": 3, "failed": 0}, batch
+    out = [
+        json.loads(x)
+        for x in httpx.get(f"{url}/v1/files/{batch['output_file_id']}/content").text.splitlines()
+    ]
+    choices = [x["response"]["body"]["choices"][0] for x in sorted(out, key=lambda x: int(x["custom_id"]))]
+    return [{"token_ids": c["token_ids"], "token_logprobs": c["logprobs"]["token_logprobs"]} for c in choices]
+
+
 def last_swap(url: str, base: str) -> dict:
     bases = httpx.get(f"{url}/v1/bases", headers=AUTH).json()["data"]
     return next(b for b in bases if b["name"] == base)["recent_swaps"][-1]
@@ -190,6 +222,7 @@ def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[Served]:
         *("--variant", f"{name}-mix={r.delta}:0.5,{r.delta2}:0.5"),
         *(f"--engine-arg={arg}" for arg in row.engine_args),
         *(LORA_SLOTS if moe else ()),
+        *(["--priority-scheduling"] if row.priority_scheduling else []),
     ]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if row.tensor_parallel == 2 else None  # a rank per core
     proc = start_gateway(args, work / "state", port, log, env=env)
@@ -227,6 +260,10 @@ def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[Served]:
             ("full", f"{name}-full"),
         ]:
             ask(path, model)
+        if row.priority_scheduling:
+            served.append(
+                (str(r.references["full"]), "background", f"{name}-full", batch_answers(url, f"{name}-full"))
+            )
         assert_prepared(url, row)
         if moe:
             assert_lora_refused(url, name)
@@ -321,7 +358,9 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     ]
     assert not wrong, "\n".join(wrong)
     paths = {path for _, path, _, _ in served}
-    assert paths == set(PATHS) | (set(ADAPTER_PATHS) if adapter else set())
+    assert paths == set(PATHS) | (set(ADAPTER_PATHS) if adapter else set()) | (
+        set(PRIORITY_PATH) if row.priority_scheduling else set()
+    )
     differs = {
         json.dumps(got) for _, path, _, got in served if path in ("base", "full", "part", "half", "mix")
     }

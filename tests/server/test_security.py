@@ -194,3 +194,29 @@ async def test_a_symlink_planted_in_the_store_is_replaced_not_followed(tmp_path,
     assert outside.read_text() == "precious"
     final = store / "inst.safetensors"
     assert not final.is_symlink() and final.read_bytes() == tied.delta.read_bytes()
+
+
+async def test_a_project_admin_key_is_refused_on_every_admin_route_outside_its_project(tmp_path):
+    """Enumerates the app's admin routes: a project's admin key gets 403 on every one but those it
+    may call on its own names (server/deps.PROJECT_ROUTES, checked name by name in test_tenancy.py),
+    so an admin route added later is root's unless it is made a project's on purpose."""
+    from server.deps import PROJECT_ROUTES
+
+    app = _app(tmp_path)
+    async with _client(app) as client:
+        body = {"name": "ops", "admin": True, "models": ["*"]}
+        made = await client.post(
+            "/v1/projects/team-a/keys", json=body, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert made.status_code == 201, made.text
+        key = {"Authorization": f"Bearer {made.json()['secret']}"}
+        checked = set()
+        for method, path in _routes(app):
+            prefix = path.split("/{")[0]
+            if path in PUBLIC | DOCS | INFERENCE or prefix in PROJECT_ROUTES:
+                continue
+            r = await client.request(method, re.sub(r"\{[^}]+\}", "x", path), headers=key, json={})
+            assert r.status_code == 403, (method, path, r.text)
+            assert r.json()["error"]["type"] == "permission_error"
+            checked.add(path)
+        assert checked >= {"/v1/bases", "/v1/keys", "/v1/keys/{key_id}", "/v1/projects/{project}/limits"}

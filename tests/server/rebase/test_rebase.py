@@ -31,16 +31,20 @@ def gateway(tied, tied_updated, tmp_path_factory):
     with restartable_mock_gateway(tied, work) as (url, restart, _):
         r = httpx.post(f"{url}/v1/bases", json={"name": "mock-v2", "path": str(tied_updated)}, headers=AUTH)
         assert r.status_code == 201, r.text
-        body = {
-            "name": "rebase-gate",
-            "data_source": {"type": "jsonl", "content": ITEMS},
-            "prompt": "{{item.q}}",
-            "endpoint": "completions",
-            "testing_criteria": [IS_BASE],
-        }
-        r = httpx.post(f"{url}/v1/evals", json=body, headers=AUTH)
+        r = httpx.post(f"{url}/v1/evals", json=_gate_eval("rebase-gate"), headers=AUTH)
         assert r.status_code == 201, r.text
         yield url, restart, r.json()["id"]
+
+
+def _gate_eval(name: str) -> dict:
+    """The JSONL eval graded `is_base` (the module's docstring)."""
+    return {
+        "name": name,
+        "data_source": {"type": "jsonl", "content": ITEMS},
+        "prompt": "{{item.q}}",
+        "endpoint": "completions",
+        "testing_criteria": [IS_BASE],
+    }
 
 
 def _alias(url: str, name: str = "assistant") -> dict:
@@ -259,14 +263,7 @@ def test_a_project_admin_key_rebases_its_own_variants_with_its_own_eval(gateway,
     assert httpx.post(f"{url}/v1/variants", json=body, headers=ops, timeout=60).status_code == 201
     _point(url, ("team-r/inst", 1), name="team-r/prod")
     _point(url, ("team-r/inst", 1), name="root-owned")  # root's alias onto team R's variant: not R's to move
-    own = {
-        "name": "team-r's gate",
-        "data_source": {"type": "jsonl", "content": ITEMS},
-        "prompt": "{{item.q}}",
-        "endpoint": "completions",
-        "testing_criteria": [IS_BASE],
-    }
-    eval_id = httpx.post(f"{url}/v1/evals", json=own, headers=ops).json()["id"]
+    eval_id = httpx.post(f"{url}/v1/evals", json=_gate_eval("team-r's gate"), headers=ops).json()["id"]
     base = {"from_base": "mock", "to_base": "mock-v2", "holdout": 6, "max_tokens": 2}
     base |= {"gate": {"min_difference": -0.5}, "eval_id": eval_id}
     refused = [
