@@ -405,7 +405,11 @@ class Bench:
         seconds it took from this call. Its rebase candidates are deleted after."""
         auth = {"Authorization": f"Bearer {ADMIN}"}
         url = self.gateway.url
-        where = f"{url}/v1/evals/{job[0]}/runs/{job[1]}" if kind == "eval" else f"{url}/v1/{kind}es/{job}"
+        where = {
+            "rebase": lambda: f"{url}/v1/rebases/{job}",
+            "eval": lambda: f"{url}/v1/evals/{job[0]}/runs/{job[1]}",
+            "batch": lambda: f"{url}/v1/batches/{job}",
+        }[kind]()
         start = time.monotonic()
         while (state := httpx.get(where, headers=auth, timeout=60).json())["status"] not in DONE:
             if time.monotonic() - start > timeout:

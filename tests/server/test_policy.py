@@ -38,17 +38,19 @@ def test_ties_go_to_the_variant_waiting_longest():
 
 
 def test_interactive_requests_go_first_and_background_work_still_finishes():
-    """Priorities: a variant only background work wants waits while interactive requests are served;
-    its requests end no quantum until they waited background_max_wait; then it goes next."""
+    """Priorities: a variant only background work wants waits while the resident has requests in
+    flight, past any quantum, until a gap or until its requests waited background_max_wait; then it
+    goes next."""
     policy = SwapPolicy(quantum_seconds=2.0, max_wait_seconds=5.0, background_max_wait_seconds=20.0)
     queued = {"batch": [100.0, 100.1, 100.2], "user": [101.0]}
     urgent = {"batch": 0, "user": 1}
     # the quantum over: the interactive variant goes first, though the batch has more queued
     assert policy.decide(103.0, 100.0, 1, 0, queued, urgent) == ("user", None)
-    # only background work waits: its requests do not end the quantum at max_wait...
+    # only background work waits: while the resident has requests in flight it ends no quantum, at
+    # its end or at max_wait; it is asked again when its bound comes (or a request finishes)...
     only = {"batch": queued["batch"]}
-    assert policy.decide(101.0, 100.5, 1, 0, only, {"batch": 0}) == (None, 1.5)
-    assert policy.decide(110.0, 109.0, 4, 0, only, {"batch": 0}) == (None, 1.0)
+    assert policy.decide(101.0, 100.5, 1, 0, only, {"batch": 0}) == (None, 19.0)
+    assert policy.decide(110.0, 100.5, 4, 0, only, {"batch": 0}) == (None, 10.0)
     # ... but it is still served when the resident has nothing in flight
     assert policy.decide(110.0, 109.0, 0, 0, only, {"batch": 0}) == ("batch", None)
     # waited past background_max_wait: its variant goes next, whatever waits
