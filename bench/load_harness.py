@@ -354,6 +354,8 @@ class Bench:
             "gate": {"min_difference": -1},
             "concurrency": 2,
         }  # outlasts the load
+        for alpha in ("", *(f":a{a:g}" for a in body["alphas"])):  # left by a run that was stopped
+            httpx.delete(f"{url}/v1/variants/{variant}:updated{alpha}", headers=auth)
         r = httpx.post(f"{url}/v1/rebases", json=body, headers=auth)
         r.raise_for_status()
         rebase_id = r.json()["id"]

@@ -182,8 +182,12 @@ class Gateway:
             resident = Recipe.model_validate_json(current)
         await client.probe_variant_chat()
         on_swap = lambda record: self.metrics.observe_swap(endpoint.id, record)  # noqa: E731
+        settings = self.settings
         policy = SwapPolicy(
-            self.settings.swap_quantum, self.settings.swap_max_wait, self.settings.background_max_wait
+            settings.swap_quantum,
+            settings.swap_max_wait,
+            settings.background_max_wait,
+            settings.background_gap,
         )
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
         holding = self.resolver.holding(base.name, resident) if current else None

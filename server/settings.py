@@ -159,6 +159,13 @@ class GatewaySettings(BaseSettings):
         "its variant while interactive requests are served first; then its variant goes next",
         ge=0,
     )
+    background_gap: float = _setting(
+        1.0,
+        "Seconds the resident variant must have had nothing in flight before a variant only background "
+        "work wants is swapped to (the gaps background work runs in: closed-loop traffic empties the "
+        "engine for milliseconds between waves)",
+        ge=0,
+    )
     priority_scheduling: bool = _setting(
         False,
         "Start managed engines with vLLM's priority scheduling (--scheduling-policy priority) and send "

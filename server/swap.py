@@ -87,6 +87,7 @@ class WeightSlot:
         # The name last admitted (for /v1/engines and metrics); admission compares weights, not names.
         self.last_admitted: str | None = None
         self.inflight = 0
+        self.idle_since: float | None = None  # when `inflight` last fell to 0 (None: not since the swap)
         self.last_swap: SwapRecord | None = None
         self.recent_swaps: deque[SwapRecord] = deque(maxlen=256)
         self._on_swap = on_swap
@@ -175,7 +176,9 @@ class WeightSlot:
     def _decide(self) -> tuple[Hashable | None, float | None]:
         mine = len(self._queued.get(_key(self.resident, self.lane), ()))
         now, others = time.monotonic(), self._others()
-        return self.policy.decide(now, self.resident_since, self.inflight, mine, others, self._urgent)
+        return self.policy.decide(
+            now, self.resident_since, self.inflight, mine, others, self._urgent, self.idle_since
+        )
 
     def _stage_next(self) -> None:
         """Ask the engine to stage the weights the next swap will bring (the pending swap's, else the
@@ -239,6 +242,8 @@ class WeightSlot:
         swap waits for nothing in flight.
         """
         self.inflight -= 1
+        if self.inflight == 0:
+            self.idle_since = time.monotonic()
         if self.inflight == 0 and any(self._queued.values()):
             task = asyncio.get_running_loop().create_task(self._notify())
             self._notifiers.add(task)
@@ -251,7 +256,7 @@ class WeightSlot:
     async def _swap(self, variant: str, recipe: Recipe, lane: str = "") -> None:
         if recipe.key() == self.resident.key():  # same weights, other lane: nothing to reload
             self.lane = lane
-            self.resident_since = time.monotonic()
+            self.resident_since, self.idle_since = time.monotonic(), None
             return
         previous = self.resident
         started_at, start = time.time(), time.perf_counter()
@@ -264,7 +269,7 @@ class WeightSlot:
                 raise SwapError(f"swap to {variant!r} failed and the engine did not answer: {exc}") from exc
             raise SwapError(f"swap to {variant!r} failed, still serving the previous weights: {exc}") from exc
         self.resident, self.lane = recipe, lane
-        self.resident_since = time.monotonic()
+        self.resident_since, self.idle_since = time.monotonic(), None
         record = SwapRecord(
             variant,
             started_at,

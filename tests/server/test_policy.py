@@ -51,8 +51,11 @@ def test_interactive_requests_go_first_and_background_work_still_finishes():
     only = {"batch": queued["batch"]}
     assert policy.decide(101.0, 100.5, 1, 0, only, {"batch": 0}) == (None, 19.0)
     assert policy.decide(110.0, 100.5, 4, 0, only, {"batch": 0}) == (None, 10.0)
-    # ... but it is still served when the resident has nothing in flight
-    assert policy.decide(110.0, 109.0, 0, 0, only, {"batch": 0}) == ("batch", None)
+    # ... but it is served in a gap: once the resident has had nothing in flight for background_gap
+    # (closed-loop requests of one length end together: nothing is in flight for milliseconds)
+    assert policy.decide(110.0, 109.0, 0, 0, only, {"batch": 0}, idle_since=109.5) == (None, 0.5)
+    assert policy.decide(110.0, 100.5, 0, 0, only, {"batch": 0}, idle_since=109.0) == ("batch", None)
+    assert policy.decide(110.0, 109.0, 0, 0, only, {"batch": 0}) == ("batch", None)  # idle since its swap
     # waited past background_max_wait: its variant goes next, whatever waits
     assert policy.decide(120.0, 119.5, 4, 0, queued, urgent) == ("batch", None)
     # without priorities (urgent None): as before, the most queued
