@@ -402,9 +402,10 @@ class Bench:
         r.raise_for_status()
         return r.json()["id"]
 
-    def finish(self, kind: str, job, timeout: float = 1800.0) -> float:
+    def finish(self, kind: str, job, timeout: float = 1800.0, since: float | None = None) -> float:
         """Wait for a background job started above (kind rebase, eval or batch) to complete; the
-        seconds it took from this call. Its rebase candidates are deleted after."""
+        seconds it took from `since` (monotonic; default: this call). Its rebase candidates are
+        deleted after."""
         auth = {"Authorization": f"Bearer {ADMIN}"}
         url = self.gateway.url
         where = {
@@ -417,7 +418,7 @@ class Bench:
             if time.monotonic() - start > timeout:
                 raise SystemExit(f"the {kind} beside the load did not finish in {timeout:.0f} s: {state}")
             time.sleep(0.5)
-        took = time.monotonic() - start
+        took = time.monotonic() - (start if since is None else since)
         if state["status"] != "completed":
             raise SystemExit(f"the {kind} beside the load ended {state['status']}: {state}")
         say(f"    the {kind} beside it completed {took:.1f} s after the online load")

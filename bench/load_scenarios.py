@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import statistics
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from load_harness import Bench, Run, say, schedule  # noqa: E402
+
+JOB_AFTER = 5.0  # priorities: s into the online run a background job starts (the generator is up)
 
 
 @dataclass
@@ -106,8 +110,10 @@ def rebase(p: Plan) -> list[Run]:
 
 def priorities(p: Plan) -> list[Run]:
     """Online load alone and beside each kind of background work on its variant, with priorities on
-    (the engine's priority scheduling, the swap policy's background class); each job is then left to
-    finish, and how long that took is said."""
+    (the engine's priority scheduling, the swap policy's background class). Each job starts
+    JOB_AFTER s into the online run, once the load generator's requests flow (started before it, a
+    job takes the engine in the generator's start-up, seconds with nothing in flight, and the first
+    online wave pays the swap back); it is then left to finish, and how long that took is said."""
     b, runs = p.bench, []
     say(f"priorities: online traffic on {b.models[1]} alone and beside a rebase, an eval run, a batch")
     jobs = {
@@ -118,13 +124,27 @@ def priorities(p: Plan) -> list[Run]:
     order = ["alone", *jobs]
     for rep in range(p.args.repeats):
         for what in order if rep % 2 == 0 else order[::-1]:
-            job = jobs[what]() if what in jobs else None
-            kind = f"with-{what}" if job else "alone"
+            started: dict = {}
+
+            def start(what: str = what, started: dict = started) -> None:
+                time.sleep(JOB_AFTER)
+                started["job"] = jobs[what]()
+
+            thread = threading.Thread(target=start) if what in jobs else None
+            kind = f"with-{what}" if thread else "alone"
+            plan = [b.models[1]] * p.n
             run = b.run(
-                f"priorities-{what}-{rep}", "priorities", [b.models[1]] * p.n, concurrency=p.c, kind=kind
+                f"priorities-{what}-{rep}",
+                "priorities",
+                plan,
+                concurrency=p.c,
+                kind=kind,
+                on_start=thread.start if thread else None,
             )
-            if job:
-                run.background_done_s = b.finish(what, job)
+            if thread:
+                ended = time.monotonic()
+                thread.join()
+                run.background_done_s = b.finish(what, started["job"], since=ended)
             runs.append(run)
     return runs
 

@@ -63,7 +63,7 @@ class Admission:
         """Count the request out of its engine: once, whoever calls it how often."""
         slot, self.slot = self.slot, None
         if slot is not None:
-            slot.release()
+            slot.release(self.background)
 
     async def post(self, path: str, payload: dict, headers: dict) -> aiohttp.ClientResponse:
         """Send the request to the admitted engine; if that engine is found dead before anything was
@@ -135,7 +135,7 @@ class Admission:
         try:
             await adapters.load(slot.id, slot.client, target.adapter)
         except BaseException:
-            slot.release()
+            slot.release(self.background)
             raise
 
 

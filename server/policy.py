@@ -12,14 +12,16 @@ or two. The policy makes the trade explicit:
 
 Priorities: requests are interactive (the default) or background (keys of class batch, batches, eval
 runs, rebases). A variant with interactive requests waiting goes before one only background work
-wants. Only interactive waiters end a quantum (at its end, or after `max_wait_seconds`): a variant
-only background work wants is swapped to in a gap, once the resident has had nothing in flight for
-`background_gap_seconds`, or once its oldest request has waited `background_max_wait_seconds`, and
-then it goes next, whatever waits. So background work never takes the engine from busy interactive
-traffic before that bound, and still finishes. Measured beside a rebase (bench/load.py --scenarios
-priorities, online TTFT p99 446 ms alone): ending quanta, it took the engine 14 times in a 27 s run
-(p99 900 ms); taking any instant with nothing in flight, as often (861 ms: closed-loop requests of
-one length end together, emptying the engine between waves for milliseconds).
+wants, and a resident serving only background work yields to interactive waiters at once (what it
+has in flight ends first). Only interactive waiters end a quantum (at its end, or after
+`max_wait_seconds`): a variant only background work wants is swapped to in a gap, once the resident
+has had nothing in flight for `background_gap_seconds`, or once its oldest request has waited
+`background_max_wait_seconds`, and then it goes next, whatever waits. So background work never takes
+the engine from busy interactive traffic before that bound, and still finishes. Measured beside a
+rebase (bench/load.py --scenarios priorities, online TTFT p99 about 450 ms alone): background
+waiters ending quanta took the engine 14 times in a 27 s run (p99 900 ms); taking any instant with
+nothing in flight, as often (861 ms: closed-loop requests of one length end together, emptying the
+engine for milliseconds between waves).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class SwapPolicy:
         queued: dict[K, list[float]],
         urgent: dict[K, int] | None = None,
         idle_since: float | None = None,
+        urgent_inflight: int | None = None,
     ) -> tuple[K | None, float | None]:
         """(variant to swap to now, None) or (None, seconds until the question is worth asking again;
         None: until a request finishes).
@@ -61,6 +64,8 @@ class SwapPolicy:
         woken by the swap that made it resident): they go first, whatever the quantum. `urgent`: how
         many of each variant's waiting requests are interactive (None: all of them). `idle_since`:
         when the resident last had nothing in flight (None: it has had, since its swap).
+        `urgent_inflight`: how many of the resident's requests in flight are interactive (None: all):
+        a resident serving only background work keeps no quantum against interactive waiters.
         """
         waiting = {key: times for key, times in queued.items() if times}
         if not waiting:
@@ -79,7 +84,7 @@ class SwapPolicy:
             return (
                 (self.next(waiting, urgent, now), None) if gap_left <= 0 else (None, min(gap_left, wait_left))
             )
-        if inflight == 0:
+        if inflight == 0 or urgent_inflight == 0:
             return self.next(waiting, urgent, now), None
         quantum_left = resident_since + self.quantum_seconds - now
         if quantum_left <= 0:

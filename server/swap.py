@@ -87,6 +87,7 @@ class WeightSlot:
         # The name last admitted (for /v1/engines and metrics); admission compares weights, not names.
         self.last_admitted: str | None = None
         self.inflight = 0
+        self.urgent_inflight = 0  # of `inflight`, the interactive requests (the rest: background)
         self.idle_since: float | None = None  # when `inflight` last fell to 0 (None: not since the swap)
         self.last_swap: SwapRecord | None = None
         self.recent_swaps: deque[SwapRecord] = deque(maxlen=256)
@@ -115,6 +116,7 @@ class WeightSlot:
             self._refuse_if_retired()
             if self._admissible(key):
                 self.inflight += 1
+                self.urgent_inflight += not background
                 self.last_admitted = variant
                 return
             arrived = time.monotonic()
@@ -142,6 +144,7 @@ class WeightSlot:
                     await self._wait(recheck)
                 self._refuse_if_retired()  # it may have left while this request waited
                 self.inflight += 1
+                self.urgent_inflight += not background
                 self.last_admitted = variant
             finally:
                 queue.remove(arrived)
@@ -177,7 +180,14 @@ class WeightSlot:
         mine = len(self._queued.get(_key(self.resident, self.lane), ()))
         now, others = time.monotonic(), self._others()
         return self.policy.decide(
-            now, self.resident_since, self.inflight, mine, others, self._urgent, self.idle_since
+            now,
+            self.resident_since,
+            self.inflight,
+            mine,
+            others,
+            self._urgent,
+            self.idle_since,
+            self.urgent_inflight,
         )
 
     def _stage_next(self) -> None:
@@ -234,14 +244,15 @@ class WeightSlot:
             finally:
                 self._cond.notify_all()
 
-    def release(self) -> None:
-        """Count one request out.
+    def release(self, background: bool = False) -> None:
+        """Count one request out (`background`: as it was counted in).
 
         Synchronous, so it also runs in the cleanup of a stream whose client went away (an
         await there may be cancelled again). Only the last request out matters to waiters: a
         swap waits for nothing in flight.
         """
         self.inflight -= 1
+        self.urgent_inflight -= not background
         if self.inflight == 0:
             self.idle_since = time.monotonic()
         if self.inflight == 0 and any(self._queued.values()):

@@ -58,6 +58,9 @@ def test_interactive_requests_go_first_and_background_work_still_finishes():
     assert policy.decide(110.0, 109.0, 0, 0, only, {"batch": 0}) == ("batch", None)  # idle since its swap
     # waited past background_max_wait: its variant goes next, whatever waits
     assert policy.decide(120.0, 119.5, 4, 0, queued, urgent) == ("batch", None)
+    # a resident serving only background work keeps no quantum against an interactive waiter
+    assert policy.decide(103.0, 102.5, 2, 0, queued, urgent, urgent_inflight=0) == ("user", None)
+    assert policy.decide(103.0, 102.5, 2, 0, queued, urgent, urgent_inflight=1) == (None, 1.5)
     # without priorities (urgent None): as before, the most queued
     assert policy.decide(103.0, 100.0, 1, 0, queued) == ("batch", None)
 
