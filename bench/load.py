@@ -24,9 +24,9 @@ Scenarios:
 - priorities: the engine started with vLLM's priority scheduling and the gateway with
   `--priority-scheduling`; the same online load alone and beside a rebase (20 + 20 problems per α),
   an eval run (24 GSM8K items) and a batch (2 × --num-prompts completions) on its variant, in
-  alternating order, each job started 5 s into the online run (once requests flow) and then left
-  to finish: online TTFT beside each against alone, and each job's time to finish after the load
-  (issue 38's target: p99 within 1.5x, the job completes).
+  alternating order, each job started 2 s after the online run's first requests are in flight,
+  then left to finish: online TTFT beside each against alone, and each job's time to finish after
+  the load (issue 38's target: p99 within 1.5x, the job completes).
   Priorities stay on for every scenario of the invocation, so run it on its own.
 - lanes: two low-rank variants (a rank-16 projection-only copy of the delta at alpha 1 and 0.5) on
   a LoRA-enabled engine, served as adapters (`serve --lora-slots 2`) and by swaps (lane off, same

@@ -381,6 +381,17 @@ class Bench:
             for name in {*entry["candidates"].values(), entry["variant"]} - {None}:
                 httpx.delete(f"{self.gateway.url}/v1/variants/{name}", headers=auth)
 
+    def wait_for_load(self, timeout: float = 120.0) -> None:
+        """Until requests are in flight on the gateway (the load generator's start-up, seconds of
+        importing, is over)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in httpx.get(self.gateway.url + "/metrics", timeout=30).text.splitlines():
+                if line.startswith("deltagate_inflight_requests{") and float(line.split()[-1]) > 0:
+                    return
+            time.sleep(0.1)
+        raise SystemExit(f"no request in flight {timeout:.0f} s after the load was started")
+
     def start_batch(self, variant: str, n: int) -> str:
         """Start a Batch API batch of `n` completions on `variant` (the bench's prompts, --output-len
         tokens each); return once it is in progress."""

@@ -16,7 +16,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 from load_harness import Bench, Run, say, schedule  # noqa: E402
 
-JOB_AFTER = 5.0  # priorities: s into the online run a background job starts (the generator is up)
+JOB_AFTER = 2.0  # priorities: s after the online load's first requests that a background job starts
 
 
 @dataclass
@@ -111,8 +111,8 @@ def rebase(p: Plan) -> list[Run]:
 def priorities(p: Plan) -> list[Run]:
     """Online load alone and beside each kind of background work on its variant, with priorities on
     (the engine's priority scheduling, the swap policy's background class). Each job starts
-    JOB_AFTER s into the online run, once the load generator's requests flow (started before it, a
-    job takes the engine in the generator's start-up, seconds with nothing in flight, and the first
+    JOB_AFTER s after the online load's first requests are in flight (started before, a job takes
+    the engine in the load generator's start-up, about 10 s with nothing in flight, and the first
     online wave pays the swap back); it is then left to finish, and how long that took is said."""
     b, runs = p.bench, []
     say(f"priorities: online traffic on {b.models[1]} alone and beside a rebase, an eval run, a batch")
@@ -127,6 +127,7 @@ def priorities(p: Plan) -> list[Run]:
             started: dict = {}
 
             def start(what: str = what, started: dict = started) -> None:
+                b.wait_for_load()
                 time.sleep(JOB_AFTER)
                 started["job"] = jobs[what]()
 
