@@ -241,7 +241,7 @@ QUANTIZED = {"qwen3": "torchao-int8"}
 # (2 rows in 333 s alone) but a TP=2 row costs 3-4 TP=1 rows: the suite keeps one.
 TENSOR_PARALLEL = {"qwen3_moe": 2}
 # vLLM's priority scheduling (`serve --priority-scheduling`) on one row: its engine runs the priority
-# policy, and a path is asked as background work (priority 1), which an engine without it refuses.
+# policy (its log says so), and a path is asked as background work (requests of priority 1).
 PRIORITY_SCHEDULING = {"mistral"}
 MATRIX = [
     MatrixRow(

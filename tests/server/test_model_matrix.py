@@ -260,7 +260,11 @@ def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[Served]:
             ("full", f"{name}-full"),
         ]:
             ask(path, model)
-        if row.priority_scheduling:
+        if row.priority_scheduling:  # the engine runs the policy (vLLM logs its non-default args)
+            assert (
+                "'scheduling_policy': 'priority'"
+                in (work / "state" / "logs" / f"engine-{name}.log").read_text()
+            )
             served.append(
                 (str(r.references["full"]), "background", f"{name}-full", batch_answers(url, f"{name}-full"))
             )
