@@ -178,14 +178,14 @@ class MatrixRow:
     dtype: str = "bfloat16"
     quantization: str | None = None  # a key of ONLINE_QUANTIZATION: applied at load on both sides
     tensor_parallel: int = 1
-    priority_scheduling: bool = False  # `serve --priority-scheduling`; stock vLLM's policy the same
+    shared: bool = False  # a gateway shared by teams: --priority-scheduling and scoped keys (SHARED_PATHS)
 
     @property
     def id(self) -> str:
         dtype = self.dtype if self.dtype != "bfloat16" else ""
         tp = f"tp{self.tensor_parallel}" if self.tensor_parallel > 1 else ""
-        prio = "priority" if self.priority_scheduling else ""
-        return "-".join(filter(None, [self.family, dtype, self.quantization or "", tp, prio]))
+        shared = "shared" if self.shared else ""
+        return "-".join(filter(None, [self.family, dtype, self.quantization or "", tp, shared]))
 
     @property
     def vllm_quantization(self) -> tuple[str | None, dict | None]:
@@ -240,24 +240,28 @@ QUANTIZED = {"qwen3": "torchao-int8"}
 # Tensor parallelism (TP=2: a rank per core here) on a non-Llama MoE. Mistral at TP=2 passed too
 # (2 rows in 333 s alone) but a TP=2 row costs 3-4 TP=1 rows: the suite keeps one.
 TENSOR_PARALLEL = {"qwen3_moe": 2}
-# vLLM's priority scheduling (`serve --priority-scheduling`) on one row: its engine runs the priority
-# policy (its log says so), and a path is asked as background work (requests of priority 1).
-PRIORITY_SCHEDULING = {"mistral"}
+# A gateway shared by teams, on one row: `serve --priority-scheduling` (its engine runs vLLM's priority
+# policy, its log says so; stock vLLM runs the same), a path asked as background work (requests of
+# priority 1), and two projects' scoped keys.
+SHARED = {"mistral"}
 MATRIX = [
     MatrixRow(
         name,
         OTHER_DTYPES.get(name, "bfloat16"),
         QUANTIZED.get(name),
         TENSOR_PARALLEL.get(name, 1),
-        name in PRIORITY_SCHEDULING,
+        name in SHARED,
     )
     for name in FAMILIES
 ]
-# The path asked on a priority-scheduling row, beside PATHS.
-PRIORITY_PATH = {
+# The paths asked on the shared row, beside PATHS.
+SHARED_PATHS = {
     "background": "the full delta asked through the Batch API (background: vLLM request priority 1) on an "
     "engine the gateway started with `--scheduling-policy priority` (`serve --priority-scheduling`), "
-    "against stock vLLM with the same policy"
+    "against stock vLLM with the same policy",
+    "scoped-key": "the full delta defined as a project's variant (`team-a/...`) and asked with that "
+    "project's key; another project's key gets 404 for it, and GET /v1/usage counts the key's requests "
+    "and the tokens of the answers' `usage`",
 }
 
 

@@ -183,8 +183,8 @@ def models_page() -> str:
         MATRIX,
         NOT_RUN,
         PATHS,
-        PRIORITY_PATH,
         REFUSED,
+        SHARED_PATHS,
         adapter_lane,
         commit_modules,
     )
@@ -216,8 +216,8 @@ def models_page() -> str:
         )
     out += ["", "## Paths verified on every row", "", "| path | what |", "|---|---|"]
     out += [f"| {name} | {_md(what)} |" for name, what in PATHS.items()]
-    prio = ", ".join(row.family for row in MATRIX if row.priority_scheduling)
-    out += [f"| {name} | {_md(what)} (on the {prio} row) |" for name, what in PRIORITY_PATH.items()]
+    shared = ", ".join(row.family for row in MATRIX if row.shared)
+    out += [f"| {name} | {_md(what)} (on the {shared} row) |" for name, what in SHARED_PATHS.items()]
     lane = ", ".join(f.name for f in FAMILIES.values() if adapter_lane(f))
     moe = ", ".join(f.name for f in FAMILIES.values() if f.moe)
     elsewhere = "; ".join(f"{family}: checked on {where}" for family, where in ADAPTERS_ELSEWHERE.items())

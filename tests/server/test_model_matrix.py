@@ -35,7 +35,7 @@ from loaders.families import (
     FAMILIES,
     MATRIX,
     PATHS,
-    PRIORITY_PATH,
+    SHARED_PATHS,
     MatrixRow,
     adapter_lane,
     make_family_base,
@@ -114,7 +114,7 @@ def reference_jobs(r: Row) -> list[dict]:
     """Stock vLLM's jobs for the row's paths: each reference checkpoint with the row's flags."""
     method, overrides = r.row.vllm_quantization
     flags = {"quantization": method, "hf_overrides": overrides, "tensor_parallel": r.row.tensor_parallel}
-    flags["scheduling_policy"] = "priority" if r.row.priority_scheduling else "fcfs"
+    flags["scheduling_policy"] = "priority" if r.row.shared else "fcfs"
     return [{"model": str(p), **flags} for p in r.references.values()]
 
 
@@ -156,8 +156,9 @@ Served = tuple[str, str, str, list[dict]]
 LORA_PROBE = "lora-probe"
 
 
-def answers(url: str, model: str) -> list[dict]:
-    """The gateway's greedy answers to PROMPTS as `model`, one at a time: token ids and logprobs."""
+def answers(url: str, model: str, headers: dict | None = None, usage: list | None = None) -> list[dict]:
+    """The gateway's greedy answers to PROMPTS as `model`, one at a time: token ids and logprobs
+    (each answer's `usage` appended to `usage`, if given)."""
     out = []
     for prompt in PROMPTS:
         body = {
@@ -168,11 +169,47 @@ def answers(url: str, model: str) -> list[dict]:
             "logprobs": 3,
             "return_token_ids": True,
         }
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=300)
         assert r.status_code == 200, r.text
+        if usage is not None:
+            usage.append(r.json()["usage"])
         choice = r.json()["choices"][0]
         out.append({"token_ids": choice["token_ids"], "token_logprobs": choice["logprobs"]["token_logprobs"]})
     return out
+
+
+def shared_paths(url: str, name: str, r: Row, work: Path) -> list[Served]:
+    """SHARED_PATHS on the shared row's gateway, last (once a key exists, every call needs one)."""
+    log = (work / "state" / "logs" / f"engine-{name}.log").read_text()
+    assert "'scheduling_policy': 'priority'" in log  # the engine runs the policy (its non-default args)
+    served = [(str(r.references["full"]), "background", f"{name}-full", batch_answers(url, f"{name}-full"))]
+    for project, alpha in (("team-a", 1.0), ("team-b", 0.5)):
+        body = {"name": f"{project}/chat", "base": name, "deltas": [{"delta": f"{name}-d", "alpha": alpha}]}
+        assert httpx.post(f"{url}/v1/variants", headers=AUTH, json=body).status_code == 201
+    a, b = (_key(url, project) for project in ("team-a", "team-b"))
+    usage: list[dict] = []
+    served.append(
+        (str(r.references["full"]), "scoped-key", "team-a/chat", answers(url, "team-a/chat", a, usage))
+    )
+    body = {"model": "team-a/chat", "prompt": PROMPTS[0], "max_tokens": 2}
+    refused = httpx.post(f"{url}/v1/completions", json=body, headers=b)
+    assert refused.status_code == 404 and "unknown model 'team-a/chat'" in refused.text, refused.text
+    own = httpx.post(f"{url}/v1/completions", json=body | {"model": "team-b/chat"}, headers=b)
+    assert own.status_code == 200, own.text
+    counted = httpx.get(f"{url}/v1/usage", params={"project": "team-a"}, headers=AUTH).json()["data"]
+    want = {"requests": len(PROMPTS)}
+    want |= {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens")}
+    assert [(c["key"], c["model"], {k: c[k] for k in want}) for c in counted] == [
+        ("team-a/app", "team-a/chat", want)
+    ]
+    return served
+
+
+def _key(url: str, project: str) -> dict:
+    """The headers of a new key of `project` (its models by default: PROJECT/*)."""
+    made = httpx.post(f"{url}/v1/projects/{project}/keys", headers=AUTH, json={"name": "app"})
+    assert made.status_code == 201, made.text
+    return {"Authorization": f"Bearer {made.json()['secret']}"}
 
 
 def batch_answers(url: str, model: str) -> list[dict]:
@@ -222,7 +259,7 @@ def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[Served]:
         *("--variant", f"{name}-mix={r.delta}:0.5,{r.delta2}:0.5"),
         *(f"--engine-arg={arg}" for arg in row.engine_args),
         *(LORA_SLOTS if moe else ()),
-        *(["--priority-scheduling"] if row.priority_scheduling else []),
+        *(["--priority-scheduling"] if row.shared else []),
     ]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if row.tensor_parallel == 2 else None  # a rank per core
     proc = start_gateway(args, work / "state", port, log, env=env)
@@ -260,15 +297,9 @@ def serve_paths(row: MatrixRow, r: Row, work: Path) -> list[Served]:
             ("full", f"{name}-full"),
         ]:
             ask(path, model)
-        if row.priority_scheduling:  # the engine runs the policy (vLLM logs its non-default args)
-            assert (
-                "'scheduling_policy': 'priority'"
-                in (work / "state" / "logs" / f"engine-{name}.log").read_text()
-            )
-            served.append(
-                (str(r.references["full"]), "background", f"{name}-full", batch_answers(url, f"{name}-full"))
-            )
         assert_prepared(url, row)
+        if row.shared:
+            served += shared_paths(url, name, r, work)
         if moe:
             assert_lora_refused(url, name)
     finally:
@@ -363,7 +394,7 @@ def test_every_path_of_a_family_is_bit_identical_to_stock_vllm(row: MatrixRow, t
     assert not wrong, "\n".join(wrong)
     paths = {path for _, path, _, _ in served}
     assert paths == set(PATHS) | (set(ADAPTER_PATHS) if adapter else set()) | (
-        set(PRIORITY_PATH) if row.priority_scheduling else set()
+        set(SHARED_PATHS) if row.shared else set()
     )
     differs = {
         json.dumps(got) for _, path, _, got in served if path in ("base", "full", "part", "half", "mix")
