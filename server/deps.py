@@ -72,7 +72,7 @@ async def _check_manages(request: Request, caller: Principal) -> None:
 
 # Admin routes a project's admin key may call, on its own names; every other one is root's.
 PROJECT_ROUTES = frozenset(
-    {"/v1/deltas", "/v1/variants", "/v1/aliases", "/v1/usage", "/v1/evals", "/v1/rebases"}
+    {"/v1/deltas", "/v1/variants", "/v1/aliases", "/v1/bases", "/v1/usage", "/v1/evals", "/v1/rebases"}
 )
 
 

@@ -1,10 +1,11 @@
-"""Admin: register, list and delete bases while serving (ParamΔ: an updated base for old deltas)."""
+"""Admin: register, list and delete bases while serving (ParamΔ: an updated base for old deltas); a
+project's admin key, runtime bases under its project's prefix."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from server.deps import GatewayDep, require_admin
+from server.deps import AdminCaller, GatewayDep, require_admin
 from server.gateway import Gateway
 from server.schemas import BaseCreate, BasePublic, BasesPublic, SwapPublic
 
@@ -43,9 +44,11 @@ async def create_base(body: BaseCreate, gateway: GatewayDep) -> BasePublic:
 
 
 @router.get("")
-async def list_bases(gateway: GatewayDep) -> BasesPublic:
-    """Bases with their engine, resident variant, requests in flight and recent swaps."""
-    return BasesPublic(data=[_public(gateway, n) for n in gateway.registry.state.bases])
+async def list_bases(gateway: GatewayDep, caller: AdminCaller) -> BasesPublic:
+    """Bases with their engine, resident variant, requests in flight and recent swaps (a project's
+    admin key: its project's runtime bases)."""
+    names = [n for n in gateway.registry.state.bases if caller.may_manage(n)]
+    return BasesPublic(data=[_public(gateway, n) for n in names])
 
 
 @router.get("/{name:path}")

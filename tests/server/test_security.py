@@ -219,4 +219,4 @@ async def test_a_project_admin_key_is_refused_on_every_admin_route_outside_its_p
             assert r.status_code == 403, (method, path, r.text)
             assert r.json()["error"]["type"] == "permission_error"
             checked.add(path)
-        assert checked >= {"/v1/bases", "/v1/keys", "/v1/keys/{key_id}", "/v1/projects/{project}/limits"}
+        assert checked >= {"/v1/engines", "/v1/keys", "/v1/keys/{key_id}", "/v1/projects/{project}/limits"}

@@ -59,7 +59,9 @@ def test_a_project_admin_key_manages_its_names_and_nothing_else(gw, tied):
         ("POST", "/v1/variants", {"name": "team-a/y", "base": "mock", "deltas": [{"delta": "tied-shared"}]}),
         ("DELETE", "/v1/variants/mock-inst", None),
         ("PUT", "/v1/aliases/team-a/prod", {"targets": [{"variant": "mock-inst"}]}),
-        ("GET", "/v1/bases", None),
+        ("GET", "/v1/engines", None),
+        ("GET", "/v1/bases/mock", None),
+        ("POST", "/v1/bases", {"name": "team-b/v2", "path": str(tied.base)}),
         ("GET", "/v1/keys", None),
         ("POST", "/v1/projects/team-a/keys", {"name": "more"}),
     ]:
@@ -400,6 +402,22 @@ def test_a_projects_limits_hold_over_all_its_keys(gw):
     done = subprocess.run([*cmd, "--url", url, "--admin-token", ADMIN], capture_output=True, text=True)
     assert done.returncode == 0 and "project team-j: no limits" in done.stderr, done.stderr
     assert _complete(url, "mock", b).status_code == 200
+
+
+def test_a_project_admin_key_registers_runtime_bases_under_its_prefix(gw, tied_updated):
+    """A project's runtime base (hot-loaded by the running engine): registered, listed, served to its
+    keys and deleted by its admin key; the other bases are not its to list or touch."""
+    url = gw[0].url
+    ops = _auth(_key(url, "team-n", "ops", admin=True))
+    app = _auth(_key(url, "team-n", "app"))
+    r = httpx.post(f"{url}/v1/bases", json={"name": "team-n/v2", "path": str(tied_updated)}, headers=ops)
+    assert r.status_code == 201, r.text
+    assert [b["name"] for b in httpx.get(f"{url}/v1/bases", headers=ops).json()["data"]] == ["team-n/v2"]
+    assert "team-n/v2" in {b["name"] for b in httpx.get(f"{url}/v1/bases", headers=ROOT).json()["data"]}
+    assert _complete(url, "team-n/v2", app).status_code == 200  # PROJECT/* covers its base
+    assert _complete(url, "team-n/v2", _auth(_key(url, "team-o", "app"))).status_code == 404
+    assert httpx.delete(f"{url}/v1/bases/mock", headers=ops).status_code == 403
+    assert httpx.delete(f"{url}/v1/bases/team-n/v2", headers=ops).status_code == 204
 
 
 def test_a_project_admin_key_runs_evals_on_its_models_only(gw):
