@@ -12,7 +12,8 @@ attaches to that same mock. With --ray, a third target: `deltagate serve --ray -
 serve` (random 32-token prompts, --output-len tokens); non-streaming load is bench/loadgen.py's
 client (latency counted as TTFT). With --scoped-key, the gateway runs with an --api-key (its
 "gateway" column sends it) and a fourth target, "scoped", sends a project's key scoped to the model
-with a requests- and tokens-per-minute limit the run never reaches (docs: "Share a gateway").
+with a requests- and tokens-per-minute limit the run never reaches, and its project one too (docs:
+"Share a gateway").
 """
 
 from __future__ import annotations
@@ -171,11 +172,14 @@ def _ray_target(base: Path, work: Path, tokens_per_second: float, services: list
 
 
 def _scoped_key(url: str) -> str:
-    """A key of project `bench`, scoped to the served model, with per-minute limits never reached."""
+    """A key of project `bench`, scoped to the served model, with per-minute limits never reached,
+    its project's too (each request counts in both windows)."""
     import httpx
 
-    body = {"name": "relay", "models": [SERVED], "limits": {"rpm": 10**9, "tpm": 10**12}}
+    unreached = {"rpm": 10**9, "tpm": 10**12}
     auth = {"Authorization": "Bearer bench-admin"}
+    httpx.put(f"{url}/v1/projects/bench/limits", json=unreached, headers=auth, timeout=30).raise_for_status()
+    body = {"name": "relay", "models": [SERVED], "limits": unreached}
     r = httpx.post(f"{url}/v1/projects/bench/keys", json=body, headers=auth, timeout=30)
     r.raise_for_status()
     return r.json()["secret"]
