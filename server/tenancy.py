@@ -1,12 +1,14 @@
 """Projects and scoped keys: who may run which models and manage which names.
 
-A project owns the names under its prefix (`team-a/...`: its deltas, variants and aliases). A key
-belongs to a project and carries scopes:
+A project owns the names under its prefix (`team-a/...`: its deltas, variants, aliases and runtime
+bases), and the evals and rebases its admin keys make; it may have limits of its own over all its
+keys (server/quota.py). A key belongs to a project and carries scopes:
 
 - `models`: what it may run inference on. Each entry is a name (`team-a/chat`), a prefix ending in
   `/` or `*` (`team-a/*`), `base:NAME` (that base and every variant defined on it: access follows
   the family of variants, not a list of names), or `*` (everything).
-- `admin`: it may also register, define, alias and delete names under its project's prefix.
+- `admin`: it may also register, define, alias and delete names under its project's prefix, and
+  evaluate and rebase its variants (server/deps.PROJECT_ROUTES; each service checks the names).
 
 The admin token (`serve --admin-token`) is root: every admin route, every project's names; it is no
 inference key (it would travel with traffic), so root runs inference with a key it creates, e.g. with
