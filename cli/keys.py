@@ -29,12 +29,29 @@ PerDay = Annotated[int | None, typer.Option(help="Tokens per UTC day")]
 PerMonth = Annotated[int | None, typer.Option(help="Tokens per UTC month")]
 
 
-def _limits(**given: int | None) -> dict[str, int]:
-    return {k: v for k, v in given.items() if v is not None}
+LIMITS = ("rpm", "tpm", "concurrent", "tokens_per_day", "tokens_per_month")  # the limit flags, in order
+
+
+def _set(limits: dict) -> dict[str, int]:
+    """The limits that are set (the API shows the others as null)."""
+    return {k: v for k, v in limits.items() if v is not None}
+
+
+def _given(*values: int | None) -> dict[str, int]:
+    """The limit flags given (their values in LIMITS' order), by name."""
+    return _set(dict(zip(LIMITS, values, strict=True)))
+
+
+def _changed(given: dict[str, int], no_limits: bool, current) -> dict[str, int] | None:
+    """The limits to set: `given` over the current ones (`current()`, read only then), over none with
+    --no-limits; None: no limit flag, nothing to change."""
+    if not (no_limits or given):
+        return None
+    return ({} if no_limits else _set(current())) | given
 
 
 def _said(limits: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in _limits(**limits).items()) or "no limits"
+    return ", ".join(f"{k} {v}" for k, v in _set(limits).items()) or "no limits"
 
 
 @keys_app.command("create")
@@ -55,13 +72,7 @@ def keys_create(
 ) -> None:
     """Create a key in PROJECT; its secret is printed once (on stdout), never stored in clear."""
     body = {"name": name, "models": model, "admin": admin, "priority": priority}  # None: PROJECT/*
-    body["limits"] = _limits(
-        rpm=rpm,
-        tpm=tpm,
-        concurrent=concurrent,
-        tokens_per_day=tokens_per_day,
-        tokens_per_month=tokens_per_month,
-    )
+    body["limits"] = _given(rpm, tpm, concurrent, tokens_per_day, tokens_per_month)
     key = call(admin_client(url, admin_token, state_dir).post(f"/v1/projects/{project}/keys", json=body))
     console.print(f"created {key['id']} ({project}/{name}) for {', '.join(key['models'])}; its secret:")
     print(key["secret"])
@@ -117,18 +128,9 @@ def keys_update(
 ) -> None:
     """Change a key: models given replace its models; limits given change those limits, keeping the others."""
     client = admin_client(url, admin_token, state_dir)
-    body: dict = {"models": model, "admin": admin, "priority": priority}
-    given = _limits(
-        rpm=rpm,
-        tpm=tpm,
-        concurrent=concurrent,
-        tokens_per_day=tokens_per_day,
-        tokens_per_month=tokens_per_month,
-    )
-    if no_limits or given:
-        kept = {} if no_limits else call(client.get(f"/v1/keys/{key_id}"))["limits"]
-        body["limits"] = _limits(**kept) | given
-    body = {k: v for k, v in body.items() if v is not None}
+    given = _given(rpm, tpm, concurrent, tokens_per_day, tokens_per_month)
+    limits = _changed(given, no_limits, lambda: call(client.get(f"/v1/keys/{key_id}"))["limits"])
+    body = _set({"models": model, "admin": admin, "priority": priority, "limits": limits})
     if not body:
         raise typer.BadParameter("nothing to change: give --model, --admin/--no-admin, --priority or a limit")
     key = call(client.patch(f"/v1/keys/{key_id}", json=body))
@@ -152,16 +154,11 @@ def keys_project_limits(
     """Show PROJECT's limits over all its keys, or change them (limits given; the others kept)."""
     client = admin_client(url, admin_token, state_dir)
     path = f"/v1/projects/{project}/limits"
-    given = _limits(
-        rpm=rpm,
-        tpm=tpm,
-        concurrent=concurrent,
-        tokens_per_day=tokens_per_day,
-        tokens_per_month=tokens_per_month,
-    )
     got = call(client.get(path))
-    if no_limits or given:
-        got = call(client.put(path, json=({} if no_limits else _limits(**got["limits"])) | given))
+    given = _given(rpm, tpm, concurrent, tokens_per_day, tokens_per_month)
+    limits = _changed(given, no_limits, lambda: got["limits"])
+    if limits is not None:
+        got = call(client.put(path, json=limits))
     console.print(f"project {project}: {_said(got['limits'])} (over all its keys, beside each key's own)")
 
 

@@ -78,12 +78,11 @@ class SwapPolicy:
         if urgent is not None and not any(urgent.get(key, 0) for key in waiting):
             if inflight:  # only background work waits: a gap, or its bound
                 return None, wait_left
-            gap_left = (
-                (resident_since if idle_since is None else idle_since) + self.background_gap_seconds - now
-            )
-            return (
-                (self.next(waiting, urgent, now), None) if gap_left <= 0 else (None, min(gap_left, wait_left))
-            )
+            idle_from = resident_since if idle_since is None else idle_since
+            gap_left = idle_from + self.background_gap_seconds - now
+            if gap_left > 0:
+                return None, min(gap_left, wait_left)
+            return self.next(waiting, urgent, now), None
         if inflight == 0 or urgent_inflight == 0:
             return self.next(waiting, urgent, now), None
         quantum_left = resident_since + self.quantum_seconds - now

@@ -43,6 +43,9 @@ from server.statedb import Store, metadata
 
 PRIORITIES = ("interactive", "batch")
 SECRET_PREFIX = "dg-"
+# What a stored object (a file, a batch, an eval, its run, a rebase) keeps of whose it is, never shown:
+# the project that owns it, and the id of the key whose scopes its work runs with.
+PROJECT, KEY = "_project", "_key"
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 api_keys = sa.Table(
@@ -173,6 +176,11 @@ class Principal:
     def may_use(self, name: str, base: str | None = None) -> bool:
         """Whether inference on model `name` (a variant of `base`, or a base) is in scope."""
         return self.root or any(_covers(p, name, base) for p in self.models)
+
+    def owns(self, project: str | None) -> bool:
+        """Whether this caller may see and act on what `project` made (None: root's): an eval, a
+        rebase. Root: everything; a project's key: its project's."""
+        return self.root or (self.project is not None and project == self.project)
 
     def may_manage(self, name: str) -> bool:
         """Whether this caller may register, change or delete `name`."""

@@ -19,16 +19,15 @@ import time
 
 from loaders.engine import EngineError
 from server import leases
-from server.batches.store import ACTIVE, PROJECT, BatchStore, FileStore, public
+from server.batches.store import ACTIVE, BatchStore, FileStore, public
 from server.errors import BadRequestError, GatewayError
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.proxy import CHAT, COMPLETIONS, MESSAGES, RESPONSES, forward
 from server.rewrite import usage_counts
 from server.schemas import InferenceBody
-from server.tenancy import ROOT, Principal
+from server.tenancy import KEY, PROJECT, ROOT, Principal
 
-KEY = "_key"  # the id of the key that made a batch (stored, never shown): its lines run with its scopes
 log = logging.getLogger("deltagate.batches")
 ROUTES = {route.path: route for route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES)}
 WINDOW_SECONDS = {"24h": 24 * 3600}

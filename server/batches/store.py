@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from server import leases
 from server.errors import NotFoundError
 from server.statedb import Store, metadata
+from server.tenancy import PROJECT
 
 # A batch's statuses while someone must work on it (OpenAI's names): the ones its lease covers.
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
@@ -64,7 +65,6 @@ _answers = sa.Table(
 # Files and batches belong to the project of the key that made them (PROJECT in the stored object,
 # never shown): a project's keys see only theirs; keys of no project (--api-key, or none) see those of
 # no project. `project=None` in the calls below: the gateway's own calls (every one).
-PROJECT = "_project"
 
 
 def public(record: dict) -> dict:

@@ -106,14 +106,9 @@ class EvalService:
     def get_eval(self, eval_id: str, caller: Principal = ROOT) -> dict:
         """An eval `caller` may see (root: every one; a project admin key: its project's), else 404."""
         row = self.store.eval(eval_id)
-        if row is None or not self.visible(row, caller):
+        if row is None or not caller.owns(row["project"]):
             raise NotFoundError(f"eval {eval_id!r} not found")
         return row
-
-    @staticmethod
-    def visible(row: dict, caller: Principal) -> bool:
-        """Whether `caller` may see eval `row`."""
-        return caller.root or (caller.project is not None and row["project"] == caller.project)
 
     def delete_eval(self, eval_id: str, caller: Principal = ROOT) -> None:
         self.get_eval(eval_id, caller)

@@ -20,10 +20,10 @@ import sqlalchemy as sa
 
 from server import leases
 from server.statedb import Store, metadata
+from server.tenancy import KEY, PROJECT
 
-# Kept in an eval's and a run's stored body, out of the dicts' "body": the project owning an eval (a
-# project admin key sees only its project's), the key a run was started with (it runs with its scopes).
-OWNER, KEY = "_project", "_key"
+# PROJECT and KEY are kept in an eval's and a run's stored body, out of the dicts' "body": the project
+# owning an eval (a project admin key sees only its project's), the key a run was started with.
 
 _evals = sa.Table(
     "evals",
@@ -70,7 +70,7 @@ class EvalStore(Store):
     def add_eval(self, body: dict, project: str | None = None) -> str:
         """A new eval, owned by `project` (None: root's)."""
         eval_id = f"eval_{uuid.uuid4().hex[:16]}"
-        stored = {**body, OWNER: project} if project else body
+        stored = {**body, PROJECT: project} if project else body
         row = {"id": eval_id, "created_at": time.time(), "body": json.dumps(stored)}
         self._run(lambda c: c.execute(sa.insert(_evals).values(row)))
         return eval_id
@@ -199,7 +199,7 @@ class EvalStore(Store):
 
 def _eval_dict(row) -> dict:
     body = json.loads(row.body)
-    return {"id": row.id, "created_at": row.created_at, "project": body.pop(OWNER, None), "body": body}
+    return {"id": row.id, "created_at": row.created_at, "project": body.pop(PROJECT, None), "body": body}
 
 
 def _run_dict(row) -> dict:

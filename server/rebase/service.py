@@ -124,7 +124,7 @@ class RebaseService:
     def get(self, rebase_id: str, caller: Principal = ROOT) -> dict:
         """A rebase `caller` may see (root: every one; a project admin key: its project's), else 404."""
         row = self.store.get(rebase_id)
-        if row is None or not EvalService.visible(row, caller):
+        if row is None or not caller.owns(row["project"]):
             raise NotFoundError(f"rebase {rebase_id!r} not found")
         return row
 

@@ -10,8 +10,8 @@ import uuid
 import sqlalchemy as sa
 
 from server import leases
-from server.evals.store import KEY, OWNER
 from server.statedb import Store, metadata
+from server.tenancy import KEY, PROJECT
 
 _rebases = sa.Table(
     "rebases",
@@ -42,7 +42,7 @@ class RebaseStore(Store):
         """A queued rebase leased to gateway `owner`: `project`'s (None: root's), run with key `key`'s
         scopes."""
         rebase_id = f"rebase_{uuid.uuid4().hex[:16]}"
-        stored = {**body, OWNER: project, KEY: key} if project else body
+        stored = {**body, PROJECT: project, KEY: key} if project else body
         row = {
             "id": rebase_id,
             "created_at": time.time(),
@@ -87,5 +87,5 @@ class RebaseStore(Store):
 
 def _dict(row) -> dict:
     body = json.loads(row.body)
-    project, key = body.pop(OWNER, None), body.pop(KEY, None)
+    project, key = body.pop(PROJECT, None), body.pop(KEY, None)
     return {**row._asdict(), "project": project, "key": key, "body": body, "report": json.loads(row.report)}
