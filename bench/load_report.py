@@ -62,6 +62,7 @@ def report(runs: list[Run], work: Path, args) -> None:
     lines += (
         _priority_lines(runs)
         + _policy_lines(runs)
+        + _bound_lines(runs)
         + _swap_lines(runs)
         + _lane_lines(runs)
         + _replica_lines(runs)
@@ -107,20 +108,40 @@ def _policy_lines(runs: list[Run]) -> list[str]:
     """Per swap quantum: two variants' throughput and TTFT against one variant's, medians of repeats."""
     lines = []
     quanta = sorted(
-        {r.name.split("-")[1] for r in runs if r.scenario == "policy"}, key=lambda q: float(q[1:])
+        {r.name.split("-")[1] for r in runs if r.scenario == "policy"},
+        key=lambda q: tuple(float(x) for x in q[1:].split("x")),
     )
     for q in quanta:
+        quantum, pauses = q[1:].split("x")
         groups = {k: [r for r in runs if r.name.startswith(f"policy-{q}-{k}-")] for k in ("1", "2")}
         tok, p50 = _medians(groups)
         p99 = {k: statistics.median(r.ttft_p99_ms for r in rs) for k, rs in groups.items()}
         swaps = statistics.median(r.swaps for r in groups["2"])
         lines.append(
-            f"policy quantum {q[1:]} s: 2 variants {100 * tok['2'] / tok['1']:.0f}% of 1-variant throughput "
+            f"policy quantum {quantum} s, at most {pauses} swap pauses: 2 variants "
+            f"{100 * tok['2'] / tok['1']:.0f}% of 1-variant throughput "
             f"({tok['2']:.1f} vs {tok['1']:.1f} tok/s), TTFT p50 {p50['2']:.0f} vs {p50['1']:.0f} ms, p99 "
             f"{p99['2']:.0f} vs {p99['1']:.0f} ms (x{p99['2'] / p99['1']:.1f}), {swaps:g} swaps "
             f"(medians of {len(groups['1'])} repeats)"
         )
     return lines
+
+
+def _bound_lines(runs: list[Run]) -> list[str]:
+    """One variant's throughput at 2/3 of the streams against all of them (alternation_bound)."""
+    by_c: dict[int, list[float]] = {}
+    for r in runs:
+        if r.scenario == "bound":
+            by_c.setdefault(int(r.name.split("-")[1][1:]), []).append(r.tok_s)
+    if len(by_c) != 2:
+        return []
+    low, high = sorted(by_c)
+    tok = {c: statistics.median(v) for c, v in by_c.items()}
+    return [
+        f"alternation bound: one variant at concurrency {low}: {tok[low]:.1f} tok/s, "
+        f"{100 * tok[low] / tok[high]:.0f}% of concurrency {high} ({tok[high]:.1f} tok/s): two "
+        f"variants in lockstep waves can reach at most about this share (medians of {len(by_c[low])} runs)"
+    ]
 
 
 def _paired(runs: list[Run], prefix: str, modes: tuple[str, str]):

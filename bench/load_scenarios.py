@@ -160,11 +160,44 @@ def swaps(p: Plan) -> list[Run]:
 
 def policy(p: Plan) -> list[Run]:
     b, args = p.bench, p.args
-    say(f"swap policy: quanta {args.quanta} s (max wait {args.max_wait:g} s), 1 and 2 variants")
-    flags = lambda q: ["--swap-quantum", str(q), "--swap-max-wait", str(args.max_wait)]  # noqa: E731
-    quanta = {f"q{q:g}": lambda q=q: b.restart_gateway(flags(q)) for q in args.quanta}
+    say(
+        f"swap policy: quanta {args.quanta} s, at most {args.quantum_pauses} swap pauses (max wait "
+        f"{args.max_wait:g} s), 1 and 2 variants"
+    )
+
+    def flags(q: float, k: float) -> list[str]:
+        return [
+            "--swap-quantum",
+            str(q),
+            "--swap-quantum-pauses",
+            str(k),
+            "--swap-max-wait",
+            str(args.max_wait),
+        ]
+
+    quanta = {
+        f"q{q:g}x{k:g}": lambda q=q, k=k: b.restart_gateway(flags(q, k))
+        for q in args.quanta
+        for k in args.quantum_pauses
+    }
     plan = schedule(b.models[:2], p.n, "random", p.rng)
     return b.alternate("policy", quanta, b.models[1], plan, concurrency=p.c)
+
+
+def alternation_bound(p: Plan) -> list[Run]:
+    """One variant at the concurrency and at 2/3 of it, alternated: with one variant resident at a
+    time, closed-loop streams picking one of two variants at random leave the other's requests
+    waiting, and when each variant's requests run as one wave (answers of one length end together) a
+    wave is 2/3 of the streams on average (x = c - x/2: the last wave's streams split between the two).
+    So two variants' throughput is at most one variant's at 2c/3 streams, however cheap the swap."""
+    b, low = p.bench, max(1, round(2 * p.c / 3))
+    say(f"alternation bound: one variant at concurrency {p.c} and {low}")
+    runs = []
+    for rep in range(p.args.repeats):
+        for c in (p.c, low) if rep % 2 == 0 else (low, p.c):
+            plan = [b.models[1]] * p.n
+            runs.append(b.run(f"bound-c{c}-{rep}", "bound", plan, concurrency=c, kind="single"))
+    return runs
 
 
 def lanes(p: Plan) -> list[Run]:
@@ -202,6 +235,7 @@ SCENARIOS: dict[str, Callable[[Plan], list[Run]]] = {
     "priorities": priorities,
     "swaps": swaps,
     "policy": policy,
+    "bound": alternation_bound,
     "lanes": lanes,
     "replicas": replicas,
     "kill": kill,

@@ -21,7 +21,7 @@ base + the delta on the tensors matching --partial (the attention: 20% of SmolLM
 seeded --partial-density of their entries (< 1: GMT-like masked entries, stored in the sparse
 layout), extracted by `deltagate extract`'s function; its size is printed beside the full delta's.
 Kinds and modes alternate; every measured swap is preceded by an untimed swap to its starting
-point. `pause` is timed by the gateway's client: /pause, the apply RPC, prefix-cache reset, /resume.
+point. `pause` is timed by the gateway's client around its one swap call (loaders/engine_swap.py).
 Floors: a copy_ and an add of the bytes the swap rewrites, in the engine worker (deltagate_floors).
 """
 
@@ -137,6 +137,7 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
                     if mode in STAGED:
                         await client.stage(target)
                         await asyncio.to_thread(complete, proc.url)  # the engine serves meanwhile
+                        await client.wait_staged(target)  # the commit then waits for nothing
                         await asyncio.sleep(args.stage_wait)
                     start = time.perf_counter()
                     result = await client.apply(target)
@@ -187,8 +188,11 @@ async def first_swaps(clients: dict, variant: Recipe, delta_tensors: int) -> dic
             break
         await asyncio.sleep(0.5)
     start = time.perf_counter()
-    await prepared.apply(variant)
-    return {"cold (reload engine)": cold, "after warming (prepared engine)": time.perf_counter() - start}
+    result = await prepared.apply(variant)
+    warm = time.perf_counter() - start
+    phases = ", ".join(f"{k.removesuffix('_seconds')} {v:.3f}" for k, v in result.phases.items())
+    print(f"first swap after warming: {warm:.3f} s ({phases})", flush=True)
+    return {"cold (reload engine)": cold, "after warming (prepared engine)": warm}
 
 
 def report(rows: list[dict], extra: dict) -> None:
@@ -285,7 +289,9 @@ def main() -> None:
     )
     parser.add_argument("--partial-density", type=float, default=1.0, help="share of their entries it moves")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stage-wait", type=float, default=1.5, help="seconds between stage and commit")
+    parser.add_argument(
+        "--stage-wait", type=float, default=0.2, help="seconds between the stage being ready and the commit"
+    )
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     args = parser.parse_args()

@@ -25,10 +25,12 @@ import aiohttp
 import httpx
 
 from deltas import Recipe
+from loaders.engine_swap import PATH as SWAP_PATH
 
 EXTENSION_CLS = "loaders.worker_extension.DeltaWorkerExtension"
 # The variant's chat template on /v1/responses and /v1/messages (vLLM takes one on chat only).
 CHAT_MIDDLEWARE = "loaders.engine_chat.VariantChatMiddleware"
+SWAP_MIDDLEWARE = "loaders.engine_swap.SwapMiddleware"
 # vLLM's API server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s). A client that
 # keeps idle connections as long (httpx's default is 5 s) races that close: a request sent as the
 # server hangs up fails with "Server disconnected" (httpx's RemoteProtocolError, aiohttp's
@@ -37,7 +39,7 @@ CHAT_MIDDLEWARE = "loaders.engine_chat.VariantChatMiddleware"
 ENGINE_KEEPALIVE_S = 2.0
 # Control calls that may be sent twice: the same pause, weights, reset or resume leave the engine as
 # once. And transport errors after which the request cannot have reached the engine's handler.
-_IDEMPOTENT = ("/pause", "/resume", "/reset_prefix_cache", "/collective_rpc")
+_IDEMPOTENT = ("/pause", "/resume", "/reset_prefix_cache", "/collective_rpc", SWAP_PATH)
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
@@ -178,6 +180,7 @@ def engine_command(spec: EngineSpec, port: int, with_extension: bool = True) -> 
         cmd += ["--dtype", dtype]
     if with_extension:
         cmd += ["--worker-extension-cls", EXTENSION_CLS, "--middleware", CHAT_MIDDLEWARE]
+        cmd += ["--middleware", SWAP_MIDDLEWARE]
     return cmd + list(spec.extra_args)
 
 
@@ -452,6 +455,7 @@ class EngineClient:
         self._relay: aiohttp.ClientSession | None = None
         self._closed = False
         self.variant_chat = False  # has loaders/engine_chat.py: templates on Responses and Messages
+        self.swap_route = True  # has loaders/engine_swap.py (until it answers 404)
 
     async def probe_variant_chat(self) -> bool:
         """Whether the engine takes a variant's chat template on /v1/responses and /v1/messages
@@ -531,25 +535,48 @@ class EngineClient:
         return resp.json()["results"]
 
     async def apply(self, recipe: Recipe) -> ApplyResult:
-        """Pause (draining), rewrite weights, reset prefix cache (unless kept), resume — always resuming."""
+        """Pause (draining), rewrite weights, reset prefix cache (unless kept), resume — always resuming.
+
+        One call where the engine has loaders/engine_swap.py (every engine EngineProcess starts);
+        vLLM's three routes otherwise (an engine started by hand), then the release."""
+        if self.swap_route:
+            body = {"recipe": recipe.model_dump_json(), "keep_prefix_cache": self.keep_prefix_cache}
+            try:
+                return ApplyResult.of((await self._post(SWAP_PATH, json=body)).json()["results"][0])
+            except EngineError as exc:
+                if "answered 404" not in str(exc):
+                    raise
+                self.swap_route = False
         # vLLM's /pause clears the KV and prefix caches unless told not to
         keep = {"clear_cache": "false"} if self.keep_prefix_cache else {}
         await self._post("/pause", params={"mode": "wait", **keep})
         try:
             results = await self.collective_rpc("deltagate_apply", recipe.model_dump_json())
-            if not self.keep_prefix_cache:
-                await self._post("/reset_prefix_cache")
         finally:
             await self._post("/resume")
+        await self.collective_rpc("deltagate_release")
         return ApplyResult.of(results[0])
 
-    async def warm(self, recipe: Recipe) -> dict:
-        """Have the workers read `recipe`'s inputs into memory (returns at once): {warming, memory}."""
-        return (await self.collective_rpc("deltagate_warm", recipe.model_dump_json()))[0]
+    async def warm(self, recipe: Recipe, pin: bool | None = None) -> dict:
+        """Have the workers read `recipe`'s inputs into memory (returns at once): {warming, memory};
+        `pin` True keeps its decoded deltas whatever the cache's budget, False stops keeping them."""
+        args = (recipe.model_dump_json(),) if pin is None else (recipe.model_dump_json(), str(pin).lower())
+        return (await self.collective_rpc("deltagate_warm", *args))[0]
 
-    async def stage(self, recipe: Recipe) -> bool:
-        """Have the workers merge `recipe`'s changed tensors while the engine serves (returns at once)."""
-        return bool((await self.collective_rpc("deltagate_stage", recipe.model_dump_json()))[0]["staging"])
+    async def stage(self, recipe: Recipe) -> dict:
+        """Have the workers merge `recipe`'s changed tensors while the engine serves (returns at once):
+        {staging: a stage for it exists, ready: it has finished}; asked again, it only reports."""
+        results = await self.collective_rpc("deltagate_stage", recipe.model_dump_json())
+        return {"staging": all(r["staging"] for r in results), "ready": all(r.get("ready") for r in results)}
+
+    async def wait_staged(self, recipe: Recipe, timeout: float = 600) -> bool:
+        """Stage `recipe` and wait until the stage is ready (benchmarks: a commit that waits for none)."""
+        deadline = time.monotonic() + timeout
+        while (state := await self.stage(recipe))["staging"] and not state["ready"]:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return state["ready"]
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Make a LoRA adapter servable under `name` (vLLM's runtime LoRA loading; idempotent)."""

@@ -79,7 +79,7 @@ class VariantChatMiddleware:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if path == PROBE:
-            return await _json(send, 200, {"routes": list(ROUTES)})
+            return await send_json(send, 200, {"routes": list(ROUTES)})
         if path not in ROUTES or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if not self._patched:
@@ -91,7 +91,7 @@ class VariantChatMiddleware:
                 _patch(handler)
                 _patch(getattr(handler, "online_renderer", None))  # renders Responses; shared by all routes
             self._patched = True
-        body = await _read_body(receive)
+        body = await read_body(receive)
         try:
             request = json.loads(body)
         except ValueError:
@@ -106,7 +106,7 @@ class VariantChatMiddleware:
             _CURRENT.reset(token)
 
 
-async def _read_body(receive) -> bytes:
+async def read_body(receive) -> bytes:
     chunks = []
     while True:
         message = await receive()
@@ -129,7 +129,7 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _json(send, status: int, obj: dict) -> None:
+async def send_json(send, status: int, obj: dict) -> None:
     raw = json.dumps(obj).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

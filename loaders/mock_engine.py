@@ -3,7 +3,9 @@
 It speaks what the gateway uses of a real engine — `/v1/completions` and `/v1/chat/completions`
 (streaming or not, vLLM's compact JSON, usage when asked), `/health`, `/metrics` (a few `vllm:`
 series), and the dev-mode swap routes (`/pause`, `/resume`, `/reset_prefix_cache`, `/collective_rpc`
-with `deltagate_apply` / `deltagate_recipe` / `deltagate_stage` / `deltagate_warm`). Every generated token
+with `deltagate_apply` / `deltagate_recipe` / `deltagate_stage` / `deltagate_warm` /
+`deltagate_release`; not the one-call swap route of loaders/engine_swap.py, so the gateway's
+fallback to vLLM's three routes runs against it). Every generated token
 is a word derived from the resident weights' recipe (` w1a2b3c`), so a test can tell which weights answered.
 Tokens stream at `--tokens-per-second` per request (0: as fast as possible). Two prompts fail
 on purpose, for tests of the relay's error paths: `mock:500` (an engine error) and `mock:break`
@@ -108,10 +110,13 @@ class MockEngine:
             return web.json_response({"results": [self.recipe]})
         if body["method"] == "deltagate_stage":  # staging takes no time here; a swap still takes its time
             self.staged = body["args"][0] if body["args"][0] != self.recipe else None
-            return web.json_response({"results": [{"staging": self.staged is not None}]})
+            staging = self.staged is not None
+            return web.json_response({"results": [{"staging": staging, "ready": staging}]})
         if body["method"] == "deltagate_warm":  # nothing to read here
             self.warmed.append(body["args"][0])
             return web.json_response({"results": [{"warming": False, "memory": {"residency": "none"}}]})
+        if body["method"] == "deltagate_release":  # nothing held here
+            return web.json_response({"results": [{"release_seconds": 0.0}]})
         if body["method"] == "deltagate_apply":
             start = time.perf_counter()
             await asyncio.sleep(self.swap_seconds)

@@ -49,17 +49,23 @@ class PreparedCommit:
     prepared_modules: list[str] = field(default_factory=list)
     bytes: int = 0  # held by the shadows' tensors before processing (the kernel form is about as large)
     reason: str = ""  # why nothing was prepared, if so
+    # after the commit: what it replaced (the old kernel handles) and the shadows, freed by the caller
+    # once the engine runs again (freeing hundreds of MB is slower than the commit itself)
+    replaced: list = field(default_factory=list)
 
     def commit(self) -> None:
         """Engine paused: copy the shadows' tensors into the live ones, re-bind what processing built."""
         for live, shadow in self.pairs:
+            live_tensors = _tensors(live)
             for name, tensor in _tensors(shadow).items():
-                target = _tensors(live)[name]
+                target = live_tensors[name]
                 if target is not tensor:
                     target.data.copy_(tensor)
             for key, value in shadow.__dict__.items():
                 if key not in _MODULE_DICTS and live.__dict__.get(key, _MISSING) is not value:
+                    self.replaced.append(live.__dict__.get(key))
                     live.__dict__[key] = value
+        self.replaced.append(self.pairs)
         self.pairs = []  # the shadows' handles now belong to the live modules
 
 

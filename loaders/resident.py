@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -76,6 +77,8 @@ class ResidentWeights(CheckpointSource):
         self._bases: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._deltas: OrderedDict[tuple, Delta] = OrderedDict()
         self._delta_bytes = 0
+        self._pinned: set[str] = set()  # delta paths whose decoded tensors are never evicted
+        self.evicted: deque[str] = deque(maxlen=16)  # the delta files last evicted (names), newest last
         self.hits = self.misses = 0
         self._lock = threading.RLock()  # a warm-up thread reads beside the stage and the commit
 
@@ -117,13 +120,27 @@ class ResidentWeights(CheckpointSource):
             return cached
         self.misses += 1
         delta = super().delta(path, name, device)
-        if delta.nbytes <= self.config.delta_cache_bytes:
+        if path in self._pinned or delta.nbytes <= self.config.delta_cache_bytes:
             self._deltas[key] = delta
             self._delta_bytes += delta.nbytes
-            while self._delta_bytes > self.config.delta_cache_bytes:
-                _, old = self._deltas.popitem(last=False)
-                self._delta_bytes -= old.nbytes
+            self._evict()
         return delta
+
+    def _evict(self) -> None:
+        """Drop the least recently used unpinned deltas until the cache is within its budget (pinned
+        ones may hold more than the budget on their own: then nothing unpinned stays)."""
+        for key in [k for k in self._deltas if k[0] not in self._pinned]:
+            if self._delta_bytes <= self.config.delta_cache_bytes:
+                return
+            self._delta_bytes -= self._deltas.pop(key).nbytes
+            if not self.evicted or self.evicted[-1] != Path(key[0]).name:
+                self.evicted.append(Path(key[0]).name)
+
+    def pin(self, paths: set[str], pinned: bool) -> None:
+        """Keep (or stop keeping) these delta files' decoded tensors whatever the budget."""
+        with self._lock:
+            self._pinned = self._pinned | paths if pinned else self._pinned - paths
+            self._evict()
 
     def memory(self) -> dict:
         """Bytes held, for /v1/bases and the swap log."""
@@ -139,4 +156,7 @@ class ResidentWeights(CheckpointSource):
             "delta_cache_budget_bytes": self.config.delta_cache_bytes,
             "delta_cache_hits": self.hits,
             "delta_cache_misses": self.misses,
+            "pinned": sorted(Path(p).name for p in self._pinned),
+            "pinned_bytes": sum(d.nbytes for k, d in self._deltas.items() if k[0] in self._pinned),
+            "evicted": list(self.evicted),
         }

@@ -99,6 +99,7 @@ class Swapper:
         keep = isinstance(source, ResidentWeights) and source.config.residency != "none"
         self._buffers: dict[str, torch.Tensor] | None = {} if keep else None
         self._stage: _Stage | None = None
+        self._retired: list = []  # what the last commit replaced, freed by release() once the engine runs
         self._warming: tuple | None = None  # (recipe key, thread) of the last warm-up
 
     # what changes ----------------------------------------------------
@@ -122,11 +123,14 @@ class Swapper:
         }
 
     # warm ------------------------------------------------------------
-    def warm(self, target: Recipe) -> bool:
+    def warm(self, target: Recipe, pin: bool | None = None) -> bool:
         """Read `target`'s inputs (base tensors, decoded deltas) into the resident weights in the
-        background (returns at once), so its first swap finds them; False if nothing keeps them."""
+        background (returns at once), so its first swap finds them; False if nothing keeps them.
+        `pin`: True keeps its decoded deltas whatever the cache's budget, False stops keeping them."""
         if not isinstance(self.source, ResidentWeights) or self.source.config.residency == "none":
             return False
+        if pin is not None:
+            self.source.pin({t.path for t in target.deltas}, pin)
 
         def read() -> None:
             try:
@@ -163,6 +167,11 @@ class Swapper:
         stage.thread.start()
         return True
 
+    def stage_ready(self) -> bool:
+        """Whether the current stage has finished (merged and prepared): a commit now waits for nothing."""
+        stage = self._stage
+        return stage is not None and stage.thread is not None and not stage.thread.is_alive()
+
     def _merge_into(self, stage: _Stage, target: Recipe) -> None:
         start = time.perf_counter()
         try:
@@ -193,6 +202,7 @@ class Swapper:
         """Rewrite the resident weights to `target` through `reload`, from the stage if there is one
         for this swap; what was done, for the gateway's swap record."""
         start = time.perf_counter()
+        self.release()  # a previous commit's leftovers, if nobody released them (here: in the pause)
         stage, self._stage = self._stage, None
         source_key = self.resident.key() if self.resident else None
         staged = stage is not None and stage.source_key == source_key and stage.target_key == target.key()
@@ -226,6 +236,7 @@ class Swapper:
         if rest:
             reload(rest)
         self.resident = target
+        self._retired = [stage, prepared, tensors]
         end = time.perf_counter()
         return {
             "tensors": len(tensors),
@@ -242,6 +253,13 @@ class Swapper:
             "staging_wait_seconds": waited,
             "memory": self.memory(),
         }
+
+    def release(self) -> float:
+        """Free what the last commit replaced (old kernel handles, shadows, staged tensors): called
+        once the engine runs again, since freeing them takes longer than the commit. Seconds taken."""
+        start = time.perf_counter()
+        self._retired = []
+        return time.perf_counter() - start
 
     def memory(self) -> dict:
         """Bytes held by the resident weights and the stage."""

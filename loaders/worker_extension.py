@@ -29,12 +29,22 @@ class DeltaWorkerExtension:
 
     def deltagate_stage(self, recipe_json: str) -> dict:
         """Start merging `recipe_json`'s changed tensors in the background while the engine serves."""
-        return {"staging": self._deltagate_swapper().stage(Recipe.model_validate_json(recipe_json))}
-
-    def deltagate_warm(self, recipe_json: str) -> dict:
-        """Read `recipe_json`'s base tensors and decoded deltas into memory in the background."""
         swapper = self._deltagate_swapper()
-        return {"warming": swapper.warm(Recipe.model_validate_json(recipe_json)), "memory": swapper.memory()}
+        swapper.release()  # the last swap's leftovers, if its caller did not release them
+        staging = swapper.stage(Recipe.model_validate_json(recipe_json))
+        return {"staging": staging, "ready": staging and swapper.stage_ready()}
+
+    def deltagate_release(self) -> dict:
+        """Free what the last swap replaced (called after the engine resumed: loaders/engine_swap.py)."""
+        return {"release_seconds": self._deltagate_swapper().release()}
+
+    def deltagate_warm(self, recipe_json: str, pin: str = "") -> dict:
+        """Read `recipe_json`'s base tensors and decoded deltas into memory in the background; `pin`
+        "true" keeps its deltas whatever the cache's budget, "false" stops keeping them."""
+        swapper = self._deltagate_swapper()
+        pinned = {"true": True, "false": False}.get(pin)
+        warming = swapper.warm(Recipe.model_validate_json(recipe_json), pinned)
+        return {"warming": warming, "memory": swapper.memory()}
 
     def deltagate_apply(self, recipe_json: str) -> dict:
         """Rewrite the model's weights to `recipe_json` (a Recipe) in place: only what changes, from

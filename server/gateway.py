@@ -188,6 +188,7 @@ class Gateway:
             settings.swap_max_wait,
             settings.background_max_wait,
             settings.background_gap,
+            settings.swap_quantum_pauses,
         )
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
         holding = self.resolver.holding(base.name, resident) if current else None
@@ -228,15 +229,17 @@ class Gateway:
         if not self.group(group) and group not in self.pool.groups():
             raise NotFoundError(f"base {group!r} has no running engine")
 
-    async def warm(self, name: str) -> list[dict]:
+    async def warm(self, name: str, pin: bool | None = None) -> list[dict]:
         """Have each engine of `name`'s group read its weights' inputs (base tensors, decoded deltas)
-        into memory in the background, ahead of its first swap: per engine, {engine, warming, memory}."""
+        into memory in the background, ahead of its first swap: per engine, {engine, warming, memory};
+        `pin`: keep its decoded deltas whatever the cache's budget (False: stop keeping them)."""
         target = self.resolve(name)
         if target.adapter is not None:  # served beside the base as a LoRA adapter: no swap to warm
             return []
         self.check_servable(target.group)
         return [
-            {"engine": slot.id, **await slot.client.warm(target.recipe)} for slot in self.group(target.group)
+            {"engine": slot.id, **await slot.client.warm(target.recipe, pin)}
+            for slot in self.group(target.group)
         ]
 
     def any_slot(self, target: Target) -> WeightSlot:

@@ -52,10 +52,12 @@ async def create_variant(body: VariantCreate, gateway: GatewayDep) -> VariantPub
 
 
 @router.post("/{name:path}/warm", status_code=202)
-async def warm_variant(name: str, gateway: GatewayDep) -> VariantWarmPublic:
+async def warm_variant(name: str, gateway: GatewayDep, pin: bool | None = None) -> VariantWarmPublic:
     """Read the variant's inputs (base tensors, decoded deltas) into its engines' memory in the
-    background, ahead of its first swap; GET /v1/bases shows what is held (`swap_memory`)."""
-    return VariantWarmPublic(variant=name, engines=await gateway.warm(name))
+    background, ahead of its first swap; `pin=true` keeps its decoded deltas whatever the delta
+    cache's budget (least recently used unpinned ones are evicted first; `memory.evicted` names
+    them), `pin=false` lets them go. GET /v1/bases shows what is held (`swap_memory`)."""
+    return VariantWarmPublic(variant=name, engines=await gateway.warm(name, pin))
 
 
 @router.get("")

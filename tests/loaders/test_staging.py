@@ -150,6 +150,39 @@ def test_a_stage_prepares_its_modules_while_serving_and_the_commit_reloads_only_
     assert _equal(recorder.weights, base) and result["prepare_seconds"] > 0
 
 
+def test_what_a_commit_replaced_is_freed_only_by_the_release_after_it(tied, tied_parts):
+    """Freeing the old kernel handles and the stage takes longer than the commit, so the commit keeps
+    them and the release (sent once the engine runs again: loaders/engine_swap.py) frees them; a
+    commit nobody released after frees them itself, before its own work."""
+    import gc
+    import weakref
+
+    recorder = Recorder(Checkpoint(tied.base))
+    made: list[Prepared] = []
+
+    def prepare(tensors):
+        made.append(Prepared(recorder, tensors, reloaded="mlp"))
+        return made[-1]
+
+    swapper = _swapper(tied)
+    swapper.prepare = prepare
+    full = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))])
+    assert swapper.stage(full)
+    swapper.commit(full, recorder)
+    first = weakref.ref(made.pop())
+    gc.collect()
+    assert first() is not None  # held until released
+    assert swapper.release() >= 0
+    gc.collect()
+    assert first() is None
+    base = Recipe(base=str(tied.base))
+    swapper.commit(base, recorder)
+    second = weakref.ref(made.pop())
+    swapper.commit(full, recorder)  # no release in between: this commit frees the last one's first
+    gc.collect()
+    assert second() is None and _equal(recorder.weights, full)
+
+
 def test_a_stage_for_another_swap_is_abandoned_and_its_tensors_never_used(tied, tied_parts):
     recorder = Recorder(Checkpoint(tied.base))
     swapper = _swapper(tied)
@@ -203,6 +236,32 @@ def test_the_delta_cache_keeps_to_its_budget_and_forgets_a_replaced_file(tied, t
     os.utime(copy, ns=(time.time_ns() + 10**9,) * 2)
     second = resident.delta(str(copy), names[0], torch.device("cpu"))
     assert not torch.equal(first.dense, second.dense)
+
+
+def test_a_pinned_variants_deltas_stay_and_the_budget_evicts_the_others_first(tied):
+    """POST /v1/variants/{name}/warm?pin=true: its decoded deltas are never evicted; the least recently
+    used unpinned ones go first, and the memory report names them; unpinned, they are evictable again."""
+    names = Checkpoint(tied.base).tensor_names()
+    cpu = torch.device("cpu")
+    sizes = {n: ResidentWeights(cpu).delta(str(tied.delta), n, cpu).nbytes for n in names}
+    resident = ResidentWeights(cpu, ResidencyConfig(delta_cache_bytes=sum(sizes.values())))
+    resident.pin({str(tied.delta2)}, True)
+    for name in names:
+        resident.delta(str(tied.delta2), name, cpu)  # pinned: fills the whole budget
+    for name in names:
+        resident.delta(str(tied.delta), name, cpu)  # not pinned: each evicted at once
+    memory = resident.memory()
+    assert memory["pinned"] == [tied.delta2.name] and memory["pinned_bytes"] == memory["delta_cache_bytes"]
+    assert memory["evicted"] == [tied.delta.name]
+    hits = resident.hits
+    for name in names:
+        resident.delta(str(tied.delta2), name, cpu)
+    assert resident.hits == hits + len(names)  # every pinned tensor was still there
+    resident.pin({str(tied.delta2)}, False)
+    resident.delta(str(tied.delta), names[0], cpu)  # now the unpinned delta2 tensors go first
+    assert resident.memory()["pinned_bytes"] == 0
+    assert resident.memory()["delta_cache_bytes"] <= sum(sizes.values())
+    assert resident.memory()["evicted"][-1] == tied.delta2.name
 
 
 def test_no_residency_reads_the_checkpoint_every_time(tied):

@@ -165,6 +165,11 @@ def test_a_registered_variant_is_read_into_memory_before_its_first_swap(stack, t
     (swap,) = _swaps(stack, since)
     assert swap["variant"] == "tied-warm"
     assert _base(stack)["swap_memory"]["delta_cache_misses"] == misses + tensors  # the swap decoded nothing
+    pinned = httpx.post(stack.url + "/v1/variants/tied-warm/warm?pin=true", headers=admin)
+    (engine,) = pinned.json()["engines"]
+    assert engine["memory"]["pinned"] == ["warm.safetensors"] and engine["memory"]["pinned_bytes"] > 0
+    unpinned = httpx.post(stack.url + "/v1/variants/tied-warm/warm?pin=false", headers=admin)
+    assert unpinned.json()["engines"][0]["memory"]["pinned"] == []
     assert httpx.post(stack.url + "/v1/variants/nope/warm", headers=admin).status_code == 404
     assert httpx.delete(stack.url + "/v1/variants/tied-warm", headers=admin).status_code == 204
     assert httpx.delete(stack.url + "/v1/deltas/warm-d", headers=admin).status_code == 204
