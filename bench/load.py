@@ -41,10 +41,8 @@ Scenarios:
   re-merges and reloads the whole model inside the pause) against today's (only what changes, from
   resident weights, staged while serving), one variant and two (random) at the default policy; a
   second engine per design, the gateway re-attached, alternating, --repeats each.
-- policy: for each --quanta value (`serve --swap-quantum`) and --quantum-pauses value
-  (`serve --swap-quantum-pauses`; 0: the quantum is --swap-quantum whatever a swap costs), the
-  gateway restarted on the same engine, one variant and two variants (random), closed loop; settings
-  alternate, --repeats each.
+- policy: for each --quanta value (`serve --swap-quantum`, the gateway restarted on the same
+  engine), one variant and two variants (random), closed loop; settings alternate, --repeats each.
 - bound: one variant at --concurrency and at 2/3 of it, alternated, --repeats each: what two variants
   in lockstep on one engine can reach at most (load_scenarios.alternation_bound says why).
 
@@ -78,13 +76,6 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=default, choices=SCENARIOS)
     parser.add_argument(
         "--quanta", type=float, nargs="+", default=[0.0, 2.0, 5.0], help="policy: --swap-quantum values"
-    )
-    parser.add_argument(
-        "--quantum-pauses",
-        type=float,
-        nargs="+",
-        default=[10.0],
-        help="policy: --swap-quantum-pauses values (each crossed with each --quanta value)",
     )
     parser.add_argument("--max-wait", type=float, default=30.0, help="policy: --swap-max-wait")
     parser.add_argument("--kill-after", type=float, default=20.0, help="replicas: seconds into the kill run")

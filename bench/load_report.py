@@ -108,18 +108,15 @@ def _policy_lines(runs: list[Run]) -> list[str]:
     """Per swap quantum: two variants' throughput and TTFT against one variant's, medians of repeats."""
     lines = []
     quanta = sorted(
-        {r.name.split("-")[1] for r in runs if r.scenario == "policy"},
-        key=lambda q: tuple(float(x) for x in q[1:].split("x")),
+        {r.name.split("-")[1] for r in runs if r.scenario == "policy"}, key=lambda q: float(q[1:])
     )
     for q in quanta:
-        quantum, pauses = q[1:].split("x")
         groups = {k: [r for r in runs if r.name.startswith(f"policy-{q}-{k}-")] for k in ("1", "2")}
         tok, p50 = _medians(groups)
         p99 = {k: statistics.median(r.ttft_p99_ms for r in rs) for k, rs in groups.items()}
         swaps = statistics.median(r.swaps for r in groups["2"])
         lines.append(
-            f"policy quantum {quantum} s, at most {pauses} swap pauses: 2 variants "
-            f"{100 * tok['2'] / tok['1']:.0f}% of 1-variant throughput "
+            f"policy quantum {q[1:]} s: 2 variants {100 * tok['2'] / tok['1']:.0f}% of 1-variant throughput "
             f"({tok['2']:.1f} vs {tok['1']:.1f} tok/s), TTFT p50 {p50['2']:.0f} vs {p50['1']:.0f} ms, p99 "
             f"{p99['2']:.0f} vs {p99['1']:.0f} ms (x{p99['2'] / p99['1']:.1f}), {swaps:g} swaps "
             f"(medians of {len(groups['1'])} repeats)"

@@ -160,26 +160,9 @@ def swaps(p: Plan) -> list[Run]:
 
 def policy(p: Plan) -> list[Run]:
     b, args = p.bench, p.args
-    say(
-        f"swap policy: quanta {args.quanta} s, at most {args.quantum_pauses} swap pauses (max wait "
-        f"{args.max_wait:g} s), 1 and 2 variants"
-    )
-
-    def flags(q: float, k: float) -> list[str]:
-        return [
-            "--swap-quantum",
-            str(q),
-            "--swap-quantum-pauses",
-            str(k),
-            "--swap-max-wait",
-            str(args.max_wait),
-        ]
-
-    quanta = {
-        f"q{q:g}x{k:g}": lambda q=q, k=k: b.restart_gateway(flags(q, k))
-        for q in args.quanta
-        for k in args.quantum_pauses
-    }
+    say(f"swap policy: quanta {args.quanta} s (max wait {args.max_wait:g} s), 1 and 2 variants")
+    flags = lambda q: ["--swap-quantum", str(q), "--swap-max-wait", str(args.max_wait)]  # noqa: E731
+    quanta = {f"q{q:g}": lambda q=q: b.restart_gateway(flags(q)) for q in args.quanta}
     plan = schedule(b.models[:2], p.n, "random", p.rng)
     return b.alternate("policy", quanta, b.models[1], plan, concurrency=p.c)
 

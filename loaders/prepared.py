@@ -52,15 +52,41 @@ class PreparedCommit:
     # after the commit: what it replaced (the old kernel handles) and the shadows, freed by the caller
     # once the engine runs again (freeing hundreds of MB is slower than the commit itself)
     replaced: list = field(default_factory=list)
+    # the commit back: the live modules' current form (their bound kernels, copies of their tensors),
+    # taken while they still serve it (snapshot); after this commit it is a prepared commit of the
+    # weights this one replaced, so swapping back merges and prepares nothing
+    reverse: PreparedCommit | None = None
+
+    def snapshot(self) -> None:
+        """Engine serving the weights this commit replaces: keep what the commit will overwrite (the
+        live tensors, copied; the bound kernels, by reference) as `reverse`. Nothing when a module
+        falls back to vLLM's reload (its old form is not kept)."""
+        if self.fallback or not self.pairs:
+            return
+        copies: dict[int, torch.Tensor] = {}
+        pairs = []
+        for live, _ in self.pairs:
+            back = _shadow(live)
+            for name, tensor in _tensors(live).items():
+                if id(tensor) not in copies:  # a tied weight is copied once, shared as it is live
+                    copies[id(tensor)] = tensor.detach().clone()
+                back._parameters[name] = copies[id(tensor)]
+            pairs.append((live, back))
+        # kept: the copies and the old kernels, about the size of what the commit changes
+        self.reverse = PreparedCommit(
+            pairs=pairs, prepared_modules=list(self.prepared_modules), bytes=self.bytes
+        )
 
     def commit(self) -> None:
         """Engine paused: copy the shadows' tensors into the live ones, re-bind what processing built."""
+        copied: set[int] = set()
         for live, shadow in self.pairs:
             live_tensors = _tensors(live)
             for name, tensor in _tensors(shadow).items():
                 target = live_tensors[name]
-                if target is not tensor:
+                if target is not tensor and id(target) not in copied:  # a tied weight: once
                     target.data.copy_(tensor)
+                    copied.add(id(target))
             for key, value in shadow.__dict__.items():
                 if key not in _MODULE_DICTS and live.__dict__.get(key, _MISSING) is not value:
                     self.replaced.append(live.__dict__.get(key))

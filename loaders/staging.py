@@ -71,6 +71,7 @@ class _Stage:
     error: BaseException | None = None
     thread: threading.Thread | None = None
     prepared: object | None = None  # a PreparedCommit, when the swapper prepares
+    restores: tuple[int, int] | None = None  # a kept commit back: the (tensors, bytes) it puts back
 
 
 class Swapper:
@@ -100,6 +101,8 @@ class Swapper:
         self._buffers: dict[str, torch.Tensor] | None = {} if keep else None
         self._stage: _Stage | None = None
         self._retired: list = []  # what the last commit replaced, freed by release() once the engine runs
+        # the last commit's way back (a prepared commit of the weights it replaced), while it holds
+        self._reverse: _Stage | None = None
         self._warming: tuple | None = None  # (recipe key, thread) of the last warm-up
 
     # what changes ----------------------------------------------------
@@ -159,6 +162,16 @@ class Swapper:
         if current and current.source_key == source_key and current.target_key == target.key():
             return True
         self._drop_stage()
+        reverse = self._reverse
+        if reverse and reverse.source_key == source_key and reverse.target_key == target.key():
+            # back to the weights the last swap replaced: kept prepared; only its own way back (the
+            # resident's tensors) is copied, in the background
+            reverse.thread = threading.Thread(
+                target=reverse.prepared.snapshot, name="deltagate-stage", daemon=True
+            )
+            self._stage = reverse
+            reverse.thread.start()
+            return True
         stage = _Stage(source_key, target.key())
         stage.thread = threading.Thread(
             target=self._merge_into, args=(stage, target), name="deltagate-stage", daemon=True
@@ -170,7 +183,7 @@ class Swapper:
     def stage_ready(self) -> bool:
         """Whether the current stage has finished (merged and prepared): a commit now waits for nothing."""
         stage = self._stage
-        return stage is not None and stage.thread is not None and not stage.thread.is_alive()
+        return stage is not None and (stage.thread is None or not stage.thread.is_alive())
 
     def _merge_into(self, stage: _Stage, target: Recipe) -> None:
         start = time.perf_counter()
@@ -183,6 +196,7 @@ class Swapper:
                     stage.tensors.append(item)
                 if self.prepare is not None and not stage.cancel.is_set():
                     stage.prepared = self.prepare(stage.tensors)
+                    stage.prepared.snapshot()  # the way back, while the resident still serves
         except BaseException as exc:  # reported at commit, which then merges again itself
             stage.error = exc
         stage.seconds = time.perf_counter() - start
@@ -194,8 +208,10 @@ class Swapper:
         stage, self._stage = self._stage, None
         if stage is not None:
             stage.cancel.set()
-            stage.thread.join()
-            log.info("abandoned the staged swap to %s", _short(stage.target_key))
+            if stage.thread is not None:
+                stage.thread.join()
+            kept = " (the way back is kept)" if stage is self._reverse else ""
+            log.info("abandoned the staged swap to %s%s", _short(stage.target_key), kept)
 
     # commit ----------------------------------------------------------
     def commit(self, target: Recipe, reload: Reload) -> dict:
@@ -209,8 +225,11 @@ class Swapper:
         if stage is not None and not staged:
             self._stage = stage
             self._drop_stage()
+        reverse = self._reverse
+        if not staged and reverse and reverse.source_key == source_key and reverse.target_key == target.key():
+            stage, staged = reverse, True  # back to the weights the last swap replaced, kept prepared
         waited = 0.0
-        if staged:
+        if staged and stage.thread is not None:
             wait_start = time.perf_counter()
             stage.thread.join()
             waited = time.perf_counter() - wait_start
@@ -236,12 +255,21 @@ class Swapper:
         if rest:
             reload(rest)
         self.resident = target
-        self._retired = [stage, prepared, tensors]
+        count, nbytes = (
+            stage.restores
+            if staged and stage.restores
+            else (len(tensors), sum(t.numel() * t.element_size() for _, t in tensors))
+        )
+        self._retired = [stage, prepared, tensors, self._reverse]
+        self._reverse = None
+        back = getattr(prepared, "reverse", None)
+        if back is not None and not rest and source_key is not None:
+            self._reverse = _Stage(target.key(), source_key, prepared=back, restores=(count, nbytes))
         end = time.perf_counter()
         return {
-            "tensors": len(tensors),
+            "tensors": count,
             "of_tensors": len(self.names),
-            "bytes": sum(t.numel() * t.element_size() for _, t in tensors),
+            "bytes": nbytes,
             "sharded": sum(name in self.shards for name, _ in tensors),  # merged on this rank's slice only
             "seconds": end - start,
             "merge_seconds": merged_at - start,
@@ -267,6 +295,8 @@ class Swapper:
         stage = self._stage
         report["staged_bytes"] = sum(t.numel() * t.element_size() for _, t in stage.tensors) if stage else 0
         report["buffer_bytes"] = sum(t.numel() * t.element_size() for t in (self._buffers or {}).values())
+        reverse = self._reverse
+        report["kept_prepared_bytes"] = reverse.prepared.bytes if reverse else 0  # the way back
         return report
 
 

@@ -188,7 +188,6 @@ class Gateway:
             settings.swap_max_wait,
             settings.background_max_wait,
             settings.background_gap,
-            settings.swap_quantum_pauses,
         )
         slot = WeightSlot(client, resident, on_swap=on_swap, policy=policy, id=endpoint.id)
         holding = self.resolver.holding(base.name, resident) if current else None

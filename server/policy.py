@@ -6,10 +6,6 @@ or two. The policy makes the trade explicit:
 
 - `quantum_seconds`: once a variant is resident, it keeps admitting its own new requests for at
   least this long while other variants wait, so one swap serves a batch;
-- `quantum_pauses`: ... but no longer than this many times what the engine's last swap paused it:
-  the quantum is there to amortize the swap, and a prepared commit of milliseconds needs none (two
-  variants in lockstep then alternate wave by wave instead of one variant running a second, half
-  empty wave while the other's requests wait);
 - `max_wait_seconds`: a request that has waited this long ends the quantum at once (no starvation);
 - the next variant is the one with the most queued requests (ties: the one waiting longest);
 - a resident variant with nothing in flight and nothing queued is swapped away from at once.
@@ -48,13 +44,6 @@ class SwapPolicy:
     max_wait_seconds: float = _DEFAULTS["swap_max_wait"].default
     background_max_wait_seconds: float = _DEFAULTS["background_max_wait"].default
     background_gap_seconds: float = _DEFAULTS["background_gap"].default
-    quantum_pauses: float = 0.0  # the quantum is at most this many times the last swap's pause (0: off)
-
-    def quantum(self, last_pause: float | None) -> float:
-        """The quantum after a swap that paused the engine `last_pause` seconds (None: none yet)."""
-        if not self.quantum_pauses or last_pause is None:
-            return self.quantum_seconds
-        return min(self.quantum_seconds, self.quantum_pauses * last_pause)
 
     def decide(
         self,
@@ -66,7 +55,6 @@ class SwapPolicy:
         urgent: dict[K, int] | None = None,
         idle_since: float | None = None,
         urgent_inflight: int | None = None,
-        last_pause: float | None = None,
     ) -> tuple[K | None, float | None]:
         """(variant to swap to now, None) or (None, seconds until the question is worth asking again;
         None: until a request finishes).
@@ -78,7 +66,6 @@ class SwapPolicy:
         when the resident last had nothing in flight (None: it has had, since its swap).
         `urgent_inflight`: how many of the resident's requests in flight are interactive (None: all):
         a resident serving only background work keeps no quantum against interactive waiters.
-        `last_pause`: how long the engine's last swap paused it (the quantum scales with it).
         """
         waiting = {key: times for key, times in queued.items() if times}
         if not waiting:
@@ -98,7 +85,7 @@ class SwapPolicy:
             return self.next(waiting, urgent, now), None
         if inflight == 0 or urgent_inflight == 0:
             return self.next(waiting, urgent, now), None
-        quantum_left = resident_since + self.quantum(last_pause) - now
+        quantum_left = resident_since + self.quantum_seconds - now
         if quantum_left <= 0:
             return self.next(waiting, urgent, now), None
         return None, min(quantum_left, wait_left)

@@ -150,13 +150,6 @@ class GatewaySettings(BaseSettings):
         "best of 0/2/5 s measured)",
         ge=0,
     )
-    swap_quantum_pauses: float = _setting(
-        10.0,
-        "The quantum is at most this many times the engine's last swap pause (swapping then costs at "
-        "most about a tenth of the engine's time): a swap of milliseconds ends a busy variant's turn as "
-        "soon as another waits; 0: always --swap-quantum",
-        ge=0,
-    )
     swap_max_wait: float = _setting(
         30.0, "Seconds a request may wait for its variant before the quantum ends", ge=0
     )

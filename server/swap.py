@@ -188,7 +188,6 @@ class WeightSlot:
             self._urgent,
             self.idle_since,
             self.urgent_inflight,
-            self.last_swap.seconds if self.last_swap and self.last_swap.ok else None,
         )
 
     def _stage_next(self) -> None:

@@ -121,6 +121,13 @@ class Prepared:
             [n for n, _ in self.fallback],
         )
         self.bytes, self.reason, self.committed = 1, "", False
+        self.reverse = None
+
+    def snapshot(self) -> None:
+        """As PreparedCommit.snapshot: the way back, unless a module falls back to the reload."""
+        if not self.fallback:
+            back = [(n, self.recorder.weights[n].clone()) for n, _ in self.mine]
+            self.reverse = Prepared(self.recorder, back, reloaded="\0")
 
     def commit(self) -> None:
         self.committed = True
@@ -148,6 +155,39 @@ def test_a_stage_prepares_its_modules_while_serving_and_the_commit_reloads_only_
     result = swapper.commit(base, recorder)  # not staged: prepared in the pause, the same way
     assert not result["staged"] and made[1].thread != "deltagate-stage" and made[1].committed
     assert _equal(recorder.weights, base) and result["prepare_seconds"] > 0
+
+
+def test_swapping_back_uses_the_kept_prepared_form_and_merges_nothing(tied, tied_parts):
+    """A -> B keeps A's prepared form (its kernels, a copy of its tensors taken while it served): B -> A
+    then commits that, with no merge and no prepare, and keeps B's the same way; exactly the merge
+    each time. A swap elsewhere (to C) drops it."""
+    recorder = Recorder(Checkpoint(tied.base))
+    made: list[Prepared] = []
+
+    def prepare(tensors):
+        made.append(Prepared(recorder, tensors, reloaded="\0"))  # every module prepared
+        return made[-1]
+
+    swapper = _swapper(tied)
+    swapper.prepare = prepare
+    base = Recipe(base=str(tied.base))
+    full = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta))])
+    other = Recipe(base=str(tied.base), deltas=[DeltaTerm(path=str(tied.delta2))])
+    assert swapper.stage(full)
+    first = swapper.commit(full, recorder)
+    assert _equal(recorder.weights, full) and len(made) == 1
+    for target in (base, full, base):  # back and forth: kept forms only
+        assert swapper.stage(target)
+        result = swapper.commit(target, recorder)
+        assert _equal(recorder.weights, target) and len(made) == 1 and result["staged"]
+        assert result["tensors"] == first["tensors"] and result["merge_seconds"] < 0.05
+        assert swapper.memory()["kept_prepared_bytes"] > 0
+    assert recorder.calls == []  # nothing went through the reload
+    result = swapper.commit(full, recorder)  # not staged: the kept form is used all the same
+    assert _equal(recorder.weights, full) and len(made) == 1
+    assert swapper.stage(other)  # elsewhere: merged and prepared anew
+    swapper.commit(other, recorder)
+    assert _equal(recorder.weights, other) and len(made) == 2
 
 
 def test_what_a_commit_replaced_is_freed_only_by_the_release_after_it(tied, tied_parts):

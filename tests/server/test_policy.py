@@ -4,8 +4,6 @@ queued work — as a pure decision, and on a weight slot over a fake engine."""
 import asyncio
 import time
 
-import pytest
-
 from deltas import DeltaTerm, Recipe
 from server.policy import SwapPolicy
 from server.swap import WeightSlot
@@ -24,19 +22,6 @@ def test_decide_holds_the_quantum_then_picks_the_most_queued():
     # the resident's own woken requests go first
     assert policy.decide(103.0, 100.0, inflight=0, resident_queued=2, queued=queued)[0] is None
     assert policy.decide(103.0, 100.0, inflight=3, resident_queued=0, queued={}) == (None, None)
-
-
-def test_the_quantum_scales_with_what_the_last_swap_cost():
-    """A swap of 20 ms needs no 2 s quantum to amortize it: 10 pauses' worth (0.2 s); a reload of
-    0.7 s keeps the full quantum; before any swap, and with the scaling off, the quantum as set."""
-    policy = SwapPolicy(quantum_seconds=2.0, max_wait_seconds=10.0, quantum_pauses=10)
-    queued = {"b": [100.05]}
-    assert policy.quantum(0.02) == 0.2 and policy.quantum(0.7) == 2.0 and policy.quantum(None) == 2.0
-    assert policy.decide(100.1, 100.0, 3, 0, queued, last_pause=0.02) == (None, pytest.approx(0.1))
-    assert policy.decide(100.2, 100.0, 3, 0, queued, last_pause=0.02) == ("b", None)
-    assert policy.decide(100.2, 100.0, 3, 0, queued, last_pause=0.7) == (None, pytest.approx(1.8))
-    off = SwapPolicy(quantum_seconds=2.0, max_wait_seconds=10.0, quantum_pauses=0)
-    assert off.decide(100.2, 100.0, 3, 0, queued, last_pause=0.02) == (None, pytest.approx(1.8))
 
 
 def test_decide_ends_the_quantum_when_a_request_waited_too_long():
