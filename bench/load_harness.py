@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -51,6 +52,9 @@ class Run:
     req_s: float = 0.0
     ttft_p50_ms: float = 0.0
     ttft_p99_ms: float = 0.0
+    answer_p50_ms: float = (
+        0.0  # first token to last of an answer, median (the time a batch holds its weights)
+    )
     failed: int = 0
     swaps: int = 0
     exact: int = 0
@@ -252,6 +256,7 @@ class Bench:
             req_s=r["request_throughput"],
             ttft_p50_ms=r["median_ttft_ms"],
             ttft_p99_ms=r["p99_ttft_ms"],
+            answer_p50_ms=1000 * statistics.median(sum(itl) for itl in r["itls"]) if r.get("itls") else 0.0,
             failed=r["failed"],
             requests=len(schedule),
             swaps=len(events),

@@ -126,18 +126,25 @@ def _policy_lines(runs: list[Run]) -> list[str]:
 
 def _bound_lines(runs: list[Run]) -> list[str]:
     """One variant's throughput at 2/3 of the streams against all of them (alternation_bound)."""
-    by_c: dict[int, list[float]] = {}
+    by_c: dict[int, list[Run]] = {}
     for r in runs:
         if r.scenario == "bound":
-            by_c.setdefault(int(r.name.split("-")[1][1:]), []).append(r.tok_s)
+            by_c.setdefault(int(r.name.split("-")[1][1:]), []).append(r)
     if len(by_c) != 2:
         return []
     low, high = sorted(by_c)
-    tok = {c: statistics.median(v) for c, v in by_c.items()}
+    tok = {c: statistics.median(r.tok_s for r in v) for c, v in by_c.items()}
+    answer = statistics.median(r.answer_p50_ms for r in by_c[low])
+    first = statistics.median(r.ttft_p50_ms for r in by_c[low])
+    p99 = statistics.median(r.ttft_p99_ms for r in by_c[high])
     return [
         f"alternation bound: one variant at concurrency {low}: {tok[low]:.1f} tok/s, "
         f"{100 * tok[low] / tok[high]:.0f}% of concurrency {high} ({tok[high]:.1f} tok/s): two "
-        f"variants in lockstep waves can reach at most about this share (medians of {len(by_c[low])} runs)"
+        f"variants in lockstep waves can reach at most about this share (medians of {len(by_c[low])} runs)",
+        f"alternation bound: a request arriving as the other variant's answers start waits for their "
+        f"tokens after the first ({answer:.0f} ms at concurrency {low}) and then its own first token "
+        f"({first:.0f} ms): {(answer + first) / p99:.1f}x one variant's TTFT p99 at concurrency {high} "
+        f"({p99:.0f} ms)",
     ]
 
 
