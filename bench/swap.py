@@ -63,6 +63,7 @@ ENGINES = {  # mode -> the engine it runs on, and that engine's environment
     "staged": ("prepared", ()),
 }
 STAGED = ("reload", "routes", "staged")
+FIRST = {"prepared": "after warming (prepared engine)", "reload": "cold (reload engine)"}
 KINDS = ("variant", "base", "partial", "partial->base")
 TARGETS = {"variant": 0.45, "base": 0.40}  # issue 19, SmolLM2 fp32 on this machine
 
@@ -97,19 +98,6 @@ def complete(url: str) -> str:
 
 async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> tuple[list[dict], dict]:
     procs = {}
-    for engine, env in dict(ENGINES.values()).items():
-        spec = EngineSpec(
-            model=str(base),
-            served_name="m",
-            max_model_len=args.max_model_len,
-            log_path=work / f"engine-{engine}.log",
-            env=env,
-        )
-        procs[engine] = EngineProcess(spec)
-        procs[engine].start()
-    for proc in procs.values():
-        await asyncio.to_thread(proc.wait_ready, 1800)
-    clients = {mode: EngineClient(procs[mode].url, "m") for mode in procs}
     plain = Recipe(base=str(base))
     variant = Recipe(base=str(base), deltas=[DeltaTerm(path=str(delta))])
     part = Recipe(base=str(base), deltas=[DeltaTerm(path=str(partial))])
@@ -119,9 +107,27 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
         "partial": (plain, part),
         "partial->base": (part, plain),
     }
+    # Started one at a time, each engine's first swap timed while it is the newest one: an engine
+    # that has just started is still busy for a while (a worker at 100% CPU seen right after its
+    # readiness), which the first swap of another engine started beside it would pay.
+    first, clients = {}, {}
+    order = ("prepared", "reload", "before")
+    for engine, env in sorted(dict(ENGINES.values()).items(), key=lambda e: order.index(e[0])):
+        spec = EngineSpec(
+            model=str(base),
+            served_name="m",
+            max_model_len=args.max_model_len,
+            log_path=work / f"engine-{engine}.log",
+            env=env,
+        )
+        procs[engine] = EngineProcess(spec)
+        procs[engine].start()
+        await asyncio.to_thread(procs[engine].wait_ready, 1800)
+        clients[engine] = EngineClient(procs[engine].url, "m")
+        if engine in FIRST:
+            first[FIRST[engine]] = await first_swap(clients[engine], variant, engine == "prepared", delta)
     rows = []
     try:
-        first = await first_swaps(clients, variant, len(open_artifact(delta).tensor_names))
         after = clients["prepared"]
         floors = {
             kind: (await after.collective_rpc("deltagate_floors", to.model_dump_json()))[0]
@@ -178,25 +184,22 @@ async def measure(args, base: Path, delta: Path, partial: Path, work: Path) -> t
     return rows, {"floors": floors, "memory": memory, "first": first}
 
 
-async def first_swaps(clients: dict, variant: Recipe, delta_tensors: int) -> dict[str, float]:
-    """The first swap to the variant after start, timed like the others: on the reload engine cold
-    (the base and the delta read and decoded inside the pause), on the prepared engine after
-    warming it (POST /v1/variants/{name}/warm, what registering a variant does) has finished."""
-    start = time.perf_counter()
-    await clients["reload"].apply(variant)
-    cold = time.perf_counter() - start
-    prepared = clients["prepared"]
-    while True:  # the warm-up reads in the engine's background: ask until the delta is all decoded
-        memory = (await prepared.warm(variant))["memory"]
-        if memory.get("delta_cache_misses", 0) >= delta_tensors and memory.get("base_bytes", 0) > 0:
+async def first_swap(client: EngineClient, variant: Recipe, warmed: bool, delta: Path) -> float:
+    """The first swap to the variant after the engine started, timed like the others: cold (the base
+    and the delta read and decoded inside the pause) or after warming (POST
+    /v1/variants/{name}/warm, what registering a variant does) has finished."""
+    tensors = len(open_artifact(delta).tensor_names)
+    while warmed:  # the warm-up reads in the engine's background: ask until the delta is all decoded
+        memory = (await client.warm(variant))["memory"]
+        if memory.get("delta_cache_misses", 0) >= tensors and memory.get("base_bytes", 0) > 0:
             break
         await asyncio.sleep(0.5)
     start = time.perf_counter()
-    result = await prepared.apply(variant)
-    warm = time.perf_counter() - start
+    result = await client.apply(variant)
+    seconds = time.perf_counter() - start
     phases = ", ".join(f"{k.removesuffix('_seconds')} {v:.3f}" for k, v in result.phases.items())
-    print(f"first swap after warming: {warm:.3f} s ({phases})", flush=True)
-    return {"cold (reload engine)": cold, "after warming (prepared engine)": warm}
+    print(f"first swap, {'after warming' if warmed else 'cold'}: {seconds:.3f} s ({phases})", flush=True)
+    return seconds
 
 
 def report(rows: list[dict], extra: dict) -> None:
