@@ -59,6 +59,9 @@ def test_full_then_partial_then_other_partial_then_base_is_exact_and_touches_onl
     assert memory["residency"] == "host" and memory["base_bytes"] > 0 and memory["delta_cache_bytes"] > 0
 
 
+QUANTUM = 2.0  # the stack's --swap-quantum (the default)
+
+
 async def _queued(stack, n: int, timeout: float = 60) -> None:
     """Wait until `n` requests wait for a swap on tied's engine."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -80,8 +83,30 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
 
     The base's quantum (2 s) must still run when the three requests arrive: were it over, part1
     would be picked as it arrives. So another variant is made resident first, and the stream's own
-    request swaps the base in: the window starts then, not before a whole reference run."""
+    request swaps the base in: the window starts then, not before a whole reference run. On a busy
+    machine the requests can still arrive after it (seen in a fresh-clone run): then the scenario is
+    run again."""
     group = os.getpgid(engine_leader(stack, "tied").pid)
+    for _ in range(3):
+        swaps, part2_sent = await _stage_then_abandon(stack, group)
+        late = part2_sent - swaps[0]["started_monotonic"] - swaps[0]["seconds"] > QUANTUM
+        if not (late and [s["variant"] for s in swaps[:2]] == ["tied", "tied-part1"]):
+            break
+    assert [s["variant"] for s in swaps[:3]] == ["tied", "tied-part2", "tied-part1"], swaps
+    assert swaps[1]["staged"] and swaps[1]["staging_seconds"] > 0, swaps[1]
+    assert swaps[1]["prepared_bytes"] > 0 and swaps[1]["fallback_modules"] == 0, swaps[
+        1
+    ]  # prepared while serving
+    engine_log = (stack.state_dir / "logs" / "engine-tied.log").read_text()
+    assert "abandoned the staged swap" in engine_log
+    families = metric_families(stack.url)
+    assert sample_value(families, "deltagate_swap_staging_seconds_count", engine="tied") >= 1
+    assert sample_value(families, "deltagate_swap_bytes_total", engine="tied") > 0
+    assert sample_value(families, "deltagate_swap_modules_total", engine="tied", how="prepared") > 0
+
+
+async def _stage_then_abandon(stack, group: int) -> tuple[list[dict], float]:
+    """The scenario above, once: the swaps since, and when the tied-part2 requests were sent."""
     async with httpx.AsyncClient(base_url=stack.url, timeout=120) as client, AsyncExitStack() as held:
         for _ in range(3):  # until the engine is frozen while the stream still runs (the premise)
             assert completion_outputs(stack.url, "tied") == stack.base_before["tied"]
@@ -108,6 +133,7 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
         try:
             part1 = asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part1"))
             await _queued(stack, 1)  # waits on the gateway, not on a clock: the machine may be busy
+            part2_sent = time.monotonic()  # the gateway's swap records use the same clock
             part2 = [
                 asyncio.create_task(asyncio.to_thread(completion_outputs, stack.url, "tied-part2"))
                 for _ in range(2)
@@ -121,18 +147,7 @@ async def test_a_swap_staged_while_serving_then_abandoned_for_another_pick_is_ex
     for answer in part2:  # the two may share a batch: conftest.same_batched
         assert all(map(same_batched, await answer, stack.refs["tied-part2"]))
     assert completion_outputs(stack.url, "tied-part2") == stack.refs["tied-part2"]  # one at a time: exact
-    swaps = _swaps(stack, since)
-    assert [s["variant"] for s in swaps[:3]] == ["tied", "tied-part2", "tied-part1"], swaps
-    assert swaps[1]["staged"] and swaps[1]["staging_seconds"] > 0, swaps[1]
-    assert swaps[1]["prepared_bytes"] > 0 and swaps[1]["fallback_modules"] == 0, swaps[
-        1
-    ]  # prepared while serving
-    engine_log = (stack.state_dir / "logs" / "engine-tied.log").read_text()
-    assert "abandoned the staged swap" in engine_log
-    families = metric_families(stack.url)
-    assert sample_value(families, "deltagate_swap_staging_seconds_count", engine="tied") >= 1
-    assert sample_value(families, "deltagate_swap_bytes_total", engine="tied") > 0
-    assert sample_value(families, "deltagate_swap_modules_total", engine="tied", how="prepared") > 0
+    return _swaps(stack, since), part2_sent
 
 
 def test_a_registered_variant_is_read_into_memory_before_its_first_swap(stack, tied, tmp_path):
