@@ -68,8 +68,9 @@ def density(base: Path, post: Path) -> tuple[float, int, int]:
     nonzero = total = moved = 0
     names = b.tensor_names()
     for name in names:
-        changed = int((b.get(name) != p.get(name)).sum())
-        nonzero, total, moved = nonzero + changed, total + b.get(name).numel(), moved + (changed > 0)
+        before = b.get(name)
+        changed = int((before != p.get(name)).sum())
+        nonzero, total, moved = nonzero + changed, total + before.numel(), moved + (changed > 0)
     return nonzero / total, moved, len(names)
 
 

@@ -73,6 +73,10 @@ class _Stage:
     prepared: object | None = None  # a PreparedCommit, when the swapper prepares
     restores: tuple[int, int] | None = None  # a kept commit back: the (tensors, bytes) it puts back
 
+    def serves(self, source_key: str | None, target: Recipe) -> bool:
+        """Whether this stage is for the swap from `source_key` to `target`."""
+        return self.source_key == source_key and self.target_key == target.key()
+
 
 class Swapper:
     """The weights resident on one worker, and the swaps that change them."""
@@ -159,11 +163,11 @@ class Swapper:
             self._drop_stage()
             return False
         current = self._stage
-        if current and current.source_key == source_key and current.target_key == target.key():
+        if current and current.serves(source_key, target):
             return True
         self._drop_stage()
         reverse = self._reverse
-        if reverse and reverse.source_key == source_key and reverse.target_key == target.key():
+        if reverse and reverse.serves(source_key, target):
             # back to the weights the last swap replaced: kept prepared; only its own way back (the
             # resident's tensors) is copied, in the background
             reverse.thread = threading.Thread(
@@ -221,12 +225,12 @@ class Swapper:
         self.release()  # a previous commit's leftovers, if nobody released them (here: in the pause)
         stage, self._stage = self._stage, None
         source_key = self.resident.key() if self.resident else None
-        staged = stage is not None and stage.source_key == source_key and stage.target_key == target.key()
+        staged = stage is not None and stage.serves(source_key, target)
         if stage is not None and not staged:
             self._stage = stage
             self._drop_stage()
         reverse = self._reverse
-        if not staged and reverse and reverse.source_key == source_key and reverse.target_key == target.key():
+        if not staged and reverse and reverse.serves(source_key, target):
             stage, staged = reverse, True  # back to the weights the last swap replaced, kept prepared
         waited = 0.0
         if staged and stage.thread is not None:
